@@ -1,0 +1,120 @@
+"""Small shared helpers: per-sample broadcasting, input validation, seeded noise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims to a per-sample tensor ``v`` (B,) so it broadcasts
+    against a tensor of rank ``ndim`` (B, ...). Works for points, signals and images alike."""
+    missing = ndim - v.ndim
+    if missing < 0:
+        raise ValueError(f"expected a tensor of rank <= {ndim}, found rank {v.ndim}")
+    return v.reshape(*v.shape, *([1] * missing))
+
+
+def check_tensor(x, name: str = "x", *, min_rank: int = 1) -> torch.Tensor:
+    """Validate that ``x`` is a floating-point tensor of rank >= ``min_rank``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, found {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected {name} to be a floating-point tensor, found dtype {x.dtype}")
+    if x.ndim < min_rank:
+        raise ValueError(
+            f"expected {name} to have a batch dimension (rank >= {min_rank}), found shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def as_time(t, batch: int, *, like: torch.Tensor, name: str = "t") -> torch.Tensor:
+    """Turn ``t`` (float, 0-d tensor or (batch,) tensor) into a float tensor of shape (batch,)
+    on ``like``'s device and dtype."""
+    if isinstance(t, (int, float)):
+        return torch.full((batch,), float(t), device=like.device, dtype=like.dtype)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected {name} to be a float or a tensor of shape ({batch},), found {type(t).__name__}")
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(f"expected {name} of shape ({batch},) or a scalar, found shape {tuple(t.shape)}")
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def check_positive(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"expected {name} to be a positive number, found {value!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"expected {name} > 0 (finite), found {value!r}")
+    return v
+
+
+def randn(
+    shape: Sequence[int],
+    *,
+    generator: GeneratorLike = None,
+    device=None,
+    dtype=None,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``. ``generator`` may be one ``torch.Generator`` or a list
+    with one generator per sample (then row ``i`` is drawn from ``generator[i]`` only, so a sample's
+    noise does not depend on the batch it is in). Noise is drawn on the generator's device and
+    moved to ``device``."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"expected one generator per sample ({shape[0]}), found a list of {len(generator)}"
+            )
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        out = torch.stack(rows) if rows else torch.empty(shape, dtype=dtype)
+        return out.to(device)
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def rand(
+    shape: Sequence[int],
+    *,
+    generator: GeneratorLike = None,
+    device=None,
+    dtype=None,
+) -> torch.Tensor:
+    """Uniform [0, 1) noise with the same generator rules as :func:`randn`."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"expected one generator per sample ({shape[0]}), found a list of {len(generator)}"
+            )
+        rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
+    if generator is None:
+        return torch.rand(shape, device=device, dtype=dtype)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def per_sample_generators(seed: int, indices: Sequence[int] | torch.Tensor, device="cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded by ``seed`` and the sample's global index, so that a
+    sample's randomness is the same whatever batch or process it is drawn in."""
+    gens = []
+    for i in indices:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed) * 1_000_003 + int(i))
+        gens.append(g)
+    return gens
+
+
+def flat_dim(x: torch.Tensor) -> int:
+    n = 1
+    for s in x.shape[1:]:
+        n *= s
+    return n

@@ -1,0 +1,238 @@
+"""The analytic test bed: Gaussian mixtures with exact perturbed densities, scores and denoisers.
+
+Data ``sum_k w_k N(mu_k, C_k)`` noised by any process stays a mixture (FORMULAS.md):
+``p_t = sum_k w_k N(alpha mu_k, alpha^2 C_k + sigma^2 I)``. With ``C_k = U_k diag(lam_k) U_k^T`` computed
+once, every per-sample covariance is ``U_k diag(alpha^2 lam_k + sigma^2) U_k^T``, so log-densities,
+scores and denoisers at any batch of times are exact and cheap. Everything is computed in the
+mixture's dtype (float64 by default) and returned in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ._utils import GeneratorLike, as_time, check_tensor, randn, rand
+from .processes import Process
+
+__all__ = ["GaussianMixture", "gaussian", "ring_mixture", "anisotropic_mixture"]
+
+
+class GaussianMixture:
+    """A Gaussian mixture in ``d`` dimensions.
+
+    Args:
+        means: (K, d) component means.
+        covs: per-component covariances: ``None`` (identity), a float (isotropic variance), a (K,) tensor
+            of isotropic variances, a (K, d) tensor of diagonal variances, or a (K, d, d) tensor of full
+            covariance matrices (symmetric positive definite).
+        weights: (K,) positive weights (normalised here); ``None`` for equal weights.
+    """
+
+    def __init__(self, means, covs=None, weights=None, *, dtype=torch.float64):
+        means = torch.as_tensor(means, dtype=dtype)
+        if means.ndim == 1:
+            means = means[None]
+        if means.ndim != 2:
+            raise ValueError(f"expected means of shape (K, d), found {tuple(means.shape)}")
+        k, d = means.shape
+        if covs is None:
+            covs = torch.ones(k, d, dtype=dtype)
+        covs = torch.as_tensor(covs, dtype=dtype)
+        if covs.ndim == 0:
+            covs = covs.expand(k, d).clone()
+        elif covs.ndim == 1 and covs.shape[0] == k:
+            covs = covs[:, None].expand(k, d).clone()
+        if covs.shape == (k, d):
+            if not torch.all(covs > 0):
+                raise ValueError("expected positive diagonal variances in covs")
+            lam, vecs = covs, torch.eye(d, dtype=dtype).expand(k, d, d).clone()
+            self._diagonal = True
+        elif covs.shape == (k, d, d):
+            if not torch.allclose(covs, covs.transpose(1, 2), atol=1e-10):
+                raise ValueError("expected symmetric covariance matrices in covs")
+            lam, vecs = torch.linalg.eigh(covs)
+            if not torch.all(lam > 0):
+                raise ValueError(f"expected positive definite covariances, found eigenvalue {float(lam.min()):g}")
+            self._diagonal = False
+        else:
+            raise ValueError(
+                f"expected covs of shape (), ({k},), ({k}, {d}) or ({k}, {d}, {d}) for {k} components in {d} dims, "
+                f"found {tuple(covs.shape)}"
+            )
+        if weights is None:
+            weights = torch.full((k,), 1.0 / k, dtype=dtype)
+        weights = torch.as_tensor(weights, dtype=dtype)
+        if weights.shape != (k,) or not torch.all(weights > 0):
+            raise ValueError(f"expected {k} positive weights, found {weights.tolist()}")
+        self.means = means
+        self.eigvals = lam
+        self.eigvecs = vecs
+        self.weights = weights / weights.sum()
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def covariances(self) -> torch.Tensor:
+        """(K, d, d) covariance matrices."""
+        return self.eigvecs @ torch.diag_embed(self.eigvals) @ self.eigvecs.transpose(1, 2)
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(components={self.num_components}, dim={self.dim})"
+
+    def sample(self, n: int, *, generator: GeneratorLike = None, return_labels: bool = False):
+        """Exact samples (n, d) (and their component labels)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"expected one generator per sample ({n}), found {len(generator)}")
+            u = rand((n, 1), generator=generator, dtype=self.dtype)[:, 0]
+        else:
+            u = rand((n,), generator=generator, dtype=self.dtype)
+        labels = torch.searchsorted(torch.cumsum(self.weights, 0), u.contiguous()).clamp(max=self.num_components - 1)
+        z = randn((n, self.dim), generator=generator, dtype=self.dtype)
+        x = self.means[labels] + torch.einsum("nde,ne->nd", self.eigvecs[labels], z * self.eigvals[labels].sqrt())
+        return (x, labels) if return_labels else x
+
+    # ------------------------------------------------------------------ exact quantities
+    def _coeffs(self, x, t, process):
+        b = x.shape[0]
+        if t is None:
+            if process is not None:
+                raise ValueError("pass t together with process (or neither, for the clean density)")
+            one = torch.ones(b, dtype=self.dtype, device=x.device)
+            return one, torch.zeros_like(one)
+        if process is None:
+            raise ValueError("expected a process together with t")
+        t = as_time(t, b, like=x).to(self.dtype)
+        return process.marginal(t)
+
+    def _terms(self, x, t, process):
+        check_tensor(x, "x", min_rank=2)
+        if x[0].numel() != self.dim:
+            raise ValueError(f"expected samples with {self.dim} features, found shape {tuple(x.shape)}")
+        xf = x.reshape(x.shape[0], -1).to(self.dtype)
+        alpha, sigma = self._coeffs(x, t, process)
+        means, lam, vecs = (v.to(xf.device) for v in (self.means, self.eigvals, self.eigvecs))
+        diff = xf[:, None, :] - alpha[:, None, None] * means[None]  # (B, K, d)
+        y = diff if self._diagonal else torch.einsum("kde,bkd->bke", vecs, diff)
+        var = alpha[:, None, None] ** 2 * lam[None] + sigma[:, None, None] ** 2  # (B, K, d)
+        log_comp = -0.5 * (y * y / var).sum(-1) - 0.5 * torch.log(var).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        log_joint = log_comp + torch.log(self.weights.to(xf.device))[None]
+        return xf, alpha, sigma, y, var, vecs, log_joint
+
+    def log_prob(self, x: torch.Tensor, t=None, process: Process | None = None) -> torch.Tensor:
+        """Exact log-density (B,) of the data (``t=None``) or of the marginal p_t of ``process``."""
+        log_joint = self._terms(x, t, process)[-1]
+        return torch.logsumexp(log_joint, dim=1).to(x.dtype)
+
+    def posterior(self, x: torch.Tensor, t=None, process: Process | None = None) -> torch.Tensor:
+        """Component responsibilities p(k | x_t) (B, K)."""
+        return torch.softmax(self._terms(x, t, process)[-1], dim=1).to(x.dtype)
+
+    def score(self, x: torch.Tensor, t=None, process: Process | None = None) -> torch.Tensor:
+        """Exact score grad_x log p_t(x), shaped like ``x``."""
+        _, _, _, y, var, vecs, log_joint = self._terms(x, t, process)
+        r = torch.softmax(log_joint, dim=1)[..., None]
+        w = r * y / var  # (B, K, d), in the eigen-basis
+        s = -(w.sum(1) if self._diagonal else torch.einsum("kde,bke->bd", vecs, w))
+        return s.to(x.dtype).reshape(x.shape)
+
+    def denoiser(self, x: torch.Tensor, t, process: Process) -> torch.Tensor:
+        """Exact E[x_0 | x_t = x] = (x + sigma^2 s) / alpha (Tweedie)."""
+        t = as_time(t, x.shape[0], like=x)
+        alpha, sigma = process.marginal(t.to(self.dtype))
+        s = self.score(x, t, process).reshape(x.shape[0], -1).to(self.dtype)
+        x0 = (x.reshape(x.shape[0], -1).to(self.dtype) + sigma[:, None] ** 2 * s) / alpha[:, None]
+        return x0.to(x.dtype).reshape(x.shape)
+
+    def perturbed(self, alpha: float, sigma: float) -> "GaussianMixture":
+        """The mixture law of ``alpha x + sigma z`` (one scalar time)."""
+        cov = self.covariances * alpha**2 + sigma**2 * torch.eye(self.dim, dtype=self.dtype)
+        return GaussianMixture(alpha * self.means, cov, self.weights, dtype=self.dtype)
+
+    def score_fn(self, process: Process | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The exact canonical ``score_fn(x, t)`` under ``process`` (any tensor rank with d features);
+        without a process, the score of the clean data (t is ignored)."""
+        if process is None:
+            return lambda x, t=None: self.score(x)
+        return lambda x, t: self.score(x, t, process)
+
+    def as_network(self, process: Process, prediction_type: str, time_input: str = "t") -> torch.nn.Module:
+        """A module that outputs exactly what a perfect network of ``prediction_type`` would (the
+        energy -log p_t for ``energy``), taking the time input ``time_input`` (``t`` or ``sigma``)."""
+        return _AnalyticNetwork(self, process, prediction_type, time_input)
+
+
+class _AnalyticNetwork(torch.nn.Module):
+    def __init__(self, mixture, process, prediction_type, time_input):
+        super().__init__()
+        from .scores import _check_prediction_type
+
+        _check_prediction_type(prediction_type)
+        if time_input not in ("t", "sigma"):
+            raise ValueError(f"expected time_input 't' or 'sigma', found {time_input!r}")
+        self.mixture, self.process, self.prediction_type, self.time_input = mixture, process, prediction_type, time_input
+
+    def forward(self, x, time):
+        from .scores import score_to_prediction
+
+        t = time if self.time_input == "t" else _t_from_sigma(self.process, time)
+        if self.prediction_type == "energy":
+            return -self.mixture.log_prob(x, t, self.process)
+        alpha, sigma = self.process.marginal(t)
+        s = self.mixture.score(x, t, self.process)
+        return score_to_prediction(s, x, alpha, sigma, self.prediction_type)
+
+
+def _t_from_sigma(process: Process, sigma: torch.Tensor, iters: int = 80) -> torch.Tensor:
+    """Invert sigma(t) (monotone) by bisection on [0, 1]."""
+    lo = torch.zeros_like(sigma)
+    hi = torch.ones_like(sigma)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        up = process.sigma(mid) < sigma
+        lo = torch.where(up, mid, lo)
+        hi = torch.where(up, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def gaussian(mean, cov=None, *, dtype=torch.float64) -> GaussianMixture:
+    """A single Gaussian N(mean, cov) (cov: None, float, (d,) diagonal or (d, d))."""
+    mean = torch.as_tensor(mean, dtype=dtype).reshape(1, -1)
+    if cov is not None:
+        cov = torch.as_tensor(cov, dtype=dtype)
+        if cov.ndim in (1, 2):
+            cov = cov[None]
+    return GaussianMixture(mean, cov, None, dtype=dtype)
+
+
+def ring_mixture(num_modes: int = 8, radius: float = 4.0, std: float = 0.2, *, dtype=torch.float64) -> GaussianMixture:
+    """The 2-D ring of ``num_modes`` equal-weight isotropic Gaussians (radius 4, std 0.2 by default)."""
+    ang = torch.arange(num_modes, dtype=dtype) * (2 * math.pi / num_modes)
+    means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return GaussianMixture(means, torch.full((num_modes,), std**2, dtype=dtype), None, dtype=dtype)
+
+
+def anisotropic_mixture(dim: int = 16, num_components: int = 10, *, seed: int = 0, dtype=torch.float64) -> GaussianMixture:
+    """A ``dim``-dimensional mixture of ``num_components`` anisotropic full-covariance Gaussians with
+    unequal weights (deterministic given ``seed``): means spread over a ball of radius ~3, covariance
+    eigenvalues log-uniform in [0.01, 0.25], weights proportional to 1..K."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_components, dim, generator=g, dtype=dtype)
+    means = 3.0 * means / means.norm(dim=1, keepdim=True) * torch.rand(num_components, 1, generator=g, dtype=dtype).add(0.5).clamp(max=1)
+    q, _ = torch.linalg.qr(torch.randn(num_components, dim, dim, generator=g, dtype=dtype))
+    ev = torch.exp(torch.empty(num_components, dim, dtype=dtype).uniform_(math.log(0.01), math.log(0.25), generator=g))
+    covs = q @ torch.diag_embed(ev) @ q.transpose(1, 2)
+    covs = 0.5 * (covs + covs.transpose(1, 2))
+    weights = torch.arange(1, num_components + 1, dtype=dtype)
+    return GaussianMixture(means, covs, weights, dtype=dtype)
