@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._utils import GeneratorLike, as_time, check_tensor, randn, rand
+from ._utils import GeneratorLike, as_time, check_tensor, rand, randn
 from .processes import Process
 
 __all__ = ["GaussianMixture", "gaussian", "ring_mixture", "anisotropic_mixture"]
@@ -155,7 +155,7 @@ class GaussianMixture:
         x0 = (x.reshape(x.shape[0], -1).to(self.dtype) + sigma[:, None] ** 2 * s) / alpha[:, None]
         return x0.to(x.dtype).reshape(x.shape)
 
-    def perturbed(self, alpha: float, sigma: float) -> "GaussianMixture":
+    def perturbed(self, alpha: float, sigma: float) -> GaussianMixture:
         """The mixture law of ``alpha x + sigma z`` (one scalar time)."""
         cov = self.covariances * alpha**2 + sigma**2 * torch.eye(self.dim, dtype=self.dtype)
         return GaussianMixture(alpha * self.means, cov, self.weights, dtype=self.dtype)

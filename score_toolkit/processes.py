@@ -390,7 +390,7 @@ class DiscreteVP(Process):
         self._cache: dict = {}
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod) -> "DiscreteVP":
+    def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteVP:
         table = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         return cls(num_train_timesteps=table.numel(), beta_schedule="custom", alphas_cumprod=table.tolist())
 
@@ -477,7 +477,7 @@ _PROCESS_CLASSES = {cls.__name__: cls for cls in (VESDE, VPSDE, SubVPSDE, Discre
 
 
 def _config_dict(config) -> dict[str, Any]:
-    if hasattr(config, "config") and isinstance(getattr(config, "config"), Mapping):
+    if hasattr(config, "config") and isinstance(config.config, Mapping):
         cfg = dict(config.config)
         cfg.setdefault("_class_name", type(config).__name__)
         return cfg
