@@ -17,7 +17,7 @@ import torch
 from ._utils import GeneratorLike, as_time, check_tensor, rand, randn
 from .processes import Process
 
-__all__ = ["GaussianMixture", "gaussian", "ring_mixture", "anisotropic_mixture"]
+__all__ = ["GaussianMixture", "AnalyticScore", "gaussian", "ring_mixture", "anisotropic_mixture"]
 
 
 class GaussianMixture:
@@ -160,17 +160,42 @@ class GaussianMixture:
         cov = self.covariances * alpha**2 + sigma**2 * torch.eye(self.dim, dtype=self.dtype)
         return GaussianMixture(alpha * self.means, cov, self.weights, dtype=self.dtype)
 
-    def score_fn(self, process: Process | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def score_fn(self, process: Process | None = None) -> "AnalyticScore":
         """The exact canonical ``score_fn(x, t)`` under ``process`` (any tensor rank with d features);
-        without a process, the score of the clean data (t is ignored)."""
-        if process is None:
-            return lambda x, t=None: self.score(x)
-        return lambda x, t: self.score(x, t, process)
+        without a process, the score of the clean data (t is ignored). The returned object also has
+        ``energy(x, t)`` (= -log p_t, for Metropolis-adjusted samplers) and ``denoiser(x, t)``."""
+        return AnalyticScore(self, process)
 
     def as_network(self, process: Process, prediction_type: str, time_input: str = "t") -> torch.nn.Module:
         """A module that outputs exactly what a perfect network of ``prediction_type`` would (the
         energy -log p_t for ``energy``), taking the time input ``time_input`` (``t`` or ``sigma``)."""
         return _AnalyticNetwork(self, process, prediction_type, time_input)
+
+
+class AnalyticScore:
+    """Exact score function of a :class:`GaussianMixture` under a process (see ``GaussianMixture.score_fn``)."""
+
+    def __init__(self, mixture: GaussianMixture, process: Process | None):
+        self.mixture, self.process = mixture, process
+
+    def __call__(self, x: torch.Tensor, t=None) -> torch.Tensor:
+        if self.process is None:
+            return self.mixture.score(x)
+        return self.mixture.score(x, t, self.process)
+
+    def energy(self, x: torch.Tensor, t=None) -> torch.Tensor:
+        """-log p_t(x) (B,)."""
+        if self.process is None:
+            return -self.mixture.log_prob(x)
+        return -self.mixture.log_prob(x, t, self.process)
+
+    def denoiser(self, x: torch.Tensor, t) -> torch.Tensor:
+        if self.process is None:
+            raise ValueError("the denoiser needs a process")
+        return self.mixture.denoiser(x, t, self.process)
+
+    def __repr__(self) -> str:
+        return f"AnalyticScore({self.mixture!r}, {self.process!r})"
 
 
 class _AnalyticNetwork(torch.nn.Module):
