@@ -94,12 +94,13 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def mmd(x: torch.Tensor, y: torch.Tensor, *, bandwidths: tuple[float, ...] | None = None) -> float:
     """Squared maximum mean discrepancy (V-statistic) with a sum of RBF kernels exp(-r^2 / (2 h^2)).
-    Default bandwidths: the median pairwise distance of the pooled sample times (0.5, 1, 2)."""
+    Default bandwidths: the median pairwise distance of the pooled sample times (1/16, 1/4, 1), so that
+    both the arrangement of modes and their widths are seen."""
     xf, yf = _flat_pair(x, y)
     if bandwidths is None:
         pool = torch.cat([xf[:1000], yf[:1000]])
         med = torch.cdist(pool, pool).median().clamp_min(1e-12)
-        bandwidths = tuple(float(med) * f for f in (0.5, 1.0, 2.0))
+        bandwidths = tuple(float(med) * f for f in (1 / 16, 1 / 4, 1.0))
 
     def k(d):
         return sum(torch.exp(-d * d / (2 * h * h)) for h in bandwidths)
