@@ -1,0 +1,192 @@
+"""Vector score and energy networks: residual MLPs conditioned on a Gaussian-Fourier embedding.
+
+This module path is recorded in saved pipelines (``model_index.json`` stores ``score_toolkit.models.mlp``):
+keep it stable. diffusers' pipeline loader also looks for the name ``ModelMixin`` in the module, hence the
+module-level import below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .._utils import as_time
+from .base import StrictLoadingMixin
+
+__all__ = ["ScoreMLP", "EnergyMLP", "GaussianFourierEmbedding"]
+
+ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh,
+               "softplus": nn.Softplus}
+TIME_EMBEDDINGS = ("log", "linear")
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected {name} to be an int >= {minimum}, found {value!r}")
+    return value
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar (Song et al. 2021, "Score-based generative modeling through SDEs",
+    Appendix H / ``GaussianFourierProjection``): ``[sin(2 pi W c), cos(2 pi W c)]`` with ``W ~ N(0, scale^2)``
+    drawn once and frozen. ``W`` is a persistent buffer, so it is saved with the weights and follows ``.to()``."""
+
+    def __init__(self, embedding_dim: int, scale: float):
+        super().__init__()
+        self.register_buffer("W", torch.randn(embedding_dim // 2) * scale)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        proj = c[:, None] * self.W[None, :] * (2 * math.pi)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, hidden_dim: int, activation: str):
+        super().__init__()
+        self.act = ACTIVATIONS[activation]()
+        self.lin1 = nn.Linear(hidden_dim, hidden_dim)
+        self.emb = nn.Linear(hidden_dim, hidden_dim)
+        self.lin2 = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return h + self.lin2(self.act(self.lin1(self.act(h)) + self.emb(emb)))
+
+
+class _MLPTrunk(nn.Module):
+    """Shared body: input projection, conditioning embedding, residual blocks, output head."""
+
+    def _build(self, dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, out_dim):
+        _check_int(dim, "dim", 1)
+        _check_int(hidden_dim, "hidden_dim", 1)
+        _check_int(num_layers, "num_layers", 1)
+        _check_int(embedding_dim, "embedding_dim", 2)
+        if embedding_dim % 2:
+            raise ValueError(f"expected an even embedding_dim (sin and cos halves), found {embedding_dim}")
+        if isinstance(fourier_scale, bool) or not isinstance(fourier_scale, (int, float)) or not (
+            0 < fourier_scale < math.inf
+        ):
+            raise ValueError(f"expected fourier_scale > 0 (finite), found {fourier_scale!r}")
+        if time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"expected time_embedding in {TIME_EMBEDDINGS}, found {time_embedding!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"expected activation in {sorted(ACTIVATIONS)}, found {activation!r}")
+        self.time_embed = GaussianFourierEmbedding(embedding_dim, float(fourier_scale))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(embedding_dim, hidden_dim), ACTIVATIONS[activation](), nn.Linear(hidden_dim, hidden_dim)
+        )
+        self.input = nn.Linear(dim, hidden_dim)
+        self.blocks = nn.ModuleList([_ResidualBlock(hidden_dim, activation) for _ in range(num_layers)])
+        self.out_act = ACTIVATIONS[activation]()
+        self.output = nn.Linear(hidden_dim, out_dim)
+
+    def _check_inputs(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
+        name = type(self).__name__
+        dim = self.config.dim
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expected x to be a torch.Tensor, found {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} expected a floating-point x, found dtype {x.dtype}")
+        features = math.prod(x.shape[1:]) if x.ndim >= 2 else None
+        if features != dim:
+            raise ValueError(
+                f"{name} expected x of shape (B, ...) with {dim} features per sample (dim={dim}), "
+                f"found shape {tuple(x.shape)}"
+            )
+        param_dtype = self.output.weight.dtype
+        if x.dtype != param_dtype:
+            raise TypeError(
+                f"{name} expected x of dtype {param_dtype} (the network's dtype), found {x.dtype}: "
+                f"convert x, or the network with .to({x.dtype})"
+            )
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            raise TypeError(f"{name} expected a real t, found dtype {t.dtype}")
+        t = as_time(t, x.shape[0], like=x)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} expected finite t, found {t}")
+        if self.config.time_embedding == "log" and not bool((t > 0).all()):
+            raise ValueError(
+                f"{name} with time_embedding='log' expected t > 0 (it embeds log t), found min {float(t.min()):g}"
+            )
+        return x.reshape(x.shape[0], dim), t
+
+    def _features(self, x_flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = torch.log(t) if self.config.time_embedding == "log" else t
+        emb = self.time_mlp(self.time_embed(c))
+        h = self.input(x_flat)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(self.out_act(h))
+
+
+class ScoreMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
+    """Residual MLP ``f(x, t)`` returning a tensor shaped like ``x``: a vector score network for points,
+    signals or small images (any rank: ``x`` of shape (B, ...) with ``prod(...) == dim`` is flattened and the
+    output reshaped back).
+
+    What the output means (score, epsilon, v, x0) and what ``t`` is (continuous time, sigma, a discrete label)
+    is decided by :class:`~score_toolkit.scores.ScoreAdapter`, not by the network.
+
+    Args:
+        dim: number of features per sample.
+        hidden_dim: width of the residual blocks.
+        num_layers: number of residual blocks (each ``h + W2 act(W1 act(h) + E emb)``).
+        embedding_dim: size of the Gaussian-Fourier embedding of the conditioning (even).
+        fourier_scale: standard deviation of the frozen random frequencies. Song et al. 2021 use 16 for large
+            U-Nets; with small MLPs such high frequencies make the conditioning rough and training slow and
+            seed-dependent, so the default here is 1 (see docs/models.md for the measurements).
+        time_embedding: ``"log"`` embeds ``log t`` (use it when ``t`` is sigma spanning decades; needs t > 0),
+            ``"linear"`` embeds ``t`` itself (continuous time in [0, 1], discrete labels).
+        activation: one of ``silu`` (default), ``gelu``, ``relu``, ``elu``, ``tanh``, ``softplus``.
+
+    ``forward(x, t)``: ``t`` is a float tensor of shape (B,) or a scalar (tensor or number). Raises ValueError
+    on a wrong number of features or a wrong shape of ``t``; TypeError on a dtype that differs from the
+    network's. ``from_pretrained`` is strict (safetensors only, every weight present with its shape):
+    see :func:`score_toolkit.models.strict_from_pretrained`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int = 128,
+        num_layers: int = 3,
+        embedding_dim: int = 64,
+        fourier_scale: float = 1.0,
+        time_embedding: str = "log",
+        activation: str = "silu",
+    ):
+        super().__init__()
+        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, dim)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        x_flat, t = self._check_inputs(x, t)
+        return self._features(x_flat, t).reshape(x.shape)
+
+
+class EnergyMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
+    """Residual MLP energy ``E(x, t)`` returning shape (B,); its score is ``-grad_x E`` (use it through
+    ``ScoreAdapter(net, process, prediction_type="energy")``). Same arguments and input rules as
+    :class:`ScoreMLP`. Prefer a smooth activation (the default ``silu``): the score is a derivative of the
+    network, and objectives such as ISM or sliced score matching differentiate it once more."""
+
+    @register_to_config
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int = 128,
+        num_layers: int = 3,
+        embedding_dim: int = 64,
+        fourier_scale: float = 1.0,
+        time_embedding: str = "log",
+        activation: str = "silu",
+    ):
+        super().__init__()
+        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, 1)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        x_flat, t = self._check_inputs(x, t)
+        return self._features(x_flat, t)[:, 0]

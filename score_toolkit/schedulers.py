@@ -1,0 +1,184 @@
+"""Scheduler configs that name a process, a prediction type and a network's time input.
+
+A saved pipeline's ``scheduler/scheduler_config.json`` is how a score model tells its reader what it
+was trained on. Three kinds are written (by :func:`scheduler_for`) and read (by
+:func:`read_scheduler_config`):
+
+* a plain diffusers ``DDPMScheduler`` for a :class:`~score_toolkit.processes.DiscreteVP` network that
+  receives the table index and predicts ``epsilon``, ``v_prediction`` or ``sample`` (such a folder also
+  samples in diffusers' own ``DDPMPipeline``);
+* a diffusers ``ScoreSdeVeScheduler`` for a :class:`~score_toolkit.processes.VESDE` score network that
+  receives sigma (diffusers' score-SDE VE convention);
+* :class:`ScoreSDEScheduler` for everything else: it stores the process's own config.
+
+This module path is recorded in saved pipelines (``model_index.json`` names
+``score_toolkit.schedulers``): keep it stable. diffusers' loader looks for the name ``SchedulerMixin``
+in the module, hence the module-level import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+
+from .processes import DiscreteVP, Process, VESDE, process_from_config, process_from_scheduler_config
+from .scores import PREDICTION_TYPES, TIME_INPUTS
+
+__all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "SchedulerMixin"]
+
+_DDPM_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# schedulers whose config is a DDPM beta table (alphas_cumprod) and whose network receives the table index
+_DDPM_STYLE = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+               "HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+               "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "DDPMParallelScheduler",
+               "DDIMParallelScheduler")
+
+
+def _check_prediction_and_time(prediction_type, time_input) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"expected prediction_type in {PREDICTION_TYPES}, found {prediction_type!r}")
+    if not isinstance(time_input, str) or time_input not in TIME_INPUTS:
+        raise ValueError(
+            f"expected time_input in {TIME_INPUTS} (a callable time input cannot be saved), found {time_input!r}"
+        )
+
+
+class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
+    """The scheduler component of a score_toolkit pipeline whose process, prediction type or time input
+    has no diffusers scheduler (e.g. a continuous VP SDE, a sub-VP SDE, an energy network).
+
+    Args:
+        process: the process's config dict, including ``_class_name`` (``process.config`` works);
+            rebuilt with :func:`~score_toolkit.processes.process_from_config`.
+        prediction_type: what the network predicts (``score``, ``epsilon``, ``v_prediction``, ``sample``,
+            ``energy``).
+        time_input: what the network receives as its time (``t``, ``sigma``, ``index``).
+
+    Minimal scheduler contract: ``init_noise_sigma`` (the prior's std), ``set_timesteps(n)`` /
+    ``timesteps`` (the first ``n`` times of the process's uniform time grid from 1 down, as a float
+    tensor; ``time_grid`` holds all ``n + 1`` points ending at ``t_min``), ``scale_model_input``
+    (identity), ``order = 1``. It has no ``step()``: sample with a score_toolkit sampler.
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, process: Mapping[str, Any] | None = None, prediction_type: str = "score", time_input: str = "t"):
+        if process is None:
+            raise ValueError("expected process, the process's config dict with its _class_name; found None")
+        if isinstance(process, Process):
+            raise TypeError(
+                "expected the process's config dict with its _class_name, found a Process object: build the "
+                "scheduler with scheduler_for(process, prediction_type, time_input)"
+            )
+        if not isinstance(process, Mapping) or "_class_name" not in process:
+            raise ValueError(
+                f"expected process to be a config dict with a _class_name (VESDE, VPSDE, SubVPSDE, DiscreteVP), "
+                f"found {process!r}"
+            )
+        _check_prediction_and_time(prediction_type, time_input)
+        self.process = process_from_config(dict(process))
+        self.init_noise_sigma = float(self.process.prior_std)
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.time_grid: torch.Tensor | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None, kind: str = "uniform") -> None:
+        """Set ``timesteps`` to the ``num_inference_steps`` times at which a sampler evaluates the
+        network, from 1 downwards (the process's time grid of that ``kind``)."""
+        grid = self.process.time_grid(num_inference_steps, kind, device=device, dtype=torch.float64)
+        self.num_inference_steps = num_inference_steps
+        self.time_grid = grid.to(torch.float32)
+        self.timesteps = self.time_grid[:-1]
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def __len__(self) -> int:
+        return int(self.process.num_train_timesteps)
+
+
+def scheduler_for(process: Process, prediction_type: str, time_input: str) -> SchedulerMixin:
+    """The scheduler that encodes ``(process, prediction_type, time_input)``: a diffusers
+    ``DDPMScheduler`` or ``ScoreSdeVeScheduler`` when one represents the triple exactly (checked by
+    reading it back), else a :class:`ScoreSDEScheduler`."""
+    if not isinstance(process, Process):
+        raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
+    _check_prediction_and_time(prediction_type, time_input)
+    candidate = None
+    if isinstance(process, DiscreteVP) and time_input == "index" and prediction_type in _DDPM_PREDICTIONS:
+        from diffusers import DDPMScheduler
+
+        candidate = DDPMScheduler.from_config(process.to_scheduler_config(prediction_type))
+    elif isinstance(process, VESDE) and time_input == "sigma" and prediction_type == "score":
+        from diffusers import ScoreSdeVeScheduler
+
+        candidate = ScoreSdeVeScheduler.from_config(process.to_scheduler_config("score"))
+    if candidate is not None and read_scheduler_config(candidate) == (process, prediction_type, time_input):
+        return candidate
+    return ScoreSDEScheduler(process=_process_dict(process), prediction_type=prediction_type, time_input=time_input)
+
+
+def _process_dict(process: Process) -> dict[str, Any]:
+    cfg = {k: v for k, v in process.config.items() if not k.startswith("_")}
+    cfg["_class_name"] = type(process).__name__
+    return cfg
+
+
+def read_scheduler_config(config) -> tuple[Process, str, str]:
+    """``(process, prediction_type, time_input)`` encoded by a scheduler config (a dict, a FrozenDict or a
+    scheduler object).
+
+    * :class:`ScoreSDEScheduler` -> its stored process, prediction type and time input;
+    * ``DDPMScheduler`` and the other DDPM-table schedulers (DDIM, PNDM, ...) ->
+      :class:`~score_toolkit.processes.DiscreteVP` with diffusers' exact ``alphas_cumprod``, the config's
+      ``prediction_type`` (default ``epsilon``) and time input ``index``;
+    * ``ScoreSdeVeScheduler`` -> :class:`~score_toolkit.processes.VESDE`, ``score``, ``sigma``.
+
+    Raises ValueError naming the field that cannot be mapped.
+    """
+    if hasattr(config, "config") and isinstance(config.config, Mapping):
+        cfg = dict(config.config)
+        cfg.setdefault("_class_name", type(config).__name__)
+    elif isinstance(config, Mapping):
+        cfg = dict(config)
+    else:
+        raise TypeError(f"expected a scheduler config mapping or a scheduler, found {type(config).__name__}")
+    name = cfg.get("_class_name")
+    if name == ScoreSDEScheduler.__name__:
+        process = cfg.get("process")
+        if not isinstance(process, Mapping):
+            raise ValueError(f"scheduler config field 'process': expected a process config dict, found {process!r}")
+        prediction_type, time_input = cfg.get("prediction_type", "score"), cfg.get("time_input", "t")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler config field 'prediction_type': expected one of {PREDICTION_TYPES}, found {prediction_type!r}"
+            )
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"scheduler config field 'time_input': expected one of {TIME_INPUTS}, found {time_input!r}")
+        return process_from_config(dict(process)), prediction_type, time_input
+    if name == "ScoreSdeVeScheduler":
+        return process_from_scheduler_config(cfg), "score", "sigma"
+    if name in _DDPM_STYLE or (name is None and "beta_schedule" in cfg):
+        prediction_type = cfg.get("prediction_type", "epsilon")
+        if prediction_type not in _DDPM_PREDICTIONS:
+            raise ValueError(
+                f"scheduler config field 'prediction_type' of {name}: expected one of {_DDPM_PREDICTIONS}, "
+                f"found {prediction_type!r}"
+            )
+        if cfg.get("timestep_type", "discrete") != "discrete":
+            raise ValueError(
+                f"scheduler config field 'timestep_type' of {name}: expected 'discrete' (the network receives the "
+                f"table index), found {cfg['timestep_type']!r}"
+            )
+        return process_from_scheduler_config(cfg), prediction_type, "index"
+    raise ValueError(
+        f"scheduler config field '_class_name': cannot map {name!r} to a process; expected ScoreSDEScheduler, "
+        f"ScoreSdeVeScheduler or a DDPM-table scheduler ({', '.join(_DDPM_STYLE[:3])}, ...)"
+    )

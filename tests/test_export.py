@@ -1,0 +1,270 @@
+"""Hub-style export: scheduler configs that encode (process, prediction type, time input), folders that round-trip
+exactly through score_toolkit and diffusers, plain-diffusers sampling of DDPM-compatible models, model cards."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ScoreSdeVeScheduler, UNet2DModel
+
+from score_toolkit import hub
+from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
+from score_toolkit.processes import DiscreteVP, SubVPSDE, VESDE, VPSDE
+from score_toolkit.schedulers import ScoreSDEScheduler, read_scheduler_config, scheduler_for
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+
+
+def tiny_mlp(cls=ScoreMLP, **kw):
+    torch.manual_seed(0)
+    return cls(2, hidden_dim=16, num_layers=1, **kw)
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------ schedulers
+@pytest.mark.parametrize(
+    "process, prediction_type, time_input, expected",
+    [
+        (DiscreteVP(), "epsilon", "index", DDPMScheduler),
+        (DiscreteVP(beta_schedule="squaredcos_cap_v2"), "v_prediction", "index", DDPMScheduler),
+        (DiscreteVP(), "sample", "index", DDPMScheduler),
+        (DiscreteVP(), "epsilon", "t", ScoreSDEScheduler),
+        (DiscreteVP(), "score", "index", ScoreSDEScheduler),
+        (VESDE(sigma_min=0.01, sigma_max=50.0), "score", "sigma", ScoreSdeVeScheduler),
+        (VESDE(t_min=0.0), "score", "sigma", ScoreSDEScheduler),  # sampling_eps cannot say t_min = 0
+        (VESDE(), "epsilon", "sigma", ScoreSDEScheduler),
+        (VPSDE(), "epsilon", "index", ScoreSDEScheduler),
+        (VPSDE(beta_max=10.0), "epsilon", "t", ScoreSDEScheduler),
+        (SubVPSDE(), "score", "t", ScoreSDEScheduler),
+        (VPSDE(), "energy", "t", ScoreSDEScheduler),
+    ],
+)
+def test_scheduler_round_trip(tmp_path, process, prediction_type, time_input, expected):
+    sched = scheduler_for(process, prediction_type, time_input)
+    assert type(sched) is expected
+    sched.save_pretrained(tmp_path)
+    reloaded = type(sched).from_pretrained(tmp_path)
+    for s in (sched, reloaded, json.loads((tmp_path / "scheduler_config.json").read_text())):
+        p, pred, ti = read_scheduler_config(s)
+        assert (p, pred, ti) == (process, prediction_type, time_input)
+
+
+def test_score_sde_scheduler_contract():
+    s = scheduler_for(VESDE(sigma_max=20.0), "score", "t")
+    assert type(s) is ScoreSDEScheduler
+    assert s.init_noise_sigma == 20.0 and s.order == 1 and s.config_name == "scheduler_config.json"
+    s.set_timesteps(4)
+    assert torch.allclose(s.timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25]), atol=1e-5)
+    assert s.time_grid[-1] == pytest.approx(1e-5) and len(s.time_grid) == 5
+    x = torch.randn(3, 2)
+    assert s.scale_model_input(x, s.timesteps[0]) is x
+    with pytest.raises(ValueError, match="expected prediction_type"):
+        ScoreSDEScheduler(process={**VPSDE().config, "_class_name": "VPSDE"}, prediction_type="noise")
+    with pytest.raises(TypeError, match="scheduler_for"):
+        ScoreSDEScheduler(process=VPSDE())
+    with pytest.raises(ValueError, match="with a _class_name"):
+        ScoreSDEScheduler(process=dict(VPSDE().config))
+
+
+def test_read_scheduler_config_errors():
+    with pytest.raises(ValueError, match="field '_class_name': cannot map 'KarrasVeScheduler'"):
+        read_scheduler_config({"_class_name": "KarrasVeScheduler", "sigma_min": 0.02})
+    with pytest.raises(ValueError, match="field 'prediction_type' of DDPMScheduler"):
+        read_scheduler_config({**DDPMScheduler().config, "_class_name": "DDPMScheduler", "prediction_type": "flow"})
+    with pytest.raises(ValueError, match="field 'process'"):
+        read_scheduler_config({"_class_name": "ScoreSDEScheduler", "process": None})
+    with pytest.raises(ValueError, match="field 'time_input'"):
+        read_scheduler_config({"_class_name": "ScoreSDEScheduler", "process": {"_class_name": "VPSDE"}, "time_input": "x"})
+    with pytest.raises(ValueError, match="beta_schedule"):
+        read_scheduler_config({"_class_name": "DDIMScheduler", "beta_schedule": "sigmoid"})
+    # a DDIM config reads as the same discrete process
+    from diffusers import DDIMScheduler
+
+    assert read_scheduler_config(DDIMScheduler()) == (DiscreteVP(), "epsilon", "index")
+
+
+# ------------------------------------------------------------------------------------ export and load
+def _check_folder(folder):
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert all(f.endswith(hub.ALLOWED_SUFFIXES) for f in files), files
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "README.md"} <= set(files)
+    return files
+
+
+@pytest.mark.parametrize(
+    "make, process, prediction_type, time_input",
+    [
+        (tiny_mlp, VPSDE(), "epsilon", "t"),
+        (lambda: tiny_mlp(EnergyMLP, time_embedding="linear"), SubVPSDE(), "energy", "t"),
+        (tiny_mlp, VESDE(), "score", "sigma"),
+        (tiny_unet, DiscreteVP(), "epsilon", "index"),
+    ],
+)
+def test_export_round_trips_through_score_toolkit_and_diffusers(tmp_path, make, process, prediction_type, time_input):
+    model = make()
+    folder = hub.export_pipeline(model, process, prediction_type, time_input, tmp_path / "out",
+                                 {"model_name": "tiny", "dataset_name": "ring"})
+    _check_folder(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline"
+    loaded = hub.load_pipeline_components(folder)
+    assert type(loaded.model) is type(model) and same_weights(loaded.model, model)
+    assert (loaded.process, loaded.prediction_type, loaded.time_input) == (process, prediction_type, time_input)
+    assert not loaded.model.training
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    assert type(pipe.unet) is type(model) and same_weights(pipe.unet, model)
+    assert read_scheduler_config(pipe.scheduler) == (process, prediction_type, time_input)
+    # the loaded network computes what the original computes
+    x = torch.randn(4, *((2,) if not isinstance(model, UNet2DModel) else (1, 8, 8)))
+    t = torch.full((4,), 0.5)
+    with torch.enable_grad() if prediction_type == "energy" else torch.no_grad():
+        out_a, out_b = model(x, t), loaded.model(x, t)
+    out_a, out_b = getattr(out_a, "sample", out_a), getattr(out_b, "sample", out_b)
+    assert torch.equal(out_a, out_b)
+
+
+def test_epsilon_vp_image_model_samples_in_plain_diffusers(tmp_path):
+    folder = hub.export_pipeline(tiny_unet(), DiscreteVP(num_train_timesteps=50), "epsilon", "index", tmp_path / "out")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    pipe = DDPMPipeline.from_pretrained(str(folder))
+    out = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 8, 8, 1) and (out.images >= 0).all() and (out.images <= 1).all()
+    # the process diffusers uses is the one score_toolkit reads
+    p = hub.load_pipeline_components(folder).process
+    assert torch.allclose(p.alphas_cumprod, pipe.scheduler.alphas_cumprod.double(), atol=1e-7)
+
+
+def test_existing_folder_and_atomicity(tmp_path, monkeypatch):
+    model = tiny_mlp()
+    folder = hub.export_pipeline(model, VPSDE(), "epsilon", "t", tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already exists: pass overwrite=True"):
+        hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder)
+    other = ScoreMLP(2, hidden_dim=8, num_layers=1)
+
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("crash while writing the card")
+
+    monkeypatch.setattr(hub, "render_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        hub.export_pipeline(other, VPSDE(), "epsilon", "t", folder, overwrite=True)
+    monkeypatch.undo()
+    # the old folder is untouched and no temporary folder is left behind
+    assert same_weights(hub.load_pipeline_components(folder).model, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    hub.export_pipeline(other, VPSDE(), "epsilon", "t", folder, overwrite=True)
+    assert same_weights(hub.load_pipeline_components(folder).model, other)
+
+
+def test_loading_refuses_foreign_code_and_broken_weights(tmp_path):
+    folder = hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "out")
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**index, "unet": ["evil_module_xyz", "ScoreMLP"]}))
+    with pytest.raises(ValueError, match="code named by a folder is never imported"):
+        hub.load_pipeline_components(folder)
+    assert "evil_module_xyz" not in sys.modules
+    index_file.write_text(json.dumps({**index, "scheduler": ["evil_module_xyz", "S"]}))
+    with pytest.raises(ValueError, match="field 'scheduler'"):
+        hub.load_pipeline_components(folder)
+    index_file.write_text(json.dumps(index))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        hub.load_pipeline_components(folder)
+    weights.unlink()
+    torch.save(tiny_mlp().state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises((CheckpointError, FileNotFoundError, ValueError), match="safetensors"):
+        hub.load_pipeline_components(folder)
+    with pytest.raises(FileNotFoundError, match="expected a pipeline folder"):
+        hub.load_pipeline_components(tmp_path / "nothing")
+
+
+def test_model_card_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    info = {
+        "model_name": "digits-test",
+        "license": "mit",
+        "dataset_name": "digits",
+        "dataset_description": "8x8 digits",
+        "objective": "epsilon",
+        "command": "score-toolkit train --config digits.yaml",
+        "training_config_yaml": "train:\n  steps: 3\n",
+        "results": [{"name": "sliced W2", "type": "sliced_wasserstein", "value": 0.5, "dataset": "digits"}],
+        "sample_image": Image.new("RGB", (16, 16), "white"),
+        "sample_shape": [1, 8, 8],
+    }
+    folder = hub.export_pipeline(tiny_unet(), DiscreteVP(), "epsilon", "index", tmp_path / "out", info)
+    assert (folder / "sample.png").is_file()
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["license"] == "mit"
+    assert data["pipeline_tag"] == "unconditional-image-generation"
+    assert "score-toolkit" in data["tags"] and "process:DiscreteVP" in data["tags"]
+    result = data["model-index"][0]["results"][0]
+    assert result["metrics"][0] == {"type": "sliced_wasserstein", "value": 0.5, "name": "sliced W2"}
+    assert result["task"]["type"] == "unconditional-image-generation"
+    text = card.text
+    for needle in ("score-toolkit train --config digits.yaml", "steps: 3", "DiscreteVP", "![samples](sample.png)",
+                   "DDPMPipeline.from_pretrained", "load_pipeline_components", "| sliced W2 | 0.5 |"):
+        assert needle in text, needle
+    # a third-party component: library_name says which library loads it
+    toy = hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "toy")
+    toy_data = ModelCard.load(toy / "README.md").data.to_dict()
+    assert toy_data["library_name"] == "score-toolkit" and "pipeline_tag" not in toy_data
+
+
+def test_train_exports_a_loadable_folder_with_a_card(tmp_path):
+    from score_toolkit.training import train
+
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"name": "digits"},
+        "process": {"name": "DiscreteVP", "options": {"num_train_timesteps": 100}},
+        "model": {"name": "UNet2DModel", "prediction_type": "epsilon", "time_input": "index",
+                  "options": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+                              "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                              "up_block_types": ["UpBlock2D", "UpBlock2D"]}},
+        "objective": {"name": "epsilon"},
+        "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "progress": False, "log_every": 1},
+        "export": {"num_samples": 8, "sampler_options": {"num_steps": 5, "denoise": True},
+                   "command": "score-toolkit train --config x.yaml"},
+    }
+    result = train(cfg)
+    folder = result.export_folder
+    assert folder == tmp_path / "run" / "pipeline"
+    _check_folder(folder)
+    loaded = hub.load_pipeline_components(folder)
+    assert same_weights(loaded.model, result.model)  # the EMA weights
+    assert loaded.process == DiscreteVP(num_train_timesteps=100)
+    text = (folder / "README.md").read_text()
+    assert "score-toolkit train --config x.yaml" in text and "sliced W2" in text and (folder / "sample.png").is_file()
+    pipe = DDPMPipeline.from_pretrained(str(folder))
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
