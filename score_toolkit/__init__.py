@@ -41,6 +41,8 @@ _LAZY = {
     "list_samplers": "score_toolkit.registry",
     "get_sampler": "score_toolkit.registry",
     "register_sampler": "score_toolkit.registry",
+    "get_sampler_class": "score_toolkit.registry",
+    "sampler_info": "score_toolkit.registry",
     # models
     "ScoreMLP": "score_toolkit.models",
     "EnergyMLP": "score_toolkit.models",

@@ -224,7 +224,10 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
         summary_lines += ["", str(info["notes"])]
     training = []
     if info.get("command"):
-        training += ["Trained with exactly this command:", "", "```bash", str(info["command"]), "```", ""]
+        command = str(info["command"]).strip()
+        lead = ("Trained with exactly these commands, in order (a resumed run lists each invocation):"
+                if "\n" in command else "Trained with exactly this command:")
+        training += [lead, "", "```bash", command, "```", ""]
     if info.get("steps") is not None:
         training.append(f"{info['steps']} optimizer steps on {info.get('num_processes', 1)} process(es).")
         training.append("")

@@ -927,6 +927,9 @@ def train(
             ema.load_state_dict(load_file(str(ema_file)), state["ema_updates"])
     if accelerator.is_main_process:
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if cfg.export.command:
+            with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
+                f.write(cfg.export.command + "\n")
     if tc.log_with:
         accelerator.init_trackers("train", config=_flatten(cfg.to_dict()) | {"num_processes": world})
 
@@ -1104,6 +1107,13 @@ def sample_picture(comps: Components, samples: torch.Tensor):
     return None
 
 
+def _commands(run_dir: Path, last: str | None) -> str | None:
+    """Every command that worked on this run folder (a resumed run lists each invocation)."""
+    path = run_dir / "commands.txt"
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+    return "\n".join(lines) if lines else last
+
+
 def _export_run(comps: Components, model, run_dir: Path, history, world: int, device) -> Path:
     import yaml
 
@@ -1127,7 +1137,7 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
         "dataset_id": comps.dataset.hub_id,
         "objective": f"{cfg.objective.name} {comps.objective!r}",
         "training_config_yaml": yaml.safe_dump(config_dict, sort_keys=False),
-        "command": cfg.export.command,
+        "command": _commands(run_dir, cfg.export.command),
         "results": results,
         "sample_image": sample_picture(comps, samples),
         "sampler": f"{cfg.export.sampler} {dict(cfg.export.sampler_options)}",

@@ -124,6 +124,29 @@ def test_every_builtin_is_an_installed_entry_point(fresh):
     assert installed == declared, "reinstall with `pip install -e .`: the installed entry points differ from pyproject.toml"
 
 
+def test_every_sampler_class_of_the_package_has_an_entry_point():
+    """A named Sampler subclass in score_toolkit/samplers/ without an entry point would be invisible."""
+    import pkgutil
+
+    import score_toolkit.samplers as package
+
+    declared = _pyproject_builtins()
+    missing = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Sampler) and obj.__module__ == module.__name__ and obj.name:
+                target = f"{module.__name__}:{obj.__qualname__}"
+                if declared.get(obj.name) != target:
+                    missing.append(f'{obj.name} = "{target}"')
+    assert not missing, (
+        'declare in [project.entry-points."score_toolkit.samplers"] of pyproject.toml, then `pip install -e .`: '
+        + "; ".join(sorted(missing))
+    )
+
+
 def test_listing_imports_no_sampler_and_no_torch():
     code = (
         "import json, sys\n"
@@ -372,6 +395,7 @@ def test_cli_without_command_prints_help(capsys):
     assert "samplers" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, diffusers and every sampler: 5 s idle, ~25 s on a loaded machine
 def test_cli_entry_point_script(tmp_path):
     """The installed ``score-toolkit`` script lists built-ins and shows a broken plugin with its error."""
     script = Path(sysconfig.get_path("scripts")) / "score-toolkit"

@@ -165,6 +165,9 @@ class Sampler:
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=None)
     options: ClassVar[Mapping[str, Any]] = {}
     common_options: ClassVar[Mapping[str, Any]] = {"denoise": False, "progress": False}
+    #: Settings for :class:`score_toolkit.testing.SamplerConformance` (keys: sampler_options,
+    #: accuracy_options, accuracy_factor, accuracy_processes, accuracy_num_samples, skip).
+    conformance: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, **options: Any):
         allowed = {**self.common_options, **self.options}
