@@ -130,12 +130,15 @@ def generic_sweep(name: str, cls, case: str) -> list[Variant]:
 
 def _pc_sweep(name: str, cls, case: str) -> list[Variant]:
     steps = STEPS[case][:-1]  # 2 NFE per step
-    out = [Variant("defaults (snr_scaling=constant)", [{"num_steps": n} for n in steps])]
-    if "snr_scaling" in cls.options:
-        # "grid" equals "constant" up to reference_steps; a small reference_steps shows the bias vanish
-        # within this NFE range.
-        extra = {"snr_scaling": "grid", "reference_steps": 50} if "reference_steps" in cls.options else {"snr_scaling": "grid"}
+    out = [Variant("defaults", [{"num_steps": n} for n in steps])]
+    opts = cls.options
+    if "snr_scaling" in opts:
+        # "grid" equals "constant" up to reference_steps; a small reference_steps shows whether the bias
+        # vanishes within this NFE range.
+        extra = {"snr_scaling": "grid", "reference_steps": 50} if "reference_steps" in opts else {"snr_scaling": "grid"}
         out.append(Variant(_fmt_opts(extra), [{**extra, "num_steps": n} for n in steps if n >= 100]))
+    if opts.get("snr_rule", "sample") != "sample":  # the paper's per-sample norm rule, if not the default
+        out.append(Variant("snr_rule=sample", [{"snr_rule": "sample", "num_steps": n} for n in steps[::2]]))
     return out
 
 
@@ -367,20 +370,28 @@ def hand_ancestral(score_fn, process, x, g, cfg):
 
 
 def hand_predictor_corrector(score_fn, process, x, g, cfg):
-    """Reverse-diffusion predictor + one Langevin corrector step with per-sample SNR step sizes."""
-    _need(cfg, predictor="reverse_diffusion", corrector="langevin", corrector_steps=1, snr_scaling="constant",
-          denoise=False)
-    n, snr = cfg["num_steps"], cfg["snr"]
+    """Reverse-diffusion predictor + one Langevin corrector step; corrector step eps = 2 a (r sigma)^2
+    (snr_rule "sigma") or 2 a (r ||z|| / ||s||)^2 with per-sample ("sample") or batch-mean ("batch") norms."""
+    _need(cfg, predictor="reverse_diffusion", corrector="langevin", corrector_steps=1, denoise=False)
+    n, snr, rule = cfg["num_steps"], cfg["snr"], cfg.get("snr_rule", "sample")
+    if cfg["snr_scaling"] == "grid":
+        snr *= math.sqrt(min(1.0, cfg["reference_steps"] / n))
     ts = process.time_grid(n, cfg["grid"])
-    _, a_ts, var_ts = _transitions(process, ts)
+    s_t, a_ts, var_ts = _transitions(process, ts)
     t = ts.tolist()
     tiny = torch.finfo(x.dtype).tiny
     for i in range(n):
         x = (2.0 - a_ts[i]) * x + var_ts[i] * score_fn(x, _tvec(x, t[i])) + math.sqrt(var_ts[i]) * _randn(x, g)
         s = score_fn(x, _tvec(x, t[i + 1]))
         z = _randn(x, g)
-        ratio = z.flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1).clamp_min(tiny)
-        eps = (2.0 * a_ts[i] ** 2 * snr**2 * ratio**2).reshape(-1, *([1] * (x.ndim - 1)))
+        if rule == "sigma":
+            eps = 2.0 * a_ts[i] ** 2 * (snr * s_t[i + 1]) ** 2
+            x = x + eps * s + math.sqrt(2.0 * eps) * z
+            continue
+        zn, sn = z.flatten(1).norm(dim=1), s.flatten(1).norm(dim=1)
+        if rule == "batch":
+            zn, sn = zn.mean().expand_as(zn), sn.mean().expand_as(sn)
+        eps = (2.0 * a_ts[i] ** 2 * (snr * zn / sn.clamp_min(tiny)) ** 2).reshape(-1, *([1] * (x.ndim - 1)))
         x = x + eps * s + (2.0 * eps).sqrt() * z
     return x, 2 * n
 
@@ -823,8 +834,8 @@ def write_markdown(path: Path, args, meta: dict, acc_rows, floors, summary, spee
     L.append("")
     L.append("| setting | value |")
     L.append("| --- | --- |")
-    for k in ("date", "commit", "python", "torch", "threads", "n", "dtype", "samplers", "loadavg_start",
-              "loadavg_end", "duration_min"):
+    for k in ("date", "commit", "python", "torch", "threads", "omp_wait_policy", "n", "dtype", "samplers",
+              "loadavg_start", "loadavg_end", "duration_min", "cpu_min"):
         L.append(f"| {k} | {meta.get(k, '')} |")
     L.append("")
     if acc_rows:
@@ -993,6 +1004,42 @@ def plot_accuracy(args, rows: list[dict], out_dir: Path, tag: str, log) -> dict[
     return plots
 
 
+def _typed(row: dict) -> dict:
+    """A CSV row back to the types the writers expect (numbers, bools)."""
+    out = {}
+    for k, v in row.items():
+        if v in ("True", "False"):
+            out[k] = v == "True"
+        elif k in ("nfe", "reps") and v != "":
+            out[k] = int(v)
+        else:
+            try:
+                out[k] = float(v) if k not in ("sampler", "variant", "process", "case", "options", "error", "contender",
+                                                "note") and v != "" else v
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def _check_same_floors(rows: list[dict], floors: dict) -> None:
+    for r in rows:
+        if r["error"] or r["case"] not in floors:
+            continue
+        if not math.isclose(float(r["wsw_floor"]), floors[r["case"]]["wsw"]["mean"], rel_tol=1e-4):
+            raise SystemExit(f"--append: the previous rows of {r['sampler']} were made with other floors (another --n "
+                             "or --floor-seeds?); re-run every sampler instead")
+
+
+def merge_previous(path: Path, new_rows: list[dict], samplers: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows of a previous run (``path``) for samplers not run now, followed by the new rows."""
+    if not path.exists():
+        return new_rows, []
+    with open(path, newline="") as fh:
+        old = [_typed(r) for r in csv.DictReader(fh)]
+    kept = [r for r in old if r["sampler"] not in samplers]
+    return kept + new_rows, sorted({r["sampler"] for r in kept})
+
+
 # ====================================================================== main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1019,6 +1066,9 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-cases", default="ring", help="speed cases with memory probes (default ring)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the other samplers from the previous results in --out (same --n and --tag) "
+                        "and rewrite the tables with them: re-run only new or changed samplers")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe is not None:
@@ -1057,7 +1107,7 @@ def _meta(argv) -> dict:
         commit = ""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or "unknown",
             "python": platform.python_version(), "torch": torch.__version__, "argv": list(argv),
-            "loadavg_start": _loadavg()}
+            "loadavg_start": _loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def _loadavg() -> str:
@@ -1094,8 +1144,13 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log(f"samplers: {samplers}; parts: {args.parts}; N = {args.n}; threads = {args.threads}")
     acc_rows, floors, summary, plots, speed_rows = [], {}, [], {}, []
+    kept: set[str] = set()
     if "accuracy" in args.parts:
         acc_rows, floors = run_accuracy(args, samplers, log)
+        if args.append:
+            acc_rows, old = merge_previous(args.out_dir / f"{args.tag}_accuracy.csv", acc_rows, samplers)
+            _check_same_floors(acc_rows, floors)
+            kept.update(old)
         summary = criterion_summary(acc_rows)
         write_csv(args.out_dir / f"{args.tag}_accuracy.csv", acc_rows, ACC_FIELDS)
         write_csv(args.out_dir / f"{args.tag}_criterion.csv", summary,
@@ -1107,9 +1162,15 @@ def main(argv=None) -> int:
             plots = plot_accuracy(args, acc_rows, args.out_dir, args.tag, log)
     if "speed" in args.parts:
         speed_rows = run_speed(args, samplers, log)
+        if args.append:
+            speed_rows, old = merge_previous(args.out_dir / f"{args.tag}_speed.csv", speed_rows, samplers)
+            kept.update(old)
         write_csv(args.out_dir / f"{args.tag}_speed.csv", speed_rows, SPEED_FIELDS)
+    all_samplers = sorted(set(samplers) | kept)
     meta.update(threads=args.threads, n=args.n, dtype=f"{args.dtype} (accuracy), {args.speed_dtype} (speed)",
-                samplers=", ".join(samplers), loadavg_end=_loadavg(),
+                samplers=", ".join(all_samplers) + (f" (rows of {', '.join(sorted(kept))} kept from the previous run)"
+                                                    if kept else ""),
+                loadavg_end=_loadavg(), cpu_min=f"{time.process_time() / 60:.1f}",
                 duration_min=f"{(time.perf_counter() - t_start) / 60:.1f}")
     write_markdown(args.out_dir / f"{args.tag}.md", args, meta, acc_rows, floors, summary, speed_rows, plots)
     log(f"wrote {args.out_dir / (args.tag + '.md')}")

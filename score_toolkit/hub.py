@@ -134,8 +134,11 @@ def export_pipeline(
         bad = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.suffix not in ALLOWED_SUFFIXES)
         if bad:
             raise RuntimeError(f"export wrote unexpected files {bad} (only {ALLOWED_SUFFIXES} are allowed)")
+        umask = os.umask(0)
+        os.umask(umask)
         for p in tmp.rglob("*"):
             if p.is_file():
+                os.chmod(p, 0o666 & ~umask)  # some writers use private temporary files (0600)
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         if folder.exists():

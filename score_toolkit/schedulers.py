@@ -25,7 +25,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
-from .processes import DiscreteVP, Process, VESDE, process_from_config, process_from_scheduler_config
+from .processes import VESDE, DiscreteVP, Process, process_from_config, process_from_scheduler_config
 from .scores import PREDICTION_TYPES, TIME_INPUTS
 
 __all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "SchedulerMixin"]

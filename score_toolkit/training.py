@@ -24,6 +24,7 @@ see identical data and noise: the models then agree up to float summation order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -640,7 +641,7 @@ def verify_checkpoint(folder) -> tuple[bool, str]:
 def latest_checkpoint(run_dir, *, warn: bool = True) -> Path | None:
     """The newest checkpoint of ``run_dir`` whose manifest verifies, or None. Newer checkpoints that fail
     verification are skipped with a warning naming the reason."""
-    for step, folder in reversed(list_checkpoints(run_dir)):
+    for _step, folder in reversed(list_checkpoints(run_dir)):
         ok, reason = verify_checkpoint(folder)
         if ok:
             return folder
@@ -931,7 +932,10 @@ def train(
             with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
                 f.write(cfg.export.command + "\n")
     if tc.log_with:
-        accelerator.init_trackers("train", config=_flatten(cfg.to_dict()) | {"num_processes": world})
+        # trackers accept scalars only
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+                   for k, v in _flatten(cfg.to_dict()).items()}
+        accelerator.init_trackers("train", config=hparams | {"num_processes": world})
 
     device = accelerator.device
     data = comps.dataset.data.to(device)
@@ -967,7 +971,7 @@ def train(
             else:
                 generator = torch.Generator(device=device).manual_seed(_mix(cfg.seed, 0x5EED, step, micro, rank))
             sync = micro == tc.gradient_accumulation_steps - 1
-            with (accelerator.no_sync(model) if not sync else _nullcontext()):
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss = objective(score_fn, x, generator=generator)
                 accelerator.backward(loss / tc.gradient_accumulation_steps)
             loss_sum += loss.detach()
@@ -1030,14 +1034,6 @@ def train(
         accelerator.end_training()
     return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
                        resumed_from=ckpt, num_processes=world)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ============================================================================ export after training

@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ScoreSdeVe
 
 from score_toolkit import hub
 from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
-from score_toolkit.processes import DiscreteVP, SubVPSDE, VESDE, VPSDE
+from score_toolkit.processes import VESDE, VPSDE, DiscreteVP, SubVPSDE
 from score_toolkit.schedulers import ScoreSDEScheduler, read_scheduler_config, scheduler_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

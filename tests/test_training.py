@@ -465,3 +465,16 @@ def test_no_warnings_in_a_plain_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(small_config(tmp_path / "run", train={"steps": 3}))
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path):
+    import importlib.util
+
+    cfg = small_config(tmp_path / "run", train={"steps": 2, "log_every": 1, "log_with": "tensorboard"})
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match=r"needs the tensorboard package: pip install 'score-toolkit\[tensorboard\]'"):
+            train(cfg)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    else:
+        train(cfg)
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "logs").rglob("*"))

@@ -14,7 +14,6 @@ Brownian interval.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from typing import Any, ClassVar, NamedTuple
 
@@ -109,7 +108,7 @@ class _ReverseTimeSDE:
                     f"sampler {self._ctx.sampler.name!r}: expected torchsde to evaluate the drift at the start of "
                     f"step {self._recorded + 1} first, found s = {s:g} in interval {k}"
                 )
-            self._ctx.record(y.view(self._shape), self._t[k], step=k)
+            self._ctx.record(y.reshape(self._shape), self._t[k], step=k)
             self._recorded = k
 
     def f(self, s, y: torch.Tensor) -> torch.Tensor:
@@ -118,7 +117,7 @@ class _ReverseTimeSDE:
         if self._last is not None and self._last[1] is y and self._last[0] == s:
             return self._last[2]
         t, f_t, g2, h = self._coefs(s)
-        score = self._ctx.score(y.view(self._shape), t).reshape(y.shape)
+        score = self._ctx.score(y.reshape(self._shape), t).reshape(y.shape)
         out = (g2 * h) * score - (f_t * h) * y  # h_k (g^2 s - f x): minus the forward drift, as t decreases
         self._last = (s, y, out)
         return out
@@ -128,14 +127,17 @@ class _ReverseTimeSDE:
         return (g2 * h) ** 0.5 * v
 
 
-@contextlib.contextmanager
-def _global_rng_untouched(device: torch.device):
-    """torchsde's contract check draws ``torch.randn`` from the global generator (to probe ``g_prod``);
-    restore the global state so that sampling leaves it as it found it."""
-    devices = [] if device.type == "cpu" else [device.index if device.index is not None else 0]
-    kwargs = {} if device.type in ("cpu", "cuda") else {"device_type": device.type}
-    with torch.random.fork_rng(devices=devices, **kwargs):
-        yield
+def _global_rng_state(device: torch.device):
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return getattr(torch, device.type).get_rng_state(device)
+
+
+def _set_global_rng_state(device: torch.device, state) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        getattr(torch, device.type).set_rng_state(state, device)
 
 
 class EulerMaruyamaSampler(Sampler):
@@ -190,11 +192,19 @@ class EulerMaruyamaSampler(Sampler):
         steps = torch.arange(n + 1, dtype=torch.float64)
         shape = x.shape
         y0 = x.reshape(shape[0], -1)
-        bm = GridBrownianMotion(steps, y0.shape, y0.dtype, y0.device, lambda: ctx.randn_like(y0), method.levy_area)
+        # torchsde's contract check probes g_prod with torch.randn from the global generator before the first
+        # step; undo that draw, so that the global generator only serves our own noise (when generator=None).
+        state = [_global_rng_state(y0.device)]
+
+        def draw() -> torch.Tensor:
+            if state:
+                _set_global_rng_state(y0.device, state.pop())
+            return ctx.randn_like(y0)
+
+        bm = GridBrownianMotion(steps, y0.shape, y0.dtype, y0.device, draw, method.levy_area)
         sde = _ReverseTimeSDE(ctx, shape, ts, method.sde_type, bm)
-        with _global_rng_untouched(y0.device):
-            y = torchsde.sdeint(sde, y0, steps[[0, -1]], bm=bm, method=self.config["method"], dt=1.0)[-1]
+        y = torchsde.sdeint(sde, y0, steps[[0, -1]], bm=bm, method=self.config["method"], dt=1.0)[-1]
         if bm.current_interval != n - 1:  # pragma: no cover - guards against a change in torchsde's stepping
             raise RuntimeError(f"sampler {self.name!r}: expected {n} steps, torchsde took {bm.current_interval + 1}")
-        ctx.record(y.view(shape), float(ts[-1]), step=n)
+        ctx.record(y.reshape(shape), float(ts[-1]), step=n)
         return y.reshape(shape)
