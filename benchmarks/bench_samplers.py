@@ -242,7 +242,7 @@ def run_accuracy(args, samplers: list[str], log) -> tuple[list[dict], dict]:
                         rows.append(row)
                         log(_row_line(row))
                         if args.out_dir is not None:
-                            write_csv(args.out_dir / f"{args.tag}_accuracy.csv", rows, ACC_FIELDS)
+                            write_csv(args.out_dir / f"{args.tag}_accuracy.partial.csv", rows, ACC_FIELDS)
     return rows, floors_by_case
 
 
@@ -707,7 +707,7 @@ def run_speed(args, samplers: list[str], log) -> list[dict]:
                 traceback.print_exc()
                 rows.append(_speed_note(key, name, f"{type(exc).__name__}: {exc}"))
             if args.out_dir is not None:
-                write_csv(args.out_dir / f"{args.tag}_speed.csv", rows, SPEED_FIELDS)
+                write_csv(args.out_dir / f"{args.tag}_speed.partial.csv", rows, SPEED_FIELDS)
     return rows
 
 
@@ -1030,14 +1030,12 @@ def _check_same_floors(rows: list[dict], floors: dict) -> None:
                              "or --floor-seeds?); re-run every sampler instead")
 
 
-def merge_previous(path: Path, new_rows: list[dict], samplers: list[str]) -> tuple[list[dict], list[str]]:
-    """Rows of a previous run (``path``) for samplers not run now, followed by the new rows."""
+def previous_rows(path: Path, samplers: list[str]) -> list[dict]:
+    """The rows of a previous run (``path``, if it exists) for samplers not run now."""
     if not path.exists():
-        return new_rows, []
+        return []
     with open(path, newline="") as fh:
-        old = [_typed(r) for r in csv.DictReader(fh)]
-    kept = [r for r in old if r["sampler"] not in samplers]
-    return kept + new_rows, sorted({r["sampler"] for r in kept})
+        return [r for r in (_typed(r) for r in csv.DictReader(fh)) if r["sampler"] not in samplers]
 
 
 # ====================================================================== main
@@ -1144,13 +1142,16 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log(f"samplers: {samplers}; parts: {args.parts}; N = {args.n}; threads = {args.threads}")
     acc_rows, floors, summary, plots, speed_rows = [], {}, [], {}, []
+    # --append: read the previous rows first (the runs below rewrite the CSV files as they go)
+    old_acc = previous_rows(args.out_dir / f"{args.tag}_accuracy.csv", samplers) if args.append else []
+    old_speed = previous_rows(args.out_dir / f"{args.tag}_speed.csv", samplers) if args.append else []
     kept: set[str] = set()
     if "accuracy" in args.parts:
         acc_rows, floors = run_accuracy(args, samplers, log)
-        if args.append:
-            acc_rows, old = merge_previous(args.out_dir / f"{args.tag}_accuracy.csv", acc_rows, samplers)
-            _check_same_floors(acc_rows, floors)
-            kept.update(old)
+        if old_acc:
+            _check_same_floors(old_acc, floors)
+            acc_rows = old_acc + acc_rows
+            kept.update(r["sampler"] for r in old_acc)
         summary = criterion_summary(acc_rows)
         write_csv(args.out_dir / f"{args.tag}_accuracy.csv", acc_rows, ACC_FIELDS)
         write_csv(args.out_dir / f"{args.tag}_criterion.csv", summary,
@@ -1161,10 +1162,8 @@ def main(argv=None) -> int:
         if not args.no_plot:
             plots = plot_accuracy(args, acc_rows, args.out_dir, args.tag, log)
     if "speed" in args.parts:
-        speed_rows = run_speed(args, samplers, log)
-        if args.append:
-            speed_rows, old = merge_previous(args.out_dir / f"{args.tag}_speed.csv", speed_rows, samplers)
-            kept.update(old)
+        speed_rows = old_speed + run_speed(args, samplers, log)
+        kept.update(r["sampler"] for r in old_speed)
         write_csv(args.out_dir / f"{args.tag}_speed.csv", speed_rows, SPEED_FIELDS)
     all_samplers = sorted(set(samplers) | kept)
     meta.update(threads=args.threads, n=args.n, dtype=f"{args.dtype} (accuracy), {args.speed_dtype} (speed)",
@@ -1173,6 +1172,8 @@ def main(argv=None) -> int:
                 loadavg_end=_loadavg(), cpu_min=f"{time.process_time() / 60:.1f}",
                 duration_min=f"{(time.perf_counter() - t_start) / 60:.1f}")
     write_markdown(args.out_dir / f"{args.tag}.md", args, meta, acc_rows, floors, summary, speed_rows, plots)
+    for part in ("accuracy", "speed"):  # progress files, written row by row while running
+        (args.out_dir / f"{args.tag}_{part}.partial.csv").unlink(missing_ok=True)
     log(f"wrote {args.out_dir / (args.tag + '.md')}")
     return 0
 

@@ -142,7 +142,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo]
+from .cli_sample import add_sample_parser as _add_sample  # noqa: E402  (argparse-only module: --help stays fast)
+
+COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:

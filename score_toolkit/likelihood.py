@@ -171,6 +171,7 @@ class _AugmentedDynamics:
         self.steps = 0
         self.t = t_lo
         self._basis = None
+        self._vjp_state: dict = {}
 
     def _coefficients(self, t: float) -> tuple[float, float]:
         tt = torch.tensor([t], dtype=torch.float64)
@@ -183,7 +184,7 @@ class _AugmentedDynamics:
                 "an output without a graph: do not evaluate the score under torch.no_grad() or detach it"
             )
         if self.divergence == "hutchinson":
-            vjp = _batched_vjp(s, xg, self.probes)  # (K, B, ...)
+            vjp = _batched_vjp(s, xg, self.probes, self._vjp_state)  # (K, B, ...)
             return (vjp * self.probes).flatten(2).sum(2).transpose(0, 1)  # (B, K)
         d = self.dim
         if self._basis is None or self._basis.dtype != s.dtype or self._basis.device != s.device:
@@ -193,7 +194,7 @@ class _AugmentedDynamics:
         for lo in range(0, d, chunk):
             e = self._basis[lo : lo + chunk]  # (c, D)
             grads = e[:, None, :].expand(e.shape[0], self.batch, d).reshape(e.shape[0], *self.shape)
-            rows = _batched_vjp(s, xg, grads, retain=lo + chunk < d).flatten(2)  # (c, B, D): rows of the Jacobian
+            rows = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, B, D): rows of the Jacobian
             idx = torch.arange(lo, lo + e.shape[0], device=s.device)
             total = total + rows[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
         return total[:, None]
@@ -231,15 +232,18 @@ class _AugmentedDynamics:
             raise SolverError(_too_many_steps(self.max_num_steps, self.t, self.t_hi))
 
 
-def _batched_vjp(s: torch.Tensor, xg: torch.Tensor, grads: torch.Tensor, retain: bool = True) -> torch.Tensor:
-    """Vector-Jacobian products ``grads[k]^T ds/dx`` for a stack of ``grads`` (k, *s.shape)."""
-    try:
-        (out,) = torch.autograd.grad(s, xg, grads, retain_graph=True, is_grads_batched=True)
-        return out
-    except RuntimeError as err:
-        # vmap over the backward pass is not implemented for every operator: one pass per vector then
-        if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
-            raise
+def _batched_vjp(s: torch.Tensor, xg: torch.Tensor, grads: torch.Tensor, state: dict) -> torch.Tensor:
+    """Vector-Jacobian products ``grads[k]^T ds/dx`` for a stack of ``grads`` (k, *s.shape): one vectorised
+    backward pass, or one pass per vector when vmap does not support the network (remembered in ``state``)."""
+    if state.get("vmap", True):
+        try:
+            (out,) = torch.autograd.grad(s, xg, grads, retain_graph=True, is_grads_batched=True)
+            return out
+        except RuntimeError as err:
+            # vmap over the backward pass is not implemented for every operator (e.g. diffusers' UNet)
+            if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
+                raise
+            state["vmap"] = False
     rows = []
     for k in range(grads.shape[0]):
         (g,) = torch.autograd.grad(s, xg, grads[k], retain_graph=True)

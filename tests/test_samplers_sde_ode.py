@@ -330,9 +330,9 @@ def test_pf_per_sample_norm_keeps_each_sample_accurate():
         errs[psn] = float((y - ref).flatten(1).norm(dim=1).max())
     alone = ProbabilityFlowODESampler().sample(score, process, x1[:5]).samples
     alone_err = float((alone - ref[:5]).flatten(1).norm(dim=1).max())
-    # measured: worst-sample error 1.2e-3 (per-sample) vs 8.8e-3 (batch) at rtol = atol = 1e-5
-    assert errs[True] < 0.5 * errs[False], errs
-    assert errs[True] < 3e-3 and alone_err < 3e-3
+    # measured: worst-sample error 1.4e-4 (per-sample, 134 NFE) vs 1.4e-3 (batch, 104 NFE); 3.8e-5 alone
+    assert errs[True] < 0.3 * errs[False], errs
+    assert errs[True] < 1e-3 and alone_err < 1e-3
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])

@@ -1,0 +1,458 @@
+"""Sampling to a folder, on one process or many (Accelerate), in resumable shards, reproducible bit for bit.
+
+:func:`sample_to_folder` draws ``num_samples`` samples of a :class:`~score_toolkit.pipeline.ScorePipeline` and
+writes, from the main process only:
+
+* ``samples.safetensors``: the samples (tensor ``samples``, (N, ...), in model space; run record in metadata);
+* ``samples.png``: an image grid (image data, values in [-1, 1]), or a scatter plot next to a 2-D histogram
+  (2-D points); no picture for other shapes;
+* ``manifest.json``: the run (checkpoint fingerprint, sampler and options, seed, shapes) and its shards.
+
+How samples are made (why the output is identical for any number of processes):
+
+* Sample ``i`` (global index) gets its own ``torch.Generator`` seeded by ``(seed, i)``
+  (:func:`score_toolkit._utils.per_sample_generators`) for its initial noise and every step's noise.
+* Indices are grouped into blocks of ``batch_size`` consecutive indices (block ``b`` holds indices
+  ``b * batch_size ...``); a block is always sampled as one sampler batch, whatever process draws it. The
+  blocks of a shard are split across processes (``accelerator.split_between_processes``), drawn, gathered,
+  sorted by index, and the main process writes the shard. So every sample sees exactly the same
+  computation for 1, 2 or any number of processes: identical bit for bit, for every sampler, even one that
+  couples the samples of a batch.
+* With ``network_batch_size`` (default 16) the network is evaluated on chunks of exactly that many samples
+  (the last padded), because CPU/GPU kernels round differently for different batch sizes. Then, for samplers
+  whose ``properties.per_sample`` holds, the output is also identical for any ``batch_size``. Samplers that
+  couple samples (``predictor_corrector`` with ``snr_rule="batch"``; ``pf_ode`` with an adaptive method,
+  whose steps are shared by the batch) give results that depend on ``batch_size`` (not on the number of
+  processes).
+
+Shards: the run is cut into shards of ``shard_size`` samples (a multiple of ``batch_size``); each complete
+shard is written atomically (``shards/shard-NNNNN.safetensors`` and an updated manifest). A re-run with the
+same settings skips the complete shards; once all are there they are merged into ``samples.safetensors``
+and removed. A run with other settings in the same folder is refused unless ``overwrite=True``.
+
+Under ``accelerate launch`` on CPU, use ``--multi_gpu --num_processes N`` and ``Accelerator(cpu=True)``
+(``accelerate launch --cpu --num_processes 2`` silently starts one process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._utils import per_sample_generators
+
+__all__ = ["sample_to_folder", "SampleRunResult", "load_samples", "MANIFEST_NAME", "SAMPLES_NAME", "PICTURE_NAME",
+           "DEFAULT_NETWORK_BATCH_SIZE"]
+
+MANIFEST_NAME = "manifest.json"
+SAMPLES_NAME = "samples.safetensors"
+PICTURE_NAME = "samples.png"
+SHARD_DIR = "shards"
+DEFAULT_NETWORK_BATCH_SIZE = 16
+_FORMAT = "score_toolkit.sample_run"
+_OUR_NAMES = (MANIFEST_NAME, SAMPLES_NAME, PICTURE_NAME, SHARD_DIR)
+
+
+@dataclass
+class SampleRunResult:
+    """What :func:`sample_to_folder` did (the same on every process)."""
+
+    output_dir: Path
+    samples_file: Path
+    picture: Path | None
+    num_samples: int
+    num_processes: int
+    shards_written: int
+    shards_skipped: int
+    nfe_per_batch: list[int] = field(default_factory=list)
+
+
+def sample_to_folder(
+    pipeline,
+    output_dir: str | os.PathLike,
+    num_samples: int,
+    *,
+    sampler: str = "ancestral",
+    sampler_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    network_batch_size: int | None = DEFAULT_NETWORK_BATCH_SIZE,
+    shard_size: int | None = None,
+    accelerator=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    checkpoint: str | None = None,
+    max_grid: int = 64,
+) -> SampleRunResult:
+    """Draw ``num_samples`` samples with ``sampler`` and write them to ``output_dir`` (see the module docs).
+
+    Args:
+        pipeline: a :class:`~score_toolkit.pipeline.ScorePipeline` (moved to the accelerator's device).
+        sampler, sampler_options: a registered sampler name and its options (validated before anything runs).
+        seed: base seed; sample ``i`` is seeded by ``(seed, i)``.
+        batch_size: samples drawn together (memory); ``network_batch_size``: rows per network call (None: the
+            whole batch; then the output may differ in the last bits between batch sizes).
+        shard_size: samples per shard (a multiple of ``batch_size``; default: the largest multiple <= 4096).
+        accelerator: an ``accelerate.Accelerator`` (default: a new one; on CPU pass ``Accelerator(cpu=True)``).
+        overwrite: replace a different run found in ``output_dir`` (only the files this function writes).
+        checkpoint: how the model is named in the manifest (e.g. its folder); the weights are fingerprinted too.
+        max_grid: at most this many images in the picture.
+    """
+    from .pipeline import ScorePipeline
+    from .registry import get_sampler
+
+    if not isinstance(pipeline, ScorePipeline):
+        raise TypeError(f"expected a ScorePipeline, found {type(pipeline).__name__}")
+    for name, value, low in (("num_samples", num_samples, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                             ("max_grid", max_grid, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"expected {name} to be an int >= {low}, found {value!r}")
+    if network_batch_size is not None and (not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool)
+                                           or network_batch_size < 1):
+        raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")
+    if shard_size is None:
+        shard_size = max(batch_size, (4096 // batch_size) * batch_size)
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1 or shard_size % batch_size:
+        raise ValueError(f"expected shard_size to be a positive multiple of batch_size={batch_size}, found {shard_size!r}")
+    options = dict(sampler_options or {})
+    sampler_obj = get_sampler(sampler, **options)  # unknown sampler or option: an error before any output
+    sample_shape = tuple(pipeline.sample_shape)
+    _, prediction_type, _ = pipeline.spec
+    if sampler_obj.properties.needs_energy and prediction_type != "energy":
+        raise ValueError(f"sampler {sampler!r} needs an energy network; this one predicts {prediction_type!r}")
+
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    pipeline.to(accelerator.device)
+    out = Path(output_dir)
+    is_main = accelerator.is_main_process
+    run = {
+        "checkpoint": checkpoint,
+        "weights_sha256": _fingerprint(pipeline) if is_main else None,
+        "sampler": sampler,
+        "sampler_options": options,
+        "seed": seed,
+        "num_samples": num_samples,
+        "sample_shape": list(sample_shape),
+        "batch_size": batch_size,
+        "network_batch_size": network_batch_size,
+        "shard_size": shard_size,
+        "dtype": str(pipeline.unet.dtype),
+    }
+    num_shards = math.ceil(num_samples / shard_size)
+
+    # ---- main process: check the folder, read what is already done; every process learns the outcome
+    plan: dict[str, Any] = {}
+    created = False
+    if is_main:
+        try:
+            created = not out.exists()
+            plan = _prepare_folder(out, run, num_shards, overwrite)
+        except Exception as err:  # reported to every process below
+            plan = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
+    plan = _broadcast(accelerator, plan)
+    if "error" in plan:
+        raise _error(plan)
+
+    done: set[int] = set(plan["done"])
+    nfe: list[int] = []
+    written = 0
+    try:
+        if not plan["complete"]:
+            todo = [s for s in range(num_shards) if s not in done]
+            rank, nproc = accelerator.process_index, accelerator.num_processes
+            bar = _progress(progress and is_main, sum(
+                _share(math.ceil((min((t + 1) * shard_size, num_samples) - t * shard_size) / batch_size), nproc, rank)
+                for t in todo))
+            for s in todo:
+                start, stop = s * shard_size, min((s + 1) * shard_size, num_samples)
+                blocks = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+                mine = []
+                with accelerator.split_between_processes(blocks) as my_blocks:
+                    for b0, b1 in my_blocks:
+                        gens = per_sample_generators(seed, range(b0, b1))
+                        res = pipeline(shape=(b1 - b0, *sample_shape), sampler=sampler_obj, generator=gens,
+                                       output_type="pt", network_batch_size=network_batch_size)
+                        mine.append((b0, res.samples.detach().to("cpu"), res.nfe, rank))
+                        if bar is not None:
+                            bar.update(1)
+                from accelerate.utils import gather_object
+
+                gathered = gather_object(mine) if accelerator.num_processes > 1 else mine
+                status: dict[str, Any] = {}
+                if is_main:
+                    try:
+                        nfe += _write_shard(out, s, start, stop, gathered, accelerator.num_processes)
+                    except Exception as err:
+                        status = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
+                status = _broadcast(accelerator, status)
+                if "error" in status:
+                    raise _error(status)
+                written += 1
+            if bar is not None:
+                bar.close()
+        final: dict[str, Any] = {}
+        if is_main:
+            try:
+                final = _finish(out, num_shards, max_grid)
+            except Exception as err:
+                final = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
+        final = _broadcast(accelerator, final)
+        if "error" in final:
+            raise _error(final)
+    except BaseException:
+        if is_main:
+            _remove_if_nothing_kept(out, created)
+        raise
+    picture = Path(final["picture"]) if final.get("picture") else None
+    return SampleRunResult(output_dir=out, samples_file=out / SAMPLES_NAME, picture=picture, num_samples=num_samples,
+                           num_processes=accelerator.num_processes, shards_written=written,
+                           shards_skipped=num_shards - written if not plan["complete"] else num_shards,
+                           nfe_per_batch=nfe)
+
+
+def load_samples(folder_or_file: str | os.PathLike) -> torch.Tensor:
+    """The samples written by :func:`sample_to_folder` (a folder or its ``samples.safetensors``)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / SAMPLES_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"expected the samples file {path}, found nothing there")
+    return load_file(str(path))["samples"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class _RemoteError(RuntimeError):
+    pass
+
+
+def _error(status: Mapping[str, Any]) -> Exception:
+    kinds = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError,
+             "PermissionError": PermissionError, "FileExistsError": FileExistsError, "OSError": OSError,
+             "NotADirectoryError": NotADirectoryError}
+    message = status["error"].split(": ", 1)[-1]
+    return kinds.get(status.get("error_type"), _RemoteError)(message)
+
+
+def _broadcast(accelerator, obj: dict[str, Any]) -> dict[str, Any]:
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled or not total:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling (batches)", leave=False)
+
+
+def _share(num_blocks: int, num_processes: int, rank: int) -> int:
+    """How many of ``num_blocks`` blocks ``split_between_processes`` gives to ``rank``."""
+    q, r = divmod(num_blocks, num_processes)
+    return q + (1 if rank < r else 0)
+
+
+def _fingerprint(pipeline) -> str:
+    """sha256 of the network's weights (in state-dict order) and of the scheduler config."""
+    h = hashlib.sha256()
+    for name, tensor in pipeline.unet.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, fsync, then rename over ``path``: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+
+    _atomic_write(path, write)
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt run manifest {path}: {err}; pass overwrite=True to start the run again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a score_toolkit sample-run manifest (expected format {_FORMAT!r})")
+    return manifest
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot write samples to {out}: it is a file, expected a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"cannot write samples to the folder {out}: {err.strerror or err}") from err
+
+
+def _clear(out: Path) -> None:
+    for name in _OUR_NAMES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool) -> dict[str, Any]:
+    _check_writable(out)
+    manifest = _read_manifest(out) if not overwrite else None
+    if overwrite:
+        _clear(out)
+    elif manifest is None and (out / SAMPLES_NAME).exists():
+        raise FileExistsError(f"{out / SAMPLES_NAME} exists without a run manifest; pass overwrite=True to replace it")
+    if manifest is not None and manifest.get("run") != run:
+        old = manifest.get("run") or {}
+        diff = [f"{k}: {old.get(k)!r} -> {run[k]!r}" for k in run if old.get(k) != run[k]]
+        raise ValueError(
+            f"the folder {out} holds another sampling run ({'; '.join(diff) or 'different settings'}); "
+            f"choose another folder or pass overwrite=True to replace it"
+        )
+    if manifest is None:
+        manifest = {"format": _FORMAT, "version": 1, "run": run, "shards": {}, "complete": False}
+        _write_json(out / MANIFEST_NAME, manifest)
+    if manifest.get("complete"):
+        samples = out / SAMPLES_NAME
+        if samples.is_file() and _sha256(samples) == manifest.get("samples_sha256"):
+            return {"done": list(range(num_shards)), "complete": True}
+        manifest.update(complete=False, shards={})  # the merged file is gone or changed: sample again
+        _write_json(out / MANIFEST_NAME, manifest)
+    done = []
+    for key, rec in manifest.get("shards", {}).items():
+        path = out / rec.get("file", "")
+        if path.is_file() and _sha256(path) == rec.get("sha256"):
+            done.append(int(key))
+    return {"done": sorted(done), "complete": False}
+
+
+def _write_shard(out: Path, s: int, start: int, stop: int, gathered, num_processes: int) -> list[int]:
+    from safetensors.torch import save_file
+
+    parts = sorted({b0: (b0, x, n, r) for b0, x, n, r in gathered}.values(), key=lambda p: p[0])
+    samples = torch.cat([p[1] for p in parts])
+    expected = list(range(start, stop))
+    got = [i for b0, x, _, _ in parts for i in range(b0, b0 + x.shape[0])]
+    if got != expected:  # pragma: no cover - guards the block bookkeeping
+        raise RuntimeError(f"shard {s}: gathered indices do not cover {start}..{stop - 1}")
+    (out / SHARD_DIR).mkdir(exist_ok=True)
+    name = f"{SHARD_DIR}/shard-{s:05d}.safetensors"
+    path = out / name
+    _atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
+                                              metadata={"start": str(start), "stop": str(stop)}))
+    ranks: dict[str, int] = {}
+    for _, x, _, r in parts:
+        ranks[str(r)] = ranks.get(str(r), 0) + int(x.shape[0])
+    manifest = _read_manifest(out)
+    manifest["shards"][str(s)] = {"file": name, "start": start, "stop": stop, "sha256": _sha256(path),
+                                  "num_processes": num_processes, "samples_per_rank": ranks,
+                                  "nfe_per_batch": [int(p[2]) for p in parts]}
+    _write_json(out / MANIFEST_NAME, manifest)
+    return [int(p[2]) for p in parts]
+
+
+def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
+    manifest = _read_manifest(out)
+    samples_path = out / SAMPLES_NAME
+    if not manifest.get("complete"):
+        shards = [load_file(str(out / manifest["shards"][str(s)]["file"]))["samples"] for s in range(num_shards)]
+        samples = torch.cat(shards).contiguous()
+        meta = {"format": _FORMAT, "run": json.dumps(manifest["run"], default=str)}
+        _atomic_write(samples_path, lambda tmp: save_file({"samples": samples}, tmp, metadata=meta))
+        manifest.update(complete=True, samples_sha256=_sha256(samples_path))
+        _write_json(out / MANIFEST_NAME, manifest)
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    else:
+        samples = load_file(str(samples_path))["samples"]
+    picture = _write_picture(out / PICTURE_NAME, samples, max_grid)
+    return {"picture": str(picture) if picture else None}
+
+
+def _write_picture(path: Path, samples: torch.Tensor, max_grid: int) -> Path | None:
+    from .plotting import histogram_panel, image_grid, save_png, scatter_panel, side_by_side
+
+    if samples.ndim == 4 and samples.shape[1] in (1, 3):
+        save_png(image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)
+        return path
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        pts = samples.double()
+        finite = pts[torch.isfinite(pts).all(1)]
+        lo = float(torch.quantile(finite, 0.005)) if finite.numel() else -1.0
+        hi = float(torch.quantile(finite, 0.995)) if finite.numel() else 1.0
+        pad = 0.1 * max(hi - lo, 1e-6)
+        extent = (lo - pad, hi + pad, lo - pad, hi + pad)
+        save_png(side_by_side([scatter_panel(finite, extent, title="samples"),
+                               histogram_panel(finite, extent, title="histogram")]), path)
+        return path
+    return None
+
+
+def _remove_if_nothing_kept(out: Path, created: bool) -> None:
+    """After a failed run: remove the manifest if no complete shard is kept for resuming, and the folder too if
+    this run created it and nothing else is in it."""
+    try:
+        manifest = _read_manifest(out)
+    except (ValueError, OSError):
+        return
+    if manifest is not None and (manifest.get("shards") or manifest.get("complete")):
+        return
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()

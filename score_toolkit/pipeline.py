@@ -1,0 +1,443 @@
+"""``ScorePipeline``: a diffusers ``DiffusionPipeline`` that samples any score network with any registered
+sampler.
+
+Components: ``unet`` (any diffusers ``ModelMixin``: a ``UNet2DModel``, our ``ScoreMLP``/``EnergyMLP``, ...) and
+``scheduler`` (a diffusers scheduler config from which the process, the prediction type and the network's
+time input are read: ``DDPMScheduler``/``DDIMScheduler`` and the other DDPM-table schedulers,
+``ScoreSdeVeScheduler``, :class:`~score_toolkit.schedulers.ScoreSDEScheduler`, or one of
+:mod:`score_toolkit.diffusers_schedulers`). The scheduler is only read, never stepped: the sampler does
+the stepping::
+
+    pipe = ScorePipeline.from_pretrained("hub_cards/digits")          # or a DDPMPipeline folder, a Hub id
+    out = pipe(batch_size=16, sampler="dpmpp_2m", num_inference_steps=25,
+               generator=torch.Generator().manual_seed(0))
+    out.images[0].save("digit.png"); print(out.nfe)
+
+Data flows one way: scheduler config -> (process, prediction type, time input) -> score adapter ->
+sampler -> samples -> images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ._utils import GeneratorLike
+from .processes import Process
+
+__all__ = [
+    "ScorePipeline",
+    "ScorePipelineOutput",
+    "scheduler_spec",
+    "shipped_model_path",
+    "SHIPPED_MODELS_ENV_VAR",
+    "OUTPUT_TYPES",
+]
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+#: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
+SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
+# what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
+_CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
+              "callback", "return_dict", "network_batch_size", "value_range")
+
+
+@dataclass
+class ScorePipelineOutput(BaseOutput):
+    """What :class:`ScorePipeline` returns.
+
+    Attributes:
+        samples: the samples in model space, (B, ...) (a ``torch.Tensor``; a numpy array for ``output_type="np"``).
+        images: for image-shaped samples (B, C, H, W) with C in {1, 3}: the samples mapped from ``value_range``
+            to [0, 1] as a list of PIL images (``"pil"``), a float array (B, H, W, C) (``"np"``) or a tensor
+            (B, C, H, W) (``"pt"``); ``None`` for other data.
+        nfe: the number of network evaluations of the run (for the whole batch).
+    """
+
+    samples: torch.Tensor | np.ndarray
+    images: list | np.ndarray | torch.Tensor | None
+    nfe: int
+
+
+def scheduler_spec(scheduler) -> tuple[Process, str, str]:
+    """``(process, prediction_type, time_input)`` named by a scheduler (or its config): one of
+    :mod:`score_toolkit.diffusers_schedulers` carries them; any other is read with
+    :func:`score_toolkit.schedulers.read_scheduler_config` (a ``ValueError`` names the field it cannot map)."""
+    from .diffusers_schedulers import is_score_scheduler
+    from .schedulers import read_scheduler_config
+
+    if is_score_scheduler(scheduler):
+        return scheduler.process, scheduler.prediction_type, scheduler.time_input
+    return read_scheduler_config(scheduler)
+
+
+class _FixedBatchNetwork:
+    """Calls ``model`` on chunks of exactly ``size`` rows (the last one padded by repeating its last row),
+    so that a sample's network output does not depend on how many samples share its batch: CPU and GPU
+    kernels pick different algorithms for different batch sizes, and the results differ in the last bits."""
+
+    def __init__(self, model: Callable, size: int):
+        self.model = model
+        self.size = size
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        from .scores import _model_output
+
+        outs = []
+        for start in range(0, x.shape[0], self.size):
+            xb, tb = x[start:start + self.size], t[start:start + self.size]
+            n = xb.shape[0]
+            if n < self.size:
+                pad = self.size - n
+                xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
+                tb = torch.cat([tb, tb[-1:].expand(pad)])
+            outs.append(_model_output(self.model(xb, tb))[:n])
+        return torch.cat(outs)
+
+
+class ScorePipeline(DiffusionPipeline):
+    """Sample a score network with any registered sampler.
+
+    Args:
+        unet: the network (any diffusers ``ModelMixin``), called as ``unet(x, time_input)``.
+        scheduler: a diffusers scheduler whose config names the process, the prediction type and the time
+            input (see :func:`scheduler_spec`); it is read, not stepped.
+
+    Save with ``save_pretrained(folder)``; load with :meth:`from_pretrained` (local folders, and Hub
+    repositories from the local cache). ``DiffusionPipeline.from_pretrained`` cannot load a ScorePipeline
+    folder (it looks the pipeline class up in diffusers only); ``ScorePipeline.from_pretrained`` also loads
+    diffusers' own ``DDPMPipeline``/``DDIMPipeline`` folders and score_toolkit's exports.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
+        super().__init__()
+        if not isinstance(unet, ModelMixin):
+            raise TypeError(f"expected unet to be a diffusers ModelMixin, found {type(unet).__name__}")
+        if not isinstance(scheduler, SchedulerMixin):
+            raise TypeError(f"expected scheduler to be a diffusers SchedulerMixin, found {type(scheduler).__name__}")
+        scheduler_spec(scheduler)  # fail now, not at the first call
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # ------------------------------------------------------------------ what the components say
+    @property
+    def spec(self) -> tuple[Process, str, str]:
+        """``(process, prediction_type, time_input)`` read from the current scheduler."""
+        return scheduler_spec(self.scheduler)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample, from the network's config: ``(in_channels, H, W)`` for image networks
+        (``sample_size``), ``(dim,)`` for vector networks; a ``ValueError`` otherwise (pass ``shape=``)."""
+        cfg = self.unet.config
+        if "sample_size" in cfg and "in_channels" in cfg and cfg["sample_size"] is not None:
+            size = cfg["sample_size"]
+            hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+            return (int(cfg["in_channels"]), *hw)
+        if "dim" in cfg:
+            return (int(cfg["dim"]),)
+        raise ValueError(
+            f"cannot tell the sample shape of {type(self.unet).__name__} from its config (expected sample_size and "
+            f"in_channels, or dim); pass shape=(batch, ...)"
+        )
+
+    def score_function(self, network_batch_size: int | None = None):
+        """The canonical ``score_fn(x, t)`` of the network (a :class:`~score_toolkit.scores.ScoreAdapter`).
+        With ``network_batch_size`` the network is evaluated on chunks of exactly that many samples."""
+        from .scores import ScoreAdapter
+
+        process, prediction_type, time_input = self.spec
+        model: Callable = self.unet
+        if network_batch_size is not None:
+            if not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool) or network_batch_size < 1:
+                raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+        return ScoreAdapter(model, process, prediction_type, time_input)
+
+    # ------------------------------------------------------------------ sampling
+    def __call__(
+        self,
+        batch_size: int = 1,
+        *,
+        shape: Sequence[int] | None = None,
+        sampler: Any = "euler_maruyama",
+        sampler_options: Mapping[str, Any] | None = None,
+        num_inference_steps: int | None = None,
+        generator: GeneratorLike = None,
+        output_type: str | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        return_dict: bool = True,
+        network_batch_size: int | None = None,
+        value_range: tuple[float, float] = (-1.0, 1.0),
+        **sampler_kwargs: Any,
+    ) -> ScorePipelineOutput | tuple:
+        """Draw samples.
+
+        Args:
+            batch_size: number of samples (the shape of one comes from :attr:`sample_shape`).
+            shape: the full shape (B, ...) instead of ``batch_size`` (e.g. images of another size).
+            sampler: a registered sampler name (``score-toolkit samplers`` lists them) or a
+                :class:`~score_toolkit.samplers.base.Sampler` instance.
+            sampler_options: the sampler's options (``sampler_options={"num_steps": 50}``); options may also be
+                given as keyword arguments (``num_steps=50``). Unknown options are errors.
+            num_inference_steps: sets the sampler's ``num_steps`` (an error for samplers without one).
+            generator: a ``torch.Generator`` or a list with one per sample (then each sample's noise comes from
+                its own generator, and a sample does not depend on its batch for samplers whose
+                ``properties.per_sample`` holds, up to the network's batch-size rounding: see
+                ``network_batch_size``).
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``; default ``"pil"`` for images, ``"pt"`` otherwise.
+            callback: called after every sampler step with ``{"step", "t", "x", "nfe"}``.
+            return_dict: return a :class:`ScorePipelineOutput`; else ``(images or samples, nfe)``.
+            network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
+                last), which makes every sample's result bit-for-bit independent of the batch size.
+            value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+        """
+        from .registry import get_sampler
+        from .samplers.base import Sampler
+
+        sampler_obj = self._build_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs,
+                                          get_sampler, Sampler)
+        if output_type is not None and output_type not in OUTPUT_TYPES:
+            raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
+        shape = self._shape(batch_size, shape)
+        is_image = len(shape) == 4 and shape[1] in (1, 3)
+        if output_type is None:
+            output_type = "pil" if is_image else "pt"
+        if output_type == "pil" and not is_image:
+            raise ValueError(
+                f"output_type='pil' needs image-shaped samples (B, 1 or 3, H, W), found shape {shape}; use 'pt' or 'np'"
+            )
+        score_fn = self.score_function(network_batch_size)
+        if sampler_obj.properties.needs_energy and score_fn.prediction_type != "energy":
+            raise ValueError(
+                f"sampler {sampler_obj.name!r} needs an energy network (prediction_type 'energy'); this pipeline's "
+                f"network predicts {score_fn.prediction_type!r}"
+            )
+        out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=callback,
+                                 device=self._execution_device, dtype=self.unet.dtype)
+        samples = out.samples.detach()
+        images = _to_images(samples, output_type, value_range) if is_image else None
+        if output_type == "np":
+            samples = samples.float().cpu().numpy() if samples.dtype == torch.bfloat16 else samples.cpu().numpy()
+        if not return_dict:
+            return (images if images is not None else samples, out.nfe)
+        return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _shape(self, batch_size, shape) -> tuple[int, ...]:
+        if shape is not None:
+            shape = tuple(shape)
+            if len(shape) < 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
+                raise ValueError(f"expected shape to be positive ints (batch, ...), found {shape}")
+            if batch_size not in (1, shape[0]):
+                raise ValueError(f"batch_size={batch_size} disagrees with shape={shape}; pass one of them")
+            return shape
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"expected batch_size to be a positive int, found {batch_size!r}")
+        return (batch_size, *self.sample_shape)
+
+    @staticmethod
+    def _build_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs, get_sampler, sampler_base):
+        options = dict(sampler_options or {})
+        clash = sorted(set(options) & set(sampler_kwargs))
+        if clash:
+            raise ValueError(f"sampler option(s) {clash} given both in sampler_options and as keyword arguments")
+        options.update(sampler_kwargs)
+        if isinstance(sampler, sampler_base):
+            if options or num_inference_steps is not None:
+                raise ValueError("pass sampler options to the sampler's constructor when giving a Sampler instance")
+            return sampler
+        if not isinstance(sampler, str):
+            raise TypeError(f"expected sampler to be a registered name or a Sampler, found {type(sampler).__name__}")
+        if num_inference_steps is not None:
+            if "num_steps" in options:
+                raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
+            options["num_steps"] = num_inference_steps
+        try:
+            return get_sampler(sampler, **options)
+        except TypeError as err:
+            if "unknown option" in str(err):
+                if num_inference_steps is not None and "'num_steps'" in str(err):
+                    raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not "
+                                    f"apply to it; {err}") from err
+                raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
+            raise
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> ScorePipeline:
+        """Load a pipeline folder (or a Hub repository, from the local cache when ``HF_HUB_OFFLINE=1``) strictly.
+
+        Reads ``model_index.json`` (any pipeline class: ScorePipeline, DDPMPipeline, DDIMPipeline,
+        ScoreSdeVePipeline, score_toolkit exports) with its ``unet`` and ``scheduler`` components. Only JSON and
+        safetensors are read and no code named by the folder is imported: the network class must be a
+        diffusers model or score_toolkit's own, the scheduler a diffusers scheduler or score_toolkit's. The
+        network is loaded with :func:`score_toolkit.models.load_model` (a missing, unexpected or mis-shaped
+        weight, or a corrupt weight file, is an error) and returned in ``eval()`` mode.
+        """
+        folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token)
+        return cls(**_load_components(folder, torch_dtype))
+
+
+def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"expected value_range (low, high) with high > low, found {value_range!r}")
+    images = ((samples.float() - lo) / (hi - lo)).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    arr = images.cpu().permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return arr
+    return DiffusionPipeline.numpy_to_pil(arr)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
+        return path
+    text = os.fspath(name_or_path)
+    if not _REPO_ID.fullmatch(text):
+        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=bool(local_files_only),
+                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md"])
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""
+        raise FileNotFoundError(
+            f"expected a pipeline folder or a Hub repository at {text!r}: there is no such folder, and the Hub "
+            f"repository could not be loaded{hint}: {err}"
+        ) from err
+    return Path(snapshot)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt {what} {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _scheduler_class(lib: str, name: str):
+    from . import diffusers_schedulers, schedulers
+
+    if lib == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+            return cls
+    ours = {
+        ("score_toolkit.schedulers", "ScoreSDEScheduler"): schedulers.ScoreSDEScheduler,
+        **{("score_toolkit.diffusers_schedulers", c.__name__): c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()},
+    }
+    if (lib, name) in ours:
+        return ours[(lib, name)]
+    raise ValueError(
+        f"model_index.json field 'scheduler': expected a diffusers scheduler or one of score_toolkit's "
+        f"({', '.join(sorted(n for _, n in ours))}), found [{lib!r}, {name!r}]; code named by a folder is never imported"
+    )
+
+
+def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    from .models import load_model
+
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"{folder} is not a pipeline folder: expected model_index.json in it, found {found or 'an empty folder'}"
+        )
+    index = _read_json(index_file, "model_index.json")
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    for key in ("unet", "scheduler"):
+        entry = index.get(key)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise ValueError(f"{index_file} field {key!r}: expected [library, class], found {entry!r}")
+    extra = sorted(components - {"unet", "scheduler"})
+    if extra:
+        raise ValueError(
+            f"{index_file}: ScorePipeline has the components unet and scheduler; this pipeline "
+            f"({index.get('_class_name')}) also has {extra}"
+        )
+    sched_cls = _scheduler_class(*index["scheduler"])
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched_config = _read_json(sched_file, "the scheduler config")
+    if sched_config.get("_class_name") != sched_cls.__name__:
+        raise ValueError(
+            f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
+            f"found {sched_config.get('_class_name')!r}"
+        )
+    try:
+        scheduler = sched_cls.from_config(sched_config)
+        scheduler_spec(scheduler)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{sched_file}: {err}") from err
+    unet_lib, unet_name = index["unet"]
+    unet_config = _read_json(folder / "unet" / "config.json", "the network config")
+    if unet_config.get("_class_name") != unet_name:
+        raise ValueError(
+            f"{folder / 'unet' / 'config.json'} field '_class_name': expected {unet_name} (as model_index.json "
+            f"says), found {unet_config.get('_class_name')!r}"
+        )
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    model = load_model(None, str(folder), subfolder="unet", **kwargs)
+    if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
+        raise ValueError(
+            f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
+            f"found {unet_lib!r}"
+        )
+    model.eval()
+    return {"unet": model, "scheduler": scheduler}
+
+
+# ---------------------------------------------------------------------------------------------- shipped models
+def shipped_model_path(name: str = "digits") -> Path:
+    """The folder of a model shipped with score_toolkit (``hub_cards/<name>`` of the repository, found next to
+    the package; or under ``$SCORE_TOOLKIT_HUB_CARDS``). A ``FileNotFoundError`` says how to get it."""
+    env = os.environ.get(SHIPPED_MODELS_ENV_VAR)
+    base = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "hub_cards"
+    folder = base / name
+    if not (folder / "model_index.json").is_file():
+        where = f"${SHIPPED_MODELS_ENV_VAR}={env}" if env else "the repository's hub_cards/ folder next to the package"
+        raise FileNotFoundError(
+            f"the shipped {name!r} model is not at {folder} (looked in {where}). It ships in the score_toolkit "
+            f"repository; with an installed copy without it, set {SHIPPED_MODELS_ENV_VAR} to a folder holding "
+            f"{name}/, pass a checkpoint folder instead, or train it: score-toolkit train --config "
+            f"hub_cards/configs/{name}.yaml"
+        )
+    return folder
