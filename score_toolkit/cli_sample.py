@@ -47,9 +47,12 @@ def add_sample_parser(subparsers) -> None:
                    "JSON when they parse, else as strings; repeatable)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i is seeded by (seed, i) (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="samples drawn together (default 32)")
-    p.add_argument("--network-batch-size", type=int, default=16,
-                   help="rows per network call, fixed so that results do not depend on --batch-size (default 16; "
+    p.add_argument("--network-batch-size", type=int, default=32,
+                   help="rows per network call, fixed so that results do not depend on --batch-size (default 32; "
                    "0: the whole batch)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process on CPU (default 1: for small networks more threads only add "
+                   "overhead, and on a busy machine they slow sampling down many times; use processes instead)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard file, a multiple of --batch-size (default: about 4096)")
     p.add_argument("--output-dir", default="samples", help="output folder (default ./samples)")
@@ -97,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.network_batch_size < 0:
         raise ValueError(f"expected --network-batch-size >= 0, found {args.network_batch_size}")
     network_batch_size = args.network_batch_size or None
+    if args.threads < 1:
+        raise ValueError(f"expected --threads >= 1, found {args.threads}")
 
     from .registry import get_sampler
 
@@ -109,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint if args.checkpoint is not None else str(shipped_model_path("digits"))
     accelerator = Accelerator(cpu=args.cpu)
+    if accelerator.device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe = ScorePipeline.from_pretrained(checkpoint)
     start = time.perf_counter()
     result = sample_to_folder(

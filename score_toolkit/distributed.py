@@ -18,7 +18,7 @@ How samples are made (why the output is identical for any number of processes):
   sorted by index, and the main process writes the shard. So every sample sees exactly the same
   computation for 1, 2 or any number of processes: identical bit for bit, for every sampler, even one that
   couples the samples of a batch.
-* With ``network_batch_size`` (default 16) the network is evaluated on chunks of exactly that many samples
+* With ``network_batch_size`` (default 32) the network is evaluated on chunks of exactly that many samples
   (the last padded), because CPU/GPU kernels round differently for different batch sizes. Then, for samplers
   whose ``properties.per_sample`` holds, the output is also identical for any ``batch_size``. Samplers that
   couple samples (``predictor_corrector`` with ``snr_rule="batch"``; ``pf_ode`` with an adaptive method,
@@ -58,7 +58,7 @@ MANIFEST_NAME = "manifest.json"
 SAMPLES_NAME = "samples.safetensors"
 PICTURE_NAME = "samples.png"
 SHARD_DIR = "shards"
-DEFAULT_NETWORK_BATCH_SIZE = 16
+DEFAULT_NETWORK_BATCH_SIZE = 32
 _FORMAT = "score_toolkit.sample_run"
 _OUR_NAMES = (MANIFEST_NAME, SAMPLES_NAME, PICTURE_NAME, SHARD_DIR)
 
@@ -85,7 +85,7 @@ def sample_to_folder(
     sampler: str = "ancestral",
     sampler_options: Mapping[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 32,
     network_batch_size: int | None = DEFAULT_NETWORK_BATCH_SIZE,
     shard_size: int | None = None,
     accelerator=None,
@@ -298,6 +298,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -305,6 +306,12 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -425,7 +432,10 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
 
 
 def _write_picture(path: Path, samples: torch.Tensor, max_grid: int) -> Path | None:
-    from .plotting import histogram_panel, image_grid, save_png, scatter_panel, side_by_side
+    from .plotting import histogram_panel, image_grid, scatter_panel, side_by_side
+
+    def save_png(img, target):
+        _atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
 
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         save_png(image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)

@@ -164,6 +164,19 @@ def test_ism_exact_trace_any_rank_nonlinear():
     assert not value.requires_grad and float(value) == pytest.approx(float(loss.detach().mean()), rel=1e-12)
 
 
+def test_ism_and_ssm_through_an_energy_adapter(gauss):
+    # score = -grad E: ISM and SSM differentiate the autograd score once more (second derivatives of E)
+    ve = VESDE(sigma_min=0.1, sigma_max=2.0)
+    t0 = 0.4
+    adapter = ScoreAdapter(gauss["dist"].as_network(ve, "energy"), ve, "energy")
+    prec_t = torch.linalg.inv(gauss["cov"] + float(ve.sigma(torch.tensor(t0, dtype=DT))) ** 2 * torch.eye(D, dtype=DT))
+    x = gauss["dist"].sample(32, generator=gen(30))
+    expected = 0.5 * sq((x - gauss["mu"]) @ prec_t) - torch.trace(prec_t)
+    torch.testing.assert_close(ISM(t=t0, reduction="none")(adapter, x), expected, rtol=1e-10, atol=1e-10)
+    ssm = SSM(200, "gaussian", t=t0, reduction="none")(adapter, x, generator=gen(31))
+    assert_mean(ssm - expected, 0.0)
+
+
 # ---------------------------------------------------------------------------------------- SSM
 @pytest.mark.parametrize("projection", ["rademacher", "gaussian", "sphere"])
 def test_projection_second_moment(projection):
@@ -543,10 +556,10 @@ def fit(objective, score_fn, net, data, *, steps: int, batch: int = 256, lr: flo
 
 
 NO_NOISE = {
-    "esm": (None, 0.01),  # observed 0.0006
-    "ism": (ISM(), 0.03),  # observed 0.006
-    "ssm": (SSM(1, "rademacher"), 0.03),  # observed 0.010
-    "ssm_vr": (SSM(1, "gaussian", True), 0.03),  # observed 0.008
+    "esm": (None, 0.01),  # observed 0.0008
+    "ism": (ISM(), 0.03),  # observed 0.008
+    "ssm": (SSM(1, "rademacher"), 0.03),  # observed 0.013
+    "ssm_vr": (SSM(1, "gaussian", True), 0.03),  # observed 0.011
 }
 
 
@@ -570,7 +583,7 @@ def test_training_dsm_recovers_perturbed_score(train_mixture):
     x = target.sample(4000, generator=gen(99))
     with torch.no_grad():
         err = relative_fisher(net(x.float(), torch.full((4000,), sigma)), target.score(x))
-    assert err < 0.02, f"relative Fisher divergence {err:.4f}"  # observed 0.003
+    assert err < 0.02, f"relative Fisher divergence {err:.4f}"  # observed 0.0034
 
 
 TRAIN_VE = VESDE(sigma_min=0.01, sigma_max=10.0)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import SamplerProperties, SamplingContext
-from .grids import GridSampler, _floats
+from .grids import GridSampler, _floats, _lincomb
 
 __all__ = [
     "DPMSolverPP2M",
@@ -110,20 +110,6 @@ def multistep_coefficients(process, ts: torch.Tensor, orders: list[int], eta: fl
     a = sigma[1:] / sigma[:-1] * torch.exp(-eta * h)
     noise = sigma[1:] * torch.sqrt(-torch.expm1(-2.0 * eta * h)) if eta > 0 else torch.zeros_like(h)
     return {"a": a, "w": w, "noise": noise, "sigma2": sigma**2, "inv_alpha": 1.0 / alpha}
-
-
-def _lincomb(pairs):
-    """sum c * tensor over (c, tensor) pairs; fused in-place on a fresh tensor when the c are Python floats."""
-    (c0, t0), *rest = pairs
-    if isinstance(c0, float):
-        out = t0 * c0
-        for c, t in rest:
-            out.add_(t, alpha=c)
-        return out
-    out = c0 * t0
-    for c, t in rest:
-        out = out + c * t
-    return out
 
 
 def _denoise(x, s, sigma2, inv_alpha):

@@ -5,9 +5,10 @@
 integrated with ``torchsde.sdeint`` on a fixed grid (Euler-Maruyama by default).
 
 torchsde integrates forward in time, so the sampler substitutes ``u = -t`` (``u`` increases from -1 to
--t_min): ``dx = -[f(-u) x - g(-u)^2 s(x, -u)] du + g(-u) dW_u``. The noise is additive (``g`` does not
-depend on ``x``), so the Ito and Stratonovich readings of this SDE coincide and torchsde's Stratonovich
-solvers are valid too. Increments come from :class:`~score_toolkit.samplers._brownian.GridBrownianMotion`
+-t_min): ``dx = -[f(-u) x - g(-u)^2 s(x, -u)] du + g(-u) dW_u``, and maps the grid's intervals onto unit
+steps (see :class:`_ReverseTimeSDE`) so that one ``sdeint`` call steps exactly on any grid. The noise is
+additive (``g`` does not depend on ``x``), so the Ito and Stratonovich readings of this SDE coincide and
+torchsde's Stratonovich solvers are valid too. Increments come from :class:`~score_toolkit.samplers._brownian.GridBrownianMotion`
 (torch generators, per-sample with a generator list, exactly on the grid), never from torchsde's numpy-seeded
 Brownian interval.
 """

@@ -35,12 +35,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._utils import append_dims
 from ..processes import TIME_GRIDS, Process
 from .base import Sampler, SamplingContext, check_float, check_int
 
 __all__ = [
     "GridSampler",
     "GRID_DIR_ENV_VAR",
+    "step_to_zero",
     "default_grid_dir",
     "save_grid",
     "load_grid",
@@ -308,6 +310,7 @@ class GridSampler(Sampler):
     """
 
     options: ClassVar[Mapping[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0}
+    common_options: ClassVar[Mapping[str, Any]] = {"denoise": False, "progress": False, "to_zero": False}
     #: score evaluations per step (multistep: 1; single-step s-stage: s)
     nfe_per_step: ClassVar[int] = 1
 
@@ -317,6 +320,7 @@ class GridSampler(Sampler):
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
+        check_to_zero(cfg, self.name)
         spec = _parse_grid(cfg["grid"], self.name)
         check_float(cfg, "rho", self.name)
         if spec.kind != "karras" and "rho" in self._given:
@@ -346,10 +350,55 @@ class GridSampler(Sampler):
         return resolve_grid(self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]))
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        return self._integrate(ctx, x, self.time_grid(ctx.process))
+        x = self._integrate(ctx, x, self.time_grid(ctx.process))
+        if self.config["to_zero"]:
+            x = step_to_zero(ctx, x, ctx.process.t_min)
+        return x
 
     def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+def check_to_zero(cfg: Mapping[str, Any], sampler: str) -> None:
+    """Validate the ``to_zero`` option (a bool, exclusive with ``denoise``)."""
+    if not isinstance(cfg["to_zero"], bool):
+        raise TypeError(f"sampler {sampler!r}: expected option to_zero to be a bool, found {cfg['to_zero']!r}")
+    if cfg["to_zero"] and cfg["denoise"]:
+        raise ValueError(
+            f"sampler {sampler!r}: options denoise and to_zero are exclusive final steps (denoise: Tweedie's E[x_0 | x_t]; "
+            "to_zero: the probability-flow ODE to noise level 0); pass one of them"
+        )
+
+
+def step_to_zero(ctx: SamplingContext, x: torch.Tensor, t_end: float) -> torch.Tensor:
+    """The probability-flow ODE from ``t_end`` to noise level zero in one Euler step in ``sigma~^2``
+    (``sigma~ = sigma / alpha``), one score evaluation.
+
+    In ``x~ = x / alpha`` the PF-ODE reads ``dx~ / d(sigma~^2) = -s~ / 2`` with ``s~ = alpha s`` bounded as the
+    noise vanishes, so ``x_0 = x~ + sigma~^2 s~ / 2 = (x + sigma^2 s / 2) / alpha = (x~ + D) / 2`` (``D``: Tweedie's
+    denoiser), exact up to O(sigma~^4). Tweedie's ``x <- D`` (option ``denoise``) instead removes the noise
+    *and* shrinks the spread (by ``C / (C + sigma~^2)`` for a Gaussian of covariance C); this step keeps it.
+    Recorded at ``t = 0`` (noise level zero)."""
+    t = torch.full((x.shape[0],), float(t_end), dtype=x.dtype, device=x.device)
+    alpha, sigma = ctx.process.marginal(t)
+    s = ctx.score(x, t)
+    x = (x + append_dims(0.5 * sigma**2, x.ndim) * s) / append_dims(alpha, x.ndim)
+    ctx.record(x, 0.0)
+    return x
+
+
+def _lincomb(pairs):
+    """sum c * tensor over (c, tensor) pairs; fused in-place on a fresh tensor when the c are Python floats."""
+    (c0, t0), *rest = pairs
+    if isinstance(c0, float):
+        out = t0 * c0
+        for c, t in rest:
+            out.add_(t, alpha=c)
+        return out
+    out = c0 * t0
+    for c, t in rest:
+        out = out + c * t
+    return out
 
 
 def _floats(*tensors: torch.Tensor):
@@ -547,6 +596,12 @@ def optimize_grid(
             if mix is None:
                 raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=)")
             per = (mix.log_prob(x.flatten(1)) - mix.log_prob(ref.flatten(1))).abs()
+        elif loss == "mahalanobis":
+            if mix is None:
+                raise ValueError("optimize_grid: loss='mahalanobis' needs a mixture reference problem (mixture= or data=)")
+            r = mix.posterior(ref.flatten(1))  # (B, K)
+            y = torch.einsum("kde,bd->bke", mix.eigvecs, (x - ref).flatten(1).to(mix.dtype))
+            per = (r * (y * y / mix.eigvals[None]).sum(-1)).sum(1).add(1e-30).sqrt()
         elif loss == "norm":
             per = (x - ref).flatten(1).pow(2).sum(1).add(1e-30).sqrt()
         else:
