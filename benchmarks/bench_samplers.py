@@ -1015,7 +1015,7 @@ def _typed(row: dict) -> dict:
         else:
             try:
                 out[k] = float(v) if k not in ("sampler", "variant", "process", "case", "options", "error", "contender",
-                                                "note") and v != "" else v
+                                                "note", "metric") and v != "" else v
             except ValueError:
                 out[k] = v
     return out
@@ -1030,12 +1030,19 @@ def _check_same_floors(rows: list[dict], floors: dict) -> None:
                              "or --floor-seeds?); re-run every sampler instead")
 
 
-def previous_rows(path: Path, samplers: list[str]) -> list[dict]:
-    """The rows of a previous run (``path``, if it exists) for samplers not run now."""
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a previous run's CSV file (none if it does not exist)."""
     if not path.exists():
         return []
     with open(path, newline="") as fh:
-        return [r for r in (_typed(r) for r in csv.DictReader(fh)) if r["sampler"] not in samplers]
+        return [_typed(r) for r in csv.DictReader(fh)]
+
+
+def _read_floors(path: Path) -> dict:
+    floors: dict[str, dict] = {}
+    for r in _read_rows(path):
+        floors.setdefault(r["case"], {})[r["metric"]] = {"mean": r["mean"], "std": r["std"], "count": int(r["count"])}
+    return floors
 
 
 # ====================================================================== main
@@ -1067,6 +1074,9 @@ def parse_args(argv=None):
     p.add_argument("--append", action="store_true",
                    help="keep the rows of the other samplers from the previous results in --out (same --n and --tag) "
                         "and rewrite the tables with them: re-run only new or changed samplers")
+    p.add_argument("--merge-from", default=None, metavar="DIR",
+                   help="run nothing: replace the rows of the samplers found in DIR's tables (another run's --out, "
+                        "same --tag) in those of --out, and rewrite --out's tables and plots")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe is not None:
@@ -1142,16 +1152,32 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log(f"samplers: {samplers}; parts: {args.parts}; N = {args.n}; threads = {args.threads}")
     acc_rows, floors, summary, plots, speed_rows = [], {}, [], {}, []
-    # --append: read the previous rows first (the runs below rewrite the CSV files as they go)
-    old_acc = previous_rows(args.out_dir / f"{args.tag}_accuracy.csv", samplers) if args.append else []
-    old_speed = previous_rows(args.out_dir / f"{args.tag}_speed.csv", samplers) if args.append else []
+    # --append / --merge-from: read the previous rows first (the runs below rewrite the CSV files as they go)
+    keep_old = args.append or bool(args.merge_from)
+    old_acc = _read_rows(args.out_dir / f"{args.tag}_accuracy.csv") if keep_old else []
+    old_speed = _read_rows(args.out_dir / f"{args.tag}_speed.csv") if keep_old else []
+    old_floors = _read_floors(args.out_dir / f"{args.tag}_floors.csv") if keep_old else {}
+    new_acc: list[dict] | None = None
+    new_speed: list[dict] | None = None
+    if args.merge_from:  # no runs: the rows of another run's folder replace those of its samplers
+        new_acc = _read_rows(Path(args.merge_from) / f"{args.tag}_accuracy.csv")
+        new_speed = _read_rows(Path(args.merge_from) / f"{args.tag}_speed.csv")
+        floors = _read_floors(Path(args.merge_from) / f"{args.tag}_floors.csv") or old_floors
+        samplers = sorted({r["sampler"] for r in new_acc + new_speed})
+        log(f"merging the rows of {samplers} from {args.merge_from}")
+    else:
+        if "accuracy" in args.parts:
+            new_acc, floors = run_accuracy(args, samplers, log)
+        if "speed" in args.parts:
+            new_speed = run_speed(args, samplers, log)
+        floors = floors or old_floors
     kept: set[str] = set()
-    if "accuracy" in args.parts:
-        acc_rows, floors = run_accuracy(args, samplers, log)
-        if old_acc:
-            _check_same_floors(old_acc, floors)
-            acc_rows = old_acc + acc_rows
-            kept.update(r["sampler"] for r in old_acc)
+    if new_acc is not None or old_acc:
+        kept_acc = [r for r in old_acc if new_acc is None or r["sampler"] not in samplers]
+        if kept_acc and floors:
+            _check_same_floors(kept_acc, floors)
+        acc_rows = kept_acc + (new_acc or [])
+        kept.update(r["sampler"] for r in kept_acc)
         summary = criterion_summary(acc_rows)
         write_csv(args.out_dir / f"{args.tag}_accuracy.csv", acc_rows, ACC_FIELDS)
         write_csv(args.out_dir / f"{args.tag}_criterion.csv", summary,
@@ -1161,9 +1187,10 @@ def main(argv=None) -> int:
                   ["case", "metric", "mean", "std", "count"])
         if not args.no_plot:
             plots = plot_accuracy(args, acc_rows, args.out_dir, args.tag, log)
-    if "speed" in args.parts:
-        speed_rows = old_speed + run_speed(args, samplers, log)
-        kept.update(r["sampler"] for r in old_speed)
+    if new_speed is not None or old_speed:
+        kept_speed = [r for r in old_speed if new_speed is None or r["sampler"] not in samplers]
+        speed_rows = kept_speed + (new_speed or [])
+        kept.update(r["sampler"] for r in kept_speed)
         write_csv(args.out_dir / f"{args.tag}_speed.csv", speed_rows, SPEED_FIELDS)
     all_samplers = sorted(set(samplers) | kept)
     meta.update(threads=args.threads, n=args.n, dtype=f"{args.dtype} (accuracy), {args.speed_dtype} (speed)",

@@ -43,6 +43,16 @@ _LAZY = {
     "register_sampler": "score_toolkit.registry",
     "get_sampler_class": "score_toolkit.registry",
     "sampler_info": "score_toolkit.registry",
+    # objectives
+    "get_objective": "score_toolkit.objectives",
+    "OBJECTIVES": "score_toolkit.objectives",
+    "ESM": "score_toolkit.objectives",
+    "ISM": "score_toolkit.objectives",
+    "SSM": "score_toolkit.objectives",
+    "DSM": "score_toolkit.objectives",
+    "NCSN": "score_toolkit.objectives",
+    "ContinuousDSM": "score_toolkit.objectives",
+    "EpsilonLoss": "score_toolkit.objectives",
     # models
     "ScoreMLP": "score_toolkit.models",
     "EnergyMLP": "score_toolkit.models",

@@ -98,6 +98,14 @@ def test_append_reruns_one_sampler_and_keeps_the_others(bench, tmp_path):
     # previous rows made with other floors are refused
     with pytest.raises(SystemExit):
         bench.main([*common[:2], "150", *common[3:], "--samplers", "ancestral", "--append"])
+    # --merge-from: another run's rows replace those of its samplers, nothing is run
+    other = tmp_path / "other"
+    other_args = [*common, "--out", str(other), "--samplers", "langevin", "--processes", "VP"]
+    assert bench.main(other_args) == 0
+    assert bench.main([*common, "--merge-from", str(other)]) == 0
+    acc = _read(tmp_path / "samplers_accuracy.csv")
+    assert {r["process"] for r in acc if r["sampler"] == "langevin"} == {"VP"}
+    assert {r["process"] for r in acc if r["sampler"] == "ancestral"} == {"VE"}
 
 
 def test_bad_arguments_are_rejected(bench, capsys):
