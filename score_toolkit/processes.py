@@ -187,7 +187,7 @@ class Process(ConfigMixin):
                 r = 1.0 / rho
                 s = (s_hi**r + i / num_steps * (s_lo**r - s_hi**r)) ** rho
                 ts = self.t_from_noise_to_signal(s)
-            ts[0], ts[-1] = hi, lo  # exact ends despite round-off of the inverse
+        ts[0], ts[-1] = hi, lo  # exact ends despite round-off
         return ts.to(device=device, dtype=dtype)
 
     # ----------------------------------------------------------------- diffusers
