@@ -1160,11 +1160,15 @@ def main(argv=None) -> int:
     new_acc: list[dict] | None = None
     new_speed: list[dict] | None = None
     if args.merge_from:  # no runs: the rows of another run's folder replace those of its samplers
-        new_acc = _read_rows(Path(args.merge_from) / f"{args.tag}_accuracy.csv")
-        new_speed = _read_rows(Path(args.merge_from) / f"{args.tag}_speed.csv")
-        floors = _read_floors(Path(args.merge_from) / f"{args.tag}_floors.csv") or old_floors
-        samplers = sorted({r["sampler"] for r in new_acc + new_speed})
-        log(f"merging the rows of {samplers} from {args.merge_from}")
+        src = Path(args.merge_from)
+        new_acc = _read_rows(src / f"{args.tag}_accuracy.csv") if (src / f"{args.tag}_accuracy.csv").exists() else None
+        new_speed = _read_rows(src / f"{args.tag}_speed.csv") if (src / f"{args.tag}_speed.csv").exists() else None
+        if new_acc is None and new_speed is None:
+            print(f"--merge-from: no {args.tag}_accuracy.csv or {args.tag}_speed.csv in {src}", file=sys.stderr)
+            return 2
+        floors = _read_floors(src / f"{args.tag}_floors.csv") or old_floors
+        samplers = sorted({r["sampler"] for r in (new_acc or []) + (new_speed or [])})
+        log(f"merging the rows of {samplers} from {src}")
     else:
         if "accuracy" in args.parts:
             new_acc, floors = run_accuracy(args, samplers, log)
@@ -1173,7 +1177,8 @@ def main(argv=None) -> int:
         floors = floors or old_floors
     kept: set[str] = set()
     if new_acc is not None or old_acc:
-        kept_acc = [r for r in old_acc if new_acc is None or r["sampler"] not in samplers]
+        replaced = {r["sampler"] for r in new_acc} if args.merge_from and new_acc else set(samplers)
+        kept_acc = [r for r in old_acc if new_acc is None or r["sampler"] not in replaced]
         if kept_acc and floors:
             _check_same_floors(kept_acc, floors)
         acc_rows = kept_acc + (new_acc or [])
@@ -1188,7 +1193,8 @@ def main(argv=None) -> int:
         if not args.no_plot:
             plots = plot_accuracy(args, acc_rows, args.out_dir, args.tag, log)
     if new_speed is not None or old_speed:
-        kept_speed = [r for r in old_speed if new_speed is None or r["sampler"] not in samplers]
+        replaced = {r["sampler"] for r in new_speed} if args.merge_from and new_speed else set(samplers)
+        kept_speed = [r for r in old_speed if new_speed is None or r["sampler"] not in replaced]
         speed_rows = kept_speed + (new_speed or [])
         kept.update(r["sampler"] for r in kept_speed)
         write_csv(args.out_dir / f"{args.tag}_speed.csv", speed_rows, SPEED_FIELDS)

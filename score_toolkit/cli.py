@@ -144,7 +144,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 from .cli_sample import add_sample_parser as _add_sample  # noqa: E402  (argparse-only module: --help stays fast)
 
-COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_sample]
+from .cli_train import add_train_parser as _add_train  # noqa: E402  (argparse-only module)
+
+COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:
