@@ -535,7 +535,9 @@ def hand_dpmpp_singlestep(score_fn, process, x, g, cfg, fractions):
 def hand_edm_heun(score_fn, process, x, g, cfg):
     """Karras et al. 2022, Algorithm 1 in y = x / alpha on the rho grid: Euler predictor, trapezoidal corrector."""
     _need(cfg, denoise=False)
-    ts = process.time_grid(cfg["num_steps"], "karras", rho=cfg["rho"])
+    if cfg.get("S_churn", 0.0) != 0.0:
+        raise ValueError("the hand loop implements S_churn = 0 (Algorithm 1) only")
+    ts = _grid(process, {"grid": "karras", **cfg})
     sig, al, t = process.noise_to_signal(ts).tolist(), process.alpha(ts).tolist(), ts.tolist()
     y = x / al[0]
     for i in range(len(t) - 1):
@@ -552,6 +554,7 @@ HAND_LOOPS: dict[str, HandLoop] = {
     "dpmpp_2s": lambda *a: hand_dpmpp_singlestep(*a, fractions=(0.5,)),
     "dpmpp_3s": lambda *a: hand_dpmpp_singlestep(*a, fractions=(1.0 / 3.0, 2.0 / 3.0)),
     "edm_heun": hand_edm_heun,
+    "heun": hand_edm_heun,
     "euler_maruyama": hand_euler_maruyama,
     "ancestral": hand_ancestral,
     "predictor_corrector": hand_predictor_corrector,
@@ -835,7 +838,9 @@ def write_markdown(path: Path, args, meta: dict, acc_rows, floors, summary, spee
     L.append("| setting | value |")
     L.append("| --- | --- |")
     for k in ("date", "commit", "python", "torch", "threads", "omp_wait_policy", "n", "dtype", "samplers",
-              "loadavg_start", "loadavg_end", "duration_min", "cpu_min"):
+              "loadavg_start", "loadavg_end", "duration_min", "cpu_min", "merged_from", "note"):
+        if k in ("merged_from", "note") and not meta.get(k):
+            continue
         L.append(f"| {k} | {meta.get(k, '')} |")
     L.append("")
     if acc_rows:
@@ -1077,6 +1082,7 @@ def parse_args(argv=None):
     p.add_argument("--merge-from", default=None, metavar="DIR",
                    help="run nothing: replace the rows of the samplers found in DIR's tables (another run's --out, "
                         "same --tag) in those of --out, and rewrite --out's tables and plots")
+    p.add_argument("--note", default="", help="a line added to the settings table of the markdown report")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe is not None:
@@ -1202,7 +1208,8 @@ def main(argv=None) -> int:
     meta.update(threads=args.threads, n=args.n, dtype=f"{args.dtype} (accuracy), {args.speed_dtype} (speed)",
                 samplers=", ".join(all_samplers) + (f" (rows of {', '.join(sorted(kept))} kept from the previous run)"
                                                     if kept else ""),
-                loadavg_end=_loadavg(), cpu_min=f"{time.process_time() / 60:.1f}",
+                loadavg_end=_loadavg(), cpu_min=f"{time.process_time() / 60:.1f}", note=args.note,
+                merged_from=f"{args.merge_from} (rows of {', '.join(samplers)})" if args.merge_from else "",
                 duration_min=f"{(time.perf_counter() - t_start) / 60:.1f}")
     write_markdown(args.out_dir / f"{args.tag}.md", args, meta, acc_rows, floors, summary, speed_rows, plots)
     for part in ("accuracy", "speed"):  # progress files, written row by row while running

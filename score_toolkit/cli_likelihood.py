@@ -70,7 +70,9 @@ def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> d
     if not os.path.isdir(spec):
         raise CLIError(f"expected --model to be a pipeline folder or analytic:<name>, found no folder at {spec}")
     model, process, prediction_type, time_input = load_pipeline_components(spec)
-    model = model.to(device=device, dtype=dtype)
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype=dtype)
+    model = model.to(device)
     cfg = model.config
     if cfg.get("dim") is not None:
         shape: tuple[int, ...] = (int(cfg["dim"]),)

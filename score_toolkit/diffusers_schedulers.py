@@ -54,7 +54,7 @@ from ._utils import randn
 from .processes import TIME_GRIDS, Process
 from .samplers.ancestral import forward_transition
 from .samplers.dpm_solver import _denoise, _lincomb, multistep_coefficients, multistep_orders
-from .schedulers import read_scheduler_config
+from .schedulers import _DDPM_STYLE, read_scheduler_config
 from .scores import ScoreAdapter, prediction_to_score
 
 __all__ = [
@@ -138,11 +138,29 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
 
     config_name = "scheduler_config.json"
     order = 1
+    # The diffusers schedulers whose configs we read: their sampling knobs that are not ours (clip_sample,
+    # thresholding, timestep_spacing, ...) are set aside silently and kept in the config, as diffusers does between
+    # its own compatible schedulers (they belong to those schedulers' update rules, not to the model).
+    _compatibles = [*_DDPM_STYLE, "ScoreSdeVeScheduler"]
     #: the registered sampler whose update this scheduler runs
     sampler_name: ClassVar[str] = ""
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # diffusers drops the keys a source scheduler left at its own defaults (``_use_default_values``) so that the
+        # target's defaults apply. Here the source's values describe the model (a default ScoreSdeVeScheduler's
+        # sigma range, a default DDPMScheduler's table): keep every one of them.
+        config_dict = {k: v for k, v in dict(config_dict).items() if k != "_use_default_values"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def _setup(self, spec_kwargs: dict[str, Any], grid: str, rho: float) -> None:
         self.process, self.prediction_type, self.time_input = resolve_scheduler_spec(**spec_kwargs)
+        # store what the fields resolved to, so that the saved config says it explicitly
+        resolved: dict[str, Any] = {"prediction_type": self.prediction_type, "time_input": self.time_input}
+        if spec_kwargs["process"] is None and (spec_kwargs["sigma_min"] is not None or spec_kwargs["sigma_max"] is not None):
+            c = self.process.config
+            resolved.update(sigma_min=float(c.sigma_min), sigma_max=float(c.sigma_max), sampling_eps=float(c.t_min))
+        self.register_to_config(**resolved)
         if grid not in TIME_GRIDS:
             raise ValueError(f"scheduler config field 'grid': expected one of {TIME_GRIDS}, found {grid!r}")
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
@@ -260,6 +278,13 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
             lo, hi = self._adapter.network_time(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
             t = (v - lo) / (hi - lo)
         else:  # sigma(t) increases in t: bisection
+            ends = self.process.sigma(torch.tensor([self.process.t_min, self.process.t_max], dtype=torch.float64))
+            s_lo, s_hi = ends.tolist()
+            if not bool(((v >= s_lo * (1 - 1e-6)) & (v <= s_hi * (1 + 1e-6))).all()):
+                raise ValueError(
+                    f"expected timesteps (sigma, the network's time input) in [{s_lo:.6g}, {s_hi:.6g}], found values in "
+                    f"[{float(v.min()):.6g}, {float(v.max()):.6g}]"
+                )
             lo = torch.full_like(v, self.process.t_min)
             hi = torch.full_like(v, self.process.t_max)
             for _ in range(60):

@@ -151,6 +151,28 @@ def test_mala_removes_the_step_size_bias():
     assert mala.nfe == 2 * (n + 1)  # a score and an energy per proposal, plus both at the start
 
 
+def test_mala_reports_a_failing_score_instead_of_rejecting():
+    mix, process = _mixture("ring"), VPSDE()
+    exact = mix.score_fn(process)
+
+    class Faulty:
+        calls = 0
+
+        def __call__(self, x, t):
+            self.calls += 1
+            return exact(x, t) if self.calls < 3 else torch.full_like(x, math.nan)
+
+        energy = staticmethod(exact.energy)
+
+    with pytest.raises(NonFiniteError, match="langevin.*step 2"):
+        LangevinSampler(metropolis=True, num_steps=5).sample(Faulty(), process, shape=(4, 2), generator=_gen(0), dtype=F64)
+
+
+def test_mala_declares_that_it_needs_energy():
+    assert LangevinSampler(metropolis=True).properties.needs_energy is True
+    assert LangevinSampler().properties.needs_energy is False
+
+
 def test_mala_with_energy_network_matches_analytic_energy():
     mix, process = _mixture("ring"), VPSDE()
     t = 0.3

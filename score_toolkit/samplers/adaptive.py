@@ -48,8 +48,6 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
 
 
 class _AdaptiveBase(Sampler):
-    common_options: ClassVar[dict[str, Any]] = {"denoise": False, "progress": False, "to_zero": False}
-
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
         check_to_zero(cfg, self.name)
@@ -102,7 +100,7 @@ class AdaptiveSDESampler(_AdaptiveBase):
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=2.0, adaptive=True,
                                                                 fixed_grid=False, per_sample=True)
     options: ClassVar[dict[str, Any]] = {"eps_rel": 0.05, "eps_abs": 0.0078, "h_init": 0.01, "r": 0.9, "theta": 0.9,
-                                         "max_iterations": 100_000}
+                                         "max_iterations": 100_000, "to_zero": False}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
@@ -233,7 +231,7 @@ class AdaptiveODESampler(_AdaptiveBase):
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0, adaptive=True,
                                                                 fixed_grid=False, per_sample=True)
     options: ClassVar[dict[str, Any]] = {"method": "bs32", "rtol": 1e-3, "atol": 1e-4, "h_init": 0.2,
-                                         "max_iterations": 100_000}
+                                         "max_iterations": 100_000, "to_zero": False}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         from dataclasses import replace

@@ -99,6 +99,13 @@ class SamplingContext:
 
             self._bar = tqdm(total=total, desc=sampler.name, leave=False)
 
+    @property
+    def score_fn(self) -> ScoreFn:
+        """The user's score function as given (for samplers that need its other views, e.g. an
+        ``energy(x, t)`` method for Metropolis adjustment). Evaluations through it are not counted:
+        count them in ``nfe`` yourself."""
+        return self._score_fn
+
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         """Evaluate the score at (x, t) with t a scalar or (B,) (clamped into the process's range,
         since solvers may overshoot), counting one NFE."""

@@ -122,7 +122,7 @@ def _denoise(x, s, sigma2, inv_alpha):
 class _DPMSolverBase(GridSampler):
     """Shared options and validation."""
 
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
@@ -183,7 +183,7 @@ class DPMSolverPP2M(_Multistep):
     name: ClassVar[str] = "dpmpp_2m"
     description: ClassVar[str] = "DPM-Solver++(2M): second-order multistep exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=2.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": True}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": True, "to_zero": False}
     order = 2
 
 
@@ -205,7 +205,7 @@ class DPMSolverPP3M(_Multistep):
     name: ClassVar[str] = "dpmpp_3m"
     description: ClassVar[str] = "DPM-Solver++(3M): third-order multistep exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": True}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": True, "to_zero": False}
     order = 3
 
 
@@ -320,7 +320,7 @@ class DPMSolverPP2S(_Singlestep):
     name: ClassVar[str] = "dpmpp_2s"
     description: ClassVar[str] = "DPM-Solver++(2S): second-order single-step exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=2.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 10, "grid": "log_sigma", "rho": 7.0}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 10, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
     nfe_per_step = 2
     fractions = (0.5,)
 
@@ -341,6 +341,6 @@ class DPMSolverPP3S(_Singlestep):
     name: ClassVar[str] = "dpmpp_3s"
     description: ClassVar[str] = "DPM-Solver++(3S): third-order single-step exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 7, "grid": "log_sigma", "rho": 7.0}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 7, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
     nfe_per_step = 3
     fractions = (1.0 / 3.0, 2.0 / 3.0)

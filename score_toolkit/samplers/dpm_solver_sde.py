@@ -59,7 +59,7 @@ class DPMSolverPP2MSDE(_EtaMixin, _Multistep):
     description: ClassVar[str] = "DPM-Solver++(2M) SDE: multistep exponential integrator of the reverse SDE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=1.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "eta": 1.0,
-                                         "lower_order_final": True}
+                                         "lower_order_final": True, "to_zero": False}
     order = 2
     ode_order = 2.0
 
@@ -82,7 +82,7 @@ class DPMSolverPP3MSDE(_EtaMixin, _Multistep):
     description: ClassVar[str] = "DPM-Solver++(3M) SDE: third-order multistep exponential integrator of the reverse SDE"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=1.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "eta": 1.0,
-                                         "lower_order_final": True}
+                                         "lower_order_final": True, "to_zero": False}
     order = 3
     ode_order = 3.0
 
@@ -107,7 +107,7 @@ class DPMSolverPPSDE(_EtaMixin, _Singlestep):
     name: ClassVar[str] = "dpmpp_sde"
     description: ClassVar[str] = "DPM-Solver++ SDE: two-stage single-step exponential integrator of the reverse SDE"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=1.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 10, "grid": "log_sigma", "rho": 7.0, "eta": 1.0}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 10, "grid": "log_sigma", "rho": 7.0, "eta": 1.0, "to_zero": False}
     nfe_per_step = 2
     fractions = (0.5,)
     ode_order = 2.0

@@ -309,8 +309,7 @@ class GridSampler(Sampler):
     :func:`optimize_grid` can optimise the grid): compute step coefficients with torch ops from ``ts``.
     """
 
-    options: ClassVar[Mapping[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0}
-    common_options: ClassVar[Mapping[str, Any]] = {"denoise": False, "progress": False, "to_zero": False}
+    options: ClassVar[Mapping[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
     #: score evaluations per step (multistep: 1; single-step s-stage: s)
     nfe_per_step: ClassVar[int] = 1
 

@@ -50,7 +50,7 @@ class EDMHeunSampler(GridSampler):
     description: ClassVar[str] = "EDM Heun sampler with optional stochastic churn (Karras et al. 2022, Algorithm 2)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=2.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 18, "grid": "karras", "rho": 7.0, "S_churn": 0.0, "S_tmin": 0.0,
-                                         "S_tmax": math.inf, "S_noise": 1.0}
+                                         "S_tmax": math.inf, "S_noise": 1.0, "to_zero": False}
     nfe_per_step = 2
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:

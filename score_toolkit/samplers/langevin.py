@@ -12,13 +12,14 @@ predictor-corrector sampler's corrector) has ``eta = eps / 2``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from .._utils import append_dims, as_time
 from ..processes import Process
-from .base import Sampler, SamplerProperties, SamplingContext, check_float, check_int
+from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_float, check_int
 
 __all__ = ["LangevinSampler"]
 
@@ -51,7 +52,8 @@ class LangevinSampler(Sampler):
 
     MALA (``metropolis=True``): the same move is a proposal ``y``, accepted per sample with probability
     ``min(1, exp(E(x) - E(y)) q(x | y) / q(y | x))``, ``q(y | x) = N(y; x + (eps/2) s(x), eps I)``, ``E = -log p_t``
-    (+ const). Exact at stationarity (no step-size bias). Needs the score function's ``energy(x, t)``.
+    (+ const). Exact at stationarity (no step-size bias). Needs the score function's ``energy(x, t)``
+    (``properties.needs_energy`` is ``True`` for this configuration).
 
     Options:
         step_size (1e-3): ``eps`` above (problem dependent: keep it well below ``4 v_min``).
@@ -72,6 +74,11 @@ class LangevinSampler(Sampler):
     # 1.04x (VP) the noise floor); at t_min a fixed-level chain cannot fix the mode weights.
     conformance = {"sampler_options": {"num_steps": 20},
                    "accuracy_options": {"t": 0.6, "step_size": 0.2, "num_steps": 300}}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.config["metropolis"]:
+            self.properties = dataclasses.replace(type(self).properties, needs_energy=True)
 
     def _validate_options(self, cfg):
         super()._validate_options(cfg)
@@ -106,7 +113,7 @@ class LangevinSampler(Sampler):
         return self._mala(ctx, x, t, eps, n)
 
     def _mala(self, ctx: SamplingContext, x: torch.Tensor, t: float, eps: float, n: int) -> torch.Tensor:
-        energy_fn = energy_function(ctx._score_fn, self.name)
+        energy_fn = energy_function(ctx.score_fn, self.name)
         t_vec = ctx.process.clamp_t(as_time(t, x.shape[0], like=x))
 
         def energy(y):
@@ -124,6 +131,12 @@ class LangevinSampler(Sampler):
         for i in range(n):
             y = x + (eps / 2) * s_x + math.sqrt(eps) * ctx.randn_like(x)
             s_y, e_y = ctx.score(y, t), energy(y)
+            bad = ~torch.isfinite(s_y).flatten(1).all(1) | torch.isnan(e_y)
+            if bool(bad.any()):  # a rejection would hide the failure
+                raise NonFiniteError(
+                    f"sampler {self.name!r}: NaN or infinite score or NaN energy at the proposal of step {i + 1} "
+                    f"(t = {t:.6g}) in {int(bad.sum())} of {x.shape[0]} samples; check the score function"
+                )
             log_ratio = e_x - e_y + log_q(x, y, s_y) - log_q(y, x, s_x)
             u = ctx.rand((x.shape[0],), like=x)
             accept = torch.log(u) < log_ratio
