@@ -461,17 +461,23 @@ def _grid(process, cfg):
     return process.time_grid(cfg["num_steps"], cfg["grid"], rho=cfg.get("rho", 7.0))
 
 
-def _exp_ints(h: float) -> tuple[float, float, float]:
-    """I_m = int_0^h e^{-(h - tau)} tau^m dtau for m = 0, 1, 2."""
-    i0 = -math.expm1(-h)
-    i1 = h - i0
-    return i0, i1, h * h - 2 * i1
+def _exp_ints(h: float, eta: float = 0.0) -> tuple[float, float, float]:
+    """J_m = int_0^h (1 + eta) e^{-(1 + eta)(h - tau)} tau^m dtau for m = 0, 1, 2 (I_m(H) / (1 + eta)^m, H = (1 + eta) h)."""
+    c = 1.0 + eta
+    big = c * h
+    i0 = -math.expm1(-big)
+    i1 = big - i0
+    return i0, i1 / c, (big * big - 2 * i1) / c**2
 
 
 def hand_dpmpp_multistep(score_fn, process, x, g, cfg, order):
-    """DPM-Solver++(2M)/(3M) in data prediction: x' = (sigma'/sigma) x + alpha' int e^{-(h - tau)} p(tau), p the
-    Newton polynomial through the last `order` denoiser values (nodes at lambda_{i-j} - lambda_i)."""
+    """DPM-Solver++(2M)/(3M), and their SDE versions (eta > 0): x' = (sigma'/sigma) e^{-eta h} x + alpha' int (1 + eta)
+    e^{-(1 + eta)(h - tau)} p(tau) dtau + sigma' sqrt(1 - e^{-2 eta h}) z, p the Newton polynomial through the last
+    `order` denoiser values (nodes at lambda_{i-j} - lambda_i)."""
     _need(cfg, denoise=False)
+    if cfg.get("to_zero", False):
+        raise ValueError("the hand loop implements to_zero=False only")
+    eta = float(cfg.get("eta", 0.0))
     ts = _grid(process, cfg)
     n = cfg["num_steps"]
     alpha, sigma = process.marginal(ts)
@@ -484,16 +490,18 @@ def hand_dpmpp_multistep(score_fn, process, x, g, cfg, order):
         ds.insert(0, (x + s[i] ** 2 * score_fn(x, _tvec(x, t[i]))) / a[i])
         del ds[order:]
         h = lam[i + 1] - lam[i]
-        i0, i1, i2 = _exp_ints(h)
-        x_new = (s[i + 1] / s[i]) * x + (a[i + 1] * i0) * ds[0]
+        j0, j1, j2 = _exp_ints(h, eta)
+        x_new = (s[i + 1] / s[i] * math.exp(-eta * h)) * x + (a[i + 1] * j0) * ds[0]
         if k >= 2:
             h1 = lam[i] - lam[i - 1]
             d01 = (ds[0] - ds[1]) / h1
-            x_new = x_new + (a[i + 1] * i1) * d01
+            x_new = x_new + (a[i + 1] * j1) * d01
         if k >= 3:
             h2 = lam[i - 1] - lam[i - 2]
             d012 = (d01 - (ds[1] - ds[2]) / h2) / (h1 + h2)
-            x_new = x_new + (a[i + 1] * (i2 + h1 * i1)) * d012
+            x_new = x_new + (a[i + 1] * (j2 + h1 * j1)) * d012
+        if eta > 0:
+            x_new = x_new + s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * _randn(x, g)
         x = x_new
     return x, n
 
@@ -551,6 +559,8 @@ def hand_edm_heun(score_fn, process, x, g, cfg):
 HAND_LOOPS: dict[str, HandLoop] = {
     "dpmpp_2m": lambda *a: hand_dpmpp_multistep(*a, order=2),
     "dpmpp_3m": lambda *a: hand_dpmpp_multistep(*a, order=3),
+    "dpmpp_2m_sde": lambda *a: hand_dpmpp_multistep(*a, order=2),
+    "dpmpp_3m_sde": lambda *a: hand_dpmpp_multistep(*a, order=3),
     "dpmpp_2s": lambda *a: hand_dpmpp_singlestep(*a, fractions=(0.5,)),
     "dpmpp_3s": lambda *a: hand_dpmpp_singlestep(*a, fractions=(1.0 / 3.0, 2.0 / 3.0)),
     "edm_heun": hand_edm_heun,
@@ -677,7 +687,7 @@ def _x0(case: SpeedCase, n: int, dtype) -> torch.Tensor:
 
 
 SPEED_FIELDS = ["case", "sampler", "contender", "options", "nfe", "median_s", "ratio_paired", "ratio_of_medians",
-                "target", "meets", "max_abs_diff", "peak_mem_mb", "reps", "note"]
+                "median_cpu_s", "ratio_cpu", "target", "meets", "max_abs_diff", "peak_mem_mb", "reps", "note"]
 
 
 def run_speed(args, samplers: list[str], log) -> list[dict]:
@@ -737,15 +747,17 @@ def _time_group(args, case: SpeedCase, name: str, opts: dict, contenders, x0, lo
         with torch.no_grad():
             outs[kind], nfes[kind] = runs[kind](x0.clone(), seed)
     times: dict[str, list[float]] = {kind: [] for kind in runs}
+    cpu: dict[str, list[float]] = {kind: [] for kind in runs}
     for r in range(args.speed_reps):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for kind in order:
             if kind == "torchsde_default" and r >= 1:  # the slow reference (12-20x): one timed run
                 continue
             gc.collect()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             _, nfe = runs[kind](x0.clone(), seed)
             times[kind].append(time.perf_counter() - t0)
+            cpu[kind].append(time.process_time() - c0)
             nfes.setdefault(kind, nfe)
     probe = args.memory and case.key in args.memory_cases
     mems = {kind: (memory_probe(args, case, kind, name, opts) if probe else None) for kind in runs}
@@ -754,6 +766,7 @@ def _time_group(args, case: SpeedCase, name: str, opts: dict, contenders, x0, lo
     for kind in runs:
         ts = times[kind]
         paired = [a / b for a, b in zip(ts, hand_times)]
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu[kind], cpu["hand"])) if kind != "hand" else 1.0
         target = TARGETS.get(name, 1.1) if kind == "sampler" else None
         ratio = statistics.median(paired) if kind != "hand" else 1.0
         diff = float((outs[kind].double() - outs["hand"].double()).abs().max()) if kind in outs else None
@@ -761,6 +774,7 @@ def _time_group(args, case: SpeedCase, name: str, opts: dict, contenders, x0, lo
             "case": case.key, "sampler": name, "contender": _contender_label(kind, name), "options": _fmt_opts(opts),
             "nfe": int(nfes[kind]), "median_s": statistics.median(ts), "ratio_paired": ratio,
             "ratio_of_medians": statistics.median(ts) / statistics.median(hand_times),
+            "median_cpu_s": statistics.median(cpu[kind]), "ratio_cpu": cpu_ratio,
             "target": target if target is not None else "", "meets": (ratio <= target) if target else "",
             "max_abs_diff": diff if diff is not None else "", "peak_mem_mb": mems[kind] if mems[kind] is not None else "",
             "reps": len(ts), "note": {"torchsde_default": "different noise (numpy-seeded)",
@@ -770,7 +784,7 @@ def _time_group(args, case: SpeedCase, name: str, opts: dict, contenders, x0, lo
             row["note"] = f"NFE differs from the hand loop ({nfes['hand']})"
         rows.append(row)
         log(f"[speed] {case.key} {name} {row['contender']}: nfe={row['nfe']} median={row['median_s']:.3f} s "
-            f"ratio={ratio:.3f} (of medians {row['ratio_of_medians']:.3f}) diff={row['max_abs_diff']} "
+            f"ratio={ratio:.3f} (of medians {row['ratio_of_medians']:.3f}, cpu {cpu_ratio:.3f}) diff={row['max_abs_diff']} "
             f"mem={row['peak_mem_mb']} MB")
     return rows
 
@@ -799,11 +813,31 @@ def _probe_main(spec_json: str) -> None:
         run(_x0(case, 16, dtype), spec["seed"])  # warm-up: lazy imports, caches
     x0 = _x0(case, spec["n"], dtype)
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_reset = _reset_peak_rss()
+    before = _status_kb("VmRSS") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
         run(x0, spec["seed"])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_delta_mb": round((after - before) / 1024.0, 1), "maxrss_mb": round(after / 1024.0, 1)}))
+    after = _status_kb("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_delta_mb": round(max(after - before, 0) / 1024.0, 2), "method": "VmHWM" if hwm_reset else "ru_maxrss"}))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that
+    the peak after a run is that run's peak, not the import's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_kb("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 # ====================================================================== output
@@ -935,8 +969,11 @@ def _markdown_speed(args, rows) -> list[str]:
         "from the same state with identically seeded generators: `max |diff|` is the largest difference of their "
         "samples (round-off only if the hand loop mirrors the algorithm). Targets: `euler_maruyama` <= 1.3x of a "
         "hand Euler-Maruyama loop, `pf_ode` <= 1.1x of `torchdiffeq.odeint` called directly, every other fixed-grid "
-        "sampler <= 1.1x of its hand loop. Peak memory: growth of `ru_maxrss` over one run in a fresh subprocess "
-        "(after a warm-up run), MB.")
+        "sampler <= 1.1x of its hand loop (`ok` judges the wall-clock `ratio`). `CPU s` / `CPU ratio`: the same with "
+        "the process's CPU time (both threads), steadier than wall time on a loaded machine. Peak memory: the peak "
+        "resident set of one run above the resident set before it, in a fresh subprocess after a warm-up run "
+        "(Linux: peak mark reset through /proc/self/clear_refs, then VmHWM - VmRSS; elsewhere the growth of "
+        "ru_maxrss, a lower bound), MB.")
     L.append("")
     cases = speed_cases(args)
     for key in args.speed_cases:
@@ -945,17 +982,18 @@ def _markdown_speed(args, rows) -> list[str]:
             continue
         L.append(f"### {key}: {cases[key].label}")
         L.append("")
-        L.append("| sampler | contender | options | NFE | median s | ratio | of medians | target | ok | max abs diff "
-                 "| peak MB | note |")
-        L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
+        L.append("| sampler | contender | options | NFE | median s | ratio | of medians | CPU s | CPU ratio | target "
+                 "| ok | max abs diff | peak MB | note |")
+        L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
         for r in rs:
             if r["contender"] == "-":
-                L.append(f"| {r['sampler']} | - | | | | | | | | | | {r['note']} |")
+                L.append(f"| {r['sampler']} | - | | | | | | | | | | | | {r['note']} |")
                 continue
             ok = "" if r["meets"] == "" else ("yes" if r["meets"] else "**no**")
             L.append(
                 f"| {r['sampler']} | {r['contender']} | {r['options']} | {r['nfe']} | {_g(r['median_s'], '.3f')} "
-                f"| {_g(r['ratio_paired'], '.3f')} | {_g(r['ratio_of_medians'], '.3f')} | {r['target']} | {ok} "
+                f"| {_g(r['ratio_paired'], '.3f')} | {_g(r['ratio_of_medians'], '.3f')} | {_g(r.get('median_cpu_s', ''), '.3f')} "
+                f"| {_g(r.get('ratio_cpu', ''), '.3f')} | {r['target']} | {ok} "
                 f"| {_g(r['max_abs_diff'], '.2g')} | {_g(r['peak_mem_mb'], '.1f')} | {r['note']} |")
         L.append("")
     return L

@@ -84,7 +84,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 def cmd_sample(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"score-toolkit sample: error: {err}", file=sys.stderr)
         return 2
 

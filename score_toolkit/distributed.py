@@ -153,74 +153,47 @@ def sample_to_folder(
     }
     num_shards = math.ceil(num_samples / shard_size)
 
-    # ---- main process: check the folder, read what is already done; every process learns the outcome
-    plan: dict[str, Any] = {}
-    created = False
-    if is_main:
-        try:
-            created = not out.exists()
-            plan = _prepare_folder(out, run, num_shards, overwrite)
-        except Exception as err:  # reported to every process below
-            plan = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
-    plan = _broadcast(accelerator, plan)
-    if "error" in plan:
-        raise _error(plan)
-
-    done: set[int] = set(plan["done"])
+    # the main process checks the folder and reads what is done; every process learns the outcome
+    created = is_main and not out.exists()
+    plan = _on_main(accelerator, _prepare_folder, out, run, num_shards, overwrite)
     nfe: list[int] = []
     written = 0
     try:
-        if not plan["complete"]:
-            todo = [s for s in range(num_shards) if s not in done]
-            rank, nproc = accelerator.process_index, accelerator.num_processes
-            bar = _progress(progress and is_main, sum(
-                _share(math.ceil((min((t + 1) * shard_size, num_samples) - t * shard_size) / batch_size), nproc, rank)
-                for t in todo))
-            for s in todo:
-                start, stop = s * shard_size, min((s + 1) * shard_size, num_samples)
-                blocks = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
-                mine = []
-                with accelerator.split_between_processes(blocks) as my_blocks:
-                    for b0, b1 in my_blocks:
-                        gens = per_sample_generators(seed, range(b0, b1))
-                        res = pipeline(shape=(b1 - b0, *sample_shape), sampler=sampler_obj, generator=gens,
-                                       output_type="pt", network_batch_size=network_batch_size)
-                        mine.append((b0, res.samples.detach().to("cpu"), res.nfe, rank))
-                        if bar is not None:
-                            bar.update(1)
-                from accelerate.utils import gather_object
-
-                gathered = gather_object(mine) if accelerator.num_processes > 1 else mine
-                status: dict[str, Any] = {}
-                if is_main:
-                    try:
-                        nfe += _write_shard(out, s, start, stop, gathered, accelerator.num_processes)
-                    except Exception as err:
-                        status = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
-                status = _broadcast(accelerator, status)
-                if "error" in status:
-                    raise _error(status)
-                written += 1
-            if bar is not None:
-                bar.close()
-        final: dict[str, Any] = {}
-        if is_main:
-            try:
-                final = _finish(out, num_shards, max_grid)
-            except Exception as err:
-                final = {"error": f"{type(err).__name__}: {err}", "error_type": type(err).__name__}
-        final = _broadcast(accelerator, final)
-        if "error" in final:
-            raise _error(final)
+        todo = [] if plan["complete"] else [s for s in range(num_shards) if s not in set(plan["done"])]
+        rank, nproc = accelerator.process_index, accelerator.num_processes
+        shard_blocks = {s: _blocks(s, shard_size, num_samples, batch_size) for s in todo}
+        bar = _progress(progress and is_main, sum(_share(len(b), nproc, rank) for b in shard_blocks.values()))
+        for s, blocks in shard_blocks.items():
+            mine = []
+            with accelerator.split_between_processes(blocks) as my_blocks:
+                for b0, b1 in my_blocks:
+                    res = pipeline(shape=(b1 - b0, *sample_shape), sampler=sampler_obj,
+                                   generator=per_sample_generators(seed, range(b0, b1)), output_type="pt",
+                                   network_batch_size=network_batch_size)
+                    mine.append((b0, res.samples.detach().to("cpu"), res.nfe, rank))
+                    if bar is not None:
+                        bar.update(1)
+            gathered = _gather(accelerator, mine)
+            nfe += _on_main(accelerator, _write_shard, out, s, blocks, gathered, nproc)["nfe"]
+            written += 1
+        if bar is not None:
+            bar.close()
+        final = _on_main(accelerator, _finish, out, num_shards, max_grid)
     except BaseException:
         if is_main:
             _remove_if_nothing_kept(out, created)
         raise
     picture = Path(final["picture"]) if final.get("picture") else None
     return SampleRunResult(output_dir=out, samples_file=out / SAMPLES_NAME, picture=picture, num_samples=num_samples,
-                           num_processes=accelerator.num_processes, shards_written=written,
-                           shards_skipped=num_shards - written if not plan["complete"] else num_shards,
+                           num_processes=nproc, shards_written=written, shards_skipped=num_shards - written,
                            nfe_per_batch=nfe)
+
+
+def _blocks(shard: int, shard_size: int, num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """The blocks ``[b0, b1)`` of global indices of a shard: ``batch_size`` consecutive indices each (the
+    last one of the run may be shorter), aligned to multiples of ``batch_size``."""
+    start, stop = shard * shard_size, min((shard + 1) * shard_size, num_samples)
+    return [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
 
 
 def load_samples(folder_or_file: str | os.PathLike) -> torch.Tensor:
@@ -237,25 +210,53 @@ def load_samples(folder_or_file: str | os.PathLike) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- helpers
 class _RemoteError(RuntimeError):
-    pass
+    """An error of the main process, re-raised on the other processes."""
+
+
+def _on_main(accelerator, fn, *args) -> dict[str, Any]:
+    """Run ``fn`` on the main process only and hand its result (a dict) to every process; an exception on the
+    main process is raised on every process (so that none waits forever for the others)."""
+    result: dict[str, Any] = {}
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            result = fn(*args)
+        except Exception as err:
+            error = err
+            result = _status(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [result]
+        broadcast_object_list(box, from_process=0)
+        result = box[0]
+    if error is not None:
+        raise error
+    if "error" in result:
+        raise _error(result)
+    return result
+
+
+def _gather(accelerator, items: list) -> list:
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def _status(err: Exception) -> dict[str, Any]:
+    if isinstance(err, OSError) and err.errno is not None:
+        return {"error": err.strerror or str(err), "error_type": "OSError", "errno": err.errno}
+    return {"error": str(err), "error_type": type(err).__name__}
 
 
 def _error(status: Mapping[str, Any]) -> Exception:
+    if status.get("errno") is not None:
+        return OSError(status["errno"], status["error"])
     kinds = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError,
-             "PermissionError": PermissionError, "FileExistsError": FileExistsError, "OSError": OSError,
-             "NotADirectoryError": NotADirectoryError}
-    message = status["error"].split(": ", 1)[-1]
-    return kinds.get(status.get("error_type"), _RemoteError)(message)
-
-
-def _broadcast(accelerator, obj: dict[str, Any]) -> dict[str, Any]:
-    if accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    box = [obj]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+             "FileExistsError": FileExistsError, "NotADirectoryError": NotADirectoryError, "OSError": OSError}
+    return kinds.get(status.get("error_type"), _RemoteError)(status["error"])
 
 
 def _progress(enabled: bool, total: int):
@@ -329,7 +330,7 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt run manifest {path}: {err}; pass overwrite=True to start the run again") from err
+        raise ValueError(f"corrupt run manifest {path}: {err}; pass overwrite=True (--overwrite) to start the run again") from err
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a score_toolkit sample-run manifest (expected format {_FORMAT!r})")
     return manifest
@@ -343,8 +344,8 @@ def _check_writable(out: Path) -> None:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
         os.close(fd)
         os.unlink(probe)
-    except OSError as err:
-        raise PermissionError(f"cannot write samples to the folder {out}: {err.strerror or err}") from err
+    except OSError as err:  # OSError(errno, ...) is PermissionError, NotADirectoryError, ... as the errno says
+        raise OSError(err.errno, f"cannot write samples to the folder {out}: {err.strerror or err}") from err
 
 
 def _clear(out: Path) -> None:
@@ -362,13 +363,13 @@ def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: 
     if overwrite:
         _clear(out)
     elif manifest is None and (out / SAMPLES_NAME).exists():
-        raise FileExistsError(f"{out / SAMPLES_NAME} exists without a run manifest; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out / SAMPLES_NAME} exists without a run manifest; pass overwrite=True (--overwrite) to replace it")
     if manifest is not None and manifest.get("run") != run:
         old = manifest.get("run") or {}
         diff = [f"{k}: {old.get(k)!r} -> {run[k]!r}" for k in run if old.get(k) != run[k]]
         raise ValueError(
             f"the folder {out} holds another sampling run ({'; '.join(diff) or 'different settings'}); "
-            f"choose another folder or pass overwrite=True to replace it"
+            f"choose another folder or pass overwrite=True (--overwrite) to replace it"
         )
     if manifest is None:
         manifest = {"format": _FORMAT, "version": 1, "run": run, "shards": {}, "complete": False}
@@ -387,9 +388,10 @@ def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: 
     return {"done": sorted(done), "complete": False}
 
 
-def _write_shard(out: Path, s: int, start: int, stop: int, gathered, num_processes: int) -> list[int]:
+def _write_shard(out: Path, s: int, blocks: list[tuple[int, int]], gathered, num_processes: int) -> dict[str, Any]:
     from safetensors.torch import save_file
 
+    start, stop = blocks[0][0], blocks[-1][1]
     parts = sorted({b0: (b0, x, n, r) for b0, x, n, r in gathered}.values(), key=lambda p: p[0])
     samples = torch.cat([p[1] for p in parts])
     expected = list(range(start, stop))
@@ -409,7 +411,7 @@ def _write_shard(out: Path, s: int, start: int, stop: int, gathered, num_process
                                   "num_processes": num_processes, "samples_per_rank": ranks,
                                   "nfe_per_batch": [int(p[2]) for p in parts]}
     _write_json(out / MANIFEST_NAME, manifest)
-    return [int(p[2]) for p in parts]
+    return {"nfe": [int(p[2]) for p in parts]}
 
 
 def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:

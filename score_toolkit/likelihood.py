@@ -54,10 +54,12 @@ __all__ = [
     "dequantized_bits_per_dim",
     "DIVERGENCES",
     "PROBES",
+    "TIME_VARIABLES",
     "METHODS",
 ]
 
 DIVERGENCES = ("exact", "hutchinson")
+TIME_VARIABLES = ("log_sigma", "t")
 PROBES = ("rademacher", "gaussian")
 #: torchdiffeq methods: name -> adaptive?
 METHODS: dict[str, bool] = {
@@ -153,10 +155,58 @@ class LikelihoodResult:
 
 
 # ============================================================================================ the ODE
+class _TimeVariable:
+    """The integration variable tau and the map to the ODE in it (see :func:`log_likelihood`, ``time_variable``).
+
+    With ``x = c(tau) y`` (y the solver's state), ``dy/dtau = A y + B s(x, t)`` and
+    ``d(int div)/dtau = A d + B c div_x s``:
+
+    * ``"t"``: tau = t, c = 1, A = f(t), B = -g(t)^2 / 2 (Song et al. 2021, eq. 13);
+    * ``"log_sigma"``: tau = ln(sigma / alpha), y = x / alpha, c = alpha, A = 0, B = -(sigma / alpha)^2 alpha
+      (the probability-flow ODE of the scaled state, Karras et al. 2022, eq. 4, in the log of its noise level;
+      ``g^2 dt / 2 = alpha^2 s~ ds~`` with ``s~ = sigma / alpha``). Its right-hand side is smooth whenever the score
+      is, even when f and g are not (e.g. :class:`~score_toolkit.processes.DiscreteVP`'s piecewise-constant
+      coefficients, which make an adaptive solver stop at each of its N knots in t).
+    """
+
+    def __init__(self, kind: str, process: Process, t_lo: float, t_hi: float):
+        self.kind, self.process = kind, process
+        self.t_lo, self.t_hi = t_lo, t_hi
+        ends = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+        if kind == "t":
+            self.lo, self.hi = t_lo, t_hi
+            self.log_c_lo = self.log_c_hi = 0.0
+        else:
+            log_s = torch.log(process.noise_to_signal(ends))
+            self.lo, self.hi = float(log_s[0]), float(log_s[1])
+            la = process.log_alpha(ends)
+            self.log_c_lo, self.log_c_hi = float(la[0]), float(la[1])
+        if not self.lo < self.hi:
+            raise ValueError(f"log_likelihood: the process's noise level must grow from t_min to 1, found "
+                             f"{kind} from {self.lo:g} to {self.hi:g}")
+
+    def to_tau(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.kind == "t" else torch.log(self.process.noise_to_signal(t))
+
+    def coefficients(self, tau: float) -> tuple[float, float, float, float]:
+        """(t, c, A, B) at tau (clamped into the interval: adaptive solvers probe outside it)."""
+        tau = min(max(tau, self.lo), self.hi)
+        if self.kind == "t":
+            tt = torch.tensor([tau], dtype=torch.float64)
+            f = float(self.process.drift_coef(tt))
+            g2 = float(self.process.diffusion_squared(tt).clamp_min(0))
+            return tau, 1.0, f, -0.5 * g2
+        st = math.exp(tau)
+        t = float(self.process.t_from_noise_to_signal(torch.tensor([st], dtype=torch.float64)))
+        t = min(max(t, self.t_lo), self.t_hi)
+        alpha = float(self.process.alpha(torch.tensor([t], dtype=torch.float64)))
+        return t, alpha, 0.0, -st * st * alpha
+
+
 class _AugmentedDynamics:
     """Right-hand side of the augmented ODE on a flat state (B, D + C): C = 1 (exact) or K (per probe)."""
 
-    def __init__(self, score_fn, process: Process, shape, divergence: str, probes, t_lo: float, t_hi: float,
+    def __init__(self, score_fn, process: Process, shape, divergence: str, probes, variable: _TimeVariable,
                  max_num_steps: int | None):
         self.score_fn = score_fn
         self.process = process
@@ -165,17 +215,13 @@ class _AugmentedDynamics:
         self.dim = math.prod(self.shape[1:])
         self.divergence = divergence
         self.probes = probes  # (K, B, ...) or None
-        self.t_lo, self.t_hi = t_lo, t_hi
+        self.variable = variable
         self.max_num_steps = max_num_steps
         self.nfe = 0
         self.steps = 0
-        self.t = t_lo
+        self.t = variable.t_lo
         self._basis = None
         self._vjp_state: dict = {}
-
-    def _coefficients(self, t: float) -> tuple[float, float]:
-        tt = torch.tensor([t], dtype=torch.float64)
-        return float(self.process.drift_coef(tt)), float(self.process.diffusion_squared(tt).clamp_min(0))
 
     def _divergence(self, s: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
         if not s.requires_grad:
@@ -199,37 +245,33 @@ class _AugmentedDynamics:
             total = total + rows[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
         return total[:, None]
 
-    def __call__(self, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        t_raw = float(t)
-        # adaptive solvers probe times outside [t_lo, t_hi] (step overshoot, initial step guess)
-        tc = min(max(t_raw, self.t_lo), self.t_hi)
-        x = state[:, : self.dim].reshape(self.shape)
-        t_vec = torch.full((self.batch,), tc, dtype=x.dtype, device=x.device)
-        f, g2 = self._coefficients(tc)
+    def __call__(self, tau: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        t, c, a, b = self.variable.coefficients(float(tau))
+        y = state[:, : self.dim].reshape(self.shape)
+        t_vec = torch.full((self.batch,), t, dtype=y.dtype, device=y.device)
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            xg = (c * y).detach().requires_grad_(True)
             s = self.score_fn(xg, t_vec)
-            _check_score_output(s, x)
+            _check_score_output(s, xg)
             div_s = self._divergence(s, xg)
         self.nfe += 1
-        s = s.detach()
-        dx = f * x - (0.5 * g2) * s
-        ddiv = f * self.dim - (0.5 * g2) * div_s.detach()
-        out = torch.cat([dx.reshape(self.batch, self.dim), ddiv.to(dx.dtype)], 1)
+        dy = a * y + b * s.detach()
+        ddiv = a * self.dim + (b * c) * div_s.detach()
+        out = torch.cat([dy.reshape(self.batch, self.dim), ddiv.to(dy.dtype)], 1)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).any(1).sum())
             raise NonFiniteError(
-                f"log_likelihood: the score or its divergence became NaN or infinite at t = {tc:.6g} (step "
+                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t:.6g} (step "
                 f"{self.steps}, evaluation {self.nfe}) in {bad} of {self.batch} samples; check the score function "
                 f"and that the data lie where the model is defined"
             )
         return out
 
-    def callback_step(self, t0, y0, dt) -> None:
+    def callback_step(self, tau0, y0, dt) -> None:
         self.steps += 1
-        self.t = float(t0)
+        self.t = self.variable.coefficients(float(tau0))[0]
         if self.max_num_steps is not None and self.steps > self.max_num_steps:
-            raise SolverError(_too_many_steps(self.max_num_steps, self.t, self.t_hi))
+            raise SolverError(_too_many_steps(self.max_num_steps, self.t, self.variable.t_hi))
 
 
 def _batched_vjp(s: torch.Tensor, xg: torch.Tensor, grads: torch.Tensor, state: dict) -> torch.Tensor:
@@ -296,15 +338,17 @@ def _probes(kind: str, num: int, shape, generators, dtype, device) -> torch.Tens
 
 
 def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol, grid, max_num_steps,
-                 per_sample_norm, t_lo, t_hi, prior_log_prob):
+                 per_sample_norm, variable: _TimeVariable, prior_log_prob):
     import torchdiffeq
 
-    func = _AugmentedDynamics(score_fn, process, x.shape, divergence, probes, t_lo, t_hi,
+    t_hi = variable.t_hi
+    func = _AugmentedDynamics(score_fn, process, x.shape, divergence, probes, variable,
                               max_num_steps if METHODS[method] else None)
     comps = 1 if probes is None else probes.shape[0]
-    y0 = torch.cat([x.reshape(x.shape[0], -1), torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
+    y_start = x.reshape(x.shape[0], -1) * math.exp(-variable.log_c_lo)
+    y0 = torch.cat([y_start, torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
     if METHODS[method]:
-        span = torch.tensor([t_lo, t_hi], dtype=torch.float64, device=x.device)
+        span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
         norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
         options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
         try:
@@ -325,8 +369,9 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
         ts = grid.to(x.device)
         y1 = torchdiffeq.odeint(func, y0, ts[[0, -1]], method=method,
                                 options={"grid_constructor": lambda f, y, t: ts.to(t)})[-1]
-    x1 = y1[:, : func.dim].reshape(x.shape)
-    per_probe = y1[:, func.dim :]  # (B, C)
+    x1 = (y1[:, : func.dim] * math.exp(variable.log_c_hi)).reshape(x.shape)
+    # the divergence of A y integrates to d (ln c(tau_hi) - ln c(tau_lo)) when it is not in A (log_sigma)
+    per_probe = y1[:, func.dim :] + (0.0 if variable.kind == "t" else func.dim * (variable.log_c_hi - variable.log_c_lo))
     delta = per_probe.mean(1)
     if comps > 1:
         std_err = per_probe.std(1) / math.sqrt(comps)
@@ -469,6 +514,7 @@ def log_likelihood(
     grid: str = "uniform",
     max_num_steps: int | None = None,
     per_sample_norm: bool = True,
+    time_variable: str = "log_sigma",
     t_min: float | None = None,
     prior_log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int | None = None,
@@ -499,6 +545,11 @@ def log_likelihood(
         per_sample_norm: error norm = max over samples of each sample's RMS (of x and of its log-density
             components), so every sample meets the tolerance by itself; ``False``: RMS over the whole batch
             (score_sde's choice; a hard sample among easy ones may then end far less accurate).
+        time_variable: the variable the solver integrates in: ``"log_sigma"`` (default), ``tau = ln(sigma / alpha)``
+            with the scaled state ``x / alpha`` (smooth in tau whenever the score is smooth, for every process,
+            including a discrete DDPM table whose coefficients jump at each of its N steps), or ``"t"``, the
+            process's own time (``dx/dt = f x - g^2 s / 2``). Both give the same ODE solution; they differ in where
+            the solver puts its steps. For VE processes they coincide up to a linear change of variable.
         t_min: start of the integration (default ``process.t_min``).
         prior_log_prob: ``log p_1`` (default ``process.prior_log_prob``, the Gaussian prior).
         batch_size: samples per solve (default 256). Samples are solved in chunks of consecutive global
@@ -549,9 +600,14 @@ def log_likelihood(
         raise ValueError("log_likelihood: with an accelerator pass seed (per-sample probes by global index), "
                          "not generator")
     seed = 0 if seed is None and generator is None else seed
-    grid_t = None
+    if time_variable not in TIME_VARIABLES:
+        raise ValueError(f"log_likelihood: expected time_variable in {TIME_VARIABLES}, found {time_variable!r}")
+    variable = _TimeVariable(time_variable, process, t_lo, t_hi)
+    grid_tau = None
     if not METHODS[method]:
         grid_t = process.time_grid(num_steps, grid, t_min=t_lo, t_max=t_hi, dtype=torch.float64).flip(0)
+        grid_tau = variable.to_tau(grid_t)
+        grid_tau[0], grid_tau[-1] = variable.lo, variable.hi
 
     rank, world = 0, 1
     if accelerator is not None:
@@ -574,8 +630,8 @@ def log_likelihood(
                     gens = generator
                 probes = _probes(probe, num_probes, xc.shape, gens, xc.dtype, xc.device)
             out = _solve_chunk(score_fn, process, xc, divergence=divergence, probes=probes, method=method, rtol=rtol,
-                               atol=atol, grid=grid_t, max_num_steps=max_num_steps, per_sample_norm=per_sample_norm,
-                               t_lo=t_lo, t_hi=t_hi, prior_log_prob=prior)
+                               atol=atol, grid=grid_tau, max_num_steps=max_num_steps, per_sample_norm=per_sample_norm,
+                               variable=variable, prior_log_prob=prior)
             outputs.append((lo, hi, out))
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have been told
         if world == 1:
@@ -596,7 +652,8 @@ def log_likelihood(
         total_nfe += int(out["nfe"])
         if latent is not None:
             latent[lo:hi] = out["latent"]
-    info = {"method": method, "batch_size": bs, "per_sample_norm": per_sample_norm, "num_processes": world}
+    info = {"method": method, "time_variable": time_variable, "batch_size": bs, "per_sample_norm": per_sample_norm,
+            "num_processes": world}
     if METHODS[method]:
         info.update(rtol=rtol, atol=atol, max_num_steps=max_num_steps)
     else:

@@ -32,7 +32,12 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+# Imported here so that ``import score_toolkit.pipeline`` makes every component class that score_toolkit writes
+# into model_index.json loadable by DiffusionPipeline.from_pretrained (diffusers only looks in sys.modules).
+from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
+from . import schedulers as _schedulers  # noqa: F401
 from ._utils import GeneratorLike
+from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
 
 __all__ = [

@@ -1,0 +1,264 @@
+"""The ``evaluate`` and ``plot`` commands.
+
+``score-toolkit evaluate``: draw samples from a model with a registered sampler, time the draw, and judge the
+samples (:mod:`score_toolkit.evaluation`): sliced W2, energy distance, MMD and mode coverage for vector data
+(against a reference data set or the analytic distribution), the classifier Frechet distance, confidence and
+class histogram for the digits. Every report gives the NFE and wall time of the sampling. ``--pictures DIR``
+writes PNGs: samples (an image grid, or a 2-D scatter over the true density's contours or the reference's
+histogram), trajectories of a few samples, and, for 2-D models, the score field as arrows.
+
+    score-toolkit evaluate --model hub_cards/digits --sampler ancestral --option num_steps=500 --num-samples 900
+    score-toolkit evaluate --model analytic:ring --process VP --sampler pf_ode --pictures out/
+
+``score-toolkit plot error-vs-nfe --csv benchmarks/results/samplers_accuracy.csv --out nfe.png``: error-vs-NFE
+curves from the sampler benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .cli_likelihood import ANALYTIC_MODELS, ANALYTIC_PROCESSES, CLIError, load_data, load_score_model, write_json
+
+__all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot", "main"]
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise CLIError(f"expected --option KEY=VALUE, found {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        import yaml
+
+        value = yaml.safe_load(raw)
+    except Exception:  # noqa: BLE001 - not YAML: keep the string
+        value = raw
+    return key.strip(), value
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help=f"a pipeline folder or analytic:<name> ({', '.join(ANALYTIC_MODELS)}) with --process")
+    p.add_argument("--process", choices=ANALYTIC_PROCESSES, default=None, help="process of an analytic model")
+    p.add_argument("--sampler", default="pf_ode", help="a registered sampler (score-toolkit samplers lists them)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler option, e.g. --option num_steps=100 (YAML values; repeatable)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples to draw (default 900 for the digits, comparable with the two-halves floor; 1000 else)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded by (seed, i)")
+    p.add_argument("--kind", choices=("auto", "vectors", "digits"), default="auto",
+                   help="auto: digits for (1, 8, 8) samples, vectors otherwise")
+    p.add_argument("--reference", default=None,
+                   help="vectors: a dataset name or a .npy/.safetensors file to judge against (default for analytic "
+                        "models: the exact distribution)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None, help="write the report as JSON")
+    p.add_argument("--markdown", default=None, help="write the report as a Markdown table")
+    p.add_argument("--pictures", default=None, metavar="DIR", help="write samples.png, trajectories.png and (2-D) "
+                                                                    "score_field.png there")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_evaluate_parser(subparsers) -> None:
+    """Declare the ``evaluate`` subcommand (for score_toolkit.cli)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="sample a model and judge the samples (SW2, energy distance, MMD, modes; digits Frechet distance)",
+        description=__doc__.split("\n\n")[1],
+    )
+    _configure_evaluate(p)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except CLIError as err:
+        print(f"score-toolkit evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as err:
+        print(f"score-toolkit evaluate: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import evaluation as E
+    from ._utils import per_sample_generators
+    from .cli_likelihood import _device, _dtype
+    from .registry import get_sampler
+
+    device, dtype = _device(args.device), _dtype(args.dtype, args.model)
+    model = load_score_model(args.model, args.process, device=device, dtype=dtype)
+    shape = tuple(model["sample_shape"])
+    kind = args.kind if args.kind != "auto" else ("digits" if shape == (1, 8, 8) else "vectors")
+    if kind == "digits" and shape != (1, 8, 8):
+        raise CLIError(f"--kind digits needs a model of 8x8 grey images, found sample shape {shape}")
+    if kind == "digits" and args.reference is not None:
+        raise CLIError("--reference applies to vector data (the digits are judged against the real digits)")
+    n = args.num_samples or (900 if kind == "digits" else 1000)
+    if n < 2:
+        raise CLIError(f"expected --num-samples >= 2, found {n}")
+    options = dict(_parse_option(o) for o in args.option)
+    sampler = get_sampler(args.sampler, **options)
+    reference = None
+    if kind == "vectors":
+        if args.reference is not None:
+            import os
+
+            is_file = os.path.splitext(args.reference)[1] in (".npy", ".safetensors")
+            reference, _ = load_data(None if is_file else args.reference, args.reference if is_file else None,
+                                     num_samples=None, model=model, seed=args.seed, dtype=torch.float64)
+        elif model["mixture"] is None:
+            raise CLIError("vector models need --reference (a dataset name or a file) to be judged against")
+    gens = per_sample_generators(args.seed, range(n), device=device)
+    report, out = E.sample_and_evaluate(model["score_fn"], model["process"], sampler, shape=(n, *shape), kind=kind,
+                                       generator=gens, reference=reference, mixture=model["mixture"], dtype=dtype,
+                                       device=device)
+    report.details["model"] = model["description"]
+    print(report.to_markdown())
+    if args.output:
+        write_json(args.output, report.to_dict())
+        print(f"wrote {args.output}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(report.to_markdown() + "\n", encoding="utf-8")
+        print(f"wrote {args.markdown}")
+    if args.pictures:
+        for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
+                                   device=device, dtype=dtype):
+            print(f"wrote {path}")
+    return 0
+
+
+def write_pictures(folder, model: dict[str, Any], sampler, samples, reference=None, *, seed: int = 0, device=None,
+                   dtype=None, num_paths: int = 16) -> list:
+    """Pictures of a model's samples into ``folder``: ``samples.png``, ``trajectories.png`` (a re-run of the first
+    ``num_paths`` samples with ``return_trajectory=True``) and, for 2-D models, ``score_field.png`` at three times.
+    Returns the written paths."""
+    from pathlib import Path
+
+    import torch
+
+    from . import plotting as P
+    from ._utils import per_sample_generators
+
+    folder = Path(folder)
+    written = []
+    shape = tuple(model["sample_shape"])
+    process = model["process"]
+    is_image = len(shape) == 3 and shape[0] in (1, 3)
+    mixture, extent = model["mixture"], model["extent"]
+    k = min(num_paths, len(samples))
+    traj = sampler.sample(model["score_fn"], process, shape=(k, *shape), return_trajectory=True, dtype=dtype,
+                          device=device, generator=per_sample_generators(seed, range(k), device=device))
+    if is_image:
+        n = min(len(samples), 64)
+        written.append(P.save_png(P.image_grid(samples[:n].clamp(-1, 1), scale=4 if shape[-1] >= 16 else 8),
+                                  folder / "samples.png"))
+        written.append(P.save_png(P.trajectory_grid(traj.trajectory, num_samples=min(k, 8), times=traj.times,
+                                                    scale=4 if shape[-1] >= 16 else 6), folder / "trajectories.png"))
+    elif shape == (2,):
+        ext = extent or _extent_of(samples)
+        pts = samples.detach().double().cpu()
+        if mixture is not None:
+            panel = P.contour_panel(mixture.log_prob, ext, pts, title=f"{len(pts)} samples over the true density")
+            bg = P.contour_panel(mixture.log_prob, ext, shade=False)
+        else:
+            ref = reference if reference is not None else pts
+            panel = P.side_by_side([P.histogram_panel(ref.double(), ext, title="reference"),
+                                    P.scatter_panel(pts, ext, title="samples")])
+            bg = None
+        written.append(P.save_png(panel, folder / "samples.png"))
+        written.append(P.save_png(P.trajectory_panel([s.double().cpu() for s in traj.trajectory], ext, background=bg,
+                                                     title=f"{k} trajectories ({sampler.name})"),
+                                  folder / "trajectories.png"))
+        fields = []
+        for t in (max(process.t_min, 0.05), 0.3, 0.7):
+            def score(x, tt, _f=model["score_fn"]):
+                return _f(x.to(device=device, dtype=dtype), tt.to(device=device, dtype=dtype)).double().cpu()
+
+            fields.append(P.score_field_panel(score, ext, t, background=bg, title=f"score at t = {t:g}"))
+        written.append(P.save_png(P.side_by_side(fields), folder / "score_field.png"))
+    else:
+        # no picture of high-dimensional vectors but the first two coordinates
+        pts = samples.reshape(len(samples), -1)[:, :2].detach().double().cpu()
+        ext = _extent_of(pts)
+        written.append(P.save_png(P.scatter_panel(pts, ext, title="samples: first two coordinates"),
+                                  folder / "samples.png"))
+        path2d = [s.reshape(k, -1)[:, :2].double().cpu() for s in traj.trajectory]
+        written.append(P.save_png(P.trajectory_panel(path2d, _extent_of(torch.cat(path2d)),
+                                                     title="trajectories: first two coordinates"),
+                                  folder / "trajectories.png"))
+    return written
+
+
+def _extent_of(points) -> tuple[float, float, float, float]:
+    lo = points.min(0).values
+    hi = points.max(0).values
+    pad = 0.05 * (hi - lo).clamp_min(1e-6)
+    return (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def _configure_plot(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="plot_kind", metavar="KIND")
+    e = sub.add_parser("error-vs-nfe", help="error-vs-NFE curves from a sampler benchmark CSV",
+                       description="Error-vs-NFE curves from the sampler benchmark's CSV "
+                                   "(benchmarks/results/samplers_accuracy.csv): one panel per case and process, one "
+                                   "curve per sampler (and variant), the noise floor dashed when a <metric>_floor "
+                                   "column exists.")
+    e.add_argument("--csv", required=True, help="the CSV file (columns: nfe, the metric, optionally sampler, "
+                                                 "variant, case, process, <metric>_floor)")
+    e.add_argument("--metric", default=None, help="the error column (default: the first of wsw, sw, nll_gap, mwe, "
+                                                  "error, mmd, energy_distance present)")
+    e.add_argument("--linear-y", action="store_true", help="linear y axis (default log)")
+    e.add_argument("--out", required=True, help="the PNG to write")
+    p.set_defaults(func=cmd_plot)
+
+
+def add_plot_parser(subparsers) -> None:
+    """Declare the ``plot`` subcommand (for score_toolkit.cli)."""
+    p = subparsers.add_parser("plot", help="pictures from benchmark results (error-vs-NFE curves)",
+                              description="Pictures from files: 'plot error-vs-nfe'. Pictures of a model's samples, "
+                                          "trajectories and score field come from 'evaluate --pictures DIR'.")
+    _configure_plot(p)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    if getattr(args, "plot_kind", None) != "error-vs-nfe":
+        print("score-toolkit plot: error: expected a kind: error-vs-nfe", file=sys.stderr)
+        return 2
+    from . import plotting as P
+
+    try:
+        img = P.error_vs_nfe_chart(args.csv, args.metric, log_y=not args.linear_y)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"score-toolkit plot: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {P.save_png(img, args.out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m score_toolkit.cli_evaluate evaluate|plot ...``."""
+    parser = argparse.ArgumentParser(prog="score-toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_evaluate_parser(sub)
+    add_plot_parser(sub)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
