@@ -161,7 +161,14 @@ def _pf_ode_sweep(name: str, cls, case: str) -> list[Variant]:
     return out
 
 
+def _adaptive_sde_sweep(name: str, cls, case: str) -> list[Variant]:
+    if "eps_rel" not in cls.options:  # Jolicoeur-Martineau et al.'s names; otherwise the generic rtol / atol
+        return generic_sweep(name, cls, case)
+    return [Variant("eps_abs default", [{"eps_rel": e} for e in (0.2, 0.1, 0.05, 0.02, 0.01)])]
+
+
 SWEEPS: dict[str, Callable[[str, Any, str], list[Variant]]] = {
+    "adaptive_sde": _adaptive_sde_sweep,
     "predictor_corrector": _pc_sweep,
     "annealed_langevin": _annealed_sweep,
     "langevin": _langevin_sweep,
@@ -1011,10 +1018,10 @@ def plot_accuracy(args, rows: list[dict], out_dir: Path, tag: str, log) -> dict[
     plots = {}
     metrics = [("wsw_ratio", "within-mode SW2 / floor"), ("nll_ratio", "|mean-NLL gap| / floor")]
     for case in args.cases:
-        fig, axes = plt.subplots(len(metrics), len(args.processes), figsize=(6.0 * len(args.processes), 8.5),
+        fig, axes = plt.subplots(len(metrics), len(args.processes), figsize=(6.5 * len(args.processes), 10.5),
                                  squeeze=False, sharex=True)
         curves = dict.fromkeys((r["sampler"], r["variant"]) for r in rows if r["case"] == case and not r["error"])
-        cmap = plt.get_cmap("tab20")
+        cmap = plt.get_cmap("tab20")  # 10 colours (even indices), then line style and marker change
         for j, proc in enumerate(args.processes):
             for i, (key, ylabel) in enumerate(metrics):
                 ax = axes[i][j]
@@ -1024,8 +1031,8 @@ def plot_accuracy(args, rows: list[dict], out_dir: Path, tag: str, log) -> dict[
                     if not rs:
                         continue
                     label = s if v in ("defaults",) else f"{s} ({v})"
-                    ax.plot([r["nfe"] for r in rs], [max(r[key], 1e-3) for r in rs], marker="o", ms=3,
-                            color=cmap(k % 20), label=label)
+                    ax.plot([r["nfe"] for r in rs], [max(r[key], 1e-3) for r in rs], marker="os^D"[k // 10 % 4], ms=3,
+                            ls=("-", "--", ":")[k // 10 % 3], color=cmap(k % 10 * 2), label=label)
                 ax.axhline(CRITERION, color="k", ls="--", lw=1)
                 ax.axhline(1.0, color="gray", ls=":", lw=1)
                 ax.set_xscale("log")
@@ -1036,9 +1043,9 @@ def plot_accuracy(args, rows: list[dict], out_dir: Path, tag: str, log) -> dict[
                     ax.set_xlabel("NFE")
                 ax.grid(True, which="both", alpha=0.2)
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5, frameon=False)
         fig.suptitle(f"{CASES[case][0]}: error / noise floor vs NFE (N = {args.n}; dashed: {CRITERION}x)")
-        fig.tight_layout(rect=(0, 0.12, 1, 0.97))
+        fig.tight_layout(rect=(0, 0.2, 1, 0.97))
         name = f"{tag}_{case}.png"
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)

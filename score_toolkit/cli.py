@@ -142,11 +142,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+from .cli_evaluate import add_evaluate_parser as _add_evaluate  # noqa: E402  (argparse-only module)
+from .cli_evaluate import add_plot_parser as _add_plot  # noqa: E402  (argparse-only module)
+from .cli_likelihood import add_likelihood_parser as _add_likelihood  # noqa: E402  (argparse-only module)
 from .cli_sample import add_sample_parser as _add_sample  # noqa: E402  (argparse-only module: --help stays fast)
-
 from .cli_train import add_train_parser as _add_train  # noqa: E402  (argparse-only module)
 
-COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample]
+COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample, _add_likelihood,
+                                         _add_evaluate, _add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,8 +172,11 @@ def evaluate_vectors(samples: torch.Tensor, *, nfe: int, wall_time_s: float, ref
     expected count; larger is better, out of ``details['num_modes']``) and ``within_mode_sliced_w2``; with a
     reference set: ``coverage`` and ``density`` (:func:`coverage_density`; near 1 is best).
 
-    Floors: the same metrics between two independent exact sets of ``n`` (mixture), or between two disjoint
-    subsets of ``n`` reference points when the reference holds at least ``2 n`` (else floors are left out).
+    With a reference set of at least ``2 n`` points, the samples are judged against ``n`` of them and the floors
+    are the same metrics for another disjoint ``n`` of them (like for like: coverage in particular depends on the
+    ratio of the two set sizes, ``1 - e^{-k}`` for equal sizes); with fewer, the samples are judged against the
+    whole reference and floors are left out. With only a mixture, the reference is ``n`` exact draws and the floors
+    compare two other independent sets of ``n`` exact draws.
     ``nfe`` and ``wall_time_s`` describe the sampling judged (pass 0 for real data)."""
     nfe, wall_time_s = _check_timing(nfe, wall_time_s)
     check_tensor(samples, "samples", min_rank=2)
@@ -195,16 +198,20 @@ def evaluate_vectors(samples: torch.Tensor, *, nfe: int, wall_time_s: float, ref
         if ref.shape[1] != x.shape[1]:
             raise ValueError(f"expected samples and reference with the same number of features, found {x.shape[1]} "
                              f"and {ref.shape[1]}")
-        info["reference"] = f"{len(ref)} reference points"
-        metrics.update(_split_metrics(x, ref, seed, num_projections))
-        metrics["coverage"], metrics["density"] = coverage_density(x, ref, coverage_k)
         if len(ref) >= 2 * n:
+            # like for like: the samples and the floor's pair are all judged against the same n reference points
             perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed + 1))
             a, b = ref[perm[:n]], ref[perm[n:2 * n]]
+            metrics.update(_split_metrics(x, b, seed, num_projections))
+            metrics["coverage"], metrics["density"] = coverage_density(x, b, coverage_k)
             floors.update(_split_metrics(a, b, seed, num_projections))
             floors["coverage"], floors["density"] = coverage_density(a, b, coverage_k)
-            info["floor"] = f"two disjoint random subsets of {n} reference points"
+            info["reference"] = f"{n} of the {len(ref)} reference points"
+            info["floor"] = f"another disjoint random subset of {n} reference points, judged the same way"
         else:
+            metrics.update(_split_metrics(x, ref, seed, num_projections))
+            metrics["coverage"], metrics["density"] = coverage_density(x, ref, coverage_k)
+            info["reference"] = f"all {len(ref)} reference points"
             info["floor"] = f"none: the reference holds fewer than 2 x {n} points"
     if mixture is not None:
         if x.shape[1] != mixture.dim:
