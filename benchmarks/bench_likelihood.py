@@ -19,8 +19,14 @@ known) under VP. Each row gives NFE, median wall time, the ratio to score_sde's 
 analytic cases the mean |log p - exact log p_{t_min}| (with the exact p_1 as prior, so that the solver's and the
 Hutchinson estimate's errors are measured alone).
 
+It also records the digits evaluation floor (the Frechet distance between two halves of the real digits in the
+shipped classifier's feature space), and with ``--digits-model FOLDER`` the model's own numbers: the Frechet distance,
+confidence and class histogram of 900 samples, and its bits/dim on 64 real digits (17 levels, uniform
+dequantization, Hutchinson with 4 probes; the digits model trains on all 1797, so this is a training-set number).
+
     python benchmarks/bench_likelihood.py                # writes benchmarks/results/likelihood.md
     python benchmarks/bench_likelihood.py --quick        # one repetition, fewer samples
+    python benchmarks/bench_likelihood.py --digits-model hub_cards/digits   # + the shipped digits model (~15 min)
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -114,15 +121,15 @@ def run(args) -> list[dict]:
         gens = [torch.Generator().manual_seed(7 * 1_000_003 + i) for i in range(len(x))]
         probe = _probes("rademacher", 1, x.shape, gens, x.dtype, x.device)[0]
         contenders = {
-            "score_sde (scipy RK45, 1 probe)": lambda: score_sde_log_likelihood(score_fn, proc, x, probe),
-            "ours, same criterion (dopri5 in t, batch norm, 1 probe)": lambda: _ours(
-                score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7, time_variable="t",
+            "score_sde (scipy RK45, 1 probe)": partial(score_sde_log_likelihood, score_fn, proc, x, probe),
+            "ours, same criterion (dopri5 in t, batch norm, 1 probe)": partial(
+                _ours, score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7, time_variable="t",
                 per_sample_norm=False),
-            "ours, default (log-sigma, per-sample norm, 1 probe)": lambda: _ours(
-                score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7),
+            "ours, default (log-sigma, per-sample norm, 1 probe)": partial(
+                _ours, score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7),
         }
         if x.shape[1] <= 16:
-            contenders["ours, exact divergence (default solver)"] = lambda: _ours(score_fn, proc, x, prior)
+            contenders["ours, exact divergence (default solver)"] = partial(_ours, score_fn, proc, x, prior)
         order = list(contenders)
         times: dict[str, list[float]] = {k: [] for k in order}
         results: dict[str, tuple] = {}
@@ -154,7 +161,59 @@ def _ours(score_fn, proc, x, prior, **kw):
     return res.log_prob, res.nfe
 
 
-def write_report(rows, args, seconds: float) -> Path:
+def digits_part(args) -> list[str]:
+    """The digits floor, and the model's numbers with ``--digits-model``."""
+    from score_toolkit.evaluation import DIGITS_HALVES, digits_floor, evaluate_digits
+
+    floor = digits_floor()
+    lines = ["## Digits: evaluation floor" + (" and the model" if args.digits_model else ""), "",
+             f"Frechet distance in the shipped classifier's 64-dimensional penultimate features (hub_cards/"
+             f"digits_classifier, held-out accuracy in its README) between two halves of the real digits ({DIGITS_HALVES}): "
+             f"**{floor['frechet_distance']:.2f}** (the floor). Mean confidence on the even half "
+             f"{floor['mean_confidence']:.3f}, class-histogram TV {floor['class_histogram_tv']:.3f}.", ""]
+    if not args.digits_model:
+        return lines
+    from score_toolkit._utils import per_sample_generators
+    from score_toolkit.data import load_digits
+    from score_toolkit.digits_classifier import held_out_indices
+    from score_toolkit.hub import load_pipeline_components
+    from score_toolkit.likelihood import dequantized_bits_per_dim, to_levels
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.scores import ScoreAdapter
+
+    model, process, prediction_type, time_input = load_pipeline_components(args.digits_model)
+    score_fn = ScoreAdapter(model, process, prediction_type, time_input)
+    n = 900
+    sampler = get_sampler("ancestral", num_steps=500, denoise=True)
+    t0 = time.perf_counter()
+    out = sampler.sample(score_fn, process, shape=(n, 1, 8, 8), generator=per_sample_generators(0, range(n)))
+    wall = time.perf_counter() - t0
+    rep = evaluate_digits(out.samples, nfe=out.nfe, wall_time_s=wall)
+    print(rep.to_markdown(), flush=True)
+    images = load_digits().data[held_out_indices()][: args.digits_bpd_samples]
+    k = to_levels(images, levels=17, lo=-1.0, hi=1.0)
+    bpd = dequantized_bits_per_dim(score_fn, process, k, levels=17, scale=2.0, offset=-1.0, divergence="hutchinson",
+                                   num_probes=4, seed=0, batch_size=len(k))
+    sb = bpd.summary()
+    lines += [
+        f"Model `{args.digits_model}` ({type(model).__name__}, {prediction_type}, {process!r}):", "",
+        "| measurement | value | floor (real digits) |", "| --- | --- | --- |",
+        f"| Frechet distance, {n} samples (ancestral, 500 steps, final denoising; seeds 0..{n - 1}) | "
+        f"{rep.metrics['frechet_distance']:.2f} | {rep.floors['frechet_distance']:.2f} |",
+        f"| mean classifier confidence | {rep.metrics['mean_confidence']:.3f} | {rep.floors['mean_confidence']:.3f} |",
+        f"| class-histogram TV | {rep.metrics['class_histogram_tv']:.3f} | {rep.floors['class_histogram_tv']:.3f} |",
+        f"| class histogram (0..9) | {', '.join(map(str, rep.details['class_histogram']))} | - |",
+        f"| sampling: NFE, wall time | {rep.nfe}, {rep.wall_time_s:.0f} s | - |",
+        f"| bits/dim of {sb['num_samples']} digits (indices 1437.., training data of the model; 17 levels, "
+        f"x = 2 (k + u) / 17 - 1, 4 Rademacher probes) | "
+        f"{sb['mean_bpd']:.3f} +- {sb['std_err_mean_bpd']:.3f} | - |",
+        f"| likelihood: NFE, wall time | {sb['nfe']}, {sb['wall_time_s']:.0f} s | - |",
+        "",
+    ]
+    return lines
+
+
+def write_report(rows, args, seconds: float, extra: list[str]) -> Path:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
@@ -185,7 +244,7 @@ def write_report(rows, args, seconds: float) -> Path:
         diff = f"{r['diff_vs_same_criterion']:.2e}" if r.get("diff_vs_same_criterion") is not None else "-"
         lines.append(f"| {r['case']} | {r['contender']} | {r['n']} | {r['nfe']} | {r['nfe_ratio']:.2f} | "
                      f"{r['median_s']:.3f} | {r['time_ratio']:.2f} | {err} | {diff} |")
-    lines += ["", NOTES]
+    lines += ["", NOTES, "", *extra]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -216,11 +275,14 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "likelihood.md"))
+    p.add_argument("--digits-model", default=None, help="a digits pipeline folder to evaluate (e.g. hub_cards/digits)")
+    p.add_argument("--digits-bpd-samples", type=int, default=64, help="held-out digits for the bits/dim (default 64)")
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     start = time.time()
     rows = run(args)
-    path = write_report(rows, args, time.time() - start)
+    extra = digits_part(args)
+    path = write_report(rows, args, time.time() - start, extra)
     print(path.read_text())
     return 0
 

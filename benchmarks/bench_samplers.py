@@ -176,10 +176,12 @@ SWEEPS: dict[str, Callable[[str, Any, str], list[Variant]]] = {
 }
 
 
-def sweep_for(name: str, cls, case: str, quick: bool) -> list[Variant]:
+def sweep_for(name: str, cls, case: str, quick: bool, denoise: bool = False) -> list[Variant]:
     variants = SWEEPS.get(name, generic_sweep)(name, cls, case)
     if quick:
         variants = [Variant(v.label, v.runs[:1]) for v in variants]
+    if denoise:  # end on the clean data: a final Tweedie step at the sampler's final time (+1 NFE)
+        variants = [Variant(v.label, [{**o, "denoise": True} for o in v.runs]) for v in variants]
     return variants
 
 
@@ -242,7 +244,7 @@ def run_accuracy(args, samplers: list[str], log) -> tuple[list[dict], dict]:
                     rows.append(_error_row(name, "-", proc_name, case, {}, f"load failed: {exc}"))
                     log(f"[skip] {name}: {exc}")
                     continue
-                for variant in sweep_for(name, cls, case, args.quick):
+                for variant in sweep_for(name, cls, case, args.quick, args.denoise):
                     for opts in variant.runs:
                         row = _accuracy_run(name, variant.label, opts, proc_name, process, case, mixture, score_fn,
                                             reference, ref_nll, fl, args, dtype)
@@ -1120,6 +1122,9 @@ def parse_args(argv=None):
     p.add_argument("--memory", dest="memory", action="store_true", default=None, help="peak-memory probes (default unless --quick)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-cases", default="ring", help="speed cases with memory probes (default ring)")
+    p.add_argument("--denoise", action="store_true",
+                   help="accuracy runs end with the final Tweedie step (denoise=True, +1 NFE): the samples then target "
+                        "the clean data rather than p(t_min), which the metrics compare them with")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of the other samplers from the previous results in --out (same --n and --tag) "
@@ -1228,8 +1233,8 @@ def main(argv=None) -> int:
         floors = floors or old_floors
     kept: set[str] = set()
     if new_acc is not None or old_acc:
-        replaced = {r["sampler"] for r in new_acc} if args.merge_from and new_acc else set(samplers)
-        kept_acc = [r for r in old_acc if new_acc is None or r["sampler"] not in replaced]
+        replaced = {(r["sampler"], r["case"], r["process"]) for r in new_acc or []}
+        kept_acc = [r for r in old_acc if (r["sampler"], r["case"], r["process"]) not in replaced]
         if kept_acc and floors:
             _check_same_floors(kept_acc, floors)
         acc_rows = kept_acc + (new_acc or [])
@@ -1244,8 +1249,8 @@ def main(argv=None) -> int:
         if not args.no_plot:
             plots = plot_accuracy(args, acc_rows, args.out_dir, args.tag, log)
     if new_speed is not None or old_speed:
-        replaced = {r["sampler"] for r in new_speed} if args.merge_from and new_speed else set(samplers)
-        kept_speed = [r for r in old_speed if new_speed is None or r["sampler"] not in replaced]
+        replaced = {(r["sampler"], r["case"]) for r in new_speed or []}
+        kept_speed = [r for r in old_speed if (r["sampler"], r["case"]) not in replaced]
         speed_rows = kept_speed + (new_speed or [])
         kept.update(r["sampler"] for r in kept_speed)
         write_csv(args.out_dir / f"{args.tag}_speed.csv", speed_rows, SPEED_FIELDS)

@@ -10,20 +10,25 @@ prior at ``t = 1``:
     div_x F = f(t) d - g(t)^2 / 2 * div_x s(x, t).
 
 :func:`log_likelihood` integrates the augmented state ``(x, int div F)`` with torchdiffeq (adaptive dopri5 by
-default, or a fixed grid). The divergence of the score is computed
+default, or a fixed grid), by default in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
+(``time_variable="log_sigma"``: the same ODE, smooth in tau for every process; ``"t"`` integrates in t itself,
+see :class:`_TimeVariable`). The divergence of the score is computed
 
-* ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (one batched backward pass);
+* ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (vectorised over the basis with
+  ``is_grads_batched`` when the network supports it, else one backward pass per basis vector);
 * ``"hutchinson"``: with Hutchinson's estimator ``div s = E_v[v^T (ds/dx) v]`` (``E[v v^T] = I``), ``K``
   Rademacher or Gaussian probes per sample, drawn once and held fixed through the solve (FFJORD, Grathwohl
   et al. 2019; score_sde_pytorch uses one probe).
 
-Standard error of the Hutchinson estimate. The trajectory ``x_t`` does not depend on the probes, so each
-probe ``v_k`` gives its own integral ``I_k = int v_k^T J(x_t, t) v_k dt`` (each is an augmented state
-component). ``E[I_k] = int E[v_k^T J v_k] dt = int tr J dt`` (linearity), and ``I_1..I_K`` are i.i.d. given
-``x``. The estimate is their mean ``I = mean_k I_k`` and its standard error ``sd(I_1..I_K) / sqrt(K)`` (sample
-standard deviation, ``K - 1`` degrees of freedom; it needs ``K >= 2``). The reported ``std_err`` is that of
-the log-likelihood itself (``g^2/2`` and the signs are inside ``I_k``); the ODE's own error (rtol/atol) is not
-included. This is why the probes are per-sample components of the state rather than one summed probe.
+Standard error of the Hutchinson estimate. Only the score's divergence is estimated (``f d`` is exact). The
+trajectory ``x_t`` does not depend on the probes, so each probe ``v_k`` gives its own integral
+``I_k = int [f d - g^2 / 2 * v_k^T J(x_t, t) v_k] dt`` (``J = ds/dx``; each ``I_k`` is a component of the
+augmented state). ``E[I_k] = int [f d - g^2 / 2 * tr J] dt`` (linearity of the integral, the probes being fixed
+in time), and ``I_1..I_K`` are i.i.d. given ``x``. The estimate is their mean ``I = mean_k I_k`` and its standard
+error ``sd(I_1..I_K) / sqrt(K)`` (sample standard deviation, ``K - 1`` degrees of freedom; it needs ``K >= 2``,
+and is NaN for ``K = 1``). It is the standard error of the log-likelihood itself; the solver's own error
+(rtol/atol) is not included. This is why the probes are per-probe components of the state rather than one
+summed estimate: the spread of the K integrals is what gives the error bar.
 
 What is computed is ``log p_{t_min}`` of the model's marginal at ``t_min`` (score_sde's ``eps``), with the
 process's Gaussian prior standing in for ``p_1`` (pass ``prior_log_prob`` to use another one).
@@ -131,18 +136,20 @@ class LikelihoodResult:
         return bits_per_dim(self.nll, self.num_dims, bits=bits, levels=levels, scale=scale)
 
     def summary(self) -> dict[str, Any]:
-        """Means over samples, as plain numbers (the standard error of the mean combines the spread over
-        samples and the Hutchinson error of each sample)."""
+        """Means over samples, as plain numbers. The standard error of the mean combines the spread over samples
+        and the Hutchinson error of each sample (unknown, reported as None, with a single probe; the spread over
+        samples already contains the probe noise then)."""
         n = self.log_prob.numel()
         nll = self.nll.double()
         spread = float(nll.std()) if n > 1 else 0.0
         hutch = float(self.std_err.double().pow(2).sum().sqrt()) / n
+        hutch_known = math.isfinite(hutch)  # one probe gives no error bar
         return {
             "num_samples": n,
             "num_dims": self.num_dims,
             "mean_nll_nats": float(nll.mean()),
-            "std_err_mean_nll": math.sqrt(spread**2 / n + hutch**2),
-            "hutchinson_std_err_mean_nll": hutch,
+            "std_err_mean_nll": math.sqrt(spread**2 / n + (hutch**2 if hutch_known else 0.0)),
+            "hutchinson_std_err_mean_nll": hutch if hutch_known else None,
             "nfe": self.nfe,
             "wall_time_s": self.wall_time_s,
             "divergence": self.divergence,
@@ -277,7 +284,7 @@ class _AugmentedDynamics:
 def _batched_vjp(s: torch.Tensor, xg: torch.Tensor, grads: torch.Tensor, state: dict) -> torch.Tensor:
     """Vector-Jacobian products ``grads[k]^T ds/dx`` for a stack of ``grads`` (k, *s.shape): one vectorised
     backward pass, or one pass per vector when vmap does not support the network (remembered in ``state``)."""
-    if state.get("vmap", True):
+    if grads.shape[0] > 1 and state.get("vmap", True):
         try:
             (out,) = torch.autograd.grad(s, xg, grads, retain_graph=True, is_grads_batched=True)
             return out
@@ -561,7 +568,8 @@ def log_likelihood(
         sample_shape: the model's sample shape, to check ``x`` against (default: read from the wrapped network's
             config when it has one: ``dim`` of the MLPs, ``(in_channels, sample_size, sample_size)`` of a UNet).
         data_range: ``(lo, hi)``: refuse data outside it (e.g. ``(-1, 1)`` for images scaled to [-1, 1]).
-        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``): every process solves its own chunks,
+        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``); every process passes the same full ``x``
+            and solves its own chunks (chunk ``c`` on process ``c mod world``),
             without any collective inside the solve (so processes needing different numbers of steps cannot
             deadlock), then results are gathered; every process returns the full result. If a process fails,
             every process raises (the failures are exchanged first, so none waits forever).

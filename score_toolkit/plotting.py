@@ -416,7 +416,8 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, lo
                hlines: dict[str, float] | None = None, size: tuple[int, int] = (360, 260)) -> Image.Image:
     """A line chart: ``series`` maps a label to ``(xs, ys)`` (drawn as markers joined by lines, sorted by x);
     ``hlines`` maps a label to a horizontal dashed reference line (e.g. a noise floor). Log axes by default
-    (non-positive values are left out of log axes). Legend on the right."""
+    (non-positive values are left out of log axes). Legend on the right; the picture grows beyond ``size`` when the
+    legend needs it."""
     if not series:
         raise ValueError("expected at least one series to draw, found none")
     clean: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -444,9 +445,12 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, lo
     pad_y = (fy(yhi) - fy(ylo)) * 0.08
     ax_x0, ax_x1 = fx(xlo) - pad_x, fx(xhi) + pad_x
     ax_y0, ax_y1 = fy(ylo) - pad_y, fy(yhi) + pad_y
-    width, height = size
     legend_w = 10 + 6 * max(len(str(k)) for k in [*clean, *refs]) + 20
-    left, right, top, bottom = 52 + (14 if ylabel else 0), width - legend_w, 22 if title else 8, height - 34
+    left0, top = 52 + (14 if ylabel else 0), 22 if title else 8
+    # the plot area keeps at least 160 x 120 pixels: long or many legend entries widen / heighten the picture
+    width = max(size[0], left0 + 160 + legend_w)
+    height = max(size[1], top + 120 + 34, top + 13 * (len(clean) + len(refs)) + 8)
+    left, right, bottom = left0, width - legend_w, height - 34
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
 
@@ -488,11 +492,17 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, lo
         ly += 13
     for i, (label, (x, y)) in enumerate(clean.items()):
         col = PALETTE[i % len(PALETTE)]
+        shape = (i // len(PALETTE)) % 3  # colours repeat after 10 series: the marker changes instead
         pts = [to_px(a, b) for a, b in zip(x, y)]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
-        for u, v in pts:
-            d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=col)
+        for u, v in [*pts, (right + 15, ly + 5)]:
+            if shape == 0:
+                d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=col)
+            elif shape == 1:
+                d.rectangle([u - 2, v - 2, u + 2, v + 2], fill=col)
+            else:
+                d.polygon([(u, v - 3), (u - 3, v + 2), (u + 3, v + 2)], fill=col)
         d.line([(right + 8, ly + 5), (right + 22, ly + 5)], fill=col, width=2)
         d.text((right + 25, ly), str(label), fill="black")
         ly += 13
@@ -526,7 +536,7 @@ def _as_float(v) -> float:
 
 def error_vs_nfe_chart(rows, metric: str | None = None, *, series_by: Sequence[str] = ("sampler", "variant"),
                        panel_by: Sequence[str] = ("case", "process"), log_y: bool = True,
-                       size: tuple[int, int] = (380, 270)) -> Image.Image:
+                       size: tuple[int, int] = (600, 300)) -> Image.Image:
     """Error-vs-NFE curves from the sampler benchmark: one panel per value of the ``panel_by`` columns (those
     present), one curve per value of the ``series_by`` columns, x = the ``nfe`` column, y = ``metric``.
 

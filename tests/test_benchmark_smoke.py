@@ -85,27 +85,34 @@ def test_quick_run_writes_well_formed_tables(bench, tmp_path):
     assert all(line.endswith("|") for line in table_lines)
 
 
-def test_append_reruns_one_sampler_and_keeps_the_others(bench, tmp_path):
+def test_append_and_merge_replace_only_the_rows_they_rerun(bench, tmp_path):
     common = ["--quick", "--n", "100", "--threads", "1", "--out", str(tmp_path), "--cases", "ring", "--no-plot",
               "--parts", "accuracy", "--floor-seeds", "2"]
+
+    def rows():
+        return {(r["sampler"], r["process"]): r for r in _read(tmp_path / "samplers_accuracy.csv")}
+
     assert bench.main([*common, "--samplers", "ancestral,langevin"]) == 0
-    assert bench.main([*common, "--samplers", "ancestral", "--processes", "VE", "--append"]) == 0
-    acc = _read(tmp_path / "samplers_accuracy.csv")
-    assert {r["sampler"] for r in acc} == {"ancestral", "langevin"}
-    assert {r["process"] for r in acc if r["sampler"] == "ancestral"} == {"VE"}
-    assert {r["process"] for r in acc if r["sampler"] == "langevin"} == {"VE", "VP"}
+    before = rows()
+    # --append: re-run ancestral under VE with another seed; its VP row and langevin's rows are kept as they were
+    assert bench.main([*common, "--samplers", "ancestral", "--processes", "VE", "--seed", "1", "--append"]) == 0
+    after = rows()
+    assert set(after) == set(before)
+    assert after["ancestral", "VE"]["wsw"] != before["ancestral", "VE"]["wsw"]
+    for key in [("ancestral", "VP"), ("langevin", "VE"), ("langevin", "VP")]:
+        assert after[key] == before[key]
     assert "kept from the previous run" in (tmp_path / "samplers.md").read_text()
     # previous rows made with other floors are refused
     with pytest.raises(SystemExit):
         bench.main([*common[:2], "150", *common[3:], "--samplers", "ancestral", "--append"])
-    # --merge-from: another run's rows replace those of its samplers, nothing is run
+    # --merge-from: another run's rows replace the matching rows, nothing is run
     other = tmp_path / "other"
-    other_args = [*common, "--out", str(other), "--samplers", "langevin", "--processes", "VP"]
-    assert bench.main(other_args) == 0
+    assert bench.main([*common, "--out", str(other), "--samplers", "langevin", "--processes", "VP", "--denoise"]) == 0
     assert bench.main([*common, "--merge-from", str(other)]) == 0
-    acc = _read(tmp_path / "samplers_accuracy.csv")
-    assert {r["process"] for r in acc if r["sampler"] == "langevin"} == {"VP"}
-    assert {r["process"] for r in acc if r["sampler"] == "ancestral"} == {"VE"}
+    merged = rows()
+    assert set(merged) == set(before)
+    assert "denoise=True" in merged["langevin", "VP"]["options"] and "denoise" not in merged["langevin", "VE"]["options"]
+    assert int(merged["langevin", "VP"]["nfe"]) == int(before["langevin", "VP"]["nfe"]) + 1  # the final Tweedie step
 
 
 def test_bad_arguments_are_rejected(bench, capsys):

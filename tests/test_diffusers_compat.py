@@ -78,13 +78,18 @@ def folders(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def pipelines(folders):
+    return {kind: ScorePipeline.from_pretrained(path) for kind, path in folders.items()}
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("kind", list(FOLDERS))
-def test_diffusers_folders_sample_with_every_registered_sampler(folders, kind, sampler):
+def test_diffusers_folders_sample_with_every_registered_sampler(pipelines, kind, sampler):
     cls = get_sampler_class(sampler)
     if cls.properties.needs_energy:
         pytest.skip(f"{sampler} needs an energy network; diffusers UNets predict epsilon/v/x0/score")
-    pipe = ScorePipeline.from_pretrained(folders[kind])
+    pipe = pipelines[kind]
     out = pipe(batch_size=2, sampler=sampler, sampler_options=tiny_options(sampler),
                generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="pt")
     assert out.samples.shape == (2, 1, 8, 8) and out.images.shape == (2, 1, 8, 8)

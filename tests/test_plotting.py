@@ -135,10 +135,13 @@ def test_error_vs_nfe_chart_from_a_benchmark_csv(tmp_path):
     rows.append({**rows[0], "nfe": "", "wsw": "failed"})  # a failed run: skipped
     path = tmp_path / "samplers_accuracy.csv"
     _write_csv(path, rows)
-    img = P.error_vs_nfe_chart(path, size=(300, 200))
-    assert img.size == (2 * 300 + 8, 200)  # two panels (ring / VP, aniso16 / VP) side by side
-    one = P.error_vs_nfe_chart([r for r in P.read_benchmark_csv(path) if r["case"] == "ring"], "wsw", size=(300, 200))
-    assert one.size == (300, 200)
+    img = P.error_vs_nfe_chart(path, size=(400, 200))
+    assert img.size == (2 * 400 + 8, 200)  # two panels (ring / VP, aniso16 / VP) side by side
+    one = P.error_vs_nfe_chart([r for r in P.read_benchmark_csv(path) if r["case"] == "ring"], "wsw", size=(400, 200))
+    assert one.size == (400, 200)
+    # a long legend widens the picture instead of squeezing the plot away
+    wide = P.line_chart({"a very long series label " * 3: ([1, 2], [1, 2])}, size=(200, 150))
+    assert wide.size[0] > 200 + 6 * 75
     with pytest.raises(ValueError, match="metric column 'nope'"):
         P.error_vs_nfe_chart(path, "nope")
     with pytest.raises(ValueError, match="'nfe' column"):

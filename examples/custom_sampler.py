@@ -1,0 +1,78 @@
+"""Write a sampler in a few lines, register it, and use it by name: in ScorePipeline, in the sampling
+command's machinery, on the exact test bed.
+
+    python examples/custom_sampler.py            # checks it on an exact Gaussian mixture, then samples a model
+    python examples/custom_sampler.py --quick
+
+The sampler: Heun's second-order method on the probability-flow ODE (Song et al. 2021, eq. 13;
+Karras et al. 2022, Algorithm 1 without churn), dx/dt = f(t) x - g(t)^2 s(x, t) / 2, on a log-SNR grid.
+A sampler only implements ``_run``: the base class validates options, draws the initial noise from the
+generator(s), counts score evaluations and checks the state after every step. To ship it as a plugin,
+declare the class under the entry-point group ``score_toolkit.samplers`` (docs/plugins.md) instead of
+calling ``register_sampler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from score_toolkit import Sampler, SamplerProperties, register_sampler
+
+
+@register_sampler("pf_heun_example")
+class ProbabilityFlowHeun(Sampler):
+    name = "pf_heun_example"
+    description = "Heun's method on the probability-flow ODE (example of a custom sampler)"
+    properties = SamplerProperties(stochastic=False, order=2.0)
+    options = {"num_steps": 20}
+
+    def _run(self, ctx, x):
+        process = ctx.process
+        ts = process.time_grid(self.config["num_steps"], "log_sigma")
+        f, g2 = process.drift_coef(ts).tolist(), process.diffusion_squared(ts).tolist()
+        ts = ts.tolist()
+
+        def drift(x, i):  # dx/dt at grid point i
+            return f[i] * x - 0.5 * g2[i] * ctx.score(x, ts[i])
+
+        for i in range(len(ts) - 1):
+            h = ts[i + 1] - ts[i]  # negative: time runs from 1 down to t_min
+            d = drift(x, i)
+            x_euler = x + h * d
+            x = x + h * 0.5 * (d + drift(x_euler, i + 1))
+            ctx.record(x, ts[i + 1], step=i + 1)
+        return x
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="a pipeline folder to sample (default: shipped toy2d)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (for the test suite)")
+    args = parser.parse_args(argv)
+
+    from score_toolkit import VPSDE, get_sampler, ring_mixture
+    from score_toolkit.metrics import noise_floor, sliced_wasserstein
+    from score_toolkit.pipeline import ScorePipeline, shipped_model_path
+
+    torch.set_num_threads(1)
+    # 1. on the exact test bed: the ring of 8 Gaussians, whose score is known at every t
+    n, steps = (500, 10) if args.quick else (4000, 40)
+    data, process = ring_mixture(), VPSDE()
+    sampler = get_sampler("pf_heun_example", num_steps=steps)
+    out = sampler.sample(data.score_fn(process), process, shape=(n, 2), dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    sw = sliced_wasserstein(out.samples, data.sample(n, generator=torch.Generator().manual_seed(1)))
+    print(f"exact score, {out.nfe} NFE: sliced W2 to exact samples {sw:.4f} (noise floor {noise_floor(data, n):.4f})")
+
+    # 2. in a pipeline, by name, like any built-in sampler
+    pipe = ScorePipeline.from_pretrained(args.checkpoint or shipped_model_path("toy2d"))
+    samples = pipe(batch_size=8 if args.quick else 1000, sampler="pf_heun_example", num_steps=5 if args.quick else 30,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").samples
+    print(f"{pipe.unet.__class__.__name__} samples: shape {tuple(samples.shape)}, finite: {bool(samples.isfinite().all())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""ScorePipeline: exact Gaussian moments end to end (network time input -> score -> sampler), the call's
+arguments and outputs, batch independence, save/load round trips (local folders and the Hub cache), and
+clear errors for bad folders and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ConfigMixin, DDPMPipeline, DDPMScheduler, ModelMixin, ScoreSdeVeScheduler, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from PIL import Image
+
+from score_toolkit._utils import per_sample_generators
+from score_toolkit.analytic import gaussian
+from score_toolkit.hub import export_pipeline
+from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
+from score_toolkit.pipeline import SHIPPED_MODELS_ENV_VAR, ScorePipeline, ScorePipelineOutput, shipped_model_path
+from score_toolkit.processes import VPSDE, DiscreteVP
+from score_toolkit.samplers.base import Sampler, SamplerProperties
+from score_toolkit.schedulers import scheduler_for
+from score_toolkit.scores import ScoreAdapter, score_to_prediction
+
+
+class AnalyticNet(ModelMixin, ConfigMixin):
+    """A perfect network for Gaussian data: outputs the exact prediction at its time input."""
+
+    @register_to_config
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def bind(self, mixture, process, prediction_type, time_input):
+        self.mixture, self.process, self.prediction_type = mixture, process, prediction_type
+        self.time_map = ScoreAdapter(lambda x, t: None, process, prediction_type, time_input, check_inputs=False)
+        return self
+
+    def forward(self, x, time):
+        assert isinstance(time, torch.Tensor) and time.is_floating_point() and time.shape == (x.shape[0],)
+        t = self._t(time.double())
+        alpha, sigma = self.process.marginal(t)
+        s = self.mixture.score(x.double(), t, self.process)
+        return score_to_prediction(s, x.double(), alpha, sigma, self.prediction_type).to(x.dtype)
+
+    def _t(self, values):
+        ti = self.time_map.time_input
+        if ti == "t":
+            return values
+        if ti == "index":
+            a, b = self.time_map.network_time(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
+            return (values - a) / (b - a)
+        lo, hi = torch.zeros_like(values), torch.ones_like(values)
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            up = self.process.sigma(mid) < values
+            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+        return 0.5 * (lo + hi)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+def image_pipeline():
+    return ScorePipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2))
+
+
+def vector_pipeline():
+    torch.manual_seed(0)
+    return ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
+                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
+
+
+GENS = lambda n, seed=0: [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]  # noqa: E731
+
+
+# ------------------------------------------------------------------------------------ exact end to end
+@pytest.mark.parametrize(
+    "label, scheduler, prediction_type, time_input",
+    [
+        ("ddpm table, v-prediction, index input", DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+         "v_prediction", "index"),
+        ("VE, score, sigma input", ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=20.0), "score", "sigma"),
+        ("VP SDE, epsilon, t input", scheduler_for(VPSDE(), "epsilon", "t"), "epsilon", "t"),
+    ],
+)
+def test_exact_network_gives_the_data_moments(label, scheduler, prediction_type, time_input):
+    """A perfect network of Gaussian data N(mean, diag(var)) behind each kind of scheduler config: the samples
+    have the data's mean and variance (so the time input, the prediction type and the process were all read
+    and applied correctly)."""
+    mean, var = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([0.3, 0.1], dtype=torch.float64)
+    pipe = ScorePipeline(unet=AnalyticNet(dim=2), scheduler=scheduler)
+    process, pred, ti = pipe.spec
+    assert (pred, ti) == (prediction_type, time_input)
+    pipe.unet.bind(gaussian(mean, var), process, pred, ti)
+    n = 4000
+    out = pipe(batch_size=n, sampler="ancestral", num_steps=500, denoise=True,
+               generator=torch.Generator().manual_seed(0))
+    x = out.samples.double()
+    assert out.nfe == 501 and out.images is None
+    assert ((x.mean(0) - mean).abs() < 4 * (var / n).sqrt() + 5e-3).all(), (label, x.mean(0))
+    assert ((x.var(0) / var - 1).abs() < 4 * (2 / n) ** 0.5 + 0.02).all(), (label, x.var(0))
+
+
+# ------------------------------------------------------------------------------------ call arguments and outputs
+def test_outputs_for_images():
+    pipe = image_pipeline()
+    pil = pipe(batch_size=3, sampler="ancestral", num_inference_steps=3, generator=GENS(3))
+    assert isinstance(pil, ScorePipelineOutput) and pil.nfe == 3
+    assert len(pil.images) == 3 and all(isinstance(im, Image.Image) and im.size == (8, 8) for im in pil.images)
+    arr = pipe(batch_size=3, sampler="ancestral", num_inference_steps=3, generator=GENS(3), output_type="np")
+    ten = pipe(batch_size=3, sampler="ancestral", num_inference_steps=3, generator=GENS(3), output_type="pt")
+    assert isinstance(arr.images, np.ndarray) and arr.images.shape == (3, 8, 8, 1) and isinstance(arr.samples, np.ndarray)
+    assert torch.equal(ten.images, ((ten.samples + 1) / 2).clamp(0, 1))
+    assert np.array_equal(arr.images, ten.images.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(np.asarray(pil.images[0]), (arr.images[0, :, :, 0] * 255).round().astype(np.uint8))
+    images, nfe = pipe(batch_size=3, sampler="ancestral", num_inference_steps=3, generator=GENS(3),
+                       output_type="pt", return_dict=False)
+    assert torch.equal(images, ten.images) and nfe == 3
+
+
+def test_outputs_for_vectors_and_shape():
+    pipe = vector_pipeline()
+    assert pipe.sample_shape == (2,)
+    out = pipe(batch_size=5, sampler="euler_maruyama", num_steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (5, 2) and out.images is None and out.nfe == 4
+    assert pipe(shape=(4, 2), sampler="ancestral", num_steps=2).samples.shape == (4, 2)
+    with pytest.raises(ValueError, match="output_type='pil' needs image-shaped"):
+        pipe(batch_size=2, sampler="ancestral", num_steps=2, output_type="pil")
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(batch_size=2, sampler="ancestral", num_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="disagrees"):
+        pipe(batch_size=3, shape=(4, 2), sampler="ancestral", num_steps=2)
+    with pytest.raises(ValueError, match="positive int"):
+        pipe(batch_size=0, sampler="ancestral", num_steps=2)
+
+
+def test_sampler_options_and_their_errors():
+    pipe = vector_pipeline()
+    steps = []
+    out = pipe(batch_size=2, sampler="ancestral", sampler_options={"num_steps": 4}, variance="forward",
+               callback=lambda info: steps.append(info["step"]))
+    assert steps == [1, 2, 3, 4] and out.nfe == 4
+    with pytest.raises(ValueError, match="both"):
+        pipe(batch_size=2, sampler="ancestral", sampler_options={"num_steps": 4}, num_steps=5)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(batch_size=2, sampler="ancestral", num_inference_steps=4, num_steps=5)
+    with pytest.raises(ValueError, match="(?i)did you mean 'ancestral'"):
+        pipe(batch_size=2, sampler="ancestrel")
+    with pytest.raises(TypeError, match="num_step.*did you mean 'num_steps'.*ScorePipeline's own arguments"):
+        pipe(batch_size=2, sampler="ancestral", num_step=4)
+    with pytest.raises(TypeError, match="has no num_steps option"):
+        pipe(batch_size=2, sampler="annealed_langevin", num_inference_steps=4)
+    with pytest.raises(TypeError, match="registered name or a Sampler"):
+        pipe(batch_size=2, sampler=3)
+
+
+def test_a_sampler_that_needs_energy_is_refused_for_other_networks_and_runs_on_energy_networks():
+    class NeedsEnergy(Sampler):
+        name = "needs_energy_test"
+        properties = SamplerProperties(stochastic=True, order=None, needs_energy=True)
+
+        def _run(self, ctx, x):
+            return x + 0 * ctx.score(x, 0.5)
+
+    with pytest.raises(ValueError, match="needs an energy network"):
+        vector_pipeline()(batch_size=2, sampler=NeedsEnergy())
+    torch.manual_seed(0)
+    energy = ScorePipeline(unet=EnergyMLP(2, hidden_dim=16, num_layers=1).eval(),
+                           scheduler=scheduler_for(VPSDE(), "energy", "t"))
+    assert energy(batch_size=2, sampler=NeedsEnergy()).samples.shape == (2, 2)
+    out = energy(batch_size=3, sampler="langevin", num_steps=3, t=0.5, metropolis=True, generator=GENS(3))
+    assert bool(torch.isfinite(out.samples).all())
+
+
+def test_network_batch_size_makes_samples_independent_of_the_batch():
+    """With one generator per sample and a fixed network batch, sample i is bit-for-bit the same whether drawn
+    alone or among others (UNet kernels round differently for other batch sizes, hence the fixed size)."""
+    pipe = image_pipeline()
+    kw = dict(sampler="euler_maruyama", num_steps=3, output_type="pt", network_batch_size=4)
+    full = pipe(batch_size=6, generator=per_sample_generators(0, range(6)), **kw).samples
+    parts = [pipe(batch_size=len(idx), generator=per_sample_generators(0, idx), **kw).samples
+             for idx in (range(0, 1), range(1, 4), range(4, 6))]
+    assert torch.equal(torch.cat(parts), full)
+    with pytest.raises(ValueError, match="network_batch_size"):
+        pipe(batch_size=2, network_batch_size=0, **{k: v for k, v in kw.items() if k != "network_batch_size"})
+
+
+# ------------------------------------------------------------------------------------ save and load
+def test_save_and_load_round_trip(tmp_path):
+    pipe = vector_pipeline()
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["_class_name"] == "ScorePipeline"
+    assert index["unet"] == ["score_toolkit.models.mlp", "ScoreMLP"]
+    again = ScorePipeline.from_pretrained(tmp_path / "p")
+    assert not again.unet.training and again.spec == pipe.spec
+    a = pipe(batch_size=4, sampler="ancestral", num_steps=5, generator=torch.Generator().manual_seed(3)).samples
+    b = again(batch_size=4, sampler="ancestral", num_steps=5, generator=torch.Generator().manual_seed(3)).samples
+    assert torch.equal(a, b)
+
+
+def test_loads_exported_folders_and_diffusers_folders(tmp_path):
+    export_pipeline(tiny_unet(), DiscreteVP(num_train_timesteps=100, beta_end=0.2), "epsilon", "index", tmp_path / "e")
+    exported = ScorePipeline.from_pretrained(tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert exported.spec[1:] == ("epsilon", "index")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "d")
+    plain = ScorePipeline.from_pretrained(tmp_path / "d")
+    assert isinstance(plain.spec[0], DiscreteVP)
+    exported.save_pretrained(tmp_path / "resaved")
+    assert ScorePipeline.from_pretrained(tmp_path / "resaved").spec == exported.spec
+
+
+def _fake_hub_cache(cache, repo_id, folder):
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_loads_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vector_pipeline().save_pretrained(tmp_path / "p")
+    _fake_hub_cache(tmp_path / "cache", "someone/tiny-score", tmp_path / "p")
+    pipe = ScorePipeline.from_pretrained("someone/tiny-score", cache_dir=tmp_path / "cache")
+    assert pipe.spec == vector_pipeline().spec
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        ScorePipeline.from_pretrained("someone/not-cached", cache_dir=tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------ bad folders
+def _saved(tmp_path):
+    folder = tmp_path / "p"
+    image_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder: expected model_index.json"):
+        ScorePipeline.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="expected a pipeline folder"):
+        ScorePipeline.from_pretrained(tmp_path / "nothing" / "here")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file.txt"):
+        ScorePipeline.from_pretrained(tmp_path / "file.txt")
+
+
+@pytest.mark.parametrize(
+    "breakage, error, match",
+    [
+        ("index_json", ValueError, "corrupt model_index.json"),
+        ("index_extra_component", ValueError, "also has \\['vqvae'\\]"),
+        ("index_foreign_model", CheckpointError, "evil_pkg|_class_name"),
+        ("index_foreign_scheduler", ValueError, "field 'scheduler'.*evil_pkg"),
+        ("scheduler_unmappable", ValueError, "scheduler_config.json.*(beta_schedule|prediction_type)"),
+        ("scheduler_json", ValueError, "corrupt the scheduler config .*scheduler_config.json"),
+        ("weights_missing", FileNotFoundError, "diffusion_pytorch_model.safetensors"),
+        ("weights_corrupt", CheckpointError, "diffusion_pytorch_model.safetensors"),
+        ("weights_wrong_shape", CheckpointError, "mis-shaped"),
+    ],
+)
+def test_bad_folders_give_clear_errors(tmp_path, breakage, error, match):
+    folder = _saved(tmp_path)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if breakage == "index_json":
+        index_file.write_text("{not json")
+    elif breakage == "index_extra_component":
+        index_file.write_text(json.dumps({**index, "vqvae": ["diffusers", "VQModel"]}))
+    elif breakage == "index_foreign_model":
+        cfg = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "Evil"}))
+        index_file.write_text(json.dumps({**index, "unet": ["evil_pkg", "Evil"]}))
+    elif breakage == "index_foreign_scheduler":
+        index_file.write_text(json.dumps({**index, "scheduler": ["evil_pkg", "EvilScheduler"]}))
+    elif breakage == "scheduler_unmappable":
+        cfg = json.loads(sched_file.read_text())
+        sched_file.write_text(json.dumps({**cfg, "beta_schedule": "sigmoid"}))
+    elif breakage == "scheduler_json":
+        sched_file.write_text("{")
+    elif breakage == "weights_missing":
+        weights.unlink()
+    elif breakage == "weights_corrupt":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif breakage == "weights_wrong_shape":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        key = next(k for k in state if k.endswith("conv_in.weight"))
+        state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])
+        save_file(state, weights)
+    with pytest.raises(error, match=match):
+        ScorePipeline.from_pretrained(folder)
+
+
+def test_constructor_checks_its_components():
+    with pytest.raises(TypeError, match="ModelMixin"):
+        ScorePipeline(unet=torch.nn.Linear(2, 2), scheduler=DDPMScheduler())
+    with pytest.raises(ValueError, match="beta_schedule"):
+        ScorePipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="sigmoid"))
+
+
+# ------------------------------------------------------------------------------------ the shipped models
+def test_shipped_model_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(SHIPPED_MODELS_ENV_VAR, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"shipped 'digits' model is not at {tmp_path / 'digits'}.*train"):
+        shipped_model_path("digits")
+    image_pipeline().save_pretrained(tmp_path / "digits")
+    assert shipped_model_path("digits") == tmp_path / "digits"
+    monkeypatch.delenv(SHIPPED_MODELS_ENV_VAR)
+    repo_default = shipped_model_path.__globals__["Path"](shipped_model_path.__code__.co_filename).resolve().parent.parent
+    if (repo_default / "hub_cards" / "digits" / "model_index.json").is_file():
+        assert shipped_model_path("digits") == repo_default / "hub_cards" / "digits"
