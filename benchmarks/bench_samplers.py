@@ -114,7 +114,8 @@ def _is_fast(name: str, cls) -> bool:
 
 def generic_sweep(name: str, cls, case: str) -> list[Variant]:
     """From the sampler's declared properties: tolerances for adaptive samplers (``rtol``/``atol``),
-    ``num_steps`` for fixed-grid ones (a finer ladder at small NFE for high-order samplers)."""
+    ``num_steps`` for fixed-grid ones (a finer ladder at small NFE for high-order samplers, and for those whose
+    default grid is not EDM's, a second curve on the Karras rho = 7 grid)."""
     props, opts = cls.properties, cls.options
     if props.adaptive:
         keys = [k for k in ("rtol", "atol") if k in opts]
@@ -123,8 +124,12 @@ def generic_sweep(name: str, cls, case: str) -> list[Variant]:
             return [Variant("defaults", [{k: tol for k in keys} for tol in tols])]
         return [Variant("defaults", [{}])]
     if "num_steps" in opts:
-        steps = (FAST_STEPS if _is_fast(name, cls) else STEPS)[case]
-        return [Variant("defaults", [{"num_steps": n} for n in steps])]
+        fast = _is_fast(name, cls)
+        steps = (FAST_STEPS if fast else STEPS)[case]
+        out = [Variant("defaults", [{"num_steps": n} for n in steps])]
+        if fast and opts.get("grid", "karras") != "karras" and "karras" in TIME_GRIDS:
+            out.append(Variant("grid=karras", [{"num_steps": n, "grid": "karras"} for n in steps]))
+        return out
     return [Variant("defaults", [{}])]
 
 
@@ -176,12 +181,15 @@ SWEEPS: dict[str, Callable[[str, Any, str], list[Variant]]] = {
 }
 
 
-def sweep_for(name: str, cls, case: str, quick: bool, denoise: bool = False) -> list[Variant]:
+def sweep_for(name: str, cls, case: str, quick: bool, denoise: bool = False, only: str | None = None) -> list[Variant]:
     variants = SWEEPS.get(name, generic_sweep)(name, cls, case)
+    if only:
+        variants = [v for v in variants if only in v.label]
     if quick:
         variants = [Variant(v.label, v.runs[:1]) for v in variants]
     if denoise:  # end on the clean data: a final Tweedie step at the sampler's final time (+1 NFE)
-        variants = [Variant(v.label, [{**o, "denoise": True} for o in v.runs]) for v in variants]
+        variants = [Variant("denoise=True" if v.label == "defaults" else f"{v.label}, denoise=True",
+                            [{**o, "denoise": True} for o in v.runs]) for v in variants]
     return variants
 
 
@@ -244,7 +252,7 @@ def run_accuracy(args, samplers: list[str], log) -> tuple[list[dict], dict]:
                     rows.append(_error_row(name, "-", proc_name, case, {}, f"load failed: {exc}"))
                     log(f"[skip] {name}: {exc}")
                     continue
-                for variant in sweep_for(name, cls, case, args.quick, args.denoise):
+                for variant in sweep_for(name, cls, case, args.quick, args.denoise, args.only_variant):
                     for opts in variant.runs:
                         row = _accuracy_run(name, variant.label, opts, proc_name, process, case, mixture, score_fn,
                                             reference, ref_nll, fl, args, dtype)
@@ -1125,6 +1133,7 @@ def parse_args(argv=None):
     p.add_argument("--denoise", action="store_true",
                    help="accuracy runs end with the final Tweedie step (denoise=True, +1 NFE): the samples then target "
                         "the clean data rather than p(t_min), which the metrics compare them with")
+    p.add_argument("--only-variant", default=None, metavar="TEXT", help="run only the sweep variants whose label contains TEXT")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of the other samplers from the previous results in --out (same --n and --tag) "
@@ -1233,8 +1242,8 @@ def main(argv=None) -> int:
         floors = floors or old_floors
     kept: set[str] = set()
     if new_acc is not None or old_acc:
-        replaced = {(r["sampler"], r["case"], r["process"]) for r in new_acc or []}
-        kept_acc = [r for r in old_acc if (r["sampler"], r["case"], r["process"]) not in replaced]
+        replaced = {(r["sampler"], r["variant"], r["case"], r["process"]) for r in new_acc or []}
+        kept_acc = [r for r in old_acc if (r["sampler"], r["variant"], r["case"], r["process"]) not in replaced]
         if kept_acc and floors:
             _check_same_floors(kept_acc, floors)
         acc_rows = kept_acc + (new_acc or [])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -244,7 +245,8 @@ def _num(v):
 
 
 # ============================================================================================ digits
-_FLOOR_CACHE: dict[Any, dict[str, Any]] = {}
+# per classifier object (weak keys: a new classifier never inherits a dead one's floor)
+_FLOOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _real_digits():
@@ -264,7 +266,7 @@ def digits_floor(classifier=None) -> dict[str, Any]:
     from .digits_classifier import load_digits_classifier
 
     clf = load_digits_classifier() if classifier is None else classifier
-    key = id(clf)
+    key = clf
     if key not in _FLOOR_CACHE:
         images, targets = _real_digits()
         labels, conf, feats = clf.predict(images)

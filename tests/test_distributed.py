@@ -225,8 +225,9 @@ def test_two_processes_give_the_samples_of_one_bit_for_bit(tmp_path, image_folde
     out2 = tmp_path / "two"
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "score_toolkit.cli", "sample",
-           str(image_folder), "--num-samples", "10", "--batch-size", "3", "--sampler", "euler_maruyama", "--steps", "4",
-           "--seed", "7", "--network-batch-size", "4", "--output-dir", str(out2), "--no-progress", "--cpu"]
+           str(image_folder), "--num-samples", "10", "--batch-size", "3", "--sampler", "predictor_corrector", "--steps",
+           "4", "--option", "snr_rule=batch", "--seed", "7", "--network-batch-size", "4", "--output-dir", str(out2),
+           "--no-progress", "--cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -235,7 +236,10 @@ def test_two_processes_give_the_samples_of_one_bit_for_bit(tmp_path, image_folde
     ranks = manifest["shards"]["0"]["samples_per_rank"]
     assert manifest["shards"]["0"]["num_processes"] == 2 and ranks == {"0": 6, "1": 4}  # both ranks drew blocks
     pipe = ScorePipeline.from_pretrained(image_folder)
-    one = sample_to_folder(pipe, tmp_path / "one", 10, batch_size=3, accelerator=accelerator, **SETTINGS)
+    # a sampler that couples the samples of a batch (batch-averaged corrector steps): blocks of batch_size indices
+    # are drawn together whatever process draws them, so even this one gives the same samples
+    coupled = {**SETTINGS, "sampler": "predictor_corrector", "sampler_options": {"num_steps": 4, "snr_rule": "batch"}}
+    one = sample_to_folder(pipe, tmp_path / "one", 10, batch_size=3, accelerator=accelerator, **coupled)
     assert torch.equal(load_samples(out2), load_samples(one.samples_file))
 
 

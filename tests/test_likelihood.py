@@ -367,8 +367,8 @@ def test_two_real_processes_equal_one_and_do_not_hang(tmp_path):
     script.write_text(_TWO_PROCESS_SCRIPT)
     out_file = tmp_path / "res.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(script), str(out_file)],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out_file)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     two = torch.load(out_file)
