@@ -151,6 +151,13 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
         # target's defaults apply. Here the source's values describe the model (a default ScoreSdeVeScheduler's
         # sigma range, a default DDPMScheduler's table): keep every one of them.
         config_dict = {k: v for k, v in dict(config_dict).items() if k != "_use_default_values"}
+        # the one field of the compatible schedulers that changes what the network receives
+        timestep_type = kwargs.get("timestep_type", config_dict.get("timestep_type", "discrete"))
+        if timestep_type != "discrete":
+            raise ValueError(
+                f"scheduler config field 'timestep_type': expected 'discrete' (the network receives the table index), "
+                f"found {timestep_type!r}"
+            )
         return super().extract_init_dict(config_dict, **kwargs)
 
     def _setup(self, spec_kwargs: dict[str, Any], grid: str, rho: float) -> None:

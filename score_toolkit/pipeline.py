@@ -209,11 +209,7 @@ class ScorePipeline(DiffusionPipeline):
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
         """
-        from .registry import get_sampler
-        from .samplers.base import Sampler
-
-        sampler_obj = self._build_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs,
-                                          get_sampler, Sampler)
+        sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
         shape = self._shape(batch_size, shape)
@@ -252,33 +248,6 @@ class ScorePipeline(DiffusionPipeline):
             raise ValueError(f"expected batch_size to be a positive int, found {batch_size!r}")
         return (batch_size, *self.sample_shape)
 
-    @staticmethod
-    def _build_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs, get_sampler, sampler_base):
-        options = dict(sampler_options or {})
-        clash = sorted(set(options) & set(sampler_kwargs))
-        if clash:
-            raise ValueError(f"sampler option(s) {clash} given both in sampler_options and as keyword arguments")
-        options.update(sampler_kwargs)
-        if isinstance(sampler, sampler_base):
-            if options or num_inference_steps is not None:
-                raise ValueError("pass sampler options to the sampler's constructor when giving a Sampler instance")
-            return sampler
-        if not isinstance(sampler, str):
-            raise TypeError(f"expected sampler to be a registered name or a Sampler, found {type(sampler).__name__}")
-        if num_inference_steps is not None:
-            if "num_steps" in options:
-                raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
-            options["num_steps"] = num_inference_steps
-        try:
-            return get_sampler(sampler, **options)
-        except TypeError as err:
-            if "unknown option" in str(err):
-                if num_inference_steps is not None and "'num_steps'" in str(err):
-                    raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not "
-                                    f"apply to it; {err}") from err
-                raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
-            raise
-
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
@@ -303,6 +272,36 @@ class ScorePipeline(DiffusionPipeline):
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
         return cls(**_load_components(folder, torch_dtype))
+
+
+def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):
+    from .registry import get_sampler
+    from .samplers.base import Sampler
+
+    options = dict(sampler_options or {})
+    clash = sorted(set(options) & set(sampler_kwargs))
+    if clash:
+        raise ValueError(f"sampler option(s) {clash} given both in sampler_options and as keyword arguments")
+    options.update(sampler_kwargs)
+    if isinstance(sampler, Sampler):
+        if options or num_inference_steps is not None:
+            raise ValueError("pass sampler options to the sampler's constructor when giving a Sampler instance")
+        return sampler
+    if not isinstance(sampler, str):
+        raise TypeError(f"expected sampler to be a registered name or a Sampler, found {type(sampler).__name__}")
+    if num_inference_steps is not None:
+        if "num_steps" in options:
+            raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
+        options["num_steps"] = num_inference_steps
+    try:
+        return get_sampler(sampler, **options)
+    except TypeError as err:
+        if "unknown option" not in str(err):
+            raise
+        if num_inference_steps is not None and "'num_steps'" in str(err):
+            raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not apply to "
+                            f"it; {err}") from err
+        raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
 
 
 def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:

@@ -152,6 +152,15 @@ def test_configs_we_cannot_map_are_errors_naming_the_field(config, field):
         ds.ScoreAncestralScheduler(**config)
 
 
+def test_a_continuous_timestep_type_is_refused():
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="timestep_type"):
+        ds.ScoreAncestralScheduler.from_config(EulerDiscreteScheduler(timestep_type="continuous").config)
+    sched = ds.ScoreAncestralScheduler.from_config(EulerDiscreteScheduler(prediction_type="v_prediction").config)
+    assert (sched.prediction_type, sched.time_input) == ("v_prediction", "index")
+
+
 def test_energy_prediction_is_refused_with_a_pointer_to_the_pipeline():
     with pytest.raises(ValueError, match="ScorePipeline"):
         ds.ScoreEulerMaruyamaScheduler.from_config(scheduler_for(VPSDE(), "energy", "t").config)
