@@ -19,7 +19,7 @@ from score_toolkit.analytic import gaussian
 from score_toolkit.hub import export_pipeline
 from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
 from score_toolkit.pipeline import SHIPPED_MODELS_ENV_VAR, ScorePipeline, ScorePipelineOutput, shipped_model_path
-from score_toolkit.processes import VPSDE, DiscreteVP
+from score_toolkit.processes import VESDE, VPSDE, DiscreteVP
 from score_toolkit.samplers.base import Sampler, SamplerProperties
 from score_toolkit.schedulers import scheduler_for
 from score_toolkit.scores import ScoreAdapter, score_to_prediction
@@ -52,12 +52,8 @@ class AnalyticNet(ModelMixin, ConfigMixin):
         if ti == "index":
             a, b = self.time_map.network_time(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
             return (values - a) / (b - a)
-        lo, hi = torch.zeros_like(values), torch.ones_like(values)
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            up = self.process.sigma(mid) < values
-            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-        return 0.5 * (lo + hi)
+        assert isinstance(self.process, VESDE)  # sigma input: VE, where sigma is the noise-to-signal ratio
+        return self.process.t_from_noise_to_signal(values)
 
 
 def tiny_unet():
