@@ -138,7 +138,7 @@ class ProbabilityFlowODESampler(Sampler):
     name: ClassVar[str] = "pf_ode"
     description: ClassVar[str] = "Probability-flow ODE (Song et al. 2021, eq. 13) with torchdiffeq (adaptive dopri5 by default, or a fixed grid)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(
-        stochastic=False, order=5, adaptive=True, fixed_grid=False, per_sample=True
+        stochastic=False, order=5, adaptive=True, fixed_grid=False, per_sample=False
     )
     options: ClassVar[dict[str, Any]] = {
         "method": "dopri5",
@@ -179,7 +179,9 @@ class ProbabilityFlowODESampler(Sampler):
             order=spec.order,
             adaptive=spec.adaptive,
             fixed_grid=not spec.adaptive,
-            per_sample=(not spec.adaptive) or self._setting(cfg, "per_sample_norm"),
+            # adaptive solves share their steps across the batch: even with the per-sample norm a
+            # sample's result depends on its neighbours (within the tolerance), so it is not per-sample
+            per_sample=not spec.adaptive,
         )
         if props != type(self).properties:
             self.properties = props
