@@ -184,7 +184,7 @@ SWEEPS: dict[str, Callable[[str, Any, str], list[Variant]]] = {
 def sweep_for(name: str, cls, case: str, quick: bool, denoise: bool = False, only: str | None = None) -> list[Variant]:
     variants = SWEEPS.get(name, generic_sweep)(name, cls, case)
     if only:
-        variants = [v for v in variants if only in v.label]
+        variants = [v for v in variants if (v.label == only[1:] if only.startswith("=") else only in v.label)]
     if quick:
         variants = [Variant(v.label, v.runs[:1]) for v in variants]
     if denoise:  # end on the clean data: a final Tweedie step at the sampler's final time (+1 NFE)
@@ -1133,7 +1133,7 @@ def parse_args(argv=None):
     p.add_argument("--denoise", action="store_true",
                    help="accuracy runs end with the final Tweedie step (denoise=True, +1 NFE): the samples then target "
                         "the clean data rather than p(t_min), which the metrics compare them with")
-    p.add_argument("--only-variant", default=None, metavar="TEXT", help="run only the sweep variants whose label contains TEXT")
+    p.add_argument("--only-variant", default=None, metavar="TEXT", help="run only the sweep variants whose label contains TEXT (=TEXT: is TEXT)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of the other samplers from the previous results in --out (same --n and --tag) "
