@@ -183,13 +183,13 @@ SWEEPS: dict[str, Callable[[str, Any, str], list[Variant]]] = {
 
 def sweep_for(name: str, cls, case: str, quick: bool, denoise: bool = False, only: str | None = None) -> list[Variant]:
     variants = SWEEPS.get(name, generic_sweep)(name, cls, case)
-    if only:
-        variants = [v for v in variants if (v.label == only[1:] if only.startswith("=") else only in v.label)]
     if quick:
         variants = [Variant(v.label, v.runs[:1]) for v in variants]
     if denoise:  # end on the clean data: a final Tweedie step at the sampler's final time (+1 NFE)
         variants = [Variant("denoise=True" if v.label == "defaults" else f"{v.label}, denoise=True",
                             [{**o, "denoise": True} for o in v.runs]) for v in variants]
+    if only:  # on the labels shown in the tables
+        variants = [v for v in variants if (v.label == only[1:] if only.startswith("=") else only in v.label)]
     return variants
 
 

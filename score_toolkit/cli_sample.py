@@ -135,6 +135,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {result.samples_file}")
         if result.picture is not None:
             print(f"  {result.picture}")
+        if not result.batch_independent:
+            print(f"note: {args.sampler} with these options couples the samples of a batch: the samples depend on "
+                  f"--batch-size (never on the number of processes)")
     return 0
 
 

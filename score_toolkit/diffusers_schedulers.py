@@ -144,6 +144,8 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = [*_DDPM_STYLE, "ScoreSdeVeScheduler"]
     #: the registered sampler whose update this scheduler runs
     sampler_name: ClassVar[str] = ""
+    #: whether the update draws fresh noise
+    stochastic: ClassVar[bool] = True
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -210,12 +212,17 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        **ddim_kwargs: Any,
     ) -> ScoreSchedulerOutput | tuple[torch.Tensor]:
         """One step of the sampler from the grid time whose network input is ``timestep`` to the next one.
 
         ``model_output`` is the network's prediction at (``sample``, ``timestep``) in the config's prediction
         type; ``generator`` (one, or a list with one per sample) draws the step's noise.
-        Returns :class:`ScoreSchedulerOutput` (or ``(prev_sample,)``)."""
+        Returns :class:`ScoreSchedulerOutput` (or ``(prev_sample,)``).
+
+        ``DDIMPipeline`` also passes ``eta`` and ``use_clipped_model_output``: accepted only at values this
+        update honours (``eta=0`` for a deterministic scheduler; no clipping); anything else is a ``TypeError``."""
+        self._check_ddim_kwargs(ddim_kwargs)
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.ndim < 1:
@@ -235,6 +242,20 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev,)
         return ScoreSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+    def _check_ddim_kwargs(self, kwargs: dict[str, Any]) -> None:
+        eta = kwargs.pop("eta", None)
+        clipped = kwargs.pop("use_clipped_model_output", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.step got unexpected keyword arguments {sorted(kwargs)}")
+        if eta is not None and not (eta == 0 and not self.stochastic):
+            raise TypeError(
+                f"{type(self).__name__}.step: eta={eta!r} is a DDIM setting; this scheduler runs score_toolkit's "
+                f"{self.sampler_name!r} update ({'stochastic' if self.stochastic else 'deterministic'}), which has no "
+                f"eta. Use it in DDPMPipeline, or use ScoreDPMSolverScheduler (eta=0) in DDIMPipeline"
+            )
+        if clipped:
+            raise TypeError(f"{type(self).__name__}.step: use_clipped_model_output=True is not supported (no clipping)")
 
     def step_index_of(self, timestep) -> int:
         """The grid index ``i`` with ``timesteps[i] == timestep`` (a number or a tensor whose entries are all
@@ -439,6 +460,7 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
     """
 
     sampler_name = "dpmpp_2m"
+    stochastic = False
 
     @register_to_config
     def __init__(

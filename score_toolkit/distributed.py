@@ -74,6 +74,8 @@ class SampleRunResult:
     num_processes: int
     shards_written: int
     shards_skipped: int
+    #: the sampler's ``properties.per_sample``: whether the samples are also the same for any ``batch_size``
+    batch_independent: bool = True
     nfe_per_batch: list[int] = field(default_factory=list)
 
 
@@ -82,7 +84,7 @@ def sample_to_folder(
     output_dir: str | os.PathLike,
     num_samples: int,
     *,
-    sampler: str = "ancestral",
+    sampler: str = "dpmpp_2m",
     sampler_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -155,12 +157,17 @@ def sample_to_folder(
 
     # the main process checks the folder and reads what is done; every process learns the outcome
     created = is_main and not out.exists()
-    plan = _on_main(accelerator, _prepare_folder, out, run, num_shards, overwrite)
+    try:
+        plan = _on_main(accelerator, _prepare_folder, out, run, num_shards, overwrite)
+    except BaseException:
+        if created:  # e.g. the folder was made but cannot be written: leave nothing behind
+            _remove_if_nothing_kept(out, created)
+        raise
     nfe: list[int] = []
     written = 0
+    rank, nproc = accelerator.process_index, accelerator.num_processes
     try:
         todo = [] if plan["complete"] else [s for s in range(num_shards) if s not in set(plan["done"])]
-        rank, nproc = accelerator.process_index, accelerator.num_processes
         shard_blocks = {s: _blocks(s, shard_size, num_samples, batch_size) for s in todo}
         bar = _progress(progress and is_main, sum(_share(len(b), nproc, rank) for b in shard_blocks.values()))
         for s, blocks in shard_blocks.items():
@@ -186,7 +193,7 @@ def sample_to_folder(
     picture = Path(final["picture"]) if final.get("picture") else None
     return SampleRunResult(output_dir=out, samples_file=out / SAMPLES_NAME, picture=picture, num_samples=num_samples,
                            num_processes=nproc, shards_written=written, shards_skipped=num_shards - written,
-                           nfe_per_batch=nfe)
+                           batch_independent=bool(sampler_obj.properties.per_sample), nfe_per_batch=nfe)
 
 
 def _blocks(shard: int, shard_size: int, num_samples: int, batch_size: int) -> list[tuple[int, int]]:

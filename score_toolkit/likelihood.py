@@ -14,8 +14,8 @@ default, or a fixed grid), by default in ``tau = ln(sigma / alpha)`` with the sc
 (``time_variable="log_sigma"``: the same ODE, smooth in tau for every process; ``"t"`` integrates in t itself,
 see :class:`_TimeVariable`). The divergence of the score is computed
 
-* ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (vectorised over the basis with
-  ``is_grads_batched`` when the network supports it, else one backward pass per basis vector);
+* ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (one backward pass per basis vector on
+  the CPU; vectorised with ``is_grads_batched`` on accelerators when the network supports it);
 * ``"hutchinson"``: with Hutchinson's estimator ``div s = E_v[v^T (ds/dx) v]`` (``E[v v^T] = I``), ``K``
   Rademacher or Gaussian probes per sample, drawn once and held fixed through the solve (FFJORD, Grathwohl
   et al. 2019; score_sde_pytorch uses one probe).
@@ -282,9 +282,11 @@ class _AugmentedDynamics:
 
 
 def _batched_vjp(s: torch.Tensor, xg: torch.Tensor, grads: torch.Tensor, state: dict) -> torch.Tensor:
-    """Vector-Jacobian products ``grads[k]^T ds/dx`` for a stack of ``grads`` (k, *s.shape): one vectorised
-    backward pass, or one pass per vector when vmap does not support the network (remembered in ``state``)."""
-    if grads.shape[0] > 1 and state.get("vmap", True):
+    """Vector-Jacobian products ``grads[k]^T ds/dx`` for a stack of ``grads`` (k, *s.shape): one pass per vector on
+    the CPU (measured faster there than vmap: 11 vs 20 ms per evaluation for the exact divergence of a 16-D mixture,
+    batch 256), one vectorised backward pass on accelerators (fewer kernel launches) unless vmap does not support
+    the network (then one pass per vector, remembered in ``state``)."""
+    if grads.shape[0] > 1 and s.device.type != "cpu" and state.get("vmap", True):
         try:
             (out,) = torch.autograd.grad(s, xg, grads, retain_graph=True, is_grads_batched=True)
             return out

@@ -384,3 +384,25 @@ def test_two_real_processes_equal_one_and_do_not_hang(tmp_path):
     outcomes = [(tmp_path / f"res.pt.rank{r}").read_text() for r in (0, 1)]
     assert outcomes[1].startswith("NonFiniteError") and "process 1" in outcomes[1]
     assert outcomes[0].startswith("RuntimeError") and "another process failed" in outcomes[0]
+
+
+def test_the_benchmarks_score_sde_transcription_agrees_with_ours():
+    """benchmarks/bench_likelihood.py's reference (scipy RK45 on flat numpy, one probe) computes what we compute."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_likelihood.py"
+    spec = importlib.util.spec_from_file_location("bench_likelihood_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from score_toolkit.likelihood import _probes
+
+    proc = VPSDE()
+    m, x = _ring_data(6)
+    gens = [torch.Generator().manual_seed(7 * 1_000_003 + i) for i in range(len(x))]
+    probe = _probes("rademacher", 1, x.shape, gens, x.dtype, x.device)[0]
+    ref, nfe = bench.score_sde_log_likelihood(m.score_fn(proc), proc, x, probe, rtol=1e-7, atol=1e-7)
+    ours = log_likelihood(m.score_fn(proc), proc, x, divergence="hutchinson", num_probes=1, seed=7, rtol=1e-7,
+                          atol=1e-7, time_variable="t")
+    torch.testing.assert_close(ours.log_prob, ref, rtol=0, atol=1e-4)
+    assert nfe > 0 and torch.isnan(ours.std_err).all()  # one probe: no error bar

@@ -68,6 +68,9 @@ class DPMSolverPP2MSDE(_EtaMixin, _Multistep):
                                          "lower_order_final": True, "to_zero": False}
     order = 2
     ode_order = 2.0
+    #: settings of the conformance suite: with N = 2000 samples a stochastic sampler's sliced-W2 ratio varies a lot
+    #: from seed to seed; at 200 steps its bias is well below that spread
+    conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 200}}
 
 
 class DPMSolverPP3MSDE(_EtaMixin, _Multistep):
@@ -97,6 +100,7 @@ class DPMSolverPP3MSDE(_EtaMixin, _Multistep):
                                          "lower_order_final": True, "to_zero": False}
     order = 3
     ode_order = 3.0
+    conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 200}}
 
 
 class DPMSolverPPSDE(_EtaMixin, _Singlestep):
@@ -129,3 +133,4 @@ class DPMSolverPPSDE(_EtaMixin, _Singlestep):
     nfe_per_step = 2
     fractions = (0.5,)
     ode_order = 2.0
+    conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 100}}
