@@ -76,10 +76,3 @@ def __getattr__(name: str) -> Any:
 def __dir__():
     return __all__
 
-# diffusers' DiffusionPipeline.from_pretrained never imports a third-party component's module itself:
-# the modules named in model_index.json (our networks and schedulers) must already be imported. Import
-# them here so that `import score_toolkit` is enough (this costs the diffusers import, which every
-# part of the toolkit needs anyway).
-from .models import mlp as _mlp  # noqa: E402,F401
-from . import schedulers as _schedulers  # noqa: E402,F401
-from . import diffusers_schedulers as _diffusers_schedulers  # noqa: E402,F401
