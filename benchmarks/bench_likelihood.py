@@ -259,11 +259,12 @@ def write_report(rows, args, seconds: float, extra: list[str]) -> Path:
 
 NOTES = """How to read it:
 
-* The same computation (dopri5 in t, one batch-wide error norm, one probe) costs the same number of score
-  evaluations in both (dopri5 and scipy's RK45 are the same Dormand-Prince pair; small NFE differences come from the
-  initial step and step-size controllers). The wall-time ratio is then the per-step overhead: numpy round trips and
-  scipy's Python stepping against torchdiffeq's torch stepping. With a cheap analytic score, overhead dominates;
-  with a network, the score does.
+* The same computation (dopri5 in t, one batch-wide error norm, one probe) takes about the same number of score
+  evaluations in both (dopri5 and scipy's RK45 are the same Dormand-Prince pair; the NFE differences, 10 to 20%,
+  come from the initial step and the step-size controllers), and both agree to `max |diff|` (the batch-wide norm
+  lets single samples drift by that much). The rest of the time ratio is per-step overhead (torchdiffeq's torch
+  stepping against numpy round trips and scipy's Python stepping): visible with a cheap analytic score, within 5%
+  per evaluation once the score is a network (profiled: 2.5 against 2.3 ms per evaluation for the 64-D MLP).
 * Our defaults cost more evaluations on the continuous VP process, for two reasons that buy correctness: the error
   norm is per sample (each sample meets the tolerance by itself, instead of one RMS over the batch where a hard
   sample hides among easy ones), and the ODE is solved in ln(sigma / alpha), which keeps it smooth for every process
