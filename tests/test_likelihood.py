@@ -358,6 +358,11 @@ except Exception as e:
     outcome = f"{type(e).__name__}: {e}"
 with open(f"{sys.argv[1]}.rank{acc.process_index}", "w") as f:
     f.write(outcome)
+# tear the gloo group down explicitly: leaving it to interpreter exit can abort a rank
+# ("terminate called without an active exception")
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
