@@ -173,7 +173,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    ok = False
+    try:
+        code = int(args.func(args) or 0)
+        ok = True
+        return code
+    finally:
+        _close_process_group(synchronize=ok)
+
+
+def _close_process_group(synchronize: bool) -> None:
+    """Tear down a ``torch.distributed`` group a command created (under ``accelerate launch``).
+
+    Leaving the gloo/NCCL group to interpreter exit can abort a rank ("terminate called without an
+    active exception"). After a successful command every rank waits for the others first; after an
+    error the group is destroyed without a barrier, which could otherwise hang.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
