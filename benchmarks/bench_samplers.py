@@ -1231,7 +1231,7 @@ def main(argv=None) -> int:
         if new_acc is None and new_speed is None:
             print(f"--merge-from: no {args.tag}_accuracy.csv or {args.tag}_speed.csv in {src}", file=sys.stderr)
             return 2
-        floors = _read_floors(src / f"{args.tag}_floors.csv") or old_floors
+        floors = {**old_floors, **_read_floors(src / f"{args.tag}_floors.csv")}
         samplers = sorted({r["sampler"] for r in (new_acc or []) + (new_speed or [])})
         log(f"merging the rows of {samplers} from {src}")
     else:
@@ -1239,7 +1239,7 @@ def main(argv=None) -> int:
             new_acc, floors = run_accuracy(args, samplers, log)
         if "speed" in args.parts:
             new_speed = run_speed(args, samplers, log)
-        floors = floors or old_floors
+        floors = {**old_floors, **floors}
     kept: set[str] = set()
     if new_acc is not None or old_acc:
         replaced = {(r["sampler"], r["variant"], r["case"], r["process"]) for r in new_acc or []}
