@@ -10,7 +10,6 @@ mixture's dtype (float64 by default) and returned in the input's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -160,7 +159,7 @@ class GaussianMixture:
         cov = self.covariances * alpha**2 + sigma**2 * torch.eye(self.dim, dtype=self.dtype)
         return GaussianMixture(alpha * self.means, cov, self.weights, dtype=self.dtype)
 
-    def score_fn(self, process: Process | None = None) -> "AnalyticScore":
+    def score_fn(self, process: Process | None = None) -> AnalyticScore:
         """The exact canonical ``score_fn(x, t)`` under ``process`` (any tensor rank with d features);
         without a process, the score of the clean data (t is ignored). The returned object also has
         ``energy(x, t)`` (= -log p_t, for Metropolis-adjusted samplers) and ``denoiser(x, t)``."""

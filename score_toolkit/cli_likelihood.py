@@ -11,7 +11,6 @@ Also runnable as ``python -m score_toolkit.cli_likelihood ...``. Heavy imports h
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -137,13 +136,9 @@ def _accelerator(cpu: bool):
 
 
 def write_json(path: str, obj) -> None:
-    from pathlib import Path
+    from ._io import write_json_atomic
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable), encoding="utf-8")
-    os.replace(tmp, p)
+    write_json_atomic(path, obj, default=_jsonable)
 
 
 def _jsonable(v):

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from ._io import atomic_write, sha256_file, write_json_atomic
 from ._utils import per_sample_generators
 
 __all__ = ["sample_to_folder", "SampleRunResult", "load_samples", "MANIFEST_NAME", "SAMPLES_NAME", "PICTURE_NAME",
@@ -292,42 +293,8 @@ def _fingerprint(pipeline) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, then rename over ``path``: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-
-    _atomic_write(path, write)
+    write_json_atomic(path, data, indent=1, default=str)
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:
@@ -383,14 +350,14 @@ def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: 
         _write_json(out / MANIFEST_NAME, manifest)
     if manifest.get("complete"):
         samples = out / SAMPLES_NAME
-        if samples.is_file() and _sha256(samples) == manifest.get("samples_sha256"):
+        if samples.is_file() and sha256_file(samples) == manifest.get("samples_sha256"):
             return {"done": list(range(num_shards)), "complete": True}
         manifest.update(complete=False, shards={})  # the merged file is gone or changed: sample again
         _write_json(out / MANIFEST_NAME, manifest)
     done = []
     for key, rec in manifest.get("shards", {}).items():
         path = out / rec.get("file", "")
-        if path.is_file() and _sha256(path) == rec.get("sha256"):
+        if path.is_file() and sha256_file(path) == rec.get("sha256"):
             done.append(int(key))
     return {"done": sorted(done), "complete": False}
 
@@ -408,13 +375,13 @@ def _write_shard(out: Path, s: int, blocks: list[tuple[int, int]], gathered, num
     (out / SHARD_DIR).mkdir(exist_ok=True)
     name = f"{SHARD_DIR}/shard-{s:05d}.safetensors"
     path = out / name
-    _atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
+    atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
                                               metadata={"start": str(start), "stop": str(stop)}))
     ranks: dict[str, int] = {}
     for _, x, _, r in parts:
         ranks[str(r)] = ranks.get(str(r), 0) + int(x.shape[0])
     manifest = _read_manifest(out)
-    manifest["shards"][str(s)] = {"file": name, "start": start, "stop": stop, "sha256": _sha256(path),
+    manifest["shards"][str(s)] = {"file": name, "start": start, "stop": stop, "sha256": sha256_file(path),
                                   "num_processes": num_processes, "samples_per_rank": ranks,
                                   "nfe_per_batch": [int(p[2]) for p in parts]}
     _write_json(out / MANIFEST_NAME, manifest)
@@ -430,8 +397,8 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
         shards = [load_file(str(out / manifest["shards"][str(s)]["file"]))["samples"] for s in range(num_shards)]
         samples = torch.cat(shards).contiguous()
         meta = {"format": _FORMAT, "run": json.dumps(manifest["run"], default=str)}
-        _atomic_write(samples_path, lambda tmp: save_file({"samples": samples}, tmp, metadata=meta))
-        manifest.update(complete=True, samples_sha256=_sha256(samples_path))
+        atomic_write(samples_path, lambda tmp: save_file({"samples": samples}, tmp, metadata=meta))
+        manifest.update(complete=True, samples_sha256=sha256_file(samples_path))
         _write_json(out / MANIFEST_NAME, manifest)
         shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
     else:
@@ -444,7 +411,7 @@ def _write_picture(path: Path, samples: torch.Tensor, max_grid: int) -> Path | N
     from .plotting import histogram_panel, image_grid, scatter_panel, side_by_side
 
     def save_png(img, target):
-        _atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
+        atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
 
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         save_png(image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)

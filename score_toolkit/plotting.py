@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from ._io import atomic_write
 
 __all__ = [
     "colorize",
@@ -147,20 +148,8 @@ def side_by_side(panels: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a PNG atomically (temporary file in the same folder, then rename; usual file permissions)."""
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ============================================================================================ geometry helpers

@@ -1,0 +1,98 @@
+"""Crash-safe file writing shared by every module that writes files (no torch import).
+
+:func:`atomic_write` writes into a temporary file in the target's folder, gives it the permissions a
+plain ``open(path, "w")`` would have (``0666 & ~umask``; temporary files are created private), fsyncs it,
+renames it over the target (atomic on POSIX and Windows) and fsyncs the folder, so that a crash or a
+``kill -9`` at any point leaves either the old file or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mkdir: bool = True) -> Path:
+    """Call ``write(tmp_path)`` to produce the file's contents, then move it over ``path`` atomically.
+
+    ``write`` gets the name of a temporary file in the same folder (so the rename cannot cross file
+    systems) and must write the complete contents to it. On any error the temporary file is removed and the
+    previous ``path``, if any, is left untouched. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if mkdir:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, default_file_mode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (``dump_kwargs`` go to :func:`json.dump`, e.g. ``indent``)."""
+    dump_kwargs.setdefault("indent", 2)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, **dump_kwargs)
+            f.write("\n")
+
+    return atomic_write(path, write)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

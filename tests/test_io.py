@@ -1,0 +1,49 @@
+"""Crash-safe writing (score_toolkit._io), used by every module that writes files."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from score_toolkit._io import atomic_write, default_file_mode, sha256_file, write_json_atomic, write_text_atomic
+
+
+def test_new_file_gets_the_permissions_of_a_plain_open(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    ours = write_text_atomic(tmp_path / "sub" / "ours.txt", "x")  # the folder is created
+    assert stat.S_IMODE(os.stat(ours).st_mode) == stat.S_IMODE(os.stat(plain).st_mode) == default_file_mode()
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    write_json_atomic(target, {"v": 1})
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"v": 2')  # half written
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_json_round_trip_and_hash(tmp_path):
+    p = write_json_atomic(tmp_path / "b.json", {"a": [1, 2.5], "b": "s"}, default=str)
+    assert json.loads(p.read_text()) == {"a": [1, 2.5], "b": "s"}
+    import hashlib
+
+    assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_save_png_uses_the_shared_writer(tmp_path):
+    from PIL import Image
+
+    from score_toolkit.plotting import save_png
+
+    p = save_png(Image.new("RGB", (4, 3), "white"), tmp_path / "x.png")
+    assert stat.S_IMODE(os.stat(p).st_mode) == default_file_mode()
+    assert Image.open(p).size == (4, 3)
