@@ -56,6 +56,21 @@ def check_positive(value, name: str) -> float:
     return v
 
 
+def _draw(fn, shape: Sequence[int], generator: GeneratorLike, device, dtype) -> torch.Tensor:
+    shape = tuple(int(s) for s in shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"expected one generator per sample ({shape[0]}), found a list of {len(generator)}"
+            )
+        rows = [fn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        out = torch.stack(rows) if rows else torch.empty(shape, dtype=dtype)
+        return out.to(device)
+    if generator is None:
+        return fn(shape, device=device, dtype=dtype)
+    return fn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 def randn(
     shape: Sequence[int],
     *,
@@ -67,18 +82,7 @@ def randn(
     with one generator per sample (then row ``i`` is drawn from ``generator[i]`` only, so a sample's
     noise does not depend on the batch it is in). Noise is drawn on the generator's device and
     moved to ``device``."""
-    shape = tuple(int(s) for s in shape)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(
-                f"expected one generator per sample ({shape[0]}), found a list of {len(generator)}"
-            )
-        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
-        out = torch.stack(rows) if rows else torch.empty(shape, dtype=dtype)
-        return out.to(device)
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    return _draw(torch.randn, shape, generator, device, dtype)
 
 
 def rand(
@@ -89,17 +93,7 @@ def rand(
     dtype=None,
 ) -> torch.Tensor:
     """Uniform [0, 1) noise with the same generator rules as :func:`randn`."""
-    shape = tuple(int(s) for s in shape)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(
-                f"expected one generator per sample ({shape[0]}), found a list of {len(generator)}"
-            )
-        rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
-    if generator is None:
-        return torch.rand(shape, device=device, dtype=dtype)
-    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 def per_sample_generators(seed: int, indices: Sequence[int] | torch.Tensor, device="cpu") -> list[torch.Generator]:

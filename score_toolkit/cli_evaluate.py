@@ -21,7 +21,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli_likelihood import ANALYTIC_MODELS, ANALYTIC_PROCESSES, CLIError, load_data, load_score_model, write_json
+from .cli_likelihood import (
+    ANALYTIC_MODELS,
+    ANALYTIC_PROCESSES,
+    CLIError,
+    load_data,
+    load_score_model,
+    run_guarded,
+    write_json,
+)
 
 __all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot", "main"]
 
@@ -75,14 +83,7 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    try:
-        return _evaluate(args)
-    except CLIError as err:
-        print(f"score-toolkit evaluate: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"score-toolkit evaluate: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    return run_guarded("evaluate", _evaluate, args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -210,15 +210,20 @@ def add_likelihood_parser(subparsers) -> None:
     _configure(p)
 
 
-def cmd_likelihood(args: argparse.Namespace) -> int:
+def run_guarded(command: str, fn, args: argparse.Namespace) -> int:
+    """Run a subcommand's body; report a bad input (exit 2) or a failure (exit 1) in one line on stderr."""
     try:
-        return _run(args)
+        return fn(args)
     except CLIError as err:
-        print(f"score-toolkit likelihood: error: {err}", file=sys.stderr)
+        print(f"score-toolkit {command}: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"score-toolkit likelihood: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"score-toolkit {command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+def cmd_likelihood(args: argparse.Namespace) -> int:
+    return run_guarded("likelihood", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
