@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -145,6 +147,91 @@ def test_export_round_trips_through_score_toolkit_and_diffusers(tmp_path, make, 
         out_a, out_b = model(x, t), loaded.model(x, t)
     out_a, out_b = getattr(out_a, "sample", out_a), getattr(out_b, "sample", out_b)
     assert torch.equal(out_a, out_b)
+
+
+# What a user does in a fresh interpreter: `import score_toolkit` (nothing else from score_toolkit) and
+# diffusers' DiffusionPipeline.from_pretrained on exported folders, then sampling.
+_FRESH_PROCESS_LOAD = textwrap.dedent("""
+    import json, sys
+    import score_toolkit
+    assert "torch" not in sys.modules, "import score_toolkit must stay light"
+    from diffusers import DiffusionPipeline
+    import torch
+    from safetensors.torch import load_file
+
+    folders = json.loads(sys.argv[1])
+    pipes = {}
+    for name, folder in folders.items():
+        before = sorted(m for m in sys.modules if m.startswith("score_toolkit"))
+        assert "score_toolkit.pipeline" not in before and "score_toolkit.hub" not in before, before
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        stored = load_file(folder + "/unet/diffusion_pytorch_model.safetensors")
+        state = pipe.unet.state_dict()
+        assert state.keys() == stored.keys() and all(torch.equal(state[k], stored[k]) for k in stored), name
+        pipes[name] = pipe
+    out = {}
+    # plain diffusers sampling: the epsilon DDPM image model in its DDPMPipeline
+    images = pipes["unet_ddpm"](batch_size=2, num_inference_steps=5, output_type="np",
+                                generator=torch.Generator().manual_seed(0)).images
+    out["unet_ddpm"] = [list(images.shape), bool(((images >= 0) & (images <= 1)).all())]
+    # score_toolkit components loaded by diffusers: sample them with a score_toolkit sampler
+    from score_toolkit import ScorePipeline
+    for name in ("mlp", "unet_vp"):
+        pipe = pipes[name]
+        res = ScorePipeline(unet=pipe.unet, scheduler=pipe.scheduler)(
+            batch_size=3, sampler="euler_maruyama", num_inference_steps=4, output_type="pt",
+            generator=torch.Generator().manual_seed(0))
+        out[name] = [list(res.samples.shape), bool(torch.isfinite(res.samples).all()), type(pipe).__name__,
+                     type(pipe.unet).__name__, type(pipe.scheduler).__name__]
+    print(json.dumps(out))
+""")
+
+
+def test_exported_folders_load_in_diffusers_after_a_plain_import_score_toolkit(tmp_path):
+    folders = {
+        "mlp": hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "mlp"),
+        "unet_vp": hub.export_pipeline(tiny_unet(), VPSDE(), "epsilon", "t", tmp_path / "unet_vp"),
+        "unet_ddpm": hub.export_pipeline(tiny_unet(), DiscreteVP(num_train_timesteps=50), "epsilon", "index",
+                                         tmp_path / "unet_ddpm"),
+    }
+    indexes = {k: json.loads((f / "model_index.json").read_text()) for k, f in folders.items()}
+    assert indexes["mlp"]["unet"] == ["score_toolkit.models.mlp", "ScoreMLP"]
+    assert indexes["unet_vp"]["scheduler"] == ["score_toolkit.schedulers", "ScoreSDEScheduler"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_LOAD, json.dumps({k: str(f) for k, f in folders.items()})],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["unet_ddpm"] == [[2, 8, 8, 1], True]
+    assert out["mlp"] == [[3, 2], True, "DDPMPipeline", "ScoreMLP", "ScoreSDEScheduler"]
+    assert out["unet_vp"] == [[3, 1, 8, 8], True, "DDPMPipeline", "UNet2DModel", "ScoreSDEScheduler"]
+
+
+def test_component_modules_are_registered_without_running_them():
+    """After `import score_toolkit` the modules diffusers looks up are in sys.modules but have not run (no torch),
+    and tools that read __file__ of every module (inspect.getmodule, which torch calls while importing) do not
+    run them either."""
+    code = textwrap.dedent("""
+        import inspect, json, sys
+        import score_toolkit
+        names = score_toolkit.COMPONENT_MODULES
+        registered = [n in sys.modules for n in names]
+        inspect.getmodule(inspect)   # walks sys.modules reading __file__
+        ran = [type(sys.modules[n]).__name__ != "_DeferredModule" for n in names]
+        torch_before = "torch" in sys.modules
+        from score_toolkit.schedulers import ScoreSDEScheduler
+        import score_toolkit.models.mlp as mlp
+        print(json.dumps({"registered": registered, "ran": ran, "torch_before": torch_before,
+                          "same": sys.modules["score_toolkit.schedulers"].ScoreSDEScheduler is ScoreSDEScheduler,
+                          "module": mlp.ScoreMLP.__module__, "mlp_is_registered": mlp is sys.modules[names[0]]}))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"registered": [True] * 3, "ran": [False] * 3, "torch_before": False, "same": True,
+                   "module": "score_toolkit.models.mlp", "mlp_is_registered": True}
 
 
 def test_epsilon_vp_image_model_samples_in_plain_diffusers(tmp_path):

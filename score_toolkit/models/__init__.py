@@ -1,10 +1,25 @@
 """Networks: vector score and energy MLPs (diffusers ``ModelMixin``/``ConfigMixin``) with strict loading.
 
 Image networks are diffusers' own ``UNet2DModel`` configurations; :func:`load_model` loads those strictly too.
+
+The names are resolved on first use (``from score_toolkit.models import ScoreMLP`` works as usual), so that
+``import score_toolkit`` can make ``score_toolkit.models.mlp`` known to diffusers without importing torch.
 """
 
-from .base import CheckpointError, StrictLoadingMixin, load_model, strict_from_pretrained
-from .mlp import EnergyMLP, GaussianFourierEmbedding, ScoreMLP
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "ScoreMLP": "mlp",
+    "EnergyMLP": "mlp",
+    "GaussianFourierEmbedding": "mlp",
+    "CheckpointError": "base",
+    "StrictLoadingMixin": "base",
+    "strict_from_pretrained": "base",
+    "load_model": "base",
+}
 
 __all__ = [
     "ScoreMLP",
@@ -15,3 +30,16 @@ __all__ = [
     "strict_from_pretrained",
     "load_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'score_toolkit.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(__all__) | set(globals()))
