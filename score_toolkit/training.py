@@ -530,6 +530,7 @@ class EMA:
         self.num_updates = 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow = [p.detach().float().clone() for _, p in model.named_parameters() if p.requires_grad]
+        self._params: tuple | None = None
 
     def current_decay(self) -> float:
         n = self.num_updates
@@ -538,8 +539,14 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         d = self.current_decay()
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+        # the parameter list is built once per model (a per-step list comprehension over the parameters
+        # was measurable per-step overhead for small networks); float32 parameters are used as they are
+        cached = self._params
+        if cached is None or cached[0] is not model:
+            params = [p for p in model.parameters() if p.requires_grad]
+            cached = self._params = (model, params, all(p.dtype == torch.float32 for p in params))
+        _, params, all_float = cached
+        torch._foreach_lerp_(self.shadow, params if all_float else [p.float() for p in params], 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()
@@ -737,6 +744,9 @@ class _DataStream:
         return self._perms[epoch]
 
     def indices(self, start: int, count: int) -> torch.Tensor:
+        epoch, offset = divmod(start, self.n)
+        if offset + count <= self.n:  # the common case: inside one permutation, a slice of it
+            return self._perm(epoch)[offset:offset + count]
         slots = torch.arange(start, start + count)
         epochs = slots // self.n
         out = torch.empty(count, dtype=torch.long)
@@ -937,6 +947,33 @@ def train(
                    for k, v in _flatten(cfg.to_dict()).items()}
         accelerator.init_trackers("train", config=hparams | {"num_processes": world})
 
+    # Accelerate's wrappers (AcceleratedOptimizer.step / zero_grad, Accelerator.backward / clip_grad_norm_)
+    # cost a measurable fraction of a small network's step (a package look-up on disk for an optional
+    # optimizer in every optimizer step, inspect.signature in every zero_grad, version checks in every
+    # clip). Where they only forward to torch (no gradient scaler, no DeepSpeed / FSDP / XLA / Megatron),
+    # the loop calls torch directly: the same operations on the same tensors, so the same numbers.
+    from accelerate.utils import DistributedType
+
+    direct = accelerator.scaler is None and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    torch_optimizer = optimizer.optimizer if direct else optimizer
+    trainable = [p for p in model.parameters()]
+    accumulation = tc.gradient_accumulation_steps
+
+    def backward(loss: torch.Tensor) -> None:
+        if not direct:
+            accelerator.backward(loss / accumulation)
+        elif accumulation == 1:  # x / 1 is exactly x, in the value and in the gradient
+            loss.backward()
+        else:
+            (loss / accumulation).backward()
+
+    def clip_gradients() -> None:
+        if direct:
+            torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+
     device = accelerator.device
     data = comps.dataset.data.to(device)
     stream = _DataStream(len(comps.dataset), cfg.seed)
@@ -973,13 +1010,13 @@ def train(
             sync = micro == tc.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss = objective(score_fn, x, generator=generator)
-                accelerator.backward(loss / tc.gradient_accumulation_steps)
+                backward(loss)
             loss_sum += loss.detach()
             loss_count += 1
         if tc.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            clip_gradients()
+        torch_optimizer.step()
+        torch_optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(base_model)
         steps_window += 1
