@@ -170,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.cli_argv = None if argv is None else list(argv)  # the arguments when called from Python (for records)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

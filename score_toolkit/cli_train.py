@@ -8,6 +8,7 @@ runnable on its own as ``python -m score_toolkit.cli_train --config ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -51,12 +52,67 @@ def add_train_parser(subparsers) -> None:
     _configure(p)
 
 
-def _command_line(argv: Sequence[str] | None, prog: str = "score-toolkit train") -> str:
-    """The command as typed, for the model card."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "train":
-        args = args[1:]
-    return prog + " " + " ".join(shlex.quote(a) for a in args)
+_LAUNCHER_MODULES = ("accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch")
+_LAUNCHER_PROGRAMS = ("accelerate", "accelerate-launch", "torchrun")
+
+
+def _parent_command_line() -> list[str] | None:
+    """The parent process's argv (Linux ``/proc``), or None where it cannot be read."""
+    try:
+        raw = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [a.decode("utf-8", errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def _launcher_command(parent: Sequence[str] | None) -> str | None:
+    """The launcher's command as typed, when ``parent`` is ``accelerate launch ...``, ``torchrun ...`` or
+    ``python -m accelerate.commands.launch / torch.distributed.run ...`` (they start this process with the
+    script part of their own command line, so theirs is the command that was run)."""
+    if not parent:
+        return None
+    argv = list(parent)
+    if os.path.basename(argv[0]).startswith("python") and len(argv) > 1:
+        if argv[1] == "-m" and len(argv) > 2 and argv[2] in _LAUNCHER_MODULES:
+            return " ".join(["python"] + [shlex.quote(a) for a in argv[1:]])
+        argv = argv[1:]  # python /path/to/bin/accelerate launch ...
+    name = os.path.basename(argv[0])
+    if name in ("accelerate-launch", "torchrun") or (name == "accelerate" and argv[1:2] == ["launch"]):
+        return " ".join([name] + [shlex.quote(a) for a in argv[1:]])
+    return None
+
+
+def _program_name(default: str) -> str:
+    """How this interpreter was started: the console script or ``python -m``."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    base = os.path.basename(argv0)
+    if base in ("score-toolkit", "score-toolkit.exe", "score-toolkit-script.py"):
+        return "score-toolkit"
+    for module in ("cli_train", "cli"):
+        if argv0.endswith(os.path.join("score_toolkit", f"{module}.py")):
+            return f"python -m score_toolkit.{module}"
+    return default
+
+
+def _command_line(argv: Sequence[str] | None, prog: str = "score-toolkit", *,
+                  parent: Sequence[str] | None | bool = True) -> str:
+    """The command as it was invoked, for ``commands.txt`` and the model card.
+
+    ``argv``: the arguments after the program name (``train --config ...`` for ``score-toolkit``), or None
+    for this process's own command line (then the program is named as it was run: ``score-toolkit``,
+    ``python -m score_toolkit.cli`` or ``python -m score_toolkit.cli_train``). Under ``accelerate launch``
+    or ``torchrun`` the launcher's whole command line is recorded instead (read from the parent process;
+    ``parent=True`` reads it, a list stands for it, None means no launcher)."""
+    launched = _launcher_command(_parent_command_line() if parent is True else parent or None)
+    if launched is not None:
+        return launched
+    if argv is None:
+        prog, args = _program_name(prog), list(sys.argv[1:])
+    else:
+        args = list(argv)
+    return " ".join([prog] + [shlex.quote(a) for a in args])
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -75,7 +131,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         cfg = load_config(args.config, overrides)
         if cfg.export.command is None:
             raw = cfg.to_dict()
-            raw["export"]["command"] = _command_line(argv, getattr(args, "prog_name", "score-toolkit train"))
+            if argv is None and getattr(args, "cli_argv", None) is not None:  # score_toolkit.cli.main(argv)
+                argv = args.cli_argv
+            raw["export"]["command"] = _command_line(argv, getattr(args, "prog_name", "score-toolkit"))
             cfg = RunConfig.from_dict(apply_overrides(raw, []))
         if args.dry_run:
             comps, run_dir, ckpt = prepare_run(cfg, resume=args.resume)

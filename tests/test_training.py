@@ -419,6 +419,10 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = tmp_path / "two" / "checkpoints" / "step_0000010"
+    # the launcher's command is the one recorded (for the model card)
+    recorded = (tmp_path / "two" / "commands.txt").read_text()
+    assert recorded.startswith("python -m accelerate.commands.launch --multi_gpu --num_processes 2 "), recorded
+    assert recorded.endswith(f"-m score_toolkit.cli_train --config {cfg_file}\n"), recorded
     state = json.loads((two / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
     assert (two / "random_states_0.pkl").is_file() and (two / "random_states_1.pkl").is_file()
@@ -458,7 +462,55 @@ def test_cli_train_dry_run_and_run(tmp_path, capsys):
     assert code == 0
     assert [s for s, _ in list_checkpoints(tmp_path / "run2")] == [4]
     saved = json.loads((tmp_path / "run2" / "config.json").read_text())
-    assert saved["train"]["steps"] == 4 and saved["export"]["command"].startswith("score-toolkit train ")
+    assert saved["export"]["command"] == (f"score-toolkit train --config {tmp_path / 'c.yaml'} --set train.steps=4 "
+                                          f"--output-dir {tmp_path / 'run2'}")
+    assert saved["train"]["steps"] == 4
+    assert (tmp_path / "run2" / "commands.txt").read_text() == saved["export"]["command"] + "\n"
+
+
+def test_the_command_is_recorded_as_invoked(monkeypatch):
+    from score_toolkit import cli_train
+
+    record = cli_train._command_line
+    # called from Python with explicit arguments: the equivalent command
+    assert record(["train", "--config", "a b.yaml"], parent=None) == "score-toolkit train --config 'a b.yaml'"
+    # this interpreter's own command line, named as it was started
+    for argv0, prog in (("/venv/bin/score-toolkit", "score-toolkit"),
+                        ("/src/score_toolkit/cli.py", "python -m score_toolkit.cli"),
+                        ("/src/score_toolkit/cli_train.py", "python -m score_toolkit.cli_train")):
+        monkeypatch.setattr(sys, "argv", [argv0, "train", "--config", "c.yaml"])
+        assert record(None, parent=None) == f"{prog} train --config c.yaml"
+    # under a launcher, the launcher's command line (the parent process's) is what was run
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "score_toolkit.cli", "train",
+              "--config", "c.yaml"]
+    for parent in (["/usr/bin/accelerate", *launch[1:]], ["/usr/bin/python3.11", "/usr/bin/accelerate", *launch[1:]]):
+        assert record(["ignored"], parent=parent) == " ".join(launch)
+    assert record(None, parent=["/usr/bin/python3", "-m", "accelerate.commands.launch", "--num_processes", "1",
+                                "-m", "score_toolkit.cli", "train"]) == \
+        "python -m accelerate.commands.launch --num_processes 1 -m score_toolkit.cli train"
+    assert record(None, parent=["/opt/bin/torchrun", "--nproc_per_node", "2", "-m", "score_toolkit.cli", "train"]) == \
+        "torchrun --nproc_per_node 2 -m score_toolkit.cli train"
+    # a shell or a test runner is not a launcher
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/score-toolkit", "train", "--config", "c.yaml"])
+    for parent in (["-bash"], ["/usr/bin/python3", "-m", "pytest", "-q"], ["/usr/bin/python3", "/usr/bin/accelerate", "env"]):
+        assert record(None, parent=parent) == "score-toolkit train --config c.yaml"
+
+
+@pytest.mark.slow  # a fresh interpreter: about 10 s
+def test_console_script_records_its_own_command(tmp_path):
+    import sysconfig
+
+    import yaml
+
+    script = Path(sysconfig.get_path("scripts")) / "score-toolkit"
+    assert script.exists(), f"console script not installed at {script}: pip install -e ."
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(small_config("run", train={"steps": 2})))
+    proc = subprocess.run([str(script), "train", "--config", "c.yaml", "--set", "train.checkpoint_every=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "commands.txt").read_text() == \
+        "score-toolkit train --config c.yaml --set train.checkpoint_every=2\n"
 
 
 def test_no_warnings_in_a_plain_run(tmp_path):
