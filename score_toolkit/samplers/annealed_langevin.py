@@ -51,10 +51,11 @@ class AnnealedLangevinSampler(Sampler):
     description = "Annealed Langevin dynamics over geometric noise levels (NCSN, Song & Ermon 2019, Algorithm 1)"
     properties = SamplerProperties(stochastic=True, order=None, fixed_grid=False)
     options = {"num_levels": 10, "steps_per_level": 100, "step_size": 2e-5, "grid": "log_sigma"}
-    # conformance suite at NCSN's defaults: sliced W2 2.12x (VE) and 1.26x (VP) the noise floor with the
-    # suite's seed (0.9-1.7x with others): the known bias in mode weights plus single-draw noise.
+    # conformance suite: at NCSN's defaults (10 levels) the weight of the heaviest mode comes out 0.477 (VE) and
+    # 0.481 (VP) instead of 0.5 (measured with 40,000 samples), a bias the suite's mode-weight test sees at 2000
+    # samples only at some seeds; with 20 levels it is 0.487 / 0.494, and the suite runs that.
     conformance = {"sampler_options": {"num_levels": 3, "steps_per_level": 5},
-                   "accuracy_options": {"num_levels": 10, "steps_per_level": 100}, "accuracy_factor": 2.5}
+                   "accuracy_options": {"num_levels": 20, "steps_per_level": 100}}
 
     def _validate_options(self, cfg):
         super()._validate_options(cfg)

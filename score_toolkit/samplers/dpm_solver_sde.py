@@ -58,20 +58,14 @@ class DPMSolverPP2MSDE(_EtaMixin, _Multistep):
     """
 
     name: ClassVar[str] = "dpmpp_2m_sde"
-    # KNOWN ISSUE (open, issue 7): at the suite's seed this sampler lands 2.4-2.8x the sliced-W2 floor even
-    # with 100 steps (other seeds: 1.1-1.9x), more than exact draws ever do (max ~2.2x): not yet explained.
-    conformance: ClassVar[dict] = {
-        "accuracy_options": {"num_steps": 100},
-        "skip": {"test_accuracy": "known open accuracy gap at the suite's seed, see the class comment"},
-    }
     description: ClassVar[str] = "DPM-Solver++(2M) SDE: multistep exponential integrator of the reverse SDE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=2.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "eta": 1.0,
                                          "lower_order_final": True, "to_zero": False}
     order = 2
     ode_order = 2.0
-    #: settings of the conformance suite: with N = 2000 samples a stochastic sampler's sliced-W2 ratio varies a lot
-    #: from seed to seed; at 200 steps its bias is well below that spread
+    #: conformance suite: 200 steps. With 2000 samples the over-dispersion of 50 steps (variances 2-3 % too large)
+    #: is already within reach of the within-mode check (ratios 1.0-1.5 across seeds); at 200 steps 1.0-1.2
     conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 200}}
 
 
@@ -91,18 +85,13 @@ class DPMSolverPP3MSDE(_EtaMixin, _Multistep):
     """
 
     name: ClassVar[str] = "dpmpp_3m_sde"
-    # KNOWN ISSUE (open, issue 7): at the suite's seed this sampler lands 2.4-2.8x the sliced-W2 floor even
-    # with 100 steps (other seeds: 1.1-1.9x), more than exact draws ever do (max ~2.2x): not yet explained.
-    conformance: ClassVar[dict] = {
-        "accuracy_options": {"num_steps": 100},
-        "skip": {"test_accuracy": "known open accuracy gap at the suite's seed, see the class comment"},
-    }
     description: ClassVar[str] = "DPM-Solver++(3M) SDE: third-order multistep exponential integrator of the reverse SDE"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=2.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "eta": 1.0,
                                          "lower_order_final": False, "to_zero": False}
     order = 3
     ode_order = 3.0
+    #: conformance suite: 200 steps, as for :class:`DPMSolverPP2MSDE`
     conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 200}}
 
 
@@ -124,16 +113,11 @@ class DPMSolverPPSDE(_EtaMixin, _Singlestep):
     """
 
     name: ClassVar[str] = "dpmpp_sde"
-    # KNOWN ISSUE (open, issue 7): at the suite's seed this sampler lands 2.4-2.8x the sliced-W2 floor even
-    # with 100 steps (other seeds: 1.1-1.9x), more than exact draws ever do (max ~2.2x): not yet explained.
-    conformance: ClassVar[dict] = {
-        "accuracy_options": {"num_steps": 50},
-        "skip": {"test_accuracy": "known open accuracy gap at the suite's seed, see the class comment"},
-    }
     description: ClassVar[str] = "DPM-Solver++ SDE: two-stage single-step exponential integrator of the reverse SDE"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=2.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 10, "grid": "log_sigma", "rho": 7.0, "eta": 1.0, "to_zero": False}
     nfe_per_step = 2
     fractions = (0.5,)
     ode_order = 2.0
+    #: conformance suite: 100 steps (200 NFE), as for :class:`DPMSolverPP2MSDE`
     conformance: ClassVar[dict[str, Any]] = {"accuracy_options": {"num_steps": 100}}
