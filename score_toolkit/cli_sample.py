@@ -18,8 +18,8 @@ from typing import Any
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
 #: default sampler and steps. Measured on the shipped digits model (900 samples, classifier Frechet distance, floor
-#: 3.4): dpmpp_2m with 25 steps 8.7, as good as the converged ODE (pf_ode dopri5 at 1e-4, 140 NFE: 9.0) and better
-#: than ancestral at 100 or 200 steps (12.6, 11.2); about 1 s of CPU per 64 samples.
+#: 3.44): dpmpp_2m with 25 steps 8.95, as good as the converged ODE (pf_ode dopri5 at 1e-4, 122 NFE: 9.19) and better
+#: than ancestral at 100 or 200 steps (13.6, 15.7); about 0.5 s per 64 samples (docs/pipeline.md).
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 25
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,3 +356,69 @@ def test_train_exports_a_loadable_folder_with_a_card(tmp_path):
     assert "score-toolkit train --config x.yaml" in text and "sliced W2" in text and (folder / "sample.png").is_file()
     pipe = DDPMPipeline.from_pretrained(str(folder))
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------ the shipped models
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["toy2d", "digits"])
+def test_shipped_model_was_trained_by_the_recorded_command_and_loads(name):
+    """hub_cards/<name>: trained with `score-toolkit train --config hub_cards/configs/<name>.yaml` (the card
+    says so and holds that config, resolved), small, loads strictly."""
+    import yaml
+
+    from score_toolkit.training import load_config
+
+    folder = REPO / "hub_cards" / name
+    config_file = REPO / "hub_cards" / "configs" / f"{name}.yaml"
+    card = (folder / "README.md").read_text()
+    command = f"score-toolkit train --config hub_cards/configs/{name}.yaml"
+    assert f"Trained with exactly this command:\n\n```bash\n{command}\n```" in card
+    block = card.split("Resolved training configuration:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    expected = load_config(config_file).to_dict()
+    expected["export"].pop("command")
+    assert yaml.safe_load(block) == expected
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 4e6, f"{folder} holds {size / 1e6:.1f} MB"
+    loaded = hub.load_pipeline_components(folder)
+    assert loaded.prediction_type == "epsilon"
+
+
+def test_shipped_toy_model_samples_the_ring():
+    from score_toolkit.analytic import ring_mixture
+    from score_toolkit.metrics import mode_weight_error, noise_floor, sliced_wasserstein
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.scores import ScoreAdapter
+
+    model, process, prediction_type, time_input = hub.load_pipeline_components(REPO / "hub_cards" / "toy2d")
+    score_fn = ScoreAdapter(model, process, prediction_type, time_input)
+    n = 2000
+    with torch.no_grad():
+        x = get_sampler("dpmpp_2m", num_steps=25).sample(score_fn, process, shape=(n, 2),
+                                                         generator=torch.Generator().manual_seed(0)).samples
+    ring = ring_mixture()
+    g = torch.Generator().manual_seed(1)
+    sw = sliced_wasserstein(x, ring.sample(n, generator=torch.Generator().manual_seed(3)), generator=g)
+    floor = noise_floor(ring, n, lambda a, b: sliced_wasserstein(a, b, generator=torch.Generator().manual_seed(1)))
+    assert sw < 3 * floor, (sw, floor)
+    assert mode_weight_error(x, ring) < 0.05
+
+
+def test_shipped_digits_model_draws_recognisable_digits():
+    """The shipped classifier (held-out accuracy 0.98) is confident about the samples, and they cover every
+    class. Real digits score a mean confidence of 0.993; uniform noise 0.78."""
+    from score_toolkit._utils import per_sample_generators
+    from score_toolkit.evaluation import evaluate_digits
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.scores import ScoreAdapter
+
+    model, process, prediction_type, time_input = hub.load_pipeline_components(REPO / "hub_cards" / "digits")
+    score_fn = ScoreAdapter(model, process, prediction_type, time_input)
+    n = 128
+    with torch.no_grad():
+        x = get_sampler("dpmpp_2m", num_steps=25).sample(score_fn, process, shape=(n, 1, 8, 8),
+                                                         generator=per_sample_generators(0, range(n))).samples
+    rep = evaluate_digits(x, nfe=25, wall_time_s=1.0)
+    assert rep.metrics["mean_confidence"] > 0.9, rep.metrics
+    assert min(rep.details["class_histogram"]) > 0, rep.details["class_histogram"]
