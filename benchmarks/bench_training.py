@@ -103,6 +103,16 @@ def ours(steps: int, warmup: int, batch: int, full: bool, seed: int = 0) -> tupl
     return (steps - warmup) / (w1 - w0), (steps - warmup) / (c1 - c0)
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -113,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for setting in ("minimal", "full"):
         full = setting == "full"
@@ -131,7 +142,8 @@ def main(argv=None) -> int:
         f"ScoreMLP(2, {MODEL}), batch {args.batch}, AdamW lr {LR}, continuous-time DSM on VPSDE (epsilon), ring data; "
         f"{args.steps} steps per run, first {args.warmup} excluded, {args.repeats} alternating runs per loop, medians. "
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs" + (f", load average at the end {load[0]:.1f}" if load else "") + ".",
+        f"{os.cpu_count()} CPUs" + (f", load average (1 min) {load_start[0]:.1f} at the start and {load[0]:.1f} at the end"
+                                    if load else "") + f"; commit {_commit()}.",
         "",
         "| setting | clock | hand-written steps/s | score_toolkit steps/s | ratio (median) | ratio range |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -530,3 +530,21 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
     else:
         train(cfg)
         assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "logs").rglob("*"))
+
+
+# ------------------------------------------------------------------------------------ the throughput benchmark
+def test_training_benchmark_runs_and_writes_its_table(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_training.py"
+    spec = importlib.util.spec_from_file_location("bench_training_smoke", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "training.md"
+    assert bench.main(["--steps", "8", "--warmup", "2", "--repeats", "1", "--out", str(out)]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(("| minimal", "| full"))]
+    assert [(r[0], r[1]) for r in rows] == [("| minimal", "wall"), ("| minimal", "CPU"), ("| full", "wall"), ("| full", "CPU")]
+    for r in rows:
+        hand, ours, ratio = float(r[2]), float(r[3]), float(r[4])
+        # the table rounds steps/s to 0.1; the ratio is computed before rounding
+        assert hand > 0 and ours > 0 and ratio == pytest.approx(ours / hand, rel=0.02)
