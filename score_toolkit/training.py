@@ -868,7 +868,26 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
         folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
         if folder.exists() and not cfg.export.overwrite:
             raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
+        _check_export_folder(folder)
     return comps, run_dir, ckpt
+
+
+def _check_export_folder(folder: Path) -> None:
+    """The export is written to a temporary sibling folder and renamed: its parent must be a writable folder
+    (checked now, not after the training)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"export folder {folder} exists and is not a folder")
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: cannot create the folder it goes in: {err}") from err
+    probe = parent / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
 
 
 def train(

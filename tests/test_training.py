@@ -165,6 +165,13 @@ def test_unwritable_output_dir(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="output_dir .*afile/run: cannot create it"):
         train(small_config(tmp_path / "afile" / "run"))
+    # the export folder is checked before the training too, not when the trained model is written
+    with pytest.raises(ConfigError, match="export folder .*afile/out: cannot create the folder it goes in"):
+        train(small_config(tmp_path / "run", export={"enabled": True, "folder": str(tmp_path / "afile" / "out")}))
+    with pytest.raises(ConfigError, match="export folder .*afile exists and is not a folder"):
+        train(small_config(tmp_path / "run", export={"enabled": True, "folder": str(tmp_path / "afile"),
+                                                       "overwrite": True}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_batch_must_divide(tmp_path):
