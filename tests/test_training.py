@@ -421,7 +421,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "score_toolkit.cli_train", "--config", str(cfg_file)]
+           "-m", "score_toolkit.cli", "train", "--config", str(cfg_file)]  # the documented command
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -429,7 +429,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     # the launcher's command is the one recorded (for the model card)
     recorded = (tmp_path / "two" / "commands.txt").read_text()
     assert recorded.startswith("python -m accelerate.commands.launch --multi_gpu --num_processes 2 "), recorded
-    assert recorded.endswith(f"-m score_toolkit.cli_train --config {cfg_file}\n"), recorded
+    assert recorded.endswith(f"-m score_toolkit.cli train --config {cfg_file}\n"), recorded
     state = json.loads((two / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
     assert (two / "random_states_0.pkl").is_file() and (two / "random_states_1.pkl").is_file()
