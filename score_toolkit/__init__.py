@@ -110,8 +110,8 @@ class _DeferredModule(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         # only called for names the module does not hold; dunder probes (__path__, __warningregistry__,
-        # __wrapped__, ...) never trigger the import
-        if name.startswith("__") and name.endswith("__"):
+        # __wrapped__, ...) never trigger the import, except __all__ (read by `from module import *`)
+        if name.startswith("__") and name.endswith("__") and name != "__all__":
             raise AttributeError(name)
         _run_deferred(self)
         return getattr(self, name)
