@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._io import default_file_mode
 from .processes import Process
 from .schedulers import read_scheduler_config, scheduler_for
 
@@ -134,11 +135,10 @@ def export_pipeline(
         bad = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.suffix not in ALLOWED_SUFFIXES)
         if bad:
             raise RuntimeError(f"export wrote unexpected files {bad} (only {ALLOWED_SUFFIXES} are allowed)")
-        umask = os.umask(0)
-        os.umask(umask)
+        mode = default_file_mode()
         for p in tmp.rglob("*"):
             if p.is_file():
-                os.chmod(p, 0o666 & ~umask)  # some writers use private temporary files (0600)
+                os.chmod(p, mode)  # some writers use private temporary files (0600)
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         if folder.exists():

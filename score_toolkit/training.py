@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ._io import fsync_dir, sha256_file, write_json_atomic
 
 __all__ = [
     "RunConfig",
@@ -568,40 +569,13 @@ class EMA:
 
 
 # ============================================================================ checkpoints
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_json_atomic(path, obj, indent=2, sort_keys=True, default=str)
 
 
 def _checkpoint_name(step: int) -> str:
@@ -640,7 +614,7 @@ def verify_checkpoint(folder) -> tuple[bool, str]:
             return False, f"file {name} listed in the manifest is missing"
         if p.stat().st_size != meta["size"]:
             return False, f"file {name} has {p.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             return False, f"file {name} does not match its sha256 in the manifest (corrupt)"
     return True, "ok"
 
@@ -689,16 +663,16 @@ def save_checkpoint(accelerator, run_dir, step: int, *, ema: EMA | None, keep: i
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
                 _fsync_file(p)
-                files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+                files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump({"step": int(step), "complete": True, "files": files}, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # an unusable checkpoint of the same step from an earlier attempt
             _remove_tree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final

@@ -339,16 +339,16 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, where):
     calls = {"n": 0}
     if where == "before_rename":
-        real = training._fsync_dir
+        real = training.fsync_dir
 
         def fsync_dir(path):
             if Path(path).name == ".tmp-step_0000010":
                 raise _Crash("killed after writing the manifest, before the rename")
             real(path)
 
-        monkeypatch.setattr(training, "_fsync_dir", fsync_dir)
+        monkeypatch.setattr(training, "fsync_dir", fsync_dir)
     else:
-        real_hash = training._sha256
+        real_hash = training.sha256_file
 
         def sha(path):
             calls["n"] += 1
@@ -356,7 +356,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
                 raise _Crash("killed while hashing")
             return real_hash(path)
 
-        monkeypatch.setattr(training, "_sha256", sha)
+        monkeypatch.setattr(training, "sha256_file", sha)
     with pytest.raises(_Crash):
         train(small_config(tmp_path / "run"))
     monkeypatch.undo()
