@@ -19,16 +19,6 @@ from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
 from score_toolkit.processes import VESDE, VPSDE, DiscreteVP, SubVPSDE
 from score_toolkit.schedulers import ScoreSDEScheduler, read_scheduler_config, scheduler_for
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_unet():
     torch.manual_seed(0)

@@ -20,17 +20,6 @@ from safetensors.torch import load_file
 from score_toolkit import training
 from score_toolkit.training import ConfigError, RunConfig, latest_checkpoint, list_checkpoints, train, verify_checkpoint
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: threads only add synchronisation (and are very slow on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_config(out, **sections) -> dict:
     cfg = {
