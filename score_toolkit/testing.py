@@ -29,7 +29,7 @@ mixture's marginal at the sampler's final time.
 
 The accuracy check (``test_accuracy``, one run per process, :func:`accuracy_statistics`) judges two things
 separately, because the plain sliced W2 of a mixture is dominated by the binomial noise of the mode weights
-(exact sets of 2000 reach 2.5 times its mean, so a threshold loose enough for them misses shape errors):
+(exact sets of 2000 reached 2.4 times its mean, so a threshold loose enough for them misses shape errors):
 
 * the shape of every mode: the within-mode sliced W2 (samples and an exact reference set split by their most
   likely component) must stay within ``accuracy_factor`` times its noise floor;
@@ -157,7 +157,7 @@ def accuracy_statistics(samples: torch.Tensor, alpha: float, sigma: float) -> di
     ``MODE_WEIGHT_LEVEL`` with ``K - 1`` degrees of freedom).
 
     The two parts are judged separately because the plain sliced W2 of a mixture is dominated by the binomial
-    noise of the mode weights: exact sets of 2000 reach 2.5 times its mean, so a threshold loose enough for them
+    noise of the mode weights: exact sets of 2000 reached 2.4 times its mean, so a threshold loose enough for them
     is blind to shape errors."""
     n = samples.shape[0]
     target, reference, floor = _exact_reference(float(alpha), float(sigma), n)

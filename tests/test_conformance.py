@@ -6,7 +6,9 @@ settings come from the sampler class's ``conformance`` dict. Third-party plugins
 own tests (see plugins/score-toolkit-edm/tests).
 
 The suite itself is checked on ``TinyEulerODE`` (a few-line deterministic Euler probability-flow sampler):
-it must pass, and deliberately broken variants must fail the check aimed at their defect.
+it must pass, and deliberately broken variants must fail the check aimed at their defect. The accuracy check
+is checked both ways: exact draws (``ExactDraws``) pass at every seed, while coarse grids, scaled outputs, wrong
+score scales and wrong mode weights fail; a slow test calibrates it on 300 exact sample sets.
 """
 
 from __future__ import annotations
@@ -367,3 +369,13 @@ def test_accuracy_check_false_alarm_rate():
         assert 0.8 < sum(ratios) / len(ratios) < 1.2
         exceed = sum(c > -2 * math.log(0.05) for c in chi2)
         assert exceed <= 25, f"{process_key}: {exceed} of 300 exact sets above the level-0.05 value (expected <= 15)"
+
+
+@pytest.mark.parametrize("level", [0.05, 1e-2, 1e-4])
+def test_chi2_critical_value_closed_forms(level):
+    """Two degrees of freedom: -2 ln(level); one: the squared two-sided normal quantile."""
+    from score_toolkit.testing import _chi2_critical_value
+
+    assert _chi2_critical_value(2, level) == pytest.approx(-2 * math.log(level), rel=1e-9)
+    z = float(torch.special.ndtri(torch.tensor(1 - level / 2, dtype=torch.float64)))
+    assert _chi2_critical_value(1, level) == pytest.approx(z * z, rel=1e-9)
