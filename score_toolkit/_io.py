@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
+__all__ = ["probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
 
 
 def default_file_mode() -> int:
@@ -38,6 +38,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a small file in ``folder``; raises the ``OSError`` if that is not possible (a check to
+    run before long work whose results will be written there)."""
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mkdir: bool = True) -> Path:

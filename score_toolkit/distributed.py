@@ -41,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write, sha256_file, write_json_atomic
+from ._io import atomic_write, probe_writable, sha256_file, write_json_atomic
 from ._utils import per_sample_generators
 
 __all__ = ["sample_to_folder", "SampleRunResult", "load_samples", "MANIFEST_NAME", "SAMPLES_NAME", "PICTURE_NAME",
@@ -315,9 +314,7 @@ def _check_writable(out: Path) -> None:
         raise NotADirectoryError(f"cannot write samples to {out}: it is a file, expected a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)
     except OSError as err:  # OSError(errno, ...) is PermissionError, NotADirectoryError, ... as the errno says
         raise OSError(err.errno, f"cannot write samples to the folder {out}: {err.strerror or err}") from err
 

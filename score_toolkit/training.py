@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import fsync_dir, sha256_file, write_json_atomic
+from ._io import fsync_dir, probe_writable, sha256_file, write_json_atomic
 
 __all__ = [
     "RunConfig",
@@ -786,10 +786,8 @@ def _check_output_dir(run_dir: Path) -> None:
         raise ConfigError(f"output_dir {run_dir}: cannot create it: {err}") from err
     if not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} exists and is not a folder")
-    probe = run_dir / f".write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as err:
         raise ConfigError(f"output_dir {run_dir} is not writable: {err}") from err
 
@@ -856,10 +854,8 @@ def _check_export_folder(folder: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"export folder {folder}: cannot create the folder it goes in: {err}") from err
-    probe = parent / f".write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(parent)
     except OSError as err:
         raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
 

@@ -47,3 +47,12 @@ def test_save_png_uses_the_shared_writer(tmp_path):
     p = save_png(Image.new("RGB", (4, 3), "white"), tmp_path / "x.png")
     assert stat.S_IMODE(os.stat(p).st_mode) == default_file_mode()
     assert Image.open(p).size == (4, 3)
+
+
+def test_probe_writable_leaves_nothing_and_reports_a_missing_folder(tmp_path):
+    from score_toolkit._io import probe_writable
+
+    probe_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):
+        probe_writable(tmp_path / "missing")
