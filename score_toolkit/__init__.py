@@ -85,8 +85,6 @@ def __dir__():
     return __all__
 
 
-
-
 # diffusers' DiffusionPipeline.from_pretrained resolves a third-party component ["module.path", "Class"] of
 # model_index.json with sys.modules.get("module.path") (it never imports a module a folder names), then
 # getattr(module, "Class") and getattr(module, "ModelMixin" / "SchedulerMixin"). These are the modules whose

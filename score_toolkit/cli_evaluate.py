@@ -122,15 +122,15 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        generator=gens, reference=reference, mixture=model["mixture"], dtype=dtype,
                                        device=device)
     report.details["model"] = model["description"]
-    print(report.to_markdown())
+    markdown = report.to_markdown()
+    print(markdown)
     if args.output:
         write_json(args.output, report.to_dict())
         print(f"wrote {args.output}")
     if args.markdown:
-        from pathlib import Path
+        from ._io import write_text_atomic
 
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(report.to_markdown() + "\n", encoding="utf-8")
+        write_text_atomic(args.markdown, markdown + "\n")
         print(f"wrote {args.markdown}")
     if args.pictures:
         for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,

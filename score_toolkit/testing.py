@@ -108,6 +108,7 @@ def conformance_processes() -> dict[str, Process]:
     return {"ve": VESDE(), "vp": VPSDE()}
 
 
+@functools.cache
 def _chi2_critical_value(dof: int, level: float) -> float:
     """The x with P(chi2_dof > x) = level (bisection on the regularised upper incomplete gamma function)."""
     lo, hi = 0.0, 10.0 * dof + 100.0

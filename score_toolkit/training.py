@@ -946,7 +946,7 @@ def train(
     direct = accelerator.scaler is None and accelerator.distributed_type in (
         DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     torch_optimizer = optimizer.optimizer if direct else optimizer
-    trainable = [p for p in model.parameters()]
+    trainable = list(model.parameters())
     accumulation = tc.gradient_accumulation_steps
 
     def backward(loss: torch.Tensor) -> None:

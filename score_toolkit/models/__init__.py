@@ -21,15 +21,7 @@ _NAMES = {
     "load_model": "base",
 }
 
-__all__ = [
-    "ScoreMLP",
-    "EnergyMLP",
-    "GaussianFourierEmbedding",
-    "CheckpointError",
-    "StrictLoadingMixin",
-    "strict_from_pretrained",
-    "load_model",
-]
+__all__ = list(_NAMES)
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._io import write_json_atomic
 from .._utils import append_dims
 from ..processes import TIME_GRIDS, Process
 from .base import Sampler, SamplingContext, check_float, check_int
@@ -133,11 +134,7 @@ def save_grid(
         "sampler": sampler,
         "info": dict(info) if info is not None else {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written grid
-    return path
+    return write_json_atomic(path, record, indent=1)  # a crash never leaves a half-written grid
 
 
 def _read_record(name_or_path, directory) -> dict[str, Any]:
