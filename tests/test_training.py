@@ -439,7 +439,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
 def test_cli_train_dry_run_and_run(tmp_path, capsys):
     import yaml
 
-    from score_toolkit import cli, cli_train
+    from score_toolkit import cli
+    from score_toolkit.cli import train as cli_train
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(small_config(tmp_path / "run")))
     assert cli_train.main(["--config", str(tmp_path / "c.yaml"), "--dry-run"]) == 0
@@ -465,15 +466,14 @@ def test_cli_train_dry_run_and_run(tmp_path, capsys):
 
 
 def test_the_command_is_recorded_as_invoked(monkeypatch):
-    from score_toolkit import cli_train
+    from score_toolkit.cli import train as cli_train
 
     record = cli_train._command_line
     # called from Python with explicit arguments: the equivalent command
     assert record(["train", "--config", "a b.yaml"], parent=None) == "score-toolkit train --config 'a b.yaml'"
     # this interpreter's own command line, named as it was started
     for argv0, prog in (("/venv/bin/score-toolkit", "score-toolkit"),
-                        ("/src/score_toolkit/cli.py", "python -m score_toolkit.cli"),
-                        ("/src/score_toolkit/cli_train.py", "python -m score_toolkit.cli_train")):
+                        ("/src/score_toolkit/cli/__main__.py", "python -m score_toolkit.cli")):
         monkeypatch.setattr(sys, "argv", [argv0, "train", "--config", "c.yaml"])
         assert record(None, parent=None) == f"{prog} train --config c.yaml"
     # under a launcher, the launcher's command line (the parent process's) is what was run
