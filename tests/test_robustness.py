@@ -153,8 +153,9 @@ def test_use_default_values_never_overrides_what_the_file_says(tmp_path):
               lambda c: c.update(_use_default_values=["prediction_type", "time_input"]))
     assert hub.load_pipeline_components(folder).prediction_type == "epsilon"
     assert ScorePipeline.from_pretrained(folder).spec[1:] == ("epsilon", "t")
-    import score_toolkit  # noqa: F401  (makes the components loadable by diffusers)
     from diffusers import DiffusionPipeline
+
+    import score_toolkit  # noqa: F401  (makes the components loadable by diffusers)
 
     assert DiffusionPipeline.from_pretrained(folder).scheduler.config.prediction_type == "epsilon"
 
