@@ -17,6 +17,7 @@ from .analytic import GaussianMixture, ring_mixture
 from .metrics import mode_weight_error, noise_floor, sliced_wasserstein
 from .processes import VPSDE, Process
 from .scores import ScoreAdapter
+from .threads import cpu_threads
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -66,6 +67,7 @@ def _train(model, process: Process, data: GaussianMixture, steps: int, batch_siz
     return running
 
 
+@cpu_threads()
 def run_demo(
     output: str | Path = "demo.png",
     *,

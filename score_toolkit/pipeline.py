@@ -38,6 +38,7 @@ from . import schedulers as _schedulers  # noqa: F401
 from ._utils import GeneratorLike
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
+from .threads import cpu_threads
 
 __all__ = [
     "ScorePipeline",
@@ -170,6 +171,7 @@ class ScorePipeline(DiffusionPipeline):
         return ScoreAdapter(model, process, prediction_type, time_input)
 
     # ------------------------------------------------------------------ sampling
+    @cpu_threads()
     def __call__(
         self,
         batch_size: int = 1,

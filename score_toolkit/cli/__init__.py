@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 # the command modules import only argparse at module level (heavy imports live in the commands): --help stays fast
+from ._common import add_common_options, common_options
 from .demo import add_demo_parser as _add_demo
 from .evaluate import add_evaluate_parser as _add_evaluate
 from .evaluate import add_plot_parser as _add_plot
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        add_common_options(sub)
     return parser
 
 
@@ -56,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ok = False
     try:
-        code = int(args.func(args) or 0)
+        with common_options(args):
+            code = int(args.func(args) or 0)
         ok = True
         return code
     finally:

@@ -5,17 +5,82 @@ Accelerator under a launcher, ``--option KEY=VALUE`` parsing, JSON output, and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "run_guarded", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+__all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
 ANALYTIC_MODELS = ("ring", "aniso16", "gaussian2d")
 ANALYTIC_PROCESSES = ("VE", "VP", "subVP")
+
+
+LOG_FORMAT = "%(name)s: %(message)s"
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """The options every command has: ``-v``/``-q`` (log level and progress bars) and ``--threads``."""
+    from ..threads import DEFAULT_THREADS, ENV_VAR
+
+    g = p.add_argument_group("common options")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more messages on stderr: -v shows debug messages of score_toolkit, -vv of every library")
+    g.add_argument("-q", "--quiet", action="count", default=0,
+                   help="only results and errors: no progress bars and no informational messages (-qq: errors only)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch CPU threads (default: ${ENV_VAR} if set, else {DEFAULT_THREADS}; 0: torch's own "
+                   "choice, one per core). More threads rarely help the small networks of this project and slow "
+                   "everything down on a busy machine; use processes instead (see score_toolkit/threads.py)")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Whether a command shows progress bars: not with ``-q`` nor with its own ``--no-progress``."""
+    return not getattr(args, "quiet", 0) and not getattr(args, "no_progress", False)
+
+
+@contextlib.contextmanager
+def common_options(args: argparse.Namespace) -> Iterator[None]:
+    """Apply the common options around a command: the log level of the ``score_toolkit`` loggers (INFO,
+    ``-v`` DEBUG, ``-q`` WARNING, ``-qq`` ERROR) with one stderr handler, tqdm bars off under ``-q``
+    (``TQDM_DISABLE``, which diffusers' and accelerate's bars follow too), and the thread policy
+    (:func:`score_toolkit.threads.cpu_threads` with ``--threads``). Everything is restored afterwards."""
+    from ..threads import cpu_threads
+
+    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", 0)
+    level = (logging.DEBUG if verbose else logging.INFO) if not quiet else (logging.WARNING if quiet == 1 else
+                                                                           logging.ERROR)
+    package = logging.getLogger("score_toolkit")
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = (package.level, package.propagate, root.level, os.environ.get("TQDM_DISABLE"))
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = verbose >= 2  # -vv: also through the root logger, which then shows every library
+    if verbose >= 2:
+        root.setLevel(logging.DEBUG)
+        if not root.handlers:
+            logging.basicConfig(format=LOG_FORMAT)
+    if not progress_enabled(args):
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with cpu_threads(getattr(args, "threads", None)):
+            yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+        root.setLevel(saved[2])
+        if saved[3] is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved[3]
 
 
 class CLIError(ValueError):

@@ -12,6 +12,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ._common import add_common_options, common_options
+
 __all__ = ["add_train_parser", "cmd_train", "main"]
 
 
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``score-toolkit train --config cfg.yaml``."""
     parser = argparse.ArgumentParser(prog="score-toolkit train", description="Train a score network.")
     _configure(parser)
+    add_common_options(parser)
     args = parser.parse_args(argv)
     args.prog_name = "score-toolkit train"
-    return int(args.func(args, argv) or 0)
+    with common_options(args):
+        return int(args.func(args, argv) or 0)

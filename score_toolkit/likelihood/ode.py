@@ -14,6 +14,7 @@ import torch
 from .._utils import GeneratorLike, per_sample_generators
 from ..processes import Process
 from ..samplers.base import NonFiniteError
+from ..threads import cpu_threads
 from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
 from .exchange import _exchange
 from .options import (
@@ -223,6 +224,7 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
     }
 
 
+@cpu_threads()
 def log_likelihood(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     process: Process,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._io import probe_writable
+from ..threads import cpu_threads
 from .checkpoints import CHECKPOINT_DIR, _write_json_atomic, latest_checkpoint, list_checkpoints, save_checkpoint
 from .components import Components, _build_model, build_components
 from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
@@ -157,6 +158,7 @@ def _check_export_folder(folder: Path) -> None:
         raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
 
 
+@cpu_threads()
 def train(
     config: RunConfig | Mapping[str, Any],
     *,
