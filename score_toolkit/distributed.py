@@ -439,6 +439,10 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
         manifest.update(complete=True, samples_sha256=sha256_file(samples_path))
         _write_json(out / MANIFEST_NAME, manifest)
         remove_written(out, [recorded[s]["file"] for s in range(num_shards)], prune=(SHARD_DIR,))
+        # the shard files are gone: keep what the records say about the run, but no path to a deleted file
+        manifest["merged_shards"] = {k: {f: v for f, v in rec.items() if f != "file"} for k, rec in manifest["shards"].items()}
+        manifest["shards"] = {}
+        _write_json(out / MANIFEST_NAME, manifest)
     else:
         samples = load_file(str(samples_path))["samples"]
     picture = _write_picture(out / PICTURE_NAME, samples, max_grid)

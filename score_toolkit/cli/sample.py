@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import parse_options
+from ._common import parse_options, progress_enabled
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
@@ -53,16 +53,15 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--network-batch-size", type=int, default=32,
                    help="rows per network call, fixed so that results do not depend on --batch-size (default 32; "
                    "0: the whole batch)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process on CPU (default 1: for small networks more threads only add "
-                   "overhead, and on a busy machine they slow sampling down many times; use processes instead)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard file, a multiple of --batch-size (default: about 4096)")
     p.add_argument("--output-dir", default="samples", help="output folder (default ./samples)")
     p.add_argument("--overwrite", action="store_true", help="replace another run found in the output folder")
-    p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is there (needed for multi-process "
-                   "CPU runs under accelerate launch --multi_gpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="cpu or cuda (default: cuda if available; under accelerate launch each process uses its own "
+                   "GPU, and multi-process CPU runs need --device cpu)")
+    p.add_argument("--cpu", action="store_true", help="the same as --device cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (-q also turns it off)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -85,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.network_batch_size < 0:
         raise ValueError(f"expected --network-batch-size >= 0, found {args.network_batch_size}")
     network_batch_size = args.network_batch_size or None
-    if args.threads < 1:
-        raise ValueError(f"expected --threads >= 1, found {args.threads}")
+    if args.cpu and args.device not in (None, "cpu"):
+        raise ValueError(f"--cpu contradicts --device {args.device}")
+    use_cpu = args.cpu or args.device == "cpu"
 
     from ..registry import get_sampler
 
@@ -94,21 +94,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from accelerate import Accelerator
 
-    from ..distributed import sample_to_folder
+    from ..distributed import MANIFEST_NAME, sample_to_folder
     from ..pipeline import ScorePipeline, shipped_model_path
 
     checkpoint = args.checkpoint if args.checkpoint is not None else str(shipped_model_path("digits"))
-    accelerator = Accelerator(cpu=args.cpu)
-    if accelerator.device.type == "cpu":
-        import torch
-
-        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=use_cpu)
+    if args.device == "cuda" and accelerator.device.type != "cuda":
+        raise ValueError(f"--device cuda: no CUDA device is available (found {accelerator.device})")
     pipe = ScorePipeline.from_pretrained(checkpoint)
     start = time.perf_counter()
     result = sample_to_folder(
         pipe, args.output_dir, args.num_samples, sampler=args.sampler, sampler_options=options, seed=args.seed,
         batch_size=args.batch_size, network_batch_size=network_batch_size, shard_size=args.shard_size,
-        accelerator=accelerator, overwrite=args.overwrite, progress=not args.no_progress, checkpoint=checkpoint,
+        accelerator=accelerator, overwrite=args.overwrite, progress=progress_enabled(args), checkpoint=checkpoint,
     )
     if accelerator.is_main_process:
         seconds = time.perf_counter() - start
@@ -118,6 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {result.samples_file}")
         if result.picture is not None:
             print(f"  {result.picture}")
+        print(f"  {result.output_dir / MANIFEST_NAME} (the run: checkpoint, sampler, options, seed; a re-run with "
+              f"the same settings skips the complete shards)")
         if not result.batch_independent:
             print(f"note: {args.sampler} with these options couples the samples of a batch: the samples depend on "
                   f"--batch-size (never on the number of processes)")
