@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(subparsers)
     for sub in subparsers.choices.values():
-        add_common_options(sub)
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        for leaf in ([p for a in nested for p in a.choices.values()] if nested else [sub]):  # plot KIND ...
+            add_common_options(leaf)
     return parser
 
 

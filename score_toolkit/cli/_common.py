@@ -13,7 +13,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+__all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_value",
+           "resolve_model", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
@@ -47,9 +48,10 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 @contextlib.contextmanager
 def common_options(args: argparse.Namespace) -> Iterator[None]:
     """Apply the common options around a command: the log level of the ``score_toolkit`` loggers (INFO,
-    ``-v`` DEBUG, ``-q`` WARNING, ``-qq`` ERROR) with one stderr handler, tqdm bars off under ``-q``
-    (``TQDM_DISABLE``, which diffusers' and accelerate's bars follow too), and the thread policy
-    (:func:`score_toolkit.threads.cpu_threads` with ``--threads``). Everything is restored afterwards."""
+    ``-v`` DEBUG, ``-q`` WARNING, ``-qq`` ERROR) with one stderr handler, and the thread policy
+    (:func:`score_toolkit.threads.cpu_threads` with ``--threads``). Everything is restored afterwards. Progress
+    bars are each command's own: it passes :func:`progress_enabled` to the work it starts (tqdm reads its
+    ``TQDM_*`` environment variables once, at import, so they cannot be switched here)."""
     from ..threads import cpu_threads
 
     verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", 0)
@@ -59,28 +61,19 @@ def common_options(args: argparse.Namespace) -> Iterator[None]:
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    saved = (package.level, package.propagate, root.level, os.environ.get("TQDM_DISABLE"))
-    package.addHandler(handler)
+    saved = (package.level, root.level)
+    owner = root if verbose >= 2 else package  # -vv: the handler sits on the root logger and shows every library
+    owner.addHandler(handler)
     package.setLevel(level)
-    package.propagate = verbose >= 2  # -vv: also through the root logger, which then shows every library
     if verbose >= 2:
         root.setLevel(logging.DEBUG)
-        if not root.handlers:
-            logging.basicConfig(format=LOG_FORMAT)
-    if not progress_enabled(args):
-        os.environ["TQDM_DISABLE"] = "1"
     try:
         with cpu_threads(getattr(args, "threads", None)):
             yield
     finally:
-        package.removeHandler(handler)
+        owner.removeHandler(handler)
         package.setLevel(saved[0])
-        package.propagate = saved[1]
-        root.setLevel(saved[2])
-        if saved[3] is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved[3]
+        root.setLevel(saved[1])
 
 
 class CLIError(ValueError):
@@ -100,35 +93,68 @@ def run_guarded(command: str, fn, args: argparse.Namespace) -> int:
 
 
 
+DTYPE_HELP = "float32 or float64 (default: float32 for networks, float64 for analytic models)"
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; on several processes each uses its own)"
+
+#: the help text of ``--option`` (the same in every command that has it)
+OPTION_HELP = ("a sampler option KEY=VALUE, e.g. --option num_steps=50 --option grid=log_sigma --option denoise=true; "
+               "the value is read as JSON, else as YAML, else kept as a string (repeatable)")
+
+
+def parse_value(raw: str) -> Any:
+    """The value of ``--option KEY=VALUE``: JSON (``50``, ``1e-3``, ``true``, ``[1, 2]``), else YAML (``[a, b]``,
+    ``{k: 1}``), else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        import yaml
+
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["num_steps=50", "grid=log_sigma"]`` -> ``{"num_steps": 50, "grid": "log_sigma"}`` (JSON values, else
-    strings); a ``ValueError`` for an item without ``=`` or a repeated key."""
+    """``["num_steps=50", "grid=log_sigma"]`` -> ``{"num_steps": 50, "grid": "log_sigma"}`` (values by
+    :func:`parse_value`); a :class:`CLIError` (exit code 2) for an item without ``=`` or a repeated key."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"expected --option KEY=VALUE, found {item!r}")
+            raise CLIError(f"expected --option KEY=VALUE, found {item!r}")
         if key in out:
-            raise ValueError(f"sampler option {key!r} given twice")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+            raise CLIError(f"sampler option {key!r} given twice")
+        out[key] = parse_value(raw)
     return out
 
 
 def parse_yaml_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise CLIError(f"expected --option KEY=VALUE, found {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        import yaml
+    """One ``--option KEY=VALUE`` as a pair (see :func:`parse_options`)."""
+    return next(iter(parse_options([text]).items()))
 
-        value = yaml.safe_load(raw)
-    except Exception:  # noqa: BLE001 - not YAML: keep the string
-        value = raw
-    return key.strip(), value
+
+def resolve_model(spec: str) -> str:
+    """A model argument: an existing folder as it is; else the name of a shipped model (``digits``, ``toy2d``) or
+    ``hub_cards/<name>`` written from another directory than the repository root, resolved with
+    :func:`score_toolkit.pipeline.shipped_model_path` (so it works from any directory); else unchanged (a Hub
+    repository id, an ``analytic:`` model, or a missing folder that the caller reports)."""
+    from pathlib import Path
+
+    if spec.startswith("analytic:") or os.path.isdir(spec):
+        return spec
+    parts = Path(spec).parts
+    name = parts[-1] if parts and (len(parts) == 1 or parts[-2] == "hub_cards") else None
+    if name is None:
+        return spec
+    from ..pipeline import shipped_model_path
+
+    try:
+        return str(shipped_model_path(name))
+    except (FileNotFoundError, ValueError):
+        return spec
 
 
 def _analytic(name: str):
@@ -169,8 +195,10 @@ def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> d
     from ..hub import load_pipeline_components
     from ..scores import ScoreAdapter
 
+    spec = resolve_model(spec)
     if not os.path.isdir(spec):
-        raise CLIError(f"expected --model to be a pipeline folder or analytic:<name>, found no folder at {spec}")
+        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name (digits, toy2d) or "
+                       f"analytic:<name>, found no folder at {spec}")
     model, process, prediction_type, time_input = load_pipeline_components(spec)
     if next(model.parameters()).dtype != dtype:
         model = model.to(dtype=dtype)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import parse_options, progress_enabled
+from ._common import OPTION_HELP, parse_options, progress_enabled, resolve_model
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
@@ -38,16 +38,15 @@ def add_sample_parser(subparsers) -> None:
         ),
     )
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help="pipeline folder or Hub repository id (default: the shipped digits model)")
+                   help="a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or a Hub "
+                   "repository id in the local Hub cache (default: digits)")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"registered sampler name (default {DEFAULT_SAMPLER}; "
                    "'score-toolkit samplers' lists them)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"the sampler's num_steps (default {DEFAULT_STEPS} for the default sampler, else the "
                    "sampler's own default)")
-    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option, e.g. --option grid=log_sigma --option denoise=true (values are read as "
-                   "JSON when they parse, else as strings; repeatable)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i is seeded by (seed, i) (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="samples drawn together (default 32)")
     p.add_argument("--network-batch-size", type=int, default=32,
@@ -97,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..distributed import MANIFEST_NAME, sample_to_folder
     from ..pipeline import ScorePipeline, shipped_model_path
 
-    checkpoint = args.checkpoint if args.checkpoint is not None else str(shipped_model_path("digits"))
+    checkpoint = resolve_model(args.checkpoint) if args.checkpoint is not None else str(shipped_model_path("digits"))
     accelerator = Accelerator(cpu=use_cpu)
     if args.device == "cuda" and accelerator.device.type != "cuda":
         raise ValueError(f"--device cuda: no CUDA device is available (found {accelerator.device})")

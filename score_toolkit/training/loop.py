@@ -268,6 +268,10 @@ def train(
     score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input, check_inputs=False)
     objective = comps.objective
 
+    from accelerate.logging import get_logger
+
+    logger = get_logger(__name__)  # multi-process: logs on the main process only
+    logger.info("training %s steps from step %d on %d process(es); run folder %s", tc.steps, start, world, run_dir)
     history: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
     bar = None
@@ -330,13 +334,15 @@ def train(
                                     samples_s=f"{rec['samples_per_s']:.0f}")
             if tc.log_with:
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            logger.debug("step %d: loss %.5g, %.1f steps/s", step, rec["loss"], rec["steps_per_s"])
             loss_sum.zero_()
             loss_count, steps_window, t_window = 0, 0, time.perf_counter()
         if bar is not None:
             bar.update(1)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
-                            extra_state={"seed": cfg.seed})
+            saved = save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
+                                    extra_state={"seed": cfg.seed})
+            logger.debug("checkpoint %s", saved)
             last_saved = step
     if bar is not None:
         bar.close()
@@ -351,6 +357,8 @@ def train(
     export_folder = None
     if cfg.export.enabled:
         if accelerator.is_main_process:
+            logger.info("exporting to %s (measuring %d samples of %s)",
+                        cfg.export.folder or run_dir / "pipeline", cfg.export.num_samples, cfg.export.sampler)
             export_folder = _export_run(comps, final_model, run_dir, history, world, device)
         accelerator.wait_for_everyone()
         if export_folder is None:
