@@ -56,18 +56,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo-steps", type=int, default=300, help="training steps of the timed demo runs")
+    ap.add_argument("--demo-samples", type=int, default=4000, help="samples drawn by the timed demo runs")
     ap.add_argument("--load", type=int, default=2, help="busy-loop processes started for the run")
     ap.add_argument("--full-demo", action="store_true", help="also time the default demo (3000 steps) once, policy")
-    ap.add_argument("--arms", default="1,2,policy")
+    ap.add_argument("--arms", default="1,2,policy", help="thread settings of the 30-second example")
+    ap.add_argument("--demo-arms", default="1,2", help="thread settings of the shortened demo")
     args = ap.parse_args(argv)
-    arms = args.arms.split(",")
+    arms = {"readme_30s_example": args.arms.split(","), "demo": args.demo_arms.split(",")}
     work = Path(tempfile.mkdtemp(prefix="bench_threads_"))
     example = readme_block("30-second example")
     demo_bin = str(Path(sys.executable).parent / "score-toolkit")
     workloads = {
         "readme_30s_example": [sys.executable, "-c", example],
-        f"demo_{args.demo_steps}_steps": [demo_bin, "demo", "--output", str(work / "demo.png"),
-                                          "--steps", str(args.demo_steps), "-q"],
+        "demo": [demo_bin, "demo", "--output", str(work / "demo.png"), "--steps", str(args.demo_steps),
+                 "--num-samples", str(args.demo_samples), "-q"],
     }
     loaders = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     rows = []
@@ -75,12 +77,14 @@ def main(argv=None) -> int:
         time.sleep(2)
         for rep in range(args.repeats):
             for name, cmd in workloads.items():
-                for arm in arms:
+                label = name if name != "demo" else f"demo_{args.demo_steps}_steps_{args.demo_samples}_samples"
+                for arm in arms[name]:
                     load_before = os.getloadavg()[0]
                     seconds = run(cmd, arm, work)
-                    rows.append({"workload": name, "threads": arm, "repeat": rep, "seconds": round(seconds, 2),
+                    rows.append({"workload": label, "threads": arm, "repeat": rep, "seconds": round(seconds, 2),
                                  "load_avg_1min": round(load_before, 2), "extra_busy_processes": args.load})
                     print(rows[-1], flush=True)
+                    write_results(rows, args)
         if args.full_demo:
             load_before = os.getloadavg()[0]
             seconds = run([demo_bin, "demo", "--output", str(work / "demo_full.png"), "-q"], "policy", work)
@@ -91,6 +95,13 @@ def main(argv=None) -> int:
     finally:
         for p in loaders:
             p.kill()
+    write_results(rows, args)
+    return 0
+
+
+def write_results(rows: list[dict], args) -> None:
+    """The CSV of all runs so far and the Markdown summary (rewritten after every run: an interrupted benchmark
+    keeps what it measured)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "threads.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -98,7 +109,8 @@ def main(argv=None) -> int:
         w.writerows(rows)
     lines = ["# Thread policy: wall time with 1 and 2 torch threads on 2 busy cores", "",
              f"`python benchmarks/bench_threads.py --repeats {args.repeats} --demo-steps {args.demo_steps} "
-             f"--load {args.load}{' --full-demo' if args.full_demo else ''}` on 2 CPU cores shared with other work "
+             f"--demo-samples {args.demo_samples} --load {args.load}{' --full-demo' if args.full_demo else ''}` "
+             f"on 2 CPU cores shared with other work "
              f"plus {args.load} busy-loop processes; fresh process per run (imports included), arms interleaved. "
              "Rows: `benchmarks/results/threads.csv`.", "",
              "| workload | threads | runs | median s | min s | max s | median / 1 thread | load avg (1 min) |",
@@ -112,8 +124,6 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {arm} | {len(sec)} | {statistics.median(sec):.1f} | {min(sec):.1f} | "
                          f"{max(sec):.1f} | {ratio} | {min(loads):.1f}-{max(loads):.1f} |")
     (RESULTS / "threads.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

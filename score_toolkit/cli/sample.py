@@ -10,6 +10,7 @@ identical bit for bit for any number of processes (see :mod:`score_toolkit.distr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
@@ -118,8 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {result.output_dir / MANIFEST_NAME} (the run: checkpoint, sampler, options, seed; a re-run with "
               f"the same settings skips the complete shards)")
         if not result.batch_independent:
-            print(f"note: {args.sampler} with these options couples the samples of a batch: the samples depend on "
-                  f"--batch-size (never on the number of processes)")
+            logging.getLogger(__name__).warning(
+                "%s with these options couples the samples of a batch: the samples depend on --batch-size (never on "
+                "the number of processes)", args.sampler)
     return 0
 
 
