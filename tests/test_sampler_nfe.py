@@ -8,7 +8,6 @@ import itertools
 import math
 
 import pytest
-
 import torch
 
 from score_toolkit.analytic import ring_mixture
