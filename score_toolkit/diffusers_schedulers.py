@@ -65,6 +65,7 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ._config import config_keys, init_keys, strict_config
 from ._utils import randn
 from .processes import TIME_GRIDS, Process
 from .samplers.ancestral import forward_transition
@@ -258,10 +259,14 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         config_dict = dict(config_dict)
-        defaulted = set(config_dict.pop("_use_default_values", None) or [])
-        # diffusers semantics for the sampling settings: those the source left at its defaults take ours. The
-        # fields that describe the model are kept whatever their origin (a default ScoreSdeVeScheduler's sigma
-        # range, a default DDPMScheduler's table describe the model as much as explicit ones).
+        defaulted = set(config_dict.get("_use_default_values", None) or [])
+        # Unknown keys (typos) are errors, as in network configs (score_toolkit._config); _use_default_values goes.
+        config_dict = strict_config(config_dict, score_scheduler_config_keys(cls) | set(kwargs),
+                                    f"the {cls.__name__} config")
+        # diffusers semantics for the sampling settings: those the source left at its defaults (in memory:
+        # diffusers never writes that list to a file) take ours. The fields that describe the model are kept
+        # whatever their origin (a default ScoreSdeVeScheduler's sigma range, a default DDPMScheduler's table
+        # describe the model as much as explicit ones).
         config_dict = {k: v for k, v in config_dict.items() if k not in defaulted or k in _MODEL_FIELDS}
         source = config_dict.get("_class_name")
         timestep_type = kwargs.get("timestep_type", config_dict.get("timestep_type", "discrete"))
@@ -1085,6 +1090,19 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
 
 for _cls in (ScoreAncestralScheduler, ScoreEulerMaruyamaScheduler, ScoreDPMSolverScheduler):
     _cls.__doc__ = (_cls.__doc__ or "").rstrip() + "\n\n    Shared args:" + _COMMON_ARGS_DOC + "\n"
+
+
+def score_scheduler_config_keys(cls: type) -> set[str]:
+    """The keys a config of one of these schedulers may hold: its own, those of the diffusers schedulers it reads,
+    and those of the other schedulers here (a config converted between them keeps the others' keys)."""
+    from diffusers import ScoreSdeVeScheduler
+
+    keys = config_keys(cls) | init_keys(ScoreSdeVeScheduler) | set(DIFFUSERS_KNOBS)
+    for other in SCHEDULER_CLASSES.values():
+        keys |= init_keys(other)
+    return keys
+
+
 
 #: scheduler class by the sampler name whose update it runs
 SCHEDULER_CLASSES: dict[str, type[_ScoreScheduler]] = {
