@@ -516,7 +516,11 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
             table_n = self.process.num_train_timesteps
             ts = ((torch.as_tensor(idx, dtype=torch.float64) + 1) / table_n).tolist()
             return ts, self.process.t_min, torch.as_tensor(idx, dtype=torch.float32)
-        full = self.process.time_grid(n, kind or cfg.grid, rho=float(cfg.rho), dtype=torch.float64).tolist()
+        if kind is not None:  # diffusers' sigma grids: n evaluations from the largest to the smallest sigma
+            ts = self.process.time_grid(n - 1, kind, rho=float(cfg.rho), dtype=torch.float64).tolist() if n > 1 else [
+                self.process.t_max]
+            return ts, self.process.t_min, None
+        full = self.process.time_grid(n, cfg.grid, rho=float(cfg.rho), dtype=torch.float64).tolist()
         return full[:-1], full[-1], None
 
     def _spacing_indices(self, n: int) -> np.ndarray:
@@ -804,8 +808,9 @@ _COMMON_ARGS_DOC = """
             ``trailing``; beta-table configs) instead of ``grid`` (``None``).
         final_sigmas_type: ``sigma_min`` (the last step ends at ``t_min``) or ``zero`` (it returns the
             denoised sample).
-        use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas: diffusers' names for ``grid="karras"``
-            and ``grid="log_sigma"`` (uniform in log sigma = uniform in log-SNR).
+        use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas: diffusers' sigma grids: the Karras grid,
+            or uniform in log sigma (= uniform in log-SNR), with the n network evaluations spanning the whole
+            range as in diffusers (``grid`` spreads n + 1 points, the last being where the loop ends).
         variance_type: ``learned``/``learned_range``: the model output carries a variance in its second half
             of channels, which is dropped."""
 

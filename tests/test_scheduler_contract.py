@@ -289,3 +289,173 @@ def test_ours_matches_diffusers_dpm_solver_mid_schedule(order, strength):
     tol = 1e-5 if order < 3 else 2e-2  # 3M: diffusers weights the second difference by phi_3, ours exactly
     assert (a - b).abs().max() < tol, (a - b).abs().max()
     assert math.isfinite(float(b.abs().max()))
+
+
+# ------------------------------------------------------------------------------------ diffusers' settings: mapped or warned
+def _diffusers_scheduler_classes():
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+    names = {e.name for e in KarrasDiffusionSchedulers} | {
+        "ScoreSdeVeScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler", "TCDScheduler", "LCMScheduler",
+        "EDMEulerScheduler", "SASolverScheduler", "DDIMInverseScheduler", "DPMSolverSDEScheduler"}
+    return [getattr(diffusers, n) for n in sorted(names) if hasattr(diffusers, n)]
+
+
+def test_every_diffusers_setting_is_classified():
+    keys = set()
+    for cls in _diffusers_scheduler_classes():
+        keys |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    assert keys - set(ds.DIFFUSERS_KNOBS) == set()
+
+
+def _warned(cls, **cfg):
+    import warnings
+
+    src = dict(BASE, **cfg)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sched = cls.from_config(src)
+    return sched, [str(w.message) for w in rec if issubclass(w.category, ds.SchedulerConfigWarning)]
+
+
+# (setting, a value that changes diffusers' sampling, the settings named with it)
+WARNED = [(k, v) for k, v in [
+    ("thresholding", True), ("clip_sample", True), ("use_beta_sigmas", True), ("use_flow_sigmas", True),
+    ("flow_shift", 3.0), ("use_dynamic_shifting", True), ("shift_terminal", 0.1), ("skip_prk_steps", False),
+    ("predictor_order", 3), ("corrector_order", 1), ("disable_corrector", [0]), ("solver_p", "x"),
+    ("predict_x0", False), ("tau_func", "x"), ("noise_sampler_seed", 3), ("snr", 0.16), ("correct_steps", 2),
+    ("interpolation_type", "log_linear"), ("timestep_scaling", 5.0), ("original_inference_steps", 30),
+    ("sigma_data", 1.0), ("sigma_schedule", "exponential")]]
+CHILDREN = {"thresholding": {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.0},
+            "clip_sample": {"clip_sample_range": 2.0}, "use_dynamic_shifting": {"time_shift_type": "linear"}}
+
+
+def test_the_warned_list_is_the_table():
+    warned = {k for k, v in ds.DIFFUSERS_KNOBS.items() if v == "warned"}
+    children = {c for d in CHILDREN.values() for c in d}
+    assert warned == {k for k, _ in WARNED} | children
+
+
+@pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("key, value", WARNED)
+def test_settings_not_applied_are_warned_about_by_name(cls, key, value):
+    extra = CHILDREN.get(key, {})
+    sched, msgs = _warned(cls, **{key: value}, **extra)
+    assert any(f"{key}={value!r}" in m for m in msgs), msgs
+    for child, v in extra.items():
+        assert any(f"{child}={v!r}" in m for m in msgs), msgs
+        _, quiet = _warned(cls, **{child: v})  # alone, a child setting changes nothing
+        assert quiet == []
+    assert sched.config[key] == value  # kept in the config
+    _, quiet = _warned(cls)  # the defaults say nothing
+    assert quiet == []
+
+
+@pytest.mark.parametrize("key, value", [("solver_order", 3), ("euler_at_final", True), ("solver_type", "bogus"),
+                                        ("algorithm_type", "sde-dpmsolver++"), ("lambda_min_clipped", -5.1)])
+def test_multistep_settings_are_warned_about_by_the_single_step_schedulers(key, value):
+    for cls in (ds.ScoreAncestralScheduler, ds.ScoreEulerMaruyamaScheduler):
+        _, msgs = _warned(cls, **{key: value})
+        assert any(key in m for m in msgs), (cls, msgs)
+
+
+def test_dpm_settings_are_mapped_or_warned():
+    _, msgs = _warned(ds.ScoreDPMSolverScheduler, algorithm_type="sde-dpmsolver++")
+    assert any("algorithm_type='sde-dpmsolver++'" in m for m in msgs)
+    for value in ("deis", "data_prediction"):
+        assert _warned(ds.ScoreDPMSolverScheduler, algorithm_type=value)[1] == []
+    # euler_at_final: the last step is first order; lower_order_final off: full order to the end
+    x, out = torch.randn(4, 2), torch.randn(4, 2)
+
+    def last_step(**cfg):
+        sched = ds.ScoreDPMSolverScheduler(**BASE, lower_order_final=False, **cfg)
+        sched.set_timesteps(20)
+        for t in sched.timesteps[:-1]:
+            sched.step(out, t, x)
+        return sched.step(out, sched.timesteps[-1], x).prev_sample
+
+    first = ds.ScoreDPMSolverScheduler(**BASE, solver_order=1)
+    first.set_timesteps(20)
+    first.set_begin_index(19)
+    ref = first.step(out, first.timesteps[-1], x).prev_sample
+    assert torch.equal(last_step(euler_at_final=True), ref)
+    assert not torch.allclose(last_step(), ref)
+    # solver_type: heun and midpoint differ at order 2 only; logrho (UniPC) reads as midpoint
+    a = ds.ScoreDPMSolverScheduler(**BASE, solver_type="midpoint")
+    b = ds.ScoreDPMSolverScheduler(**BASE, solver_type="logrho")
+    c = ds.ScoreDPMSolverScheduler(**BASE)
+    ra, rb, rc = (img2img(s, x, 0.6, 10, torch.Generator().manual_seed(0), GaussianEps()) for s in (a, b, c))
+    assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+    # lambda_min_clipped: with timestep_spacing, the schedule stops where the log-SNR is clipped
+    clipped = ds.ScoreDPMSolverScheduler(**BASE, timestep_spacing="linspace", lambda_min_clipped=-2.0)
+    theirs = DPMSolverMultistepScheduler(**BASE, timestep_spacing="linspace", lambda_min_clipped=-2.0)
+    clipped.set_timesteps(10)
+    theirs.set_timesteps(10)
+    assert torch.equal(clipped.timesteps, theirs.timesteps.float()) and clipped.timesteps[0] < 199
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_timestep_spacing_and_steps_offset_are_diffusers_indices(spacing, offset):
+    for ours, theirs in ((ds.ScoreAncestralScheduler, DDPMScheduler), (ds.ScoreEulerMaruyamaScheduler, DDPMScheduler),
+                         (ds.ScoreDPMSolverScheduler, DPMSolverMultistepScheduler)):
+        a = ours(**BASE, timestep_spacing=spacing, steps_offset=offset)
+        b = theirs(**BASE, timestep_spacing=spacing, steps_offset=offset)
+        a.set_timesteps(9)
+        b.set_timesteps(9)
+        assert torch.equal(a.timesteps, b.timesteps.float()), (ours.__name__, a.timesteps, b.timesteps)
+
+
+def test_final_sigmas_type_and_set_alpha_to_one():
+    from diffusers import DDIMScheduler
+
+    x, out = torch.randn(4, 2), torch.randn(4, 2)
+    for cls in OURS:
+        zero = make(cls, final_sigmas_type="zero")
+        zero.set_timesteps(5)
+        zero.set_begin_index(4)
+        res = zero.step(out, zero.timesteps[-1], x, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(res.prev_sample, res.pred_original_sample)  # the last step returns the denoised sample
+        assert float(zero.sigmas[-1]) == 0.0 and float(zero.time_grid[-1]) == 0.0
+        low = make(cls)
+        low.set_timesteps(5)
+        assert float(low.sigmas[-1]) == pytest.approx(float(low.process.noise_to_signal(low.process.t_min)), rel=1e-5)
+        for flag, final in ((True, "zero"), (False, "sigma_min")):
+            sched = cls.from_config(DDIMScheduler(**BASE, set_alpha_to_one=flag).config)
+            assert sched.config.final_sigmas_type == final
+
+
+@pytest.mark.parametrize("key", ["use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"])
+def test_sigma_grid_settings_are_diffusers_sigma_grids(key):
+    """The n evaluation sigmas are diffusers' (its timesteps are those sigmas' times rounded to integers; ours
+    keep the exact times)."""
+    theirs = make(DPMSolverMultistepScheduler, **{key: True})
+    theirs.set_timesteps(8)
+    for cls in OURS:
+        ours = make(cls, **{key: True})
+        ours.set_timesteps(8)
+        assert torch.allclose(ours.sigmas[:-1], theirs.sigmas[:-1], rtol=2e-4), (cls.__name__, ours.sigmas)
+        plain = make(cls)
+        plain.set_timesteps(8)
+        assert not torch.allclose(plain.sigmas, ours.sigmas)
+
+
+def test_variance_type_is_mapped():
+    assert ds.ScoreAncestralScheduler.from_config(DDPMScheduler(**BASE, variance_type="fixed_large").config
+                                                  ).config.variance == "forward"
+    assert ds.ScoreAncestralScheduler.from_config(DDPMScheduler(**BASE, variance_type="fixed_small").config
+                                                  ).config.variance == "posterior"
+    # learned variance: the prediction is the first half of the channels
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    plain = ds.ScoreDPMSolverScheduler(**BASE)
+    learned = ds.ScoreDPMSolverScheduler(**BASE, variance_type="learned_range")
+    r = [step_once(s, (2, 3, 4, 4)) for s in (plain,)]
+    learned.set_timesteps(8)
+    learned.set_begin_index(1)
+    x = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(100))
+    out = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(101))
+    got = learned.step(torch.cat([out, torch.randn_like(out)], 1), learned.timesteps[1], x).prev_sample
+    assert torch.equal(got, r[0].prev_sample)
+    _, msgs = _warned(ds.ScoreAncestralScheduler, variance_type="learned")
+    assert any("variance_type='learned'" in m for m in msgs)
