@@ -378,7 +378,9 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    from ._config import strict_config
     from .models import load_model
+    from .schedulers import scheduler_config_keys
 
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -407,7 +409,9 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"found {sched_config.get('_class_name')!r}"
         )
     try:
-        scheduler = sched_cls.from_config(sched_config)
+        # strict like the network config: unknown keys are errors and the values in the file are the ones used
+        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
+                                                        "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from ._config import init_keys, strict_config
 from ._utils import GeneratorLike, check_positive, randn
 
 __all__ = [
@@ -48,6 +49,13 @@ class Process(ConfigMixin):
     t_max: float = 1.0
     #: std of the Gaussian prior N(0, prior_std^2 I) at t = 1.
     prior_std: float = 1.0
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # strict like a network config: a typo (beta_mx) is an error, and a value present in the config is used
+        # even when ``_use_default_values`` lists it (see score_toolkit._config)
+        config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), f"the {cls.__name__} process config")
+        return super().extract_init_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------- subclass interface
     @property
