@@ -262,7 +262,8 @@ _BLOCK_MATPLOTLIB = """
 
 def test_without_matplotlib_sampling_works_and_charts_say_how_to_install(tmp_path):
     """The main job (score-toolkit sample of the shipped digits model) writes its image grid with Pillow only;
-    a chart raises ImportError with the install hint; 2-D samples are written without a picture (warned)."""
+    a chart raises ImportError with the install hint (the demo says so before training, exit 1); 2-D samples are
+    written without a picture (warned)."""
     code = _BLOCK_MATPLOTLIB + """
     import warnings
     from pathlib import Path
@@ -281,6 +282,8 @@ def test_without_matplotlib_sampling_works_and_charts_say_how_to_install(tmp_pat
         assert "pip install 'score-toolkit[plot]'" in str(err), err
     else:
         raise AssertionError("no ImportError without matplotlib")
+    assert main(["demo", "--output", str(out / "demo.png"), "--steps", "5"]) == 1  # said before training
+    assert not (out / "demo.png").exists()
     from score_toolkit.distributed import _write_picture
 
     with warnings.catch_warnings(record=True) as caught:
