@@ -35,6 +35,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num_samples < 1:
         print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
         return 2
-    run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed,
-             log=print, progress=progress_enabled(args))
+    try:
+        run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed,
+                 log=print, progress=progress_enabled(args))
+    except ImportError as err:  # the picture needs matplotlib (checked before training)
+        print(f"score-toolkit demo: error: {err}", file=sys.stderr)
+        return 1
     return 0
