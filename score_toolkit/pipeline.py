@@ -203,7 +203,8 @@ class ScorePipeline(DiffusionPipeline):
                 ``properties.per_sample`` holds, up to the network's batch-size rounding: see
                 ``network_batch_size``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``; default ``"pil"`` for images, ``"pt"`` otherwise.
-            callback: called after every sampler step with ``{"step", "t", "x", "nfe"}``.
+            callback: called after every sampler step with ``{"step", "t", "x", "nfe"}``. A diffusers progress bar
+                follows the steps (``set_progress_bar_config(disable=True)`` turns it off, as in diffusers).
             return_dict: return a :class:`ScorePipelineOutput`; else ``(images or samples, nfe)``.
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
@@ -226,8 +227,18 @@ class ScorePipeline(DiffusionPipeline):
                 f"sampler {sampler_obj.name!r} needs an energy network (prediction_type 'energy'); this pipeline's "
                 f"network predicts {score_fn.prediction_type!r}"
             )
-        out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=callback,
-                                 device=self._execution_device, dtype=self.unet.dtype)
+        bar = self.progress_bar(total=sampler_obj._num_progress_steps())  # diffusers' bar and its configuration
+
+        def on_step(info: dict[str, Any]) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(info)
+
+        try:
+            out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=on_step,
+                                     device=self._execution_device, dtype=self.unet.dtype)
+        finally:
+            bar.close()
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
         if output_type == "np":

@@ -175,3 +175,29 @@ def test_likelihood_and_sample_find_shipped_models_from_another_directory(tmp_pa
                  "-q"]) == 0
     out = capsys.readouterr().out
     assert "manifest.json" in out and (tmp_path / "s" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- pipeline progress
+def test_pipeline_progress_bar_follows_diffusers_config(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from score_toolkit.distributed import sample_to_folder
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.pipeline import ScorePipeline
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import scheduler_for
+
+    torch.manual_seed(0)
+    pipe = ScorePipeline(unet=ScoreMLP(2, hidden_dim=8, num_layers=1), scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
+    steps = []
+    pipe(4, sampler="euler_maruyama", num_steps=3, callback=lambda info: steps.append(info["step"]))
+    assert len(steps) == 3  # the user's callback still sees every step
+    assert "3/3" in capsys.readouterr().err  # diffusers' bar over the sampler's steps
+    pipe.set_progress_bar_config(disable=True)
+    pipe(4, sampler="euler_maruyama", num_steps=3)
+    assert "3/3" not in capsys.readouterr().err
+    pipe.set_progress_bar_config(desc="mine")
+    sample_to_folder(pipe, tmp_path / "s", 4, sampler="euler_maruyama", sampler_options={"num_steps": 3},
+                     batch_size=2, accelerator=Accelerator(cpu=True), progress=False)
+    assert "3/3" not in capsys.readouterr().err  # no bar per batch inside a folder run
+    assert pipe._progress_bar_config == {"desc": "mine"}  # and the user's configuration is back
