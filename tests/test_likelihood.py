@@ -49,14 +49,16 @@ def test_exact_divergence_matches_the_mixture_log_density_2d(name, time_variable
     res = log_likelihood(m.score_fn(proc), proc, x, rtol=1e-5, atol=1e-5, time_variable=time_variable)
     exact = m.log_prob(x, proc.t_min, proc)
     err = (res.log_prob - exact).abs()
-    # the criterion, with the process's Gaussian prior standing in for p_1 (as users run it)
-    assert float(err.mean()) < 0.01, float(err.mean())
+    # with the process's Gaussian prior standing in for p_1 (as users run it): measured 2.5e-3 (VE), 2.3e-4 (VP)
+    assert float(err.mean()) < {"VE": 5e-3, "VP": 5e-4}[name], float(err.mean())
     assert torch.all(res.std_err == 0) and res.divergence == "exact" and res.nfe > 0
     assert torch.allclose(res.log_prob, res.prior_log_prob + res.delta_log_prob)
     # with the exact p_1 the remaining error is the solver's alone: much smaller
     res1 = log_likelihood(m.score_fn(proc), proc, x, prior_log_prob=lambda z: m.log_prob(z, 1.0, proc),
                           time_variable=time_variable)
-    assert float((res1.log_prob - exact).abs().mean()) < 1e-3
+    # measured: mean 1.4e-5 to 1.8e-5, max 7e-5 to 3.4e-4 (default rtol = atol = 1e-5)
+    assert float((res1.log_prob - exact).abs().mean()) < 5e-5
+    assert float((res1.log_prob - exact).abs().max()) < 1e-3
 
 
 def test_hutchinson_is_unbiased_within_its_standard_error_16d():
