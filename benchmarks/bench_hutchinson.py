@@ -136,7 +136,7 @@ def _md(result: dict) -> str:
         lines.append(f"| {r['d']} | {r['num_probes']} | {r['n']} | {r['unknown_std_err']:.3f} | "
                      f"{r['coverage_2se_known']:.3f} | {r['coverage_t95_known']:.3f} | {r['t_quantile']:.3f} | "
                      f"{r['coverage_2se_unknown_as_miss']:.3f} | {r['mean_abs_error_nats']:.4f} | "
-                     f"{r["exact_vs_closed_form_nats"]:.1e} |")
+                     f"{r['exact_vs_closed_form_nats']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
