@@ -97,11 +97,21 @@ class Process(ConfigMixin):
         return self.diffusion_squared(_as_t(t)).clamp_min(0).sqrt()
 
     def sde(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drift f(t) x and diffusion g(t) (per sample, shape (B,)) of the forward SDE."""
+        """Drift ``f(t) x`` (shape of ``x``) and diffusion ``g(t)`` of the forward SDE at the state ``x``.
+
+        ``t`` is a float, a 0-dim tensor or a (B,) tensor. ``g`` is per sample and already broadcast
+        against ``x``: shape (B, 1, ..., 1) of rank ``x.ndim`` for any ``t``, so that
+        ``f - 0.5 * g**2 * score`` is the probability-flow drift without further reshaping.
+        """
         from ._utils import append_dims
 
         t = _as_t(t, x)
-        return append_dims(self.drift_coef(t), x.ndim) * x, self.diffusion(t)
+        batch = x.shape[0] if x.ndim else 0
+        if x.ndim == 0 or t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+            raise ValueError(f"sde: expected x of shape (B, ...) and t a scalar or of shape (B,), "
+                             f"found x {tuple(x.shape)} and t {tuple(t.shape)}")
+        t = t.expand(batch)
+        return append_dims(self.drift_coef(t), x.ndim) * x, append_dims(self.diffusion(t), x.ndim)
 
     def log_snr(self, t) -> torch.Tensor:
         """lambda(t) = ln(alpha / sigma), decreasing in t."""
