@@ -363,7 +363,6 @@ def train(
             if tc.per_sample_noise:
                 from .._utils import per_sample_generators
 
-                # base seed < 2^40 so that per_sample_generators' seed * 1_000_003 + index stays in int64
                 generator = per_sample_generators(_mix(cfg.seed, 0x5EED) % (1 << 40), range(first, first + local_batch),
                                                   device=device)
             else:
