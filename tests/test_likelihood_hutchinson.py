@@ -126,3 +126,20 @@ def test_likelihood_command_refuses_pixels_outside_an_image_models_range(tmp_pat
     assert main(args[:4] + [str(tmp_path / "scaled.npy")] + args[5:]) == 0
     # a model trained on another range says so
     assert main(args + ["--data-range", "0", "16"]) == 0
+
+
+@pytest.mark.slow  # a few small ODE solves: about 20 s on a loaded machine
+def test_the_hutchinson_benchmark_runs_and_writes_its_tables(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hutchinson.py"
+    spec = importlib.util.spec_from_file_location("bench_hutchinson_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--bias-n", "12", "--coverage-n", "12", "--probes", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "hutchinson.json").read_text())
+    assert len(result["bias"]) == 4 and len(result["coverage"]) == 2
+    assert all(0 <= r["coverage_t95_known"] <= 1 for r in result["coverage"])
+    assert "| streams | probes |" in (tmp_path / "hutchinson.md").read_text()
