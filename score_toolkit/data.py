@@ -262,8 +262,11 @@ def load_vectors(path, key: str | None = None) -> Dataset:
         except ValueError as err:
             raise ValueError(f"dataset 'vectors': cannot read {p} as a numeric .npy array (pickled objects are "
                              f"refused): {err}") from err
-        except OSError as err:
-            raise ValueError(f"dataset 'vectors': cannot read {p}: {err}") from err
+        except (OSError, EOFError) as err:  # EOFError: an empty or truncated file
+            size = p.stat().st_size
+            raise ValueError(f"dataset 'vectors': expected a numeric .npy array in {p}, found "
+                             f"{'an empty file (0 bytes)' if size == 0 else f'{size} bytes that are not one'}: "
+                             f"{type(err).__name__}: {err}") from err
     elif suffix == ".safetensors":
         from safetensors import safe_open
 
