@@ -15,6 +15,8 @@ from score_toolkit.data import ImageDataset
 from score_toolkit.models.presets import PRESET_RECIPES, UNET_PRESETS, build_unet, count_parameters, unet_preset
 from score_toolkit.training import ConfigError, build_components, load_config, train
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def _folder(path, n=8, size=8, mode="RGB"):
     path.mkdir(parents=True, exist_ok=True)
