@@ -39,14 +39,42 @@ def _write_images(folder, n=32, size=8):
         Image.fromarray(img).save(folder / f"img_{i:03d}.png")
 
 
-def _launch(cfg_file, *extra):
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in their own process groups, so killing the
+    launcher's group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_9(proc) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _launch(cfg_file, *extra, log):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
            "-m", "score_toolkit.cli", "train", "--config", str(cfg_file), "--no-progress", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env)
 
 
 @pytest.mark.slow
@@ -76,22 +104,23 @@ def test_image_folder_to_datasets_to_bf16_two_process_training_kill_resume_expor
     cfg_file.write_text(yaml.safe_dump(cfg))
 
     # 1. train until the checkpoint of step 100 is complete, then kill -9 every process of the launch
-    proc = _launch(cfg_file)
+    proc = _launch(cfg_file, log=tmp_path / "first.log")
     ckpt = run / "checkpoints" / "step_0000100" / "MANIFEST.json"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert ckpt.exists(), (proc.poll(), proc.stdout.read()[-4000:] if proc.poll() is not None else "timeout")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert ckpt.exists(), (proc.poll(), (tmp_path / "first.log").read_text()[-4000:])
+    _kill_9(proc)
+    time.sleep(3)  # nothing may still be running: no step after the kill, no export
     assert not (run / "pipeline").exists()
+    assert not (run / "checkpoints" / f"step_{steps:07d}").exists()
     killed_at = max(int(p.name[5:]) for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert 100 <= killed_at < steps
 
     # 2. resume with the same command: the run ends and exports
-    proc = _launch(cfg_file, "--resume")
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-4000:]
+    proc = _launch(cfg_file, "--resume", log=tmp_path / "resume.log")
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, (tmp_path / "resume.log").read_text()[-4000:]
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["mixed_precision"] == "bf16"  # the launcher's setting, recorded
     state = json.loads((run / "checkpoints" / f"step_{steps:07d}" / "trainer_state.json").read_text())

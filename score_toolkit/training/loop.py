@@ -251,10 +251,14 @@ def train(
             # the restored position; the rate is recomputed there (the schedule spans train.steps, which a resume
             # may change)
             lr_scheduler.last_epoch = int(state["lr_scheduler"]["last_epoch"]) - 1
-            lr_scheduler.step()
-        else:  # a checkpoint written before schedules were saved: the schedule is a function of the step
-            for _ in range(start):
+            with warnings.catch_warnings():  # torch warns about a scheduler step before any optimizer step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
                 lr_scheduler.step()
+        else:  # a checkpoint written before schedules were saved: the schedule is a function of the step
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for _ in range(start):
+                    lr_scheduler.step()
         if ema is not None:
             from safetensors.torch import load_file
 
