@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from score_toolkit import training
 from score_toolkit.training import ConfigError, RunConfig, latest_checkpoint, list_checkpoints, train, verify_checkpoint
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def small_config(out, **sections) -> dict:
     cfg = {
