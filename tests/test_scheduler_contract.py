@@ -518,3 +518,33 @@ def test_zero_terminal_snr_full_loop_from_pure_noise_samples_the_data(cls):
     se = (var / 2000).sqrt()
     assert ((out.mean(0) - mean).abs() < 5 * se + 0.01).all(), (out.mean(0), mean)
     assert ((out.var(0) / var - 1).abs() < 5 * (2 / 2000) ** 0.5 + 0.05).all(), (out.var(0), var)
+
+
+# ------------------------------------------------------------------------------------ ScoreSDEScheduler (no step)
+def test_score_sde_scheduler_has_the_contract_except_step(tmp_path):
+    """The config carrier of ScorePipeline folders: everything but ``step``, which points to the stepping classes."""
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import ScoreSDEScheduler, scheduler_for
+
+    sched = scheduler_for(VPSDE(), "epsilon", "t")
+    assert isinstance(sched, ScoreSDEScheduler)
+    sched.set_timesteps(6)
+    first = sched.timesteps.clone()
+    sched.set_timesteps(6)
+    assert torch.equal(sched.timesteps, first) and sched.time_grid[-1] == pytest.approx(1e-3)
+    sched.save_pretrained(tmp_path)
+    again = ScoreSDEScheduler.from_pretrained(tmp_path)
+    again.set_timesteps(6)
+    assert torch.equal(again.timesteps, first)
+    sched.set_timesteps(timesteps=[0.9, 0.5, 0.1])
+    assert sched.timesteps.tolist() == pytest.approx([0.9, 0.5, 0.1])
+    sched.set_begin_index(1)
+    assert sched.begin_index == 1 and sched.index_for_timestep(sched.timesteps[2]) == 2
+    x0, noise = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    a, s = VPSDE().marginal(torch.tensor(0.5, dtype=torch.float64))
+    assert torch.allclose(sched.add_noise(x0, noise, sched.timesteps[1]), a * x0 + s * noise, atol=1e-6)
+    assert torch.allclose(sched.get_velocity(x0, noise, sched.timesteps[1]), a * noise - s * x0, atol=1e-6)
+    with pytest.raises(TypeError, match="ScoreDPMSolverScheduler.from_config"):
+        sched.step(x0, sched.timesteps[0], x0)
+    stepping = ds.ScoreDPMSolverScheduler.from_config(sched.config)
+    assert stepping.process == sched.process
