@@ -143,13 +143,14 @@ def test_stale_temporaries_of_earlier_processes_are_cleaned_on_resume_and_nothin
     run = tmp_path / "run"
     train(small_config(run, train={"steps": 8}))
     root = run / "checkpoints"
-    for name in (".tmp-step_0000012", ".trash-step_0000004-99999"):
+    for name in (".tmp-step_0000010", ".trash-step_0000004-99999"):  # step 10 is never written again
         (root / name).mkdir()
         (root / name / "optimizer.bin").write_bytes(b"\0" * 1000)
-    (root / ".my-notes").mkdir()
+    for name in (".my-notes", ".trash-notes"):  # not names the checkpoint writer uses
+        (root / name).mkdir()
     (root / "README.txt").write_text("the user's")
     train(small_config(run), resume=True)
-    assert _residue(run) == [".my-notes"] and (root / "README.txt").read_text() == "the user's"
+    assert _residue(run) == [".my-notes", ".trash-notes"] and (root / "README.txt").read_text() == "the user's"
 
 
 @pytest.mark.slow  # two fresh interpreters training a small network: about 30 s on a loaded machine
