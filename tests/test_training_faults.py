@@ -231,8 +231,11 @@ def test_sigkill_then_resume_needs_no_cleanup_and_loses_nothing(tmp_path, where)
     else:
         assert [p.name for p in run.iterdir() if p.name.startswith(".pipeline.tmp-")]
         assert not (run / "pipeline").exists()
-    resumed = train(training.load_config(cfg_file), resume=True)  # no manual cleanup
-    assert resumed.step == 12 and (run / "pipeline" / "model_index.json").is_file()
+    from score_toolkit.cli import main
+
+    assert main(["train", "--config", str(cfg_file), "--resume"]) == 0  # the command, with no manual cleanup
+    assert (run / "pipeline" / "model_index.json").is_file()
+    assert json.loads((run / "checkpoints" / "step_0000012" / "trainer_state.json").read_text())["step"] == 12
     assert _residue(run) == [] and not [p for p in run.iterdir() if ".tmp-" in p.name]
     for s, w in kept.items():  # nothing written before the kill was lost or changed
         assert _same(_weights(run / "checkpoints" / f"step_{s:07d}"), w)
