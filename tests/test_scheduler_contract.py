@@ -292,7 +292,7 @@ def test_ours_matches_diffusers_dpm_solver_mid_schedule(order, strength):
     a = img2img(theirs, x0.float(), strength, 10, torch.Generator().manual_seed(4), GaussianEps())
     b = img2img(ours, x0.float(), strength, 10, torch.Generator().manual_seed(4), GaussianEps())
     assert torch.equal(ours.timesteps, theirs.timesteps.float())
-    tol = 1e-5 if order < 3 else 2e-2  # 3M: diffusers weights the second difference by phi_3, ours exactly
+    tol = 1e-5 if order < 3 else 1e-3  # 3M: diffusers weights the second difference by phi_3, ours exactly (1.4e-4)
     assert (a - b).abs().max() < tol, (a - b).abs().max()
     assert math.isfinite(float(b.abs().max()))
 
