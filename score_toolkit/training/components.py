@@ -39,8 +39,8 @@ def _build_process(cfg: ProcessConfig):
         raise ConfigError(f"unknown process {cfg.name!r}.{hint} Available: {', '.join(PROCESS_CLASSES)}")
     try:
         return getattr(processes, cfg.name)(**cfg.options)
-    except TypeError as err:
-        raise ConfigError(f"process {cfg.name}: {err}") from err
+    except (TypeError, ValueError) as err:  # unknown option, or a value out of range (beta_max = .inf)
+        raise ConfigError(f"process {cfg.name} (process.options {dict(cfg.options)}): {err}") from err
 
 
 def _model_class(name: str):

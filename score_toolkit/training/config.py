@@ -185,6 +185,7 @@ def _from_dict(cls, d, path: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _from_dict(hint, value, f"{path}{name}.")
             continue
+        value = _number_from_text(value, hint)
         if not _type_ok(value, hint):
             raise ConfigError(
                 f"config key {path + name!r}: expected {_hint_name(hint)}, found {value!r} ({type(value).__name__})"
@@ -193,6 +194,19 @@ def _from_dict(cls, d, path: str):
             value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
         kwargs[name] = dict(value) if isinstance(value, Mapping) else list(value) if isinstance(value, tuple) else value
     return cls(**kwargs)
+
+
+def _number_from_text(value, hint):
+    """A float field given as text that spells a number: YAML 1.1 (PyYAML) reads ``1e-3`` as the string
+    ``'1e-3'`` (it wants ``1.0e-3``), which is what users write; accept it. Other text is left to the type check."""
+    wants_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
+    if wants_float and isinstance(value, str) and not (typing.get_origin(hint) is typing.Union
+                                                        and str in typing.get_args(hint)):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
 
 
 def _hint_name(hint) -> str:
@@ -225,6 +239,9 @@ def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"cannot parse the config file {p}: {err}") from err
     if raw is None:
         raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected the config file {p} to hold a mapping of sections (output_dir, data, model, "
+                          f"train, ...), found a {type(raw).__name__}")
     return RunConfig.from_dict(apply_overrides(raw, overrides))
 
 
@@ -235,6 +252,8 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
     import yaml
 
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"expected the config to be a mapping of sections, found a {type(config).__name__}")
     out = copy.deepcopy(dict(config))
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:

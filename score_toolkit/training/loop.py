@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from .._io import probe_writable
-from .checkpoints import CHECKPOINT_DIR, _write_json_atomic, latest_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    _write_json_atomic,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .components import Components, _build_model, build_components
 from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
 from .data_stream import _mix
@@ -117,8 +124,9 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     if not cfg.output_dir:
         raise ConfigError("output_dir: expected the folder of the run, found none (set output_dir or --output-dir)")
-    if isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"seed: expected an int >= 0, found {cfg.seed!r}")
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        # Accelerate's set_seed also seeds numpy, whose seeds are 32-bit
+        raise ConfigError(f"seed: expected an int in [0, 2**32 - 1] = [0, 4294967295], found {cfg.seed!r}")
     _check_train_config(cfg.train)
     run_dir = Path(cfg.output_dir)
     ckpt = None
@@ -142,14 +150,36 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
             f"another output_dir"
         )
     _check_output_dir(run_dir)
+    remove_stale_temporaries(run_dir)
     comps = build_components(cfg)
     _check_export_config(cfg.export)
     if cfg.export.enabled:
         folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+        _check_export_not_overlapping(folder, run_dir)
         if folder.exists() and not cfg.export.overwrite:
             raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
         _check_export_folder(folder)
     return comps, run_dir, ckpt
+
+
+def _check_export_not_overlapping(folder: Path, run_dir: Path) -> None:
+    """The export replaces its folder as a whole (with ``export.overwrite``): it must not be the run folder, hold
+    it (an ancestor: the run and its siblings would go), or sit in the run's own files (checkpoints, logs)."""
+    exp, run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
+    problem = None
+    if exp == run:
+        problem = "is the run folder itself"
+    elif exp in run.parents:
+        problem = "holds the run folder (replacing it would delete the run and everything beside it)"
+    elif run in exp.parents:
+        first = exp.relative_to(run).parts[0]
+        if first in (CHECKPOINT_DIR, "logs", "config.json", "metrics.jsonl", "commands.txt"):
+            problem = f"is inside the run's own {first}"
+    if problem is not None:
+        raise ConfigError(
+            f"export folder {folder} {problem} ({run_dir}); choose a folder outside the run, or leave export.folder "
+            f"unset for {run_dir / 'pipeline'}"
+        )
 
 
 def _check_export_folder(folder: Path) -> None:
@@ -166,6 +196,41 @@ def _check_export_folder(folder: Path) -> None:
         probe_writable(parent)
     except OSError as err:
         raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
+
+
+def _check_finite_before_checkpoint(accelerator, loss_sum: torch.Tensor, model, ema, step: int, last_saved: int) -> None:
+    """Raise FloatingPointError (on every process) if the losses since the last log step, the weights or the EMA
+    weights hold NaN or infinity."""
+    ok = bool(torch.isfinite(loss_sum).all()) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if ok and ema is not None:
+        ok = all(bool(torch.isfinite(v).all()) for v in ema.state_dict().values())
+    flag = torch.tensor([1.0 if ok else 0.0], device=loss_sum.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    if float(flag) < 1.0:
+        raise FloatingPointError(
+            f"the training diverged before the checkpoint of step {step}: NaN or infinity in the loss since the last "
+            f"log step or in the weights; nothing was saved for this step (the last checkpoint is {last_saved}); "
+            f"lower train.learning_rate or set train.max_grad_norm"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (those after the checkpoint a run resumes from are
+    logged again), so a resumed run's file holds each step once, as an uninterrupted run's does."""
+    if not path.is_file():
+        return
+    from .._io import write_text_atomic
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
 def train(
@@ -243,10 +308,14 @@ def train(
     ema = EMA(base_model, tc.ema_decay) if tc.ema_decay is not None else None
 
     start = 0
+    window_sums: list[float] | None = None
+    window_count = 0
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         start = int(state["step"])
+        window = state.get("log_window") or {}
+        window_sums, window_count = window.get("loss_sums"), int(window.get("count", 0))
         if state.get("lr_scheduler") is not None:
             # the restored position; the rate is recomputed there (the schedule spans train.steps, which a resume
             # may change)
@@ -267,6 +336,8 @@ def train(
                 raise ConfigError(f"cannot resume with train.ema_decay set: {ckpt} has no ema.safetensors")
             ema.load_state_dict(load_file(str(ema_file)), state["ema_updates"])
     if accelerator.is_main_process:
+        if ckpt is not None:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if cfg.export.command:
             with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
@@ -296,6 +367,10 @@ def train(
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    if window_sums:  # the log window a checkpoint cut in two: continue it, as the uninterrupted run does
+        own = window_sums[rank] if len(window_sums) == world else sum(window_sums) / len(window_sums)
+        loss_sum += torch.tensor(own, dtype=loss_sum.dtype, device=device)
+        loss_count = window_count
     t_window, steps_window = time.perf_counter(), 0
     last_saved = start
     step = start
@@ -308,7 +383,6 @@ def train(
             if tc.per_sample_noise:
                 from .._utils import per_sample_generators
 
-                # base seed < 2^40 so that per_sample_generators' seed * 1_000_003 + index stays in int64
                 generator = per_sample_generators(_mix(cfg.seed, 0x5EED) % (1 << 40), range(first, first + local_batch),
                                                   device=device)
             else:
@@ -355,8 +429,14 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
+            # the log steps check the loss too, but a checkpoint may come first: never save (and rotate the good
+            # checkpoints out for) a diverged state
+            _check_finite_before_checkpoint(accelerator, loss_sum, base_model, ema, step, last_saved)
+            sums = accelerator.gather(loss_sum.detach().reshape(1).to(torch.float64)).tolist() if world > 1 \
+                else [float(loss_sum)]
             save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
-                            extra_state={"seed": cfg.seed, "lr_scheduler": _scheduler_state(lr_scheduler)})
+                            extra_state={"seed": cfg.seed, "lr_scheduler": _scheduler_state(lr_scheduler),
+                                         "log_window": {"loss_sums": sums, "count": loss_count}})
             last_saved = step
     if bar is not None:
         bar.close()
