@@ -18,7 +18,7 @@ _NAMES = {
     "CheckpointError": "base",
     "StrictLoadingMixin": "base",
     "strict_from_pretrained": "base",
-    "load_model": "base",
+    "load_model": "loading",
 }
 
 __all__ = list(_NAMES)
