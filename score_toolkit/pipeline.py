@@ -378,6 +378,9 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
+    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
+    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
     from .models import load_model
 
     index_file = folder / "model_index.json"
@@ -423,7 +426,7 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
         raise ValueError(
             f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}"
+            f"found {unet_lib!r}; code named by a folder is never imported"
         )
     model.eval()
     return {"unet": model, "scheduler": scheduler}
