@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,6 @@ __all__ = [
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
 SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
               "callback", "return_dict", "network_batch_size", "value_range")
@@ -325,10 +323,14 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
             raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
         return path
     text = os.fspath(name_or_path)
-    if not _REPO_ID.fullmatch(text):
-        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there") from None
 
     try:
         snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
@@ -350,7 +352,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path}: {err}") from err
+        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
     return data
@@ -381,7 +383,9 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
     ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
     safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
+    from ._config import strict_config
     from .models import load_model
+    from .schedulers import scheduler_config_keys
 
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -410,7 +414,9 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"found {sched_config.get('_class_name')!r}"
         )
     try:
-        scheduler = sched_cls.from_config(sched_config)
+        # strict like the network config: unknown keys are errors and the values in the file are the ones used
+        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
+                                                        "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err

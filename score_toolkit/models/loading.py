@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from diffusers import ModelMixin
 
-from .base import CheckpointError, strict_from_pretrained
+from .base import CheckpointError, _read_config_file, strict_from_pretrained
 from .mlp import EnergyMLP, ScoreMLP
 
 __all__ = ["load_model"]
@@ -42,11 +41,7 @@ def load_model(cls, folder, **kwargs):
         if os.path.isdir(os.fspath(folder)):
             if not os.path.isfile(config_file):
                 raise FileNotFoundError(f"expected the config file {config_file}, found nothing there")
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"corrupt config file {config_file}: {err}") from err
+            config = _read_config_file(config_file)
         else:
             config = ModelMixin.load_config(folder, **{k: v for k, v in kwargs.items() if k in (
                 "cache_dir", "local_files_only", "token", "revision", "subfolder")})
