@@ -384,6 +384,7 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
     safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
     from ._config import strict_config
+    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
     from .models import load_model
     from .schedulers import scheduler_config_keys
 
@@ -413,10 +414,13 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
             f"found {sched_config.get('_class_name')!r}"
         )
+    if sched_cls in SCHEDULER_CLASSES.values():
+        keys = score_scheduler_config_keys(sched_cls)
+    else:
+        keys = scheduler_config_keys(sched_cls.__name__)
     try:
         # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
-                                                        "the scheduler config"))
+        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err
