@@ -82,10 +82,11 @@ def run_demo(
     2-D ring of 8 Gaussians (through :func:`score_toolkit.training.train`, with :func:`demo_config`, in a
     temporary run folder removed afterwards), sample it with a registered sampler, and write a PNG with the
     true density, the model's samples and exact samples side by side."""
-    from .plotting import density_panel, histogram_panel, save_png, side_by_side
+    from .plotting import density_panel, figure_grid, histogram_panel, require_matplotlib, save_png
     from .registry import get_sampler
     from .training import train
 
+    require_matplotlib("score-toolkit demo draws its picture with matplotlib")  # before minutes of training
     opts = {"num_steps": 500} if sampler == "euler_maruyama" else {}
     opts.update(sampler_options or {})
     chosen = get_sampler(sampler, **opts)  # an unknown sampler or option fails before the training
@@ -100,8 +101,7 @@ def run_demo(
 
     t1 = time.perf_counter()
     score_fn = ScoreAdapter(model, process, prediction_type="epsilon", time_input="t")
-    out = chosen.sample(score_fn, process, shape=(num_samples, 2),
-                                              generator=torch.Generator().manual_seed(seed + 1))
+    out = chosen.sample(score_fn, process, shape=(num_samples, 2), generator=torch.Generator().manual_seed(seed + 1))
     sample_s = time.perf_counter() - t1
     samples = out.samples.double()
 
@@ -111,12 +111,11 @@ def run_demo(
     mwe = mode_weight_error(samples, data)
     mwe_floor = noise_floor(data, num_samples, lambda s, r: mode_weight_error(s, data))
     extent = (-6.0, 6.0, -6.0, 6.0)
-    img = side_by_side([
-        density_panel(data.log_prob, extent, title="true density"),
-        histogram_panel(samples, extent, title=f"model samples ({sampler}, {out.nfe} NFE)"),
-        histogram_panel(exact, extent, title="exact samples"),
-    ])
-    path = save_png(img, output)
+    fig, axes = figure_grid(3)
+    density_panel(data.log_prob, extent, title="true density", ax=axes[0])
+    histogram_panel(samples, extent, title=f"model samples ({sampler}, {out.nfe} NFE)", ax=axes[1])
+    histogram_panel(exact, extent, title="exact samples", ax=axes[2])
+    path = save_png(fig, output)
     result = DemoResult(path, train_s, sample_s, final_loss, sw, floor, mwe, mwe_floor, out.nfe)
     log(result.summary())
     return result
