@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 import torch
 
 from .._io import write_json_atomic
-from .._utils import append_dims
 from ..processes import TIME_GRIDS, Process
 from .base import Sampler, SamplingContext, check_float, check_int
 
@@ -324,8 +323,8 @@ class GridSampler(Sampler):
 
     @property
     def nfe(self) -> int:
-        """Score evaluations of one run (without ``denoise``)."""
-        return self.config["num_steps"] * self.nfe_per_step
+        """Score evaluations of one run: ``num_steps * nfe_per_step``, plus one for ``to_zero`` or ``denoise``."""
+        return self.config["num_steps"] * self.nfe_per_step + self._final_steps_nfe()
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
@@ -361,10 +360,9 @@ def step_to_zero(ctx: SamplingContext, x: torch.Tensor, t_end: float) -> torch.T
     denoiser), exact up to O(sigma~^4). Tweedie's ``x <- D`` (option ``denoise``) instead removes the noise
     *and* shrinks the spread (by ``C / (C + sigma~^2)`` for a Gaussian of covariance C); this step keeps it.
     Recorded at ``t = 0`` (noise level zero)."""
-    t = torch.full((x.shape[0],), float(t_end), dtype=x.dtype, device=x.device)
-    alpha, sigma = ctx.process.marginal(t)
-    s = ctx.score(x, t)
-    x = (x + append_dims(0.5 * sigma**2, x.ndim) * s) / append_dims(alpha, x.ndim)
+    alpha, sigma = ctx.process.marginal(torch.tensor([float(t_end)], dtype=torch.float64))
+    s = ctx.score(x, float(t_end))
+    x = torch.add(x, s, alpha=0.5 * float(sigma) ** 2).div_(float(alpha))
     ctx.record(x, 0.0)
     return x
 

@@ -20,8 +20,9 @@ The optimiser (:func:`optimize_grid`) chooses the ``n + 1`` grid points of a det
 minimise its discretisation error on a reference problem: an analytic Gaussian mixture (given, or fitted
 to the user's data by a small EM, :func:`fit_mixture`) whose exact score drives both the sampler and a
 high-accuracy solution of the same probability-flow ODE from the same initial noise. The grid is
-parametrised monotonically in lambda (softmax step fractions between the fixed ends) and optimised with
-Adam through autograd (the samplers' coefficient code is differentiable in the grid).
+parametrised monotonically in lambda (softmax step fractions between the fixed ends) and optimised through
+autograd (the samplers' coefficient code is differentiable in the grid) with L-BFGS by default (Adam with
+``method="adam"``).
 """
 
 from __future__ import annotations
