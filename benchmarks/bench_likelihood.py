@@ -47,7 +47,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
-from score_toolkit.likelihood import _probes, log_likelihood  # noqa: E402
+from score_toolkit.likelihood import log_likelihood  # noqa: E402
+from score_toolkit.likelihood.divergence import _probes  # noqa: E402
 from score_toolkit.processes import VPSDE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -400,7 +400,7 @@ def test_the_benchmarks_score_sde_transcription_agrees_with_ours():
     spec = importlib.util.spec_from_file_location("bench_likelihood_for_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from score_toolkit.likelihood import _probes
+    from score_toolkit.likelihood.divergence import _probes
 
     proc = VPSDE()
     m, x = _ring_data(6)

@@ -328,16 +328,16 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, where):
     calls = {"n": 0}
     if where == "before_rename":
-        real = training.fsync_dir
+        real = training.checkpoints.fsync_dir
 
         def fsync_dir(path):
             if Path(path).name == ".tmp-step_0000010":
                 raise _Crash("killed after writing the manifest, before the rename")
             real(path)
 
-        monkeypatch.setattr(training, "fsync_dir", fsync_dir)
+        monkeypatch.setattr(training.checkpoints, "fsync_dir", fsync_dir)
     else:
-        real_hash = training.sha256_file
+        real_hash = training.checkpoints.sha256_file
 
         def sha(path):
             calls["n"] += 1
@@ -345,7 +345,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
                 raise _Crash("killed while hashing")
             return real_hash(path)
 
-        monkeypatch.setattr(training, "sha256_file", sha)
+        monkeypatch.setattr(training.checkpoints, "sha256_file", sha)
     with pytest.raises(_Crash):
         train(small_config(tmp_path / "run"))
     monkeypatch.undo()
@@ -368,7 +368,7 @@ def test_kill_9_while_writing_a_checkpoint(tmp_path):
         import torch
         torch.set_num_threads(1)
         from score_toolkit import training
-        real = training._fsync_file
+        real = training.checkpoints._fsync_file
         count = {{"n": 0}}
         def fsync_file(path):
             real(path)
@@ -376,7 +376,7 @@ def test_kill_9_while_writing_a_checkpoint(tmp_path):
                 count["n"] += 1
                 if count["n"] == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
-        training._fsync_file = fsync_file
+        training.checkpoints._fsync_file = fsync_file
         training.train(training.load_config({str(cfg_file)!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -430,7 +430,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-2 * 3e-3, diff
     # the two-process run really changed the weights (it is not comparing two initialisations)
-    init = training._build_model(RunConfig.from_dict(small_config(tmp_path)).model, (2,))
+    init = training.components._build_model(RunConfig.from_dict(small_config(tmp_path)).model, (2,))
     moved = max(float((a[k] - v).abs().max()) for k, v in init.state_dict().items() if k in a)
     assert moved > 1e-3
 
@@ -439,7 +439,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
 def test_cli_train_dry_run_and_run(tmp_path, capsys):
     import yaml
 
-    from score_toolkit import cli, cli_train
+    from score_toolkit import cli
+    from score_toolkit.cli import train as cli_train
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(small_config(tmp_path / "run")))
     assert cli_train.main(["--config", str(tmp_path / "c.yaml"), "--dry-run"]) == 0
@@ -465,15 +466,14 @@ def test_cli_train_dry_run_and_run(tmp_path, capsys):
 
 
 def test_the_command_is_recorded_as_invoked(monkeypatch):
-    from score_toolkit import cli_train
+    from score_toolkit.cli import train as cli_train
 
     record = cli_train._command_line
     # called from Python with explicit arguments: the equivalent command
     assert record(["train", "--config", "a b.yaml"], parent=None) == "score-toolkit train --config 'a b.yaml'"
     # this interpreter's own command line, named as it was started
     for argv0, prog in (("/venv/bin/score-toolkit", "score-toolkit"),
-                        ("/src/score_toolkit/cli.py", "python -m score_toolkit.cli"),
-                        ("/src/score_toolkit/cli_train.py", "python -m score_toolkit.cli_train")):
+                        ("/src/score_toolkit/cli/__main__.py", "python -m score_toolkit.cli")):
         monkeypatch.setattr(sys, "argv", [argv0, "train", "--config", "c.yaml"])
         assert record(None, parent=None) == f"{prog} train --config c.yaml"
     # under a launcher, the launcher's command line (the parent process's) is what was run

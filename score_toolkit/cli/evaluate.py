@@ -18,33 +18,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-from .cli_likelihood import (
+from ._common import (
     ANALYTIC_MODELS,
     ANALYTIC_PROCESSES,
     CLIError,
     load_data,
     load_score_model,
+    parse_yaml_option,
     run_guarded,
     write_json,
 )
 
-__all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot", "main"]
-
-
-def _parse_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise CLIError(f"expected --option KEY=VALUE, found {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        import yaml
-
-        value = yaml.safe_load(raw)
-    except Exception:  # noqa: BLE001 - not YAML: keep the string
-        value = raw
-    return key.strip(), value
+__all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot"]
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -89,10 +76,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import evaluation as E
-    from ._utils import per_sample_generators
-    from .cli_likelihood import _device, _dtype
-    from .registry import get_sampler
+    from .. import evaluation as E
+    from .._utils import per_sample_generators
+    from ..registry import get_sampler
+    from ._common import _device, _dtype
 
     device, dtype = _device(args.device), _dtype(args.dtype, args.model)
     model = load_score_model(args.model, args.process, device=device, dtype=dtype)
@@ -105,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     n = args.num_samples or (900 if kind == "digits" else 1000)
     if n < 2:
         raise CLIError(f"expected --num-samples >= 2, found {n}")
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(parse_yaml_option(o) for o in args.option)
     sampler = get_sampler(args.sampler, **options)
     reference = None
     if kind == "vectors":
@@ -128,7 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_json(args.output, report.to_dict())
         print(f"wrote {args.output}")
     if args.markdown:
-        from ._io import write_text_atomic
+        from .._io import write_text_atomic
 
         write_text_atomic(args.markdown, markdown + "\n")
         print(f"wrote {args.markdown}")
@@ -148,8 +135,8 @@ def write_pictures(folder, model: dict[str, Any], sampler, samples, reference=No
 
     import torch
 
-    from . import plotting as P
-    from ._utils import per_sample_generators
+    from .. import plotting as P
+    from .._utils import per_sample_generators
 
     folder = Path(folder)
     written = []
@@ -237,7 +224,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if getattr(args, "plot_kind", None) != "error-vs-nfe":
         print("score-toolkit plot: error: expected a kind: error-vs-nfe", file=sys.stderr)
         return 2
-    from . import plotting as P
+    from .. import plotting as P
 
     try:
         img = P.error_vs_nfe_chart(args.csv, args.metric, log_y=not args.linear_y)
@@ -246,20 +233,3 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {P.save_png(img, args.out)}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m score_toolkit.cli_evaluate evaluate|plot ...``."""
-    parser = argparse.ArgumentParser(prog="score-toolkit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_evaluate_parser(sub)
-    add_plot_parser(sub)
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

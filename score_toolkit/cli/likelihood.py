@@ -5,150 +5,28 @@ probability-flow ODE (:func:`score_toolkit.likelihood.log_likelihood`).
     score-toolkit likelihood --model analytic:ring --process VP --num-samples 256 --output ll.json
     accelerate launch --multi_gpu --num_processes 2 -m score_toolkit.cli likelihood --cpu --model ... # 2 processes
 
-Also runnable as ``python -m score_toolkit.cli_likelihood ...``. Heavy imports happen inside the command.
+Heavy imports happen inside the command.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_likelihood_parser", "cmd_likelihood", "main", "load_score_model", "ANALYTIC_MODELS"]
+from ._common import (
+    ANALYTIC_MODELS,
+    ANALYTIC_PROCESSES,
+    CLIError,
+    _accelerator,
+    _device,
+    _dtype,
+    load_data,
+    load_score_model,
+    run_guarded,
+    write_json,
+)
 
-#: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
-ANALYTIC_MODELS = ("ring", "aniso16", "gaussian2d")
-ANALYTIC_PROCESSES = ("VE", "VP", "subVP")
-
-
-class CLIError(ValueError):
-    """A usage error reported as ``error: ...`` with exit code 2."""
-
-
-# ---------------------------------------------------------------------------------------------- shared helpers
-def _analytic(name: str):
-    from .analytic import anisotropic_mixture, gaussian, ring_mixture
-
-    if name == "ring":
-        return ring_mixture(), (-6.0, 6.0, -6.0, 6.0)
-    if name == "aniso16":
-        return anisotropic_mixture(16), None
-    return gaussian([0.0, 0.0], [[1.0, 0.6], [0.6, 0.5]]), (-4.0, 4.0, -4.0, 4.0)
-
-
-def _process(name: str | None):
-    from .processes import VESDE, VPSDE, SubVPSDE
-
-    if name is None:
-        raise CLIError(f"--model analytic:... needs --process, one of {ANALYTIC_PROCESSES}")
-    table = {"VE": lambda: VESDE(0.01, 50.0), "VP": lambda: VPSDE(0.1, 20.0), "subVP": lambda: SubVPSDE(0.1, 20.0)}
-    if name not in table:
-        raise CLIError(f"expected --process in {ANALYTIC_PROCESSES}, found {name!r}")
-    return table[name]()
-
-
-def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> dict[str, Any]:
-    """The model of ``--model``: a pipeline folder (exported by score_toolkit or a plain diffusers DDPM folder) or
-    ``analytic:<name>`` (:data:`ANALYTIC_MODELS`, with ``--process``). Returns a dict with ``score_fn``,
-    ``process``, ``sample_shape``, ``mixture`` (analytic only), ``extent`` (2-D only) and ``description``."""
-    if spec.startswith("analytic:"):
-        name = spec.split(":", 1)[1]
-        if name not in ANALYTIC_MODELS:
-            raise CLIError(f"expected --model analytic:<name> with name in {ANALYTIC_MODELS}, found {name!r}")
-        mixture, extent = _analytic(name)
-        process = _process(process_name)
-        return {"score_fn": mixture.score_fn(process), "process": process, "sample_shape": (mixture.dim,),
-                "mixture": mixture, "extent": extent, "description": f"analytic {name} under {process!r}"}
-    if process_name is not None:
-        raise CLIError("--process applies to --model analytic:... only (a folder's scheduler config names its process)")
-    from .hub import load_pipeline_components
-    from .scores import ScoreAdapter
-
-    if not os.path.isdir(spec):
-        raise CLIError(f"expected --model to be a pipeline folder or analytic:<name>, found no folder at {spec}")
-    model, process, prediction_type, time_input = load_pipeline_components(spec)
-    if next(model.parameters()).dtype != dtype:
-        model = model.to(dtype=dtype)
-    model = model.to(device)
-    cfg = model.config
-    if cfg.get("dim") is not None:
-        shape: tuple[int, ...] = (int(cfg["dim"]),)
-    elif cfg.get("sample_size") is not None:
-        size = cfg["sample_size"]
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (int(cfg["in_channels"]), int(h), int(w))
-    else:
-        raise CLIError(f"cannot tell the sample shape of {type(model).__name__} in {spec}")
-    extent = (-6.0, 6.0, -6.0, 6.0) if shape == (2,) else None
-    return {"score_fn": ScoreAdapter(model, process, prediction_type, time_input), "process": process,
-            "sample_shape": shape, "mixture": None, "extent": extent,
-            "description": f"{type(model).__name__} from {spec} ({prediction_type}, {process!r})"}
-
-
-def load_data(name: str | None, path: str | None, *, num_samples: int | None, model: dict[str, Any], seed: int, dtype):
-    """Data for ``--data NAME`` / ``--data-file PATH``; without either, exact draws of an analytic model."""
-    import torch
-
-    if name is not None and path is not None:
-        raise CLIError("pass --data or --data-file, not both")
-    if name is None and path is None:
-        if model["mixture"] is None:
-            raise CLIError("pass --data NAME (e.g. digits) or --data-file PATH (.npy or .safetensors)")
-        n = num_samples or 256
-        return model["mixture"].sample(n, generator=torch.Generator().manual_seed(seed)).to(dtype), \
-            f"{n} exact draws of the analytic model (seed {seed})"
-    from .data import load_dataset
-
-    ds = load_dataset("vectors", path=path) if path is not None else load_dataset(name)
-    x = ds.data
-    if num_samples is not None:
-        if num_samples > len(x):
-            raise CLIError(f"--num-samples {num_samples} exceeds the {len(x)} samples of the data")
-        x = x[:num_samples]
-    return x.to(dtype), f"{len(x)} samples of {ds.description}" + (" (the first ones)" if num_samples else "")
-
-
-def _device(name: str | None):
-    import torch
-
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dtype(name: str | None, model_spec: str):
-    import torch
-
-    if name is None:
-        return torch.float64 if model_spec.startswith("analytic:") else torch.float32
-    return {"float32": torch.float32, "float64": torch.float64}[name]
-
-
-def _accelerator(cpu: bool):
-    """An Accelerator when launched on several processes (accelerate launch / torchrun), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=cpu)
-
-
-def write_json(path: str, obj) -> None:
-    from ._io import write_json_atomic
-
-    write_json_atomic(path, obj, default=_jsonable)
-
-
-def _jsonable(v):
-    import torch
-
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if hasattr(v, "item"):
-        return v.item()
-    return repr(v)
+__all__ = ["add_likelihood_parser", "cmd_likelihood", "load_score_model", "ANALYTIC_MODELS"]
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -210,18 +88,6 @@ def add_likelihood_parser(subparsers) -> None:
     _configure(p)
 
 
-def run_guarded(command: str, fn, args: argparse.Namespace) -> int:
-    """Run a subcommand's body; report a bad input (exit 2) or a failure (exit 1) in one line on stderr."""
-    try:
-        return fn(args)
-    except CLIError as err:
-        print(f"score-toolkit {command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"score-toolkit {command}: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-
-
 def cmd_likelihood(args: argparse.Namespace) -> int:
     return run_guarded("likelihood", _run, args)
 
@@ -229,7 +95,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import math
 
-    from .likelihood import dequantized_bits_per_dim, log_likelihood, to_levels
+    from ..likelihood import dequantized_bits_per_dim, log_likelihood, to_levels
 
     accelerator = _accelerator(args.cpu)
     device = accelerator.device if accelerator is not None else _device(args.device)
@@ -277,15 +143,3 @@ def _run(args: argparse.Namespace) -> int:
         write_json(args.output, {**summary, **({"per_sample": per_sample} if args.per_sample else {})})
         print(f"wrote {args.output}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m score_toolkit.cli_likelihood ...`` (the same options as ``score-toolkit likelihood``)."""
-    parser = argparse.ArgumentParser(prog="score-toolkit likelihood", description=__doc__.split("\n")[0])
-    _configure(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -10,10 +10,11 @@ identical bit for bit for any number of processes (see :mod:`score_toolkit.distr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
+
+from ._common import parse_options
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
@@ -65,24 +66,6 @@ def add_sample_parser(subparsers) -> None:
     p.set_defaults(func=cmd_sample)
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["num_steps=50", "grid=log_sigma"]`` -> ``{"num_steps": 50, "grid": "log_sigma"}`` (JSON values, else
-    strings); a ``ValueError`` for an item without ``=`` or a repeated key."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"expected --option KEY=VALUE, found {item!r}")
-        if key in out:
-            raise ValueError(f"sampler option {key!r} given twice")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -105,14 +88,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"expected --threads >= 1, found {args.threads}")
 
-    from .registry import get_sampler
+    from ..registry import get_sampler
 
     get_sampler(args.sampler, **options)  # unknown sampler or option: fail before loading anything
 
     from accelerate import Accelerator
 
-    from .distributed import sample_to_folder
-    from .pipeline import ScorePipeline, shipped_model_path
+    from ..distributed import sample_to_folder
+    from ..pipeline import ScorePipeline, shipped_model_path
 
     checkpoint = args.checkpoint if args.checkpoint is not None else str(shipped_model_path("digits"))
     accelerator = Accelerator(cpu=args.cpu)
@@ -143,16 +126,3 @@ def _run(args: argparse.Namespace) -> int:
 
 def _describe(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "default options"
-
-
-def main(argv=None) -> int:
-    """``python -m score_toolkit.cli_sample ...`` (the same options as ``score-toolkit sample``)."""
-    parser = argparse.ArgumentParser(prog="score-toolkit")
-    sub = parser.add_subparsers(dest="command")
-    add_sample_parser(sub)
-    args = parser.parse_args(["sample", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

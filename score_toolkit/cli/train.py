@@ -1,8 +1,7 @@
 """The ``train`` command: ``score-toolkit train --config FILE [--set KEY=VALUE ...] [--resume]``.
 
 Works the same under ``accelerate launch`` (e.g. ``accelerate launch --multi_gpu --num_processes 2
--m score_toolkit.cli train --config cfg.yaml --set train.cpu=true`` for two CPU processes). Also
-runnable on its own as ``python -m score_toolkit.cli_train --config ...``.
+-m score_toolkit.cli train --config cfg.yaml --set train.cpu=true`` for two CPU processes).
 """
 
 from __future__ import annotations
@@ -90,9 +89,8 @@ def _program_name(default: str) -> str:
     base = os.path.basename(argv0)
     if base in ("score-toolkit", "score-toolkit.exe", "score-toolkit-script.py"):
         return "score-toolkit"
-    for module in ("cli_train", "cli"):
-        if argv0.endswith(os.path.join("score_toolkit", f"{module}.py")):
-            return f"python -m score_toolkit.{module}"
+    if argv0.endswith(os.path.join("score_toolkit", "cli", "__main__.py")):
+        return "python -m score_toolkit.cli"
     return default
 
 
@@ -102,7 +100,7 @@ def _command_line(argv: Sequence[str] | None, prog: str = "score-toolkit", *,
 
     ``argv``: the arguments after the program name (``train --config ...`` for ``score-toolkit``), or None
     for this process's own command line (then the program is named as it was run: ``score-toolkit``,
-    ``python -m score_toolkit.cli`` or ``python -m score_toolkit.cli_train``). Under ``accelerate launch``
+    or ``python -m score_toolkit.cli``). Under ``accelerate launch``
     or ``torchrun`` the launcher's whole command line is recorded instead (read from the parent process;
     ``parent=True`` reads it, a list stands for it, None means no launcher)."""
     launched = _launcher_command(_parent_command_line() if parent is True else parent or None)
@@ -118,7 +116,7 @@ def _command_line(argv: Sequence[str] | None, prog: str = "score-toolkit", *,
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     import json
 
-    from .training import ConfigError, RunConfig, apply_overrides, prepare_run, train
+    from ..training import ConfigError, RunConfig, apply_overrides, prepare_run, train
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
@@ -126,7 +124,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     if args.no_progress:
         overrides.append("train.progress=false")
     try:
-        from .training import load_config
+        from ..training import load_config
 
         cfg = load_config(args.config, overrides)
         if cfg.export.command is None:
@@ -152,13 +150,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m score_toolkit.cli_train --config ...`` (the same options as ``score-toolkit train``)."""
+    """The ``train`` command on its own, from Python: ``main(["--config", "cfg.yaml"])`` runs
+    ``score-toolkit train --config cfg.yaml``."""
     parser = argparse.ArgumentParser(prog="score-toolkit train", description="Train a score network.")
     _configure(parser)
     args = parser.parse_args(argv)
-    args.prog_name = "python -m score_toolkit.cli_train"
+    args.prog_name = "score-toolkit train"
     return int(args.func(args, argv) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

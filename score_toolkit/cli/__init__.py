@@ -1,0 +1,78 @@
+"""Command line interface: ``score-toolkit <command> [options]``.
+
+One module per command (:mod:`.sample`, :mod:`.train`, :mod:`.likelihood`, :mod:`.evaluate` with ``plot``,
+:mod:`.samplers`, :mod:`.demo`), helpers they share in :mod:`._common`. Each command is two functions:
+``add_<command>_parser(subparsers)`` declares its parser and sets ``func=<command function>``; the command
+function takes the parsed ``argparse.Namespace`` and returns the exit code. To add a command, write both
+and append the first to :data:`COMMANDS`. Commands import what they need inside their function, so
+``score-toolkit --help`` stays fast. ``python -m score_toolkit.cli`` runs :func:`main` (``__main__.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# the command modules import only argparse at module level (heavy imports live in the commands): --help stays fast
+from .demo import add_demo_parser as _add_demo
+from .evaluate import add_evaluate_parser as _add_evaluate
+from .evaluate import add_plot_parser as _add_plot
+from .likelihood import add_likelihood_parser as _add_likelihood
+from .sample import add_sample_parser as _add_sample
+from .samplers import add_samplers_parser as _add_samplers
+from .train import add_train_parser as _add_train
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+
+#: Parser builders, one per command, called in order by :func:`build_parser`.
+COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample, _add_likelihood,
+                                         _add_evaluate, _add_plot]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="score-toolkit",
+        description="Score-based generative models on the diffusers ecosystem.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.cli_argv = None if argv is None else list(argv)  # the arguments when called from Python (for records)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    ok = False
+    try:
+        code = int(args.func(args) or 0)
+        ok = True
+        return code
+    finally:
+        _close_process_group(synchronize=ok)
+
+
+def _close_process_group(synchronize: bool) -> None:
+    """Tear down a ``torch.distributed`` group a command created (under ``accelerate launch``).
+
+    Leaving the gloo/NCCL group to interpreter exit can abort a rank ("terminate called without an
+    active exception"). After a successful command every rank waits for the others first; after an
+    error the group is destroyed without a barrier, which could otherwise hang.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,37 @@
+"""The ``demo`` command: ``score-toolkit demo [--output demo.png]`` trains a small 2-D model and draws it
+(:func:`score_toolkit.demo.run_demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_demo_parser", "cmd_demo"]
+
+
+def add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a small 2-D score model and write a PNG of its samples next to the true density",
+        description=(
+            "Train a ScoreMLP with continuous-time DSM on a VP SDE on the 2-D ring of 8 Gaussians, sample it "
+            "with a registered sampler and write a PNG: true density | model samples | exact samples. Prints "
+            "sliced Wasserstein-2 and mode-weight error next to their noise floors."
+        ),
+    )
+    p.add_argument("--output", default="demo.png", help="PNG file to write (default: demo.png)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
+    p.add_argument("--num-samples", type=int, default=4000, help="samples to draw (default: 4000)")
+    p.add_argument("--sampler", default="euler_maruyama", help="registered sampler name (default: euler_maruyama)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    if args.steps < 1 or args.num_samples < 1:
+        print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
+        return 2
+    run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed)
+    return 0

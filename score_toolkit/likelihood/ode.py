@@ -1,0 +1,390 @@
+"""The augmented probability-flow ODE and its solution: the integration variable (:class:`_TimeVariable`), the
+right-hand side of the state ``(x, int div F)`` (:class:`_AugmentedDynamics`), one torchdiffeq solve per chunk
+of samples, and :func:`log_likelihood` (see :mod:`score_toolkit.likelihood` for the mathematics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .._utils import GeneratorLike, per_sample_generators
+from ..processes import Process
+from ..samplers.base import NonFiniteError
+from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
+from .exchange import _exchange
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    METHODS,
+    TIME_VARIABLES,
+    _check_data,
+    _check_score_fn,
+    _resolve_options,
+)
+from .result import LikelihoodResult, SolverError
+
+__all__ = ["log_likelihood"]
+
+
+class _TimeVariable:
+    """The integration variable tau and the map to the ODE in it (see :func:`log_likelihood`, ``time_variable``).
+
+    With ``x = c(tau) y`` (y the solver's state), ``dy/dtau = A y + B s(x, t)`` and
+    ``d(int div)/dtau = A d + B c div_x s``:
+
+    * ``"t"``: tau = t, c = 1, A = f(t), B = -g(t)^2 / 2 (Song et al. 2021, eq. 13);
+    * ``"log_sigma"``: tau = ln(sigma / alpha), y = x / alpha, c = alpha, A = 0, B = -(sigma / alpha)^2 alpha
+      (the probability-flow ODE of the scaled state, Karras et al. 2022, eq. 4, in the log of its noise level;
+      ``g^2 dt / 2 = alpha^2 s~ ds~`` with ``s~ = sigma / alpha``). Its right-hand side is smooth whenever the score
+      is, even when f and g are not (e.g. :class:`~score_toolkit.processes.DiscreteVP`'s piecewise-constant
+      coefficients, which make an adaptive solver stop at each of its N knots in t).
+    """
+
+    def __init__(self, kind: str, process: Process, t_lo: float, t_hi: float):
+        self.kind, self.process = kind, process
+        self.t_lo, self.t_hi = t_lo, t_hi
+        ends = torch.tensor([t_lo, t_hi], dtype=torch.float64)
+        if kind == "t":
+            self.lo, self.hi = t_lo, t_hi
+            self.log_c_lo = self.log_c_hi = 0.0
+        else:
+            log_s = torch.log(process.noise_to_signal(ends))
+            self.lo, self.hi = float(log_s[0]), float(log_s[1])
+            la = process.log_alpha(ends)
+            self.log_c_lo, self.log_c_hi = float(la[0]), float(la[1])
+        if not self.lo < self.hi:
+            raise ValueError(f"log_likelihood: the process's noise level must grow from t_min to 1, found "
+                             f"{kind} from {self.lo:g} to {self.hi:g}")
+
+    def to_tau(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.kind == "t" else torch.log(self.process.noise_to_signal(t))
+
+    def coefficients(self, tau: float) -> tuple[float, float, float, float]:
+        """(t, c, A, B) at tau (clamped into the interval: adaptive solvers probe outside it)."""
+        tau = min(max(tau, self.lo), self.hi)
+        if self.kind == "t":
+            tt = torch.tensor([tau], dtype=torch.float64)
+            f = float(self.process.drift_coef(tt))
+            g2 = float(self.process.diffusion_squared(tt).clamp_min(0))
+            return tau, 1.0, f, -0.5 * g2
+        st = math.exp(tau)
+        t = float(self.process.t_from_noise_to_signal(torch.tensor([st], dtype=torch.float64)))
+        t = min(max(t, self.t_lo), self.t_hi)
+        alpha = float(self.process.alpha(torch.tensor([t], dtype=torch.float64)))
+        return t, alpha, 0.0, -st * st * alpha
+
+
+class _AugmentedDynamics:
+    """Right-hand side of the augmented ODE on a flat state (B, D + C): C = 1 (exact) or K (per probe)."""
+
+    def __init__(self, score_fn, process: Process, shape, divergence: str, probes, variable: _TimeVariable,
+                 max_num_steps: int | None):
+        self.score_fn = score_fn
+        self.process = process
+        self.shape = tuple(shape)
+        self.batch = self.shape[0]
+        self.dim = math.prod(self.shape[1:])
+        self.divergence = divergence
+        self.probes = probes  # (K, B, ...) or None
+        self.variable = variable
+        self.max_num_steps = max_num_steps
+        self.nfe = 0
+        self.steps = 0
+        self.t = variable.t_lo
+        self._basis = None
+        self._vjp_state: dict = {}
+
+    def _divergence(self, s: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+        if not s.requires_grad:
+            raise TypeError(
+                "expected score_fn to be differentiable with respect to x (the divergence needs autograd), found "
+                "an output without a graph: do not evaluate the score under torch.no_grad() or detach it"
+            )
+        if self.divergence == "hutchinson":
+            vjp = _batched_vjp(s, xg, self.probes, self._vjp_state)  # (K, B, ...)
+            return (vjp * self.probes).flatten(2).sum(2).transpose(0, 1)  # (B, K)
+        d = self.dim
+        if self._basis is None or self._basis.dtype != s.dtype or self._basis.device != s.device:
+            self._basis = torch.eye(d, dtype=s.dtype, device=s.device)
+        total = torch.zeros(self.batch, dtype=s.dtype, device=s.device)
+        chunk = max(1, min(d, _MAX_BATCHED_VJP_ELEMENTS // max(1, self.batch * d)))
+        for lo in range(0, d, chunk):
+            e = self._basis[lo : lo + chunk]  # (c, D)
+            grads = e[:, None, :].expand(e.shape[0], self.batch, d).reshape(e.shape[0], *self.shape)
+            rows = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, B, D): rows of the Jacobian
+            idx = torch.arange(lo, lo + e.shape[0], device=s.device)
+            total = total + rows[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
+        return total[:, None]
+
+    def __call__(self, tau: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        t, c, a, b = self.variable.coefficients(float(tau))
+        y = state[:, : self.dim].reshape(self.shape)
+        t_vec = torch.full((self.batch,), t, dtype=y.dtype, device=y.device)
+        with torch.enable_grad():
+            xg = (c * y).detach().requires_grad_(True)
+            s = self.score_fn(xg, t_vec)
+            _check_score_output(s, xg)
+            div_s = self._divergence(s, xg)
+        self.nfe += 1
+        dy = a * y + b * s.detach()
+        ddiv = a * self.dim + (b * c) * div_s.detach()
+        out = torch.cat([dy.reshape(self.batch, self.dim), ddiv.to(dy.dtype)], 1)
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).any(1).sum())
+            raise NonFiniteError(
+                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t:.6g} (step "
+                f"{self.steps}, evaluation {self.nfe}) in {bad} of {self.batch} samples; check the score function "
+                f"and that the data lie where the model is defined"
+            )
+        return out
+
+    def callback_step(self, tau0, y0, dt) -> None:
+        self.steps += 1
+        self.t = self.variable.coefficients(float(tau0))[0]
+        if self.max_num_steps is not None and self.steps > self.max_num_steps:
+            raise SolverError(_too_many_steps(self.max_num_steps, self.t, self.variable.t_hi))
+
+
+def _check_score_output(s, x: torch.Tensor) -> None:
+    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        found = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        hint = ""
+        if isinstance(s, torch.Tensor) and (s.shape == x.shape[:1] or s.shape == (x.shape[0], 1)):
+            hint = (" (one number per sample looks like an energy: wrap the network as "
+                    "ScoreAdapter(model, process, prediction_type='energy'))")
+        raise ValueError(f"log_likelihood: expected score_fn to return a score of shape {tuple(x.shape)} (like x), "
+                         f"found {found}{hint}")
+
+
+def _too_many_steps(max_num_steps: int, t: float, t_end: float) -> str:
+    return (f"log_likelihood: the ODE solver exceeded max_num_steps={max_num_steps} at t = {t:.6g} before reaching "
+            f"t = {t_end:g}; raise max_num_steps, loosen rtol/atol, or use a fixed-grid method (num_steps)")
+
+
+def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol, grid, max_num_steps,
+                 per_sample_norm, variable: _TimeVariable, prior_log_prob):
+    import torchdiffeq
+
+    t_hi = variable.t_hi
+    func = _AugmentedDynamics(score_fn, process, x.shape, divergence, probes, variable,
+                              max_num_steps if METHODS[method] else None)
+    comps = 1 if probes is None else probes.shape[0]
+    y_start = x.reshape(x.shape[0], -1) * math.exp(-variable.log_c_lo)
+    y0 = torch.cat([y_start, torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
+    if METHODS[method]:
+        span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
+        norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
+        options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
+        try:
+            y1 = torchdiffeq.odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
+        except AssertionError as err:  # torchdiffeq checks with assert (absent under python -O)
+            msg = str(err)
+            if msg.startswith("max_num_steps exceeded"):
+                raise SolverError(_too_many_steps(max_num_steps, func.t, t_hi)) from err
+            if msg.startswith("underflow in dt"):
+                raise SolverError(
+                    f"log_likelihood: the adaptive step size underflowed at t = {func.t:.6g} after {func.steps} steps; "
+                    f"the ODE is too stiff for rtol/atol, or the score is not smooth"
+                ) from err
+            if msg.startswith("non-finite values in state"):
+                raise NonFiniteError(f"log_likelihood: the state became NaN or infinite at t = {func.t:.6g}") from err
+            raise
+    else:
+        ts = grid.to(x.device)
+        y1 = torchdiffeq.odeint(func, y0, ts[[0, -1]], method=method,
+                                options={"grid_constructor": lambda f, y, t: ts.to(t)})[-1]
+    x1 = (y1[:, : func.dim] * math.exp(variable.log_c_hi)).reshape(x.shape)
+    # the divergence of A y integrates to d (ln c(tau_hi) - ln c(tau_lo)) when it is not in A (log_sigma)
+    per_probe = y1[:, func.dim :] + (0.0 if variable.kind == "t" else func.dim * (variable.log_c_hi - variable.log_c_lo))
+    delta = per_probe.mean(1)
+    if comps > 1:
+        std_err = per_probe.std(1) / math.sqrt(comps)
+    elif divergence == "exact":
+        std_err = torch.zeros_like(delta)
+    else:
+        std_err = torch.full_like(delta, math.nan)
+    prior = prior_log_prob(x1)
+    if not isinstance(prior, torch.Tensor) or prior.shape != (x.shape[0],):
+        found = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
+        raise ValueError(f"log_likelihood: expected prior_log_prob to return shape ({x.shape[0]},), found {found}")
+    prior = prior.to(delta.dtype)
+    if not bool(torch.isfinite(prior).all()):
+        raise NonFiniteError("log_likelihood: the prior log-density of the state at t = 1 is NaN or infinite")
+    return {
+        "log_prob": prior + delta,
+        "std_err": std_err,
+        "prior": prior,
+        "delta": delta,
+        "latent": x1,
+        "nfe": func.nfe,
+    }
+
+
+def log_likelihood(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    process: Process,
+    x: torch.Tensor,
+    *,
+    divergence: str = "exact",
+    num_probes: int | None = None,
+    probe: str | None = None,
+    method: str = "dopri5",
+    rtol: float | None = None,
+    atol: float | None = None,
+    num_steps: int | None = None,
+    grid: str = "uniform",
+    max_num_steps: int | None = None,
+    per_sample_norm: bool = True,
+    time_variable: str = "log_sigma",
+    t_min: float | None = None,
+    prior_log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    generator: GeneratorLike = None,
+    sample_shape: Sequence[int] | None = None,
+    data_range: tuple[float, float] | None = None,
+    accelerator=None,
+    return_latent: bool = False,
+) -> LikelihoodResult:
+    """``log p(x)`` of a score model through the probability-flow ODE (see the module docstring).
+
+    Args:
+        score_fn: the canonical ``score_fn(x, t)``: a :class:`~score_toolkit.scores.ScoreAdapter` (any process and
+            prediction type, energy included) or an analytic score; it must be differentiable in ``x``. A bare
+            network is refused (its prediction type is unknown).
+        process: the forward process the score belongs to.
+        x: data (B, ...) in model space, any rank.
+        divergence: ``"exact"`` (``d`` vector-Jacobian products per evaluation: small ``d``) or ``"hutchinson"``.
+        num_probes: Hutchinson probes per sample (default 4; ``>= 2`` for a standard error, NaN with 1).
+        probe: ``"rademacher"`` (default) or ``"gaussian"``.
+        method: torchdiffeq method: adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``, ``adaptive_heun``, or
+            fixed-grid ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
+        rtol, atol: adaptive tolerances (default 1e-5 each).
+        num_steps, grid: fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
+        max_num_steps: adaptive step budget per solve (default 10000); exceeding it raises :class:`SolverError`
+            (also under ``python -O``, where torchdiffeq's own ``assert`` vanishes).
+        per_sample_norm: error norm = max over samples of each sample's RMS (of x and of its log-density
+            components), so every sample meets the tolerance by itself; ``False``: RMS over the whole batch
+            (score_sde's choice; a hard sample among easy ones may then end far less accurate).
+        time_variable: the variable the solver integrates in: ``"log_sigma"`` (default), ``tau = ln(sigma / alpha)``
+            with the scaled state ``x / alpha`` (smooth in tau whenever the score is smooth, for every process,
+            including a discrete DDPM table whose coefficients jump at each of its N steps), or ``"t"``, the
+            process's own time (``dx/dt = f x - g^2 s / 2``). Both give the same ODE solution; they differ in where
+            the solver puts its steps. For VE processes they coincide up to a linear change of variable.
+        t_min: start of the integration (default ``process.t_min``).
+        prior_log_prob: ``log p_1`` (default ``process.prior_log_prob``, the Gaussian prior).
+        batch_size: samples per solve (default 256). Samples are solved in chunks of consecutive global
+            indices, so results do not depend on the number of processes.
+        seed: probes of sample ``i`` come from a generator seeded by ``(seed, i)`` (default seed 0): the same
+            whatever the batch size or process count.
+        generator: instead of ``seed``: one ``torch.Generator`` (shared by all samples) or one per sample.
+            Not allowed with ``accelerator``.
+        sample_shape: the model's sample shape, to check ``x`` against (default: read from the wrapped network's
+            config when it has one: ``dim`` of the MLPs, ``(in_channels, sample_size, sample_size)`` of a UNet).
+        data_range: ``(lo, hi)``: refuse data outside it (e.g. ``(-1, 1)`` for images scaled to [-1, 1]).
+        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``); every process passes the same full ``x``
+            and solves its own chunks (chunk ``c`` on process ``c mod world``),
+            without any collective inside the solve (so processes needing different numbers of steps cannot
+            deadlock), then results are gathered; every process returns the full result. If a process fails,
+            every process raises (the failures are exchanged first, so none waits forever).
+        return_latent: also return the state at ``t = 1``.
+
+    Raises:
+        ValueError / TypeError on bad input (shape, range, non-finite data, options), :class:`SolverError` when
+        the solver exhausts its step budget, :class:`~score_toolkit.samplers.base.NonFiniteError` when the
+        score or its divergence becomes NaN or infinite.
+    """
+    start = time.perf_counter()
+    _check_score_fn(score_fn)
+    if not isinstance(process, Process):
+        raise TypeError(f"log_likelihood: expected a score_toolkit Process, found {type(process).__name__}")
+    x = _check_data(x, score_fn, sample_shape, data_range)
+    num_probes, probe, rtol, atol, max_num_steps = _resolve_options(
+        divergence, num_probes, probe, method, rtol, atol, num_steps, grid, max_num_steps)
+    if not isinstance(per_sample_norm, bool):
+        raise TypeError(f"log_likelihood: expected per_sample_norm to be a bool, found {per_sample_norm!r}")
+    t_lo = process.t_min if t_min is None else float(t_min)
+    if not process.t_min - 1e-12 <= t_lo < process.t_max:
+        raise ValueError(f"log_likelihood: expected t_min in [{process.t_min:g}, {process.t_max:g}), found {t_min!r}")
+    t_hi = process.t_max
+    prior = process.prior_log_prob if prior_log_prob is None else prior_log_prob
+    if not callable(prior):
+        raise TypeError(f"log_likelihood: expected prior_log_prob to be callable, found {type(prior).__name__}")
+    n = x.shape[0]
+    bs = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"log_likelihood: expected batch_size to be an int >= 1, found {batch_size!r}")
+    if generator is not None and seed is not None:
+        raise ValueError("log_likelihood: pass seed or generator, not both")
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise ValueError(f"log_likelihood: expected one generator per sample ({n}), found {len(generator)}")
+    if generator is not None and accelerator is not None:
+        raise ValueError("log_likelihood: with an accelerator pass seed (per-sample probes by global index), "
+                         "not generator")
+    seed = 0 if seed is None and generator is None else seed
+    if time_variable not in TIME_VARIABLES:
+        raise ValueError(f"log_likelihood: expected time_variable in {TIME_VARIABLES}, found {time_variable!r}")
+    variable = _TimeVariable(time_variable, process, t_lo, t_hi)
+    grid_tau = None
+    if not METHODS[method]:
+        grid_t = process.time_grid(num_steps, grid, t_min=t_lo, t_max=t_hi, dtype=torch.float64).flip(0)
+        grid_tau = variable.to_tau(grid_t)
+        grid_tau[0], grid_tau[-1] = variable.lo, variable.hi
+
+    rank, world = 0, 1
+    if accelerator is not None:
+        rank, world = int(accelerator.process_index), int(accelerator.num_processes)
+    chunks = [(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
+    mine = chunks[rank::world]
+    dims = math.prod(x.shape[1:])
+    outputs: list[tuple[int, int, dict]] = []
+    error: BaseException | None = None
+    try:
+        for lo, hi in mine:
+            xc = x[lo:hi]
+            probes = None
+            if divergence == "hutchinson":
+                if generator is None:
+                    gens = per_sample_generators(seed, range(lo, hi), device=xc.device)
+                elif isinstance(generator, (list, tuple)):
+                    gens = list(generator[lo:hi])
+                else:
+                    gens = generator
+                probes = _probes(probe, num_probes, xc.shape, gens, xc.dtype, xc.device)
+            out = _solve_chunk(score_fn, process, xc, divergence=divergence, probes=probes, method=method, rtol=rtol,
+                               atol=atol, grid=grid_tau, max_num_steps=max_num_steps, per_sample_norm=per_sample_norm,
+                               variable=variable, prior_log_prob=prior)
+            outputs.append((lo, hi, out))
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have been told
+        if world == 1:
+            raise
+        error = err
+
+    if world > 1:
+        outputs = _exchange(accelerator, outputs, error, chunks, mine, n, x, rank, world, return_latent)
+    fields = ("log_prob", "std_err", "prior", "delta")
+    res = {k: torch.empty(n, dtype=x.dtype, device=x.device) for k in fields}
+    nfe_per = torch.zeros(n, dtype=torch.long)
+    latent = torch.empty_like(x) if return_latent else None
+    total_nfe = 0
+    for lo, hi, out in outputs:
+        for k in fields:
+            res[k][lo:hi] = out[k]
+        nfe_per[lo:hi] = int(out["nfe"])
+        total_nfe += int(out["nfe"])
+        if latent is not None:
+            latent[lo:hi] = out["latent"]
+    info = {"method": method, "time_variable": time_variable, "batch_size": bs, "per_sample_norm": per_sample_norm,
+            "num_processes": world}
+    if METHODS[method]:
+        info.update(rtol=rtol, atol=atol, max_num_steps=max_num_steps)
+    else:
+        info.update(num_steps=num_steps, grid=grid)
+    return LikelihoodResult(
+        log_prob=res["log_prob"], std_err=res["std_err"], prior_log_prob=res["prior"], delta_log_prob=res["delta"],
+        nfe=total_nfe, nfe_per_sample=nfe_per, num_dims=dims, divergence=divergence, num_probes=num_probes,
+        probe=probe, t_min=t_lo, wall_time_s=time.perf_counter() - start, latent=latent, info=info,
+    )

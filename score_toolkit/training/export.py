@@ -1,0 +1,126 @@
+"""After training: samples of the trained model measured against the training data
+(:func:`evaluate_samples`), a picture of them (:func:`sample_picture`), and the export of the run as a
+Hub-style pipeline folder with its model card (:mod:`score_toolkit.hub`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .components import Components
+from .data_stream import _mix
+
+__all__ = ["evaluate_samples", "sample_picture"]
+
+
+def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: int, sampler: str,
+                     sampler_options: Mapping[str, Any], seed: int, device=None) -> tuple[torch.Tensor, list[dict]]:
+    """Draw ``num_samples`` samples of the trained ``model`` with a registered sampler and measure them
+    against the training data: sliced Wasserstein-2 and energy distance, each with its noise floor (the
+    same metric between two disjoint training subsets of the same size, when the data set is large
+    enough), and the mode-weight error when the data's mixture is known. Returns ``(samples, results)``
+    with results as dicts (name, type, value, dataset)."""
+    from .. import metrics
+    from ..registry import get_sampler
+    from ..scores import ScoreAdapter
+
+    model = model.to(device) if device is not None else model
+    score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input)
+    gens = torch.Generator(device=device or "cpu").manual_seed(_mix(seed, 0xE7A1))
+    shape = (num_samples, *comps.dataset.sample_shape)
+    out = get_sampler(sampler, **dict(sampler_options)).sample(score_fn, comps.process, shape=shape,
+                                                                 generator=gens, device=device, dtype=torch.float32)
+    samples = out.samples.detach().float().cpu()
+    data = comps.dataset.data
+    g = torch.Generator().manual_seed(_mix(seed, 0xE7A2))
+    perm = torch.randperm(len(data), generator=g)
+    ref = data[perm[:num_samples]].double()
+    results = []
+    dataset_name = comps.dataset.name
+    sw = metrics.sliced_wasserstein(samples.double().flatten(1), ref.flatten(1),
+                                    generator=torch.Generator().manual_seed(_mix(seed, 0xE7A3)))
+    ed = metrics.energy_distance(samples.double().flatten(1), ref.flatten(1))
+    results.append({"name": f"sliced W2 to {len(ref)} training samples", "type": "sliced_wasserstein",
+                    "value": round(float(sw), 5), "dataset": dataset_name})
+    results.append({"name": f"energy distance to {len(ref)} training samples", "type": "energy_distance",
+                    "value": round(float(ed), 5), "dataset": dataset_name})
+    if len(data) >= 2 * num_samples:
+        other = data[perm[num_samples:2 * num_samples]].double()
+        results.append({"name": "noise floor: sliced W2 between two disjoint training subsets",
+                        "type": "sliced_wasserstein_floor",
+                        "value": round(float(metrics.sliced_wasserstein(
+                            other.flatten(1), ref.flatten(1), generator=torch.Generator().manual_seed(_mix(seed, 0xE7A3)))), 5),
+                        "dataset": dataset_name})
+        results.append({"name": "noise floor: energy distance between two disjoint training subsets",
+                        "type": "energy_distance_floor",
+                        "value": round(float(metrics.energy_distance(other.flatten(1), ref.flatten(1))), 5),
+                        "dataset": dataset_name})
+    if comps.dataset.mixture is not None:
+        results.append({"name": "mode-weight error (TV) against the true mixture", "type": "mode_weight_error",
+                        "value": round(float(metrics.mode_weight_error(samples.double(), comps.dataset.mixture)), 5),
+                        "dataset": dataset_name})
+    results.append({"name": f"samples drawn with {sampler} ({out.nfe} score evaluations)", "type": "nfe",
+                    "value": int(out.nfe), "dataset": dataset_name})
+    return samples, results
+
+
+def sample_picture(comps: Components, samples: torch.Tensor):
+    """A PIL picture of samples: an image grid for images, data vs samples histograms for 2-D points."""
+    from ..plotting import histogram_panel, image_grid, side_by_side
+
+    if comps.dataset.is_image:
+        n = min(len(samples), 64)
+        return image_grid(samples[:n].clamp(-1, 1), nrow=int(math.ceil(math.sqrt(n))), scale=4 if samples.shape[-1] >= 16 else 8)
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        extent = comps.dataset.extent or (-6.0, 6.0, -6.0, 6.0)
+        data = comps.dataset.data[: max(len(samples), 1000)]
+        return side_by_side([histogram_panel(data, extent, title="training data"),
+                             histogram_panel(samples, extent, title="model samples")])
+    return None
+
+
+def _commands(run_dir: Path, last: str | None) -> str | None:
+    """Every command that worked on this run folder (a resumed run lists each invocation)."""
+    path = run_dir / "commands.txt"
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+    return "\n".join(lines) if lines else last
+
+
+def _export_run(comps: Components, model, run_dir: Path, history, world: int, device) -> Path:
+    import yaml
+
+    from ..hub import export_pipeline
+
+    cfg = comps.config
+    folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+    samples, results = evaluate_samples(comps, model, num_samples=cfg.export.num_samples, sampler=cfg.export.sampler,
+                                        sampler_options=cfg.export.sampler_options, seed=cfg.seed, device=device)
+    final_loss = next((h["loss"] for h in reversed(history) if math.isfinite(h["loss"])), None)
+    if final_loss is not None:
+        results.insert(0, {"name": f"final training loss ({cfg.objective.name}, mean over the last log window)",
+                           "type": "training_loss", "value": round(final_loss, 6), "dataset": comps.dataset.name})
+    config_dict = cfg.to_dict()
+    config_dict["export"] = {k: v for k, v in config_dict["export"].items() if k != "command"}
+    card_info = {
+        "model_name": cfg.export.model_name or f"score-toolkit-{cfg.data.name}-{cfg.model.name.lower()}",
+        "license": cfg.export.license,
+        "dataset_name": comps.dataset.name,
+        "dataset_description": comps.dataset.description,
+        "dataset_id": comps.dataset.hub_id,
+        "objective": f"{cfg.objective.name} {comps.objective!r}",
+        "training_config_yaml": yaml.safe_dump(config_dict, sort_keys=False),
+        "command": _commands(run_dir, cfg.export.command),
+        "results": results,
+        "sample_image": sample_picture(comps, samples),
+        "sampler": f"{cfg.export.sampler} {dict(cfg.export.sampler_options)}",
+        "num_processes": world,
+        "steps": cfg.train.steps,
+        "sample_shape": list(comps.dataset.sample_shape),
+    }
+    return export_pipeline(model, comps.process, comps.prediction_type, comps.time_input, folder, card_info,
+                           overwrite=cfg.export.overwrite)

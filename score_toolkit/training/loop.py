@@ -1,0 +1,359 @@
+"""The training loop: :func:`prepare_run` validates a run before any work (config, components, output and
+export folders, resume compatibility) and :func:`train` runs it on Accelerate (see :mod:`score_toolkit.training`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import probe_writable
+from .checkpoints import CHECKPOINT_DIR, _write_json_atomic, latest_checkpoint, list_checkpoints, save_checkpoint
+from .components import Components, _build_model, build_components
+from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
+from .data_stream import _DataStream, _mix
+from .ema import EMA
+from .export import _export_run
+
+__all__ = ["prepare_run", "train", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder, the last step, the logged history (one dict per log
+    step: step, loss, lr, steps_per_s, samples_per_s), the exported folder (or None), the model (EMA
+    weights when EMA is on) and the resolved config."""
+
+    run_dir: Path
+    step: int
+    history: list[dict[str, Any]]
+    export_folder: Path | None
+    model: torch.nn.Module
+    config: RunConfig
+    resumed_from: Path | None = None
+    num_processes: int = 1
+
+
+# keys that may change between a run and its resume
+_RESUME_MUTABLE = {"output_dir", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                   "train.progress", "train.log_with", "export"}
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key not in ("data.options", "process.options", "model.options", "objective.options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resume_compatible(saved: Mapping, current: Mapping) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUME_MUTABLE or key.split(".")[0] in _RESUME_MUTABLE:
+            continue
+        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
+            diffs.append(f"{key}: run has {a.get(key)!r}, config has {b.get(key)!r}")
+    if diffs:
+        raise ConfigError(
+            "cannot resume: the config differs from the run's saved config.json in keys that change the model "
+            "(only train.steps, checkpoint_every, keep_checkpoints, log_every, progress, log_with and export.* may "
+            "change):\n  " + "\n  ".join(diffs)
+        )
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir}: cannot create it: {err}") from err
+    if not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} exists and is not a folder")
+    try:
+        probe_writable(run_dir)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir} is not writable: {err}") from err
+
+
+def _resolve_mixed_precision(requested: str, use_cpu: bool) -> str:
+    if requested == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        warnings.warn(
+            "train.mixed_precision = 'fp16' has no effect on CPU (Accelerate silently trains in float32 there): "
+            "training in float32; use 'bf16' for mixed precision on CPU",
+            stacklevel=3,
+        )
+        return "no"
+    return requested
+
+
+def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) -> tuple[Components, Path, Path | None]:
+    """Validate a run without starting it: the config, the components (:func:`build_components`) and the
+    output folder. Returns ``(components, run_dir, checkpoint to resume from or None)``."""
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    if not cfg.output_dir:
+        raise ConfigError("output_dir: expected the folder of the run, found none (set output_dir or --output-dir)")
+    if isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed: expected an int >= 0, found {cfg.seed!r}")
+    _check_train_config(cfg.train)
+    run_dir = Path(cfg.output_dir)
+    ckpt = None
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"cannot resume: the run folder {run_dir} does not exist")
+        if not list_checkpoints(run_dir):
+            raise ConfigError(f"cannot resume: {run_dir / CHECKPOINT_DIR} holds no checkpoint")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"cannot resume: no checkpoint in {run_dir / CHECKPOINT_DIR} passes verification")
+        saved = run_dir / "config.json"
+        if saved.is_file():
+            _check_resume_compatible(json.loads(saved.read_text(encoding="utf-8")), cfg.to_dict())
+        step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        if step > cfg.train.steps:
+            raise ConfigError(f"cannot resume: the checkpoint is at step {step}, past train.steps = {cfg.train.steps}")
+    elif list_checkpoints(run_dir):
+        raise ConfigError(
+            f"output_dir {run_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
+            f"another output_dir"
+        )
+    _check_output_dir(run_dir)
+    comps = build_components(cfg)
+    _check_export_config(cfg.export)
+    if cfg.export.enabled:
+        folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+        if folder.exists() and not cfg.export.overwrite:
+            raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
+        _check_export_folder(folder)
+    return comps, run_dir, ckpt
+
+
+def _check_export_folder(folder: Path) -> None:
+    """The export is written to a temporary sibling folder and renamed: its parent must be a writable folder
+    (checked now, not after the training)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"export folder {folder} exists and is not a folder")
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: cannot create the folder it goes in: {err}") from err
+    try:
+        probe_writable(parent)
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
+
+
+def train(
+    config: RunConfig | Mapping[str, Any],
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> TrainResult:
+    """Train the run described by ``config`` (see module docstring and docs/training.md).
+
+    ``resume``: continue from the latest complete checkpoint in ``output_dir`` (an error if there is
+    none); without it ``output_dir`` must hold no checkpoint. ``callbacks`` are called on every process
+    after every optimizer step with ``{"step", "loss", "model", "accelerator"}`` (``loss`` is this
+    process's last micro-batch loss as a tensor); an exception raised there stops the run like a crash
+    (nothing more is written)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from ..scores import ScoreAdapter
+
+    comps, run_dir, ckpt = prepare_run(config, resume=resume)
+    cfg, tc = comps.config, comps.config.train
+    use_cpu = tc.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    mixed = _resolve_mixed_precision(tc.mixed_precision, use_cpu)
+    # AcceleratorState is a per-process singleton; a second single-process run in the same interpreter
+    # (tests, notebooks) may use another precision
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=mixed,
+        log_with=tc.log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = world * tc.gradient_accumulation_steps
+    if tc.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size = {tc.batch_size} (global) must divide by num_processes x "
+            f"gradient_accumulation_steps = {world} x {tc.gradient_accumulation_steps}"
+        )
+    local_batch = tc.batch_size // per_step
+    micro_batch = tc.batch_size // tc.gradient_accumulation_steps
+
+    # identical initial weights on every process (and DDP broadcasts rank 0's anyway)
+    set_seed(cfg.seed)
+    model = _build_model(cfg.model, comps.dataset.sample_shape)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas),
+                                  weight_decay=tc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    base_model = accelerator.unwrap_model(model)
+    ema = EMA(base_model, tc.ema_decay) if tc.ema_decay is not None else None
+
+    start = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        start = int(state["step"])
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema_file = ckpt / "ema.safetensors"
+            if not ema_file.is_file():
+                raise ConfigError(f"cannot resume with train.ema_decay set: {ckpt} has no ema.safetensors")
+            ema.load_state_dict(load_file(str(ema_file)), state["ema_updates"])
+    if accelerator.is_main_process:
+        _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if cfg.export.command:
+            with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
+                f.write(cfg.export.command + "\n")
+    if tc.log_with:
+        # trackers accept scalars only
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+                   for k, v in _flatten(cfg.to_dict()).items()}
+        accelerator.init_trackers("train", config=hparams | {"num_processes": world})
+
+    # Accelerate's wrappers (AcceleratedOptimizer.step / zero_grad, Accelerator.backward / clip_grad_norm_)
+    # cost a measurable fraction of a small network's step (a package look-up on disk for an optional
+    # optimizer in every optimizer step, inspect.signature in every zero_grad, version checks in every
+    # clip). Where they only forward to torch (no gradient scaler, no DeepSpeed / FSDP / XLA / Megatron),
+    # the loop calls torch directly: the same operations on the same tensors, so the same numbers.
+    from accelerate.utils import DistributedType
+
+    direct = accelerator.scaler is None and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    torch_optimizer = optimizer.optimizer if direct else optimizer
+    trainable = list(model.parameters())
+    accumulation = tc.gradient_accumulation_steps
+
+    def backward(loss: torch.Tensor) -> None:
+        if not direct:
+            accelerator.backward(loss / accumulation)
+        elif accumulation == 1:  # x / 1 is exactly x, in the value and in the gradient
+            loss.backward()
+        else:
+            (loss / accumulation).backward()
+
+    def clip_gradients() -> None:
+        if direct:
+            torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+
+    device = accelerator.device
+    data = comps.dataset.data.to(device)
+    stream = _DataStream(len(comps.dataset), cfg.seed)
+    score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input, check_inputs=False)
+    objective = comps.objective
+
+    history: list[dict[str, Any]] = []
+    metrics_path = run_dir / "metrics.jsonl"
+    bar = None
+    if tc.progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    t_window, steps_window = time.perf_counter(), 0
+    last_saved = start
+    step = start
+    for step in range(start + 1, tc.steps + 1):
+        lr = tc.learning_rate * (min(1.0, step / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(tc.gradient_accumulation_steps):
+            first = (step - 1) * tc.batch_size + micro * micro_batch + rank * local_batch
+            x = data[stream.indices(first, local_batch).to(device)]
+            if tc.per_sample_noise:
+                from .._utils import per_sample_generators
+
+                # base seed < 2^40 so that per_sample_generators' seed * 1_000_003 + index stays in int64
+                generator = per_sample_generators(_mix(cfg.seed, 0x5EED) % (1 << 40), range(first, first + local_batch),
+                                                  device=device)
+            else:
+                generator = torch.Generator(device=device).manual_seed(_mix(cfg.seed, 0x5EED, step, micro, rank))
+            sync = micro == tc.gradient_accumulation_steps - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                loss = objective(score_fn, x, generator=generator)
+                backward(loss)
+            loss_sum += loss.detach()
+            loss_count += 1
+        if tc.max_grad_norm is not None:
+            clip_gradients()
+        torch_optimizer.step()
+        torch_optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(base_model)
+        steps_window += 1
+        for cb in callbacks:
+            cb({"step": step, "loss": loss.detach(), "model": base_model, "accelerator": accelerator})
+        if step % tc.log_every == 0 or step == tc.steps:
+            mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean")
+            elapsed = time.perf_counter() - t_window
+            rec = {"step": step, "loss": float(mean_loss), "lr": lr,
+                   "steps_per_s": steps_window / elapsed if elapsed > 0 else float("nan"),
+                   "samples_per_s": steps_window * tc.batch_size / elapsed if elapsed > 0 else float("nan")}
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(
+                    f"the training loss became {rec['loss']} at step {step}; lower train.learning_rate or set "
+                    f"train.max_grad_norm (the last checkpoint is {last_saved})"
+                )
+            history.append(rec)
+            if accelerator.is_main_process:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", it_s=f"{rec['steps_per_s']:.1f}",
+                                    samples_s=f"{rec['samples_per_s']:.0f}")
+            if tc.log_with:
+                accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            loss_sum.zero_()
+            loss_count, steps_window, t_window = 0, 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
+                            extra_state={"seed": cfg.seed})
+            last_saved = step
+    if bar is not None:
+        bar.close()
+
+    final_model = base_model
+    if ema is not None and cfg.export.use_ema:
+        import copy
+
+        final_model = copy.deepcopy(base_model)
+        ema.copy_to(final_model)
+    final_model.eval()
+    export_folder = None
+    if cfg.export.enabled:
+        if accelerator.is_main_process:
+            export_folder = _export_run(comps, final_model, run_dir, history, world, device)
+        accelerator.wait_for_everyone()
+        if export_folder is None:
+            export_folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+    if tc.log_with:
+        accelerator.end_training()
+    return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
+                       resumed_from=ckpt, num_processes=world)
