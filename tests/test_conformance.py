@@ -17,7 +17,6 @@ import math
 from dataclasses import replace
 
 import pytest
-
 import torch
 
 from score_toolkit.metrics import sliced_wasserstein
