@@ -4,7 +4,8 @@
 Part 1, inverse problems. Prior: the 2-D ring of 8 Gaussians (observe the first coordinate, y = 2.8) and the 16-D
 anisotropic mixture of 10 full-covariance components (observe 4 random unit projections of a prior draw); noise
 sigma_y in {0.05, 0.5}. The exact posterior is the Gaussian mixture of ``GaussianMixture.condition``. Methods, all
-as score transforms sampled with the ancestral sampler under ``VPSDE()`` at several NFE: the exact posterior score,
+as score transforms sampled with the ancestral sampler (``grid="log_sigma"``) under ``VPSDE()`` at several NFE
+(the exact and unconditional scores also with ``pf_ode``, dopri5 at rtol = atol = 1e-5): the exact posterior score,
 DPS (Gaussian weighting, scale 1), PiGDM (``data_variance`` = the prior's mean per-coordinate variance), replacement;
 plus the unconditional reference (prior score against the prior) at the same NFE. Samples end at t_min and are
 compared with the exact target perturbed to t_min (as the conformance accuracy check does): within-mode sliced W2
@@ -117,17 +118,22 @@ def run_inverse(args, rows, log):
             for name, fn in methods.items():
                 if name not in args.methods or (name == "unconditional" and sy != args.sigma_y[0]):
                     continue  # the unconditional reference does not depend on sigma_y: run it once per case
-                for nfe in (args.nfe if name in ("unconditional", "exact") else args.nfe_approx):
-                    sampler = get_sampler("ancestral", num_steps=nfe)
+                runs = [("ancestral", {"num_steps": nfe, "grid": "log_sigma"})
+                        for nfe in (args.nfe if name in ("unconditional", "exact") else args.nfe_approx)]
+                if name in ("unconditional", "exact"):
+                    runs.append(("pf_ode", {}))
+                for sampler_name, opts in runs:
+                    sampler = get_sampler(sampler_name, **opts)
+                    nfe = opts.get("num_steps", 0)
                     t0 = time.perf_counter()
                     try:
                         out = sampler.sample(fn, proc, shape=(args.n, prior.dim), dtype=D64,
                                              generator=torch.Generator().manual_seed(2024))
                         tgt, rf, f = (prior_t, prior_ref, prior_fl) if name == "unconditional" else (target, ref, fl)
-                        row = {"case": case, "sigma_y": sy, "method": name, "sampler": "ancestral", "nfe": out.nfe,
+                        row = {"case": case, "sigma_y": sy, "method": name, "sampler": sampler_name, "nfe": out.nfe,
                                **score_row(out.samples, tgt, rf, f), "wall_s": time.perf_counter() - t0}
                     except Exception as exc:  # a diverging method is a result, not a crash
-                        row = {"case": case, "sigma_y": sy, "method": name, "sampler": "ancestral", "nfe": nfe,
+                        row = {"case": case, "sigma_y": sy, "method": name, "sampler": sampler_name, "nfe": nfe,
                                "wsw": math.inf, "wsw_floor": fl["wsw"], "wsw_ratio": math.inf, "nll_gap": math.inf,
                                "nll_floor": fl["nll_sd"], "mode_tv": math.nan, "mode_tv_floor": fl["tv"],
                                "mean_err": math.inf, "mean_err_floor": fl["mean"], "wall_s": time.perf_counter() - t0,
@@ -193,7 +199,7 @@ def write_markdown(path: Path, inverse, guidance, meta):
              f"Run: {meta['date']}, commit `{meta['commit']}`, N = {meta['n']}, floor seeds = {meta['floor_seeds']}, "
              f"threads = {meta['threads']}, load average at start {meta['load_start']}, at end {meta['load_end']}, "
              f"duration {meta['duration_s']:.0f} s. Command: `{meta['command']}`.", "",
-             "## Inverse problems: ancestral sampler under VPSDE(), samples at t_min vs the exact target at t_min", "",
+             "## Inverse problems: ancestral sampler (log-sigma grid) and pf_ode under VPSDE(), samples at t_min vs the exact target at t_min", "",
              "`wsw_ratio`: within-mode sliced W2 / its floor (exact sets: about 1). `nll_gap`: mean NLL under the exact "
              "target minus that of exact draws (floor: the standard deviation of the exact value, `nll_sd`). `mode_tv`: "
              "mode-weight total variation (floor in brackets). `mean_err`: |sample mean - exact mean| (floor in brackets).", ""]
@@ -201,10 +207,10 @@ def write_markdown(path: Path, inverse, guidance, meta):
         for sy in dict.fromkeys(r["sigma_y"] for r in inverse if r["case"] == case):
             sub = [r for r in inverse if r["case"] == case and r["sigma_y"] == sy]
             lines += [f"### {case}, sigma_y = {sy}", "",
-                      "| method | NFE | wsw_ratio | nll_gap (sd) | mode_tv (floor) | mean_err (floor) |",
-                      "|---|---|---|---|---|---|"]
+                      "| method | sampler | NFE | wsw_ratio | nll_gap (sd) | mode_tv (floor) | mean_err (floor) |",
+                      "|---|---|---|---|---|---|---|"]
             for r in sub:
-                lines.append(f"| {r['method']} | {r['nfe']} | {fmt(r['wsw_ratio'])} | {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) "
+                lines.append(f"| {r['method']} | {r['sampler']} | {r['nfe']} | {fmt(r['wsw_ratio'])} | {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) "
                              f"| {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) | {fmt(r['mean_err'])} ({fmt(r['mean_err_floor'])}) |")
             lines.append("")
     if guidance:
