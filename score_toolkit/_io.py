@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
+__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
 
 
 def default_file_mode() -> int:
@@ -104,3 +104,33 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def relative_inside(root: str | os.PathLike, name: Any, what: str) -> Path:
+    """``root / name`` for a relative path ``name`` read from a file of ours (a manifest), after checking that it
+    stays inside ``root``: an absolute path, ``..`` or a symbolic link leading out is a ``ValueError``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{what}: expected a relative file name, found {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{what}: expected a path inside {root}, found {name!r}")
+    root_real = Path(os.path.realpath(root))
+    target_real = Path(os.path.realpath(Path(root) / rel))
+    if target_real != root_real and root_real not in target_real.parents:
+        raise ValueError(f"{what}: expected a path inside {root}, found {name!r} (it leads to {target_real})")
+    return Path(root) / rel
+
+
+def remove_written(root: str | os.PathLike, names: list[str], *, prune: tuple[str, ...] = ()) -> None:
+    """Remove the files ``names`` (relative to ``root``) that this tool wrote and recorded, and nothing else:
+    each is checked to stay inside ``root``; a folder in ``prune`` (relative to ``root``) is removed afterwards
+    only if it is then empty. Missing files are fine."""
+    for name in names:
+        path = relative_inside(root, name, "a file to remove")
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+    for folder in prune:
+        try:
+            (Path(root) / folder).rmdir()
+        except OSError:  # not empty (holds files we did not write), or not there
+            pass

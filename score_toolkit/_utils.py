@@ -56,8 +56,27 @@ def check_positive(value, name: str) -> float:
     return v
 
 
+def check_generator(generator, batch: int | None = None, *, name: str = "generator") -> GeneratorLike:
+    """Validate ``generator``: ``None``, a ``torch.Generator``, or a list/tuple of them (one per sample: ``batch``
+    of them when ``batch`` is given). Anything else (an int seed, a list of ints) is a ``TypeError``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)):
+        bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if bad:
+            raise TypeError(f"expected {name} to be a torch.Generator or a list of torch.Generator (one per sample), "
+                            f"found a {type(generator).__name__} holding {sorted(set(bad))} (seed one with "
+                            f"torch.Generator().manual_seed(seed))")
+        if batch is not None and len(generator) != batch:
+            raise ValueError(f"expected one generator per sample ({batch}), found a list of {len(generator)}")
+        return generator
+    raise TypeError(f"expected {name} to be a torch.Generator, a list of them (one per sample) or None, found "
+                    f"{type(generator).__name__} {generator!r} (seed one with torch.Generator().manual_seed(seed))")
+
+
 def _draw(fn, shape: Sequence[int], generator: GeneratorLike, device, dtype) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
+    check_generator(generator)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(
@@ -96,13 +115,26 @@ def rand(
     return _draw(torch.rand, shape, generator, device, dtype)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample ``index`` of a run seeded by ``seed``: numpy's ``SeedSequence`` with entropy
+    ``seed`` and spawn key ``(index,)`` (a hash of both), so distinct (seed, index) pairs get unrelated
+    streams (an affine map such as ``seed * K + index`` makes seed 1's sample 0 equal seed 0's sample K)."""
+    import numpy as np
+
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"expected {name} to be an int >= 0, found {value!r}")
+    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(2, np.uint32)
+    return int(state[0]) | (int(state[1]) << 32)
+
+
 def per_sample_generators(seed: int, indices: Sequence[int] | torch.Tensor, device="cpu") -> list[torch.Generator]:
-    """One generator per sample, seeded by ``seed`` and the sample's global index, so that a
-    sample's randomness is the same whatever batch or process it is drawn in."""
+    """One generator per sample, seeded by :func:`sample_seed` of ``seed`` and the sample's global index, so
+    that a sample's randomness is the same whatever batch or process it is drawn in."""
     gens = []
     for i in indices:
         g = torch.Generator(device=device)
-        g.manual_seed(int(seed) * 1_000_003 + int(i))
+        g.manual_seed(sample_seed(seed, int(i)))
         gens.append(g)
     return gens
 

@@ -50,6 +50,7 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from ._config import config_keys, init_keys, strict_config
 from ._utils import randn
 from .processes import TIME_GRIDS, Process
 from .samplers.ancestral import forward_transition
@@ -152,7 +153,8 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
         # diffusers drops the keys a source scheduler left at its own defaults (``_use_default_values``) so that the
         # target's defaults apply. Here the source's values describe the model (a default ScoreSdeVeScheduler's
         # sigma range, a default DDPMScheduler's table): keep every one of them.
-        config_dict = {k: v for k, v in dict(config_dict).items() if k != "_use_default_values"}
+        # Unknown keys (typos) are errors, as in network configs (score_toolkit._config).
+        config_dict = strict_config(config_dict, score_scheduler_config_keys(cls) | set(kwargs), f"the {cls.__name__} config")
         # the one field of the compatible schedulers that changes what the network receives
         timestep_type = kwargs.get("timestep_type", config_dict.get("timestep_type", "discrete"))
         if timestep_type != "discrete":
@@ -522,6 +524,15 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
         for old in [j for j in self._history if j <= i - int(self.config.solver_order)]:
             del self._history[old]
         return x_next, denoised
+
+
+def score_scheduler_config_keys(cls: type) -> set[str]:
+    """The keys a config of one of these schedulers may hold: its own, those of the diffusers schedulers it reads,
+    and those of the other schedulers here (a config converted between them keeps the others' keys)."""
+    keys = config_keys(cls)
+    for other in SCHEDULER_CLASSES.values():
+        keys |= init_keys(other)
+    return keys
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -10,8 +10,9 @@ writes, from the main process only:
 
 How samples are made (why the output is identical for any number of processes):
 
-* Sample ``i`` (global index) gets its own ``torch.Generator`` seeded by ``(seed, i)``
-  (:func:`score_toolkit._utils.per_sample_generators`) for its initial noise and every step's noise.
+* Sample ``i`` (global index) gets its own ``torch.Generator`` seeded by ``(seed, i)`` through numpy's
+  ``SeedSequence`` (entropy ``seed``, spawn key ``(i,)``: :func:`score_toolkit._utils.per_sample_generators`), so
+  that no two (seed, index) pairs share a stream, for its initial noise and every step's noise.
 * Indices are grouped into blocks of ``batch_size`` consecutive indices (block ``b`` holds indices
   ``b * batch_size ...``); a block is always sampled as one sampler batch, whatever process draws it. The
   blocks of a shard are split across processes (``accelerator.split_between_processes``), drawn, gathered,
@@ -30,6 +31,12 @@ shard is written atomically (``shards/shard-NNNNN.safetensors`` and an updated m
 same settings skips the complete shards; once all are there they are merged into ``samples.safetensors``
 and removed. A run with other settings in the same folder is refused unless ``overwrite=True``.
 
+Nothing the function did not write is ever deleted or replaced: only the files recorded in its manifest (the
+shards, ``samples.safetensors``, ``samples.png``, the manifest) are removed, with or without ``overwrite``;
+``shards/`` is removed only when it is then empty, and a file already at a shard's path that the manifest
+does not record is an error. Shard paths read from a manifest must be the names this function writes
+(``shards/shard-NNNNN.safetensors``); anything else (``../x``, an absolute path) is a corrupt manifest.
+
 Under ``accelerate launch`` on CPU, use ``--multi_gpu --num_processes N`` and ``Accelerator(cpu=True)``
 (``accelerate launch --cpu --num_processes 2`` silently starts one process).
 """
@@ -40,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write, probe_writable, sha256_file, write_json_atomic
+from ._io import atomic_write, probe_writable, relative_inside, remove_written, sha256_file, write_json_atomic
 from ._utils import per_sample_generators
 
 __all__ = ["sample_to_folder", "SampleRunResult", "load_samples", "MANIFEST_NAME", "SAMPLES_NAME", "PICTURE_NAME",
@@ -60,7 +66,6 @@ PICTURE_NAME = "samples.png"
 SHARD_DIR = "shards"
 DEFAULT_NETWORK_BATCH_SIZE = 32
 _FORMAT = "score_toolkit.sample_run"
-_OUR_NAMES = (MANIFEST_NAME, SAMPLES_NAME, PICTURE_NAME, SHARD_DIR)
 
 
 @dataclass
@@ -319,13 +324,39 @@ def _check_writable(out: Path) -> None:
         raise OSError(err.errno, f"cannot write samples to the folder {out}: {err.strerror or err}") from err
 
 
+def _shard_name(s: int) -> str:
+    return f"{SHARD_DIR}/shard-{s:05d}.safetensors"
+
+
+def _recorded_shards(manifest: Mapping[str, Any], path: Path) -> dict[int, dict[str, Any]]:
+    """The shard records of a manifest, checked: each key a shard number, each file exactly the name this module
+    writes for it (so that a manifest can never point outside the folder)."""
+    shards = manifest.get("shards", {})
+    if not isinstance(shards, Mapping):
+        raise ValueError(f"corrupt run manifest {path}: expected 'shards' to be an object, found {type(shards).__name__}; "
+                         f"pass overwrite=True (--overwrite) to start the run again")
+    out = {}
+    for key, rec in shards.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(rec, Mapping)):
+            raise ValueError(f"corrupt run manifest {path}: expected shard records {{number: {{...}}}}, found {key!r}: {rec!r}")
+        s = int(key)
+        if rec.get("file") != _shard_name(s):
+            raise ValueError(f"corrupt run manifest {path}: shard {s}: expected the file {_shard_name(s)!r}, "
+                             f"found {rec.get('file')!r}; pass overwrite=True (--overwrite) to start the run again")
+        relative_inside(path.parent, rec["file"], f"run manifest {path}, shard {s}")
+        out[s] = dict(rec)
+    return out
+
+
 def _clear(out: Path) -> None:
-    for name in _OUR_NAMES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    """Remove what an earlier run recorded in its manifest (shards, merged samples, picture, manifest), nothing else."""
+    names = [SAMPLES_NAME, PICTURE_NAME]
+    try:
+        manifest = _read_manifest(out)
+        recorded = _recorded_shards(manifest, out / MANIFEST_NAME) if manifest is not None else {}
+    except ValueError:  # not ours or unreadable: the shards it names are not known to be ours
+        recorded = {}
+    remove_written(out, [rec["file"] for rec in recorded.values()] + names + [MANIFEST_NAME], prune=(SHARD_DIR,))
 
 
 def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool) -> dict[str, Any]:
@@ -333,8 +364,11 @@ def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: 
     manifest = _read_manifest(out) if not overwrite else None
     if overwrite:
         _clear(out)
-    elif manifest is None and (out / SAMPLES_NAME).exists():
-        raise FileExistsError(f"{out / SAMPLES_NAME} exists without a run manifest; pass overwrite=True (--overwrite) to replace it")
+    elif manifest is None:
+        for name in (SAMPLES_NAME, PICTURE_NAME):
+            if (out / name).exists():
+                raise FileExistsError(f"{out / name} exists without a run manifest; pass overwrite=True (--overwrite) "
+                                      f"to replace it")
     if manifest is not None and manifest.get("run") != run:
         old = manifest.get("run") or {}
         diff = [f"{k}: {old.get(k)!r} -> {run[k]!r}" for k in run if old.get(k) != run[k]]
@@ -352,10 +386,16 @@ def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: 
         manifest.update(complete=False, shards={})  # the merged file is gone or changed: sample again
         _write_json(out / MANIFEST_NAME, manifest)
     done = []
-    for key, rec in manifest.get("shards", {}).items():
-        path = out / rec.get("file", "")
-        if path.is_file() and sha256_file(path) == rec.get("sha256"):
-            done.append(int(key))
+    for s, rec in _recorded_shards(manifest, out / MANIFEST_NAME).items():
+        path = out / rec["file"]
+        if s < num_shards and path.is_file() and sha256_file(path) == rec.get("sha256"):
+            done.append(s)
+    for s in range(num_shards):  # never replace a file this run did not write
+        if s not in done and (out / _shard_name(s)).exists() and str(s) not in manifest.get("shards", {}):
+            raise FileExistsError(
+                f"{out / _shard_name(s)} exists but the run manifest does not record it (it was not written by this "
+                f"run): move it away or choose another folder"
+            )
     return {"done": sorted(done), "complete": False}
 
 
@@ -370,7 +410,7 @@ def _write_shard(out: Path, s: int, blocks: list[tuple[int, int]], gathered, num
     if got != expected:  # pragma: no cover - guards the block bookkeeping
         raise RuntimeError(f"shard {s}: gathered indices do not cover {start}..{stop - 1}")
     (out / SHARD_DIR).mkdir(exist_ok=True)
-    name = f"{SHARD_DIR}/shard-{s:05d}.safetensors"
+    name = _shard_name(s)
     path = out / name
     atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
                                               metadata={"start": str(start), "stop": str(stop)}))
@@ -391,13 +431,14 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
     manifest = _read_manifest(out)
     samples_path = out / SAMPLES_NAME
     if not manifest.get("complete"):
-        shards = [load_file(str(out / manifest["shards"][str(s)]["file"]))["samples"] for s in range(num_shards)]
+        recorded = _recorded_shards(manifest, out / MANIFEST_NAME)
+        shards = [load_file(str(out / recorded[s]["file"]))["samples"] for s in range(num_shards)]
         samples = torch.cat(shards).contiguous()
         meta = {"format": _FORMAT, "run": json.dumps(manifest["run"], default=str)}
         atomic_write(samples_path, lambda tmp: save_file({"samples": samples}, tmp, metadata=meta))
         manifest.update(complete=True, samples_sha256=sha256_file(samples_path))
         _write_json(out / MANIFEST_NAME, manifest)
-        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+        remove_written(out, [recorded[s]["file"] for s in range(num_shards)], prune=(SHARD_DIR,))
     else:
         samples = load_file(str(samples_path))["samples"]
     picture = _write_picture(out / PICTURE_NAME, samples, max_grid)
@@ -435,7 +476,6 @@ def _remove_if_nothing_kept(out: Path, created: bool) -> None:
         return
     if manifest is not None and (manifest.get("shards") or manifest.get("complete")):
         return
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    remove_written(out, [MANIFEST_NAME], prune=(SHARD_DIR,))
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()

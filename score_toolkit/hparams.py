@@ -149,8 +149,17 @@ def suggest_gamma(dim: int, *, target: float = 0.5) -> float:
     return _solve_gamma(dim, float(target))
 
 
+def _scipy_optimize():
+    """scipy.optimize, or an ImportError saying which extra installs it (scipy is not a core dependency)."""
+    try:
+        import scipy.optimize
+    except ImportError as err:
+        raise ImportError("score_toolkit.hparams needs scipy: pip install 'score-toolkit[hparams]'") from err
+    return scipy.optimize
+
+
 def _solve_gamma(dim: int, target: float) -> float:
-    from scipy.optimize import brentq
+    brentq = _scipy_optimize().brentq
 
     def f(g):
         return level_overlap(g, dim) - target
@@ -229,7 +238,7 @@ def suggest_langevin_step_size(
         raise ValueError(f"expected gamma > 1 (the ratio sigma_(i-1) / sigma_i), found {gamma!r}")
     _check_int(steps_per_level, "steps_per_level", 1)
     _check_convention(convention)
-    from scipy.optimize import minimize_scalar
+    minimize_scalar = _scipy_optimize().minimize_scalar
 
     two_t = 2 * steps_per_level
 

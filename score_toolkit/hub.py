@@ -293,8 +293,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt {what} {path}: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
     return data

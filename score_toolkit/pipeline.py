@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,6 @@ __all__ = [
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
 SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
               "callback", "return_dict", "network_batch_size", "value_range")
@@ -325,10 +323,14 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
             raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
         return path
     text = os.fspath(name_or_path)
-    if not _REPO_ID.fullmatch(text):
-        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there") from None
 
     try:
         snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
@@ -378,7 +380,9 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    from ._config import strict_config
     from .models import load_model
+    from .schedulers import scheduler_config_keys
 
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -407,7 +411,9 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"found {sched_config.get('_class_name')!r}"
         )
     try:
-        scheduler = sched_cls.from_config(sched_config)
+        # strict like the network config: unknown keys are errors and the values in the file are the ones used
+        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
+                                                        "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err

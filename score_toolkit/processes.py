@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from ._config import init_keys, strict_config
 from ._utils import GeneratorLike, check_positive, randn
 
 __all__ = [
@@ -48,6 +49,13 @@ class Process(ConfigMixin):
     t_max: float = 1.0
     #: std of the Gaussian prior N(0, prior_std^2 I) at t = 1.
     prior_std: float = 1.0
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # strict like a network config: a typo (beta_mx) is an error, and a value present in the config is used
+        # even when ``_use_default_values`` lists it (see score_toolkit._config)
+        config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), f"the {cls.__name__} process config")
+        return super().extract_init_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------- subclass interface
     @property
@@ -89,11 +97,21 @@ class Process(ConfigMixin):
         return self.diffusion_squared(_as_t(t)).clamp_min(0).sqrt()
 
     def sde(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drift f(t) x and diffusion g(t) (per sample, shape (B,)) of the forward SDE."""
+        """Drift ``f(t) x`` (shape of ``x``) and diffusion ``g(t)`` of the forward SDE at the state ``x``.
+
+        ``t`` is a float, a 0-dim tensor or a (B,) tensor. ``g`` is per sample and already broadcast
+        against ``x``: shape (B, 1, ..., 1) of rank ``x.ndim`` for any ``t``, so that
+        ``f - 0.5 * g**2 * score`` is the probability-flow drift without further reshaping.
+        """
         from ._utils import append_dims
 
         t = _as_t(t, x)
-        return append_dims(self.drift_coef(t), x.ndim) * x, self.diffusion(t)
+        batch = x.shape[0] if x.ndim else 0
+        if x.ndim == 0 or t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+            raise ValueError(f"sde: expected x of shape (B, ...) and t a scalar or of shape (B,), "
+                             f"found x {tuple(x.shape)} and t {tuple(t.shape)}")
+        t = t.expand(batch)
+        return append_dims(self.drift_coef(t), x.ndim) * x, append_dims(self.diffusion(t), x.ndim)
 
     def log_snr(self, t) -> torch.Tensor:
         """lambda(t) = ln(alpha / sigma), decreasing in t."""

@@ -8,9 +8,11 @@ Rules (docs/plugins.md):
 
 * **Lazy.** Listing reads package metadata only (scanned once, then cached; :func:`refresh_registry`
   rescans). A sampler's module is imported the first time its class is asked for.
-* **A broken plugin never breaks the others.** An entry point that fails to import, whose object is
-  not a :class:`~score_toolkit.samplers.base.Sampler` subclass, or whose ``name`` disagrees with the
-  entry-point name is reported (a :class:`SamplerPluginWarning` naming the distribution, the entry
+* **A broken plugin never breaks the others.** An entry point that fails to import (any exception,
+  ``SystemExit`` from a ``sys.exit()`` included; only ``KeyboardInterrupt`` passes), whose object is
+  not a :class:`~score_toolkit.samplers.base.Sampler` subclass, whose ``name`` disagrees with the
+  entry-point name, or whose declarations are malformed (a blank or non-str ``description``,
+  ``properties`` that are not a ``SamplerProperties``, ``options`` that are not a mapping) is reported (a :class:`SamplerPluginWarning` naming the distribution, the entry
   point and the error, and its status in :func:`sampler_info` / ``score-toolkit samplers``); asking
   for it raises :class:`PluginLoadError`. With ``strict=True`` or the environment variable
   ``SCORE_TOOLKIT_STRICT_PLUGINS=1`` a failure raises at once instead of being reported.
@@ -243,7 +245,9 @@ class SamplerRegistry:
         where = f"entry point {cand.name!r} = {cand.target!r} of {_describe_origin(cand.origin)}"
         try:
             obj = cand.entry_point.load()
-        except Exception as exc:  # a plugin may raise anything on import
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin may raise anything on import, even SystemExit (sys.exit())
             err = PluginLoadError(
                 f"sampler {cand.name!r} failed to load ({where}): {type(exc).__name__}: {exc}. "
                 + _fix_hint(cand.origin)
@@ -256,6 +260,8 @@ class SamplerRegistry:
                 problem = f"expected a subclass of score_toolkit.samplers.base.Sampler, found {obj!r}"
             elif obj.name != cand.name:
                 problem = f"the class's name attribute is {obj.name!r}, which disagrees with the entry-point name"
+            else:
+                problem = _declaration_problem(obj)
             if problem is None:
                 result = _Loaded(cls=obj)
             else:
@@ -285,6 +291,9 @@ class SamplerRegistry:
                     f"register_sampler({name!r}): the class {cls.__qualname__} has name {cls.name!r}; "
                     "the registered name must equal the class's name attribute"
                 )
+            problem = _declaration_problem(cls)
+            if problem is not None:
+                raise TypeError(f"register_sampler({name!r}): {problem}")
             if not override:
                 taken = self._in_process.get(name) or self._scan().winners.get(name)
                 if taken is not None:
@@ -343,11 +352,30 @@ class SamplerRegistry:
                     records.append(record)
                     continue
                 cls = loaded.cls
-            record["description"] = str(cls.description).strip().splitlines()[0] if cls.description else ""
+            record["description"] = cls.description.strip().splitlines()[0]
             record["properties"] = cls.properties.as_dict()
             record["options"] = dict(cls.options)
             records.append(record)
         return records
+
+
+def _declaration_problem(cls: type) -> str | None:
+    """What is malformed in a sampler class's declarations (``None`` if nothing): they are read by listings,
+    pipelines and the conformance suite, so a malformed one is reported like an import error."""
+    from collections.abc import Mapping
+
+    from .samplers.base import SamplerProperties
+
+    description = getattr(cls, "description", None)
+    if not isinstance(description, str) or not description.strip():
+        return f"expected description to be a non-blank one-line str, found {description!r}"
+    properties = getattr(cls, "properties", None)
+    if not isinstance(properties, SamplerProperties):
+        return f"expected properties to be a SamplerProperties instance, found {type(properties).__name__} {properties!r}"
+    options = getattr(cls, "options", None)
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        return f"expected options to be a mapping of option names (str) to defaults, found {options!r}"
+    return None
 
 
 def _origin(ep: Any) -> str:

@@ -25,10 +25,11 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
+from ._config import config_keys, init_keys, strict_config
 from .processes import VESDE, DiscreteVP, Process, process_from_config, process_from_scheduler_config
 from .scores import PREDICTION_TYPES, TIME_INPUTS
 
-__all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "SchedulerMixin"]
+__all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "scheduler_config_keys", "SchedulerMixin"]
 
 _DDPM_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 # schedulers whose config is a DDPM beta table (alphas_cumprod) and whose network receives the table index
@@ -67,6 +68,12 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
 
     config_name = "scheduler_config.json"
     order = 1
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # strict like a network config (score_toolkit._config): typos are errors, present values are used
+        config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), "the ScoreSDEScheduler config")
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
     def __init__(self, process: Mapping[str, Any] | None = None, prediction_type: str = "score", time_input: str = "t"):
@@ -141,6 +148,10 @@ def read_scheduler_config(config) -> tuple[Process, str, str]:
       ``prediction_type`` (default ``epsilon``) and time input ``index``;
     * ``ScoreSdeVeScheduler`` -> :class:`~score_toolkit.processes.VESDE`, ``score``, ``sigma``.
 
+    Read strictly, like a network config: a key that the named scheduler class (and its diffusers-compatible
+    classes) does not take is an error, and every value present is used (``_use_default_values`` is never
+    applied; see ``score_toolkit._config``).
+
     Raises ValueError naming the field that cannot be mapped.
     """
     if hasattr(config, "config") and isinstance(config.config, Mapping):
@@ -151,6 +162,10 @@ def read_scheduler_config(config) -> tuple[Process, str, str]:
     else:
         raise TypeError(f"expected a scheduler config mapping or a scheduler, found {type(config).__name__}")
     name = cfg.get("_class_name")
+    if name == ScoreSDEScheduler.__name__ or name == "ScoreSdeVeScheduler" or name in _DDPM_STYLE or (
+        name is None and "beta_schedule" in cfg
+    ):
+        cfg = strict_config(cfg, scheduler_config_keys(name or "DDPMScheduler"), f"the {name or 'DDPM'} scheduler config")
     if name == ScoreSDEScheduler.__name__:
         process = cfg.get("process")
         if not isinstance(process, Mapping):
@@ -182,3 +197,22 @@ def read_scheduler_config(config) -> tuple[Process, str, str]:
         f"scheduler config field '_class_name': cannot map {name!r} to a process; expected ScoreSDEScheduler, "
         f"ScoreSdeVeScheduler or a DDPM-table scheduler ({', '.join(_DDPM_STYLE[:3])}, ...)"
     )
+
+
+def scheduler_config_keys(name: str) -> set[str]:
+    """The keys a config of the scheduler class ``name`` may hold: what the class takes, plus what the
+    diffusers schedulers it is compatible with take (diffusers keeps those when converting between them)."""
+    if name == ScoreSDEScheduler.__name__:
+        return config_keys(ScoreSDEScheduler)
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        from . import diffusers_schedulers
+
+        cls = {c.__name__: c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()}.get(name)
+        if cls is not None:
+            return diffusers_schedulers.score_scheduler_config_keys(cls)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler config field '_class_name': expected a scheduler class, found {name!r}")
+    return config_keys(cls)

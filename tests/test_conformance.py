@@ -373,8 +373,20 @@ def test_accuracy_check_false_alarm_rate():
 @pytest.mark.parametrize("level", [0.05, 1e-2, 1e-4])
 def test_chi2_critical_value_closed_forms(level):
     """Two degrees of freedom: -2 ln(level); one: the squared two-sided normal quantile."""
-    from score_toolkit.testing import _chi2_critical_value
+    from score_toolkit.testing import _chi2_critical_value, _chi2_critical_value_bisection
 
-    assert _chi2_critical_value(2, level) == pytest.approx(-2 * math.log(level), rel=1e-9)
     z = float(torch.special.ndtri(torch.tensor(1 - level / 2, dtype=torch.float64)))
-    assert _chi2_critical_value(1, level) == pytest.approx(z * z, rel=1e-9)
+    for critical_value in (_chi2_critical_value, _chi2_critical_value_bisection):
+        assert critical_value(2, level) == pytest.approx(-2 * math.log(level), rel=1e-9)
+        assert critical_value(1, level) == pytest.approx(z * z, rel=1e-9)
+
+
+@pytest.mark.parametrize("dof", [3, 7, 30])
+def test_chi2_fallback_matches_scipy(dof):
+    """Without scipy the suite falls back to bisection: it agrees with scipy.stats.chi2.isf."""
+    from scipy.stats import chi2
+
+    from score_toolkit.testing import _chi2_critical_value_bisection
+
+    for level in (0.05, 1e-4):
+        assert _chi2_critical_value_bisection(dof, level) == pytest.approx(chi2.isf(level, dof), rel=1e-9)

@@ -278,3 +278,14 @@ def test_suggest_ncsn_hparams_combines_the_three_techniques():
         suggest_ncsn_hparams(torch.randn(10, 2))
     with pytest.raises(ValueError, match="exceed sigma_min"):
         suggest_ncsn_hparams(torch.zeros(10, 8) + torch.arange(10.0)[:, None] * 1e-4)
+
+
+def test_without_scipy_the_error_names_the_extra(monkeypatch):
+    """scipy is optional (the ``hparams`` extra): without it techniques 2 and 4 say what to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # makes ``import scipy.optimize`` fail
+    with pytest.raises(ImportError, match=r"score-toolkit\[hparams\]"):
+        suggest_gamma(100)
+    with pytest.raises(ImportError, match=r"score-toolkit\[hparams\]"):
+        suggest_langevin_step_size(0.01, 1.1, 5)

@@ -404,7 +404,9 @@ def test_the_benchmarks_score_sde_transcription_agrees_with_ours():
 
     proc = VPSDE()
     m, x = _ring_data(6)
-    gens = [torch.Generator().manual_seed(7 * 1_000_003 + i) for i in range(len(x))]
+    from score_toolkit._utils import per_sample_generators
+
+    gens = per_sample_generators(7, range(len(x)))
     probe = _probes("rademacher", 1, x.shape, gens, x.dtype, x.device)[0]
     ref, nfe = bench.score_sde_log_likelihood(m.score_fn(proc), proc, x, probe, rtol=1e-7, atol=1e-7)
     ours = log_likelihood(m.score_fn(proc), proc, x, divergence="hutchinson", num_probes=1, seed=7, rtol=1e-7,

@@ -113,6 +113,26 @@ def test_marginal_by_simulating_the_forward_sde(p):
 
 
 @pytest.mark.parametrize("p", PROCESSES, ids=IDS)
+@pytest.mark.parametrize("shape", [(5, 2), (5, 1, 3, 3)], ids=["points", "images"])
+def test_sde_is_per_sample_and_broadcast_against_x(p, shape):
+    """sde(x, t): drift f(t) x and g(t) = sqrt(g^2(t)) of shape (B, 1, ..., 1) for a float, a 0-dim and
+    a (B,) t, so that ``f - 0.5 * g**2 * score`` is the probability-flow drift as written."""
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    per_sample = torch.linspace(0.2, 0.9, shape[0], dtype=torch.float64)
+    bshape = (shape[0],) + (1,) * (len(shape) - 1)
+    for t, tt in ((0.5, torch.full((shape[0],), 0.5, dtype=torch.float64)),
+                  (torch.tensor(0.5, dtype=torch.float64), torch.full((shape[0],), 0.5, dtype=torch.float64)),
+                  (per_sample, per_sample)):
+        f, g = p.sde(x, t)
+        assert f.shape == x.shape and g.shape == bshape and g.dtype == x.dtype
+        assert torch.allclose(g.reshape(-1), p.diffusion_squared(tt).sqrt(), rtol=1e-12)
+        assert torch.allclose(f, p.drift_coef(tt).reshape(bshape) * x, rtol=1e-12)
+        assert (f - 0.5 * g**2 * x).shape == x.shape
+    with pytest.raises(ValueError, match="t a scalar or of shape"):
+        p.sde(x, torch.rand(shape[0] + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("p", PROCESSES, ids=IDS)
 def test_log_snr_inverse(p):
     t = _times(p)
     assert torch.allclose(p.t_from_log_snr(p.log_snr(t)), t, atol=1e-9)

@@ -412,3 +412,78 @@ def test_cli_entry_point_script(tmp_path):
     assert set(_pyproject_builtins()) <= set(records)
     assert records["cli_broken"]["origin"] == "broken-cli-dist"
     assert "No module named 'not_there_xyz'" in records["cli_broken"]["status"]
+
+
+# ---------------------------------------------------------------------- isolation against anything a plugin does
+MALFORMED_SOURCE = '''
+from score_toolkit.samplers.base import Sampler, SamplerProperties
+
+
+class Plugin(Sampler):
+    name = {name!r}
+    description = {description!r}
+    properties = {properties}
+    options = {options}
+
+    def _run(self, ctx, x):
+        return x
+'''
+
+MALFORMED = {
+    "exits_at_import": "import sys\nsys.exit(0)\n",
+    "blank_description": MALFORMED_SOURCE.format(name="blank_description", description="   ",
+                                                 properties="SamplerProperties(stochastic=False, order=1.0)",
+                                                 options="{}"),
+    "dict_properties": MALFORMED_SOURCE.format(name="dict_properties", description="dict properties",
+                                               properties="{'stochastic': False, 'order': 1.0}", options="{}"),
+    "list_options": MALFORMED_SOURCE.format(name="list_options", description="list options",
+                                            properties="SamplerProperties(stochastic=False, order=1.0)",
+                                            options="['num_steps']"),
+}
+
+
+def test_sys_exit_and_malformed_declarations_are_reported_not_fatal(isolated, make_plugin, capsys, monkeypatch):
+    """A plugin calling sys.exit() at import, or declaring a blank description, a dict of properties or a list
+    of options, is one broken entry of the listing; the other samplers list and load."""
+    monkeypatch.delenv(registry.STRICT_ENV_VAR, raising=False)
+    make_plugin("malformed-dist", {"ok_one": good("ok_one"), **MALFORMED})
+    expected = {
+        "exits_at_import": "SystemExit",
+        "blank_description": "expected description to be a non-blank one-line str, found '   '",
+        "dict_properties": "expected properties to be a SamplerProperties instance, found dict",
+        "list_options": "expected options to be a mapping of option names",
+    }
+    for name, fragment in expected.items():
+        with pytest.raises(PluginLoadError) as info:
+            registry.get_sampler(name)
+        assert fragment in str(info.value) and "malformed-dist" in str(info.value), str(info.value)
+    with pytest.raises(PluginLoadError) as info:
+        registry.get_sampler_class("exits_at_import")
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert registry.get_sampler("ok_one").name == "ok_one"
+
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"{len(expected) + 1} samplers, {len(expected)} broken", out
+    assert main(["samplers", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["ok_one"]["status"] == "ok"
+    for name, fragment in expected.items():
+        assert fragment in records[name]["status"], records[name]
+
+
+def test_register_sampler_refuses_malformed_declarations(fresh):
+    class Blank(Sampler):
+        name = "blank_registered"
+        description = ""
+        properties = SamplerProperties(stochastic=False, order=1.0)
+
+    with pytest.raises(TypeError, match="expected description to be a non-blank"):
+        registry.register_sampler("blank_registered")(Blank)
+    assert "blank_registered" not in registry.list_samplers()
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed(isolated, make_plugin):
+    make_plugin("interrupt-dist", {"interrupts": "raise KeyboardInterrupt\n"})
+    with pytest.raises(KeyboardInterrupt):
+        registry.get_sampler_class("interrupts")

@@ -16,6 +16,7 @@ _NAMES = {
     "EnergyMLP": "mlp",
     "GaussianFourierEmbedding": "mlp",
     "CheckpointError": "base",
+    "CheckpointDtypeWarning": "base",
     "StrictLoadingMixin": "base",
     "strict_from_pretrained": "base",
     "load_model": "base",

@@ -15,7 +15,7 @@ from typing import Any
 
 from diffusers import ModelMixin
 
-__all__ = ["CheckpointError", "StrictLoadingMixin", "strict_from_pretrained", "load_model"]
+__all__ = ["CheckpointError", "CheckpointDtypeWarning", "StrictLoadingMixin", "strict_from_pretrained", "load_model"]
 
 _SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 _SAFETENSORS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -65,6 +65,90 @@ def _check_local_weights(folder: str, variant: str | None) -> None:
         f"expected the weight file {single} (safetensors), found {others if others else 'no weight file'} "
         f"in {folder}.{hint}"
     )
+
+
+_FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+class CheckpointDtypeWarning(UserWarning):
+    """Weights stored in another floating-point dtype than the one they are loaded in (converted)."""
+
+
+def _weight_files(folder: str, variant: str | None) -> list[str]:
+    single = os.path.join(folder, _add_variant(_SAFETENSORS_NAME, variant))
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(folder, _add_variant(_SAFETENSORS_INDEX_NAME, variant))
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({os.path.join(folder, os.path.basename(str(v))) for v in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"corrupt weight index {index}: {err}") from err
+    return files
+
+
+def _header(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` read from the headers only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+        except Exception as err:  # safetensors raises its own error type (and OSError for unreadable files)
+            raise CheckpointError(f"corrupt or truncated weight file {file}: {err}") from err
+    return out
+
+
+def _check_against_weights(cls, config: dict[str, Any], folder: str, variant: str | None, torch_dtype) -> None:
+    """Compare the network that ``config`` describes, built on the ``meta`` device (no memory), with the weight
+    file's header: names, shapes and dtypes. So an untrusted config cannot make loading allocate more than the
+    weight file holds, and weights stored as integers or booleans are refused instead of cast to floats."""
+    import warnings
+
+    import torch
+
+    header = _header(_weight_files(folder, variant))
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json does not describe a valid {cls.__name__}: {err}") from err
+    expected = {k: v for k, v in skeleton.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing:
+        problems.append(f"missing weights {missing}")
+    if unexpected:
+        problems.append(f"unexpected weights {unexpected}")
+    shapes = [f"{k}: checkpoint {header[k][0]} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in header and header[k][0] != tuple(v.shape)]
+    if shapes:
+        problems.append(f"mis-shaped weights [{'; '.join(shapes)}] (config.json describes another network than "
+                        f"the weight file holds)")
+    bad_dtypes = [f"{k}: {header[k][1]}" for k, v in expected.items()
+                  if k in header and v.is_floating_point() and header[k][1] not in _FLOAT_DTYPES]
+    if bad_dtypes:
+        problems.append(f"weights stored as non-floating-point types [{'; '.join(bad_dtypes)}] where the network "
+                        f"holds floating-point tensors")
+    if problems:
+        raise CheckpointError(f"the checkpoint in {folder} does not match {cls.__name__}: " + "; ".join(problems))
+    converted = {}
+    for k, v in expected.items():
+        target = torch_dtype if (torch_dtype is not None and v.is_floating_point()) else v.dtype
+        stored = _FLOAT_DTYPES.get(header[k][1])
+        if v.is_floating_point() and stored is not None and stored != str(target).removeprefix("torch."):
+            converted.setdefault(stored, []).append(k)
+    if converted:
+        target_name = str(torch_dtype or torch.get_default_dtype()).removeprefix("torch.")
+        what = "; ".join(f"{len(keys)} tensor(s) stored as {dt} (e.g. {keys[0]})" for dt, keys in converted.items())
+        warnings.warn(f"{folder}: {what} are loaded as {target_name}; pass torch_dtype= to load them in "
+                      f"another dtype", CheckpointDtypeWarning, stacklevel=4)
 
 
 def _init_keys(cls) -> set[str] | None:
@@ -147,11 +231,17 @@ def strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         _check_local_weights(local, kwargs.get("variant"))
     config_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "local_files_only",
                                             "token", "revision", "subfolder") if k in kwargs}
-    try:
-        config = cls.load_config(path, **config_kwargs)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"corrupt config.json in {where}: {err}") from err
+    if os.path.isdir(path):
+        config = _read_config_file(config_file)
+    else:
+        try:
+            config = cls.load_config(path, **config_kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"corrupt config.json in {where}: {err}") from err
     _check_config(cls, dict(config), where)
+    if os.path.isdir(path):
+        _check_against_weights(cls, dict(config), local, kwargs.get("variant"),
+                               kwargs.get("torch_dtype", kwargs.get("dtype")))
 
     try:
         model, info = ModelMixin.from_pretrained.__func__(
@@ -186,6 +276,18 @@ class StrictLoadingMixin:
         return strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
 
+def _read_config_file(config_file: str) -> dict[str, Any]:
+    """A local ``config.json``: a JSON object in UTF-8, else a :class:`CheckpointError` saying what was found."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"corrupt config file {config_file} (expected JSON text in UTF-8): {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"expected config file {config_file} to hold a JSON object, found {type(config).__name__}")
+    return config
+
+
 def _resolve_class(name: str):
     from . import mlp
 
@@ -215,11 +317,7 @@ def load_model(cls, folder, **kwargs):
         if os.path.isdir(os.fspath(folder)):
             if not os.path.isfile(config_file):
                 raise FileNotFoundError(f"expected the config file {config_file}, found nothing there")
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"corrupt config file {config_file}: {err}") from err
+            config = _read_config_file(config_file)
         else:
             config = ModelMixin.load_config(folder, **{k: v for k, v in kwargs.items() if k in (
                 "cache_dir", "local_files_only", "token", "revision", "subfolder")})

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._utils import GeneratorLike, append_dims, as_time, check_tensor
+from .._utils import GeneratorLike, append_dims, as_time, check_generator, check_tensor
 from ..processes import Process
 
 __all__ = ["Sampler", "SamplerOutput", "SamplerProperties", "SamplingContext", "NonFiniteError"]
@@ -253,6 +253,7 @@ class Sampler:
         if not isinstance(process, Process):
             raise TypeError(f"sampler {self.name!r}: expected a score_toolkit Process, found {type(process).__name__}")
         self._check_process(process)
+        check_generator(generator)
         if x_init is None:
             if shape is None:
                 raise ValueError(f"sampler {self.name!r}: pass x_init or shape")
@@ -264,6 +265,9 @@ class Sampler:
             if shape is not None and tuple(shape) != tuple(x_init.shape):
                 raise ValueError(f"sampler {self.name!r}: shape {tuple(shape)} disagrees with x_init {tuple(x_init.shape)}")
             x = check_tensor(x_init, "x_init").clone()
+            if x.shape[0] == 0 or x[0].numel() == 0:
+                raise ValueError(f"sampler {self.name!r}: expected x_init with at least one sample (B >= 1) of at least "
+                                 f"one value, found shape {tuple(x.shape)}")
         if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
             raise ValueError(
                 f"sampler {self.name!r}: expected one generator per sample ({x.shape[0]}), found {len(generator)}"
