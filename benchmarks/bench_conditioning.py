@@ -38,7 +38,14 @@ from pathlib import Path
 import torch
 
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, anisotropic_mixture, ring_mixture
-from score_toolkit.conditioning import DPS, ClassifierFreeGuidance, ClassifierGuidance, MatrixOperator, PiGDM, Replacement
+from score_toolkit.conditioning import (
+    DPS,
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    MatrixOperator,
+    PiGDM,
+    Replacement,
+)
 from score_toolkit.metrics import mean_nll, mode_weight_error, within_mode_sliced_wasserstein
 from score_toolkit.processes import VPSDE
 from score_toolkit.registry import get_sampler
@@ -255,6 +262,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start, load_start = time.time(), os.getloadavg()[0]
+    try:  # the commit the run starts from
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
     inverse, guidance = [], []
 
     def log(row):
@@ -264,11 +276,6 @@ def main(argv=None) -> int:
         run_inverse(args, inverse, log)
     if "guidance" in args.parts:
         run_guidance(args, guidance, log)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "n": args.n,
             "floor_seeds": args.floor_seeds, "threads": args.threads, "load_start": round(load_start, 2),
             "load_end": round(os.getloadavg()[0], 2), "duration_s": time.time() - start,
