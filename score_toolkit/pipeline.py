@@ -184,6 +184,13 @@ class ScorePipeline(DiffusionPipeline):
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
+        class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        operator: Any = None,
+        observation: torch.Tensor | None = None,
+        mask: Any = None,
+        noise_std: float = 0.0,
+        inverse_method: str = "pigdm",
         **sampler_kwargs: Any,
     ) -> ScorePipelineOutput | tuple:
         """Draw samples.
@@ -206,7 +213,17 @@ class ScorePipeline(DiffusionPipeline):
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+            class_labels: classes to generate (an int or one per sample), with classifier-free guidance of scale
+                ``guidance_scale`` (diffusers' convention; 1 = the conditional model); the network must have been
+                trained with labels (its last label is the null label). See docs/conditioning.md.
+            operator, observation, mask, noise_std, inverse_method: condition on a linear observation
+                ``observation = A x + noise_std n`` (``operator``, a :class:`~score_toolkit.conditioning.LinearOperator`,
+                or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
+                that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        if "operator" in sampler_kwargs:
+            operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
@@ -224,7 +241,9 @@ class ScorePipeline(DiffusionPipeline):
                 f"sampler {sampler_obj.name!r} needs an energy network (prediction_type 'energy'); this pipeline's "
                 f"network predicts {score_fn.prediction_type!r}"
             )
-        out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=callback,
+        score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
+                                     observation, mask, noise_std, inverse_method)
+        out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=callback,
                                  device=self._execution_device, dtype=self.unet.dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
@@ -233,6 +252,23 @@ class ScorePipeline(DiffusionPipeline):
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
+                     mask, noise_std, inverse_method):
+        if class_labels is None and operator is None and mask is None and observation is None and guidance_scale == 1.0:
+            return score_fn
+        from .conditioning import conditional_score
+
+        process, prediction_type, time_input = self.spec
+        if class_labels is not None and network_batch_size is not None:
+            raise ValueError("network_batch_size is not supported with class_labels (the guided call doubles the batch)")
+        if observation is not None and not isinstance(observation, torch.Tensor):
+            observation = torch.as_tensor(observation)
+        if observation is not None:
+            observation = observation.to(device=self._execution_device, dtype=self.unet.dtype)
+        return conditional_score(score_fn, process, model=self.unet, prediction_type=prediction_type, time_input=time_input,
+                                 class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
+                                 observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 
     def _shape(self, batch_size, shape) -> tuple[int, ...]:
         if shape is not None:
@@ -270,6 +306,24 @@ class ScorePipeline(DiffusionPipeline):
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
         return cls(**_load_components(folder, torch_dtype))
+
+
+def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
+    """Samplers with their own ``operator`` option (repaint, imputation) get the operator and observation as options."""
+    if operator is None and mask is None:
+        return sampler_kwargs
+    from .registry import get_sampler_class
+    from .samplers.base import Sampler
+
+    cls = type(sampler) if isinstance(sampler, Sampler) else (get_sampler_class(sampler) if isinstance(sampler, str) else None)
+    if cls is None or "operator" not in cls.options or isinstance(sampler, Sampler):
+        return sampler_kwargs
+    from .conditioning import Mask
+
+    if mask is not None and operator is not None:
+        raise ValueError("pass either mask (inpainting) or operator, not both")
+    op = Mask(torch.as_tensor(mask)) if mask is not None else operator
+    return {**sampler_kwargs, "operator": op, "observation": observation}
 
 
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):

@@ -13,6 +13,7 @@ Methods that change the state between steps are registered samplers: ``imputatio
 imputation) and ``repaint`` (RePaint's resampling).
 """
 
+from .compose import INVERSE_METHODS, conditional_score
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, LabelledScoreAdapter, check_labels
 from .inverse import DPS, InverseProblemScore, PiGDM, Replacement
 from .operators import Downsample, GaussianBlur, Greyscale, LinearOperator, Mask, MatrixOperator, make_operator
@@ -33,4 +34,6 @@ __all__ = [
     "GaussianBlur",
     "MatrixOperator",
     "make_operator",
+    "conditional_score",
+    "INVERSE_METHODS",
 ]

@@ -50,6 +50,7 @@ class RePaintSampler(Sampler):
         operator (None), observation (None): the known part (a :class:`~score_toolkit.conditioning.Mask`, or any
             :class:`~score_toolkit.conditioning.LinearOperator`) and its noise-free observation.
 
+    With ``jump_length >= num_steps`` there are no jumps (plain ancestral steps with the known part replaced).
     NFE: the number of downward steps of :func:`repaint_schedule`, about ``num_steps * (1 + (U - 1))`` for
     ``jump_length`` much smaller than ``num_steps``.
     """
@@ -69,9 +70,6 @@ class RePaintSampler(Sampler):
         check_int(cfg, "jump_n_sample", self.name)
         check_choice(cfg, "grid", self.name, TIME_GRIDS)
         check_operator_options(self.name, cfg["operator"], cfg["observation"])
-        if cfg["jump_length"] >= cfg["num_steps"] and cfg["jump_n_sample"] > 1:
-            raise ValueError(f"sampler {self.name!r}: expected jump_length < num_steps, found {cfg['jump_length']} >= "
-                             f"{cfg['num_steps']}")
 
     def _num_progress_steps(self):
         c = self.config
