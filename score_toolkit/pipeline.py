@@ -94,18 +94,21 @@ class _FixedBatchNetwork:
         self.model = model
         self.size = size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **per_sample: torch.Tensor):
+        # per_sample: keyword inputs with one row per sample (e.g. class_labels), chunked like x
         from .scores import _model_output
 
         outs = []
         for start in range(0, x.shape[0], self.size):
             xb, tb = x[start:start + self.size], t[start:start + self.size]
+            kb = {k: v[start:start + self.size] for k, v in per_sample.items()}
             n = xb.shape[0]
             if n < self.size:
                 pad = self.size - n
                 xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
                 tb = torch.cat([tb, tb[-1:].expand(pad)])
-            outs.append(_model_output(self.model(xb, tb))[:n])
+                kb = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in kb.items()}
+            outs.append(_model_output(self.model(xb, tb, **kb))[:n])
         return torch.cat(outs)
 
 
@@ -260,13 +263,15 @@ class ScorePipeline(DiffusionPipeline):
         from .conditioning import conditional_score
 
         process, prediction_type, time_input = self.spec
-        if class_labels is not None and network_batch_size is not None:
-            raise ValueError("network_batch_size is not supported with class_labels (the guided call doubles the batch)")
+        model = self.unet
+        if network_batch_size is not None:
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model.config = self.unet.config
         if observation is not None and not isinstance(observation, torch.Tensor):
             observation = torch.as_tensor(observation)
         if observation is not None:
             observation = observation.to(device=self._execution_device, dtype=self.unet.dtype)
-        return conditional_score(score_fn, process, model=self.unet, prediction_type=prediction_type, time_input=time_input,
+        return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
                                  class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
                                  observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 

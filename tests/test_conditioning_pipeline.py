@@ -93,3 +93,60 @@ def test_pipeline_conditioning_errors():
         pipe(2, mask=torch.tensor([1, 0]), sampler="pf_ode")
     with pytest.raises(ValueError, match=r"mask: expected a mask of the per-sample shape \(2,\)"):
         pipe(2, mask=torch.tensor([1, 0, 1]), observation=torch.zeros(2, dtype=D64), sampler="ancestral", num_steps=3)
+
+
+# ---------------------------------------------------------------------- command line
+def test_class_labels_with_network_batch_size_match_whole_batches():
+    pipe = _pipe()
+    a = pipe(5, class_labels=[0, 1, 1, 0, 1], guidance_scale=2.0, sampler="ancestral", num_steps=5,
+             generator=[torch.Generator().manual_seed(i) for i in range(5)])
+    b = pipe(5, class_labels=[0, 1, 1, 0, 1], guidance_scale=2.0, sampler="ancestral", num_steps=5,
+             generator=[torch.Generator().manual_seed(i) for i in range(5)], network_batch_size=3)
+    torch.testing.assert_close(a.samples, b.samples)
+
+
+def _digit_png(path):
+    import numpy as np
+    from PIL import Image
+
+    from score_toolkit.data import load_digits
+
+    x = load_digits().data[1500, 0].numpy()
+    Image.fromarray(((x + 1) / 2 * 255).round().astype(np.uint8)).save(path)
+    return x
+
+
+def test_restore_command_on_the_shipped_digits_model(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from score_toolkit.cli import main
+
+    truth = torch.from_numpy(_digit_png(tmp_path / "digit.png"))
+    out = tmp_path / "inpaint"
+    assert main(["restore", str(tmp_path / "digit.png"), "--task", "inpaint", "--mask-kind", "left_half", "--degrade",
+                 "--method", "replacement", "--steps", "20", "--num-samples", "2", "--output-dir", str(out)]) == 0
+    res = load_file(out / "restored.safetensors")
+    assert res["samples"].shape == (2, 1, 8, 8) and (out / "restored.png").exists() and (out / "manifest.json").exists()
+    # observed pixels (left half) are kept up to the noise at t_min
+    assert float((res["samples"][:, 0, :, :4] - truth[:, :4]).abs().max()) < 0.15
+    out = tmp_path / "sr"
+    assert main(["restore", str(tmp_path / "digit.png"), "--task", "super_resolution", "--degrade", "--steps", "10",
+                 "--num-samples", "1", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["restore", str(tmp_path / "digit.png"), "--task", "super_resolution", "--steps", "5",
+                 "--output-dir", str(tmp_path / "x")]) == 2
+    assert "expected an observation image of shape (1, 4, 4)" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "digit.png"), "--task", "colorize", "--output-dir", str(tmp_path / "y")]) == 2
+    assert "3-channel model" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "digit.png"), "--task", "inpaint", "--output-dir", str(tmp_path / "z")]) == 2
+    assert "exactly one of --mask FILE or --mask-kind" in capsys.readouterr().err
+
+
+def test_sample_command_refuses_class_labels_on_an_unlabelled_network(tmp_path, capsys):
+    from score_toolkit.cli import main
+
+    code = main(["sample", "--num-samples", "2", "--class-label", "3", "--guidance-scale", "2",
+                 "--output-dir", str(tmp_path / "s"), "--no-progress"])
+    assert code == 2
+    assert "built without class labels" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
