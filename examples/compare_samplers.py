@@ -1,4 +1,4 @@
-"""Load a Hub-style checkpoint and compare three samplers side by side in one figure.
+"""Load a Hub-style checkpoint and compare three samplers side by side in one matplotlib figure.
 
     python examples/compare_samplers.py                              # the shipped digits model
     python examples/compare_samplers.py --checkpoint hub_cards/toy2d # a 2-D model: scatter plots
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from score_toolkit.pipeline import ScorePipeline, shipped_model_path
-from score_toolkit.plotting import image_grid, save_png, scatter_panel, side_by_side
+from score_toolkit.plotting import figure_grid, image_grid, save_png, scatter_panel
 
 # three samplers of three kinds: DDPM ancestral, the reverse SDE, and a second-order ODE solver
 SAMPLERS = {
@@ -26,13 +26,6 @@ SAMPLERS = {
     "dpmpp_2m": {"num_steps": 25},
 }
 QUICK = {"ancestral": {"num_steps": 4}, "euler_maruyama": {"num_steps": 4}, "dpmpp_2m": {"num_steps": 3}}
-
-
-def titled(panel: Image.Image, text: str) -> Image.Image:
-    out = Image.new("RGB", (max(panel.width, 8 * len(text)), panel.height + 18), "white")
-    out.paste(panel, (0, 18))
-    ImageDraw.Draw(out).text((4, 3), text, fill="black")
-    return out
 
 
 def main(argv=None) -> int:
@@ -58,15 +51,21 @@ def main(argv=None) -> int:
         out = pipe(batch_size=n, sampler=name, sampler_options=options, generator=generators, output_type="pt")
         results[name] = (out.samples, out.nfe, time.process_time() - start)
 
-    if images:
-        panels = [titled(image_grid(x), f"{name}: {nfe} NFE, {cpu:.1f} s") for name, (x, nfe, cpu) in results.items()]
-    else:
+    fig, axes = figure_grid(len(results))  # one matplotlib figure, one panel per sampler
+    if not images:
         pts = torch.cat([x for x, _, _ in results.values()]).double()
         lo, hi = float(pts.quantile(0.005)), float(pts.quantile(0.995))
         pad = 0.1 * (hi - lo)
         extent = (lo - pad, hi + pad, lo - pad, hi + pad)
-        panels = [scatter_panel(x, extent, title=f"{name}: {nfe} NFE, {cpu:.1f} s") for name, (x, nfe, cpu) in results.items()]
-    save_png(side_by_side(panels), args.output)
+    for ax, (name, (x, nfe, cpu)) in zip(axes, results.items()):
+        title = f"{name}: {nfe} NFE, {cpu:.1f} s CPU"
+        if images:
+            ax.imshow(np.asarray(image_grid(x, scale=1)), interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(title)
+        else:
+            scatter_panel(x, extent, title=title, ax=ax)
+    save_png(fig, args.output)
     for name, (_, nfe, cpu) in results.items():
         print(f"{name:16s} {nfe:5d} NFE  {cpu:6.2f} s CPU")
     print(f"wrote {args.output}")

@@ -81,9 +81,10 @@ def run_demo(
     2-D ring of 8 Gaussians, sample it with a registered sampler, and write a PNG with the true
     density, the model's samples and exact samples side by side."""
     from .models import ScoreMLP
-    from .plotting import density_panel, histogram_panel, save_png, side_by_side
+    from .plotting import density_panel, figure_grid, histogram_panel, require_matplotlib, save_png
     from .registry import get_sampler
 
+    require_matplotlib("score-toolkit demo draws its picture with matplotlib")  # before minutes of training
     torch.manual_seed(seed)
     data = ring_mixture()
     process = VPSDE()
@@ -108,12 +109,11 @@ def run_demo(
     mwe = mode_weight_error(samples, data)
     mwe_floor = noise_floor(data, num_samples, lambda s, r: mode_weight_error(s, data))
     extent = (-6.0, 6.0, -6.0, 6.0)
-    img = side_by_side([
-        density_panel(data.log_prob, extent, title="true density"),
-        histogram_panel(samples, extent, title=f"model samples ({sampler}, {out.nfe} NFE)"),
-        histogram_panel(exact, extent, title="exact samples"),
-    ])
-    path = save_png(img, output)
+    fig, axes = figure_grid(3)
+    density_panel(data.log_prob, extent, title="true density", ax=axes[0])
+    histogram_panel(samples, extent, title=f"model samples ({sampler}, {out.nfe} NFE)", ax=axes[1])
+    histogram_panel(exact, extent, title="exact samples", ax=axes[2])
+    path = save_png(fig, output)
     result = DemoResult(path, train_s, sample_s, final_loss, sw, floor, mwe, mwe_floor, out.nfe)
     log(result.summary())
     return result

@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,24 +460,27 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
 
 
 def _write_picture(path: Path, samples: torch.Tensor, max_grid: int) -> Path | None:
-    from .plotting import histogram_panel, image_grid, scatter_panel, side_by_side
-
-    def save_png(img, target):
-        atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
+    """An image grid (Pillow only) or, for 2-D points, a scatter next to a histogram (matplotlib: without it the
+    picture is skipped with a warning, the samples are written all the same)."""
+    from . import plotting as P
 
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
-        save_png(image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)
-        return path
+        return P.save_png(P.image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)
     if samples.ndim == 2 and samples.shape[1] == 2:
+        try:
+            fig, axes = P.figure_grid(2)
+        except ImportError as err:
+            warnings.warn(f"no {path.name} for the 2-D samples: {err}", stacklevel=2)
+            return None
         pts = samples.double()
         finite = pts[torch.isfinite(pts).all(1)]
         lo = float(torch.quantile(finite, 0.005)) if finite.numel() else -1.0
         hi = float(torch.quantile(finite, 0.995)) if finite.numel() else 1.0
         pad = 0.1 * max(hi - lo, 1e-6)
         extent = (lo - pad, hi + pad, lo - pad, hi + pad)
-        save_png(side_by_side([scatter_panel(finite, extent, title="samples"),
-                               histogram_panel(finite, extent, title="histogram")]), path)
-        return path
+        P.scatter_panel(finite, extent, title="samples", ax=axes[0])
+        P.histogram_panel(finite, extent, title="histogram", ax=axes[1])
+        return P.save_png(fig, path)
     return None
 
 

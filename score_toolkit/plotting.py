@@ -1,16 +1,24 @@
-"""Dependency-light pictures (Pillow only, which diffusers already needs), written atomically as PNG.
+"""Pictures of samples, densities, trajectories, score fields and benchmark curves, written atomically as PNG.
+
+Charts are drawn with matplotlib (the ``plot`` extra: ``pip install 'score-toolkit[plot]'``), with axes, colour
+bars, legends and titles; image grids are plain Pillow (which diffusers already needs), so sampling and
+exporting image models never need matplotlib.
 
 * 2-D densities (:func:`density_panel`), sample histograms and scatters (:func:`histogram_panel`,
-  :func:`scatter_panel`), samples over the true density's contour lines (:func:`contour_panel`, iso-lines by
-  marching squares: :func:`contour_segments`);
-* image grids (:func:`image_grid`) and side-by-side panels (:func:`side_by_side`);
+  :func:`scatter_panel`), samples over the true density's contour lines (:func:`contour_panel`);
+* image grids (:func:`image_grid`, Pillow only) and side-by-side pictures (:func:`side_by_side`);
 * trajectories of a few samples over time (:func:`trajectory_panel` for 2-D points, :func:`trajectory_grid`
   for images), from ``SamplerOutput.trajectory`` (``return_trajectory=True``);
 * the score field as arrows (:func:`score_field_panel`);
-* line charts with log axes (:func:`line_chart`) and error-vs-NFE curves from the sampler benchmark's CSV
+* line charts (:func:`line_chart`) and error-vs-NFE curves from the sampler benchmark's CSV
   (:func:`read_benchmark_csv`, :func:`error_vs_nfe_chart`).
 
-Every function returns a ``PIL.Image``; :func:`save_png` writes it.
+Every drawing function returns a ``PIL.Image`` (:func:`save_png` writes it), or, given ``ax=`` (a matplotlib
+``Axes``), draws into that axes and returns it, so that panels can share one figure (:func:`figure_grid`).
+
+Figures are made with ``matplotlib.figure.Figure`` on an explicit Agg canvas, never through ``pyplot``: no window
+opens, whatever the user's matplotlib backend, and no figure stays registered in pyplot's global list (nothing to
+close; a figure is freed with its last reference).
 """
 
 from __future__ import annotations
@@ -19,22 +27,21 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ._io import atomic_write
 
 __all__ = [
-    "colorize",
     "density_panel",
     "histogram_panel",
     "scatter_panel",
     "image_grid",
     "side_by_side",
     "save_png",
-    "contour_segments",
     "contour_panel",
     "trajectory_panel",
     "trajectory_grid",
@@ -42,81 +49,364 @@ __all__ = [
     "line_chart",
     "read_benchmark_csv",
     "error_vs_nfe_chart",
-    "PALETTE",
+    "figure_grid",
+    "figure_to_image",
+    "require_matplotlib",
+    "DEFAULT_ERROR_COLUMNS",
 ]
 
-# anchor colours of the "viridis" colour map (0, 0.25, 0.5, 0.75, 1)
-_ANCHORS = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
-)
+#: dots per inch of every figure made here: sizes are given in pixels
+DPI = 100
+_INSTALL_HINT = "pip install 'score-toolkit[plot]' (or pip install matplotlib)"
 
 
-def colorize(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB uint8 with a viridis-like ramp."""
-    v = np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * (len(_ANCHORS) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
-    w = (v - lo)[..., None]
-    return ((1 - w) * _ANCHORS[lo] + w * _ANCHORS[lo + 1]).round().astype(np.uint8)
+# ============================================================================================ matplotlib plumbing
+def _matplotlib(what: str = "score_toolkit.plotting draws charts with matplotlib"):
+    """``(Figure, FigureCanvasAgg)``, with an install hint when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"{what}, which is not installed: {_INSTALL_HINT}") from err
+    return Figure, FigureCanvasAgg
 
 
-def _title(img: Image.Image, text: str) -> Image.Image:
-    if not text:
-        return img
-    out = Image.new("RGB", (img.width, img.height + 18), "white")
-    out.paste(img, (0, 18))
-    ImageDraw.Draw(out).text((4, 3), text, fill="black")
-    return out
+def require_matplotlib(what: str) -> None:
+    """Raise ImportError with the install hint unless matplotlib can be imported; ``what`` says who needs it
+    (e.g. ``"score-toolkit demo draws its picture with matplotlib"``). Call it before long work."""
+    _matplotlib(what)
 
 
-def _grid(extent: Sequence[float], size: int) -> tuple[torch.Tensor, int]:
+def figure_grid(ncols: int = 1, nrows: int = 1, *, panel_size: tuple[int, int] = (420, 380)):
+    """A matplotlib figure of ``nrows`` x ``ncols`` axes on an Agg canvas (no window, no pyplot), each panel about
+    ``panel_size`` pixels (width, height). Returns ``(figure, axes)`` with ``axes`` a flat list (row by row).
+    Draw into the axes with the ``ax=`` argument of the panel functions, then :func:`save_png` the figure."""
+    for v, what in ((ncols, "ncols"), (nrows, "nrows")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"expected {what} to be an int >= 1, found {v!r}")
+    w, h = _check_size(panel_size, "panel_size")
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(ncols * w / DPI, nrows * h / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def figure_to_image(fig) -> Image.Image:
+    """Render a matplotlib figure (on its Agg canvas) to an RGB ``PIL.Image``."""
+    _, FigureCanvasAgg = _matplotlib()
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def _check_size(size, what: str = "size") -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else size
+    try:
+        w, h = (int(v) for v in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {what} in pixels (an int or a (width, height) pair), found {size!r}") from None
+    if w < 64 or h < 64:
+        raise ValueError(f"expected {what} of at least 64 x 64 pixels, found {size!r}")
+    return w, h
+
+
+def _axes(ax, size):
+    """``(ax, own)``: the given axes, or the single axes of a new figure of ``size`` pixels."""
+    if ax is not None:
+        return ax, False
+    return figure_grid(1, 1, panel_size=_check_size(size))[1][0], True
+
+
+def _done(ax, own: bool):
+    return figure_to_image(ax.figure) if own else ax
+
+
+def _label_axes(ax, title: str, xlabel: str = "$x_1$", ylabel: str = "$x_2$") -> None:
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _check_extent(extent) -> tuple[float, float, float, float]:
+    try:
+        x0, x1, y0, y1 = (float(v) for v in extent)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected extent = (xmin, xmax, ymin, ymax), found {extent!r}") from None
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"expected extent with xmin < xmax and ymin < ymax, found {extent!r}")
+    return x0, x1, y0, y1
+
+
+def _points_2d(samples, what: str = "samples") -> np.ndarray:
+    s = samples.detach().double().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples, float)
+    if s.ndim != 2 or s.shape[1] != 2:
+        raise ValueError(f"expected 2-D {what} of shape (n, 2), found {s.shape}")
+    return s
+
+
+def _log_density_grid(log_prob, extent, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xs, ys, log_prob - max)`` on a ``resolution`` x ``resolution`` grid over ``extent`` (rows: y up)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
+        raise ValueError(f"expected resolution to be an int >= 8, found {resolution!r}")
     x0, x1, y0, y1 = extent
-    xs = torch.linspace(x0, x1, size, dtype=torch.float64)
-    ys = torch.linspace(y1, y0, size, dtype=torch.float64)  # image rows run top to bottom
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([xx.flatten(), yy.flatten()], 1), size
-
-
-def density_panel(log_prob, extent: Sequence[float], size: int = 256, title: str = "") -> Image.Image:
-    """Picture of a 2-D density given its ``log_prob(points (n, 2)) -> (n,)`` over
-    ``extent = (xmin, xmax, ymin, ymax)`` (density scaled to its maximum)."""
-    pts, n = _grid(extent, size)
+    xs = np.linspace(x0, x1, resolution)
+    ys = np.linspace(y0, y1, resolution)
+    xx, yy = np.meshgrid(xs, ys)
+    pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float64)
     with torch.no_grad():
-        lp = log_prob(pts).reshape(n, n).double()
-    dens = torch.exp(lp - lp.max()).numpy()
-    return _title(Image.fromarray(colorize(np.sqrt(dens))), title)
+        lp = log_prob(pts)
+    lp = (lp.detach().double().cpu().numpy() if isinstance(lp, torch.Tensor) else np.asarray(lp, float))
+    if lp.shape != (resolution * resolution,):
+        raise ValueError(f"expected log_prob(points (n, 2)) to return shape (n,), found {lp.shape}")
+    lp = lp.reshape(resolution, resolution)
+    if not np.isfinite(lp).any():
+        raise ValueError("log_prob returned no finite value over the extent")
+    return xs, ys, lp - np.nanmax(lp)
 
 
-def histogram_panel(samples: torch.Tensor, extent: Sequence[float], size: int = 256, bins: int = 128, title: str = "") -> Image.Image:
-    """2-D histogram of samples (n, 2) over ``extent`` on the same colour scale as :func:`density_panel`."""
-    s = samples.detach().double().cpu().numpy()
-    if s.ndim != 2 or s.shape[1] != 2:
-        raise ValueError(f"expected 2-D points of shape (n, 2), found {s.shape}")
+#: default contour levels, as fractions of the maximum density: the 1- to 4-sigma lines of a Gaussian component
+_SIGMA_LEVELS = (1, 2, 3, 4)
+
+
+def _draw_contours(ax, log_prob, extent, levels, resolution: int, color="0.25"):
+    """Contour lines of ``log_prob`` at ``levels`` (fractions of the maximum), with a legend entry saying which."""
+    xs, ys, rel = _log_density_grid(log_prob, extent, resolution)
+    if levels is None:
+        fractions = [math.exp(-k * k / 2) for k in _SIGMA_LEVELS]
+        label = "density contours: 1-4σ lines"
+    else:
+        fractions = [float(f) for f in levels]
+        label = "density contours: " + ", ".join(f"{f:.2g}" for f in sorted(fractions)) + " x max"
+    for f in fractions:
+        if not 0 < f < 1:
+            raise ValueError(f"expected contour levels strictly between 0 and 1 (fractions of the maximum), found {f!r}")
+    cs = ax.contour(xs, ys, rel, levels=sorted(math.log(f) for f in fractions), colors=color, linewidths=0.9,
+                    negative_linestyles="solid")
+    ax.plot([], [], color=color, linewidth=0.9, label=label)  # the legend entry (an empty line draws nothing)
+    return xs, ys, rel, cs
+
+
+# ============================================================================================ 2-D panels
+def density_panel(log_prob, extent: Sequence[float], size=420, title: str = "", *, resolution: int = 200,
+                  ax=None):
+    """A 2-D density given its ``log_prob(points (n, 2)) -> (n,)`` over ``extent = (xmin, xmax, ymin, ymax)``,
+    relative to its maximum (square-root colour scale, so that the tails stay visible), with a colour bar."""
+    _matplotlib()  # the install hint first
+    from matplotlib.colors import PowerNorm
+
+    extent = _check_extent(extent)
+    _, _, rel = _log_density_grid(log_prob, extent, resolution)
+    ax, own = _axes(ax, size)
+    im = ax.imshow(np.exp(rel), origin="lower", extent=extent, cmap="viridis", norm=PowerNorm(0.5, 0.0, 1.0),
+                   interpolation="nearest", aspect="auto")
+    ax.figure.colorbar(im, ax=ax, label="density / its maximum")
+    _label_axes(ax, title)
+    return _done(ax, own)
+
+
+def histogram_panel(samples: torch.Tensor, extent: Sequence[float], size=420, bins: int = 96, title: str = "", *,
+                    ax=None):
+    """2-D histogram of samples (n, 2) over ``extent`` (square-root colour scale as :func:`density_panel`), with a
+    colour bar of the count per bin; the number of samples outside the extent is said in the corner."""
+    _matplotlib()  # the install hint first
+    from matplotlib.colors import PowerNorm
+
+    s = _points_2d(samples)
+    extent = _check_extent(extent)
     x0, x1, y0, y1 = extent
-    h, _, _ = np.histogram2d(s[:, 1], s[:, 0], bins=bins, range=[[y0, y1], [x0, x1]])
-    h = h[::-1] / max(h.max(), 1)
-    img = Image.fromarray(colorize(np.sqrt(h))).resize((size, size), Image.NEAREST)
-    return _title(img, title)
+    counts, _, _ = np.histogram2d(s[:, 0], s[:, 1], bins=bins, range=[[x0, x1], [y0, y1]])
+    ax, own = _axes(ax, size)
+    im = ax.imshow(counts.T, origin="lower", extent=extent, cmap="viridis", interpolation="nearest", aspect="auto",
+                   norm=PowerNorm(0.5, 0.0, max(float(counts.max()), 1.0)))
+    ax.figure.colorbar(im, ax=ax, label="samples per bin")
+    _outside_note(ax, s, extent)
+    _label_axes(ax, title)
+    return _done(ax, own)
 
 
-def scatter_panel(samples: torch.Tensor, extent: Sequence[float], size: int = 256, background: Image.Image | None = None,
-                  color=(255, 80, 40), title: str = "") -> Image.Image:
-    """Samples (n, 2) as dots, optionally over a background panel (e.g. the true density)."""
-    s = samples.detach().double().cpu().numpy()
-    if s.ndim != 2 or s.shape[1] != 2:
-        raise ValueError(f"expected 2-D points of shape (n, 2), found {s.shape}")
-    img = background.copy().convert("RGB").resize((size, size)) if background is not None else Image.new("RGB", (size, size), "white")
+def _outside_note(ax, s: np.ndarray, extent) -> None:
     x0, x1, y0, y1 = extent
-    px = (s[:, 0] - x0) / (x1 - x0) * (size - 1)
-    py = (y1 - s[:, 1]) / (y1 - y0) * (size - 1)
-    draw = ImageDraw.Draw(img)
-    for u, v in zip(px, py):
-        if 0 <= u < size and 0 <= v < size:
-            draw.point((float(u), float(v)), fill=color)
-    return _title(img, title)
+    out = int((~((s[:, 0] >= x0) & (s[:, 0] <= x1) & (s[:, 1] >= y0) & (s[:, 1] <= y1))).sum())
+    if out:
+        ax.text(0.02, 0.02, f"{out} of {len(s)} outside", transform=ax.transAxes, fontsize=7, color="0.3",
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, *, value_range=(-1.0, 1.0), scale: int = 4, padding: int = 2) -> Image.Image:
-    """Grid picture of images (B, C, H, W) with C in {1, 3}, values in ``value_range``."""
+def scatter_panel(samples: torch.Tensor, extent: Sequence[float], size=420, background=None, color="tab:red",
+                  title: str = "", *, ax=None):
+    """Samples (n, 2) as dots over ``extent``; ``background`` (optional) is a ``log_prob(points (n, 2)) -> (n,)``
+    whose contour lines (1..4 sigma) are drawn underneath."""
+    s = _points_2d(samples)
+    extent = _check_extent(extent)
+    ax, own = _axes(ax, size)
+    if background is not None:
+        _draw_contours(ax, _log_prob_of(background), extent, None, 160)
+    ax.scatter(s[:, 0], s[:, 1], s=4 if len(s) <= 2000 else 1.5, color=color, alpha=0.7, linewidths=0,
+               label=f"{len(s)} samples")
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    _outside_note(ax, s, extent)
+    ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    _label_axes(ax, title)
+    return _done(ax, own)
+
+
+def _log_prob_of(background):
+    if not callable(background):
+        raise TypeError(f"expected background to be a log_prob(points (n, 2)) -> (n,) callable (its contour lines "
+                        f"are drawn underneath), found {type(background).__name__}")
+    return background
+
+
+def contour_panel(log_prob, extent: Sequence[float], samples: torch.Tensor | None = None, *, size=420,
+                  levels: Sequence[float] | None = None, shade: bool = True, line_color="0.25", dot_color="tab:red",
+                  title: str = "", resolution: int = 200, ax=None):
+    """Samples (n, 2) as dots over the contour lines of a 2-D density ``log_prob(points (n, 2)) -> (n,)``.
+
+    ``levels``: contour levels as fractions of the maximum density (default: ``exp(-k^2/2)`` for k = 1..4, the
+    1- to 4-sigma lines of a Gaussian component, labelled so). With ``shade`` the density is drawn faintly
+    underneath, with a colour bar."""
+    _matplotlib()  # the install hint first
+    from matplotlib.colors import PowerNorm
+
+    extent = _check_extent(extent)
+    ax, own = _axes(ax, size)
+    xs, ys, rel, _ = _draw_contours(ax, log_prob, extent, levels, resolution, color=line_color)
+    if shade:
+        im = ax.imshow(np.exp(rel), origin="lower", extent=extent, cmap="Blues", norm=PowerNorm(0.5, 0.0, 1.0),
+                       interpolation="bilinear", aspect="auto", alpha=0.6, zorder=0)
+        ax.figure.colorbar(im, ax=ax, label="density / its maximum")
+    if samples is not None:
+        s = _points_2d(samples)
+        ax.scatter(s[:, 0], s[:, 1], s=4 if len(s) <= 2000 else 1.5, color=dot_color, alpha=0.8, linewidths=0,
+                   label=f"{len(s)} samples", zorder=3)
+        _outside_note(ax, s, extent)
+    ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    _label_axes(ax, title)
+    return _done(ax, own)
+
+
+def _as_trajectory(trajectory) -> torch.Tensor:
+    if isinstance(trajectory, torch.Tensor):
+        return trajectory
+    return torch.stack([torch.as_tensor(s) for s in trajectory])
+
+
+def trajectory_panel(trajectory, extent: Sequence[float], *, num_paths: int = 16, size=420, background=None,
+                     times: Sequence[float] | None = None, title: str = "", ax=None):
+    """Paths of the first ``num_paths`` samples of a 2-D trajectory: a list of (B, 2) states (as
+    ``SamplerOutput.trajectory``) or a tensor (T, B, 2). Each path is coloured along its way (colour bar: the time
+    ``t`` when ``times``, one per state, is given, else the step), its start a grey dot, its end a red one;
+    ``background`` (optional) is a ``log_prob`` whose contour lines are drawn underneath."""
+    _matplotlib()  # the install hint first
+    from matplotlib.collections import LineCollection
+
+    extent = _check_extent(extent)
+    traj = _as_trajectory(trajectory)
+    if traj.ndim != 3 or traj.shape[2] != 2 or traj.shape[0] < 2:
+        raise ValueError(f"expected a trajectory of at least 2 states of shape (B, 2), found {tuple(traj.shape)}")
+    if times is not None and len(times) != traj.shape[0]:
+        raise ValueError(f"expected one time per state ({traj.shape[0]}), found {len(times)}")
+    paths = traj[:, :num_paths].detach().double().cpu().numpy()  # (T, b, 2)
+    steps = paths.shape[0]
+    along = np.asarray([float(t) for t in times]) if times is not None else np.arange(steps, dtype=float)
+    ax, own = _axes(ax, size)
+    if background is not None:
+        _draw_contours(ax, _log_prob_of(background), extent, None, 160, color="0.6")
+    segs = np.stack([paths[:-1], paths[1:]], 2).transpose(1, 0, 2, 3).reshape(-1, 2, 2)  # (b * (T-1), 2, 2)
+    seg_val = np.tile(0.5 * (along[:-1] + along[1:]), paths.shape[1])
+    lc = LineCollection(segs, cmap="plasma", linewidths=1.0)
+    lc.set_array(seg_val)
+    lc.set_clim(float(along.min()), float(along.max()) if along.max() > along.min() else float(along.min()) + 1)
+    ax.add_collection(lc)
+    ax.figure.colorbar(lc, ax=ax, label="time t" if times is not None else "step")
+    ax.scatter(paths[0, :, 0], paths[0, :, 1], s=14, color="0.55", label="start", zorder=3)
+    ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=14, color="tab:red", label="end", zorder=3)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.legend(loc="upper right", fontsize=7)
+    _label_axes(ax, title)
+    return _done(ax, own)
+
+
+def trajectory_grid(trajectory, *, num_samples: int = 8, num_frames: int = 10, value_range=(-1.0, 1.0),
+                    scale: int = 4, times: Sequence[float] | None = None, title: str = "", ax=None):
+    """Image trajectories: one row per sample (the first ``num_samples``), ``num_frames`` states evenly spaced
+    over the trajectory (first and last included) from left to right. ``trajectory``: a list of (B, C, H, W)
+    states or a tensor (T, B, C, H, W); the columns are labelled with ``times`` (optional, one per state) or the
+    step. ``scale``: pixels per image pixel of the picture."""
+    traj = _as_trajectory(trajectory)
+    if traj.ndim != 5:
+        raise ValueError(f"expected an image trajectory (T, B, C, H, W), found shape {tuple(traj.shape)}")
+    t_len = traj.shape[0]
+    if times is not None and len(times) != t_len:
+        raise ValueError(f"expected one time per state ({t_len}), found {len(times)}")
+    idx = np.unique(np.linspace(0, t_len - 1, min(num_frames, t_len)).round().astype(int))
+    frames = traj[idx, :num_samples]  # (F, b, C, H, W)
+    f, b, _, h, w = frames.shape
+    pad = 2
+    tiles = frames.transpose(0, 1).reshape(f * b, *frames.shape[2:])
+    grid = np.asarray(image_grid(tiles, nrow=f, value_range=value_range, scale=1, padding=pad))
+    px = max(int(scale), 1)
+    ax, own = _axes(ax, (max(grid.shape[1] * px + 120, 240), max(grid.shape[0] * px + 110, 160)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([pad + j * (w + pad) + (w - 1) / 2 for j in range(f)])
+    ax.set_xticklabels([f"{float(times[i]):.2g}" for i in idx] if times is not None else [str(int(i)) for i in idx],
+                       fontsize=7)
+    ax.set_yticks([pad + r * (h + pad) + (h - 1) / 2 for r in range(b)])
+    ax.set_yticklabels([str(r) for r in range(b)], fontsize=7)
+    ax.set_xlabel("time t" if times is not None else "step")
+    ax.set_ylabel("sample")
+    ax.tick_params(length=0)
+    if title:
+        ax.set_title(title)
+    return _done(ax, own)
+
+
+def score_field_panel(score_fn, extent: Sequence[float], t=None, *, grid: int = 17, size=420, background=None,
+                      title: str = "", ax=None):
+    """The score field as arrows on a ``grid`` x ``grid`` lattice over ``extent``: ``score_fn(points (n, 2), t)``
+    (``t`` a float, or None for a time-free score ``score_fn(points)``). Directions are exact; lengths are scaled
+    so that the longest arrow spans 0.9 lattice spacing, and the colour (colour bar) gives ``|s|``.
+    ``background`` (optional) is a ``log_prob`` whose contour lines are drawn underneath."""
+    extent = _check_extent(extent)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"expected grid to be an int >= 2, found {grid!r}")
+    x0, x1, y0, y1 = extent
+    # lattice at cell centres, so arrows do not start on the border
+    xs = x0 + (np.arange(grid) + 0.5) / grid * (x1 - x0)
+    ys = y0 + (np.arange(grid) + 0.5) / grid * (y1 - y0)
+    xx, yy = np.meshgrid(xs, ys)
+    pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float64)
+    with torch.no_grad():
+        s = score_fn(pts) if t is None else score_fn(pts, torch.full((pts.shape[0],), float(t), dtype=torch.float64))
+    s = _points_2d(s, "scores")
+    if not np.isfinite(s).all():
+        raise ValueError("score_fn returned NaN or infinite values over the extent")
+    norm = np.linalg.norm(s, axis=1)
+    # arrow (u, v) in data units: the longest spans 0.9 of the smaller lattice spacing
+    spacing = min((x1 - x0), (y1 - y0)) / grid
+    k = 0.9 * spacing / norm.max() if norm.max() > 0 else 0.0
+    ax, own = _axes(ax, size)
+    if background is not None:
+        _draw_contours(ax, _log_prob_of(background), extent, None, 160, color="0.65")
+    q = ax.quiver(pts[:, 0].numpy(), pts[:, 1].numpy(), s[:, 0] * k, s[:, 1] * k, norm, cmap="viridis",
+                  angles="xy", scale_units="xy", scale=1.0, width=0.004)
+    ax.figure.colorbar(q, ax=ax, label="|score|")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    _label_axes(ax, title)
+    return _done(ax, own)
+
+
+# ============================================================================================ Pillow pictures
+def image_grid(images: torch.Tensor, nrow: int | None = None, *, value_range=(-1.0, 1.0), scale: int = 4,
+               padding: int = 2) -> Image.Image:
+    """Grid picture of images (B, C, H, W) with C in {1, 3}, values in ``value_range`` (Pillow only)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (B, 1 or 3, H, W), found {tuple(images.shape)}")
     lo, hi = value_range
@@ -136,7 +426,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, *, value_range=(-1
 
 
 def side_by_side(panels: Sequence[Image.Image], gap: int = 8) -> Image.Image:
-    """Panels next to each other on a white background."""
+    """Pictures next to each other on a white background (Pillow only)."""
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     height = max(p.height for p in panels)
     out = Image.new("RGB", (width, height), "white")
@@ -147,268 +437,21 @@ def side_by_side(panels: Sequence[Image.Image], gap: int = 8) -> Image.Image:
     return out
 
 
-def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temporary file in the same folder, then rename; usual file permissions)."""
+def save_png(img, path: str | os.PathLike) -> Path:
+    """Write a ``PIL.Image`` or a matplotlib figure as PNG, atomically (temporary file in the same folder, then
+    rename; usual file permissions)."""
+    if not isinstance(img, Image.Image):
+        if not hasattr(img, "savefig"):
+            raise TypeError(f"expected a PIL.Image or a matplotlib Figure, found {type(img).__name__}")
+        img = figure_to_image(img)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-# ============================================================================================ geometry helpers
-#: qualitative colours for series (tab10)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _check_extent(extent) -> tuple[float, float, float, float]:
-    try:
-        x0, x1, y0, y1 = (float(v) for v in extent)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected extent = (xmin, xmax, ymin, ymax), found {extent!r}") from None
-    if not (x0 < x1 and y0 < y1):
-        raise ValueError(f"expected extent with xmin < xmax and ymin < ymax, found {extent!r}")
-    return x0, x1, y0, y1
-
-
-def _to_pixels(points: np.ndarray, extent, size: int) -> np.ndarray:
-    """Data coordinates (n, 2) -> pixel coordinates (n, 2) of a ``size`` x ``size`` panel (y up)."""
-    x0, x1, y0, y1 = extent
-    px = (points[:, 0] - x0) / (x1 - x0) * (size - 1)
-    py = (y1 - points[:, 1]) / (y1 - y0) * (size - 1)
-    return np.stack([px, py], 1)
-
-
-def _points_2d(samples, what: str = "samples") -> np.ndarray:
-    s = samples.detach().double().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples, float)
-    if s.ndim != 2 or s.shape[1] != 2:
-        raise ValueError(f"expected 2-D {what} of shape (n, 2), found {s.shape}")
-    return s
-
-
-def contour_segments(values: np.ndarray, level: float) -> np.ndarray:
-    """Iso-line ``values == level`` of a 2-D array (H, W) by marching squares, as line segments (m, 2, 2) in
-    array coordinates (column, row), with linear interpolation along cell edges. Saddle cells are resolved
-    with the cell-centre average."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 2 or min(v.shape) < 2:
-        raise ValueError(f"expected a 2-D array of at least 2 x 2 values, found shape {v.shape}")
-    tl, tr, bl, br = v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]
-    rows, cols = np.meshgrid(np.arange(v.shape[0] - 1), np.arange(v.shape[1] - 1), indexing="ij")
-
-    def crossing(a, b):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f = (level - a) / (b - a)
-        hit = ((a < level) != (b < level)) & np.isfinite(f)
-        return hit, np.clip(np.nan_to_num(f), 0, 1)
-
-    # the four edges: top (tl->tr), right (tr->br), bottom (bl->br), left (tl->bl); points as (col, row)
-    ht, ft = crossing(tl, tr)
-    hr, fr = crossing(tr, br)
-    hb, fb = crossing(bl, br)
-    hl, fl = crossing(tl, bl)
-    pts = {
-        "t": (ht, np.stack([cols + ft, rows], -1)),
-        "r": (hr, np.stack([cols + 1.0, rows + fr], -1)),
-        "b": (hb, np.stack([cols + fb, rows + 1.0], -1)),
-        "l": (hl, np.stack([cols + 0.0, rows + fl], -1)),
-    }
-    count = ht.astype(int) + hr + hb + hl
-    segs = []
-    two = count == 2
-    names = list(pts)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            sel = two & pts[a][0] & pts[b][0]
-            if sel.any():
-                segs.append(np.stack([pts[a][1][sel], pts[b][1][sel]], 1))
-    four = count == 4
-    if four.any():
-        centre = (tl + tr + bl + br)[four] / 4
-        same = (centre < level) == (tl[four] < level)  # centre on tl's side: tl is cut off alone with br
-        t, r, b, lft = (pts[k][1][four] for k in "trbl")
-        first = np.where(same[:, None], np.stack([t, r], 1).reshape(-1, 4), np.stack([t, lft], 1).reshape(-1, 4))
-        second = np.where(same[:, None], np.stack([b, lft], 1).reshape(-1, 4), np.stack([b, r], 1).reshape(-1, 4))
-        segs.append(first.reshape(-1, 2, 2))
-        segs.append(second.reshape(-1, 2, 2))
-    return np.concatenate(segs, 0) if segs else np.zeros((0, 2, 2))
-
-
-def _draw_segments(draw: ImageDraw.ImageDraw, segs: np.ndarray, fill, width: int = 1) -> None:
-    for (a, b) in segs:
-        draw.line([tuple(a), tuple(b)], fill=fill, width=width)
-
-
-# ============================================================================================ 2-D panels
-def contour_panel(log_prob, extent: Sequence[float], samples: torch.Tensor | None = None, *, size: int = 256,
-                  levels: Sequence[float] | None = None, shade: bool = True, line_color=(40, 40, 90),
-                  dot_color=(255, 80, 40), title: str = "") -> Image.Image:
-    """Samples (n, 2) as dots over the contour lines of a 2-D density ``log_prob(points (n, 2)) -> (n,)``.
-
-    ``levels``: contour levels as fractions of the maximum density (default: ``exp(-k)`` for k = 0.5, 2, 4.5, 8,
-    i.e. the 1-, 2-, 3- and 4-sigma lines of a Gaussian component). With ``shade`` the density is drawn faintly
-    underneath (:func:`density_panel`'s colours)."""
-    extent = _check_extent(extent)
-    pts, n = _grid(extent, size)
-    with torch.no_grad():
-        lp = log_prob(pts).reshape(n, n).double().cpu().numpy()
-    if not np.isfinite(lp).any():
-        raise ValueError("log_prob returned no finite value over the extent")
-    rel = lp - np.nanmax(lp)
-    if shade:
-        # white where the density vanishes, light blue at its maximum
-        w = np.sqrt(np.exp(rel))[..., None]
-        img = Image.fromarray((255 - w * (255 - np.array([120, 170, 230]))).round().astype(np.uint8))
-    else:
-        img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    fractions = levels if levels is not None else [math.exp(-k * k / 2) for k in (1, 2, 3, 4)]
-    for f in fractions:
-        if not 0 < f < 1:
-            raise ValueError(f"expected contour levels strictly between 0 and 1 (fractions of the maximum), found {f!r}")
-        _draw_segments(draw, contour_segments(rel, math.log(f)), line_color)
-    if samples is not None:
-        for u, v in _to_pixels(_points_2d(samples), extent, size):
-            if 0 <= u < size and 0 <= v < size:
-                draw.ellipse([u - 1, v - 1, u + 1, v + 1], fill=dot_color)
-    return _title(img, title)
-
-
-def trajectory_panel(trajectory, extent: Sequence[float], *, num_paths: int = 16, size: int = 256,
-                     background: Image.Image | None = None, title: str = "") -> Image.Image:
-    """Paths of the first ``num_paths`` samples of a 2-D trajectory: a list of (B, 2) states (as
-    ``SamplerOutput.trajectory``) or a tensor (T, B, 2). Each path is a polyline coloured from blue (start)
-    to orange (end), its start a grey dot, its end a red one."""
-    extent = _check_extent(extent)
-    traj = torch.stack(list(trajectory)) if not isinstance(trajectory, torch.Tensor) else trajectory
-    if traj.ndim != 3 or traj.shape[2] != 2 or traj.shape[0] < 2:
-        raise ValueError(f"expected a trajectory of at least 2 states of shape (B, 2), found {tuple(traj.shape)}")
-    traj = traj[:, :num_paths].detach().double().cpu().numpy()
-    img = background.copy().convert("RGB").resize((size, size)) if background is not None else Image.new(
-        "RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    steps = traj.shape[0] - 1
-    for b in range(traj.shape[1]):
-        px = _to_pixels(traj[:, b], extent, size)
-        for i in range(steps):
-            w = i / max(steps - 1, 1)
-            col = tuple(int(round((1 - w) * c0 + w * c1)) for c0, c1 in zip((31, 119, 180), (255, 127, 14)))
-            draw.line([tuple(px[i]), tuple(px[i + 1])], fill=col, width=1)
-        (u0, v0), (u1, v1) = px[0], px[-1]
-        draw.ellipse([u0 - 2, v0 - 2, u0 + 2, v0 + 2], fill=(150, 150, 150))
-        draw.ellipse([u1 - 2, v1 - 2, u1 + 2, v1 + 2], fill=(214, 39, 40))
-    return _title(img, title)
-
-
-def trajectory_grid(trajectory, *, num_samples: int = 8, num_frames: int = 10, value_range=(-1.0, 1.0),
-                    scale: int = 4, times: Sequence[float] | None = None) -> Image.Image:
-    """Image trajectories: one row per sample (the first ``num_samples``), ``num_frames`` states evenly spaced
-    over the trajectory (first and last included) from left to right. ``trajectory``: a list of (B, C, H, W)
-    states or a tensor (T, B, C, H, W); ``times`` (optional, one per state) label the columns."""
-    traj = torch.stack(list(trajectory)) if not isinstance(trajectory, torch.Tensor) else trajectory
-    if traj.ndim != 5:
-        raise ValueError(f"expected an image trajectory (T, B, C, H, W), found shape {tuple(traj.shape)}")
-    t_len = traj.shape[0]
-    idx = np.unique(np.linspace(0, t_len - 1, min(num_frames, t_len)).round().astype(int))
-    frames = traj[idx, :num_samples]  # (F, b, C, H, W)
-    f, b = frames.shape[:2]
-    tiles = frames.transpose(0, 1).reshape(f * b, *frames.shape[2:])
-    img = image_grid(tiles, nrow=f, value_range=value_range, scale=scale)
-    if times is not None:
-        if len(times) != t_len:
-            raise ValueError(f"expected one time per state ({t_len}), found {len(times)}")
-        head = Image.new("RGB", (img.width, 14), "white")
-        d = ImageDraw.Draw(head)
-        col_w = img.width / f
-        for j, i in enumerate(idx):
-            d.text((j * col_w + 2, 1), f"{float(times[i]):.2g}", fill="black")
-        img = _stack_vertical([head, img])
-    return img
-
-
-def _stack_vertical(panels: Sequence[Image.Image]) -> Image.Image:
-    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
-    y = 0
-    for p in panels:
-        out.paste(p, (0, y))
-        y += p.height
-    return out
-
-
-def _arrow_segments(origins: np.ndarray, vectors: np.ndarray, head: float = 0.3) -> np.ndarray:
-    """Line segments (n * 3, 2, 2) drawing arrows from ``origins`` along ``vectors`` (pixel units), each a
-    shaft and two head strokes of ``head`` times its length at +-25 degrees."""
-    tips = origins + vectors
-    ang = math.radians(25)
-    rot = [np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) for a in (ang, -ang)]
-    back = -vectors * head
-    segs = [np.stack([origins, tips], 1)]
-    for r in rot:
-        segs.append(np.stack([tips, tips + back @ r.T], 1))
-    return np.concatenate(segs, 0)
-
-
-def score_field_panel(score_fn, extent: Sequence[float], t=None, *, grid: int = 17, size: int = 256,
-                      background: Image.Image | None = None, color=(20, 20, 20), title: str = "") -> Image.Image:
-    """The score field as arrows on a ``grid`` x ``grid`` lattice over ``extent``: ``score_fn(points (n, 2), t)``
-    (``t`` a float or None for a time-free score). Arrow lengths are proportional to ``|s|`` scaled so that the
-    longest is one lattice spacing (the directions are exact, the lengths relative)."""
-    extent = _check_extent(extent)
-    if not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"expected grid to be an int >= 2, found {grid!r}")
-    x0, x1, y0, y1 = extent
-    # lattice at cell centres, so arrows do not start on the border
-    xs = x0 + (np.arange(grid) + 0.5) / grid * (x1 - x0)
-    ys = y0 + (np.arange(grid) + 0.5) / grid * (y1 - y0)
-    xx, yy = np.meshgrid(xs, ys)
-    pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float64)
-    with torch.no_grad():
-        s = score_fn(pts) if t is None else score_fn(pts, torch.full((pts.shape[0],), float(t), dtype=torch.float64))
-    s = _points_2d(s, "scores")
-    if not np.isfinite(s).all():
-        raise ValueError("score_fn returned NaN or infinite values over the extent")
-    pix = _to_pixels(pts.numpy(), extent, size)
-    vec = np.stack([s[:, 0] / (x1 - x0), -s[:, 1] / (y1 - y0)], 1) * (size - 1)  # data -> pixel directions
-    longest = np.linalg.norm(vec, axis=1).max()
-    spacing = (size - 1) / grid
-    vec = vec * (0.9 * spacing / longest) if longest > 0 else vec
-    img = background.copy().convert("RGB").resize((size, size)) if background is not None else Image.new(
-        "RGB", (size, size), "white")
-    _draw_segments(ImageDraw.Draw(img), _arrow_segments(pix, vec), color)
-    return _title(img, title)
-
-
 # ============================================================================================ charts
-def _nice_ticks(lo: float, hi: float, log: bool) -> list[float]:
-    if log:
-        a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-        inside = [t for t in (10.0**k for k in range(a, b + 1)) if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
-        if len(inside) <= 2:
-            finer = sorted({m * 10.0**k for k in range(a, b + 1) for m in (1, 2, 5)})
-            inside = [t for t in finer if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
-        return inside
-    span = hi - lo
-    step = 10 ** math.floor(math.log10(span / 5)) if span > 0 else 1.0
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= 6:
-            step *= m
-            break
-    first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+_MARKERS = "osD^v<>p*h"
 
 
-def _fmt_tick(v: float) -> str:
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
-        return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
-    return f"{v:g}"
-
-
-def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, log_x: bool = True,
-               log_y: bool = True, title: str = "", xlabel: str = "", ylabel: str = "",
-               hlines: dict[str, float] | None = None, size: tuple[int, int] = (360, 260)) -> Image.Image:
-    """A line chart: ``series`` maps a label to ``(xs, ys)`` (drawn as markers joined by lines, sorted by x);
-    ``hlines`` maps a label to a horizontal dashed reference line (e.g. a noise floor). Log axes by default
-    (non-positive values are left out of log axes). Legend on the right; the picture grows beyond ``size`` when the
-    legend needs it."""
-    if not series:
-        raise ValueError("expected at least one series to draw, found none")
+def _clean_series(series, log_x: bool, log_y: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     clean: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for label, (xs, ys) in series.items():
         x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
@@ -416,86 +459,62 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, lo
             raise ValueError(f"series {label!r}: expected xs and ys of the same length, found {x.shape} and {y.shape}")
         keep = np.isfinite(x) & np.isfinite(y) & ((x > 0) if log_x else True) & ((y > 0) if log_y else True)
         order = np.argsort(x[keep])
-        clean[label] = (x[keep][order], y[keep][order])
-    refs = {k: float(v) for k, v in (hlines or {}).items() if math.isfinite(v) and (v > 0 or not log_y)}
-    all_x = np.concatenate([v[0] for v in clean.values()])
-    all_y = np.concatenate([v[1] for v in clean.values()] + [np.array(list(refs.values()))])
-    if all_x.size == 0 or all_y.size == 0:
-        raise ValueError("no finite (and, on log axes, positive) points to draw")
-    fx = (np.log10 if log_x else (lambda a: a))
-    fy = (np.log10 if log_y else (lambda a: a))
-    xlo, xhi = float(all_x.min()), float(all_x.max())
-    ylo, yhi = float(all_y.min()), float(all_y.max())
-    if xlo == xhi:
-        xlo, xhi = (xlo / 2, xhi * 2) if log_x else (xlo - 1, xhi + 1)
-    if ylo == yhi:
-        ylo, yhi = (ylo / 2, yhi * 2) if log_y else (ylo - 1, yhi + 1)
-    pad_x = (fx(xhi) - fx(xlo)) * 0.05
-    pad_y = (fy(yhi) - fy(ylo)) * 0.08
-    ax_x0, ax_x1 = fx(xlo) - pad_x, fx(xhi) + pad_x
-    ax_y0, ax_y1 = fy(ylo) - pad_y, fy(yhi) + pad_y
-    legend_w = 10 + 6 * max(len(str(k)) for k in [*clean, *refs]) + 20
-    left0, top = 52 + (14 if ylabel else 0), 22 if title else 8
-    # the plot area keeps at least 160 x 120 pixels: long or many legend entries widen / heighten the picture
-    width = max(size[0], left0 + 160 + legend_w)
-    height = max(size[1], top + 120 + 34, top + 13 * (len(clean) + len(refs)) + 8)
-    left, right, bottom = left0, width - legend_w, height - 34
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
+        clean[str(label)] = (x[keep][order], y[keep][order])
+    return clean
 
-    def to_px(x, y):
-        u = left + (fx(x) - ax_x0) / (ax_x1 - ax_x0) * (right - left)
-        v = bottom - (fy(y) - ax_y0) / (ax_y1 - ax_y0) * (bottom - top)
-        return float(u), float(v)
 
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    tx_lo, tx_hi = (10**ax_x0, 10**ax_x1) if log_x else (ax_x0, ax_x1)
-    ty_lo, ty_hi = (10**ax_y0, 10**ax_y1) if log_y else (ax_y0, ax_y1)
-    for t in _nice_ticks(tx_lo, tx_hi, log_x):
-        u, _ = to_px(t, ylo)
-        d.line([(u, bottom), (u, bottom + 3)], fill=(0, 0, 0))
-        d.line([(u, top), (u, bottom)], fill=(235, 235, 235))
-        d.text((u - 3 * len(_fmt_tick(t)), bottom + 5), _fmt_tick(t), fill="black")
-    for t in _nice_ticks(ty_lo, ty_hi, log_y):
-        _, v = to_px(xlo, t)
-        d.line([(left - 3, v), (left, v)], fill=(0, 0, 0))
-        d.line([(left, v), (right, v)], fill=(235, 235, 235))
-        d.text((left - 5 - 6 * len(_fmt_tick(t)), v - 5), _fmt_tick(t), fill="black")
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+def _draw_lines(ax, clean, refs, styles: dict[str, int], *, log_x: bool, log_y: bool, title: str, xlabel: str,
+                ylabel: str) -> None:
+    for label, (x, y) in clean.items():
+        i = styles[label]
+        # colours repeat after ten series: the marker changes instead
+        ax.plot(x, y, marker=_MARKERS[(i // 10) % len(_MARKERS)], markersize=4, linewidth=1.5, label=label,
+                color=f"C{i % 10}")
+    for label, v in refs.items():
+        ax.axhline(v, linestyle="--", color="0.45", linewidth=1.0, label=str(label))
+    if log_x:
+        ax.set_xscale("log")
+        _plain_log_labels(ax.xaxis)
+    if log_y:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.grid(True, which="major", color="0.9")
     if title:
-        d.text((left, 4), title, fill="black")
-    if xlabel:
-        d.text(((left + right) / 2 - 3 * len(xlabel), height - 14), xlabel, fill="black")
-    if ylabel:
-        lab = Image.new("RGB", (6 * len(ylabel) + 4, 12), "white")
-        ImageDraw.Draw(lab).text((2, 0), ylabel, fill="black")
-        lab = lab.rotate(90, expand=True)
-        img.paste(lab, (0, max(top, int((top + bottom) / 2 - lab.height / 2))))
-    ly = top + 2
-    for label, val in refs.items():
-        _, v = to_px(xlo, val)
-        for u in range(left, right, 8):
-            d.line([(u, v), (min(u + 4, right), v)], fill=(110, 110, 110))
-        d.line([(right + 8, ly + 5), (right + 22, ly + 5)], fill=(110, 110, 110))
-        d.text((right + 25, ly), str(label), fill="black")
-        ly += 13
-    for i, (label, (x, y)) in enumerate(clean.items()):
-        col = PALETTE[i % len(PALETTE)]
-        shape = (i // len(PALETTE)) % 3  # colours repeat after 10 series: the marker changes instead
-        pts = [to_px(a, b) for a, b in zip(x, y)]
-        if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        for u, v in [*pts, (right + 15, ly + 5)]:
-            if shape == 0:
-                d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=col)
-            elif shape == 1:
-                d.rectangle([u - 2, v - 2, u + 2, v + 2], fill=col)
-            else:
-                d.polygon([(u, v - 3), (u - 3, v + 2), (u + 3, v + 2)], fill=col)
-        d.line([(right + 8, ly + 5), (right + 22, ly + 5)], fill=col, width=2)
-        d.text((right + 25, ly), str(label), fill="black")
-        ly += 13
-    return img
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, log_x: bool = True,
+               log_y: bool = True, title: str = "", xlabel: str = "", ylabel: str = "",
+               hlines: dict[str, float] | None = None, size: tuple[int, int] = (640, 400), ax=None):
+    """A line chart: ``series`` maps a label to ``(xs, ys)`` (markers joined by lines, sorted by x); ``hlines`` maps
+    a label to a horizontal dashed reference line (e.g. a noise floor). Log axes by default (non-positive values are
+    left out of log axes). The legend sits outside the plot, on the right."""
+    if not series:
+        raise ValueError("expected at least one series to draw, found none")
+    clean = _clean_series(series, log_x, log_y)
+    refs = {k: float(v) for k, v in (hlines or {}).items() if math.isfinite(v) and (v > 0 or not log_y)}
+    if not any(len(x) for x, _ in clean.values()):
+        raise ValueError("no finite (and, on log axes, positive) points to draw")
+    ax, own = _axes(ax, size)
+    _draw_lines(ax, clean, refs, {k: i for i, k in enumerate(clean)}, log_x=log_x, log_y=log_y, title=title,
+                xlabel=xlabel, ylabel=ylabel)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return _done(ax, own)
+
+
+def _plain_log_labels(axis) -> None:
+    """Tick labels of a log axis as plain numbers (20, 0.05) where matplotlib would write 2 x 10^1; minor ticks are
+    labelled when the axis holds at most one power of ten."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter(10))
+    axis.set_minor_formatter(PlainLogFormatter(10))
 
 
 #: error columns :func:`error_vs_nfe_chart` picks by default, in this order, when ``metric`` is not given
@@ -525,9 +544,10 @@ def _as_float(v) -> float:
 
 def error_vs_nfe_chart(rows, metric: str | None = None, *, series_by: Sequence[str] = ("sampler", "variant"),
                        panel_by: Sequence[str] = ("case", "process"), log_y: bool = True,
-                       size: tuple[int, int] = (600, 300)) -> Image.Image:
+                       size: tuple[int, int] = (640, 400)) -> Image.Image:
     """Error-vs-NFE curves from the sampler benchmark: one panel per value of the ``panel_by`` columns (those
-    present), one curve per value of the ``series_by`` columns, x = the ``nfe`` column, y = ``metric``.
+    present; two panels a row, each about ``size`` pixels), one curve per value of the ``series_by`` columns,
+    x = the ``nfe`` column (log axis), y = ``metric``.
 
     ``rows``: a CSV path or rows as dicts (:func:`read_benchmark_csv`). Required columns: ``nfe`` and the metric
     (default: the first of :data:`DEFAULT_ERROR_COLUMNS` present). Optional: ``sampler``, ``variant``, ``case``,
@@ -564,12 +584,31 @@ def error_vs_nfe_chart(rows, metric: str | None = None, *, series_by: Sequence[s
             floors.setdefault(pkey, []).append(fl)
     if not panels:
         raise ValueError(f"no row has numeric 'nfe' and {metric!r} values")
-    images = []
-    for pkey, ser in panels.items():
-        data = {k: ([p[0] for p in v], [p[1] for p in v]) for k, v in sorted(ser.items())}
-        hl = {"noise floor": float(np.mean(floors[pkey]))} if pkey in floors else None
-        images.append(line_chart(data, log_x=True, log_y=log_y, title=f"{pkey}: {metric} vs NFE", xlabel="NFE",
-                                 ylabel=metric, hlines=hl, size=size))
-    cols = min(len(images), 2)
-    rows_img = [side_by_side(images[i:i + cols]) for i in range(0, len(images), cols)]
-    return _stack_vertical(rows_img)
+    # one style per series over all panels, one legend for the figure
+    keys = sorted({k for ser in panels.values() for k in ser})
+    styles = {k: i for i, k in enumerate(keys)}
+    cols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / cols)
+    w, h = _check_size(size)
+    per_col = max(1, (nrows * h - 40) // 15)
+    legend_cols = math.ceil((len(keys) + 1) / per_col)
+    legend_w = legend_cols * (7 * max(len(k) for k in [*keys, "noise floor"]) + 40)
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=((cols * w + legend_w) / DPI, nrows * h / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [ax for row in fig.subplots(nrows, cols, squeeze=False) for ax in row]
+    for ax, (pkey, ser) in zip(axes, panels.items()):
+        clean = _clean_series({k: ([p[0] for p in v], [p[1] for p in v]) for k, v in sorted(ser.items())}, True, log_y)
+        refs = {"noise floor": float(np.mean(floors[pkey]))} if pkey in floors else {}
+        _draw_lines(ax, clean, refs, styles, log_x=True, log_y=log_y, title=f"{pkey}: {metric} vs NFE",
+                    xlabel="NFE (score evaluations)", ylabel=metric)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles: dict[str, Any] = {}
+    for ax in axes[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    order = [k for k in keys if k in handles] + (["noise floor"] if "noise floor" in handles else [])
+    fig.legend([handles[k] for k in order], order, loc="outside right upper", fontsize=7, frameon=False,
+               ncols=legend_cols)
+    return figure_to_image(fig)

@@ -497,6 +497,11 @@ class SamplerConformance:
             out = self._run(dtype=dtype)
             _expect(out.samples.dtype == dtype, f"expected samples of dtype {dtype}, found {out.samples.dtype}")
             _expect(bool(torch.isfinite(out.samples).all()), f"expected finite samples in {dtype}")
+            if dtype == torch.float64:  # computed in float64, not computed in float32 and cast at the boundary
+                rounded = out.samples.float().double()
+                _expect(not torch.equal(out.samples, rounded),
+                        "expected float64 samples to carry more than float32 precision; found every value "
+                        "representable in float32 (the sampler computes in float32)")
 
     # ------------------------------------------------------------------ failures
     def test_non_finite_score_raises(self):

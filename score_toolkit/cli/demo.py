@@ -33,5 +33,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num_samples < 1:
         print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
         return 2
-    run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed)
+    try:
+        run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed)
+    except ImportError as err:  # the picture needs matplotlib (checked before training)
+        print(f"score-toolkit demo: error: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -81,6 +81,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..registry import get_sampler
     from ._common import _device, _dtype
 
+    if args.pictures:
+        from ..plotting import require_matplotlib
+
+        require_matplotlib("evaluate --pictures draws with matplotlib")  # before the sampling
     device, dtype = _device(args.device), _dtype(args.dtype, args.model)
     model = load_score_model(args.model, args.process, device=device, dtype=dtype)
     shape = tuple(model["sample_shape"])
@@ -147,34 +151,38 @@ def write_pictures(folder, model: dict[str, Any], sampler, samples, reference=No
     k = min(num_paths, len(samples))
     traj = sampler.sample(model["score_fn"], process, shape=(k, *shape), return_trajectory=True, dtype=dtype,
                           device=device, generator=per_sample_generators(seed, range(k), device=device))
+    times = traj.times if traj.times is not None and len(traj.times) == len(traj.trajectory) else None
     if is_image:
         n = min(len(samples), 64)
         written.append(P.save_png(P.image_grid(samples[:n].clamp(-1, 1), scale=4 if shape[-1] >= 16 else 8),
                                   folder / "samples.png"))
-        written.append(P.save_png(P.trajectory_grid(traj.trajectory, num_samples=min(k, 8), times=traj.times,
-                                                    scale=4 if shape[-1] >= 16 else 6), folder / "trajectories.png"))
+        written.append(P.save_png(P.trajectory_grid(traj.trajectory, num_samples=min(k, 8), times=times,
+                                                    scale=4 if shape[-1] >= 16 else 6,
+                                                    title=f"{min(k, 8)} trajectories ({sampler.name})"),
+                                  folder / "trajectories.png"))
     elif shape == (2,):
         ext = extent or _extent_of(samples)
         pts = samples.detach().double().cpu()
+        bg = mixture.log_prob if mixture is not None else None  # contour lines under trajectories and arrows
         if mixture is not None:
             panel = P.contour_panel(mixture.log_prob, ext, pts, title=f"{len(pts)} samples over the true density")
-            bg = P.contour_panel(mixture.log_prob, ext, shade=False)
         else:
+            fig, axes = P.figure_grid(2)
             ref = reference if reference is not None else pts
-            panel = P.side_by_side([P.histogram_panel(ref.double(), ext, title="reference"),
-                                    P.scatter_panel(pts, ext, title="samples")])
-            bg = None
+            P.histogram_panel(ref.double(), ext, title="reference", ax=axes[0])
+            P.scatter_panel(pts, ext, title="samples", ax=axes[1])
+            panel = fig
         written.append(P.save_png(panel, folder / "samples.png"))
         written.append(P.save_png(P.trajectory_panel([s.double().cpu() for s in traj.trajectory], ext, background=bg,
-                                                     title=f"{k} trajectories ({sampler.name})"),
+                                                     times=times, title=f"{k} trajectories ({sampler.name})"),
                                   folder / "trajectories.png"))
-        fields = []
-        for t in (max(process.t_min, 0.05), 0.3, 0.7):
+        fig, axes = P.figure_grid(3)
+        for ax, t in zip(axes, (max(process.t_min, 0.05), 0.3, 0.7)):
             def score(x, tt, _f=model["score_fn"]):
                 return _f(x.to(device=device, dtype=dtype), tt.to(device=device, dtype=dtype)).double().cpu()
 
-            fields.append(P.score_field_panel(score, ext, t, background=bg, title=f"score at t = {t:g}"))
-        written.append(P.save_png(P.side_by_side(fields), folder / "score_field.png"))
+            P.score_field_panel(score, ext, t, background=bg, title=f"score at t = {t:g}", ax=ax)
+        written.append(P.save_png(fig, folder / "score_field.png"))
     else:
         # no picture of high-dimensional vectors but the first two coordinates
         pts = samples.reshape(len(samples), -1)[:, :2].detach().double().cpu()
@@ -182,7 +190,7 @@ def write_pictures(folder, model: dict[str, Any], sampler, samples, reference=No
         written.append(P.save_png(P.scatter_panel(pts, ext, title="samples: first two coordinates"),
                                   folder / "samples.png"))
         path2d = [s.reshape(k, -1)[:, :2].double().cpu() for s in traj.trajectory]
-        written.append(P.save_png(P.trajectory_panel(path2d, _extent_of(torch.cat(path2d)),
+        written.append(P.save_png(P.trajectory_panel(path2d, _extent_of(torch.cat(path2d)), times=times,
                                                      title="trajectories: first two coordinates"),
                                   folder / "trajectories.png"))
     return written
@@ -228,7 +236,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     try:
         img = P.error_vs_nfe_chart(args.csv, args.metric, log_y=not args.linear_y)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"score-toolkit plot: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {P.save_png(img, args.out)}")

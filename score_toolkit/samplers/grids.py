@@ -18,8 +18,9 @@ The optimiser (:func:`optimize_grid`) chooses the ``n + 1`` grid points of a det
 minimise its discretisation error on a reference problem: an analytic Gaussian mixture (given, or fitted
 to the user's data by a small EM, :func:`fit_mixture`) whose exact score drives both the sampler and a
 high-accuracy solution of the same probability-flow ODE from the same initial noise. The grid is
-parametrised monotonically in lambda (softmax step fractions between the fixed ends) and optimised with
-Adam through autograd (the samplers' coefficient code is differentiable in the grid).
+parametrised monotonically in lambda (softmax step fractions between the fixed ends) and optimised through
+autograd (the samplers' coefficient code is differentiable in the grid) with L-BFGS by default (Adam with
+``method="adam"``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any, ClassVar
 import torch
 
 from .._io import write_json_atomic
-from .._utils import append_dims
 from ..processes import TIME_GRIDS, Process
 from .base import Sampler, SamplingContext, check_float, check_int
 
@@ -341,8 +341,8 @@ class GridSampler(Sampler):
 
     @property
     def nfe(self) -> int:
-        """Score evaluations of one run (without ``denoise``)."""
-        return self.config["num_steps"] * self.nfe_per_step
+        """Score evaluations of one run: ``num_steps * nfe_per_step``, plus one for ``to_zero`` or ``denoise``."""
+        return self.config["num_steps"] * self.nfe_per_step + self._final_steps_nfe()
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
@@ -378,10 +378,9 @@ def step_to_zero(ctx: SamplingContext, x: torch.Tensor, t_end: float) -> torch.T
     denoiser), exact up to O(sigma~^4). Tweedie's ``x <- D`` (option ``denoise``) instead removes the noise
     *and* shrinks the spread (by ``C / (C + sigma~^2)`` for a Gaussian of covariance C); this step keeps it.
     Recorded at ``t = 0`` (noise level zero)."""
-    t = torch.full((x.shape[0],), float(t_end), dtype=x.dtype, device=x.device)
-    alpha, sigma = ctx.process.marginal(t)
-    s = ctx.score(x, t)
-    x = (x + append_dims(0.5 * sigma**2, x.ndim) * s) / append_dims(alpha, x.ndim)
+    alpha, sigma = ctx.process.marginal(torch.tensor([float(t_end)], dtype=torch.float64))
+    s = ctx.score(x, float(t_end))
+    x = torch.add(x, s, alpha=0.5 * float(sigma) ** 2).div_(float(alpha))
     ctx.record(x, 0.0)
     return x
 

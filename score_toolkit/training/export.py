@@ -6,6 +6,7 @@ Hub-style pipeline folder with its model card (:mod:`score_toolkit.hub`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,17 +71,25 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
 
 
 def sample_picture(comps: Components, samples: torch.Tensor):
-    """A PIL picture of samples: an image grid for images, data vs samples histograms for 2-D points."""
-    from ..plotting import histogram_panel, image_grid, side_by_side
+    """A PIL picture of samples: an image grid for images (Pillow only), training data vs samples histograms for
+    2-D points (matplotlib; without it no picture, with a warning). None for other shapes."""
+    from .. import plotting as P
 
     if comps.dataset.is_image:
         n = min(len(samples), 64)
-        return image_grid(samples[:n].clamp(-1, 1), nrow=int(math.ceil(math.sqrt(n))), scale=4 if samples.shape[-1] >= 16 else 8)
+        return P.image_grid(samples[:n].clamp(-1, 1), nrow=int(math.ceil(math.sqrt(n))),
+                            scale=4 if samples.shape[-1] >= 16 else 8)
     if samples.ndim == 2 and samples.shape[1] == 2:
+        try:
+            fig, axes = P.figure_grid(2)
+        except ImportError as err:
+            warnings.warn(f"the model card gets no sample picture: {err}", stacklevel=2)
+            return None
         extent = comps.dataset.extent or (-6.0, 6.0, -6.0, 6.0)
         data = comps.dataset.data[: max(len(samples), 1000)]
-        return side_by_side([histogram_panel(data, extent, title="training data"),
-                             histogram_panel(samples, extent, title="model samples")])
+        P.histogram_panel(data, extent, title=f"training data ({len(data)} points)", ax=axes[0])
+        P.histogram_panel(samples, extent, title=f"model samples ({len(samples)})", ax=axes[1])
+        return P.figure_to_image(fig)
     return None
 
 
