@@ -51,6 +51,11 @@ class ImputationSampler(Sampler):
         check_choice(cfg, "grid", self.name, TIME_GRIDS)
         check_operator_options(self.name, cfg["operator"], cfg["observation"])
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_steps * (1 + corrector_steps)`` (+1 with ``denoise``)."""
+        return self.config["num_steps"] * (1 + self.config["corrector_steps"]) + self._final_steps_nfe()
+
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         process, cfg = ctx.process, self.config
         op, y = cfg["operator"], cfg["observation"]

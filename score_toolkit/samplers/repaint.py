@@ -75,6 +75,13 @@ class RePaintSampler(Sampler):
         c = self.config
         return len(repaint_schedule(c["num_steps"], c["jump_length"], c["jump_n_sample"])) - 1
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: the downward steps of :func:`repaint_schedule` (+1 with ``denoise``)."""
+        c = self.config
+        seq = repaint_schedule(c["num_steps"], c["jump_length"], c["jump_n_sample"])
+        return sum(j > i for i, j in zip(seq[:-1], seq[1:])) + self._final_steps_nfe()
+
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         process, cfg = ctx.process, self.config
         op, y = cfg["operator"], cfg["observation"]
