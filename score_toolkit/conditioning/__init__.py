@@ -13,6 +13,7 @@ Methods that change the state between steps are registered samplers: ``imputatio
 imputation) and ``repaint`` (RePaint's resampling).
 """
 
+from .classifier import NoisyClassifierMLP, noise_conditional_classifier_loss
 from .compose import INVERSE_METHODS, conditional_score
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, LabelledScoreAdapter, check_labels
 from .inverse import DPS, InverseProblemScore, PiGDM, Replacement
@@ -35,5 +36,7 @@ __all__ = [
     "MatrixOperator",
     "make_operator",
     "conditional_score",
+    "noise_conditional_classifier_loss",
+    "NoisyClassifierMLP",
     "INVERSE_METHODS",
 ]
