@@ -124,6 +124,10 @@ def export_pipeline(
         model.eval()
         DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
         model.train(was_training)
+        if not ddpm_pipeline_runs(model, scheduler):  # say how to sample it where diffusers looks first
+            index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+            index["_sampling"] = SAMPLING_NOTE
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         image = info.pop("sample_image", None)
         if image is not None:
             from .plotting import save_png
@@ -180,6 +184,7 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     unet_lib, unet_cls = _component_origin(model)
     sched_lib, sched_cls = _component_origin(scheduler)
     plain_diffusers = unet_lib == "diffusers" and sched_lib == "diffusers"
+    ddpm_runs = ddpm_pipeline_runs(model, scheduler)
     is_image = unet_cls == "UNet2DModel" or (len(info.get("sample_shape") or []) == 3)
     model_name = info.get("model_name") or f"score-toolkit-{unet_cls.lower()}"
     dataset_name = info.get("dataset_name") or "unknown"
@@ -243,6 +248,7 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
         "results_table": _results_table(info.get("results")),
         "training_section": "\n".join(training) or "No training information was recorded.",
         "plain_diffusers": plain_diffusers,
+        "ddpm_runs": ddpm_runs,
     }
     path = Path(template) if template is not None else TEMPLATES_DIR / DEFAULT_TEMPLATE
     if template is not None and not path.is_file():
@@ -250,6 +256,22 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     if path.is_file():
         return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
     return ModelCard.from_template(card_data, template_str=_FALLBACK_TEMPLATE, **kwargs)
+
+
+def ddpm_pipeline_runs(model, scheduler) -> bool:
+    """Whether diffusers' ``DDPMPipeline`` (the class an exported ``model_index.json`` names) can *run* these
+    components, not only load them: an image network (``sample_size``, ``in_channels``), a scheduler with
+    ``step()``, and a unit-variance prior (DDPMPipeline draws N(0, I) noise)."""
+    cfg = model.config
+    return (cfg.get("sample_size") is not None and cfg.get("in_channels") is not None
+            and callable(getattr(scheduler, "step", None))
+            and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0)
+
+
+#: what an exported model_index.json says when DDPMPipeline can load but not run the folder
+SAMPLING_NOTE = ("DDPMPipeline loads these components but cannot sample them (its loop needs an image network and "
+                 "a scheduler with step()); sample with score_toolkit: import score_toolkit; "
+                 "ScorePipeline.from_pretrained(folder)(batch_size=16) (see README.md)")
 
 
 def _process_summary(process: Process) -> dict[str, Any]:

@@ -19,6 +19,7 @@ sampler -> samples -> images.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from diffusers.utils import BaseOutput
 # into model_index.json loadable by DiffusionPipeline.from_pretrained (diffusers only looks in sys.modules).
 from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
+from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._utils import GeneratorLike
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
@@ -46,14 +48,18 @@ __all__ = [
     "shipped_model_path",
     "SHIPPED_MODELS_ENV_VAR",
     "OUTPUT_TYPES",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
 ]
+
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
 SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
-              "callback", "return_dict", "network_batch_size", "value_range")
+              "callback", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "return_dict",
+              "network_batch_size", "value_range")
 
 
 @dataclass
@@ -178,12 +184,14 @@ class ScorePipeline(DiffusionPipeline):
         batch_size: int = 1,
         *,
         shape: Sequence[int] | None = None,
-        sampler: Any = "euler_maruyama",
+        sampler: Any = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, Any] | None = None,
         num_inference_steps: int | None = None,
         generator: GeneratorLike = None,
         output_type: str | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
@@ -202,7 +210,8 @@ class ScorePipeline(DiffusionPipeline):
             batch_size: number of samples (the shape of one comes from :attr:`sample_shape`).
             shape: the full shape (B, ...) instead of ``batch_size`` (e.g. images of another size).
             sampler: a registered sampler name (``score-toolkit samplers`` lists them) or a
-                :class:`~score_toolkit.samplers.base.Sampler` instance.
+                :class:`~score_toolkit.samplers.base.Sampler` instance; default :data:`DEFAULT_SAMPLER`
+                (``dpmpp_2m``) with :data:`DEFAULT_STEPS` (25) steps, as ``score-toolkit sample``.
             sampler_options: the sampler's options (``sampler_options={"num_steps": 50}``); options may also be
                 given as keyword arguments (``num_steps=50``). Unknown options are errors.
             num_inference_steps: sets the sampler's ``num_steps`` (an error for samplers without one).
@@ -212,6 +221,12 @@ class ScorePipeline(DiffusionPipeline):
                 ``network_batch_size``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``; default ``"pil"`` for images, ``"pt"`` otherwise.
             callback: called after every sampler step with ``{"step", "t", "x", "nfe"}``.
+            callback_on_step_end: diffusers' per-step callback, called after every sampler step as
+                ``callback_on_step_end(pipe, i, t, callback_kwargs)`` with ``i`` the 0-based step, ``t`` the
+                process time reached and ``callback_kwargs = {"latents": x}``; it returns a dict, and a
+                ``"latents"`` tensor in it replaces the state (diffusers' semantics). A diffusers
+                ``PipelineCallback``/``MultiPipelineCallbacks`` works too.
+            callback_on_step_end_tensor_inputs: the tensors passed in ``callback_kwargs`` (only ``"latents"``).
             return_dict: return a :class:`ScorePipelineOutput`; else ``(images or samples, nfe)``.
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
@@ -228,6 +243,7 @@ class ScorePipeline(DiffusionPipeline):
         if "operator" in sampler_kwargs:
             operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
+        step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
         shape = self._shape(batch_size, shape)
@@ -246,8 +262,18 @@ class ScorePipeline(DiffusionPipeline):
             )
         score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
                                      observation, mask, noise_std, inverse_method)
-        out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=callback,
-                                 device=self._execution_device, dtype=self.unet.dtype)
+        total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
+        with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
+
+            def on_step(info: dict[str, Any]) -> None:
+                if callback is not None:
+                    callback(info)
+                if step_end is not None:
+                    step_end(info)
+                bar.update()
+
+            out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
+                                     device=self._execution_device, dtype=self.unet.dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
         if output_type == "np":
@@ -275,6 +301,45 @@ class ScorePipeline(DiffusionPipeline):
                                  class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
                                  observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 
+    def _step_end_callback(self, fn, tensor_inputs) -> Callable[[dict[str, Any]], None] | None:
+        """diffusers' ``callback_on_step_end`` as a sampler callback."""
+        if fn is None:
+            return None
+        try:
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+        except ImportError:  # pragma: no cover - older diffusers
+            MultiPipelineCallbacks = PipelineCallback = ()  # noqa: N806
+        if PipelineCallback and isinstance(fn, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = fn.tensor_inputs
+        if not callable(fn):
+            raise TypeError(f"expected callback_on_step_end to be callable, found {type(fn).__name__}")
+        tensor_inputs = list(tensor_inputs)
+        unknown = sorted(set(tensor_inputs) - {"latents"})
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: ScorePipeline passes only 'latents' (the sampler's state), "
+                f"found {unknown}"
+            )
+
+        def on_step(info: dict[str, Any]) -> None:
+            x = info["x"]
+            result = fn(self, int(info["step"]) - 1, info["t"], {k: x for k in tensor_inputs})
+            if result is None:
+                return
+            if not isinstance(result, Mapping):
+                raise TypeError(f"expected callback_on_step_end to return a dict, found {type(result).__name__}")
+            new = result.get("latents", x)
+            if new is not x:
+                if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                    found = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                    raise ValueError(
+                        f"callback_on_step_end returned 'latents' of shape {found}; expected the state's shape "
+                        f"{tuple(x.shape)}"
+                    )
+                x.copy_(new)
+
+        return on_step
+
     def _shape(self, batch_size, shape) -> tuple[int, ...]:
         if shape is not None:
             shape = tuple(shape)
@@ -286,6 +351,43 @@ class ScorePipeline(DiffusionPipeline):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"expected batch_size to be a positive int, found {batch_size!r}")
         return (batch_size, *self.sample_shape)
+
+    # ------------------------------------------------------------------ saving
+    def diffusers_pipeline_name(self) -> str:
+        """The pipeline class that ``save_pretrained`` names in ``model_index.json``: a diffusers pipeline that
+        can load *and run* these components where there is one, so that the folder stays usable in plain
+        diffusers; else ``ScorePipeline`` (load it with :meth:`from_pretrained`).
+
+        * the pipeline class of the folder this pipeline was loaded from, when it was ``DDPMPipeline``,
+          ``DDIMPipeline`` or ``ScoreSdeVePipeline`` and the components are still of the kinds it runs;
+        * ``DDPMPipeline`` for an image network (``sample_size``, ``in_channels``) with a scheduler that steps and
+          a unit-variance prior (DDPMPipeline draws N(0, I) noise);
+        * ``ScorePipeline`` otherwise (a vector network, a scheduler without ``step()``, a VE prior).
+        """
+        cfg = self.unet.config
+        image_net = cfg.get("sample_size") is not None and cfg.get("in_channels") is not None
+        steps = callable(getattr(self.scheduler, "step", None))
+        source = getattr(self, "_source_pipeline", None)
+        if source == "ScoreSdeVePipeline" and type(self.scheduler).__name__ == "ScoreSdeVeScheduler" and image_net:
+            return source
+        unit_prior = float(getattr(self.scheduler, "init_noise_sigma", 1.0)) == 1.0
+        if image_net and steps and unit_prior:
+            return source if source in ("DDPMPipeline", "DDIMPipeline") else "DDPMPipeline"
+        return type(self).__name__
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, with ``model_index.json`` naming :meth:`diffusers_pipeline_name`: a
+        folder that plain diffusers could load and run stays so (``ScorePipeline.from_pretrained`` loads any of
+        them)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        name = self.diffusers_pipeline_name()
+        if name != type(self).__name__:
+            from ._io import write_json_atomic
+
+            index_file = Path(save_directory) / "model_index.json"
+            index = _read_json(index_file, "model_index.json")
+            index["_class_name"] = name
+            write_json_atomic(index_file, index, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -310,7 +412,10 @@ class ScorePipeline(DiffusionPipeline):
         """
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
-        return cls(**_load_components(folder, torch_dtype))
+        pipe = cls(**_load_components(folder, torch_dtype))
+        source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
+        pipe._source_pipeline = source if isinstance(source, str) else None
+        return pipe
 
 
 def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
@@ -350,15 +455,27 @@ def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         if "num_steps" in options:
             raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
         options["num_steps"] = num_inference_steps
+    elif sampler == DEFAULT_SAMPLER and "num_steps" not in options:
+        options["num_steps"] = DEFAULT_STEPS
     try:
         return get_sampler(sampler, **options)
     except TypeError as err:
         if "unknown option" not in str(err):
             raise
-        if num_inference_steps is not None and "'num_steps'" in str(err):
+        if num_inference_steps is not None and not _has_num_steps(sampler):
             raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not apply to "
                             f"it; {err}") from err
         raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
+
+
+def _has_num_steps(name: str) -> bool:
+    from .registry import get_sampler_class
+
+    try:
+        cls = get_sampler_class(name)
+    except (KeyError, ValueError, TypeError):
+        return True  # an unknown sampler: the error from get_sampler says so
+    return "num_steps" in {**cls.common_options, **cls.options}
 
 
 def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:

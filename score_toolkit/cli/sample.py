@@ -14,15 +14,11 @@ import sys
 import time
 from typing import Any
 
+# the default sampler and steps are ScorePipeline's (one definition: score_toolkit.pipeline.DEFAULT_SAMPLER)
+from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._common import parse_options
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
-
-#: default sampler and steps. Measured on the shipped digits model (900 samples, classifier Frechet distance, floor
-#: 3.44): dpmpp_2m with 25 steps 3.38, as good as the converged ODE (pf_ode dopri5 at 1e-4, 110 NFE: 3.24) and better
-#: than ancestral at 100 or 200 steps (7.2, 4.9); about 0.5 s per 64 samples (docs/pipeline.md).
-DEFAULT_SAMPLER = "dpmpp_2m"
-DEFAULT_STEPS = 25
 
 
 def add_sample_parser(subparsers) -> None:
