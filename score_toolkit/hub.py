@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,6 +117,7 @@ def export_pipeline(
     scheduler = scheduler_for(process, prediction_type, time_input)
     info = dict(card_info or {})
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_export_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -156,6 +158,32 @@ def export_pipeline(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _remove_stale_export_temporaries(folder: Path) -> None:
+    """Remove the temporary folders an export of ``folder`` killed midway left (``.NAME.tmp-PID`` and
+    ``.NAME.old-PID``, the names only this function's writer uses) whose process no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-(\d+)")
+    if not folder.parent.is_dir():
+        return
+    for p in folder.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _process_exists(pid):
+            continue  # another export of the same folder is running
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _component_origin(obj) -> tuple[str, str]:

@@ -118,6 +118,25 @@ class _FixedBatchNetwork:
         return torch.cat(outs)
 
 
+class _ReducedPrecisionNetwork:
+    """A bfloat16 / float16 network evaluated on float32 sampler states: the input goes to the network's dtype,
+    the output comes back as float32, and the time stays float32 (a bfloat16 time cannot even hold the index
+    999 of a DDPM table). The sampler's own arithmetic (step sizes, noise) stays in float32, as diffusers'
+    schedulers upcast theirs."""
+
+    def __init__(self, model: Callable, dtype: torch.dtype):
+        self.model = model
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        from .scores import _model_output
+
+        return _model_output(self.model(x.to(self.dtype), t)).float()
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
 class ScorePipeline(DiffusionPipeline):
     """Sample a score network with any registered sampler.
 
@@ -172,10 +191,12 @@ class ScorePipeline(DiffusionPipeline):
 
         process, prediction_type, time_input = self.spec
         model: Callable = self.unet
+        if self.unet.dtype in _REDUCED:
+            model = _ReducedPrecisionNetwork(model, self.unet.dtype)
         if network_batch_size is not None:
             if not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool) or network_batch_size < 1:
                 raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")
-            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model = _FixedBatchNetwork(model, network_batch_size)
         return ScoreAdapter(model, process, prediction_type, time_input)
 
     # ------------------------------------------------------------------ sampling
@@ -260,6 +281,8 @@ class ScorePipeline(DiffusionPipeline):
                 f"sampler {sampler_obj.name!r} needs an energy network (prediction_type 'energy'); this pipeline's "
                 f"network predicts {score_fn.prediction_type!r}"
             )
+        # a bfloat16 / float16 network samples float32 states (see _ReducedPrecisionNetwork)
+        dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
         score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
                                      observation, mask, noise_std, inverse_method)
         total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
@@ -273,7 +296,7 @@ class ScorePipeline(DiffusionPipeline):
                 bar.update()
 
             out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
-                                     device=self._execution_device, dtype=self.unet.dtype)
+                                     device=self._execution_device, dtype=dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
         if output_type == "np":
@@ -296,7 +319,8 @@ class ScorePipeline(DiffusionPipeline):
         if observation is not None and not isinstance(observation, torch.Tensor):
             observation = torch.as_tensor(observation)
         if observation is not None:
-            observation = observation.to(device=self._execution_device, dtype=self.unet.dtype)
+            state_dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+            observation = observation.to(device=self._execution_device, dtype=state_dtype)
         return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
                                  class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
                                  observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
