@@ -159,7 +159,14 @@ class ScorePipeline(DiffusionPipeline):
             raise TypeError(f"expected unet to be a diffusers ModelMixin, found {type(unet).__name__}")
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(f"expected scheduler to be a diffusers SchedulerMixin, found {type(scheduler).__name__}")
-        scheduler_spec(scheduler)  # fail now, not at the first call
+        process = scheduler_spec(scheduler)[0]  # fail now, not at the first call
+        if getattr(process, "zero_terminal_snr", False):
+            raise ValueError(
+                "scheduler config with rescale_betas_zero_snr=True: alpha(1) = 0, where score_toolkit's samplers "
+                "cannot start (the score there is -x whatever the network predicts); sample it in a diffusers "
+                "pipeline with a scheduler of score_toolkit.diffusers_schedulers (e.g. ScoreDPMSolverScheduler, "
+                "v_prediction)"
+            )
         self.register_modules(unet=unet, scheduler=scheduler)
 
     # ------------------------------------------------------------------ what the components say
