@@ -44,6 +44,11 @@ does not record is an error. Shard paths read from a manifest must be the names 
 
 Under ``accelerate launch`` on CPU, use ``--multi_gpu --num_processes N`` and ``Accelerator(cpu=True)``
 (``accelerate launch --cpu --num_processes 2`` silently starts one process).
+
+Why one module of this length: it is one workflow, writing a sample folder that survives crashes and re-runs
+(shard plan, per-sample seeds, atomic shard files, the manifest that makes a re-run skip finished work, the
+final merge and picture) and reading it back; the pieces only make sense together and share the manifest
+format.
 """
 
 from __future__ import annotations

@@ -559,7 +559,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path}: {err}") from err
+        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
     return data
@@ -587,7 +587,11 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
+    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
+    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
     from ._config import strict_config
+    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
     from .models import load_model
     from .schedulers import scheduler_config_keys
 
@@ -617,10 +621,13 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
             f"found {sched_config.get('_class_name')!r}"
         )
+    if sched_cls in SCHEDULER_CLASSES.values():
+        keys = score_scheduler_config_keys(sched_cls)
+    else:
+        keys = scheduler_config_keys(sched_cls.__name__)
     try:
         # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
-                                                        "the scheduler config"))
+        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err
@@ -636,7 +643,7 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
         raise ValueError(
             f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}"
+            f"found {unet_lib!r}; code named by a folder is never imported"
         )
     model.eval()
     return {"unet": model, "scheduler": scheduler}

@@ -5,6 +5,11 @@ Every process is a linear SDE ``dx = f(t) x dt + g(t) dw`` on ``t in [t_min, 1]`
 test a process's class. Time runs from 1 (the prior) down to ``t_min``.
 
 Identities used throughout (FORMULAS.md): ``f = d ln(alpha)/dt`` and ``d(sigma^2)/dt = 2 f sigma^2 + g^2``.
+
+Why one module of this length: it is one interface and its four implementations (VE, VP, sub-VP, the discrete
+DDPM table) with the conversions from configs. The subclasses are short; most of the length is the shared
+derived quantities of :class:`Process` (log-SNR and its inverse, time grids, priors), which every
+implementation must agree on and which are read side by side with FORMULAS.md.
 """
 
 from __future__ import annotations

@@ -243,19 +243,16 @@ def read_scheduler_config(config) -> tuple[Process, str, str]:
 
 
 def scheduler_config_keys(name: str) -> set[str]:
-    """The keys a config of the scheduler class ``name`` may hold: what the class takes, plus what the
-    diffusers schedulers it is compatible with take (diffusers keeps those when converting between them)."""
+    """The keys a config of the scheduler class ``name`` (:class:`ScoreSDEScheduler` or a diffusers scheduler)
+    may hold: what the class takes, plus what the diffusers schedulers it is compatible with take (diffusers
+    keeps those when converting between them). The schedulers of :mod:`score_toolkit.diffusers_schedulers`
+    have theirs in :func:`~score_toolkit.diffusers_schedulers.score_scheduler_config_keys` (that module
+    builds on this one)."""
     if name == ScoreSDEScheduler.__name__:
         return config_keys(ScoreSDEScheduler)
     import diffusers
 
     cls = getattr(diffusers, str(name), None)
-    if cls is None:
-        from . import diffusers_schedulers
-
-        cls = {c.__name__: c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()}.get(name)
-        if cls is not None:
-            return diffusers_schedulers.score_scheduler_config_keys(cls)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"scheduler config field '_class_name': expected a scheduler class, found {name!r}")
     return config_keys(cls)

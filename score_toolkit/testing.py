@@ -40,6 +40,9 @@ separately, because the plain sliced W2 of a mixture is dominated by the binomia
 Both are sensitive (``tests/test_conformance.py``): 8 Euler steps on the PF-ODE (25 on VE), outputs scaled by
 1.05 (within-mode ratio 2.4 on VP), a score scaled by 0.9 or 1.1 in an ODE sampler or by 0.8 in Euler-Maruyama,
 and mode weights off by 0.08 all fail, while exact draws pass at every seed.
+
+Why one module of this length: it is one test suite, a class a plugin author subclasses; its checks share the
+reference problems, the seeds and the statistics above, and a plugin imports it as one name.
 """
 
 from __future__ import annotations
