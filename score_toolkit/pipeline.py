@@ -100,18 +100,21 @@ class _FixedBatchNetwork:
         self.model = model
         self.size = size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **per_sample: torch.Tensor):
+        # per_sample: keyword inputs with one row per sample (e.g. class_labels), chunked like x
         from .scores import _model_output
 
         outs = []
         for start in range(0, x.shape[0], self.size):
             xb, tb = x[start:start + self.size], t[start:start + self.size]
+            kb = {k: v[start:start + self.size] for k, v in per_sample.items()}
             n = xb.shape[0]
             if n < self.size:
                 pad = self.size - n
                 xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
                 tb = torch.cat([tb, tb[-1:].expand(pad)])
-            outs.append(_model_output(self.model(xb, tb))[:n])
+                kb = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in kb.items()}
+            outs.append(_model_output(self.model(xb, tb, **kb))[:n])
         return torch.cat(outs)
 
 
@@ -220,6 +223,13 @@ class ScorePipeline(DiffusionPipeline):
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
+        class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        operator: Any = None,
+        observation: torch.Tensor | None = None,
+        mask: Any = None,
+        noise_std: float = 0.0,
+        inverse_method: str = "pigdm",
         **sampler_kwargs: Any,
     ) -> ScorePipelineOutput | tuple:
         """Draw samples.
@@ -249,7 +259,17 @@ class ScorePipeline(DiffusionPipeline):
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+            class_labels: classes to generate (an int or one per sample), with classifier-free guidance of scale
+                ``guidance_scale`` (diffusers' convention; 1 = the conditional model); the network must have been
+                trained with labels (its last label is the null label). See docs/conditioning.md.
+            operator, observation, mask, noise_std, inverse_method: condition on a linear observation
+                ``observation = A x + noise_std n`` (``operator``, a :class:`~score_toolkit.conditioning.LinearOperator`,
+                or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
+                that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        if "operator" in sampler_kwargs:
+            operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
@@ -270,6 +290,8 @@ class ScorePipeline(DiffusionPipeline):
             )
         # a bfloat16 / float16 network samples float32 states (see _ReducedPrecisionNetwork)
         dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+        score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
+                                     observation, mask, noise_std, inverse_method)
         total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
         with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
 
@@ -280,7 +302,7 @@ class ScorePipeline(DiffusionPipeline):
                     step_end(info)
                 bar.update()
 
-            out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=on_step,
+            out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
                                      device=self._execution_device, dtype=dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
@@ -289,6 +311,26 @@ class ScorePipeline(DiffusionPipeline):
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
+                     mask, noise_std, inverse_method):
+        if class_labels is None and operator is None and mask is None and observation is None and guidance_scale == 1.0:
+            return score_fn
+        from .conditioning import conditional_score
+
+        process, prediction_type, time_input = self.spec
+        model = self.unet
+        if network_batch_size is not None:
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model.config = self.unet.config
+        if observation is not None and not isinstance(observation, torch.Tensor):
+            observation = torch.as_tensor(observation)
+        if observation is not None:
+            state_dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+            observation = observation.to(device=self._execution_device, dtype=state_dtype)
+        return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
+                                 class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
+                                 observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 
     def _step_end_callback(self, fn, tensor_inputs) -> Callable[[dict[str, Any]], None] | None:
         """diffusers' ``callback_on_step_end`` as a sampler callback."""
@@ -405,6 +447,24 @@ class ScorePipeline(DiffusionPipeline):
         source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
         pipe._source_pipeline = source if isinstance(source, str) else None
         return pipe
+
+
+def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
+    """Samplers with their own ``operator`` option (repaint, imputation) get the operator and observation as options."""
+    if operator is None and mask is None:
+        return sampler_kwargs
+    from .registry import get_sampler_class
+    from .samplers.base import Sampler
+
+    cls = type(sampler) if isinstance(sampler, Sampler) else (get_sampler_class(sampler) if isinstance(sampler, str) else None)
+    if cls is None or "operator" not in cls.options or isinstance(sampler, Sampler):
+        return sampler_kwargs
+    from .conditioning import Mask
+
+    if mask is not None and operator is not None:
+        raise ValueError("pass either mask (inpainting) or operator, not both")
+    op = Mask(torch.as_tensor(mask)) if mask is not None else operator
+    return {**sampler_kwargs, "operator": op, "observation": observation}
 
 
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):
