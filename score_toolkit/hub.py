@@ -31,7 +31,7 @@ import torch
 
 from ._io import default_file_mode
 from .processes import Process
-from .schedulers import read_scheduler_config, scheduler_for
+from .schedulers import scheduler_for
 
 __all__ = ["export_pipeline", "load_pipeline_components", "PipelineComponents", "render_model_card",
            "TEMPLATES_DIR", "ALLOWED_SUFFIXES"]
@@ -41,10 +41,6 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "hub_cards" / "template
 DEFAULT_TEMPLATE = "score_model.md"
 #: the only kinds of files an exported folder contains (no pickles)
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
-
-# our model classes, by the module path recorded in model_index.json (keep stable: see CONVENTIONS.md)
-_OUR_MODELS = {("score_toolkit.models.mlp", "ScoreMLP"), ("score_toolkit.models.mlp", "EnergyMLP")}
-_OUR_SCHEDULERS = {("score_toolkit.schedulers", "ScoreSDEScheduler")}
 
 # used when the repository's hub_cards/templates is not there (e.g. a wheel install)
 _FALLBACK_TEMPLATE = """---
@@ -338,77 +334,22 @@ def _load_snippet(plain_diffusers: bool, unet_cls: str, sched_cls: str, predicti
 
 
 # ---------------------------------------------------------------------------------------- load
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _model_class(lib: str, name: str):
-    from diffusers import ModelMixin
-
-    if (lib, name) in _OUR_MODELS:
-        from . import models
-
-        return getattr(models, name)
-    if lib == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, name, None)
-        if isinstance(cls, type) and issubclass(cls, ModelMixin):
-            return cls
-    raise ValueError(
-        f"model_index.json field 'unet': expected a diffusers model class or one of "
-        f"{sorted(c for _, c in _OUR_MODELS)} (module score_toolkit.models.mlp), found [{lib!r}, {name!r}]; "
-        f"code named by a folder is never imported"
-    )
-
-
 def load_pipeline_components(folder) -> PipelineComponents:
     """Load an exported folder: ``(model, process, prediction_type, time_input)``.
 
     Only JSON and safetensors are read; the classes named in ``model_index.json`` must be diffusers models
     or score_toolkit's own (nothing named by the folder is imported). The network is loaded strictly
     (:func:`score_toolkit.models.load_model`: safetensors only; a missing, unexpected or mis-shaped weight,
-    or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler config is read with
-    :func:`~score_toolkit.schedulers.read_scheduler_config`. Also reads plain diffusers DDPM folders
-    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders."""
-    from .models import load_model
+    or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler names the process
+    (:func:`~score_toolkit.pipeline.scheduler_spec`). Also reads plain diffusers DDPM folders
+    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders. The same loader as
+    :meth:`ScorePipeline.from_pretrained <score_toolkit.pipeline.ScorePipeline.from_pretrained>`."""
+    from .pipeline import _load_components, scheduler_spec
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"expected a pipeline folder at {folder}, found nothing there")
-    index = _read_json(folder / "model_index.json", "model_index.json")
-    for key in ("unet", "scheduler"):
-        entry = index.get(key)
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise ValueError(f"model_index.json field {key!r}: expected [library, class], found {entry!r}")
-    cls = _model_class(*index["unet"])
-    unet_config = _read_json(folder / "unet" / "config.json", "the network config")
-    if unet_config.get("_class_name") != cls.__name__:
-        raise ValueError(
-            f"unet/config.json field '_class_name': expected {cls.__name__} (as model_index.json says), "
-            f"found {unet_config.get('_class_name')!r}"
-        )
-    sched_lib, sched_cls = index["scheduler"]
-    if sched_lib != "diffusers" and (sched_lib, sched_cls) not in _OUR_SCHEDULERS:
-        raise ValueError(
-            f"model_index.json field 'scheduler': expected a diffusers scheduler or score_toolkit.schedulers."
-            f"ScoreSDEScheduler, found [{sched_lib!r}, {sched_cls!r}]"
-        )
-    sched_config = _read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler config")
-    if sched_config.get("_class_name") != sched_cls:
-        raise ValueError(
-            f"scheduler/scheduler_config.json field '_class_name': expected {sched_cls} (as model_index.json "
-            f"says), found {sched_config.get('_class_name')!r}"
-        )
-    process, prediction_type, time_input = read_scheduler_config(sched_config)
-    model = load_model(cls, str(folder), subfolder="unet")
-    model.eval()
+    components = _load_components(folder, None)
+    model = components["unet"]
+    process, prediction_type, time_input = scheduler_spec(components["scheduler"])
     return PipelineComponents(model, process, prediction_type, time_input)

@@ -101,18 +101,21 @@ class _FixedBatchNetwork:
         self.model = model
         self.size = size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **per_sample: torch.Tensor):
+        # per_sample: keyword inputs with one row per sample (e.g. class_labels), chunked like x
         from .scores import _model_output
 
         outs = []
         for start in range(0, x.shape[0], self.size):
             xb, tb = x[start:start + self.size], t[start:start + self.size]
+            kb = {k: v[start:start + self.size] for k, v in per_sample.items()}
             n = xb.shape[0]
             if n < self.size:
                 pad = self.size - n
                 xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
                 tb = torch.cat([tb, tb[-1:].expand(pad)])
-            outs.append(_model_output(self.model(xb, tb))[:n])
+                kb = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in kb.items()}
+            outs.append(_model_output(self.model(xb, tb, **kb))[:n])
         return torch.cat(outs)
 
 
@@ -157,7 +160,14 @@ class ScorePipeline(DiffusionPipeline):
             raise TypeError(f"expected unet to be a diffusers ModelMixin, found {type(unet).__name__}")
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(f"expected scheduler to be a diffusers SchedulerMixin, found {type(scheduler).__name__}")
-        scheduler_spec(scheduler)  # fail now, not at the first call
+        process = scheduler_spec(scheduler)[0]  # fail now, not at the first call
+        if getattr(process, "zero_terminal_snr", False):
+            raise ValueError(
+                "scheduler config with rescale_betas_zero_snr=True: alpha(1) = 0, where score_toolkit's samplers "
+                "cannot start (the score there is -x whatever the network predicts); sample it in a diffusers "
+                "pipeline with a scheduler of score_toolkit.diffusers_schedulers (e.g. ScoreDPMSolverScheduler, "
+                "v_prediction)"
+            )
         self.register_modules(unet=unet, scheduler=scheduler)
 
     # ------------------------------------------------------------------ what the components say
@@ -215,6 +225,13 @@ class ScorePipeline(DiffusionPipeline):
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
+        class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        operator: Any = None,
+        observation: torch.Tensor | None = None,
+        mask: Any = None,
+        noise_std: float = 0.0,
+        inverse_method: str = "pigdm",
         **sampler_kwargs: Any,
     ) -> ScorePipelineOutput | tuple:
         """Draw samples.
@@ -244,7 +261,17 @@ class ScorePipeline(DiffusionPipeline):
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+            class_labels: classes to generate (an int or one per sample), with classifier-free guidance of scale
+                ``guidance_scale`` (diffusers' convention; 1 = the conditional model); the network must have been
+                trained with labels (its last label is the null label). See docs/conditioning.md.
+            operator, observation, mask, noise_std, inverse_method: condition on a linear observation
+                ``observation = A x + noise_std n`` (``operator``, a :class:`~score_toolkit.conditioning.LinearOperator`,
+                or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
+                that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        if "operator" in sampler_kwargs:
+            operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
@@ -265,6 +292,8 @@ class ScorePipeline(DiffusionPipeline):
             )
         # a bfloat16 / float16 network samples float32 states (see _ReducedPrecisionNetwork)
         dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+        score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
+                                     observation, mask, noise_std, inverse_method)
         total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
         with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
 
@@ -275,7 +304,7 @@ class ScorePipeline(DiffusionPipeline):
                     step_end(info)
                 bar.update()
 
-            out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=on_step,
+            out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
                                      device=self._execution_device, dtype=dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
@@ -284,6 +313,26 @@ class ScorePipeline(DiffusionPipeline):
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
+                     mask, noise_std, inverse_method):
+        if class_labels is None and operator is None and mask is None and observation is None and guidance_scale == 1.0:
+            return score_fn
+        from .conditioning import conditional_score
+
+        process, prediction_type, time_input = self.spec
+        model = self.unet
+        if network_batch_size is not None:
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model.config = self.unet.config
+        if observation is not None and not isinstance(observation, torch.Tensor):
+            observation = torch.as_tensor(observation)
+        if observation is not None:
+            state_dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+            observation = observation.to(device=self._execution_device, dtype=state_dtype)
+        return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
+                                 class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
+                                 observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 
     def _step_end_callback(self, fn, tensor_inputs) -> Callable[[dict[str, Any]], None] | None:
         """diffusers' ``callback_on_step_end`` as a sampler callback."""
@@ -402,6 +451,24 @@ class ScorePipeline(DiffusionPipeline):
         return pipe
 
 
+def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
+    """Samplers with their own ``operator`` option (repaint, imputation) get the operator and observation as options."""
+    if operator is None and mask is None:
+        return sampler_kwargs
+    from .registry import get_sampler_class
+    from .samplers.base import Sampler
+
+    cls = type(sampler) if isinstance(sampler, Sampler) else (get_sampler_class(sampler) if isinstance(sampler, str) else None)
+    if cls is None or "operator" not in cls.options or isinstance(sampler, Sampler):
+        return sampler_kwargs
+    from .conditioning import Mask
+
+    if mask is not None and operator is not None:
+        raise ValueError("pass either mask (inpainting) or operator, not both")
+    op = Mask(torch.as_tensor(mask)) if mask is not None else operator
+    return {**sampler_kwargs, "operator": op, "observation": observation}
+
+
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):
     from .registry import get_sampler
     from .samplers.base import Sampler
@@ -494,7 +561,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path}: {err}") from err
+        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
     return data
@@ -522,7 +589,11 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
+    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
+    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
     from ._config import strict_config
+    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
     from .models import load_model
     from .schedulers import scheduler_config_keys
 
@@ -552,10 +623,13 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
             f"found {sched_config.get('_class_name')!r}"
         )
+    if sched_cls in SCHEDULER_CLASSES.values():
+        keys = score_scheduler_config_keys(sched_cls)
+    else:
+        keys = scheduler_config_keys(sched_cls.__name__)
     try:
         # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
-                                                        "the scheduler config"))
+        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err
@@ -571,7 +645,7 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
         raise ValueError(
             f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}"
+            f"found {unet_lib!r}; code named by a folder is never imported"
         )
     model.eval()
     return {"unet": model, "scheduler": scheduler}

@@ -11,6 +11,10 @@ was trained on. Three kinds are written (by :func:`scheduler_for`) and read (by
   receives sigma (diffusers' score-SDE VE convention);
 * :class:`ScoreSDEScheduler` for everything else: it stores the process's own config.
 
+Reading configs (:func:`read_scheduler_config`, :func:`scheduler_config_keys`) lives in
+:mod:`score_toolkit.scheduler_configs`, below both this module and :mod:`score_toolkit.diffusers_schedulers`;
+the names are importable from here.
+
 This module path is recorded in saved pipelines (``model_index.json`` names
 ``score_toolkit.schedulers``): keep it stable. diffusers' loader looks for the name ``SchedulerMixin``
 in the module, hence the module-level import.
@@ -25,20 +29,12 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._config import config_keys, init_keys, strict_config
-from .processes import VESDE, DiscreteVP, Process, process_from_config, process_from_scheduler_config
+from ._config import init_keys, strict_config
+from .processes import VESDE, DiscreteVP, Process, process_from_config
+from .scheduler_configs import _DDPM_PREDICTIONS, read_scheduler_config, scheduler_config_keys
 from .scores import PREDICTION_TYPES, TIME_INPUTS
 
 __all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "scheduler_config_keys", "SchedulerMixin"]
-
-_DDPM_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-# schedulers whose config is a DDPM beta table (alphas_cumprod) and whose network receives the table index
-_DDPM_STYLE = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
-               "HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-               "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "DDPMParallelScheduler",
-               "DDIMParallelScheduler")
-
 
 def _check_prediction_and_time(prediction_type, time_input) -> None:
     if prediction_type not in PREDICTION_TYPES:
@@ -60,10 +56,15 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
             ``energy``).
         time_input: what the network receives as its time (``t``, ``sigma``, ``index``).
 
-    Minimal scheduler contract: ``init_noise_sigma`` (the prior's std), ``set_timesteps(n)`` /
-    ``timesteps`` (the first ``n`` times of the process's uniform time grid from 1 down, as a float
-    tensor; ``time_grid`` holds all ``n + 1`` points ending at ``t_min``), ``scale_model_input``
-    (identity), ``order = 1``. It has no ``step()``: sample with a score_toolkit sampler.
+    diffusers' scheduler contract except ``step``: ``init_noise_sigma`` (the prior's std),
+    ``set_timesteps(num_inference_steps=None, device=None, timesteps=None, sigmas=None, kind="uniform")`` /
+    ``timesteps`` (the network inputs at the grid times from 1 down; ``time_grid`` holds the ``n + 1``
+    times ending at ``t_min``, ``sigmas`` the noise-to-signal ratios), ``step_index``, ``begin_index``,
+    ``set_begin_index``, ``index_for_timestep``, ``add_noise``, ``get_velocity``, ``scale_model_input``
+    (identity), ``order = 1``; all as in :mod:`score_toolkit.diffusers_schedulers`, whose ancestral scheduler
+    does the work. It has no ``step()`` (a ``TypeError`` says what to use): it names the model for
+    ScorePipeline's samplers; for a diffusers loop use e.g.
+    ``ScoreDPMSolverScheduler.from_config(scheduler.config)``.
     """
 
     config_name = "scheduler_config.json"
@@ -92,20 +93,58 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
         _check_prediction_and_time(prediction_type, time_input)
         self.process = process_from_config(dict(process))
         self.init_noise_sigma = float(self.process.prior_std)
-        self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
-        self.time_grid: torch.Tensor | None = None
+        self._grids: dict[str, Any] = {}
+        self._grid = self._grid_scheduler("uniform")
 
-    def set_timesteps(self, num_inference_steps: int, device=None, kind: str = "uniform") -> None:
-        """Set ``timesteps`` to the ``num_inference_steps`` times at which a sampler evaluates the
-        network, from 1 downwards (the process's time grid of that ``kind``)."""
-        grid = self.process.time_grid(num_inference_steps, kind, device=device, dtype=torch.float64)
-        self.num_inference_steps = num_inference_steps
-        self.time_grid = grid.to(torch.float32)
-        self.timesteps = self.time_grid[:-1]
+    def _grid_scheduler(self, kind: str):
+        """The diffusers_schedulers scheduler that holds the grid and the step counter for this process."""
+        if kind not in self._grids:
+            from .diffusers_schedulers import ScoreAncestralScheduler
+
+            self._grids[kind] = ScoreAncestralScheduler(
+                process=dict(self.config.process), prediction_type="score" if self.config.prediction_type in (
+                    "energy", "epsilon") else self.config.prediction_type, time_input=self.config.time_input,
+                grid=kind)
+        return self._grids[kind]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      kind: str = "uniform") -> None:
+        """diffusers' ``set_timesteps`` (exactly one of ``num_inference_steps``, ``timesteps``, ``sigmas``); the
+        grid is the process's time grid of that ``kind`` (``uniform``, ``log_sigma``, ``karras``)."""
+        self._grid = self._grid_scheduler(kind)
+        self._grid.set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas)
+
+    num_inference_steps = property(lambda self: self._grid.num_inference_steps)
+    timesteps = property(lambda self: self._grid.timesteps)
+    time_grid = property(lambda self: self._grid.time_grid)
+    sigmas = property(lambda self: self._grid.sigmas)
+    step_index = property(lambda self: self._grid.step_index)
+    begin_index = property(lambda self: self._grid.begin_index)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._grid.set_begin_index(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        return self._grid.index_for_timestep(timestep, schedule_timesteps)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The forward marginal ``alpha(t) x_0 + sigma(t) noise`` at network inputs ``timesteps``."""
+        return self._grid.add_noise(original_samples, noise, timesteps)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target ``alpha(t) noise - sigma(t) x_0`` at network inputs ``timesteps``."""
+        return self._grid.get_velocity(sample, noise, timesteps)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
+
+    def step(self, *args, **kwargs):
+        raise TypeError(
+            "ScoreSDEScheduler has no step(): it names the process, prediction type and time input for "
+            "ScorePipeline's samplers. In a diffusers loop use a stepping scheduler built from its config: "
+            "score_toolkit.diffusers_schedulers.ScoreDPMSolverScheduler.from_config(scheduler.config) (or "
+            "ScoreAncestralScheduler, ScoreEulerMaruyamaScheduler)"
+        )
 
     def __len__(self) -> int:
         return int(self.process.num_train_timesteps)
@@ -136,83 +175,3 @@ def _process_dict(process: Process) -> dict[str, Any]:
     cfg = {k: v for k, v in process.config.items() if not k.startswith("_")}
     cfg["_class_name"] = type(process).__name__
     return cfg
-
-
-def read_scheduler_config(config) -> tuple[Process, str, str]:
-    """``(process, prediction_type, time_input)`` encoded by a scheduler config (a dict, a FrozenDict or a
-    scheduler object).
-
-    * :class:`ScoreSDEScheduler` -> its stored process, prediction type and time input;
-    * ``DDPMScheduler`` and the other DDPM-table schedulers (DDIM, PNDM, ...) ->
-      :class:`~score_toolkit.processes.DiscreteVP` with diffusers' exact ``alphas_cumprod``, the config's
-      ``prediction_type`` (default ``epsilon``) and time input ``index``;
-    * ``ScoreSdeVeScheduler`` -> :class:`~score_toolkit.processes.VESDE`, ``score``, ``sigma``.
-
-    Read strictly, like a network config: a key that the named scheduler class (and its diffusers-compatible
-    classes) does not take is an error, and every value present is used (``_use_default_values`` is never
-    applied; see ``score_toolkit._config``).
-
-    Raises ValueError naming the field that cannot be mapped.
-    """
-    if hasattr(config, "config") and isinstance(config.config, Mapping):
-        cfg = dict(config.config)
-        cfg.setdefault("_class_name", type(config).__name__)
-    elif isinstance(config, Mapping):
-        cfg = dict(config)
-    else:
-        raise TypeError(f"expected a scheduler config mapping or a scheduler, found {type(config).__name__}")
-    name = cfg.get("_class_name")
-    if name == ScoreSDEScheduler.__name__ or name == "ScoreSdeVeScheduler" or name in _DDPM_STYLE or (
-        name is None and "beta_schedule" in cfg
-    ):
-        cfg = strict_config(cfg, scheduler_config_keys(name or "DDPMScheduler"), f"the {name or 'DDPM'} scheduler config")
-    if name == ScoreSDEScheduler.__name__:
-        process = cfg.get("process")
-        if not isinstance(process, Mapping):
-            raise ValueError(f"scheduler config field 'process': expected a process config dict, found {process!r}")
-        prediction_type, time_input = cfg.get("prediction_type", "score"), cfg.get("time_input", "t")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"scheduler config field 'prediction_type': expected one of {PREDICTION_TYPES}, found {prediction_type!r}"
-            )
-        if time_input not in TIME_INPUTS:
-            raise ValueError(f"scheduler config field 'time_input': expected one of {TIME_INPUTS}, found {time_input!r}")
-        return process_from_config(dict(process)), prediction_type, time_input
-    if name == "ScoreSdeVeScheduler":
-        return process_from_scheduler_config(cfg), "score", "sigma"
-    if name in _DDPM_STYLE or (name is None and "beta_schedule" in cfg):
-        prediction_type = cfg.get("prediction_type", "epsilon")
-        if prediction_type not in _DDPM_PREDICTIONS:
-            raise ValueError(
-                f"scheduler config field 'prediction_type' of {name}: expected one of {_DDPM_PREDICTIONS}, "
-                f"found {prediction_type!r}"
-            )
-        if cfg.get("timestep_type", "discrete") != "discrete":
-            raise ValueError(
-                f"scheduler config field 'timestep_type' of {name}: expected 'discrete' (the network receives the "
-                f"table index), found {cfg['timestep_type']!r}"
-            )
-        return process_from_scheduler_config(cfg), prediction_type, "index"
-    raise ValueError(
-        f"scheduler config field '_class_name': cannot map {name!r} to a process; expected ScoreSDEScheduler, "
-        f"ScoreSdeVeScheduler or a DDPM-table scheduler ({', '.join(_DDPM_STYLE[:3])}, ...)"
-    )
-
-
-def scheduler_config_keys(name: str) -> set[str]:
-    """The keys a config of the scheduler class ``name`` may hold: what the class takes, plus what the
-    diffusers schedulers it is compatible with take (diffusers keeps those when converting between them)."""
-    if name == ScoreSDEScheduler.__name__:
-        return config_keys(ScoreSDEScheduler)
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if cls is None:
-        from . import diffusers_schedulers
-
-        cls = {c.__name__: c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()}.get(name)
-        if cls is not None:
-            return diffusers_schedulers.score_scheduler_config_keys(cls)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"scheduler config field '_class_name': expected a scheduler class, found {name!r}")
-    return config_keys(cls)

@@ -143,13 +143,14 @@ def test_stale_temporaries_of_earlier_processes_are_cleaned_on_resume_and_nothin
     run = tmp_path / "run"
     train(small_config(run, train={"steps": 8}))
     root = run / "checkpoints"
-    for name in (".tmp-step_0000012", ".trash-step_0000004-99999"):
+    for name in (".tmp-step_0000010", ".trash-step_0000004-99999"):  # step 10 is never written again
         (root / name).mkdir()
         (root / name / "optimizer.bin").write_bytes(b"\0" * 1000)
-    (root / ".my-notes").mkdir()
+    for name in (".my-notes", ".trash-notes"):  # not names the checkpoint writer uses
+        (root / name).mkdir()
     (root / "README.txt").write_text("the user's")
     train(small_config(run), resume=True)
-    assert _residue(run) == [".my-notes"] and (root / "README.txt").read_text() == "the user's"
+    assert _residue(run) == [".my-notes", ".trash-notes"] and (root / "README.txt").read_text() == "the user's"
 
 
 @pytest.mark.slow  # two fresh interpreters training a small network: about 30 s on a loaded machine
@@ -230,8 +231,11 @@ def test_sigkill_then_resume_needs_no_cleanup_and_loses_nothing(tmp_path, where)
     else:
         assert [p.name for p in run.iterdir() if p.name.startswith(".pipeline.tmp-")]
         assert not (run / "pipeline").exists()
-    resumed = train(training.load_config(cfg_file), resume=True)  # no manual cleanup
-    assert resumed.step == 12 and (run / "pipeline" / "model_index.json").is_file()
+    from score_toolkit.cli import main
+
+    assert main(["train", "--config", str(cfg_file), "--resume"]) == 0  # the command, with no manual cleanup
+    assert (run / "pipeline" / "model_index.json").is_file()
+    assert json.loads((run / "checkpoints" / "step_0000012" / "trainer_state.json").read_text())["step"] == 12
     assert _residue(run) == [] and not [p for p in run.iterdir() if ".tmp-" in p.name]
     for s, w in kept.items():  # nothing written before the kill was lost or changed
         assert _same(_weights(run / "checkpoints" / f"step_{s:07d}"), w)

@@ -244,3 +244,19 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
         assert torch.allclose(p, q, atol=1e-5)
     with pytest.raises(ConfigError, match="gradient_checkpointing: the network ScoreMLP does not support it"):
         train(small_config(tmp_path / "c", train={"gradient_checkpointing": True}))
+
+
+def test_trains_on_a_streamed_parquet_set(tmp_path, monkeypatch):
+    hf = pytest.importorskip("datasets")
+    monkeypatch.setattr(hf.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # 5 s after each pass over a parquet shard
+    rng = np.random.default_rng(0)
+    rows = {"image": [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(12)]}
+    hf.Dataset.from_dict(rows, features=hf.Features({"image": hf.Image()})).to_parquet(str(tmp_path / "d.parquet"))
+    data = {"name": "hf", "options": {"path": str(tmp_path / "d.parquet"), "streaming": True, "shuffle_buffer": 4,
+                                      "cache_dir": str(tmp_path / "c")}}
+    cfg = image_config(tmp_path / "run", tmp_path, data=data,
+                       export={"enabled": True, "num_samples": 4, "sampler": "euler_maruyama",
+                               "sampler_options": {"num_steps": 3}})
+    result = train(cfg)  # 4 steps of 4: crosses an epoch of the 12-image stream
+    assert result.step == 4 and all(np.isfinite(h["loss"]) for h in result.history)
+    assert (result.export_folder / "README.md").is_file()

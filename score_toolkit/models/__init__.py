@@ -20,7 +20,7 @@ _NAMES = {
     "CheckpointDtypeWarning": "base",
     "StrictLoadingMixin": "base",
     "strict_from_pretrained": "base",
-    "load_model": "base",
+    "load_model": "loading",
     "UNET_PRESETS": "presets",
     "PRESET_RECIPES": "presets",
     "unet_preset": "presets",
