@@ -90,6 +90,18 @@ class ScorePipelineOutput(BaseOutput):
     nfe: int
 
 
+class _NullLabelNetwork:
+    """Calls a label-conditional network with the null label (unconditional sampling of a network trained with label
+    dropout)."""
+
+    def __init__(self, model: Callable, null_label: int):
+        self.model, self.null_label = model, null_label
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        kwargs.setdefault("class_labels", torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device))
+        return self.model(x, t, **kwargs)
+
+
 class _FixedBatchNetwork:
     """Calls ``model`` on chunks of exactly ``size`` rows (the last one padded by repeating its last row),
     so that a sample's network output does not depend on how many samples share its batch: CPU and GPU
@@ -199,6 +211,9 @@ class ScorePipeline(DiffusionPipeline):
         model: Callable = self.unet
         if self.unet.dtype in _REDUCED:
             model = _ReducedPrecisionNetwork(model, self.unet.dtype)
+        table = self.unet.config.get("num_class_embeds")
+        if table is not None:  # a label-conditional UNet sampled without labels: the null label (its last row)
+            model = _NullLabelNetwork(model, int(table) - 1)
         if network_batch_size is not None:
             if not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool) or network_batch_size < 1:
                 raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")

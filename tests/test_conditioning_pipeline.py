@@ -232,3 +232,24 @@ def test_training_loop_feeds_labels_with_dropout(tmp_path, monkeypatch):
         train(_train_config(tmp_path / "c", {"name": "digits"}, 5))
     with pytest.raises(ConfigError, match="label_dropout"):
         train(_train_config(tmp_path / "d", {"name": "digits"}, 11, label_dropout=1.5))
+
+
+def test_a_label_conditional_unet_samples_unconditionally_with_the_null_label():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from score_toolkit.scores import ScoreAdapter
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+                       num_class_embeds=4).eval()
+    pipe = ScorePipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+    out = pipe(2, sampler="ancestral", num_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    process, pred, ti = pipe.spec
+    null = ScoreAdapter(lambda x, t: unet(x, t, class_labels=torch.full((x.shape[0],), 3)), process, pred, ti)
+    ref = get_sampler("ancestral", num_steps=3).sample(null, process, shape=(2, 1, 8, 8),
+                                                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.samples, ref.samples)
+    guided = pipe(2, class_labels=0, sampler="ancestral", num_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="pt")
+    assert not torch.equal(out.samples, guided.samples)
