@@ -80,7 +80,7 @@ def export_pipeline(
             ``training_config_yaml``, ``command`` (the exact command that trained it), ``results`` (a list
             of dicts name/type/value/dataset: the model-index), ``sample_image`` (a PIL image, saved as
             ``sample.png``), ``sampler``, ``steps``, ``num_processes``, ``sample_shape``, ``tags``, ``notes``.
-        template: a Jinja2 model card template (default ``hub_cards/templates/score_model.md``).
+        template: a Jinja2 model card template (default: the package's ``templates/score_model.md``).
 
     Returns the folder's path.
     """
