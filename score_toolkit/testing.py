@@ -40,6 +40,9 @@ separately, because the plain sliced W2 of a mixture is dominated by the binomia
 Both are sensitive (``tests/test_conformance.py``): 8 Euler steps on the PF-ODE (25 on VE), outputs scaled by
 1.05 (within-mode ratio 2.4 on VP), a score scaled by 0.9 or 1.1 in an ODE sampler or by 0.8 in Euler-Maruyama,
 and mode weights off by 0.08 all fail, while exact draws pass at every seed.
+
+Why one module of this length: it is one test suite, a class a plugin author subclasses; its checks share the
+reference problems, the seeds and the statistics above, and a plugin imports it as one name.
 """
 
 from __future__ import annotations
@@ -444,6 +447,11 @@ class SamplerConformance:
             out = self._run(dtype=dtype)
             _expect(out.samples.dtype == dtype, f"expected samples of dtype {dtype}, found {out.samples.dtype}")
             _expect(bool(torch.isfinite(out.samples).all()), f"expected finite samples in {dtype}")
+            if dtype == torch.float64:  # computed in float64, not computed in float32 and cast at the boundary
+                rounded = out.samples.float().double()
+                _expect(not torch.equal(out.samples, rounded),
+                        "expected float64 samples to carry more than float32 precision; found every value "
+                        "representable in float32 (the sampler computes in float32)")
 
     # ------------------------------------------------------------------ failures
     def test_non_finite_score_raises(self):

@@ -175,18 +175,21 @@ def test_timesteps_shapes_and_generator_determinism(cls, shape):
     out = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     assert torch.equal(sched.scale_model_input(x, sched.timesteps[0]), x)
 
-    def run(seed):
-        return sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(seed))
+    def run(seed, **kw):
+        sched.set_timesteps(5)  # a new loop: the step counter starts again
+        return sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(seed), **kw)
 
     a, b, c = run(0), run(0), run(1)
     assert a.prev_sample.shape == shape and a.pred_original_sample.shape == shape
     assert torch.equal(a.prev_sample, b.prev_sample)
     assert torch.equal(a.prev_sample, c.prev_sample) != STOCHASTIC[cls]
-    (tup,) = sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(0), return_dict=False)
+    (tup,) = run(0, return_dict=False)
     assert torch.equal(tup, a.prev_sample)
     # a list of generators gives each sample its own noise: sample 0 does not depend on the others
+    sched.set_timesteps(5)
     gens = [torch.Generator().manual_seed(10 + i) for i in range(shape[0])]
     full = sched.step(out, sched.timesteps[0], x, generator=gens).prev_sample
+    sched.set_timesteps(5)
     alone = sched.step(out[:1], sched.timesteps[0], x[:1], generator=[torch.Generator().manual_seed(10)]).prev_sample
     assert torch.equal(full[:1], alone)
 
@@ -205,44 +208,73 @@ def test_step_errors():
         sched.step(x, sched.timesteps[:2], x)
     with pytest.raises(ValueError, match="positive int"):
         sched.set_timesteps(0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        sched.set_timesteps(4, timesteps=[999, 500])
     # the step is found from the timestep value, in any of its usual forms
-    assert sched.step_index_of(sched.timesteps[2]) == 2
-    assert sched.step_index_of(float(sched.timesteps[2])) == 2
-    assert sched.step_index_of(sched.timesteps[2].double().expand(3)) == 2
+    assert sched.index_for_timestep(sched.timesteps[2]) == 2
+    assert sched.index_for_timestep(float(sched.timesteps[2])) == 2
+    assert sched.index_for_timestep(sched.timesteps[2].double().expand(3)) == 2
+    # after the first step, the counter decides; a timestep that is not the next one is an error, not a guess
+    sched.step(x, sched.timesteps[0], x)
+    assert sched.step_index == 1
+    with pytest.raises(ValueError, match=r"expected timestep .*timesteps\[1\]"):
+        sched.step(x, sched.timesteps[0], x)
+    for t in sched.timesteps[1:]:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="all 4 steps"):
+        sched.step(x, sched.timesteps[-1], x)
 
 
-def test_single_step_schedulers_have_no_hidden_state():
-    """Any step can be taken in any order: the result depends only on its inputs."""
-    sched = ds.ScoreEulerMaruyamaScheduler.from_config(DDPMScheduler(num_train_timesteps=100).config)
-    sched.set_timesteps(6)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_step_depends_only_on_its_inputs_and_its_index(cls):
+    """Single-step updates and the first step of a multistep loop: starting at index 3 (set_begin_index, as
+    img2img pipelines do) gives the same result whatever was run before."""
+    sched = cls.from_config(DDPMScheduler(num_train_timesteps=100).config)
     x, out = torch.randn(3, 2), torch.randn(3, 2)
-    first = sched.step(out, sched.timesteps[3], x, generator=torch.Generator().manual_seed(0)).prev_sample
-    for t in sched.timesteps[[5, 0, 1]]:
-        sched.step(out, t, x, generator=torch.Generator().manual_seed(1))
-    again = sched.step(out, sched.timesteps[3], x, generator=torch.Generator().manual_seed(0)).prev_sample
-    assert torch.equal(first, again)
+
+    def start_at_3(history_steps):
+        sched.set_timesteps(6)
+        for t in sched.timesteps[:history_steps]:
+            sched.step(out, t, x, generator=torch.Generator().manual_seed(1))
+        if history_steps == 0:
+            sched.set_begin_index(3)
+            assert sched.begin_index == 3
+        else:
+            sched.set_timesteps(6)
+            sched.set_begin_index(3)
+        return sched.step(out, sched.timesteps[3], x, generator=torch.Generator().manual_seed(0)).prev_sample
+
+    assert torch.equal(start_at_3(0), start_at_3(2))
 
 
-def test_multistep_history_is_explicit_and_checked():
-    sched = ds.ScoreDPMSolverScheduler.from_config(DDPMScheduler(num_train_timesteps=100).config)
-    sched.set_timesteps(6)  # orders 1, 2, 2, 2, 2, 1
+def test_multistep_history_is_the_previous_denoised_values():
+    """diffusers' semantics: the solver keeps model outputs (denoised values), not samples, so a step on a sample
+    that the previous step did not return works (inpainting re-noises part of it), and a loop that starts
+    mid-schedule begins with a first-order step."""
+    cfg = DDPMScheduler(num_train_timesteps=100).config
+    sched = ds.ScoreDPMSolverScheduler.from_config(cfg)
+    first = ds.ScoreDPMSolverScheduler.from_config(cfg, solver_order=1)
+    sched.set_timesteps(6)
     ts = sched.timesteps
     x0, out = torch.randn(2, 2), torch.randn(2, 2)
-    x1 = sched.step(out, ts[0], x0).prev_sample
-    x2 = sched.step(out, ts[1], x1).prev_sample
-    with pytest.raises(ValueError, match="not the one step 1 returned"):
-        sched.step(out, ts[2], x1)  # a state that step 1 did not return
-    with pytest.raises(ValueError, match="missing"):
-        sched.step(out, ts[3], x2)  # step 2 skipped
-    # a copy of the returned state is accepted (checked by value), and a new loop starts at timesteps[0]
-    x3 = sched.step(out, ts[2], x2.clone()).prev_sample
-    y1 = sched.step(out, ts[0], x0).prev_sample
-    assert torch.equal(y1, x1)
-    with pytest.raises(ValueError, match="missing"):
-        sched.step(out, ts[3], x3)  # the restart dropped the first trajectory's history
-    first_order = ds.ScoreDPMSolverScheduler.from_config(sched.config, solver_order=1)
-    first_order.set_timesteps(6)
-    first_order.step(out, first_order.timesteps[3], x1)  # order 1 needs no history
+    s0 = sched.step(out, ts[0], x0)
+    assert [torch.equal(m, s0.pred_original_sample) for m in sched.model_outputs] == [True]
+    x1 = s0.prev_sample + 0.1  # not the returned sample
+    s1 = sched.step(out, ts[1], x1)
+    assert len(sched.model_outputs) == 2 and torch.equal(sched.model_outputs[1], s0.pred_original_sample)
+    # the order-2 step is the first-order step plus the correction from the previous denoised value
+    first.set_timesteps(6)
+    first.set_begin_index(1)
+    d1 = first.step(out, ts[1], x1)
+    assert torch.equal(d1.pred_original_sample, s1.pred_original_sample)
+    assert not torch.allclose(d1.prev_sample, s1.prev_sample)
+    # a loop starting at index 3 (img2img): first order there, whatever the solver order
+    for start in (3, 4):
+        sched.set_timesteps(6)
+        sched.set_begin_index(start)
+        first.set_timesteps(6)
+        first.set_begin_index(start)
+        assert torch.equal(sched.step(out, ts[start], x0).prev_sample, first.step(out, ts[start], x0).prev_sample)
 
 
 def test_add_noise_is_the_forward_marginal():

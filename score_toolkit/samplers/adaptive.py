@@ -17,8 +17,9 @@ samples still running, each at its own time. So a sample's result does not depen
 of generators for the noise). Unlike a batch-shared solver (torchdiffeq, k-diffusion's adaptive DPM-Solver),
 an easy sample does not pay for a hard one, and a hard one is not under-resolved because of easy ones.
 
-``nfe`` counts batched score calls; the per-sample evaluation counts are in ``ctx.info`` (``nfe_per_sample``
-mean and max, accepted and rejected steps).
+``nfe`` counts batched score calls (``max_nfe`` caps them: :class:`~score_toolkit.samplers.base.NFEBudgetError`
+beyond it); the per-sample evaluation counts are in ``SamplerOutput.info`` (``nfe_per_sample_mean`` and
+``nfe_per_sample_max``, ``accepted_steps_mean``, ``rejected_steps_mean``, ``iterations``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from typing import Any, ClassVar
 import torch
 
 from .._utils import append_dims, randn
-from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
+from .base import (
+    NonFiniteError,
+    Sampler,
+    SamplerProperties,
+    SamplingContext,
+    check_choice,
+    check_float,
+    check_int,
+    check_max_nfe,
+)
 from .grids import check_to_zero, step_to_zero
 
 __all__ = ["AdaptiveSDESampler", "AdaptiveODESampler", "TABLEAUS"]
@@ -125,6 +135,7 @@ class _AdaptiveBase(Sampler):
         super()._validate_options(cfg)
         check_to_zero(cfg, self.name)
         check_int(cfg, "max_iterations", self.name)
+        check_max_nfe(cfg, self.name)
 
     def _num_progress_steps(self) -> int | None:
         return None
@@ -177,6 +188,8 @@ class AdaptiveSDESampler(_AdaptiveBase):
             noise (``delta`` grows with ``|x'|``), which biases the law, more so as the tolerances tighten
             (measured in the tests; kept to reproduce the paper).
         max_iterations (100000): guard against a never-ending run.
+        max_nfe (None): cap on the batched score calls of the run (final step included); exceeding it raises
+            :class:`~score_toolkit.samplers.base.NFEBudgetError`.
         to_zero, denoise, progress: see :class:`~score_toolkit.samplers.grids.GridSampler`.
 
     Two score evaluations per attempted step. Declared weak order 2: the accepted improved-Euler step is
@@ -188,7 +201,8 @@ class AdaptiveSDESampler(_AdaptiveBase):
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=2.0, adaptive=True,
                                                                 fixed_grid=False, per_sample=True)
     options: ClassVar[dict[str, Any]] = {"eps_rel": 0.05, "eps_abs": 0.0078, "h_init": 0.01, "r": 0.9, "theta": 0.9,
-                                         "noise_on_reject": "bridge", "max_iterations": 100_000, "to_zero": False}
+                                         "noise_on_reject": "bridge", "max_iterations": 100_000, "max_nfe": None,
+                                         "to_zero": False}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
@@ -216,7 +230,7 @@ class AdaptiveSDESampler(_AdaptiveBase):
         def drift_and_g(xx, tt):
             f = append_dims(process.drift_coef(tt).to(xx.dtype), nd)
             g2 = process.diffusion_squared(tt).clamp_min(0).to(xx.dtype)
-            s = ctx.score(xx, tt.to(xx.dtype))
+            s = ctx.score(xx, tt)
             return append_dims(g2, nd) * s - f * xx, append_dims(g2.sqrt(), nd)
 
         it = 0
@@ -315,6 +329,8 @@ class AdaptiveODESampler(_AdaptiveBase):
         rtol (1e-3), atol (1e-4): tolerances on the scaled state ``x~``.
         h_init (0.2): first step in lambda (the span is about 8 to 10 for the usual processes).
         max_iterations (100000): guard against a never-ending run.
+        max_nfe (None): cap on the batched score calls of the run (final step included); exceeding it raises
+            :class:`~score_toolkit.samplers.base.NFEBudgetError`.
         to_zero, denoise, progress: see :class:`~score_toolkit.samplers.grids.GridSampler`.
 
     Declared order: that of the propagated solution (3 for bs32, 5 for dopri5); the tests measure the error
@@ -326,7 +342,7 @@ class AdaptiveODESampler(_AdaptiveBase):
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0, adaptive=True,
                                                                 fixed_grid=False, per_sample=True)
     options: ClassVar[dict[str, Any]] = {"method": "bs32", "rtol": 1e-3, "atol": 1e-4, "h_init": 0.2,
-                                         "max_iterations": 100_000, "to_zero": False}
+                                         "max_iterations": 100_000, "max_nfe": None, "to_zero": False}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         from dataclasses import replace
@@ -366,7 +382,7 @@ class AdaptiveODESampler(_AdaptiveBase):
             t = torch.where(ll >= lam_end, torch.full_like(t, process.t_min), t)
             alpha, sigma = process.marginal(t)
             a = append_dims(alpha.to(yy.dtype), nd)
-            s = ctx.score(yy * a, t.to(yy.dtype))
+            s = ctx.score(yy * a, t)
             # D - x~ = sigma^2 s / alpha
             return append_dims((sigma**2 / alpha).to(yy.dtype), nd) * s
 

@@ -87,6 +87,11 @@ class AncestralSampler(Sampler):
         check_choice(cfg, "grid", self.name, TIME_GRIDS)
         check_choice(cfg, "variance", self.name, ("posterior", "forward"))
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_steps`` (+1 with ``denoise``)."""
+        return self.config["num_steps"] + self._final_steps_nfe()
+
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         process = ctx.process
         ts = process.time_grid(self.config["num_steps"], self.config["grid"]).tolist()

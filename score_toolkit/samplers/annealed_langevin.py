@@ -67,6 +67,11 @@ class AnnealedLangevinSampler(Sampler):
     def _num_progress_steps(self) -> int:
         return self.config["num_levels"] * self.config["steps_per_level"]
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_levels * steps_per_level`` (+1 with ``denoise``)."""
+        return self.config["num_levels"] * self.config["steps_per_level"] + self._final_steps_nfe()
+
     def levels(self, process: Process) -> torch.Tensor:
         """The level times ``t_1 = 1 > ... > t_L = t_min`` (float64)."""
         return process.time_grid(self.config["num_levels"] - 1, self.config["grid"])

@@ -20,16 +20,30 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._utils import GeneratorLike, append_dims, as_time, check_generator, check_tensor
+from .._utils import GeneratorLike, as_time, check_generator, check_tensor
 from ..processes import Process
 
-__all__ = ["Sampler", "SamplerOutput", "SamplerProperties", "SamplingContext", "NonFiniteError"]
+__all__ = ["Sampler", "SamplerOutput", "SamplerProperties", "SamplingContext", "NonFiniteError", "NFEBudgetError"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NonFiniteError(FloatingPointError):
     """The sampler's state became NaN or infinite."""
+
+
+class NFEBudgetError(RuntimeError):
+    """A sampler needed more score evaluations than its ``max_nfe`` option allows."""
+
+
+#: floating dtypes integrated in float32 (their own precision cannot carry a solver's state)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def time_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the times passed to a score function: float64 (a float32 ``t`` rounds the times the
+    solvers' float64 coefficients are computed at), float32 on devices without float64 (MPS)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 @dataclass(frozen=True)
@@ -83,13 +97,18 @@ class SamplingContext:
     helpers for noise, callbacks, trajectories and the finiteness check."""
 
     def __init__(self, sampler: Sampler, score_fn: ScoreFn, process: Process, generator: GeneratorLike,
-                 callback: Callable | None, return_trajectory: bool, progress: bool, total: int | None):
+                 callback: Callable | None, return_trajectory: bool, progress: bool, total: int | None,
+                 max_nfe: int | None = None):
         self.sampler = sampler
         self.process = process
         self.generator = generator
         self._score_fn = score_fn
         self._callback = callback
         self.nfe = 0
+        #: a cap on score evaluations (``NFEBudgetError`` beyond it), or None
+        self.max_nfe = max_nfe
+        #: per-run statistics a sampler reports (copied into ``SamplerOutput.info``)
+        self.info: dict[str, Any] = {}
         self.trajectory: list[torch.Tensor] | None = [] if return_trajectory else None
         self.times: list[float] | None = [] if return_trajectory else None
         self.step = 0
@@ -108,8 +127,21 @@ class SamplingContext:
 
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         """Evaluate the score at (x, t) with t a scalar or (B,) (clamped into the process's range,
-        since solvers may overshoot), counting one NFE."""
-        t = as_time(t, x.shape[0], like=x)
+        since solvers may overshoot), counting one NFE.
+
+        ``t`` reaches the score function in float64 (:func:`time_dtype`), so that it is the time the
+        solver's coefficients were computed at; the score is returned in ``x``'s dtype whatever the
+        score function returned (a float64 result for a float32 state is cast back)."""
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise NFEBudgetError(
+                f"sampler {self.sampler.name!r}: needs more than max_nfe={self.max_nfe} score evaluations; raise "
+                "max_nfe, loosen the tolerances, or check that the score function is smooth"
+            )
+        tdt = time_dtype(x)
+        if isinstance(t, (int, float)):
+            t = torch.full((x.shape[0],), float(t), device=x.device, dtype=tdt)
+        else:
+            t = as_time(t, x.shape[0], like=torch.empty(0, device=x.device, dtype=tdt))
         t = self.process.clamp_t(t)
         s = self._score_fn(x, t)
         self.nfe += 1
@@ -118,6 +150,12 @@ class SamplingContext:
             raise ValueError(
                 f"sampler {self.sampler.name!r}: expected score_fn to return a tensor of shape {tuple(x.shape)}, found {found}"
             )
+        if s.dtype != x.dtype:
+            if not s.is_floating_point():
+                raise TypeError(
+                    f"sampler {self.sampler.name!r}: expected score_fn to return a floating tensor, found {s.dtype}"
+                )
+            s = s.to(x.dtype)
         return s
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,8 +310,14 @@ class Sampler:
             raise ValueError(
                 f"sampler {self.name!r}: expected one generator per sample ({x.shape[0]}), found {len(generator)}"
             )
+        # the output has the input's dtype; half precision is integrated in float32 (the score sees float32
+        # states), since float16 cannot carry the small per-step updates (nor torchdiffeq's times)
+        out_dtype = x.dtype
+        if x.dtype in _HALF:
+            x = x.float()
+        max_nfe = self.config.get("max_nfe")
         ctx = SamplingContext(self, score_fn, process, generator, callback, return_trajectory,
-                              bool(self.config["progress"]), self._num_progress_steps())
+                              bool(self.config["progress"]), self._num_progress_steps(), max_nfe=max_nfe)
         try:
             if ctx.trajectory is not None:
                 ctx.trajectory.append(x.detach().clone())
@@ -284,17 +328,38 @@ class Sampler:
                     x = self._denoise(ctx, x)
         finally:
             ctx.close()
-        return SamplerOutput(samples=x, nfe=ctx.nfe, trajectory=ctx.trajectory, times=ctx.times,
-                             info={"sampler": self.name, **{k: v for k, v in self.config.items() if k != "progress"}})
+        if x.dtype != out_dtype:
+            x = x.to(out_dtype)
+            if ctx.trajectory is not None:
+                ctx.trajectory = [v.to(out_dtype) for v in ctx.trajectory]
+        info = {"sampler": self.name, **{k: v for k, v in self.config.items() if k != "progress"}, **ctx.info}
+        return SamplerOutput(samples=x, nfe=ctx.nfe, trajectory=ctx.trajectory, times=ctx.times, info=info)
+
+    @property
+    def nfe(self) -> int | None:
+        """Score evaluations of one run as fixed by the options (final steps such as ``denoise`` and
+        ``to_zero`` included), or ``None`` when the sampler chooses them itself (adaptive samplers). The
+        tests check it against counted calls for every registered sampler."""
+        return None
+
+    def _final_steps_nfe(self) -> int:
+        """Evaluations of the final steps handled outside ``_run``'s main loop (``denoise``, ``to_zero``)."""
+        return int(bool(self.config.get("denoise"))) + int(bool(self.config.get("to_zero")))
 
     def _denoise(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         """Final Tweedie step at the sampler's final time: x <- (x + sigma^2 s(x, t)) / alpha."""
         t_end = self._final_time(ctx.process)
-        t = torch.full((x.shape[0],), t_end, dtype=x.dtype, device=x.device)
-        alpha, sigma = ctx.process.marginal(t)
-        x = (x + append_dims(sigma**2, x.ndim) * ctx.score(x, t)) / append_dims(alpha, x.ndim)
+        alpha, sigma = ctx.process.marginal(torch.tensor([t_end], dtype=torch.float64))
+        a, s2 = float(alpha), float(sigma) ** 2
+        x = torch.add(x, ctx.score(x, t_end), alpha=s2).div_(a)
         ctx.record(x, t_end)
         return x
+
+
+def check_max_nfe(cfg: Mapping[str, Any], sampler: str) -> None:
+    """Validate a ``max_nfe`` option (None, or an int >= 1)."""
+    if cfg["max_nfe"] is not None:
+        check_int(cfg, "max_nfe", sampler)
 
 
 def check_int(cfg: Mapping[str, Any], key: str, sampler: str, minimum: int = 1) -> int:

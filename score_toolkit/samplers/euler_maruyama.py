@@ -151,6 +151,9 @@ class EulerMaruyamaSampler(Sampler):
         method (str, ``"euler"``): torchsde solver; one of :data:`METHODS`: ``euler`` (Euler-Maruyama),
             ``milstein`` (identical to euler here: additive noise), ``srk`` (SRA1, 2 score evaluations per
             step), ``heun``, ``midpoint`` (2 per step), ``euler_heun`` (1 per step).
+        last_step_noise (bool, ``True``): whether the last step (to t_min) adds noise. ``False`` makes it
+            noise-free (its Brownian increment is zero: score_sde's sampler returns that step's mean).
+            The default was chosen by measurement (docs/samplers_sde_ode.md, "Noise in the last step").
         denoise, progress: see :class:`~score_toolkit.samplers.base.Sampler`.
 
     The score is evaluated ``num_steps * nfe_per_step`` times (+1 with ``denoise``). The state is checked
@@ -165,7 +168,7 @@ class EulerMaruyamaSampler(Sampler):
     properties: ClassVar[SamplerProperties] = SamplerProperties(
         stochastic=True, order=1.0, adaptive=False, fixed_grid=True, per_sample=True
     )
-    options: ClassVar[dict[str, Any]] = {"num_steps": 1000, "grid": "uniform", "method": "euler"}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 1000, "grid": "uniform", "method": "euler", "last_step_noise": True}
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
@@ -178,6 +181,8 @@ class EulerMaruyamaSampler(Sampler):
                 f"valid methods are {tuple(METHODS)}"
             )
         check_choice(cfg, "method", self.name, tuple(METHODS))
+        if not isinstance(cfg["last_step_noise"], bool):
+            raise TypeError(f"sampler {self.name!r}: expected option last_step_noise to be a bool, found {cfg['last_step_noise']!r}")
         if METHODS[method].weak_order != type(self).properties.order:
             self.properties = replace(type(self).properties, order=METHODS[method].weak_order)
 
@@ -185,6 +190,11 @@ class EulerMaruyamaSampler(Sampler):
     def nfe_per_step(self) -> int:
         """Score evaluations per step of the chosen method."""
         return METHODS[self.config["method"]].nfe_per_step
+
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_steps * nfe_per_step`` (+1 with ``denoise``)."""
+        return self.config["num_steps"] * self.nfe_per_step + self._final_steps_nfe()
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         method = METHODS[self.config["method"]]
@@ -197,9 +207,13 @@ class EulerMaruyamaSampler(Sampler):
         # step; undo that draw, so that the global generator only serves our own noise (when generator=None).
         state = [_global_rng_state(y0.device)]
 
+        quiet_last = not self.config["last_step_noise"]
+
         def draw() -> torch.Tensor:
             if state:
                 _set_global_rng_state(y0.device, state.pop())
+            if quiet_last and bm.current_interval == n - 1:
+                return torch.zeros_like(y0)  # the noise-free last step
             return ctx.randn_like(y0)
 
         bm = GridBrownianMotion(steps, y0.shape, y0.dtype, y0.device, draw, method.levy_area)

@@ -89,6 +89,13 @@ class LangevinSampler(Sampler):
         if not isinstance(cfg["metropolis"], bool):
             raise TypeError(f"sampler {self.name!r}: expected option metropolis to be a bool, found {cfg['metropolis']!r}")
 
+    @property
+    def nfe(self) -> int:
+        """Evaluations of one run (score and energy): ``num_steps`` (ULA) or ``2 (num_steps + 1)`` (MALA),
+        +1 with ``denoise``."""
+        n = self.config["num_steps"]
+        return (2 * (n + 1) if self.config["metropolis"] else n) + self._final_steps_nfe()
+
     def _check_process(self, process: Process) -> None:
         t = self._final_time(process)
         if not process.t_min - 1e-12 <= t <= process.t_max + 1e-12:

@@ -18,6 +18,7 @@ import torchdiffeq
 
 from ..processes import TIME_GRIDS
 from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
+from .grids import check_to_zero, step_to_zero
 
 __all__ = ["ProbabilityFlowODESampler"]
 
@@ -30,7 +31,7 @@ class _Method(NamedTuple):
 
 METHODS: dict[str, _Method] = {
     "dopri5": _Method(True, 5, 6),
-    "dopri8": _Method(True, 8, 12),
+    "dopri8": _Method(True, 8, 13),  # torchdiffeq evaluates all 13 stages (no FSAL reuse)
     "bosh3": _Method(True, 3, 3),
     "adaptive_heun": _Method(True, 2, 1),
     "euler": _Method(False, 1, 1),
@@ -43,8 +44,9 @@ METHODS: dict[str, _Method] = {
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_NUM_STEPS = 10_000
+DEFAULT_MAX_NFE = 10_000
 
-_ADAPTIVE_ONLY = ("rtol", "atol", "max_num_steps", "per_sample_norm")
+_ADAPTIVE_ONLY = ("rtol", "atol", "max_num_steps", "max_nfe", "per_sample_norm")
 
 
 def per_sample_rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,12 @@ class ProbabilityFlowODESampler(Sampler):
         max_num_steps (int, adaptive methods only; default 10000): cap on the steps attempted (accepted
             and rejected) over the whole solve; exceeding it raises a ``RuntimeError`` (also under
             ``python -O``, where torchdiffeq's own ``assert`` vanishes).
+        max_nfe (int, adaptive methods only; default 10000): cap on the score evaluations of the whole run
+            (final steps included); exceeding it raises :class:`~score_toolkit.samplers.base.NFEBudgetError`
+            (a ``RuntimeError``). A score that is not smooth (e.g. piecewise constant) otherwise drives the
+            step size down for tens of thousands of evaluations.
+        to_zero (bool, False): end with the PF-ODE step from ``t_min`` to noise level 0 (one more
+            evaluation; :func:`~score_toolkit.samplers.grids.step_to_zero`); exclusive with ``denoise``.
         per_sample_norm (bool, adaptive methods only; default ``True``): measure the error as the max over
             samples of each sample's RMS (:func:`per_sample_rms_norm`), so that every sample meets the
             tolerance by itself and its result depends on its batch only within that tolerance (steps are
@@ -131,7 +139,8 @@ class ProbabilityFlowODESampler(Sampler):
     ``return_trajectory=True``). A NaN or infinite drift raises :class:`NonFiniteError` at once.
 
     Score evaluations: fixed grid ``num_steps * nfe_per_step`` (euler 1, midpoint 2, heun2 2, heun3 3,
-    rk4 4); dopri5 ``2 + 6 * steps attempted`` (two for the initial step size, FSAL). ``properties`` is an
+    rk4 4); dopri5 ``2 + 6 * steps attempted`` (two for the initial step size, FSAL), dopri8 ``2 + 13 * steps``,
+    bosh3 ``2 + 3 * steps``, adaptive_heun ``2 + steps``; plus one for ``to_zero`` or ``denoise``. ``properties`` is an
     instance attribute reflecting the chosen method (order, adaptive, per_sample).
     """
 
@@ -147,11 +156,14 @@ class ProbabilityFlowODESampler(Sampler):
         "rtol": None,
         "atol": None,
         "max_num_steps": None,
+        "max_nfe": None,
         "per_sample_norm": None,
+        "to_zero": False,
     }
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
+        check_to_zero(cfg, self.name)
         method = check_choice(cfg, "method", self.name, tuple(METHODS))
         check_int(cfg, "num_steps", self.name)
         check_choice(cfg, "grid", self.name, TIME_GRIDS)
@@ -167,8 +179,9 @@ class ProbabilityFlowODESampler(Sampler):
             for key in ("rtol", "atol"):
                 if cfg[key] is not None:
                     check_float(cfg, key, self.name)
-            if cfg["max_num_steps"] is not None:
-                check_int(cfg, "max_num_steps", self.name)
+            for key in ("max_num_steps", "max_nfe"):
+                if cfg[key] is not None:
+                    check_int(cfg, key, self.name)
             if cfg["per_sample_norm"] is not None and not isinstance(cfg["per_sample_norm"], bool):
                 raise TypeError(
                     f"sampler {self.name!r}: expected option per_sample_norm to be a bool or None, "
@@ -190,13 +203,27 @@ class ProbabilityFlowODESampler(Sampler):
     def _setting(cfg: dict[str, Any], key: str):
         """An adaptive option's value, with ``None`` meaning its default."""
         defaults = {"rtol": DEFAULT_RTOL, "atol": DEFAULT_ATOL, "max_num_steps": DEFAULT_MAX_NUM_STEPS,
-                    "per_sample_norm": True}
+                    "max_nfe": DEFAULT_MAX_NFE, "per_sample_norm": True}
         return defaults[key] if cfg[key] is None else cfg[key]
 
     def _num_progress_steps(self) -> int | None:
         return None if METHODS[self.config["method"]].adaptive else self.config["num_steps"]
 
+    @property
+    def nfe(self) -> int | None:
+        """Score evaluations of one run with a fixed-grid method (``None`` for adaptive ones)."""
+        spec = METHODS[self.config["method"]]
+        if spec.adaptive:
+            return None
+        return self.config["num_steps"] * spec.nfe_per_step + self._final_steps_nfe()
+
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
+        x = self._solve(ctx, x)
+        if self.config["to_zero"]:
+            x = step_to_zero(ctx, x, ctx.process.t_min)
+        return x
+
+    def _solve(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         method = cfg["method"]
         spec = METHODS[method]
@@ -211,6 +238,7 @@ class ProbabilityFlowODESampler(Sampler):
             return y
 
         max_num_steps = self._setting(cfg, "max_num_steps")
+        ctx.max_nfe = self._setting(cfg, "max_nfe")
         func = _ProbabilityFlow(ctx, max_num_steps, record_steps=False)
         options: dict[str, Any] = {"max_num_steps": max_num_steps, "step_t": ends[1:].clone()}
         if self._setting(cfg, "per_sample_norm"):
@@ -233,6 +261,7 @@ class ProbabilityFlowODESampler(Sampler):
                     f"sampler {self.name!r}: state became NaN or infinite at step {func.steps} (t = {func.t:.6g})"
                 ) from e
             raise
+        ctx.info = {"steps_attempted": func.steps}
         tl = times.tolist()
         for i in range(1, len(tl)):
             ctx.record(ys[i], tl[i], step=i)

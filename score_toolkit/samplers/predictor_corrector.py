@@ -143,6 +143,12 @@ class PredictorCorrectorSampler(Sampler):
             if cfg[k] != self.options[k]:
                 raise ValueError(f"sampler {self.name!r}: option {k}={cfg[k]!r} has no effect with {why}")
 
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_steps * (1 + corrector_steps)`` (+1 with ``denoise``)."""
+        per = 1 + (self.config["corrector_steps"] if self.config["corrector"] == "langevin" else 0)
+        return self.config["num_steps"] * per + self._final_steps_nfe()
+
     def _snr(self) -> float:
         snr, n = float(self.config["snr"]), self.config["num_steps"]
         if self.config["snr_scaling"] == "grid":
