@@ -489,15 +489,16 @@ def load_pipeline_components(folder) -> PipelineComponents:
     or score_toolkit's own (nothing named by the folder is imported). The network is loaded strictly
     (:func:`score_toolkit.models.load_model`: safetensors only; a missing, unexpected or mis-shaped weight,
     or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler names the process
-    (:func:`~score_toolkit.pipeline.scheduler_spec`). Also reads plain diffusers DDPM folders
+    (:func:`~score_toolkit.folders.scheduler_spec`). Also reads plain diffusers DDPM folders
     (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders. The same loader as
-    :meth:`ScorePipeline.from_pretrained <score_toolkit.pipeline.ScorePipeline.from_pretrained>`."""
-    from .pipeline import _load_components, scheduler_spec
+    :meth:`ScorePipeline.from_pretrained <score_toolkit.pipeline.ScorePipeline.from_pretrained>`
+    (:func:`score_toolkit.folders.load_components`)."""
+    from .folders import load_components, scheduler_spec
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"expected a pipeline folder at {folder}, found nothing there")
-    components = _load_components(folder, None)
+    components = load_components(folder)
     model = components["unet"]
     process, prediction_type, time_input = scheduler_spec(components["scheduler"])
     return PipelineComponents(model, process, prediction_type, time_input)
