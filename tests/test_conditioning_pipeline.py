@@ -193,3 +193,42 @@ def test_label_dropout_training_gives_a_guidable_vector_network():
     assert 0.3 < frac1 < 0.7, frac1
     with pytest.raises(ValueError, match="without class labels"):
         ScoreMLP(2)(torch.zeros(1, 2), torch.ones(1), class_labels=torch.zeros(1))
+
+
+def _train_config(out, data, num_classes, **train):
+    return {
+        "output_dir": str(out), "seed": 0, "data": data, "process": {"name": "VPSDE"},
+        "model": {"name": "ScoreMLP", "prediction_type": "epsilon", "time_input": "t",
+                  "options": {"hidden_dim": 16, "num_layers": 1, "time_embedding": "linear", "num_classes": num_classes}},
+        "objective": {"name": "epsilon"},
+        "train": {"steps": 4, "batch_size": 32, "checkpoint_every": 2, "log_every": 2, "progress": False, **train},
+        "export": {"enabled": False},
+    }
+
+
+def test_training_loop_feeds_labels_with_dropout(tmp_path, monkeypatch):
+    """score-toolkit train with a label-table network: the digits' labels reach the network, with the null label at
+    the dropout rate; a set without labels, labels beyond the table and a bad dropout rate are errors."""
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.training import ConfigError, train
+
+    seen = []
+    forward = ScoreMLP.forward
+
+    def spy(self, x, t, class_labels=None):
+        if self.training and class_labels is not None:
+            seen.append(class_labels.detach().clone())
+        return forward(self, x, t, class_labels)
+
+    monkeypatch.setattr(ScoreMLP, "forward", spy)
+    train(_train_config(tmp_path / "a", {"name": "digits"}, 11, label_dropout=0.5))
+    labels = torch.cat(seen)
+    assert labels.numel() >= 4 * 32 and int(labels.max()) == 10 and int(labels.min()) >= 0
+    null = float((labels == 10).double().mean())
+    assert 0.3 < null < 0.7, null  # dropout 0.5
+    with pytest.raises(ValueError, match="has no labels"):
+        train(_train_config(tmp_path / "b", {"name": "ring", "options": {"num_samples": 200}}, 3))
+    with pytest.raises(ValueError, match="do not fit the network's class-label table"):
+        train(_train_config(tmp_path / "c", {"name": "digits"}, 5))
+    with pytest.raises(ConfigError, match="label_dropout"):
+        train(_train_config(tmp_path / "d", {"name": "digits"}, 11, label_dropout=1.5))

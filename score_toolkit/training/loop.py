@@ -227,6 +227,12 @@ def train(
                                start_step=start, stop_step=tc.steps, pin_memory=device.type == "cuda")
     score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input, check_inputs=False)
     objective = comps.objective
+    from ..data import Dataset
+
+    label_table = _label_table(base_model)
+    if label_table is not None and isinstance(comps.dataset, Dataset) and comps.dataset.labels is None:
+        raise ValueError(f"the network has a class-label table ({label_table} rows) but the data set "
+                         f"{getattr(comps.dataset, 'name', '')!r} has no labels")
 
     history: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
@@ -248,7 +254,7 @@ def train(
         lr = lr_scheduler.get_last_lr()[0]
         for micro in range(tc.gradient_accumulation_steps):
             first = (step - 1) * tc.batch_size + micro * micro_batch + rank * local_batch
-            x, _labels = next(batches)
+            x, labels = next(batches)
             x = x.to(device, non_blocking=True)
             if tc.per_sample_noise:
                 from .._utils import per_sample_generators
@@ -259,7 +265,11 @@ def train(
                 generator = torch.Generator(device=device).manual_seed(_mix(cfg.seed, 0x5EED, step, micro, rank))
             sync = micro == tc.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss = objective(score_fn, x, generator=generator)
+                step_score = score_fn
+                if label_table is not None:  # class-conditional: the labels (with dropout) go into the network
+                    step_score = _labelled_score(model, comps, labels, label_table, tc.label_dropout, device,
+                                                 _mix(cfg.seed, 0x1AB, step, micro, rank))
+                loss = objective(step_score, x, generator=generator)
                 accelerator.backward(loss / accumulation if accumulation > 1 else loss)
             loss_sum += loss.detach()
             loss_count += 1
@@ -329,3 +339,30 @@ def train(
         accelerator.end_training()
     return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
                        resumed_from=ckpt, num_processes=world)
+
+
+def _label_table(model) -> int | None:
+    """Rows of the network's class-label table (``num_class_embeds`` / ``num_classes`` in its config), or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    n = cfg.get("num_class_embeds") if hasattr(cfg, "get") else None
+    if n is None:
+        n = cfg.get("num_classes") if hasattr(cfg, "get") else None
+    return int(n) if n is not None else None
+
+
+def _labelled_score(model, comps, labels, table: int, dropout: float, device, seed: int):
+    """The score function of one micro-batch with its labels (null label ``table - 1`` with prob. ``dropout``)."""
+    from ..conditioning import drop_labels
+    from ..scores import ScoreAdapter
+
+    if labels is None:
+        raise ValueError(f"the network has a class-label table ({table} rows) but the batch has no labels")
+    labels = torch.as_tensor(labels).to(device).long()
+    if bool(((labels < 0) | (labels >= table - 1)).any()):
+        raise ValueError(f"data labels {sorted(set(labels.tolist()))} do not fit the network's class-label table of "
+                         f"{table} rows (classes 0..{table - 2}, the last row is the null label)")
+    labels = drop_labels(labels, table - 1, dropout, generator=torch.Generator(device=device).manual_seed(seed))
+    return ScoreAdapter(lambda y, t: model(y, t, class_labels=labels), comps.process, comps.prediction_type,
+                        comps.time_input, check_inputs=False)
