@@ -116,6 +116,8 @@ def sample_to_folder(
     progress: bool = True,
     checkpoint: str | None = None,
     max_grid: int = 64,
+    class_labels: int | None = None,
+    guidance_scale: float = 1.0,
     image_files: bool = False,
 ) -> SampleRunResult:
     """Draw ``num_samples`` samples with ``sampler`` and write them to ``output_dir`` (see the module docs).
@@ -131,6 +133,8 @@ def sample_to_folder(
         overwrite: replace a different run found in ``output_dir`` (only the files this function writes).
         checkpoint: how the model is named in the manifest (e.g. its folder); the weights are fingerprinted too.
         max_grid: at most this many images in the picture.
+        class_labels, guidance_scale: one class for every sample, with classifier-free guidance (see
+            ``ScorePipeline.__call__`` and docs/conditioning.md); recorded in the manifest.
         image_files: also write one PNG per sample (``images/``) and ``samples.npz`` (image samples only).
     """
     from .pipeline import ScorePipeline
@@ -178,6 +182,14 @@ def sample_to_folder(
         "shard_size": shard_size,
         "dtype": str(pipeline.unet.dtype),
     }
+    if class_labels is not None or guidance_scale != 1.0:
+        from .conditioning import conditional_score
+
+        process, _, time_input = pipeline.spec  # a label outside the network's classes: an error before any output
+        conditional_score(lambda x, t: x, process, model=pipeline.unet, prediction_type=prediction_type,
+                          time_input=time_input, class_labels=class_labels, guidance_scale=guidance_scale)
+        run["class_labels"] = class_labels
+        run["guidance_scale"] = float(guidance_scale)
     num_shards = math.ceil(num_samples / shard_size)
 
     # the main process checks the folder and reads what is done; every process learns the outcome
@@ -201,7 +213,8 @@ def sample_to_folder(
                 for b0, b1 in my_blocks:
                     res = pipeline(shape=(b1 - b0, *sample_shape), sampler=sampler_obj,
                                    generator=per_sample_generators(seed, range(b0, b1)), output_type="pt",
-                                   network_batch_size=network_batch_size)
+                                   network_batch_size=network_batch_size, class_labels=class_labels,
+                                   guidance_scale=guidance_scale)
                     mine.append((b0, res.samples.detach().to("cpu"), res.nfe, rank))
                     if bar is not None:
                         bar.update(1)

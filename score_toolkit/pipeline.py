@@ -14,13 +14,18 @@ the stepping::
     out.images[0].save("digit.png"); print(out.nfe)
 
 Data flows one way: scheduler config -> (process, prediction type, time input) -> score adapter ->
-sampler -> samples -> images.
+sampler -> samples -> images. Finding and reading folders (a path, a cached Hub repository, a shipped model)
+is :mod:`score_toolkit.folders`; its names ``scheduler_spec``, ``shipped_model_path`` and
+``SHIPPED_MODELS_ENV_VAR`` are also importable from here.
+
+Why one module of this length: it is one class, the diffusers pipeline, with the small helpers of its
+``__call__`` (sampler choice, conditioning routes, fixed network batches, reduced precision, image output);
+the folder reading that used to live here is in :mod:`score_toolkit.folders`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +43,14 @@ from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
 from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._utils import GeneratorLike
+from .folders import (
+    SHIPPED_MODELS_ENV_VAR,
+    _read_json,
+    _resolve_folder,
+    load_components,
+    scheduler_spec,
+    shipped_model_path,
+)
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
 
@@ -54,8 +67,6 @@ __all__ = [
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-#: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
-SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
               "callback", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "return_dict",
@@ -79,18 +90,6 @@ class ScorePipelineOutput(BaseOutput):
     nfe: int
 
 
-def scheduler_spec(scheduler) -> tuple[Process, str, str]:
-    """``(process, prediction_type, time_input)`` named by a scheduler (or its config): one of
-    :mod:`score_toolkit.diffusers_schedulers` carries them; any other is read with
-    :func:`score_toolkit.schedulers.read_scheduler_config` (a ``ValueError`` names the field it cannot map)."""
-    from .diffusers_schedulers import is_score_scheduler
-    from .schedulers import read_scheduler_config
-
-    if is_score_scheduler(scheduler):
-        return scheduler.process, scheduler.prediction_type, scheduler.time_input
-    return read_scheduler_config(scheduler)
-
-
 class _FixedBatchNetwork:
     """Calls ``model`` on chunks of exactly ``size`` rows (the last one padded by repeating its last row),
     so that a sample's network output does not depend on how many samples share its batch: CPU and GPU
@@ -100,18 +99,21 @@ class _FixedBatchNetwork:
         self.model = model
         self.size = size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **per_sample: torch.Tensor):
+        # per_sample: keyword inputs with one row per sample (e.g. class_labels), chunked like x
         from .scores import _model_output
 
         outs = []
         for start in range(0, x.shape[0], self.size):
             xb, tb = x[start:start + self.size], t[start:start + self.size]
+            kb = {k: v[start:start + self.size] for k, v in per_sample.items()}
             n = xb.shape[0]
             if n < self.size:
                 pad = self.size - n
                 xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
                 tb = torch.cat([tb, tb[-1:].expand(pad)])
-            outs.append(_model_output(self.model(xb, tb))[:n])
+                kb = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in kb.items()}
+            outs.append(_model_output(self.model(xb, tb, **kb))[:n])
         return torch.cat(outs)
 
 
@@ -220,6 +222,13 @@ class ScorePipeline(DiffusionPipeline):
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
+        class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        operator: Any = None,
+        observation: torch.Tensor | None = None,
+        mask: Any = None,
+        noise_std: float = 0.0,
+        inverse_method: str = "pigdm",
         **sampler_kwargs: Any,
     ) -> ScorePipelineOutput | tuple:
         """Draw samples.
@@ -249,7 +258,17 @@ class ScorePipeline(DiffusionPipeline):
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+            class_labels: classes to generate (an int or one per sample), with classifier-free guidance of scale
+                ``guidance_scale`` (diffusers' convention; 1 = the conditional model); the network must have been
+                trained with labels (its last label is the null label). See docs/conditioning.md.
+            operator, observation, mask, noise_std, inverse_method: condition on a linear observation
+                ``observation = A x + noise_std n`` (``operator``, a :class:`~score_toolkit.conditioning.LinearOperator`,
+                or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
+                that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        if "operator" in sampler_kwargs:
+            operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
@@ -270,6 +289,8 @@ class ScorePipeline(DiffusionPipeline):
             )
         # a bfloat16 / float16 network samples float32 states (see _ReducedPrecisionNetwork)
         dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+        score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
+                                     observation, mask, noise_std, inverse_method)
         total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
         with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
 
@@ -280,7 +301,7 @@ class ScorePipeline(DiffusionPipeline):
                     step_end(info)
                 bar.update()
 
-            out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=on_step,
+            out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
                                      device=self._execution_device, dtype=dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
@@ -289,6 +310,26 @@ class ScorePipeline(DiffusionPipeline):
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
+                     mask, noise_std, inverse_method):
+        if class_labels is None and operator is None and mask is None and observation is None and guidance_scale == 1.0:
+            return score_fn
+        from .conditioning import conditional_score
+
+        process, prediction_type, time_input = self.spec
+        model = self.unet
+        if network_batch_size is not None:
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model.config = self.unet.config
+        if observation is not None and not isinstance(observation, torch.Tensor):
+            observation = torch.as_tensor(observation)
+        if observation is not None:
+            state_dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+            observation = observation.to(device=self._execution_device, dtype=state_dtype)
+        return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
+                                 class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
+                                 observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
 
     def _step_end_callback(self, fn, tensor_inputs) -> Callable[[dict[str, Any]], None] | None:
         """diffusers' ``callback_on_step_end`` as a sampler callback."""
@@ -401,10 +442,28 @@ class ScorePipeline(DiffusionPipeline):
         """
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
-        pipe = cls(**_load_components(folder, torch_dtype))
+        pipe = cls(**load_components(folder, torch_dtype))
         source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
         pipe._source_pipeline = source if isinstance(source, str) else None
         return pipe
+
+
+def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
+    """Samplers with their own ``operator`` option (repaint, imputation) get the operator and observation as options."""
+    if operator is None and mask is None:
+        return sampler_kwargs
+    from .registry import get_sampler_class
+    from .samplers.base import Sampler
+
+    cls = type(sampler) if isinstance(sampler, Sampler) else (get_sampler_class(sampler) if isinstance(sampler, str) else None)
+    if cls is None or "operator" not in cls.options or isinstance(sampler, Sampler):
+        return sampler_kwargs
+    from .conditioning import Mask
+
+    if mask is not None and operator is not None:
+        raise ValueError("pass either mask (inpainting) or operator, not both")
+    op = Mask(torch.as_tensor(mask)) if mask is not None else operator
+    return {**sampler_kwargs, "operator": op, "observation": observation}
 
 
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):
@@ -460,148 +519,3 @@ def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:
     if output_type == "np":
         return arr
     return DiffusionPipeline.numpy_to_pil(arr)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
-    path = Path(os.fspath(name_or_path)).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
-        return path
-    text = os.fspath(name_or_path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there") from None
-
-    try:
-        snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
-                                     local_files_only=bool(local_files_only),
-                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md"])
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""
-        raise FileNotFoundError(
-            f"expected a pipeline folder or a Hub repository at {text!r}: there is no such folder, and the Hub "
-            f"repository could not be loaded{hint}: {err}"
-        ) from err
-    return Path(snapshot)
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _scheduler_class(lib: str, name: str):
-    from . import diffusers_schedulers, schedulers
-
-    if lib == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, name, None)
-        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
-            return cls
-    ours = {
-        ("score_toolkit.schedulers", "ScoreSDEScheduler"): schedulers.ScoreSDEScheduler,
-        **{("score_toolkit.diffusers_schedulers", c.__name__): c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()},
-    }
-    if (lib, name) in ours:
-        return ours[(lib, name)]
-    raise ValueError(
-        f"model_index.json field 'scheduler': expected a diffusers scheduler or one of score_toolkit's "
-        f"({', '.join(sorted(n for _, n in ours))}), found [{lib!r}, {name!r}]; code named by a folder is never imported"
-    )
-
-
-def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
-    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
-    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
-    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
-    from ._config import strict_config
-    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
-    from .models import load_model
-    from .schedulers import scheduler_config_keys
-
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise FileNotFoundError(
-            f"{folder} is not a pipeline folder: expected model_index.json in it, found {found or 'an empty folder'}"
-        )
-    index = _read_json(index_file, "model_index.json")
-    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-    for key in ("unet", "scheduler"):
-        entry = index.get(key)
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise ValueError(f"{index_file} field {key!r}: expected [library, class], found {entry!r}")
-    extra = sorted(components - {"unet", "scheduler"})
-    if extra:
-        raise ValueError(
-            f"{index_file}: ScorePipeline has the components unet and scheduler; this pipeline "
-            f"({index.get('_class_name')}) also has {extra}"
-        )
-    sched_cls = _scheduler_class(*index["scheduler"])
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched_config = _read_json(sched_file, "the scheduler config")
-    if sched_config.get("_class_name") != sched_cls.__name__:
-        raise ValueError(
-            f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
-            f"found {sched_config.get('_class_name')!r}"
-        )
-    if sched_cls in SCHEDULER_CLASSES.values():
-        keys = score_scheduler_config_keys(sched_cls)
-    else:
-        keys = scheduler_config_keys(sched_cls.__name__)
-    try:
-        # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
-        scheduler_spec(scheduler)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{sched_file}: {err}") from err
-    unet_lib, unet_name = index["unet"]
-    unet_config = _read_json(folder / "unet" / "config.json", "the network config")
-    if unet_config.get("_class_name") != unet_name:
-        raise ValueError(
-            f"{folder / 'unet' / 'config.json'} field '_class_name': expected {unet_name} (as model_index.json "
-            f"says), found {unet_config.get('_class_name')!r}"
-        )
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    model = load_model(None, str(folder), subfolder="unet", **kwargs)
-    if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
-        raise ValueError(
-            f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}; code named by a folder is never imported"
-        )
-    model.eval()
-    return {"unet": model, "scheduler": scheduler}
-
-
-# ---------------------------------------------------------------------------------------------- shipped models
-def shipped_model_path(name: str = "digits") -> Path:
-    """The folder of a model shipped with score_toolkit (``hub_cards/<name>`` of the repository, found next to
-    the package; or under ``$SCORE_TOOLKIT_HUB_CARDS``). A ``FileNotFoundError`` says how to get it."""
-    env = os.environ.get(SHIPPED_MODELS_ENV_VAR)
-    base = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "hub_cards"
-    folder = base / name
-    if not (folder / "model_index.json").is_file():
-        where = f"${SHIPPED_MODELS_ENV_VAR}={env}" if env else "the repository's hub_cards/ folder next to the package"
-        raise FileNotFoundError(
-            f"the shipped {name!r} model is not at {folder} (looked in {where}). It ships in the score_toolkit "
-            f"repository; with an installed copy without it, set {SHIPPED_MODELS_ENV_VAR} to a folder holding "
-            f"{name}/, pass a checkpoint folder instead, or train it: score-toolkit train --config "
-            f"hub_cards/configs/{name}.yaml"
-        )
-    return folder

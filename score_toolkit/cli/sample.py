@@ -46,6 +46,12 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. --option grid=log_sigma --option denoise=true (values are read as "
                    "JSON when they parse, else as strings; repeatable)")
+    p.add_argument("--class-label", type=int, default=None,
+                   help="generate this class (a network trained with labels; classifier-free guidance, see "
+                   "docs/conditioning.md)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale with --class-label (diffusers' convention: 1 = the "
+                   "conditional model, larger = sharper; default 1)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i is seeded by (seed, i) (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="samples drawn together (default 32)")
     p.add_argument("--network-batch-size", type=int, default=32,
@@ -115,11 +121,14 @@ def _run(args: argparse.Namespace) -> int:
         pipe, args.output_dir, args.num_samples, sampler=args.sampler, sampler_options=options, seed=args.seed,
         batch_size=args.batch_size, network_batch_size=network_batch_size, shard_size=args.shard_size,
         accelerator=accelerator, overwrite=args.overwrite, progress=not args.no_progress, checkpoint=checkpoint,
+        class_labels=args.class_label, guidance_scale=args.guidance_scale,
         image_files=args.image_files,
     )
     if accelerator.is_main_process:
         seconds = time.perf_counter() - start
         what = f"{result.num_samples} samples with {args.sampler} ({_describe(options)})"
+        if args.class_label is not None:
+            what += f" of class {args.class_label} (guidance scale {args.guidance_scale:g})"
         skipped = f", {result.shards_skipped} shard(s) already complete" if result.shards_skipped else ""
         print(f"wrote {what} on {result.num_processes} process(es) in {seconds:.1f} s{skipped}:")
         print(f"  {result.samples_file}")
