@@ -3,7 +3,9 @@
 Every fixed-grid sampler of this family (DPM-Solver++ 2M/3M/2S/3S and their SDE variants, EDM Heun) takes
 the same three options, handled once by :class:`GridSampler`:
 
-* ``grid``: a built-in kind of :meth:`Process.time_grid` (``"log_sigma"``: uniform in log-SNR,
+* ``grid``: ``"fitted"`` (the data-free grid of :func:`fitted_log_snr`: grids fitted once by :func:`optimize_grid`
+  on reference mixtures, expressed in normalised log-SNR, so that one shape serves every process and budget);
+  a built-in kind of :meth:`Process.time_grid` (``"log_sigma"``: uniform in log-SNR,
   ``"karras"``: the rho schedule of Karras et al. 2022, eq. 5, ``"uniform"`` in t); the name of a grid
   saved with :func:`save_grid` (for instance by :func:`optimize_grid`); a path to such a JSON file; or
   an explicit decreasing sequence of times from ``t = 1`` to ``t_min``.
@@ -42,6 +44,8 @@ from .base import Sampler, SamplingContext, check_float, check_int
 
 __all__ = [
     "GridSampler",
+    "GRID_KINDS",
+    "fitted_log_snr",
     "GRID_DIR_ENV_VAR",
     "step_to_zero",
     "default_grid_dir",
@@ -60,6 +64,48 @@ _FORMAT = "score_toolkit.time_grid"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: relative tolerance when matching a saved grid's log-SNR ends to a process
 _LOG_SNR_TOL = 1e-6
+#: grid kinds every fixed-grid sampler accepts: the data-free fitted grid and the process's built-in kinds
+GRID_KINDS = ("fitted", *TIME_GRIDS)
+
+# The data-free grid. Grids of dpmpp_2m (with to_zero) fitted by optimize_grid(mixture=...) on the benchmark's
+# reference mixtures (loss "mse", 512/256 draws, 60 L-BFGS evaluations), each written as the normalised log-SNR
+# u = (lambda - lambda(1)) / (lambda(t_min) - lambda(1)) of its points: a shape that does not depend on the
+# process's range. Averaged over VESDE(0.01, 50) and VPSDE(0.1, 20):
+#   11 steps, the 2-D ring of 8 Gaussians (std 0.2, radius 4),
+#   19 steps, the 16-D anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]).
+# Both have a long first step (the denoiser barely moves at high noise), even steps through the middle where
+# the modes separate, and a long last step. See docs/fast_samplers.md ("The data-free grid").
+_FITTED_WARPS = {
+    11: (0.0, 0.2, 0.3365, 0.37, 0.4285, 0.4755, 0.527, 0.5755, 0.629, 0.6865, 0.822, 1.0),
+    19: (0.0, 0.176, 0.249, 0.3025, 0.343, 0.3805, 0.4145, 0.455, 0.486, 0.5195, 0.5515, 0.586, 0.6305, 0.658,
+         0.6945, 0.7165, 0.7495, 0.773, 0.845, 1.0),
+}
+
+
+def fitted_log_snr(process: Process, num_steps: int) -> torch.Tensor:
+    """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda_0 = lambda(1) < ... < lambda(t_min)``.
+
+    Each shipped fitted grid is a warp ``u(s)`` of ``s = i / n`` onto the normalised log-SNR ``u``; for ``n`` steps the
+    points are ``u(i / n)`` (piecewise-linear in ``s``), with the warp fitted at 11 steps for ``n <= 11``, the one
+    fitted at 19 steps for ``n >= 19`` and their linear blend in between; ``lambda = lambda(1) + u (lambda(t_min) -
+    lambda(1))``. Expressed this way the grid transfers across processes of a family (VE with any sigma_max, VP,
+    sub-VP, DDPM tables): only the process's log-SNR range enters."""
+    n = int(num_steps)
+    s = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+
+    def warp(knots):
+        k = torch.tensor(knots, dtype=torch.float64)
+        pos = s * (k.numel() - 1)
+        lo = pos.floor().clamp(max=k.numel() - 2).long()
+        frac = pos - lo
+        return k[lo] * (1 - frac) + k[lo + 1] * frac
+
+    c = min(1.0, max(0.0, (n - 11) / 8.0))
+    u = (1 - c) * warp(_FITTED_WARPS[11]) + c * warp(_FITTED_WARPS[19])
+    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    lam = ends[0] + (ends[1] - ends[0]) * u
+    lam[0], lam[-1] = ends[0], ends[1]
+    return lam
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -78,8 +124,8 @@ def _check_name(name: str) -> str:
         raise ValueError(
             f"expected a grid name of letters, digits, '_', '.', '-' (not ending in .json), found {name!r}"
         )
-    if name in TIME_GRIDS:
-        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {TIME_GRIDS}")
+    if name in GRID_KINDS:
+        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {GRID_KINDS}")
     return name
 
 
@@ -146,7 +192,7 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
         close = difflib.get_close_matches(os.fspath(name_or_path), available, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(
-            f"no saved grid {os.fspath(name_or_path)!r}{hint}: expected a built-in kind {TIME_GRIDS}, a grid saved in "
+            f"no saved grid {os.fspath(name_or_path)!r}{hint}: expected a built-in kind {GRID_KINDS}, a grid saved in "
             f"{path.parent} (available: {available or 'none'}) or a path to a grid .json file"
         )
     try:
@@ -257,7 +303,7 @@ class _GridSpec:
 
 def _parse_grid(grid, sampler: str) -> _GridSpec:
     if isinstance(grid, str):
-        if grid in TIME_GRIDS:
+        if grid in GRID_KINDS:
             return _GridSpec(kind=grid, label=grid)
         try:
             record = _read_record(grid, None)
@@ -283,13 +329,15 @@ def _parse_grid(grid, sampler: str) -> _GridSpec:
             )
         return _GridSpec(times=tuple(values), label="option grid")
     raise TypeError(
-        f"sampler {sampler!r}: expected option grid to be one of {TIME_GRIDS}, a saved grid name or .json path, "
+        f"sampler {sampler!r}: expected option grid to be one of {GRID_KINDS}, a saved grid name or .json path, "
         f"or a sequence of times; found {type(grid).__name__}"
     )
 
 
 def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float) -> torch.Tensor:
     """The float64 times ``t_0 = 1 > ... > t_n = t_min`` of a parsed grid option under ``process``."""
+    if spec.kind == "fitted":
+        return _times_from_log_snr(fitted_log_snr(process, num_steps), process, "the fitted grid")
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
     if spec.log_snr is not None:
@@ -319,6 +367,8 @@ class GridSampler(Sampler):
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
+        if cfg["denoise"] is True and cfg["to_zero"] is True and "to_zero" not in self._given:
+            cfg["to_zero"] = False  # a to_zero default gives way to an explicit denoise=True
         check_to_zero(cfg, self.name)
         spec = _parse_grid(cfg["grid"], self.name)
         check_float(cfg, "rho", self.name)
