@@ -4,7 +4,7 @@ Every fixed-grid sampler of this family (DPM-Solver++ 2M/3M/2S/3S and their SDE 
 the same three options, handled once by :class:`GridSampler`:
 
 * ``grid``: ``"fitted"`` (the data-free grid of :func:`fitted_log_snr`: grids fitted once by :func:`optimize_grid`
-  on reference mixtures, expressed in normalised log-SNR, so that one shape serves every process and budget);
+  on reference mixtures, shipped as a step density over log-SNR, so that one rule serves every process and budget);
   a built-in kind of :meth:`Process.time_grid` (``"log_sigma"``: uniform in log-SNR,
   ``"karras"``: the rho schedule of Karras et al. 2022, eq. 5, ``"uniform"`` in t); the name of a grid
   saved with :func:`save_grid` (for instance by :func:`optimize_grid`); a path to such a JSON file; or
@@ -68,55 +68,58 @@ _LOG_SNR_TOL = 1e-6
 GRID_KINDS = ("fitted", *TIME_GRIDS)
 
 # The data-free grid. Grids of dpmpp_2m (with to_zero) fitted by optimize_grid(mixture=...) on the benchmark's
-# reference mixtures (loss "mse", 512/256 draws, 60 L-BFGS evaluations), each written as the normalised log-SNR
-# u = (lambda - lambda(1)) / (lambda(t_min) - lambda(1)) of its points: a shape that does not depend on the
-# process's range. Averaged over VESDE(0.01, 50) and VPSDE(0.1, 20):
-#   11 steps, the 2-D ring of 8 Gaussians (std 0.2, radius 4),
-#   19 steps, the 16-D anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]).
-# Both have a long first step (the denoiser barely moves at high noise), even steps through the middle where
-# the modes separate, and a long last step. See docs/fast_samplers.md ("The data-free grid").
-_FITTED_WARPS = {
-    11: (0.0, 0.2, 0.3365, 0.37, 0.4285, 0.4755, 0.527, 0.5755, 0.629, 0.6865, 0.822, 1.0),
-    19: (0.0, 0.176, 0.249, 0.3025, 0.343, 0.3805, 0.4145, 0.455, 0.486, 0.5195, 0.5515, 0.586, 0.6305, 0.658,
-         0.6945, 0.7165, 0.7495, 0.773, 0.845, 1.0),
-}
+# reference mixtures (loss "mse", 512/256 draws, 60 L-BFGS evaluations), written as their log-SNR values
+# lambda = ln(alpha / sigma): under VESDE(0.01, 50) and VPSDE(0.1, 20), 11 steps on the 2-D ring of 8 Gaussians (std
+# 0.2, radius 4) and 19 steps on the 16-D anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]). In
+# absolute log-SNR the VE and VP fits of one mixture nearly coincide (the ring's within 0.16 at every point): where
+# the steps go depends on the noise level relative to the data, not on the process. Each fit is read as a step
+# density over lambda (1 / (n * step) on each step, its end densities extended beyond its range); the shipped grid
+# is the mean of the four densities, and a process's grid of n steps splits the density's mass over the process's
+# own log-SNR range [lambda(1), lambda(t_min)] into n equal parts. See docs/fast_samplers.md ("Defaults").
+_FITTED_LOG_SNR = (
+    (-3.912, -2.558, -1.382, -1.042, -0.539, -0.122, 0.329, 0.755, 1.224, 1.726, 2.919, 4.605),
+    (-5.025, -2.716, -1.422, -1.163, -0.607, -0.176, 0.303, 0.753, 1.252, 1.788, 3.044, 4.558),
+    (-3.912, -2.634, -1.979, -1.519, -1.152, -0.812, -0.505, -0.147, 0.151, 0.432, 0.747, 1.07, 1.564, 1.709, 1.939,
+     2.144, 2.416, 2.629, 3.268, 4.605),
+    (-5.025, -3.089, -2.428, -1.92, -1.556, -1.221, -0.914, -0.54, -0.282, 0.044, 0.303, 0.6, 0.897, 1.261, 1.702,
+     1.894, 2.22, 2.43, 3.092, 4.558),
+)
+_FITTED_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # equal (weighting the 16-D fits 3:1 or alone was measured worse on the ring)
+
+
+def _fitted_density(lam: torch.Tensor) -> torch.Tensor:
+    """The shipped step density over log-SNR at the points ``lam`` (the mean of the fitted grids' densities)."""
+    total = torch.zeros_like(lam)
+    for knots, weight in zip(_FITTED_LOG_SNR, _FITTED_WEIGHTS):
+        k = torch.tensor(knots, dtype=torch.float64)
+        dens = 1.0 / ((k.numel() - 1) * torch.diff(k))
+        idx = (torch.searchsorted(k, lam, right=True) - 1).clamp(0, dens.numel() - 1)
+        total += weight * dens[idx]
+    return total / sum(_FITTED_WEIGHTS)
 
 
 def fitted_log_snr(process: Process, num_steps: int) -> torch.Tensor:
-    """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda_0 = lambda(1) < ... < lambda(t_min)``.
+    """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda(1) < ... < lambda(t_min)``.
 
-    Each shipped fitted grid is a warp ``u(s)`` of ``s = i / n`` onto the normalised log-SNR ``u``; for ``n`` steps the
-    points are ``u(i / n)`` (piecewise-linear in ``s``), with the warp fitted at 11 steps for ``n <= 11``, the one
-    fitted at 19 steps for ``n >= 19`` and their linear blend in between; ``lambda = lambda(1) + u (lambda(t_min) -
-    lambda(1))``. Expressed this way the grid transfers across processes of a family (VE with any sigma_max, VP,
-    sub-VP, DDPM tables): only the process's log-SNR range enters."""
+    The shipped step density over log-SNR (fitted once, see the comment above) is integrated over the process's
+    range and the grid points split its mass into ``num_steps`` equal parts: a data-free grid for any process and
+    budget, which transfers across processes (VE with any sigma_max, VP, sub-VP, DDPM tables) because it lives in
+    absolute log-SNR. Like every data-free rule it assumes data of about unit scale (per feature spreads of 0.1 to
+    1, distances between modes of a few units), as a standardised data set has."""
     n = int(num_steps)
-    s = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
-
-    def warp(knots):
-        k = torch.tensor(knots, dtype=torch.float64)
-        pos = s * (k.numel() - 1)
-        lo = pos.floor().clamp(max=k.numel() - 2).long()
-        frac = pos - lo
-        return k[lo] * (1 - frac) + k[lo + 1] * frac
-
-    c = min(1.0, max(0.0, (n - 11) / 8.0))
-    u = (1 - c) * warp(_FITTED_WARPS[11]) + c * warp(_FITTED_WARPS[19])
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    lam = ends[0] + (ends[1] - ends[0]) * u
-    lam[0], lam[-1] = ends[0], ends[1]
-    return lam
-
-
-# ---------------------------------------------------------------------------------------------- store
-def default_grid_dir() -> Path:
-    """Where named grids live: ``$SCORE_TOOLKIT_GRID_DIR`` if set, else ``$XDG_CACHE_HOME/score_toolkit/grids``
-    (``~/.cache/score_toolkit/grids``)."""
-    env = os.environ.get(GRID_DIR_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "score_toolkit" / "grids"
+    a, b = float(ends[0]), float(ends[1])
+    m = 4097
+    lam = torch.linspace(a, b, m, dtype=torch.float64)
+    dens = _fitted_density(lam)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (dens[1:] + dens[:-1]) * torch.diff(lam), 0)])
+    cdf = cdf / cdf[-1]
+    q = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, m - 2)
+    frac = ((q - cdf[j]) / (cdf[j + 1] - cdf[j]).clamp_min(1e-300)).clamp(0, 1)
+    out = lam[j] + frac * (lam[j + 1] - lam[j])
+    out[0], out[-1] = a, b
+    return out
 
 
 def _check_name(name: str) -> str:
