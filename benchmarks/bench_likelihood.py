@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from score_toolkit._utils import per_sample_generators  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
 from score_toolkit.likelihood import log_likelihood  # noqa: E402
 from score_toolkit.likelihood.divergence import _probes  # noqa: E402
@@ -119,7 +120,7 @@ def run(args) -> list[dict]:
         prior = (lambda z, _m=model: _m.log_prob(z, 1.0, proc)) if analytic else None
         exact = model.log_prob(x, proc.t_min, proc) if analytic else None
         # the probes log_likelihood draws for seed 7, so that both implementations see the same vectors
-        gens = [torch.Generator().manual_seed(7 * 1_000_003 + i) for i in range(len(x))]
+        gens = per_sample_generators(7, range(len(x)))
         probe = _probes("rademacher", 1, x.shape, gens, x.dtype, x.device)[0]
         contenders = {
             "score_sde (scipy RK45, 1 probe)": partial(score_sde_log_likelihood, score_fn, proc, x, probe),

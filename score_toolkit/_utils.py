@@ -115,26 +115,33 @@ def rand(
     return _draw(torch.rand, shape, generator, device, dtype)
 
 
-def sample_seed(seed: int, index: int) -> int:
+def sample_seed(seed: int, index: int, stream: int | None = None) -> int:
     """The 64-bit seed of sample ``index`` of a run seeded by ``seed``: numpy's ``SeedSequence`` with entropy
     ``seed`` and spawn key ``(index,)`` (a hash of both), so distinct (seed, index) pairs get unrelated
-    streams (an affine map such as ``seed * K + index`` makes seed 1's sample 0 equal seed 0's sample K)."""
+    streams (an affine map such as ``seed * K + index`` makes seed 1's sample 0 equal seed 0's sample K).
+
+    ``stream`` (an int >= 0) names an independent stream of the same sample (spawn key ``(index, stream)``):
+    two kinds of randomness of one sample, e.g. dequantization noise and Hutchinson probes, must never share
+    a stream even when they are given the same seed."""
     import numpy as np
 
-    for name, value in (("seed", seed), ("index", index)):
+    checks = (("seed", seed), ("index", index)) + ((("stream", stream),) if stream is not None else ())
+    for name, value in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"expected {name} to be an int >= 0, found {value!r}")
-    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(2, np.uint32)
+    key = (int(index),) if stream is None else (int(index), int(stream))
+    state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(2, np.uint32)
     return int(state[0]) | (int(state[1]) << 32)
 
 
-def per_sample_generators(seed: int, indices: Sequence[int] | torch.Tensor, device="cpu") -> list[torch.Generator]:
-    """One generator per sample, seeded by :func:`sample_seed` of ``seed`` and the sample's global index, so
-    that a sample's randomness is the same whatever batch or process it is drawn in."""
+def per_sample_generators(seed: int, indices: Sequence[int] | torch.Tensor, device="cpu", *,
+                          stream: int | None = None) -> list[torch.Generator]:
+    """One generator per sample, seeded by :func:`sample_seed` of ``seed``, the sample's global index and
+    ``stream``, so that a sample's randomness is the same whatever batch or process it is drawn in."""
     gens = []
     for i in indices:
         g = torch.Generator(device=device)
-        g.manual_seed(sample_seed(seed, int(i)))
+        g.manual_seed(sample_seed(seed, int(i), stream))
         gens.append(g)
     return gens
 

@@ -16,7 +16,15 @@ import torch
 from ._utils import GeneratorLike, as_time, check_tensor, rand, randn
 from .processes import Process
 
-__all__ = ["GaussianMixture", "AnalyticScore", "gaussian", "ring_mixture", "anisotropic_mixture"]
+__all__ = [
+    "GaussianMixture",
+    "AnalyticScore",
+    "ClassConditionalMixture",
+    "MixtureClassifier",
+    "gaussian",
+    "ring_mixture",
+    "anisotropic_mixture",
+]
 
 
 class GaussianMixture:
@@ -159,6 +167,58 @@ class GaussianMixture:
         cov = self.covariances * alpha**2 + sigma**2 * torch.eye(self.dim, dtype=self.dtype)
         return GaussianMixture(alpha * self.means, cov, self.weights, dtype=self.dtype)
 
+    def components(self, index) -> GaussianMixture:
+        """The mixture of the components ``index`` (a list of ints or a bool mask), weights renormalised."""
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("expected at least one component")
+        return GaussianMixture(self.means[idx], self.covariances[idx], self.weights[idx], dtype=self.dtype)
+
+    def condition(self, matrix, observation, noise_std: float) -> GaussianMixture:
+        """The exact posterior of ``x`` given ``y = A x + noise_std n`` (n ~ N(0, I)): again a Gaussian mixture, with
+        full covariances (FORMULAS.md, "Conditioning"). For component ``k`` with ``G_k = A S_k A^T + noise_std^2 I``:
+
+            S_k' = S_k - S_k A^T G_k^{-1} A S_k,   mu_k' = mu_k + S_k A^T G_k^{-1} (y - A mu_k),
+            w_k' ~ w_k N(y; A mu_k, G_k)
+
+        (the same as ``S_k' = (S_k^-1 + A^T A / noise_std^2)^-1``, ``mu_k' = S_k' (S_k^-1 mu_k + A^T y / noise_std^2)``,
+        written so that it needs no inverse of S_k). ``matrix``: (m, d); ``observation``: (m,) (one observation);
+        ``noise_std > 0`` (a noise-free observation makes the posterior degenerate)."""
+        a = torch.as_tensor(matrix, dtype=self.dtype)
+        if a.ndim == 1:
+            a = a[None]
+        y = torch.as_tensor(observation, dtype=self.dtype).reshape(-1)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"expected an (m, {self.dim}) observation matrix, found shape {tuple(a.shape)}")
+        if y.shape[0] != a.shape[0]:
+            raise ValueError(f"expected an observation with {a.shape[0]} entries (the rows of the matrix), found {tuple(y.shape)}")
+        noise_std = float(noise_std)
+        if not noise_std > 0:
+            raise ValueError(f"expected noise_std > 0 (a noise-free observation gives a degenerate posterior), found {noise_std!r}")
+        cov = self.covariances
+        sat = cov @ a.T  # (K, d, m)
+        gram = a @ sat + noise_std**2 * torch.eye(a.shape[0], dtype=self.dtype)  # (K, m, m)
+        chol = torch.linalg.cholesky(gram)
+        resid = y[None] - self.means @ a.T  # (K, m)
+        sol = torch.cholesky_solve(resid[..., None], chol)[..., 0]  # G^-1 (y - A mu)
+        means = self.means + torch.einsum("kdm,km->kd", sat, sol)
+        covs = cov - sat @ torch.cholesky_solve(sat.transpose(1, 2), chol)
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        loglik = -0.5 * (resid * sol).sum(1) - 0.5 * logdet - 0.5 * a.shape[0] * math.log(2 * math.pi)
+        logw = torch.log(self.weights) + loglik
+        return GaussianMixture(means, covs, torch.softmax(logw, 0), dtype=self.dtype)
+
+    def observation_log_prob(self, matrix, observation, noise_std: float) -> torch.Tensor:
+        """The exact evidence ``log p(y)`` of ``y = A x + noise_std n`` under the mixture (a 0-d tensor)."""
+        a = torch.as_tensor(matrix, dtype=self.dtype)
+        a = a[None] if a.ndim == 1 else a
+        y = torch.as_tensor(observation, dtype=self.dtype).reshape(1, -1)
+        cov = a @ self.covariances @ a.T + float(noise_std) ** 2 * torch.eye(a.shape[0], dtype=self.dtype)
+        return GaussianMixture(self.means @ a.T, cov, self.weights, dtype=self.dtype).log_prob(y)[0]
+
     def score_fn(self, process: Process | None = None) -> AnalyticScore:
         """The exact canonical ``score_fn(x, t)`` under ``process`` (any tensor rank with d features);
         without a process, the score of the clean data (t is ignored). The returned object also has
@@ -195,6 +255,92 @@ class AnalyticScore:
 
     def __repr__(self) -> str:
         return f"AnalyticScore({self.mixture!r}, {self.process!r})"
+
+
+class ClassConditionalMixture:
+    """A Gaussian mixture whose components are grouped into classes: ``p(x | c)`` is the mixture of the components of
+    class ``c`` (weights renormalised), ``p(c)`` their total weight, ``p(x) = sum_c p(c) p(x | c)``.
+
+    Args:
+        mixture: the unconditional :class:`GaussianMixture`.
+        classes: (K,) class of each component (ints ``0..C-1``, every class used); default: one class per component.
+
+    The label ``num_classes`` (= ``null_label``) stands for "no label" in :meth:`score_fn` (the unconditional score,
+    as the null label of classifier-free guidance).
+    """
+
+    def __init__(self, mixture: GaussianMixture, classes=None):
+        k = mixture.num_components
+        classes = torch.arange(k) if classes is None else torch.as_tensor(classes)
+        if classes.shape != (k,) or classes.dtype.is_floating_point:
+            raise ValueError(f"expected {k} integer component classes, found {classes.tolist()}")
+        num = int(classes.max()) + 1
+        if int(classes.min()) < 0 or set(classes.tolist()) != set(range(num)):
+            raise ValueError(f"expected component classes covering 0..C-1, found {classes.tolist()}")
+        self.mixture, self.classes, self.num_classes = mixture, classes.long(), num
+        self.null_label = num
+        self.class_weights = torch.zeros(num, dtype=mixture.dtype).index_add_(0, self.classes, mixture.weights)
+
+    def class_mixture(self, label: int) -> GaussianMixture:
+        """The exact class-conditional mixture p(x | c = label)."""
+        if not 0 <= int(label) < self.num_classes:
+            raise ValueError(f"class label {label} outside 0..{self.num_classes - 1}")
+        return self.mixture.components(self.classes == int(label))
+
+    def class_log_prob(self, x: torch.Tensor, t=None, process: Process | None = None) -> torch.Tensor:
+        """``log p_t(c | x)`` for every class (B, C): the noise-conditional classifier (sum of component posteriors)."""
+        log_joint = self.mixture._terms(x, t, process)[-1]  # (B, K): log w_k N_k,t(x)
+        out = torch.full((x.shape[0], self.num_classes), -math.inf, dtype=log_joint.dtype, device=log_joint.device)
+        for c in range(self.num_classes):
+            out[:, c] = torch.logsumexp(log_joint[:, self.classes.to(log_joint.device) == c], dim=1)
+        return torch.log_softmax(out, dim=1).to(x.dtype)
+
+    def classifier(self, process: Process) -> MixtureClassifier:
+        """The exact noise-conditional classifier ``(x, t) -> log p_t(c | x)`` (B, C) under ``process``."""
+        return MixtureClassifier(self, process)
+
+    def score_fn(self, process: Process):
+        """``f(x, t, labels)``: the exact score of ``p_t(x | c)`` per sample (the unconditional score where the label is
+        ``null_label``), for :class:`score_toolkit.conditioning.ClassifierFreeGuidance`."""
+        return _ClassConditionalScore(self, process)
+
+    def tempered_log_weights(self, x: torch.Tensor, label: int, scale: float) -> torch.Tensor:
+        """``scale * log p(c | x)`` (B,): importance log-weights that turn exact draws of ``p(x)`` into draws of the
+        tempered target ``p(x) p(c | x)^scale / Z`` (what classifier guidance of that scale aims at as t -> 0)."""
+        return float(scale) * self.class_log_prob(x)[:, int(label)]
+
+    def __repr__(self):
+        return f"ClassConditionalMixture({self.mixture!r}, classes={self.num_classes})"
+
+
+class MixtureClassifier:
+    """Exact noise-conditional classifier of a :class:`ClassConditionalMixture`: ``(x, t) -> log p_t(c | x)`` (B, C)."""
+
+    def __init__(self, conditional: ClassConditionalMixture, process: Process):
+        self.conditional, self.process = conditional, process
+        self.num_classes = conditional.num_classes
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.conditional.class_log_prob(x.reshape(x.shape[0], -1), t, self.process)
+
+
+class _ClassConditionalScore:
+    def __init__(self, conditional: ClassConditionalMixture, process: Process):
+        self.conditional, self.process = conditional, process
+        self.num_classes, self.null_label = conditional.num_classes, conditional.null_label
+        self._scores = [conditional.class_mixture(c).score_fn(process) for c in range(conditional.num_classes)]
+        self._scores.append(conditional.mixture.score_fn(process))
+
+    def __call__(self, x: torch.Tensor, t, labels) -> torch.Tensor:
+        labels = torch.as_tensor(labels).reshape(-1).to(x.device)
+        t = as_time(t, x.shape[0], like=x)
+        out = torch.empty_like(x)
+        for c in labels.unique().tolist():
+            if not 0 <= c <= self.null_label:
+                raise ValueError(f"class label {c} outside 0..{self.num_classes - 1} (null label {self.null_label})")
+            sel = labels == c
+            out[sel] = self._scores[c](x[sel], t[sel])
+        return out
 
 
 class _AnalyticNetwork(torch.nn.Module):

@@ -309,6 +309,13 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
             c = self.process.config
             resolved.update(sigma_min=float(c.sigma_min), sigma_max=float(c.sigma_max), sampling_eps=float(c.t_min))
         self.register_to_config(**resolved)
+        self._zero_snr = bool(getattr(self.process, "zero_terminal_snr", False))
+        if self._zero_snr and self.prediction_type not in ("v_prediction", "sample"):
+            raise ValueError(
+                f"scheduler config field 'prediction_type': with a zero-terminal-SNR table (rescale_betas_zero_snr) "
+                f"alpha(1) = 0, where an {self.prediction_type} prediction does not determine the denoised sample; "
+                "expected 'v_prediction' or 'sample'"
+            )
         self._check_knobs(knobs)
         # the network-time map is the score adapter's, so the network sees what a score_toolkit sampler feeds it
         self._adapter = ScoreAdapter(_no_model, self.process, self.prediction_type, self.time_input,
@@ -516,6 +523,13 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
             table_n = self.process.num_train_timesteps
             ts = ((torch.as_tensor(idx, dtype=torch.float64) + 1) / table_n).tolist()
             return ts, self.process.t_min, torch.as_tensor(idx, dtype=torch.float32)
+        if self._zero_snr and (kind or cfg.grid) in ("log_sigma", "karras") and not (
+                kind is None and cfg.timestep_spacing is not None):
+            raise ValueError(
+                f"{type(self).__name__}.set_timesteps: the {kind or cfg.grid!r} grid is spaced in sigma / alpha, which is "
+                "infinite at t = 1 for a zero-terminal-SNR table; set timestep_spacing (e.g. 'trailing', as Lin et al. "
+                "recommend) or grid='uniform'"
+            )
         if kind is not None:  # diffusers' sigma grids: n evaluations from the largest to the smallest sigma
             ts = self.process.time_grid(n - 1, kind, rho=float(cfg.rho), dtype=torch.float64).tolist() if n > 1 else [
                 self.process.t_max]
@@ -667,13 +681,20 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
         t_cur = self._t[i]
         tt = self.process.clamp_t(torch.full((x.shape[0],), t_cur, dtype=x.dtype, device=x.device))
         alpha, sigma = self.process.marginal(tt)
-        score = prediction_to_score(pred, x, alpha, sigma, self.prediction_type)
-        if self._final_zero and i == n - 1:
-            denoised = self._tweedie(i, x, score)
+        if self._zero_snr and float(self.process.alpha(torch.tensor(t_cur, dtype=torch.float64))) == 0.0:
+            # alpha = 0 (zero terminal SNR): the score is -x / sigma^2 whatever the network says; the update uses the
+            # denoised sample, which a v or x0 prediction gives directly (x0 = alpha x - sigma v)
+            d0 = pred if self.prediction_type == "sample" else -pred  # sigma = 1 where alpha = 0
+            prev, denoised = self._update_at_zero_alpha(i, x, d0, generator)
             self._record(i, denoised)
-            prev = denoised
         else:
-            prev, denoised = self._update(i, x, score, generator)
+            score = prediction_to_score(pred, x, alpha, sigma, self.prediction_type)
+            if self._final_zero and i == n - 1:
+                denoised = self._tweedie(i, x, score)
+                self._record(i, denoised)
+                prev = denoised
+            else:
+                prev, denoised = self._update(i, x, score, generator)
         self._step_index = i + 1
         prev, denoised = prev.to(out_dtype), denoised.to(out_dtype)
         if not return_dict:
@@ -773,6 +794,18 @@ class _ScoreScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ subclass hook
     def _update(self, i: int, x: torch.Tensor, score: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover
+
+    def _update_at_zero_alpha(self, i, x, denoised, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step from a time where alpha = 0 (zero terminal SNR), given the denoised sample: the exact
+        posterior q(x_s | x_t, x_0 = denoised) = N(alpha_s x_0, sigma_s^2), which is also the DPM-Solver step
+        there (h = infinity); the last step returns the denoised sample."""
+        if self._final_zero and i == self.num_inference_steps - 1:
+            return denoised, denoised
+        alpha_s, sigma_s = (float(v) for v in self.process.marginal(torch.tensor(self._t[i + 1], dtype=torch.float64)))
+        noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if self.stochastic else None
+        if noise is None:  # the probability-flow ODE keeps the noise it has: x_t is pure noise here
+            return alpha_s * denoised + sigma_s * x, denoised
+        return alpha_s * denoised + sigma_s * noise, denoised
 
     def _tweedie(self, i: int, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.process.marginal(torch.tensor(self._t[i], dtype=torch.float64))
@@ -878,6 +911,14 @@ class ScoreAncestralScheduler(_ScoreScheduler):
     def _on_set_timesteps(self, grid):
         t = grid.tolist()
         self._coefs = [forward_transition(self.process, a, b) if b < a else None for a, b in zip(t[:-1], t[1:])]
+
+    def _update_at_zero_alpha(self, i, x, denoised, generator):
+        if self._variance == "posterior" or (self._final_zero and i == self.num_inference_steps - 1):
+            return super()._update_at_zero_alpha(i, x, denoised, generator)
+        # forward variance: sigma_{t|s}^2 = sigma_t^2 = 1 at alpha_t = 0
+        alpha_s = float(self.process.alpha(torch.tensor(self._t[i + 1], dtype=torch.float64)))
+        noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return alpha_s * denoised + noise, denoised
 
     def _update(self, i, x, score, generator):
         # the ancestral sampler's step (score_toolkit.samplers.ancestral), operation for operation
@@ -1023,6 +1064,7 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
         self._setup(_spec(locals()), _knobs(locals()))
         self._outputs: list[torch.Tensor] = []
         self._lower_order_nums = 0
+        self._first_history = 0
 
     def _on_set_timesteps(self, grid):
         order = int(self.config.solver_order)
@@ -1031,8 +1073,10 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
         self._w: dict[int, list[list[float]]] = {}
         if n_reg < 1:
             self._sigma2, self._inv_alpha = [], []
+        first = 1 if self._zero_snr and float(self.process.alpha(grid[:1])) == 0.0 else 0
+        self._first_history = first  # a denoised value at alpha = 0 (log-SNR -inf) is no interpolation node
         for k in range(1, order + 1):
-            orders = [min(k, i + 1) for i in range(n_reg)] if n_reg else []
+            orders = [max(1, min(k, i + 1 - first)) for i in range(n_reg)] if n_reg else []
             if not orders:
                 break
             co = multistep_coefficients(self.process, grid, orders)
@@ -1062,7 +1106,7 @@ class ScoreDPMSolverScheduler(_ScoreScheduler):
     def _order(self, i: int) -> int:
         cfg = self.config
         n = self.num_inference_steps
-        k = min(int(cfg.solver_order), self._lower_order_nums + 1)
+        k = min(int(cfg.solver_order), self._lower_order_nums + 1, max(1, i + 1 - self._first_history))
         if cfg.lower_order_final:
             k = min(k, n - i)
         if cfg.euler_at_final and i == n - 1:

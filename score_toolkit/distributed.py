@@ -6,7 +6,11 @@ writes, from the main process only:
 * ``samples.safetensors``: the samples (tensor ``samples``, (N, ...), in model space; run record in metadata);
 * ``samples.png``: an image grid (image data, values in [-1, 1]), or a scatter plot next to a 2-D histogram
   (2-D points); no picture for other shapes;
-* ``manifest.json``: the run (checkpoint fingerprint, sampler and options, seed, shapes) and its shards.
+* ``manifest.json``: the run (checkpoint fingerprint, sampler and options, seed, shapes) and its shards;
+* with ``image_files=True`` (images only): ``images/000000.png ...`` (one 8-bit PNG per sample) and
+  ``samples.npz`` (``arr_0``: uint8 (N, H, W, C)), the inputs FID tools read (clean-fid and torch-fidelity take
+  the folder, guided-diffusion's evaluator the ``.npz``). Pixels are ``round((x + 1) * 127.5)`` clipped to
+  0..255, as diffusers' ``numpy_to_pil``.
 
 How samples are made (why the output is identical for any number of processes):
 
@@ -16,7 +20,8 @@ How samples are made (why the output is identical for any number of processes):
 * Indices are grouped into blocks of ``batch_size`` consecutive indices (block ``b`` holds indices
   ``b * batch_size ...``); a block is always sampled as one sampler batch, whatever process draws it. The
   blocks of a shard are split across processes (``accelerator.split_between_processes``), drawn, gathered,
-  sorted by index, and the main process writes the shard. So every sample sees exactly the same
+  sorted by index, and the main process writes the shard (the samples travel as tensors, gathered to the main
+  process only: ``torch.distributed.gather``, not pickled copies on every rank). So every sample sees exactly the same
   computation for 1, 2 or any number of processes: identical bit for bit, for every sampler, even one that
   couples the samples of a batch.
 * With ``network_batch_size`` (default 32) the network is evaluated on chunks of exactly that many samples
@@ -39,6 +44,11 @@ does not record is an error. Shard paths read from a manifest must be the names 
 
 Under ``accelerate launch`` on CPU, use ``--multi_gpu --num_processes N`` and ``Accelerator(cpu=True)``
 (``accelerate launch --cpu --num_processes 2`` silently starts one process).
+
+Why one module of this length: it is one workflow, writing a sample folder that survives crashes and re-runs
+(shard plan, per-sample seeds, atomic shard files, the manifest that makes a re-run skip finished work, the
+final merge and picture) and reading it back; the pieces only make sense together and share the manifest
+format.
 """
 
 from __future__ import annotations
@@ -59,12 +69,14 @@ from ._io import atomic_write, probe_writable, relative_inside, remove_written, 
 from ._utils import per_sample_generators
 
 __all__ = ["sample_to_folder", "SampleRunResult", "load_samples", "MANIFEST_NAME", "SAMPLES_NAME", "PICTURE_NAME",
-           "DEFAULT_NETWORK_BATCH_SIZE"]
+           "IMAGES_DIR", "NPZ_NAME", "DEFAULT_NETWORK_BATCH_SIZE", "to_uint8_images"]
 
 MANIFEST_NAME = "manifest.json"
 SAMPLES_NAME = "samples.safetensors"
 PICTURE_NAME = "samples.png"
 SHARD_DIR = "shards"
+IMAGES_DIR = "images"
+NPZ_NAME = "samples.npz"
 DEFAULT_NETWORK_BATCH_SIZE = 32
 _FORMAT = "score_toolkit.sample_run"
 
@@ -83,6 +95,9 @@ class SampleRunResult:
     #: the sampler's ``properties.per_sample``: whether the samples are also the same for any ``batch_size``
     batch_independent: bool = True
     nfe_per_batch: list[int] = field(default_factory=list)
+    #: ``images/`` and ``samples.npz`` when written (``image_files=True``)
+    images_dir: Path | None = None
+    npz_file: Path | None = None
 
 
 def sample_to_folder(
@@ -101,6 +116,9 @@ def sample_to_folder(
     progress: bool = True,
     checkpoint: str | None = None,
     max_grid: int = 64,
+    class_labels: int | None = None,
+    guidance_scale: float = 1.0,
+    image_files: bool = False,
 ) -> SampleRunResult:
     """Draw ``num_samples`` samples with ``sampler`` and write them to ``output_dir`` (see the module docs).
 
@@ -115,6 +133,9 @@ def sample_to_folder(
         overwrite: replace a different run found in ``output_dir`` (only the files this function writes).
         checkpoint: how the model is named in the manifest (e.g. its folder); the weights are fingerprinted too.
         max_grid: at most this many images in the picture.
+        class_labels, guidance_scale: one class for every sample, with classifier-free guidance (see
+            ``ScorePipeline.__call__`` and docs/conditioning.md); recorded in the manifest.
+        image_files: also write one PNG per sample (``images/``) and ``samples.npz`` (image samples only).
     """
     from .pipeline import ScorePipeline
     from .registry import get_sampler
@@ -135,6 +156,8 @@ def sample_to_folder(
     options = dict(sampler_options or {})
     sampler_obj = get_sampler(sampler, **options)  # unknown sampler or option: an error before any output
     sample_shape = tuple(pipeline.sample_shape)
+    if image_files and not (len(sample_shape) == 3 and sample_shape[0] in (1, 3)):
+        raise ValueError(f"image_files needs image samples (1 or 3 channels, H, W), found samples of shape {sample_shape}")
     _, prediction_type, _ = pipeline.spec
     if sampler_obj.properties.needs_energy and prediction_type != "energy":
         raise ValueError(f"sampler {sampler!r} needs an energy network; this one predicts {prediction_type!r}")
@@ -159,6 +182,14 @@ def sample_to_folder(
         "shard_size": shard_size,
         "dtype": str(pipeline.unet.dtype),
     }
+    if class_labels is not None or guidance_scale != 1.0:
+        from .conditioning import conditional_score
+
+        process, _, time_input = pipeline.spec  # a label outside the network's classes: an error before any output
+        conditional_score(lambda x, t: x, process, model=pipeline.unet, prediction_type=prediction_type,
+                          time_input=time_input, class_labels=class_labels, guidance_scale=guidance_scale)
+        run["class_labels"] = class_labels
+        run["guidance_scale"] = float(guidance_scale)
     num_shards = math.ceil(num_samples / shard_size)
 
     # the main process checks the folder and reads what is done; every process learns the outcome
@@ -182,16 +213,17 @@ def sample_to_folder(
                 for b0, b1 in my_blocks:
                     res = pipeline(shape=(b1 - b0, *sample_shape), sampler=sampler_obj,
                                    generator=per_sample_generators(seed, range(b0, b1)), output_type="pt",
-                                   network_batch_size=network_batch_size)
+                                   network_batch_size=network_batch_size, class_labels=class_labels,
+                                   guidance_scale=guidance_scale)
                     mine.append((b0, res.samples.detach().to("cpu"), res.nfe, rank))
                     if bar is not None:
                         bar.update(1)
-            gathered = _gather(accelerator, mine)
+            gathered = _gather(accelerator, mine, sample_shape)
             nfe += _on_main(accelerator, _write_shard, out, s, blocks, gathered, nproc)["nfe"]
             written += 1
         if bar is not None:
             bar.close()
-        final = _on_main(accelerator, _finish, out, num_shards, max_grid)
+        final = _on_main(accelerator, _finish, out, num_shards, max_grid, image_files)
     except BaseException:
         if is_main:
             _remove_if_nothing_kept(out, created)
@@ -199,7 +231,9 @@ def sample_to_folder(
     picture = Path(final["picture"]) if final.get("picture") else None
     return SampleRunResult(output_dir=out, samples_file=out / SAMPLES_NAME, picture=picture, num_samples=num_samples,
                            num_processes=nproc, shards_written=written, shards_skipped=num_shards - written,
-                           batch_independent=bool(sampler_obj.properties.per_sample), nfe_per_batch=nfe)
+                           batch_independent=bool(sampler_obj.properties.per_sample), nfe_per_batch=nfe,
+                           images_dir=out / IMAGES_DIR if image_files else None,
+                           npz_file=out / NPZ_NAME if image_files else None)
 
 
 def _blocks(shard: int, shard_size: int, num_samples: int, batch_size: int) -> list[tuple[int, int]]:
@@ -250,12 +284,40 @@ def _on_main(accelerator, fn, *args) -> dict[str, Any]:
     return result
 
 
-def _gather(accelerator, items: list) -> list:
+def _gather(accelerator, items: list, sample_shape: tuple[int, ...]) -> list:
+    """The ``(b0, samples, nfe, rank)`` blocks of every process, on the main process (an empty list elsewhere).
+    Samples travel as one padded tensor per process through ``torch.distributed.gather`` (to rank 0 only)."""
     if accelerator.num_processes == 1:
         return items
-    from accelerate.utils import gather_object
+    import torch.distributed as dist
+    from accelerate.utils import gather
 
-    return gather_object(items)
+    device = accelerator.device
+    dtype = items[0][1].dtype if items else torch.float32
+    x = torch.cat([it[1] for it in items]) if items else torch.empty((0, *sample_shape), dtype=dtype)
+    meta = torch.tensor([[b0, it.shape[0], nfe, r] for b0, it, nfe, r in items], dtype=torch.long).reshape(-1, 4)
+    sizes = gather(torch.tensor([[x.shape[0], meta.shape[0]]], dtype=torch.long, device=device)).cpu()
+    rows, blocks = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    xp = torch.zeros((rows, *sample_shape), dtype=dtype, device=device)
+    xp[: x.shape[0]] = x.to(device)
+    mp = torch.zeros((blocks, 4), dtype=torch.long, device=device)
+    mp[: meta.shape[0]] = meta.to(device)
+    main = accelerator.is_main_process
+    xs = [torch.empty_like(xp) for _ in range(accelerator.num_processes)] if main else None
+    ms = [torch.empty_like(mp) for _ in range(accelerator.num_processes)] if main else None
+    dist.gather(xp, xs, dst=0)
+    dist.gather(mp, ms, dst=0)
+    if not main:
+        return []
+    out = []
+    for r in range(accelerator.num_processes):
+        n_rows, n_blocks = (int(v) for v in sizes[r])
+        rank_rows = xs[r][:n_rows].cpu()
+        offset = 0
+        for b0, n, nfe, rk in ms[r][:n_blocks].cpu().tolist():
+            out.append((b0, rank_rows[offset:offset + n], nfe, rk))
+            offset += n
+    return out
 
 
 def _status(err: Exception) -> dict[str, Any]:
@@ -349,15 +411,29 @@ def _recorded_shards(manifest: Mapping[str, Any], path: Path) -> dict[int, dict[
     return out
 
 
+def _image_file_names(manifest: Mapping[str, Any] | None) -> list[str]:
+    """The per-sample PNGs and the .npz an earlier run recorded (names this module writes, nothing else)."""
+    rec = (manifest or {}).get("image_files")
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("count"), int) or rec["count"] < 0:
+        return []
+    return [_png_name(i) for i in range(rec["count"])] + [NPZ_NAME]
+
+
+def _png_name(i: int) -> str:
+    return f"{IMAGES_DIR}/{i:06d}.png"
+
+
 def _clear(out: Path) -> None:
-    """Remove what an earlier run recorded in its manifest (shards, merged samples, picture, manifest), nothing else."""
+    """Remove what an earlier run recorded in its manifest (shards, merged samples, picture, image files,
+    manifest), nothing else."""
     names = [SAMPLES_NAME, PICTURE_NAME]
     try:
         manifest = _read_manifest(out)
         recorded = _recorded_shards(manifest, out / MANIFEST_NAME) if manifest is not None else {}
     except ValueError:  # not ours or unreadable: the shards it names are not known to be ours
-        recorded = {}
-    remove_written(out, [rec["file"] for rec in recorded.values()] + names + [MANIFEST_NAME], prune=(SHARD_DIR,))
+        manifest, recorded = None, {}
+    remove_written(out, [rec["file"] for rec in recorded.values()] + names + _image_file_names(manifest)
+                   + [MANIFEST_NAME], prune=(SHARD_DIR, IMAGES_DIR))
 
 
 def _prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool) -> dict[str, Any]:
@@ -426,7 +502,47 @@ def _write_shard(out: Path, s: int, blocks: list[tuple[int, int]], gathered, num
     return {"nfe": [int(p[2]) for p in parts]}
 
 
-def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
+def to_uint8_images(samples: torch.Tensor):
+    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C): ``round((x + 1) * 127.5)`` clipped to 0..255."""
+    x = ((samples.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any]) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ours = set(_image_file_names(manifest))
+    folder = out / IMAGES_DIR
+    if folder.exists():
+        foreign = sorted(p.name for p in folder.iterdir() if f"{IMAGES_DIR}/{p.name}" not in ours)
+        if foreign:
+            raise FileExistsError(f"{folder} holds files this run did not write ({foreign[:3]}...): move them away "
+                                  f"or choose another folder")
+    if (out / NPZ_NAME).exists() and NPZ_NAME not in ours:
+        raise FileExistsError(f"{out / NPZ_NAME} exists and was not written by this run: move it away")
+    arrays = to_uint8_images(samples)
+    folder.mkdir(exist_ok=True)
+    for i, arr in enumerate(arrays):
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        atomic_write(out / _png_name(i), lambda tmp, img=img: img.save(tmp, format="PNG"))
+    old = _image_file_names(manifest)
+    stale = [n for n in old if n.startswith(f"{IMAGES_DIR}/") and int(n[len(IMAGES_DIR) + 1:-4]) >= len(arrays)]
+    remove_written(out, stale)
+
+    def save_npz(tmp):
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=arrays)
+        Path(tmp).write_bytes(buf.getvalue())
+
+    atomic_write(out / NPZ_NAME, save_npz)
+    manifest["image_files"] = {"count": len(arrays), "folder": IMAGES_DIR, "npz": NPZ_NAME}
+    _write_json(out / MANIFEST_NAME, manifest)
+
+
+def _finish(out: Path, num_shards: int, max_grid: int, image_files: bool = False) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
     manifest = _read_manifest(out)
@@ -443,6 +559,8 @@ def _finish(out: Path, num_shards: int, max_grid: int) -> dict[str, Any]:
     else:
         samples = load_file(str(samples_path))["samples"]
     picture = _write_picture(out / PICTURE_NAME, samples, max_grid)
+    if image_files:
+        _write_image_files(out, samples, _read_manifest(out))
     return {"picture": str(picture) if picture else None}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from ._io import default_file_mode
 from .processes import Process
-from .schedulers import read_scheduler_config, scheduler_for
+from .schedulers import scheduler_for
 
 __all__ = ["export_pipeline", "load_pipeline_components", "PipelineComponents", "render_model_card",
            "TEMPLATES_DIR", "ALLOWED_SUFFIXES"]
@@ -40,10 +41,6 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "hub_cards" / "template
 DEFAULT_TEMPLATE = "score_model.md"
 #: the only kinds of files an exported folder contains (no pickles)
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
-
-# our model classes, by the module path recorded in model_index.json (keep stable: see CONVENTIONS.md)
-_OUR_MODELS = {("score_toolkit.models.mlp", "ScoreMLP"), ("score_toolkit.models.mlp", "EnergyMLP")}
-_OUR_SCHEDULERS = {("score_toolkit.schedulers", "ScoreSDEScheduler")}
 
 # used when the repository's hub_cards/templates is not there (e.g. a wheel install)
 _FALLBACK_TEMPLATE = """---
@@ -116,6 +113,7 @@ def export_pipeline(
     scheduler = scheduler_for(process, prediction_type, time_input)
     info = dict(card_info or {})
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_export_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -124,6 +122,10 @@ def export_pipeline(
         model.eval()
         DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
         model.train(was_training)
+        if not ddpm_pipeline_runs(model, scheduler):  # say how to sample it where diffusers looks first
+            index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+            index["_sampling"] = SAMPLING_NOTE
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         image = info.pop("sample_image", None)
         if image is not None:
             from .plotting import save_png
@@ -154,6 +156,32 @@ def export_pipeline(
     return folder
 
 
+def _remove_stale_export_temporaries(folder: Path) -> None:
+    """Remove the temporary folders an export of ``folder`` killed midway left (``.NAME.tmp-PID`` and
+    ``.NAME.old-PID``, the names only this function's writer uses) whose process no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-(\d+)")
+    if not folder.parent.is_dir():
+        return
+    for p in folder.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _process_exists(pid):
+            continue  # another export of the same folder is running
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _component_origin(obj) -> tuple[str, str]:
     module = type(obj).__module__
     return ("diffusers" if module.startswith("diffusers") else module), type(obj).__name__
@@ -180,6 +208,7 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     unet_lib, unet_cls = _component_origin(model)
     sched_lib, sched_cls = _component_origin(scheduler)
     plain_diffusers = unet_lib == "diffusers" and sched_lib == "diffusers"
+    ddpm_runs = ddpm_pipeline_runs(model, scheduler)
     is_image = unet_cls == "UNet2DModel" or (len(info.get("sample_shape") or []) == 3)
     model_name = info.get("model_name") or f"score-toolkit-{unet_cls.lower()}"
     dataset_name = info.get("dataset_name") or "unknown"
@@ -243,6 +272,7 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
         "results_table": _results_table(info.get("results")),
         "training_section": "\n".join(training) or "No training information was recorded.",
         "plain_diffusers": plain_diffusers,
+        "ddpm_runs": ddpm_runs,
     }
     path = Path(template) if template is not None else TEMPLATES_DIR / DEFAULT_TEMPLATE
     if template is not None and not path.is_file():
@@ -250,6 +280,22 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     if path.is_file():
         return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
     return ModelCard.from_template(card_data, template_str=_FALLBACK_TEMPLATE, **kwargs)
+
+
+def ddpm_pipeline_runs(model, scheduler) -> bool:
+    """Whether diffusers' ``DDPMPipeline`` (the class an exported ``model_index.json`` names) can *run* these
+    components, not only load them: an image network (``sample_size``, ``in_channels``), a scheduler with
+    ``step()``, and a unit-variance prior (DDPMPipeline draws N(0, I) noise)."""
+    cfg = model.config
+    return (cfg.get("sample_size") is not None and cfg.get("in_channels") is not None
+            and callable(getattr(scheduler, "step", None))
+            and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0)
+
+
+#: what an exported model_index.json says when DDPMPipeline can load but not run the folder
+SAMPLING_NOTE = ("DDPMPipeline loads these components but cannot sample them (its loop needs an image network and "
+                 "a scheduler with step()); sample with score_toolkit: import score_toolkit; "
+                 "ScorePipeline.from_pretrained(folder)(batch_size=16) (see README.md)")
 
 
 def _process_summary(process: Process) -> dict[str, Any]:
@@ -288,77 +334,22 @@ def _load_snippet(plain_diffusers: bool, unet_cls: str, sched_cls: str, predicti
 
 
 # ---------------------------------------------------------------------------------------- load
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _model_class(lib: str, name: str):
-    from diffusers import ModelMixin
-
-    if (lib, name) in _OUR_MODELS:
-        from . import models
-
-        return getattr(models, name)
-    if lib == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, name, None)
-        if isinstance(cls, type) and issubclass(cls, ModelMixin):
-            return cls
-    raise ValueError(
-        f"model_index.json field 'unet': expected a diffusers model class or one of "
-        f"{sorted(c for _, c in _OUR_MODELS)} (module score_toolkit.models.mlp), found [{lib!r}, {name!r}]; "
-        f"code named by a folder is never imported"
-    )
-
-
 def load_pipeline_components(folder) -> PipelineComponents:
     """Load an exported folder: ``(model, process, prediction_type, time_input)``.
 
     Only JSON and safetensors are read; the classes named in ``model_index.json`` must be diffusers models
     or score_toolkit's own (nothing named by the folder is imported). The network is loaded strictly
     (:func:`score_toolkit.models.load_model`: safetensors only; a missing, unexpected or mis-shaped weight,
-    or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler config is read with
-    :func:`~score_toolkit.schedulers.read_scheduler_config`. Also reads plain diffusers DDPM folders
-    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders."""
-    from .models import load_model
+    or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler names the process
+    (:func:`~score_toolkit.pipeline.scheduler_spec`). Also reads plain diffusers DDPM folders
+    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders. The same loader as
+    :meth:`ScorePipeline.from_pretrained <score_toolkit.pipeline.ScorePipeline.from_pretrained>`."""
+    from .pipeline import _load_components, scheduler_spec
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"expected a pipeline folder at {folder}, found nothing there")
-    index = _read_json(folder / "model_index.json", "model_index.json")
-    for key in ("unet", "scheduler"):
-        entry = index.get(key)
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise ValueError(f"model_index.json field {key!r}: expected [library, class], found {entry!r}")
-    cls = _model_class(*index["unet"])
-    unet_config = _read_json(folder / "unet" / "config.json", "the network config")
-    if unet_config.get("_class_name") != cls.__name__:
-        raise ValueError(
-            f"unet/config.json field '_class_name': expected {cls.__name__} (as model_index.json says), "
-            f"found {unet_config.get('_class_name')!r}"
-        )
-    sched_lib, sched_cls = index["scheduler"]
-    if sched_lib != "diffusers" and (sched_lib, sched_cls) not in _OUR_SCHEDULERS:
-        raise ValueError(
-            f"model_index.json field 'scheduler': expected a diffusers scheduler or score_toolkit.schedulers."
-            f"ScoreSDEScheduler, found [{sched_lib!r}, {sched_cls!r}]"
-        )
-    sched_config = _read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler config")
-    if sched_config.get("_class_name") != sched_cls:
-        raise ValueError(
-            f"scheduler/scheduler_config.json field '_class_name': expected {sched_cls} (as model_index.json "
-            f"says), found {sched_config.get('_class_name')!r}"
-        )
-    process, prediction_type, time_input = read_scheduler_config(sched_config)
-    model = load_model(cls, str(folder), subfolder="unet")
-    model.eval()
+    components = _load_components(folder, None)
+    model = components["unet"]
+    process, prediction_type, time_input = scheduler_spec(components["scheduler"])
     return PipelineComponents(model, process, prediction_type, time_input)

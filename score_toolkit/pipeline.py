@@ -19,6 +19,7 @@ sampler -> samples -> images.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from diffusers.utils import BaseOutput
 # into model_index.json loadable by DiffusionPipeline.from_pretrained (diffusers only looks in sys.modules).
 from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
+from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._utils import GeneratorLike
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
@@ -46,14 +48,18 @@ __all__ = [
     "shipped_model_path",
     "SHIPPED_MODELS_ENV_VAR",
     "OUTPUT_TYPES",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
 ]
+
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
 SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
-              "callback", "return_dict", "network_batch_size", "value_range")
+              "callback", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "return_dict",
+              "network_batch_size", "value_range")
 
 
 @dataclass
@@ -94,19 +100,41 @@ class _FixedBatchNetwork:
         self.model = model
         self.size = size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **per_sample: torch.Tensor):
+        # per_sample: keyword inputs with one row per sample (e.g. class_labels), chunked like x
         from .scores import _model_output
 
         outs = []
         for start in range(0, x.shape[0], self.size):
             xb, tb = x[start:start + self.size], t[start:start + self.size]
+            kb = {k: v[start:start + self.size] for k, v in per_sample.items()}
             n = xb.shape[0]
             if n < self.size:
                 pad = self.size - n
                 xb = torch.cat([xb, xb[-1:].expand(pad, *xb.shape[1:])])
                 tb = torch.cat([tb, tb[-1:].expand(pad)])
-            outs.append(_model_output(self.model(xb, tb))[:n])
+                kb = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in kb.items()}
+            outs.append(_model_output(self.model(xb, tb, **kb))[:n])
         return torch.cat(outs)
+
+
+class _ReducedPrecisionNetwork:
+    """A bfloat16 / float16 network evaluated on float32 sampler states: the input goes to the network's dtype,
+    the output comes back as float32, and the time stays float32 (a bfloat16 time cannot even hold the index
+    999 of a DDPM table). The sampler's own arithmetic (step sizes, noise) stays in float32, as diffusers'
+    schedulers upcast theirs."""
+
+    def __init__(self, model: Callable, dtype: torch.dtype):
+        self.model = model
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        from .scores import _model_output
+
+        return _model_output(self.model(x.to(self.dtype), t)).float()
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
 
 
 class ScorePipeline(DiffusionPipeline):
@@ -131,7 +159,14 @@ class ScorePipeline(DiffusionPipeline):
             raise TypeError(f"expected unet to be a diffusers ModelMixin, found {type(unet).__name__}")
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(f"expected scheduler to be a diffusers SchedulerMixin, found {type(scheduler).__name__}")
-        scheduler_spec(scheduler)  # fail now, not at the first call
+        process = scheduler_spec(scheduler)[0]  # fail now, not at the first call
+        if getattr(process, "zero_terminal_snr", False):
+            raise ValueError(
+                "scheduler config with rescale_betas_zero_snr=True: alpha(1) = 0, where score_toolkit's samplers "
+                "cannot start (the score there is -x whatever the network predicts); sample it in a diffusers "
+                "pipeline with a scheduler of score_toolkit.diffusers_schedulers (e.g. ScoreDPMSolverScheduler, "
+                "v_prediction)"
+            )
         self.register_modules(unet=unet, scheduler=scheduler)
 
     # ------------------------------------------------------------------ what the components say
@@ -163,10 +198,12 @@ class ScorePipeline(DiffusionPipeline):
 
         process, prediction_type, time_input = self.spec
         model: Callable = self.unet
+        if self.unet.dtype in _REDUCED:
+            model = _ReducedPrecisionNetwork(model, self.unet.dtype)
         if network_batch_size is not None:
             if not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool) or network_batch_size < 1:
                 raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")
-            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model = _FixedBatchNetwork(model, network_batch_size)
         return ScoreAdapter(model, process, prediction_type, time_input)
 
     # ------------------------------------------------------------------ sampling
@@ -175,15 +212,24 @@ class ScorePipeline(DiffusionPipeline):
         batch_size: int = 1,
         *,
         shape: Sequence[int] | None = None,
-        sampler: Any = "euler_maruyama",
+        sampler: Any = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, Any] | None = None,
         num_inference_steps: int | None = None,
         generator: GeneratorLike = None,
         output_type: str | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
         network_batch_size: int | None = None,
         value_range: tuple[float, float] = (-1.0, 1.0),
+        class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        operator: Any = None,
+        observation: torch.Tensor | None = None,
+        mask: Any = None,
+        noise_std: float = 0.0,
+        inverse_method: str = "pigdm",
         **sampler_kwargs: Any,
     ) -> ScorePipelineOutput | tuple:
         """Draw samples.
@@ -192,7 +238,8 @@ class ScorePipeline(DiffusionPipeline):
             batch_size: number of samples (the shape of one comes from :attr:`sample_shape`).
             shape: the full shape (B, ...) instead of ``batch_size`` (e.g. images of another size).
             sampler: a registered sampler name (``score-toolkit samplers`` lists them) or a
-                :class:`~score_toolkit.samplers.base.Sampler` instance.
+                :class:`~score_toolkit.samplers.base.Sampler` instance; default :data:`DEFAULT_SAMPLER`
+                (``dpmpp_2m``) with :data:`DEFAULT_STEPS` (25) steps, as ``score-toolkit sample``.
             sampler_options: the sampler's options (``sampler_options={"num_steps": 50}``); options may also be
                 given as keyword arguments (``num_steps=50``). Unknown options are errors.
             num_inference_steps: sets the sampler's ``num_steps`` (an error for samplers without one).
@@ -202,12 +249,29 @@ class ScorePipeline(DiffusionPipeline):
                 ``network_batch_size``).
             output_type: ``"pil"``, ``"np"`` or ``"pt"``; default ``"pil"`` for images, ``"pt"`` otherwise.
             callback: called after every sampler step with ``{"step", "t", "x", "nfe"}``.
+            callback_on_step_end: diffusers' per-step callback, called after every sampler step as
+                ``callback_on_step_end(pipe, i, t, callback_kwargs)`` with ``i`` the 0-based step, ``t`` the
+                process time reached and ``callback_kwargs = {"latents": x}``; it returns a dict, and a
+                ``"latents"`` tensor in it replaces the state (diffusers' semantics). A diffusers
+                ``PipelineCallback``/``MultiPipelineCallbacks`` works too.
+            callback_on_step_end_tensor_inputs: the tensors passed in ``callback_kwargs`` (only ``"latents"``).
             return_dict: return a :class:`ScorePipelineOutput`; else ``(images or samples, nfe)``.
             network_batch_size: evaluate the network on chunks of exactly this many samples (padding the
                 last), which makes every sample's result bit-for-bit independent of the batch size.
             value_range: the model-space range mapped to [0, 1] for images (diffusers' convention: (-1, 1)).
+            class_labels: classes to generate (an int or one per sample), with classifier-free guidance of scale
+                ``guidance_scale`` (diffusers' convention; 1 = the conditional model); the network must have been
+                trained with labels (its last label is the null label). See docs/conditioning.md.
+            operator, observation, mask, noise_std, inverse_method: condition on a linear observation
+                ``observation = A x + noise_std n`` (``operator``, a :class:`~score_toolkit.conditioning.LinearOperator`,
+                or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
+                that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        if "operator" in sampler_kwargs:
+            operator = observation = mask = None
         sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
+        step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
         shape = self._shape(batch_size, shape)
@@ -224,8 +288,22 @@ class ScorePipeline(DiffusionPipeline):
                 f"sampler {sampler_obj.name!r} needs an energy network (prediction_type 'energy'); this pipeline's "
                 f"network predicts {score_fn.prediction_type!r}"
             )
-        out = sampler_obj.sample(score_fn, score_fn.process, shape=shape, generator=generator, callback=callback,
-                                 device=self._execution_device, dtype=self.unet.dtype)
+        # a bfloat16 / float16 network samples float32 states (see _ReducedPrecisionNetwork)
+        dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+        score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
+                                     observation, mask, noise_std, inverse_method)
+        total = sampler_obj._num_progress_steps()  # None for adaptive samplers: a bar that counts steps
+        with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
+
+            def on_step(info: dict[str, Any]) -> None:
+                if callback is not None:
+                    callback(info)
+                if step_end is not None:
+                    step_end(info)
+                bar.update()
+
+            out = sampler_obj.sample(score_fn, self.spec[0], shape=shape, generator=generator, callback=on_step,
+                                     device=self._execution_device, dtype=dtype)
         samples = out.samples.detach()
         images = _to_images(samples, output_type, value_range) if is_image else None
         if output_type == "np":
@@ -233,6 +311,65 @@ class ScorePipeline(DiffusionPipeline):
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+
+    def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
+                     mask, noise_std, inverse_method):
+        if class_labels is None and operator is None and mask is None and observation is None and guidance_scale == 1.0:
+            return score_fn
+        from .conditioning import conditional_score
+
+        process, prediction_type, time_input = self.spec
+        model = self.unet
+        if network_batch_size is not None:
+            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model.config = self.unet.config
+        if observation is not None and not isinstance(observation, torch.Tensor):
+            observation = torch.as_tensor(observation)
+        if observation is not None:
+            state_dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
+            observation = observation.to(device=self._execution_device, dtype=state_dtype)
+        return conditional_score(score_fn, process, model=model, prediction_type=prediction_type, time_input=time_input,
+                                 class_labels=class_labels, guidance_scale=guidance_scale, operator=operator,
+                                 observation=observation, mask=mask, noise_std=noise_std, inverse_method=inverse_method)
+
+    def _step_end_callback(self, fn, tensor_inputs) -> Callable[[dict[str, Any]], None] | None:
+        """diffusers' ``callback_on_step_end`` as a sampler callback."""
+        if fn is None:
+            return None
+        try:
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+        except ImportError:  # pragma: no cover - older diffusers
+            MultiPipelineCallbacks = PipelineCallback = ()  # noqa: N806
+        if PipelineCallback and isinstance(fn, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = fn.tensor_inputs
+        if not callable(fn):
+            raise TypeError(f"expected callback_on_step_end to be callable, found {type(fn).__name__}")
+        tensor_inputs = list(tensor_inputs)
+        unknown = sorted(set(tensor_inputs) - {"latents"})
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: ScorePipeline passes only 'latents' (the sampler's state), "
+                f"found {unknown}"
+            )
+
+        def on_step(info: dict[str, Any]) -> None:
+            x = info["x"]
+            result = fn(self, int(info["step"]) - 1, info["t"], {k: x for k in tensor_inputs})
+            if result is None:
+                return
+            if not isinstance(result, Mapping):
+                raise TypeError(f"expected callback_on_step_end to return a dict, found {type(result).__name__}")
+            new = result.get("latents", x)
+            if new is not x:
+                if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                    found = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                    raise ValueError(
+                        f"callback_on_step_end returned 'latents' of shape {found}; expected the state's shape "
+                        f"{tuple(x.shape)}"
+                    )
+                x.copy_(new)
+
+        return on_step
 
     def _shape(self, batch_size, shape) -> tuple[int, ...]:
         if shape is not None:
@@ -245,6 +382,43 @@ class ScorePipeline(DiffusionPipeline):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"expected batch_size to be a positive int, found {batch_size!r}")
         return (batch_size, *self.sample_shape)
+
+    # ------------------------------------------------------------------ saving
+    def diffusers_pipeline_name(self) -> str:
+        """The pipeline class that ``save_pretrained`` names in ``model_index.json``: a diffusers pipeline that
+        can load *and run* these components where there is one, so that the folder stays usable in plain
+        diffusers; else ``ScorePipeline`` (load it with :meth:`from_pretrained`).
+
+        * the pipeline class of the folder this pipeline was loaded from, when it was ``DDPMPipeline``,
+          ``DDIMPipeline`` or ``ScoreSdeVePipeline`` and the components are still of the kinds it runs;
+        * ``DDPMPipeline`` for an image network (``sample_size``, ``in_channels``) with a scheduler that steps and
+          a unit-variance prior (DDPMPipeline draws N(0, I) noise);
+        * ``ScorePipeline`` otherwise (a vector network, a scheduler without ``step()``, a VE prior).
+        """
+        cfg = self.unet.config
+        image_net = cfg.get("sample_size") is not None and cfg.get("in_channels") is not None
+        steps = callable(getattr(self.scheduler, "step", None))
+        source = getattr(self, "_source_pipeline", None)
+        if source == "ScoreSdeVePipeline" and type(self.scheduler).__name__ == "ScoreSdeVeScheduler" and image_net:
+            return source
+        unit_prior = float(getattr(self.scheduler, "init_noise_sigma", 1.0)) == 1.0
+        if image_net and steps and unit_prior:
+            return source if source in ("DDPMPipeline", "DDIMPipeline") else "DDPMPipeline"
+        return type(self).__name__
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, with ``model_index.json`` naming :meth:`diffusers_pipeline_name`: a
+        folder that plain diffusers could load and run stays so (``ScorePipeline.from_pretrained`` loads any of
+        them)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        name = self.diffusers_pipeline_name()
+        if name != type(self).__name__:
+            from ._io import write_json_atomic
+
+            index_file = Path(save_directory) / "model_index.json"
+            index = _read_json(index_file, "model_index.json")
+            index["_class_name"] = name
+            write_json_atomic(index_file, index, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -269,7 +443,28 @@ class ScorePipeline(DiffusionPipeline):
         """
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
-        return cls(**_load_components(folder, torch_dtype))
+        pipe = cls(**_load_components(folder, torch_dtype))
+        source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
+        pipe._source_pipeline = source if isinstance(source, str) else None
+        return pipe
+
+
+def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
+    """Samplers with their own ``operator`` option (repaint, imputation) get the operator and observation as options."""
+    if operator is None and mask is None:
+        return sampler_kwargs
+    from .registry import get_sampler_class
+    from .samplers.base import Sampler
+
+    cls = type(sampler) if isinstance(sampler, Sampler) else (get_sampler_class(sampler) if isinstance(sampler, str) else None)
+    if cls is None or "operator" not in cls.options or isinstance(sampler, Sampler):
+        return sampler_kwargs
+    from .conditioning import Mask
+
+    if mask is not None and operator is not None:
+        raise ValueError("pass either mask (inpainting) or operator, not both")
+    op = Mask(torch.as_tensor(mask)) if mask is not None else operator
+    return {**sampler_kwargs, "operator": op, "observation": observation}
 
 
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):
@@ -291,15 +486,27 @@ def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
         if "num_steps" in options:
             raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
         options["num_steps"] = num_inference_steps
+    elif sampler == DEFAULT_SAMPLER and "num_steps" not in options:
+        options["num_steps"] = DEFAULT_STEPS
     try:
         return get_sampler(sampler, **options)
     except TypeError as err:
         if "unknown option" not in str(err):
             raise
-        if num_inference_steps is not None and "'num_steps'" in str(err):
+        if num_inference_steps is not None and not _has_num_steps(sampler):
             raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not apply to "
                             f"it; {err}") from err
         raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
+
+
+def _has_num_steps(name: str) -> bool:
+    from .registry import get_sampler_class
+
+    try:
+        cls = get_sampler_class(name)
+    except (KeyError, ValueError, TypeError):
+        return True  # an unknown sampler: the error from get_sampler says so
+    return "num_steps" in {**cls.common_options, **cls.options}
 
 
 def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:
@@ -352,7 +559,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path}: {err}") from err
+        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
     return data
@@ -380,7 +587,11 @@ def _scheduler_class(lib: str, name: str):
 
 
 def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
+    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
+    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
+    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
     from ._config import strict_config
+    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
     from .models import load_model
     from .schedulers import scheduler_config_keys
 
@@ -410,10 +621,13 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
             f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
             f"found {sched_config.get('_class_name')!r}"
         )
+    if sched_cls in SCHEDULER_CLASSES.values():
+        keys = score_scheduler_config_keys(sched_cls)
+    else:
+        keys = scheduler_config_keys(sched_cls.__name__)
     try:
         # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, scheduler_config_keys(sched_cls.__name__),
-                                                        "the scheduler config"))
+        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
         scheduler_spec(scheduler)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{sched_file}: {err}") from err
@@ -429,7 +643,7 @@ def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
     if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
         raise ValueError(
             f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}"
+            f"found {unet_lib!r}; code named by a folder is never imported"
         )
     model.eval()
     return {"unet": model, "scheduler": scheduler}

@@ -5,6 +5,11 @@ Every process is a linear SDE ``dx = f(t) x dt + g(t) dw`` on ``t in [t_min, 1]`
 test a process's class. Time runs from 1 (the prior) down to ``t_min``.
 
 Identities used throughout (FORMULAS.md): ``f = d ln(alpha)/dt`` and ``d(sigma^2)/dt = 2 f sigma^2 + g^2``.
+
+Why one module of this length: it is one interface and its four implementations (VE, VP, sub-VP, the discrete
+DDPM table) with the conversions from configs. The subclasses are short; most of the length is the shared
+derived quantities of :class:`Process` (log-SNR and its inverse, time grids, priors), which every
+implementation must agree on and which are read side by side with FORMULAS.md.
 """
 
 from __future__ import annotations
@@ -400,9 +405,16 @@ class DiscreteVP(Process):
                 beta_schedule=beta_schedule,
             )
             table = sched.alphas_cumprod.to(torch.float64)
-        if not (torch.all(table > 0) and torch.all(table < 1) and torch.all(table[1:] <= table[:-1])):
-            raise ValueError("expected alphas_cumprod strictly inside (0, 1) and non-increasing")
+        body = table[:-1]
+        if not (torch.all(body > 0) and torch.all(table < 1) and table[-1] >= 0 and torch.all(table[1:] <= table[:-1])
+                and (table[-1] > 0 or table.numel() > 2)):
+            raise ValueError(
+                "expected alphas_cumprod strictly inside (0, 1) (the last entry may be 0: zero terminal SNR) and "
+                "non-increasing"
+            )
         n = table.numel()
+        #: whether alpha(1) = 0 (a zero-terminal-SNR table, diffusers' rescale_betas_zero_snr=True)
+        self.zero_terminal_snr = bool(table[-1] == 0)
         self._knots_t = torch.arange(n + 1, dtype=torch.float64) / n
         self._knots_la = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(table)])
         self._cache: dict = {}
@@ -436,14 +448,26 @@ class DiscreteVP(Process):
     def log_alpha(self, t):
         t = _as_t(t)
         i, kt, kla, slope = self._segment(t)
-        return kla[i] + slope * (t - kt[i])
+        if not self.zero_terminal_snr:
+            return kla[i] + slope * (t - kt[i])
+        # alpha(1) = 0: on the last segment alpha falls linearly to 0 (ln alpha = ln alpha_{N-1} + ln(1 - u))
+        n = kt.numel() - 1
+        last = i == n - 1
+        u = ((t - kt[n - 1]) * n).clamp(0, 1)
+        inner = kla[i] + torch.where(last, torch.zeros_like(slope), slope) * (t - kt[i])
+        return torch.where(last, kla[n - 1] + torch.log1p(-u), inner)
 
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
 
     def drift_coef(self, t):
         t = _as_t(t)
-        return self._segment(t)[3]
+        i, kt, _, slope = self._segment(t)
+        if not self.zero_terminal_snr:
+            return slope
+        n = kt.numel() - 1
+        u = ((t - kt[n - 1]) * n).clamp(0, 1)
+        return torch.where(i == n - 1, -n / (1 - u), slope)
 
     def diffusion_squared(self, t):
         return -2 * self.drift_coef(t)
@@ -460,7 +484,12 @@ class DiscreteVP(Process):
         neg = -kla
         i = torch.clamp(torch.searchsorted(neg, (-la).contiguous()) - 1, 0, n - 1)
         slope = (kla[i + 1] - kla[i]) * n
-        return kt[i] + (la - kla[i]) / slope
+        t = kt[i] + (la - kla[i]) / slope
+        if self.zero_terminal_snr:  # the last segment: alpha = alpha_{N-1} (1 - u)
+            last = la < kla[n - 1]
+            u = -torch.expm1(la - kla[n - 1])
+            t = torch.where(last, kt[n - 1] + u / n, t)
+        return t
 
     def to_scheduler_config(self, prediction_type: str = "epsilon") -> dict[str, Any]:
         c = self.config
@@ -536,10 +565,12 @@ def process_from_scheduler_config(config, *, continuous: bool = False) -> Proces
         )
     if "beta_schedule" in cfg or "beta_start" in cfg or "trained_betas" in cfg:
         if cfg.get("rescale_betas_zero_snr", False):
-            raise ValueError(
-                f"scheduler config {name or ''}: rescale_betas_zero_snr=True gives alpha(1) = 0, which no "
-                "process here represents"
-            )
+            # diffusers' zero-terminal-SNR table (Lin et al. 2024): the same betas rescaled so that alpha(1) = 0
+            from diffusers import DDPMScheduler
+
+            keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+            table = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg}, rescale_betas_zero_snr=True).alphas_cumprod
+            return DiscreteVP.from_alphas_cumprod(table.to(torch.float64))
         n = int(cfg.get("num_train_timesteps", 1000))
         schedule = cfg.get("beta_schedule", "linear")
         start = float(cfg.get("beta_start", 1e-4))

@@ -21,6 +21,10 @@ Rules (docs/plugins.md):
   order of their (normalised) distribution names. An in-process registration may take a name that
   is already used only with ``override=True``, and then wins.
 * **Unknown names** raise ``ValueError`` with the close matches and the list of available names.
+
+Why one module of this length: it is the one place where sampler names are resolved, and most of it is
+the isolation of third-party plugins (each failure kept to its plugin, reported with its distribution) and
+the rules above, which must be read together.
 """
 
 from __future__ import annotations

@@ -60,10 +60,15 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
             ``energy``).
         time_input: what the network receives as its time (``t``, ``sigma``, ``index``).
 
-    Minimal scheduler contract: ``init_noise_sigma`` (the prior's std), ``set_timesteps(n)`` /
-    ``timesteps`` (the first ``n`` times of the process's uniform time grid from 1 down, as a float
-    tensor; ``time_grid`` holds all ``n + 1`` points ending at ``t_min``), ``scale_model_input``
-    (identity), ``order = 1``. It has no ``step()``: sample with a score_toolkit sampler.
+    diffusers' scheduler contract except ``step``: ``init_noise_sigma`` (the prior's std),
+    ``set_timesteps(num_inference_steps=None, device=None, timesteps=None, sigmas=None, kind="uniform")`` /
+    ``timesteps`` (the network inputs at the grid times from 1 down; ``time_grid`` holds the ``n + 1``
+    times ending at ``t_min``, ``sigmas`` the noise-to-signal ratios), ``step_index``, ``begin_index``,
+    ``set_begin_index``, ``index_for_timestep``, ``add_noise``, ``get_velocity``, ``scale_model_input``
+    (identity), ``order = 1``; all as in :mod:`score_toolkit.diffusers_schedulers`, whose ancestral scheduler
+    does the work. It has no ``step()`` (a ``TypeError`` says what to use): it names the model for
+    ScorePipeline's samplers; for a diffusers loop use e.g.
+    ``ScoreDPMSolverScheduler.from_config(scheduler.config)``.
     """
 
     config_name = "scheduler_config.json"
@@ -92,20 +97,58 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
         _check_prediction_and_time(prediction_type, time_input)
         self.process = process_from_config(dict(process))
         self.init_noise_sigma = float(self.process.prior_std)
-        self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
-        self.time_grid: torch.Tensor | None = None
+        self._grids: dict[str, Any] = {}
+        self._grid = self._grid_scheduler("uniform")
 
-    def set_timesteps(self, num_inference_steps: int, device=None, kind: str = "uniform") -> None:
-        """Set ``timesteps`` to the ``num_inference_steps`` times at which a sampler evaluates the
-        network, from 1 downwards (the process's time grid of that ``kind``)."""
-        grid = self.process.time_grid(num_inference_steps, kind, device=device, dtype=torch.float64)
-        self.num_inference_steps = num_inference_steps
-        self.time_grid = grid.to(torch.float32)
-        self.timesteps = self.time_grid[:-1]
+    def _grid_scheduler(self, kind: str):
+        """The diffusers_schedulers scheduler that holds the grid and the step counter for this process."""
+        if kind not in self._grids:
+            from .diffusers_schedulers import ScoreAncestralScheduler
+
+            self._grids[kind] = ScoreAncestralScheduler(
+                process=dict(self.config.process), prediction_type="score" if self.config.prediction_type in (
+                    "energy", "epsilon") else self.config.prediction_type, time_input=self.config.time_input,
+                grid=kind)
+        return self._grids[kind]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      kind: str = "uniform") -> None:
+        """diffusers' ``set_timesteps`` (exactly one of ``num_inference_steps``, ``timesteps``, ``sigmas``); the
+        grid is the process's time grid of that ``kind`` (``uniform``, ``log_sigma``, ``karras``)."""
+        self._grid = self._grid_scheduler(kind)
+        self._grid.set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas)
+
+    num_inference_steps = property(lambda self: self._grid.num_inference_steps)
+    timesteps = property(lambda self: self._grid.timesteps)
+    time_grid = property(lambda self: self._grid.time_grid)
+    sigmas = property(lambda self: self._grid.sigmas)
+    step_index = property(lambda self: self._grid.step_index)
+    begin_index = property(lambda self: self._grid.begin_index)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._grid.set_begin_index(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        return self._grid.index_for_timestep(timestep, schedule_timesteps)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The forward marginal ``alpha(t) x_0 + sigma(t) noise`` at network inputs ``timesteps``."""
+        return self._grid.add_noise(original_samples, noise, timesteps)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target ``alpha(t) noise - sigma(t) x_0`` at network inputs ``timesteps``."""
+        return self._grid.get_velocity(sample, noise, timesteps)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
+
+    def step(self, *args, **kwargs):
+        raise TypeError(
+            "ScoreSDEScheduler has no step(): it names the process, prediction type and time input for "
+            "ScorePipeline's samplers. In a diffusers loop use a stepping scheduler built from its config: "
+            "score_toolkit.diffusers_schedulers.ScoreDPMSolverScheduler.from_config(scheduler.config) (or "
+            "ScoreAncestralScheduler, ScoreEulerMaruyamaScheduler)"
+        )
 
     def __len__(self) -> int:
         return int(self.process.num_train_timesteps)
@@ -200,19 +243,16 @@ def read_scheduler_config(config) -> tuple[Process, str, str]:
 
 
 def scheduler_config_keys(name: str) -> set[str]:
-    """The keys a config of the scheduler class ``name`` may hold: what the class takes, plus what the
-    diffusers schedulers it is compatible with take (diffusers keeps those when converting between them)."""
+    """The keys a config of the scheduler class ``name`` (:class:`ScoreSDEScheduler` or a diffusers scheduler)
+    may hold: what the class takes, plus what the diffusers schedulers it is compatible with take (diffusers
+    keeps those when converting between them). The schedulers of :mod:`score_toolkit.diffusers_schedulers`
+    have theirs in :func:`~score_toolkit.diffusers_schedulers.score_scheduler_config_keys` (that module
+    builds on this one)."""
     if name == ScoreSDEScheduler.__name__:
         return config_keys(ScoreSDEScheduler)
     import diffusers
 
     cls = getattr(diffusers, str(name), None)
-    if cls is None:
-        from . import diffusers_schedulers
-
-        cls = {c.__name__: c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()}.get(name)
-        if cls is not None:
-            return diffusers_schedulers.score_scheduler_config_keys(cls)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"scheduler config field '_class_name': expected a scheduler class, found {name!r}")
     return config_keys(cls)

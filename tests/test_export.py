@@ -415,3 +415,29 @@ def test_shipped_digits_model_draws_recognisable_digits():
     rep = evaluate_digits(x, nfe=25, wall_time_s=1.0)
     assert rep.metrics["mean_confidence"] > 0.9, rep.metrics
     assert min(rep.details["class_histogram"]) > 0, rep.details["class_histogram"]
+
+
+def test_exported_folders_say_whether_ddpm_pipeline_can_run_them(tmp_path):
+    """A vector network (or a scheduler without step()) loads in diffusers as a DDPMPipeline that cannot run:
+    model_index.json and the card say how to sample it; the shipped toy2d folder too, and that way works."""
+    from score_toolkit.hub import SAMPLING_NOTE
+    from score_toolkit.pipeline import ScorePipeline, shipped_model_path
+
+    torch.manual_seed(0)
+    folder = hub.export_pipeline(ScoreMLP(2, hidden_dim=8, num_layers=1), VPSDE(), "epsilon", "t", tmp_path / "vec")
+    for f in (folder, shipped_model_path("toy2d")):
+        index = json.loads((f / "model_index.json").read_text())
+        assert index["_sampling"] == SAMPLING_NOTE
+        card = (f / "README.md").read_text()
+        assert "calling it does not" in card and "ScorePipeline.from_pretrained(folder)(batch_size=16)" in card
+        pipe = DiffusionPipeline.from_pretrained(f)
+        assert type(pipe) is DDPMPipeline
+        with pytest.raises(AttributeError, match="sample_size"):  # what the note warns about
+            pipe(batch_size=1, num_inference_steps=2)
+        sampler = ScorePipeline.from_pretrained(f)
+        sampler.set_progress_bar_config(disable=True)
+        assert sampler(batch_size=16).samples.shape == (16, 2)
+    image = hub.export_pipeline(tiny_unet(), DiscreteVP(num_train_timesteps=100, beta_end=0.2), "epsilon", "index",
+                            tmp_path / "img")
+    assert "_sampling" not in json.loads((image / "model_index.json").read_text())
+    assert "also loads and samples in plain diffusers" in (image / "README.md").read_text()

@@ -28,6 +28,7 @@ from score_toolkit.likelihood import (
     log_likelihood,
     to_levels,
 )
+from score_toolkit.likelihood.bits import _mix_seed
 from score_toolkit.processes import VESDE, VPSDE, DiscreteVP, SubVPSDE
 from score_toolkit.samplers.base import NonFiniteError
 from score_toolkit.scores import PREDICTION_TYPES, ScoreAdapter
@@ -49,14 +50,16 @@ def test_exact_divergence_matches_the_mixture_log_density_2d(name, time_variable
     res = log_likelihood(m.score_fn(proc), proc, x, rtol=1e-5, atol=1e-5, time_variable=time_variable)
     exact = m.log_prob(x, proc.t_min, proc)
     err = (res.log_prob - exact).abs()
-    # the criterion, with the process's Gaussian prior standing in for p_1 (as users run it)
-    assert float(err.mean()) < 0.01, float(err.mean())
+    # with the process's Gaussian prior standing in for p_1 (as users run it): measured 2.5e-3 (VE), 2.3e-4 (VP)
+    assert float(err.mean()) < {"VE": 5e-3, "VP": 5e-4}[name], float(err.mean())
     assert torch.all(res.std_err == 0) and res.divergence == "exact" and res.nfe > 0
     assert torch.allclose(res.log_prob, res.prior_log_prob + res.delta_log_prob)
     # with the exact p_1 the remaining error is the solver's alone: much smaller
     res1 = log_likelihood(m.score_fn(proc), proc, x, prior_log_prob=lambda z: m.log_prob(z, 1.0, proc),
                           time_variable=time_variable)
-    assert float((res1.log_prob - exact).abs().mean()) < 1e-3
+    # measured: mean 1.4e-5 to 1.8e-5, max 7e-5 to 3.4e-4 (default rtol = atol = 1e-5)
+    assert float((res1.log_prob - exact).abs().mean()) < 5e-5
+    assert float((res1.log_prob - exact).abs().max()) < 1e-3
 
 
 def test_hutchinson_is_unbiased_within_its_standard_error_16d():
@@ -85,7 +88,7 @@ def test_hutchinson_probes_do_not_depend_on_the_batch():
     alone = log_likelihood(m.score_fn(proc), proc, x, batch_size=1, **kw)
     # fixed grid: identical arithmetic per sample, so equal to round-off
     torch.testing.assert_close(whole.log_prob, alone.log_prob, rtol=0, atol=1e-12)
-    torch.testing.assert_close(whole.std_err, alone.std_err, rtol=0, atol=1e-12)
+    torch.testing.assert_close(whole.std_err, alone.std_err, rtol=0, atol=1e-12, equal_nan=True)
     other = log_likelihood(m.score_fn(proc), proc, x, **{**kw, "seed": 6})
     assert not torch.allclose(other.log_prob, whole.log_prob)
 
@@ -225,7 +228,7 @@ def test_dequantized_bits_per_dim_through_the_ode(bits):
                                    num_dequant=2, seed=3, dtype=torch.float64, rtol=1e-6, atol=1e-6,
                                    prior_log_prob=lambda z: model.log_prob(z, 1.0, proc))
     for j, lk in enumerate(res.likelihoods):
-        x = dequantize(k.long(), bits=bits, scale=scale, offset=offset, seed=3 * 7919 + j, dtype=torch.float64)
+        x = dequantize(k.long(), bits=bits, scale=scale, offset=offset, seed=_mix_seed(3, j), dtype=torch.float64)
         exact = bits_per_dim(-model.log_prob(x, proc.t_min, proc), d, bits=bits, scale=scale)
         torch.testing.assert_close(lk.bits_per_dim(bits=bits, scale=scale), exact, rtol=0, atol=1e-4)
     # closed-form E_u at t_min (the model there is N(alpha mu, alpha^2 var + sigma^2) per dim)

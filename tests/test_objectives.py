@@ -30,9 +30,9 @@ from score_toolkit.objectives import (
     SSM,
     ContinuousDSM,
     EpsilonLoss,
-    _projections,
     get_objective,
 )
+from score_toolkit.objectives.noise_free import _projections
 from score_toolkit.processes import VESDE, VPSDE
 from score_toolkit.scores import ScoreAdapter
 

@@ -322,3 +322,92 @@ def test_shipped_model_path(tmp_path, monkeypatch):
     repo_default = shipped_model_path.__globals__["Path"](shipped_model_path.__code__.co_filename).resolve().parent.parent
     if (repo_default / "hub_cards" / "digits" / "model_index.json").is_file():
         assert shipped_model_path("digits") == repo_default / "hub_cards" / "digits"
+
+
+# ------------------------------------------------------------------------------------ diffusers' call conventions
+def test_default_sampler_is_the_command_line_default():
+    from score_toolkit import pipeline
+    from score_toolkit.cli import sample
+
+    assert (sample.DEFAULT_SAMPLER, sample.DEFAULT_STEPS) == (pipeline.DEFAULT_SAMPLER, pipeline.DEFAULT_STEPS)
+    assert sample.DEFAULT_SAMPLER is pipeline.DEFAULT_SAMPLER
+    pipe = vector_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0))
+    ref = pipe(batch_size=3, sampler="dpmpp_2m", num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == 25 and torch.equal(out.samples, ref.samples)
+
+
+def test_callback_on_step_end_has_diffusers_signature_and_may_replace_the_state():
+    pipe = vector_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def cb(p, i, t, kwargs):
+        assert p is pipe and set(kwargs) == {"latents"}
+        seen.append((i, t, kwargs["latents"].clone()))
+        return kwargs
+
+    kw = dict(batch_size=3, sampler="euler_maruyama", num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    out = pipe(callback_on_step_end=cb, **kw)
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3] and seen[0][1] > seen[-1][1]
+    assert torch.equal(seen[-1][2], out.samples)
+    # a returned "latents" replaces the state: zeroing it after the last step gives zeros
+    zeroed = pipe(callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros_like(k["latents"])} if i == 3 else k,
+                  **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert torch.equal(zeroed.samples, torch.zeros_like(out.samples))
+    # changing the state mid-way changes what follows
+    nudged = pipe(callback_on_step_end=lambda p, i, t, k: {"latents": k["latents"] + 1.0} if i == 1 else k,
+                  **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert not torch.allclose(nudged.samples, out.samples)
+    with pytest.raises(ValueError, match="only 'latents'"):
+        pipe(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw)
+    with pytest.raises(ValueError, match="shape"):
+        pipe(callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros(1)}, **kw)
+
+
+def test_progress_bar_follows_set_progress_bar_config():
+    import io
+
+    pipe = vector_pipeline()
+    stream = io.StringIO()
+    pipe.set_progress_bar_config(file=stream, desc="sampling", mininterval=0)
+    pipe(batch_size=2, sampler="ancestral", num_inference_steps=5)
+    assert "sampling" in stream.getvalue() and "5/5" in stream.getvalue()
+    quiet = io.StringIO()
+    pipe.set_progress_bar_config(file=quiet, disable=True)
+    pipe(batch_size=2, sampler="ancestral", num_inference_steps=5)
+    assert quiet.getvalue() == ""
+
+
+def test_unknown_options_are_blamed_on_themselves():
+    pipe = vector_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(TypeError) as err:
+        pipe(num_inference_steps=10, eta=0.0)
+    assert "'eta'" in str(err.value) and "no num_steps option" not in str(err.value)
+    with pytest.raises(TypeError, match="no num_steps option"):
+        pipe(sampler="annealed_langevin", num_inference_steps=10)
+
+
+def test_save_pretrained_keeps_diffusers_folders_loadable_and_runnable(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2)).save_pretrained(
+        tmp_path / "d")
+    pipe = ScorePipeline.from_pretrained(tmp_path / "d")
+    pipe.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    plain = DiffusionPipeline.from_pretrained(tmp_path / "resaved")
+    plain.set_progress_bar_config(disable=True)
+    assert type(plain) is DDPMPipeline
+    assert plain(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+    assert ScorePipeline.from_pretrained(tmp_path / "resaved").spec == pipe.spec
+    # a fresh image pipeline with a stepping scheduler is written as a DDPMPipeline too; vector networks and
+    # schedulers without step() are not (DDPMPipeline could load but not run them)
+    image_pipeline().save_pretrained(tmp_path / "img")
+    assert json.loads((tmp_path / "img" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    vector_pipeline().save_pretrained(tmp_path / "vec")
+    assert json.loads((tmp_path / "vec" / "model_index.json").read_text())["_class_name"] == "ScorePipeline"
+    ve = ScorePipeline(unet=tiny_unet(), scheduler=ScoreSdeVeScheduler(sigma_max=5.0))
+    assert ve.diffusers_pipeline_name() == "ScorePipeline"

@@ -227,7 +227,7 @@ def test_bad_input():
         SubVPSDE().to_scheduler_config()
     with pytest.raises(ValueError, match="cannot map scheduler config"):
         process_from_scheduler_config({"_class_name": "EulerDiscreteScheduler_x", "foo": 1})
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        process_from_scheduler_config(DDPMScheduler(rescale_betas_zero_snr=True).config)
+    zero_snr = process_from_scheduler_config(DDPMScheduler(rescale_betas_zero_snr=True).config)
+    assert zero_snr.zero_terminal_snr and float(zero_snr.alpha(torch.tensor(1.0, dtype=torch.float64))) == 0.0
     with pytest.raises(ValueError, match="prediction_type"):
         VPSDE().to_scheduler_config(prediction_type="energy")

@@ -296,3 +296,18 @@ def test_sampler_boundary_errors():
         sampler.sample(score, VPSDE(), shape=(2, 2), generator=0)
     with pytest.raises(TypeError, match=r"found a list holding \['int'\]"):
         sampler.sample(score, VPSDE(), shape=(2, 2), generator=[1, 2])
+
+
+@pytest.mark.parametrize("command", ["likelihood", "evaluate"])
+def test_commands_report_a_zero_byte_npy_in_one_line(tmp_path, capsys, command):
+    from score_toolkit.cli import main
+
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    args = {"likelihood": ["likelihood", "--model", "analytic:ring", "--process", "VP", "--data-file", str(empty)],
+            "evaluate": ["evaluate", "--model", "analytic:ring", "--process", "VP", "--sampler", "ancestral",
+                         "--option", "num_steps=2", "--num-samples", "8", "--reference", str(empty)]}[command]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"score-toolkit {command}: error:" in err and "found an empty file (0 bytes)" in err, err
+    assert "Traceback" not in err

@@ -459,3 +459,92 @@ def test_variance_type_is_mapped():
     assert torch.equal(got, r[0].prev_sample)
     _, msgs = _warned(ds.ScoreAncestralScheduler, variance_type="learned")
     assert any("variance_type='learned'" in m for m in msgs)
+
+
+# ------------------------------------------------------------------------------------ zero terminal SNR
+ZSNR = dict(num_train_timesteps=200, beta_start=0.00085 * 5, beta_end=0.012 * 5, beta_schedule="scaled_linear",
+            rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+class GaussianV:
+    """The exact v prediction for N(MEAN, diag(VAR)) data on the zero-terminal-SNR table (alpha(1) = 0)."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def __call__(self, x, timestep):
+        t = self.process.clamp_t((torch.as_tensor(timestep, dtype=torch.float64).reshape(-1) + 1)
+                                 / ZSNR["num_train_timesteps"])
+        alpha, sigma = self.process.marginal(t)
+        xd = x.to(torch.float64)
+        gain = (xd - alpha * MEAN) / (alpha**2 * VAR + sigma**2)
+        x0 = MEAN + alpha * VAR * gain
+        eps = sigma * gain
+        return (alpha * eps - sigma * x0).to(x.dtype)
+
+
+def test_zero_terminal_snr_tables_are_a_process_reaching_alpha_zero():
+    src = DDPMScheduler(**ZSNR)
+    for cls in OURS:
+        sched = cls.from_config(src.config)
+        assert sched.process.zero_terminal_snr
+        assert float(sched.process.alpha(torch.tensor(1.0, dtype=torch.float64))) == 0.0
+        assert torch.equal(sched.alphas_cumprod, src.alphas_cumprod)  # diffusers' table, entry for entry
+        assert torch.allclose(sched.betas, src.betas, atol=1e-6)
+    with pytest.raises(ValueError, match="v_prediction"):
+        ds.ScoreDPMSolverScheduler.from_config(DDPMScheduler(**{**ZSNR, "prediction_type": "epsilon"}).config)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        ds.ScoreDPMSolverScheduler(**{k: v for k, v in ZSNR.items() if k != "timestep_spacing"}).set_timesteps(5)
+
+
+@pytest.mark.parametrize("cls", OURS + [DDPMScheduler], ids=lambda c: c.__name__)
+def test_zero_terminal_snr_full_loop_from_pure_noise_samples_the_data(cls):
+    """From t = 1 (alpha = 0: x_T is pure noise, independent of the data) to the data, with an exact v model."""
+    sched = cls.from_config(DDPMScheduler(**ZSNR).config) if cls in OURS else DDPMScheduler(**ZSNR, clip_sample=False)
+    proc = ds.ScoreAncestralScheduler.from_config(DDPMScheduler(**ZSNR).config).process
+    sched.set_timesteps(200 if cls in STOCHASTIC else 100)  # trailing spacing is coarse at low noise
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 2, generator=g, dtype=torch.float32)  # float32: alpha(1) = 0 is found on the grid
+    out = loop(sched, x, GaussianV(proc), sched.timesteps, g)
+    assert torch.isfinite(out).all()
+    out = out.double()
+    if _ends_denoised(sched):
+        t = (float(sched.timesteps[-1]) + 1) / ZSNR["num_train_timesteps"]
+        a, s = (float(v) for v in proc.marginal(torch.tensor(t, dtype=torch.float64)))
+        mean, var = MEAN, a**2 * VAR**2 / (a**2 * VAR + s**2)
+    else:
+        a, s = (float(v) for v in proc.marginal(torch.tensor(proc.t_min, dtype=torch.float64)))
+        mean, var = a * MEAN, a**2 * VAR + s**2
+    se = (var / 2000).sqrt()
+    assert ((out.mean(0) - mean).abs() < 5 * se + 0.01).all(), (out.mean(0), mean)
+    assert ((out.var(0) / var - 1).abs() < 5 * (2 / 2000) ** 0.5 + 0.05).all(), (out.var(0), var)
+
+
+# ------------------------------------------------------------------------------------ ScoreSDEScheduler (no step)
+def test_score_sde_scheduler_has_the_contract_except_step(tmp_path):
+    """The config carrier of ScorePipeline folders: everything but ``step``, which points to the stepping classes."""
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import ScoreSDEScheduler, scheduler_for
+
+    sched = scheduler_for(VPSDE(), "epsilon", "t")
+    assert isinstance(sched, ScoreSDEScheduler)
+    sched.set_timesteps(6)
+    first = sched.timesteps.clone()
+    sched.set_timesteps(6)
+    assert torch.equal(sched.timesteps, first) and sched.time_grid[-1] == pytest.approx(1e-3)
+    sched.save_pretrained(tmp_path)
+    again = ScoreSDEScheduler.from_pretrained(tmp_path)
+    again.set_timesteps(6)
+    assert torch.equal(again.timesteps, first)
+    sched.set_timesteps(timesteps=[0.9, 0.5, 0.1])
+    assert sched.timesteps.tolist() == pytest.approx([0.9, 0.5, 0.1])
+    sched.set_begin_index(1)
+    assert sched.begin_index == 1 and sched.index_for_timestep(sched.timesteps[2]) == 2
+    x0, noise = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    a, s = VPSDE().marginal(torch.tensor(0.5, dtype=torch.float64))
+    assert torch.allclose(sched.add_noise(x0, noise, sched.timesteps[1]), a * x0 + s * noise, atol=1e-6)
+    assert torch.allclose(sched.get_velocity(x0, noise, sched.timesteps[1]), a * noise - s * x0, atol=1e-6)
+    with pytest.raises(TypeError, match="ScoreDPMSolverScheduler.from_config"):
+        sched.step(x0, sched.timesteps[0], x0)
+    stepping = ds.ScoreDPMSolverScheduler.from_config(sched.config)
+    assert stepping.process == sched.process

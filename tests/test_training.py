@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from score_toolkit import training
 from score_toolkit.training import ConfigError, RunConfig, latest_checkpoint, list_checkpoints, train, verify_checkpoint
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def small_config(out, **sections) -> dict:
     cfg = {
@@ -350,7 +352,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
         train(small_config(tmp_path / "run"))
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
-    assert (root / ".tmp-step_0000010").is_dir()  # the half-written one stays invisible
+    assert not (root / ".tmp-step_0000010").exists()  # a failed write leaves no residue
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [5]
     assert verify_checkpoint(root / "step_0000005") == (True, "ok")
     resumed = train(small_config(tmp_path / "run"), resume=True)

@@ -20,6 +20,7 @@ from .demo import add_demo_parser as _add_demo
 from .evaluate import add_evaluate_parser as _add_evaluate
 from .evaluate import add_plot_parser as _add_plot
 from .likelihood import add_likelihood_parser as _add_likelihood
+from .restore import add_restore_parser as _add_restore
 from .sample import add_sample_parser as _add_sample
 from .samplers import add_samplers_parser as _add_samplers
 from .train import add_train_parser as _add_train
@@ -29,7 +30,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: Parser builders, one per command, called in order by :func:`build_parser`.
 COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample, _add_likelihood,
-                                         _add_evaluate, _add_plot]
+                                         _add_evaluate, _add_plot, _add_restore]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,8 +40,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-file", default=None, help="a .npy or .safetensors file of samples (N, ...)")
     g.add_argument("--num-samples", type=int, default=None, help="use the first N samples (analytic: draw N, default 256)")
     g.add_argument("--data-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="the model's data range: data outside it are refused; with --levels/--bits the grid's ends "
-                        "(default -1 1 then)")
+                   help="the model's data range: data outside it are refused; with --levels/--bits the grid's ends. "
+                        "Default: -1 1 for image models (and with --levels/--bits), none for vector models")
     q = p.add_argument_group("bits/dim (uniform dequantization)")
     q.add_argument("--levels", type=int, default=None,
                    help="the data are stored on L levels evenly spaced over --data-range (e.g. 17 for the digits, 256 "
@@ -88,6 +88,10 @@ def add_likelihood_parser(subparsers) -> None:
     _configure(p)
 
 
+#: the range image models are trained on (images scaled to [-1, 1], diffusers' convention)
+IMAGE_DATA_RANGE = (-1.0, 1.0)
+
+
 def cmd_likelihood(args: argparse.Namespace) -> int:
     return run_guarded("likelihood", _run, args)
 
@@ -108,13 +112,16 @@ def _run(args: argparse.Namespace) -> int:
                    rtol=args.rtol, atol=args.atol, num_steps=args.num_steps, grid=args.grid,
                    max_num_steps=args.max_num_steps, per_sample_norm=not args.no_per_sample_norm, t_min=args.t_min,
                    batch_size=args.batch_size, sample_shape=model["sample_shape"], accelerator=accelerator)
+    data_range = args.data_range
+    if data_range is None and len(model["sample_shape"]) == 3:
+        data_range = IMAGE_DATA_RANGE  # image models are trained on [-1, 1]: raw [0, 255] pixels must not pass
     summary: dict[str, Any] = {"model": model["description"], "data": data_desc}
     per_sample: dict[str, Any] = {}
     if args.levels is not None or args.bits is not None:
         if args.levels is not None and args.bits is not None:
             raise CLIError("pass --levels or --bits, not both")
         levels = args.levels if args.levels is not None else 2**args.bits
-        lo, hi = args.data_range if args.data_range is not None else (-1.0, 1.0)
+        lo, hi = data_range if data_range is not None else IMAGE_DATA_RANGE
         k = to_levels(x, levels=levels, lo=lo, hi=hi)
         res = dequantized_bits_per_dim(model["score_fn"], model["process"], k, levels=levels, scale=hi - lo, offset=lo,
                                        num_dequant=args.num_dequant, seed=args.seed, dtype=dtype, **options)
@@ -126,8 +133,14 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.num_dequant != 1:
             raise CLIError("--num-dequant applies with --levels or --bits only")
-        res = log_likelihood(model["score_fn"], model["process"], x, seed=args.seed, data_range=args.data_range,
-                             **options)
+        try:
+            res = log_likelihood(model["score_fn"], model["process"], x, seed=args.seed, data_range=data_range,
+                                 **options)
+        except ValueError as err:
+            if args.data_range is None and data_range is not None and "model's range" in str(err):
+                raise CLIError(f"{err}; image models take data in [-1, 1] (pass --data-range LO HI if this model "
+                               f"was trained on another range)") from err
+            raise
         summary.update(res.summary())
         per_sample = {"log_prob": res.log_prob, "std_err": res.std_err, "nfe": res.nfe_per_sample}
         if model["mixture"] is not None:

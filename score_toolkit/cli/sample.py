@@ -14,16 +14,14 @@ import sys
 import time
 from typing import Any
 
+# the default sampler and steps are ScorePipeline's (one definition: score_toolkit.pipeline.DEFAULT_SAMPLER)
+from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._common import parse_options
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
-#: default sampler and steps. Measured on the shipped digits model (900 samples, classifier Frechet distance, floor
-#: 3.44): dpmpp_2m with 25 steps 3.38, as good as the converged ODE (pf_ode dopri5 at 1e-4, 110 NFE: 3.24) and better
-#: than ancestral at 100 or 200 steps (7.2, 4.9); about 0.5 s per 64 samples (docs/pipeline.md).
-DEFAULT_SAMPLER = "dpmpp_2m"
-DEFAULT_STEPS = 25
-
+#: --dtype choices (torch dtype names)
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 def add_sample_parser(subparsers) -> None:
     """Declare the ``sample`` subcommand on an argparse ``subparsers`` object (for score_toolkit.cli)."""
@@ -48,6 +46,12 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. --option grid=log_sigma --option denoise=true (values are read as "
                    "JSON when they parse, else as strings; repeatable)")
+    p.add_argument("--class-label", type=int, default=None,
+                   help="generate this class (a network trained with labels; classifier-free guidance, see "
+                   "docs/conditioning.md)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale with --class-label (diffusers' convention: 1 = the "
+                   "conditional model, larger = sharper; default 1)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i is seeded by (seed, i) (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="samples drawn together (default 32)")
     p.add_argument("--network-batch-size", type=int, default=32,
@@ -59,6 +63,12 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard file, a multiple of --batch-size (default: about 4096)")
     p.add_argument("--output-dir", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="the network's dtype (loaded with torch_dtype; default float32). bfloat16/float16 evaluate the "
+                   "network in that precision while the sampler keeps float32 states")
+    p.add_argument("--image-files", action="store_true",
+                   help="also write OUTPUT_DIR/images/ (one PNG per sample) and OUTPUT_DIR/samples.npz (uint8 "
+                   "(N, H, W, C) as arr_0): the inputs of FID tools (clean-fid, torch-fidelity, pytorch-fid)")
     p.add_argument("--overwrite", action="store_true", help="replace another run found in the output folder")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is there (needed for multi-process "
                    "CPU runs under accelerate launch --multi_gpu)")
@@ -103,21 +113,29 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    pipe = ScorePipeline.from_pretrained(checkpoint)
+    import torch
+
+    pipe = ScorePipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, DTYPES[args.dtype]))
     start = time.perf_counter()
     result = sample_to_folder(
         pipe, args.output_dir, args.num_samples, sampler=args.sampler, sampler_options=options, seed=args.seed,
         batch_size=args.batch_size, network_batch_size=network_batch_size, shard_size=args.shard_size,
         accelerator=accelerator, overwrite=args.overwrite, progress=not args.no_progress, checkpoint=checkpoint,
+        class_labels=args.class_label, guidance_scale=args.guidance_scale,
+        image_files=args.image_files,
     )
     if accelerator.is_main_process:
         seconds = time.perf_counter() - start
         what = f"{result.num_samples} samples with {args.sampler} ({_describe(options)})"
+        if args.class_label is not None:
+            what += f" of class {args.class_label} (guidance scale {args.guidance_scale:g})"
         skipped = f", {result.shards_skipped} shard(s) already complete" if result.shards_skipped else ""
         print(f"wrote {what} on {result.num_processes} process(es) in {seconds:.1f} s{skipped}:")
         print(f"  {result.samples_file}")
         if result.picture is not None:
             print(f"  {result.picture}")
+        if result.images_dir is not None:
+            print(f"  {result.images_dir}/ ({result.num_samples} PNG files) and {result.npz_file}")
         if not result.batch_independent:
             print(f"note: {args.sampler} with these options couples the samples of a batch: the samples depend on "
                   f"--batch-size (never on the number of processes)")

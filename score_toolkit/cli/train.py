@@ -144,6 +144,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     except ConfigError as err:
         print(f"score-toolkit train: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as err:  # a full disk, an unwritable folder, a diverged run: said in full
+        print(f"score-toolkit train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     if result.export_folder is not None:
         print(f"trained {result.step} steps on {result.num_processes} process(es); exported {result.export_folder}")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._utils import sample_seed
 from ..processes import Process
 from .ode import log_likelihood
 from .quantization import _levels, bits_per_dim, dequantize
@@ -27,7 +28,8 @@ class BitsPerDimResult:
     Attributes:
         bpd: per-sample bits/dim (B,), averaged over the dequantization draws.
         std_err: per-sample standard error (B,): over the draws when ``num_dequant >= 2`` (it then includes the
-            dequantization noise and the Hutchinson error), else the Hutchinson error alone.
+            dequantization noise and the Hutchinson error), else the Hutchinson error alone (NaN where unknown:
+            see :attr:`LikelihoodResult.std_err`).
         nll: per-sample model-space NLL (nats), averaged over the draws.
         nfe: total ODE function evaluations; wall_time_s: wall time.
         levels, scale, offset, num_dequant: the dequantization.
@@ -46,11 +48,13 @@ class BitsPerDimResult:
     likelihoods: list[LikelihoodResult]
 
     def summary(self) -> dict[str, Any]:
+        """Means over samples. ``std_err_mean_bpd`` is the spread of the per-sample values over ``sqrt(n)``; each
+        value already carries its dequantization and probe noise (independent per sample), so they are not
+        added again."""
         n = self.bpd.numel()
-        spread = float(self.bpd.double().std()) if n > 1 else 0.0
-        within = float(self.std_err.double().nan_to_num(0.0).pow(2).sum().sqrt()) / n
+        spread = float(self.bpd.double().std()) if n > 1 else math.nan
         return {"num_samples": n, "mean_bpd": float(self.bpd.double().mean()),
-                "std_err_mean_bpd": math.sqrt(spread**2 / n + within**2), "mean_nll_nats": float(self.nll.double().mean()),
+                "std_err_mean_bpd": spread / math.sqrt(n), "mean_nll_nats": float(self.nll.double().mean()),
                 "levels": self.levels, "scale": self.scale, "offset": self.offset, "num_dequant": self.num_dequant,
                 "nfe": self.nfe, "wall_time_s": self.wall_time_s}
 
@@ -60,8 +64,10 @@ def dequantized_bits_per_dim(score_fn, process: Process, k: torch.Tensor, *, bit
                              seed: int = 0, dtype=torch.float32, **likelihood_options) -> BitsPerDimResult:
     """Bits/dim of quantised data ``k`` (integers in ``[0, L - 1]``): dequantise ``num_dequant`` times
     (:func:`dequantize`), compute each :func:`log_likelihood` (``likelihood_options`` are passed on), convert with
-    :func:`bits_per_dim` and average. Draw ``j`` of sample ``i`` uses the seed ``(seed + j, i)`` for both the
-    dequantization noise and the probes."""
+    :func:`bits_per_dim` and average. Draw ``j`` uses the seed ``sample_seed(seed, j, stream=2)``
+    (:func:`score_toolkit._utils.sample_seed`) for the dequantization noise of sample ``i`` (its dequantization
+    stream) and for its probes (the probe stream): the two are independent, so the Hutchinson estimate stays
+    unbiased (a shared stream made the first Rademacher probe equal ``sign(u - 1/2)``)."""
     start = time.perf_counter()
     lv = _levels(bits, levels)
     if isinstance(num_dequant, bool) or not isinstance(num_dequant, int) or num_dequant < 1:
@@ -90,4 +96,7 @@ def dequantized_bits_per_dim(score_fn, process: Process, k: torch.Tensor, *, bit
 
 
 def _mix_seed(seed: int, j: int) -> int:
-    return int(seed) * 7919 + j
+    return sample_seed(seed, j, _DRAW_STREAM)
+
+
+_DRAW_STREAM = 2

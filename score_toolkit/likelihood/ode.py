@@ -377,6 +377,11 @@ def log_likelihood(
         total_nfe += int(out["nfe"])
         if latent is not None:
             latent[lo:hi] = out["latent"]
+    std_err, probe_variance = res["std_err"], None
+    if divergence == "hutchinson" and num_probes > 1:
+        probe_variance = std_err.double().pow(2) * num_probes
+        # all K probe estimates equal: the spread says nothing about the error, which is not 0 (never report 0)
+        std_err = torch.where(std_err == 0, torch.full_like(std_err, math.nan), std_err)
     info = {"method": method, "time_variable": time_variable, "batch_size": bs, "per_sample_norm": per_sample_norm,
             "num_processes": world}
     if METHODS[method]:
@@ -384,7 +389,8 @@ def log_likelihood(
     else:
         info.update(num_steps=num_steps, grid=grid)
     return LikelihoodResult(
-        log_prob=res["log_prob"], std_err=res["std_err"], prior_log_prob=res["prior"], delta_log_prob=res["delta"],
+        log_prob=res["log_prob"], std_err=std_err, prior_log_prob=res["prior"], delta_log_prob=res["delta"],
         nfe=total_nfe, nfe_per_sample=nfe_per, num_dims=dims, divergence=divergence, num_probes=num_probes,
         probe=probe, t_min=t_lo, wall_time_s=time.perf_counter() - start, latent=latent, info=info,
+        probe_variance=probe_variance,
     )

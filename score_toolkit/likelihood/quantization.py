@@ -15,6 +15,11 @@ from .._utils import GeneratorLike, check_tensor, per_sample_generators, rand
 __all__ = ["bits_per_dim", "dequantize", "to_levels"]
 
 
+#: the per-sample random stream of the dequantization noise (see :func:`score_toolkit._utils.sample_seed`): with the
+#: same seed as the probes, a shared stream would make the first Rademacher probe equal sign(u - 1/2)
+DEQUANTIZATION_STREAM = 1
+
+
 def _levels(bits, levels) -> int:
     if (bits is None) == (levels is None):
         raise ValueError(f"expected exactly one of bits or levels, found bits={bits!r}, levels={levels!r}")
@@ -81,12 +86,14 @@ def dequantize(k: torch.Tensor, *, bits: int | None = None, levels: int | None =
     """Uniform dequantization into model space: ``x = scale * (k + u) / L + offset`` with ``u ~ U[0, 1)``.
 
     ``k``: integers in ``[0, L - 1]`` (any rank (B, ...)). Noise of sample ``i`` comes from a generator seeded
-    by ``(seed, indices[i])`` (``indices`` default ``0..B-1``), or from ``generator``."""
+    by ``(seed, indices[i])`` (``indices`` default ``0..B-1``) in the dequantization stream
+    (:data:`DEQUANTIZATION_STREAM`), which never coincides with the Hutchinson probes that
+    :func:`~score_toolkit.likelihood.log_likelihood` draws for the same seed; or from ``generator``."""
     lv = _levels(bits, levels)
     k = _check_levels_data(k, lv)
     if generator is None:
         idx = range(k.shape[0]) if indices is None else indices
-        generator = per_sample_generators(seed, idx, device=k.device)
+        generator = per_sample_generators(seed, idx, device=k.device, stream=DEQUANTIZATION_STREAM)
     u = rand(k.shape, generator=generator, device=k.device, dtype=dtype)
     return scale * (k.to(dtype) + u) / lv + offset
 

@@ -1,6 +1,7 @@
 """Networks: vector score and energy MLPs (diffusers ``ModelMixin``/``ConfigMixin``) with strict loading.
 
-Image networks are diffusers' own ``UNet2DModel`` configurations; :func:`load_model` loads those strictly too.
+Image networks are diffusers' own ``UNet2DModel`` configurations (presets of published layouts in
+:mod:`score_toolkit.models.presets`); :func:`load_model` loads those strictly too.
 
 The names are resolved on first use (``from score_toolkit.models import ScoreMLP`` works as usual), so that
 ``import score_toolkit`` can make ``score_toolkit.models.mlp`` known to diffusers without importing torch.
@@ -19,7 +20,11 @@ _NAMES = {
     "CheckpointDtypeWarning": "base",
     "StrictLoadingMixin": "base",
     "strict_from_pretrained": "base",
-    "load_model": "base",
+    "load_model": "loading",
+    "UNET_PRESETS": "presets",
+    "PRESET_RECIPES": "presets",
+    "unet_preset": "presets",
+    "build_unet": "presets",
 }
 
 __all__ = list(_NAMES)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import SamplerProperties, SamplingContext
-from .grids import GridSampler, _floats, _lincomb
+from .fixed_grid import GridSampler, _floats, _lincomb
 
 __all__ = [
     "DPMSolverPP2M",

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import SamplerProperties, SamplingContext
-from .grids import GridSampler, _lincomb
+from .fixed_grid import GridSampler, _lincomb
 
 __all__ = ["EDMHeunSampler"]
 

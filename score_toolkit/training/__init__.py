@@ -5,10 +5,13 @@
 1. validates everything before any work: the config (unknown keys are errors), the data, the process,
    the network (one forward call on two samples), the objective and their consistency, the output
    folder (writable; with ``resume`` it must hold a complete checkpoint, without it none);
-2. trains with Accelerate: mixed precision (``bf16``; ``fp16`` only on GPUs: on CPU it is a no-op,
-   so it is refused with a warning and float32 is used), gradient accumulation, clipping, linear LR
-   warm-up, an EMA of the weights, data parallelism over processes, a tqdm bar with loss and
-   throughput, ``metrics.jsonl`` and optional TensorBoard;
+2. trains with Accelerate (public API only): mixed precision (the config's, else Accelerate's own setting
+   from ``accelerate launch``, its config file or the environment; ``fp16`` only on GPUs: on CPU it is a
+   no-op, so it is refused with a warning and float32 is used), gradient accumulation, clipping, learning-rate
+   schedules of ``diffusers.optimization.get_scheduler`` (saved with the checkpoints), an EMA of the weights,
+   data parallelism over processes, batches read by a ``DataLoader`` (image sets are never held in memory or
+   moved to the device whole), optional gradient checkpointing and ``torch.compile``, a tqdm bar with loss
+   and throughput, ``metrics.jsonl`` and any tracker Accelerate supports;
 3. writes crash-safe checkpoints (:func:`save_checkpoint`: temporary folder, fsync, a manifest with the
    sha256 of every file, then one atomic rename; the last ``keep_checkpoints`` are kept) and resumes
    from the latest one whose manifest verifies (:func:`latest_checkpoint`);

@@ -39,8 +39,8 @@ def _build_process(cfg: ProcessConfig):
         raise ConfigError(f"unknown process {cfg.name!r}.{hint} Available: {', '.join(PROCESS_CLASSES)}")
     try:
         return getattr(processes, cfg.name)(**cfg.options)
-    except TypeError as err:
-        raise ConfigError(f"process {cfg.name}: {err}") from err
+    except (TypeError, ValueError) as err:  # unknown option, or a value out of range (beta_max = .inf)
+        raise ConfigError(f"process {cfg.name} (process.options {dict(cfg.options)}): {err}") from err
 
 
 def _model_class(name: str):
@@ -59,6 +59,16 @@ def _build_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> torch.nn.Mo
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown model {cfg.name!r}.{hint} Available: {', '.join(MODEL_CLASSES)}")
     options = dict(cfg.options)
+    if cfg.preset is not None:
+        if cfg.name != "UNet2DModel":
+            raise ConfigError(f"model.preset = {cfg.preset!r} is a UNet2DModel layout: set model.name: UNet2DModel, "
+                              f"found {cfg.name!r}")
+        from ..models.presets import unet_preset
+
+        try:
+            options = unet_preset(cfg.preset, **options)
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from err
     if cfg.name in ("ScoreMLP", "EnergyMLP"):
         dim = math.prod(sample_shape)
         options.setdefault("dim", dim)
@@ -77,7 +87,20 @@ def _build_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> torch.nn.Mo
             options.setdefault(key, want)
             found = options[key]
             if (list(found) if isinstance(found, (list, tuple)) else found) not in (want, [want, want]):
-                raise ConfigError(f"model.options.{key} = {found!r} but the data give {want} (samples {sample_shape})")
+                hint = ""
+                if key == "in_channels" and found in (1, 3) and c in (1, 3):
+                    kind = {1: "grey (1-channel)", 3: "RGB (3-channel)"}
+                    hint = (f": {kind[c]} images for a {found}-channel network; convert them with the data option "
+                            f"channels: {found}, or set model.options.in_channels/out_channels to {c}")
+                raise ConfigError(f"model.options.{key} = {found!r} but the data give {want} (samples "
+                                  f"{sample_shape}){hint}")
+        blocks = [*options.get("down_block_types", []), *options.get("up_block_types", [])]
+        if c != 3 and any("Skip" in str(b) for b in blocks):
+            raise ConfigError(
+                f"the UNet's skip blocks ({sorted({b for b in blocks if 'Skip' in str(b)})}, NCSN++ style) work on "
+                f"3-channel images only (diffusers builds their skip convolutions for RGB), but the data have {c} "
+                f"channel(s): use data option channels: 3 or blocks without skip connections"
+            )
     cls = _model_class(cfg.name)
     try:
         return cls(**options)
@@ -171,10 +194,12 @@ def build_components(config: RunConfig | Mapping[str, Any]) -> Components:
         raise
     except ValueError as err:
         raise ConfigError(f"model {m.name}: {err}") from err
+    if cfg.train.gradient_checkpointing and not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: the network {m.name} does not support it (UNet2DModel does)")
     objective = _build_objective(cfg.objective, process, dataset, m.prediction_type)
     # one forward call on two samples at both ends of the time range
     score_fn = ScoreAdapter(model, process, m.prediction_type, m.time_input)
-    x = dataset.data[:2]
+    x = dataset.head(2)
     for t_end in (process.t_min, process.t_max):
         try:
             with torch.no_grad() if m.prediction_type != "energy" else torch.enable_grad():

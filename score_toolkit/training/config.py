@@ -49,12 +49,14 @@ class ProcessConfig:
 class ModelConfig:
     """``name``: ScoreMLP, EnergyMLP or UNet2DModel; ``options``: its constructor arguments (``dim`` of the
     MLPs and ``sample_size``/``in_channels``/``out_channels`` of the UNet default to the data's shape);
-    ``prediction_type`` and ``time_input`` as in :class:`~score_toolkit.scores.ScoreAdapter`."""
+    ``prediction_type`` and ``time_input`` as in :class:`~score_toolkit.scores.ScoreAdapter`. ``preset`` (UNet2DModel
+    only) starts ``options`` from a layout of :mod:`score_toolkit.models.presets` (``options`` override it)."""
 
     name: str = "ScoreMLP"
     prediction_type: str = "epsilon"
     time_input: str = "t"
     options: dict = field(default_factory=dict)
+    preset: str | None = None
 
 
 @dataclass
@@ -69,7 +71,15 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. ``batch_size`` is the GLOBAL batch of one optimizer step (summed over
-    processes and accumulation micro-steps); it must divide by ``num_processes * gradient_accumulation_steps``."""
+    processes and accumulation micro-steps); it must divide by ``num_processes * gradient_accumulation_steps``.
+    ``lr_scheduler``: a schedule of ``diffusers.optimization.get_scheduler`` (``constant_with_warmup``, ``linear``,
+    ``cosine``, ``cosine_with_restarts``, ``polynomial``, ``constant``, ``piecewise_constant``) over ``steps`` with
+    ``warmup_steps``; ``lr_scheduler_options``: its ``num_cycles``, ``power`` or ``step_rules``.
+    ``mixed_precision``: ``no``, ``bf16`` or ``fp16``; null (the default) takes Accelerate's setting (``accelerate
+    launch --mixed_precision``, its config file, ``ACCELERATE_MIXED_PRECISION``; ``no`` without one).
+    ``log_with``: any tracker Accelerate supports (``tensorboard``, ``wandb``, ``mlflow``, ... or ``all``), or a
+    list. ``gradient_checkpointing``: recompute activations in the backward pass (UNet2DModel).
+    ``compile``: ``torch.compile`` the network (Accelerate's dynamo backend ``inductor``)."""
 
     steps: int = 1000
     batch_size: int = 256
@@ -78,16 +88,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_scheduler: str = "constant_with_warmup"
+    lr_scheduler_options: dict = field(default_factory=dict)
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     ema_decay: float | None = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 50
     progress: bool = True
-    log_with: str | None = None
+    log_with: str | list | None = None
     per_sample_noise: bool = False
     cpu: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -171,6 +185,7 @@ def _from_dict(cls, d, path: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _from_dict(hint, value, f"{path}{name}.")
             continue
+        value = _number_from_text(value, hint)
         if not _type_ok(value, hint):
             raise ConfigError(
                 f"config key {path + name!r}: expected {_hint_name(hint)}, found {value!r} ({type(value).__name__})"
@@ -179,6 +194,19 @@ def _from_dict(cls, d, path: str):
             value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
         kwargs[name] = dict(value) if isinstance(value, Mapping) else list(value) if isinstance(value, tuple) else value
     return cls(**kwargs)
+
+
+def _number_from_text(value, hint):
+    """A float field given as text that spells a number: YAML 1.1 (PyYAML) reads ``1e-3`` as the string
+    ``'1e-3'`` (it wants ``1.0e-3``), which is what users write; accept it. Other text is left to the type check."""
+    wants_float = hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
+    if wants_float and isinstance(value, str) and not (typing.get_origin(hint) is typing.Union
+                                                        and str in typing.get_args(hint)):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
 
 
 def _hint_name(hint) -> str:
@@ -211,6 +239,9 @@ def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"cannot parse the config file {p}: {err}") from err
     if raw is None:
         raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected the config file {p} to hold a mapping of sections (output_dir, data, model, "
+                          f"train, ...), found a {type(raw).__name__}")
     return RunConfig.from_dict(apply_overrides(raw, overrides))
 
 
@@ -221,6 +252,8 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
     import yaml
 
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"expected the config to be a mapping of sections, found a {type(config).__name__}")
     out = copy.deepcopy(dict(config))
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
@@ -264,19 +297,58 @@ def _check_train_config(t: TrainConfig) -> None:
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), found {t.adam_betas}")
     if t.max_grad_norm is not None and not t.max_grad_norm > 0:
         raise ConfigError(f"train.max_grad_norm: expected > 0 or null (no clipping), found {t.max_grad_norm}")
-    if t.mixed_precision not in MIXED_PRECISION:
-        raise ConfigError(f"train.mixed_precision: expected one of {MIXED_PRECISION}, found {t.mixed_precision!r}")
+    if t.mixed_precision is not None and t.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"train.mixed_precision: expected one of {MIXED_PRECISION} or null (Accelerate's setting), "
+                          f"found {t.mixed_precision!r}")
+    _check_lr_scheduler(t)
     if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: expected a number in [0, 1) or null (no EMA), found {t.ema_decay}")
-    if t.log_with not in (None, "tensorboard"):
-        raise ConfigError(f"train.log_with: expected null or 'tensorboard', found {t.log_with!r}")
-    if t.log_with == "tensorboard":
-        import importlib.util
+    check_trackers(t.log_with)
 
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                "train.log_with = 'tensorboard' needs the tensorboard package: pip install 'score-toolkit[tensorboard]'"
-            )
+
+SCHEDULER_OPTIONS = ("num_cycles", "power", "step_rules")
+
+
+def _check_lr_scheduler(t: TrainConfig) -> None:
+    from diffusers.optimization import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if t.lr_scheduler not in names:
+        close = difflib.get_close_matches(str(t.lr_scheduler), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"train.lr_scheduler: expected one of {names}, found {t.lr_scheduler!r}{hint}")
+    unknown = sorted(set(t.lr_scheduler_options) - set(SCHEDULER_OPTIONS))
+    if unknown:
+        raise ConfigError(f"train.lr_scheduler_options: unknown option(s) {unknown}; expected a subset of "
+                          f"{list(SCHEDULER_OPTIONS)}")
+    if t.lr_scheduler == "piecewise_constant" and "step_rules" not in t.lr_scheduler_options:
+        raise ConfigError("train.lr_scheduler = 'piecewise_constant' needs train.lr_scheduler_options.step_rules "
+                          "(e.g. '1:10,0.1:20,0.01')")
+    if t.lr_scheduler == "constant" and t.warmup_steps:
+        raise ConfigError(f"train.lr_scheduler = 'constant' has no warm-up but train.warmup_steps = {t.warmup_steps}: "
+                          f"use constant_with_warmup")
+
+
+def check_trackers(log_with) -> list[str]:
+    """Validate ``train.log_with`` (null, a tracker name Accelerate supports, ``all``, or a list of names) and
+    check that each named tracker's package is installed. Returns the names."""
+    from accelerate import utils as accelerate_utils
+    from accelerate.utils import LoggerType
+
+    if log_with is None:
+        return []
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    known = [t.value for t in LoggerType]
+    for name in names:
+        if not isinstance(name, str) or name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"train.log_with: expected null, one of {known} or a list of them, found {name!r}{hint}")
+        check = getattr(accelerate_utils, f"is_{name}_available", None)
+        if name != "all" and check is not None and not check():
+            how = "pip install 'score-toolkit[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
+            raise ConfigError(f"train.log_with = {name!r} needs the {name} package: {how}")
+    return names
 
 
 def _check_export_config(e: ExportConfig) -> None:

@@ -37,10 +37,9 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
     out = get_sampler(sampler, **dict(sampler_options)).sample(score_fn, comps.process, shape=shape,
                                                                  generator=gens, device=device, dtype=torch.float32)
     samples = out.samples.detach().float().cpu()
-    data = comps.dataset.data
-    g = torch.Generator().manual_seed(_mix(seed, 0xE7A2))
-    perm = torch.randperm(len(data), generator=g)
-    ref = data[perm[:num_samples]].double()
+    dataset = comps.dataset
+    # reference samples drawn from the data (read now for image sets); the same draw as before for tensors
+    ref = dataset.draw(num_samples, _mix(seed, 0xE7A2)).double()
     results = []
     dataset_name = comps.dataset.name
     sw = metrics.sliced_wasserstein(samples.double().flatten(1), ref.flatten(1),
@@ -50,8 +49,12 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
                     "value": round(float(sw), 5), "dataset": dataset_name})
     results.append({"name": f"energy distance to {len(ref)} training samples", "type": "energy_distance",
                     "value": round(float(ed), 5), "dataset": dataset_name})
-    if len(data) >= 2 * num_samples:
-        other = data[perm[num_samples:2 * num_samples]].double()
+    other = None
+    if dataset.streaming or len(dataset) >= 2 * num_samples:
+        other = dataset.draw(num_samples, _mix(seed, 0xE7A2), skip=num_samples).double()
+        if len(other) < num_samples:  # a stream shorter than 2 num_samples
+            other = None
+    if other is not None:
         results.append({"name": "noise floor: sliced W2 between two disjoint training subsets",
                         "type": "sliced_wasserstein_floor",
                         "value": round(float(metrics.sliced_wasserstein(
@@ -86,7 +89,7 @@ def sample_picture(comps: Components, samples: torch.Tensor):
             warnings.warn(f"the model card gets no sample picture: {err}", stacklevel=2)
             return None
         extent = comps.dataset.extent or (-6.0, 6.0, -6.0, 6.0)
-        data = comps.dataset.data[: max(len(samples), 1000)]
+        data = comps.dataset.head(max(len(samples), 1000))
         P.histogram_panel(data, extent, title=f"training data ({len(data)} points)", ax=axes[0])
         P.histogram_panel(samples, extent, title=f"model samples ({len(samples)})", ax=axes[1])
         return P.figure_to_image(fig)

@@ -18,10 +18,17 @@ from typing import Any
 import torch
 
 from .._io import probe_writable
-from .checkpoints import CHECKPOINT_DIR, _write_json_atomic, latest_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    _write_json_atomic,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .components import Components, _build_model, build_components
 from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
-from .data_stream import _DataStream, _mix
+from .data_stream import _mix
 from .ema import EMA
 from .export import _export_run
 
@@ -46,7 +53,8 @@ class TrainResult:
 
 # keys that may change between a run and its resume
 _RESUME_MUTABLE = {"output_dir", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                   "train.progress", "train.log_with", "export"}
+                   "train.progress", "train.log_with", "train.mixed_precision", "train.compile",
+                   "train.gradient_checkpointing", "export"}
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -89,15 +97,25 @@ def _check_output_dir(run_dir: Path) -> None:
         raise ConfigError(f"output_dir {run_dir} is not writable: {err}") from err
 
 
-def _resolve_mixed_precision(requested: str, use_cpu: bool) -> str:
-    if requested == "fp16" and (use_cpu or not torch.cuda.is_available()):
+def _resolve_mixed_precision(requested: str | None, use_cpu: bool) -> str | None:
+    """The precision to hand to ``Accelerator``: the config's, or None to let Accelerate read its own setting
+    (launcher flag, config file, ``ACCELERATE_MIXED_PRECISION``). fp16 on a CPU is refused with a warning."""
+    effective = requested if requested is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if effective == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        where = "train.mixed_precision" if requested is not None else "Accelerate's mixed_precision setting"
         warnings.warn(
-            "train.mixed_precision = 'fp16' has no effect on CPU (Accelerate silently trains in float32 there): "
+            f"{where} = 'fp16' has no effect on CPU (Accelerate silently trains in float32 there): "
             "training in float32; use 'bf16' for mixed precision on CPU",
             stacklevel=3,
         )
         return "no"
     return requested
+
+
+def _scheduler_state(lr_scheduler) -> dict[str, Any]:
+    """The learning-rate schedule's position and rate (its shape comes from the config)."""
+    return {"name": type(lr_scheduler).__name__, "last_epoch": int(lr_scheduler.last_epoch),
+            "lr": [float(v) for v in lr_scheduler.get_last_lr()]}
 
 
 def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) -> tuple[Components, Path, Path | None]:
@@ -106,8 +124,9 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     if not cfg.output_dir:
         raise ConfigError("output_dir: expected the folder of the run, found none (set output_dir or --output-dir)")
-    if isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"seed: expected an int >= 0, found {cfg.seed!r}")
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        # Accelerate's set_seed also seeds numpy, whose seeds are 32-bit
+        raise ConfigError(f"seed: expected an int in [0, 2**32 - 1] = [0, 4294967295], found {cfg.seed!r}")
     _check_train_config(cfg.train)
     run_dir = Path(cfg.output_dir)
     ckpt = None
@@ -131,14 +150,36 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
             f"another output_dir"
         )
     _check_output_dir(run_dir)
+    remove_stale_temporaries(run_dir)
     comps = build_components(cfg)
     _check_export_config(cfg.export)
     if cfg.export.enabled:
         folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+        _check_export_not_overlapping(folder, run_dir)
         if folder.exists() and not cfg.export.overwrite:
             raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
         _check_export_folder(folder)
     return comps, run_dir, ckpt
+
+
+def _check_export_not_overlapping(folder: Path, run_dir: Path) -> None:
+    """The export replaces its folder as a whole (with ``export.overwrite``): it must not be the run folder, hold
+    it (an ancestor: the run and its siblings would go), or sit in the run's own files (checkpoints, logs)."""
+    exp, run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
+    problem = None
+    if exp == run:
+        problem = "is the run folder itself"
+    elif exp in run.parents:
+        problem = "holds the run folder (replacing it would delete the run and everything beside it)"
+    elif run in exp.parents:
+        first = exp.relative_to(run).parts[0]
+        if first in (CHECKPOINT_DIR, "logs", "config.json", "metrics.jsonl", "commands.txt"):
+            problem = f"is inside the run's own {first}"
+    if problem is not None:
+        raise ConfigError(
+            f"export folder {folder} {problem} ({run_dir}); choose a folder outside the run, or leave export.folder "
+            f"unset for {run_dir / 'pipeline'}"
+        )
 
 
 def _check_export_folder(folder: Path) -> None:
@@ -157,6 +198,41 @@ def _check_export_folder(folder: Path) -> None:
         raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
 
 
+def _check_finite_before_checkpoint(accelerator, loss_sum: torch.Tensor, model, ema, step: int, last_saved: int) -> None:
+    """Raise FloatingPointError (on every process) if the losses since the last log step, the weights or the EMA
+    weights hold NaN or infinity."""
+    ok = bool(torch.isfinite(loss_sum).all()) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if ok and ema is not None:
+        ok = all(bool(torch.isfinite(v).all()) for v in ema.state_dict().values())
+    flag = torch.tensor([1.0 if ok else 0.0], device=loss_sum.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    if float(flag) < 1.0:
+        raise FloatingPointError(
+            f"the training diverged before the checkpoint of step {step}: NaN or infinity in the loss since the last "
+            f"log step or in the weights; nothing was saved for this step (the last checkpoint is {last_saved}); "
+            f"lower train.learning_rate or set train.max_grad_norm"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (those after the checkpoint a run resumes from are
+    logged again), so a resumed run's file holds each step once, as an uninterrupted run's does."""
+    if not path.is_file():
+        return
+    from .._io import write_text_atomic
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
+
+
 def train(
     config: RunConfig | Mapping[str, Any],
     *,
@@ -170,26 +246,39 @@ def train(
     after every optimizer step with ``{"step", "loss", "model", "accelerator"}`` (``loss`` is this
     process's last micro-batch loss as a tensor); an exception raised there stops the run like a crash
     (nothing more is written)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    import dataclasses
 
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from ..data import training_batches
     from ..scores import ScoreAdapter
 
     comps, run_dir, ckpt = prepare_run(config, resume=resume)
     cfg, tc = comps.config, comps.config.train
     use_cpu = tc.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     mixed = _resolve_mixed_precision(tc.mixed_precision, use_cpu)
-    # AcceleratorState is a per-process singleton; a second single-process run in the same interpreter
-    # (tests, notebooks) may use another precision
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=mixed,
-        log_with=tc.log_with,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=mixed,
+            log_with=tc.log_with,
+            dynamo_backend="inductor" if tc.compile else None,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        )
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        # Accelerate keeps one state (device, precision) per process
+        raise ConfigError(
+            f"this Python process already used Accelerate with another device or mixed precision; Accelerate "
+            f"allows one per process: run this training in a new process (e.g. the score-toolkit command): {err}"
+        ) from err
+    # the run records the precision it trained in (the config's, or Accelerate's setting)
+    tc = dataclasses.replace(tc, mixed_precision=accelerator.mixed_precision)
+    cfg = dataclasses.replace(cfg, train=tc)
+    comps.config = cfg
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = world * tc.gradient_accumulation_steps
     if tc.batch_size % per_step:
@@ -203,18 +292,42 @@ def train(
     # identical initial weights on every process (and DDP broadcasts rank 0's anyway)
     set_seed(cfg.seed)
     model = _build_model(cfg.model, comps.dataset.sample_shape)
+    if tc.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=tuple(tc.adam_betas),
                                   weight_decay=tc.weight_decay)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    # step k (1-based) trains with the schedule's value at k: last_epoch=0 makes the first value the one at 1
+    # (a linear warm-up reaches the full rate at step warmup_steps, as before the schedules were added)
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                 num_training_steps=tc.steps, last_epoch=0, **tc.lr_scheduler_options)
     model, optimizer = accelerator.prepare(model, optimizer)
     base_model = accelerator.unwrap_model(model)
     ema = EMA(base_model, tc.ema_decay) if tc.ema_decay is not None else None
 
     start = 0
+    window_sums: list[float] | None = None
+    window_count = 0
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         start = int(state["step"])
+        window = state.get("log_window") or {}
+        window_sums, window_count = window.get("loss_sums"), int(window.get("count", 0))
+        if state.get("lr_scheduler") is not None:
+            # the restored position; the rate is recomputed there (the schedule spans train.steps, which a resume
+            # may change)
+            lr_scheduler.last_epoch = int(state["lr_scheduler"]["last_epoch"]) - 1
+            with warnings.catch_warnings():  # torch warns about a scheduler step before any optimizer step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                lr_scheduler.step()
+        else:  # a checkpoint written before schedules were saved: the schedule is a function of the step
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for _ in range(start):
+                    lr_scheduler.step()
         if ema is not None:
             from safetensors.torch import load_file
 
@@ -223,6 +336,8 @@ def train(
                 raise ConfigError(f"cannot resume with train.ema_decay set: {ckpt} has no ema.safetensors")
             ema.load_state_dict(load_file(str(ema_file)), state["ema_updates"])
     if accelerator.is_main_process:
+        if ckpt is not None:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if cfg.export.command:
             with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
@@ -233,36 +348,13 @@ def train(
                    for k, v in _flatten(cfg.to_dict()).items()}
         accelerator.init_trackers("train", config=hparams | {"num_processes": world})
 
-    # Accelerate's wrappers (AcceleratedOptimizer.step / zero_grad, Accelerator.backward / clip_grad_norm_)
-    # cost a measurable fraction of a small network's step (a package look-up on disk for an optional
-    # optimizer in every optimizer step, inspect.signature in every zero_grad, version checks in every
-    # clip). Where they only forward to torch (no gradient scaler, no DeepSpeed / FSDP / XLA / Megatron),
-    # the loop calls torch directly: the same operations on the same tensors, so the same numbers.
-    from accelerate.utils import DistributedType
-
-    direct = accelerator.scaler is None and accelerator.distributed_type in (
-        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    torch_optimizer = optimizer.optimizer if direct else optimizer
-    trainable = list(model.parameters())
     accumulation = tc.gradient_accumulation_steps
-
-    def backward(loss: torch.Tensor) -> None:
-        if not direct:
-            accelerator.backward(loss / accumulation)
-        elif accumulation == 1:  # x / 1 is exactly x, in the value and in the gradient
-            loss.backward()
-        else:
-            (loss / accumulation).backward()
-
-    def clip_gradients() -> None:
-        if direct:
-            torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-        else:
-            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-
     device = accelerator.device
-    data = comps.dataset.data.to(device)
-    stream = _DataStream(len(comps.dataset), cfg.seed)
+    # this process's micro-batches, read (by DataLoader workers for image sets) and moved to the device
+    # one batch at a time; the examples of a step do not depend on the number of processes
+    batches = training_batches(comps.dataset, seed=cfg.seed, batch_size=tc.batch_size,
+                               gradient_accumulation_steps=accumulation, rank=rank, num_processes=world,
+                               start_step=start, stop_step=tc.steps, pin_memory=device.type == "cuda")
     score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input, check_inputs=False)
     objective = comps.objective
 
@@ -275,20 +367,22 @@ def train(
         bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    if window_sums:  # the log window a checkpoint cut in two: continue it, as the uninterrupted run does
+        own = window_sums[rank] if len(window_sums) == world else sum(window_sums) / len(window_sums)
+        loss_sum += torch.tensor(own, dtype=loss_sum.dtype, device=device)
+        loss_count = window_count
     t_window, steps_window = time.perf_counter(), 0
     last_saved = start
     step = start
     for step in range(start + 1, tc.steps + 1):
-        lr = tc.learning_rate * (min(1.0, step / tc.warmup_steps) if tc.warmup_steps else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_scheduler.get_last_lr()[0]
         for micro in range(tc.gradient_accumulation_steps):
             first = (step - 1) * tc.batch_size + micro * micro_batch + rank * local_batch
-            x = data[stream.indices(first, local_batch).to(device)]
+            x, _labels = next(batches)
+            x = x.to(device, non_blocking=True)
             if tc.per_sample_noise:
                 from .._utils import per_sample_generators
 
-                # base seed < 2^40 so that per_sample_generators' seed * 1_000_003 + index stays in int64
                 generator = per_sample_generators(_mix(cfg.seed, 0x5EED) % (1 << 40), range(first, first + local_batch),
                                                   device=device)
             else:
@@ -296,13 +390,15 @@ def train(
             sync = micro == tc.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss = objective(score_fn, x, generator=generator)
-                backward(loss)
+                accelerator.backward(loss / accumulation if accumulation > 1 else loss)
             loss_sum += loss.detach()
             loss_count += 1
         if tc.max_grad_norm is not None:
-            clip_gradients()
-        torch_optimizer.step()
-        torch_optimizer.zero_grad(set_to_none=True)
+            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf/NaN gradients
+            lr_scheduler.step()
         if ema is not None:
             ema.update(base_model)
         steps_window += 1
@@ -333,8 +429,14 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
+            # the log steps check the loss too, but a checkpoint may come first: never save (and rotate the good
+            # checkpoints out for) a diverged state
+            _check_finite_before_checkpoint(accelerator, loss_sum, base_model, ema, step, last_saved)
+            sums = accelerator.gather(loss_sum.detach().reshape(1).to(torch.float64)).tolist() if world > 1 \
+                else [float(loss_sum)]
             save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
-                            extra_state={"seed": cfg.seed})
+                            extra_state={"seed": cfg.seed, "lr_scheduler": _scheduler_state(lr_scheduler),
+                                         "log_window": {"loss_sums": sums, "count": loss_count}})
             last_saved = step
     if bar is not None:
         bar.close()

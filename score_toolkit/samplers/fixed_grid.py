@@ -1,0 +1,453 @@
+"""Fixed time grids: the ``grid`` option of the fixed-grid samplers (a built-in kind, a saved grid, a file or
+explicit times), the store of named grids (:func:`save_grid`, :func:`load_grid`, :func:`list_grids`,
+:func:`delete_grid`), their shared base class :class:`GridSampler`, and the final step to noise level zero.
+
+The samplers import this module; the grid optimiser (:mod:`score_toolkit.samplers.grids`, which also re-exports
+every public name here) runs the samplers, so it lives apart. See :mod:`score_toolkit.samplers.grids` for the
+meaning of the options and of saved grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .._io import write_json_atomic
+from ..processes import TIME_GRIDS, Process
+from .base import Sampler, SamplingContext, check_float, check_int
+
+__all__ = [
+    "GridSampler",
+    "GRID_KINDS",
+    "fitted_log_snr",
+    "GRID_DIR_ENV_VAR",
+    "check_to_zero",
+    "step_to_zero",
+    "default_grid_dir",
+    "save_grid",
+    "load_grid",
+    "list_grids",
+    "delete_grid",
+    "resolve_grid",
+]
+
+GRID_DIR_ENV_VAR = "SCORE_TOOLKIT_GRID_DIR"
+_FORMAT = "score_toolkit.time_grid"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+#: relative tolerance when matching a saved grid's log-SNR ends to a process
+_LOG_SNR_TOL = 1e-6
+#: grid kinds every fixed-grid sampler accepts: the data-free fitted grid and the process's built-in kinds
+GRID_KINDS = ("fitted", *TIME_GRIDS)
+
+# The data-free grid. Grids of dpmpp_2m (with to_zero) fitted by optimize_grid(mixture=...) on the benchmark's
+# reference mixtures (loss "mse", 512/256 draws, 60 L-BFGS evaluations), written as their log-SNR values
+# lambda = ln(alpha / sigma): under VESDE(0.01, 50) and VPSDE(0.1, 20), 11 steps on the 2-D ring of 8 Gaussians (std
+# 0.2, radius 4) and 19 steps on the 16-D anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]). In
+# absolute log-SNR the VE and VP fits of one mixture nearly coincide (the ring's within 0.16 at every point): where
+# the steps go depends on the noise level relative to the data, not on the process. Each fit is read as a step
+# density over lambda (1 / (n * step) on each step, its end densities extended beyond its range); the shipped grid
+# is the mean of the four densities, and a process's grid of n steps splits the density's mass over the process's
+# own log-SNR range [lambda(1), lambda(t_min)] into n equal parts. See docs/fast_samplers.md ("Defaults").
+_FITTED_LOG_SNR = (
+    (-3.912, -2.558, -1.382, -1.042, -0.539, -0.122, 0.329, 0.755, 1.224, 1.726, 2.919, 4.605),
+    (-5.025, -2.716, -1.422, -1.163, -0.607, -0.176, 0.303, 0.753, 1.252, 1.788, 3.044, 4.558),
+    (-3.912, -2.634, -1.979, -1.519, -1.152, -0.812, -0.505, -0.147, 0.151, 0.432, 0.747, 1.07, 1.564, 1.709, 1.939,
+     2.144, 2.416, 2.629, 3.268, 4.605),
+    (-5.025, -3.089, -2.428, -1.92, -1.556, -1.221, -0.914, -0.54, -0.282, 0.044, 0.303, 0.6, 0.897, 1.261, 1.702,
+     1.894, 2.22, 2.43, 3.092, 4.558),
+)
+# equal weights (weighting the 16-D fits 3:1, or them alone, was measured worse on the ring; mixing in 30-50 % of
+# even log-SNR steps was worse in both metrics)
+_FITTED_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+def _fitted_density(lam: torch.Tensor) -> torch.Tensor:
+    """The shipped step density over log-SNR at the points ``lam`` (the mean of the fitted grids' densities)."""
+    total = torch.zeros_like(lam)
+    for knots, weight in zip(_FITTED_LOG_SNR, _FITTED_WEIGHTS):
+        k = torch.tensor(knots, dtype=torch.float64)
+        dens = 1.0 / ((k.numel() - 1) * torch.diff(k))
+        idx = (torch.searchsorted(k, lam, right=True) - 1).clamp(0, dens.numel() - 1)
+        total += weight * dens[idx]
+    return total / sum(_FITTED_WEIGHTS)
+
+
+def fitted_log_snr(process: Process, num_steps: int) -> torch.Tensor:
+    """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda(1) < ... < lambda(t_min)``.
+
+    The shipped step density over log-SNR (fitted once, see the comment above) is integrated over the process's
+    range and the grid points split its mass into ``num_steps`` equal parts: a data-free grid for any process and
+    budget, which transfers across processes (VE with any sigma_max, VP, sub-VP, DDPM tables) because it lives in
+    absolute log-SNR. Like every data-free rule it assumes data of about unit scale (per feature spreads of 0.1 to
+    1, distances between modes of a few units), as a standardised data set has."""
+    n = int(num_steps)
+    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    a, b = float(ends[0]), float(ends[1])
+    m = 4097
+    lam = torch.linspace(a, b, m, dtype=torch.float64)
+    dens = _fitted_density(lam)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (dens[1:] + dens[:-1]) * torch.diff(lam), 0)])
+    cdf = cdf / cdf[-1]
+    q = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, m - 2)
+    frac = ((q - cdf[j]) / (cdf[j + 1] - cdf[j]).clamp_min(1e-300)).clamp(0, 1)
+    out = lam[j] + frac * (lam[j + 1] - lam[j])
+    out[0], out[-1] = a, b
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------- store
+def default_grid_dir() -> Path:
+    """Where named grids live: ``$SCORE_TOOLKIT_GRID_DIR`` if set, else ``$XDG_CACHE_HOME/score_toolkit/grids``
+    (``~/.cache/score_toolkit/grids``)."""
+    env = os.environ.get(GRID_DIR_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "score_toolkit" / "grids"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name.endswith(".json"):
+        raise ValueError(
+            f"expected a grid name of letters, digits, '_', '.', '-' (not ending in .json), found {name!r}"
+        )
+    if name in GRID_KINDS:
+        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {GRID_KINDS}")
+    return name
+
+
+def _grid_path(name_or_path: str | os.PathLike, directory: str | os.PathLike | None) -> Path:
+    s = os.fspath(name_or_path)
+    if s.endswith(".json") or os.sep in s or (os.altsep and os.altsep in s):
+        return Path(s).expanduser()
+    _check_name(s)
+    return Path(directory).expanduser() if directory is not None else default_grid_dir()
+
+
+def _file_for(name_or_path, directory) -> Path:
+    p = _grid_path(name_or_path, directory)
+    return p if os.fspath(p).endswith(".json") else p / f"{os.fspath(name_or_path)}.json"
+
+
+def _process_record(process: Process) -> dict[str, Any]:
+    cfg = {k: v for k, v in dict(process.config).items() if not k.startswith("_")}
+    return {"class": type(process).__name__, "config": cfg}
+
+
+def save_grid(
+    name: str | os.PathLike,
+    times: Sequence[float] | torch.Tensor,
+    process: Process,
+    *,
+    sampler: str | None = None,
+    info: Mapping[str, Any] | None = None,
+    directory: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
+
+    ``name`` is a grid name (stored in ``directory``, default :func:`default_grid_dir`) or a path ending in
+    ``.json``. The file records the log-SNR values (what samplers use), the times, the process, the sampler
+    it was made for and ``info`` (JSON-serialisable). Returns the file's path. An existing grid is replaced
+    only with ``overwrite=True``."""
+    if not isinstance(process, Process):
+        raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
+    ts = _check_times(times, process, label="times")
+    path = _file_for(name, directory)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
+    record = {
+        "format": _FORMAT,
+        "version": 1,
+        "name": path.stem,
+        "num_steps": ts.numel() - 1,
+        "log_snr": process.log_snr(ts).tolist(),
+        "times": ts.tolist(),
+        "process": _process_record(process),
+        "sampler": sampler,
+        "info": dict(info) if info is not None else {},
+    }
+    return write_json_atomic(path, record, indent=1)  # a crash never leaves a half-written grid
+
+
+def _read_record(name_or_path, directory) -> dict[str, Any]:
+    path = _file_for(name_or_path, directory)
+    if not path.is_file():
+        available = list_grids(directory) if not os.fspath(name_or_path).endswith(".json") else []
+        import difflib
+
+        close = difflib.get_close_matches(os.fspath(name_or_path), available, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(
+            f"no saved grid {os.fspath(name_or_path)!r}{hint}: expected a built-in kind {GRID_KINDS}, a grid saved in "
+            f"{path.parent} (available: {available or 'none'}) or a path to a grid .json file"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read grid file {path}: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
+        raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
+    lam = record["log_snr"]
+    if not (isinstance(lam, list) and len(lam) >= 2 and all(isinstance(v, (int, float)) for v in lam)):
+        raise ValueError(f"{path}: expected 'log_snr' to be a list of >= 2 numbers")
+    if any(b <= a for a, b in zip(lam[:-1], lam[1:])):
+        raise ValueError(f"{path}: expected strictly increasing log-SNR values (decreasing times)")
+    record["_path"] = os.fspath(path)
+    return record
+
+
+def load_grid(
+    name_or_path: str | os.PathLike,
+    process: Process | None = None,
+    *,
+    directory: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """A saved grid as float64 times for ``process`` (or, without a process, its log-SNR values).
+
+    Raises ``ValueError`` if the grid does not exist or if ``process`` spans another log-SNR range than
+    the process the grid was made for."""
+    record = _read_record(name_or_path, directory)
+    lam = torch.tensor(record["log_snr"], dtype=torch.float64)
+    if process is None:
+        return lam
+    return _times_from_log_snr(lam, process, f"grid {record['name']!r} ({record['_path']})", record.get("process"))
+
+
+def list_grids(directory: str | os.PathLike | None = None) -> list[str]:
+    """Names of the grids saved in ``directory`` (default :func:`default_grid_dir`)."""
+    d = Path(directory).expanduser() if directory is not None else default_grid_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json"))
+
+
+def delete_grid(name: str, *, directory: str | os.PathLike | None = None) -> None:
+    """Remove a saved grid (``ValueError`` if it does not exist)."""
+    path = _file_for(name, directory)
+    if not path.is_file():
+        raise ValueError(f"no saved grid {name!r} at {path}")
+    path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
+    if isinstance(times, torch.Tensor):
+        ts = times.detach().to(dtype=torch.float64, device="cpu").flatten()
+    else:
+        try:
+            ts = torch.tensor([float(v) for v in times], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"expected {label} to be a sequence of numbers or a tensor, found {times!r}") from None
+    if ts.numel() < 2 or not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"expected {label} to hold >= 2 finite times, found {ts.tolist()}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"expected {label} to be strictly decreasing (from t = 1 to t_min), found {ts.tolist()}")
+    t_hi, t_lo = process.t_max, process.t_min
+    tol = 1e-9
+    if abs(float(ts[0]) - t_hi) > tol or abs(float(ts[-1]) - t_lo) > tol * max(1.0, t_lo):
+        raise ValueError(
+            f"expected {label} to start at t_max = {t_hi:g} and end at t_min = {t_lo:g} of {type(process).__name__}, "
+            f"found {float(ts[0]):.10g} ... {float(ts[-1]):.10g}"
+        )
+    ts = ts.clone()
+    ts[0], ts[-1] = t_hi, t_lo
+    return ts
+
+
+def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None) -> torch.Tensor:
+    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
+    lo, hi = float(lam[0]), float(lam[-1])
+    if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
+        where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
+        raise ValueError(
+            f"{label}{where} spans log-SNR [{lo:.6g}, {hi:.6g}], but {process!r} spans [{ends[0]:.6g}, {ends[1]:.6g}]; "
+            "use a grid made for this process (optimize_grid) or a built-in kind"
+        )
+    ts = process.t_from_log_snr(lam.to(torch.float64))
+    ts[0], ts[-1] = process.t_max, process.t_min
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"{label}: its times under {process!r} are not strictly decreasing (steps too fine)")
+    return ts
+
+
+@dataclass(frozen=True)
+class _GridSpec:
+    kind: str | None = None  # a built-in kind
+    log_snr: torch.Tensor | None = None  # a saved grid
+    times: tuple[float, ...] | None = None  # explicit times
+    label: str = ""
+    made_for: dict | None = field(default=None, compare=False)
+
+    @property
+    def num_steps(self) -> int | None:
+        if self.log_snr is not None:
+            return self.log_snr.numel() - 1
+        if self.times is not None:
+            return len(self.times) - 1
+        return None
+
+
+def _parse_grid(grid, sampler: str) -> _GridSpec:
+    if isinstance(grid, str):
+        if grid in GRID_KINDS:
+            return _GridSpec(kind=grid, label=grid)
+        try:
+            record = _read_record(grid, None)
+        except ValueError as exc:
+            raise ValueError(f"sampler {sampler!r}: option grid: {exc}") from None
+        lam = torch.tensor(record["log_snr"], dtype=torch.float64)
+        return _GridSpec(log_snr=lam, label=f"grid {record['name']!r} ({record['_path']})", made_for=record.get("process"))
+    if isinstance(grid, os.PathLike):
+        return _parse_grid(os.fspath(grid), sampler)
+    if isinstance(grid, (torch.Tensor, list, tuple)):
+        if isinstance(grid, torch.Tensor):
+            if grid.ndim != 1 or not grid.is_floating_point():
+                raise ValueError(f"sampler {sampler!r}: expected option grid as a 1-D float tensor of times, found {grid!r}")
+            values = grid.detach().to("cpu", torch.float64).tolist()
+        else:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid):
+                raise TypeError(f"sampler {sampler!r}: expected option grid as a sequence of times, found {grid!r}")
+            values = [float(v) for v in grid]
+        if len(values) < 2 or any(not math.isfinite(v) for v in values) or any(b >= a for a, b in zip(values[:-1], values[1:])):
+            raise ValueError(
+                f"sampler {sampler!r}: expected option grid as >= 2 strictly decreasing finite times from 1 to t_min, "
+                f"found {values}"
+            )
+        return _GridSpec(times=tuple(values), label="option grid")
+    raise TypeError(
+        f"sampler {sampler!r}: expected option grid to be one of {GRID_KINDS}, a saved grid name or .json path, "
+        f"or a sequence of times; found {type(grid).__name__}"
+    )
+
+
+def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float) -> torch.Tensor:
+    """The float64 times ``t_0 = 1 > ... > t_n = t_min`` of a parsed grid option under ``process``."""
+    if spec.kind == "fitted":
+        return _times_from_log_snr(fitted_log_snr(process, num_steps), process, "the fitted grid")
+    if spec.kind is not None:
+        return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
+    if spec.log_snr is not None:
+        return _times_from_log_snr(spec.log_snr, process, spec.label, spec.made_for)
+    return _check_times(spec.times, process, label=spec.label)
+
+
+# ---------------------------------------------------------------------------------------------- base class
+class GridSampler(Sampler):
+    """Base of the samplers that run on a fixed time grid (options ``num_steps``, ``grid``, ``rho``, ``to_zero``).
+
+    ``to_zero`` (False): after ``t_min``, take the probability-flow ODE to noise level zero with one more score
+    evaluation (:func:`step_to_zero`); exclusive with ``denoise`` (Tweedie's step, which also shrinks the spread).
+
+    Subclasses implement :meth:`_integrate` (from the prior at ``ts[0] = 1`` to ``ts[-1] = t_min``) and set
+    ``nfe_per_step``. :meth:`_integrate` must be differentiable in ``ts`` when ``ts`` requires grad (so that
+    :func:`optimize_grid` can optimise the grid): compute step coefficients with torch ops from ``ts``.
+    """
+
+    options: ClassVar[Mapping[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
+    #: score evaluations per step (multistep: 1; single-step s-stage: s)
+    nfe_per_step: ClassVar[int] = 1
+
+    def __init__(self, **options: Any):
+        self._given = frozenset(options)
+        super().__init__(**options)
+
+    def _validate_options(self, cfg: dict[str, Any]) -> None:
+        super()._validate_options(cfg)
+        if cfg["denoise"] is True and cfg["to_zero"] is True and "to_zero" not in self._given:
+            cfg["to_zero"] = False  # a to_zero default gives way to an explicit denoise=True
+        check_to_zero(cfg, self.name)
+        spec = _parse_grid(cfg["grid"], self.name)
+        check_float(cfg, "rho", self.name)
+        if spec.kind != "karras" and "rho" in self._given:
+            raise ValueError(f"sampler {self.name!r}: option rho is used only with grid='karras', found grid={cfg['grid']!r}")
+        if spec.num_steps is not None:
+            if "num_steps" in self._given and cfg["num_steps"] != spec.num_steps:
+                raise ValueError(
+                    f"sampler {self.name!r}: option num_steps={cfg['num_steps']!r} disagrees with the {spec.num_steps} steps "
+                    f"of {spec.label}; leave num_steps out"
+                )
+            cfg["num_steps"] = spec.num_steps
+            if spec.times is not None:
+                cfg["grid"] = list(spec.times)
+        check_int(cfg, "num_steps", self.name)
+        self._grid_spec = spec
+
+    def _num_progress_steps(self) -> int | None:
+        return int(self.config["num_steps"])
+
+    @property
+    def nfe(self) -> int:
+        """Score evaluations of one run: ``num_steps * nfe_per_step``, plus one for ``to_zero`` or ``denoise``."""
+        return self.config["num_steps"] * self.nfe_per_step + self._final_steps_nfe()
+
+    def time_grid(self, process: Process) -> torch.Tensor:
+        """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
+        return resolve_grid(self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]))
+
+    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
+        x = self._integrate(ctx, x, self.time_grid(ctx.process))
+        if self.config["to_zero"]:
+            x = step_to_zero(ctx, x, ctx.process.t_min)
+        return x
+
+    def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def check_to_zero(cfg: Mapping[str, Any], sampler: str) -> None:
+    """Validate the ``to_zero`` option (a bool, exclusive with ``denoise``)."""
+    if not isinstance(cfg["to_zero"], bool):
+        raise TypeError(f"sampler {sampler!r}: expected option to_zero to be a bool, found {cfg['to_zero']!r}")
+    if cfg["to_zero"] and cfg["denoise"]:
+        raise ValueError(
+            f"sampler {sampler!r}: options denoise and to_zero are exclusive final steps (denoise: Tweedie's E[x_0 | x_t]; "
+            "to_zero: the probability-flow ODE to noise level 0); pass one of them"
+        )
+
+
+def step_to_zero(ctx: SamplingContext, x: torch.Tensor, t_end: float) -> torch.Tensor:
+    """The probability-flow ODE from ``t_end`` to noise level zero in one Euler step in ``sigma~^2``
+    (``sigma~ = sigma / alpha``), one score evaluation.
+
+    In ``x~ = x / alpha`` the PF-ODE reads ``dx~ / d(sigma~^2) = -s~ / 2`` with ``s~ = alpha s`` bounded as the
+    noise vanishes, so ``x_0 = x~ + sigma~^2 s~ / 2 = (x + sigma^2 s / 2) / alpha = (x~ + D) / 2`` (``D``: Tweedie's
+    denoiser), exact up to O(sigma~^4). Tweedie's ``x <- D`` (option ``denoise``) instead removes the noise
+    *and* shrinks the spread (by ``C / (C + sigma~^2)`` for a Gaussian of covariance C); this step keeps it.
+    Recorded at ``t = 0`` (noise level zero)."""
+    alpha, sigma = ctx.process.marginal(torch.tensor([float(t_end)], dtype=torch.float64))
+    s = ctx.score(x, float(t_end))
+    x = torch.add(x, s, alpha=0.5 * float(sigma) ** 2).div_(float(alpha))
+    ctx.record(x, 0.0)
+    return x
+
+
+def _lincomb(pairs):
+    """sum c * tensor over (c, tensor) pairs; fused in-place on a fresh tensor when the c are Python floats."""
+    (c0, t0), *rest = pairs
+    if isinstance(c0, float):
+        out = t0 * c0
+        for c, t in rest:
+            out.add_(t, alpha=c)
+        return out
+    out = c0 * t0
+    for c, t in rest:
+        out = out + c * t
+    return out
+
+
+def _floats(*tensors: torch.Tensor):
+    """Per-step coefficients as Python floats (fast path), or the tensors themselves when they carry grad."""
+    if any(t.requires_grad for t in tensors):
+        return tensors
+    return tuple(t.tolist() for t in tensors)
