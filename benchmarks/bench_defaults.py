@@ -52,10 +52,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="ring,aniso16,aniso64")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="defaults")
+    ap.add_argument("--from-log", default=None,
+                    help="run nothing: write the tables from the row lines a (possibly stopped) run printed")
+    ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cases = args.cases.split(",")
     rows, t_start = [], time.time()
+    if args.from_log:
+        import ast
+
+        rows = [ast.literal_eval(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith("{")]
+        cases = [c for c in cases if any(r["case"] == c for r in rows)]
+        write_results(args, cases, rows, None)
+        return 0
     for case in cases:
         make, ladder = CASES[case]
         mix = make()
@@ -86,6 +96,11 @@ def main(argv=None) -> int:
                        "meets": bool(w <= B.CRITERION and nl <= B.CRITERION), "wall_s": round(wall, 3)}
                 rows.append(row)
                 print(row, flush=True)
+    write_results(args, cases, rows, time.time() - t_start)
+    return 0
+
+
+def write_results(args, cases, rows, elapsed) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{args.tag}.csv", "w", newline="") as fh:
@@ -93,7 +108,8 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     lines = [f"# Default settings vs the noise floor (N = {args.n}, {args.floor_seeds} floor pairs, exact scores, float64)",
-             "", f"Run time {time.time() - t_start:.0f} s. Criterion: within-mode sliced W2 and |mean-NLL gap| both "
+             "", (f"Run time {elapsed:.0f} s. " if elapsed is not None else "") + (f"{args.note} " if args.note else "")
+             + "Criterion: within-mode sliced W2 and |mean-NLL gap| both "
              f"<= {B.CRITERION}x their noise floors. Sampler called with `num_steps` only (NFE = num_steps + 1: "
              "the default `to_zero=True`; the default `grid=\"fitted\"`).", "",
              "The last entry of each row is the converged probability-flow ODE from the same initial draws (dpmpp_3m, "
@@ -115,7 +131,6 @@ def main(argv=None) -> int:
             lines.append(f"| {case} | {pname} | {name} | {first if first else '-'} | {'yes' if stays else 'no'} | {detail} |")
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
