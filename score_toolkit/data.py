@@ -83,6 +83,8 @@ class Dataset:
         mixture: the exact :class:`~score_toolkit.analytic.GaussianMixture` when known (``ring``), else None.
         extent: (xmin, xmax, ymin, ymax) for pictures of 2-D data, else None.
         hub_id: the Hub data-set id for model cards, when there is one.
+        labels: class labels (N,) (long) when the set has them (``digits``), else None; class-conditional
+            training reads them (docs/conditioning.md).
     """
 
     data: torch.Tensor
@@ -92,6 +94,7 @@ class Dataset:
     mixture: Any = None
     extent: tuple[float, float, float, float] | None = None
     hub_id: str | None = None
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -237,11 +240,12 @@ def load_digits() -> Dataset:
         raise ImportError(
             "dataset 'digits' needs scikit-learn (pip install 'score-toolkit[data]' or pip install scikit-learn)"
         ) from err
-    images = sk_load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
+    bunch = sk_load_digits()
+    images = bunch.images.astype(np.float32)  # (1797, 8, 8), values 0..16
     x = torch.from_numpy(images / 8.0 - 1.0)[:, None]
     data = check_data(x, "dataset 'digits'")
     return Dataset(data, "digits", "scikit-learn's 1797 handwritten digits (8x8, grey, scaled to [-1, 1])", {},
-                   hub_id=None)
+                   hub_id=None, labels=torch.from_numpy(bunch.target).long())
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -733,7 +737,8 @@ def _tensor_batches(source: Dataset, seed, batch_size, accumulation, rank, local
         step += 1
         for micro in range(accumulation):
             first = (step - 1) * batch_size + micro * micro_batch + rank * local
-            yield source.data[order.indices(first, local)], None
+            idx = order.indices(first, local)
+            yield source.data[idx], (source.labels[idx] if source.labels is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ image sources

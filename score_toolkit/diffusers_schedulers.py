@@ -70,7 +70,7 @@ from ._utils import randn
 from .processes import TIME_GRIDS, Process
 from .samplers.ancestral import forward_transition
 from .samplers.dpm_solver import _denoise, _lincomb, multistep_coefficients
-from .schedulers import _DDPM_STYLE, read_scheduler_config
+from .scheduler_configs import _DDPM_STYLE, read_scheduler_config
 from .scores import ScoreAdapter, prediction_to_score
 
 __all__ = [

@@ -84,6 +84,49 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
+    def card_results(self, *, settings: dict[str, Any] | None = None, command: str | None = None) -> list[dict]:
+        """The metrics as model-card results (:func:`score_toolkit.hub.check_result`): one per metric, its floor as
+        the result's floor, the sampling (sampler, options, NFE, number of samples) plus ``settings`` as its
+        settings, ``command`` as the command that measured it (for :func:`score_toolkit.hub.update_model_card`)."""
+        base = {k: self.details[k] for k in ("sampler", "sampler_options") if k in self.details}
+        base.update(nfe=self.nfe, num_samples=self.num_samples, **(settings or {}))
+        out = []
+        for key, value in self.metrics.items():
+            kind, name = _CARD_NAMES.get(key, (key, key.replace("_", " ")))
+            if "{reference}" in name:
+                name = name.format(reference=self.details.get("reference", "the reference"))
+            result: dict[str, Any] = {"type": kind, "name": name, "value": _round(value), "settings": dict(base)}
+            if self.floors.get(key) is not None:
+                result["floor"] = _round(self.floors[key])
+            if command:
+                result["command"] = command
+            out.append(result)
+        return out
+
+
+#: report metric -> (model-card metric type, name)
+_CARD_NAMES = {
+    "frechet_distance": ("frechet_distance", "Frechet distance to the real digits (odd half, 898 images) in the "
+                                             "shipped classifier's penultimate features"),
+    "mean_confidence": ("mean_confidence", "mean top-class probability the shipped digits classifier gives the "
+                                           "samples"),
+    "class_histogram_tv": ("class_histogram_tv", "total variation between the samples' class shares (classifier "
+                                                 "labels) and the digits' label frequencies"),
+    "sliced_w2": ("sliced_wasserstein", "sliced W2 to {reference}"),
+    "energy_distance": ("energy_distance", "energy distance to {reference}"),
+    "mmd": ("mmd", "MMD to {reference}"),
+    "coverage": ("coverage", "coverage of {reference}"),
+    "density": ("density", "density around {reference}"),
+    "mode_weight_error": ("mode_weight_error", "mode-weight error (TV) against the true mixture"),
+    "modes_covered": ("modes_covered", "modes of the true mixture covered"),
+    "within_mode_sliced_w2": ("within_mode_sliced_wasserstein", "within-mode sliced W2 against the true mixture"),
+}
+
+
+def _round(v):
+    return v if isinstance(v, int) else float(f"{float(v):.5g}")
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

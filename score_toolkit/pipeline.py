@@ -14,13 +14,18 @@ the stepping::
     out.images[0].save("digit.png"); print(out.nfe)
 
 Data flows one way: scheduler config -> (process, prediction type, time input) -> score adapter ->
-sampler -> samples -> images.
+sampler -> samples -> images. Finding and reading folders (a path, a cached Hub repository, a shipped model)
+is :mod:`score_toolkit.folders`; its names ``scheduler_spec``, ``shipped_model_path`` and
+``SHIPPED_MODELS_ENV_VAR`` are also importable from here.
+
+Why one module of this length: it is one class, the diffusers pipeline, with the small helpers of its
+``__call__`` (sampler choice, conditioning routes, fixed network batches, reduced precision, image output);
+the folder reading that used to live here is in :mod:`score_toolkit.folders`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +43,14 @@ from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
 from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._utils import GeneratorLike
+from .folders import (
+    SHIPPED_MODELS_ENV_VAR,
+    _read_json,
+    _resolve_folder,
+    load_components,
+    scheduler_spec,
+    shipped_model_path,
+)
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
 
@@ -54,8 +67,6 @@ __all__ = [
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-#: environment variable naming the folder that holds the shipped models (default: the repository's hub_cards/)
-SHIPPED_MODELS_ENV_VAR = "SCORE_TOOLKIT_HUB_CARDS"
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
               "callback", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "return_dict",
@@ -79,16 +90,16 @@ class ScorePipelineOutput(BaseOutput):
     nfe: int
 
 
-def scheduler_spec(scheduler) -> tuple[Process, str, str]:
-    """``(process, prediction_type, time_input)`` named by a scheduler (or its config): one of
-    :mod:`score_toolkit.diffusers_schedulers` carries them; any other is read with
-    :func:`score_toolkit.schedulers.read_scheduler_config` (a ``ValueError`` names the field it cannot map)."""
-    from .diffusers_schedulers import is_score_scheduler
-    from .schedulers import read_scheduler_config
+class _NullLabelNetwork:
+    """Calls a label-conditional network with the null label (unconditional sampling of a network trained with label
+    dropout)."""
 
-    if is_score_scheduler(scheduler):
-        return scheduler.process, scheduler.prediction_type, scheduler.time_input
-    return read_scheduler_config(scheduler)
+    def __init__(self, model: Callable, null_label: int):
+        self.model, self.null_label = model, null_label
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        kwargs.setdefault("class_labels", torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device))
+        return self.model(x, t, **kwargs)
 
 
 class _FixedBatchNetwork:
@@ -200,6 +211,9 @@ class ScorePipeline(DiffusionPipeline):
         model: Callable = self.unet
         if self.unet.dtype in _REDUCED:
             model = _ReducedPrecisionNetwork(model, self.unet.dtype)
+        table = self.unet.config.get("num_class_embeds")
+        if table is not None:  # a label-conditional UNet sampled without labels: the null label (its last row)
+            model = _NullLabelNetwork(model, int(table) - 1)
         if network_batch_size is not None:
             if not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool) or network_batch_size < 1:
                 raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")
@@ -443,7 +457,7 @@ class ScorePipeline(DiffusionPipeline):
         """
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
-        pipe = cls(**_load_components(folder, torch_dtype))
+        pipe = cls(**load_components(folder, torch_dtype))
         source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
         pipe._source_pipeline = source if isinstance(source, str) else None
         return pipe
@@ -520,148 +534,3 @@ def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:
     if output_type == "np":
         return arr
     return DiffusionPipeline.numpy_to_pil(arr)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
-    path = Path(os.fspath(name_or_path)).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
-        return path
-    text = os.fspath(name_or_path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there") from None
-
-    try:
-        snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
-                                     local_files_only=bool(local_files_only),
-                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md"])
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""
-        raise FileNotFoundError(
-            f"expected a pipeline folder or a Hub repository at {text!r}: there is no such folder, and the Hub "
-            f"repository could not be loaded{hint}: {err}"
-        ) from err
-    return Path(snapshot)
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {what} at {path}, found nothing there")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt {what} {path} (expected JSON text in UTF-8): {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"expected {what} {path} to hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _scheduler_class(lib: str, name: str):
-    from . import diffusers_schedulers, schedulers
-
-    if lib == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, name, None)
-        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
-            return cls
-    ours = {
-        ("score_toolkit.schedulers", "ScoreSDEScheduler"): schedulers.ScoreSDEScheduler,
-        **{("score_toolkit.diffusers_schedulers", c.__name__): c for c in diffusers_schedulers.SCHEDULER_CLASSES.values()},
-    }
-    if (lib, name) in ours:
-        return ours[(lib, name)]
-    raise ValueError(
-        f"model_index.json field 'scheduler': expected a diffusers scheduler or one of score_toolkit's "
-        f"({', '.join(sorted(n for _, n in ours))}), found [{lib!r}, {name!r}]; code named by a folder is never imported"
-    )
-
-
-def _load_components(folder: Path, torch_dtype) -> dict[str, Any]:
-    """The one folder loader (also behind :func:`score_toolkit.hub.load_pipeline_components`):
-    ``{"unet": network in eval() mode, "scheduler": scheduler}`` of a pipeline folder, reading only JSON and
-    safetensors (see :meth:`ScorePipeline.from_pretrained`)."""
-    from ._config import strict_config
-    from .diffusers_schedulers import SCHEDULER_CLASSES, score_scheduler_config_keys
-    from .models import load_model
-    from .schedulers import scheduler_config_keys
-
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise FileNotFoundError(
-            f"{folder} is not a pipeline folder: expected model_index.json in it, found {found or 'an empty folder'}"
-        )
-    index = _read_json(index_file, "model_index.json")
-    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-    for key in ("unet", "scheduler"):
-        entry = index.get(key)
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise ValueError(f"{index_file} field {key!r}: expected [library, class], found {entry!r}")
-    extra = sorted(components - {"unet", "scheduler"})
-    if extra:
-        raise ValueError(
-            f"{index_file}: ScorePipeline has the components unet and scheduler; this pipeline "
-            f"({index.get('_class_name')}) also has {extra}"
-        )
-    sched_cls = _scheduler_class(*index["scheduler"])
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched_config = _read_json(sched_file, "the scheduler config")
-    if sched_config.get("_class_name") != sched_cls.__name__:
-        raise ValueError(
-            f"{sched_file} field '_class_name': expected {sched_cls.__name__} (as model_index.json says), "
-            f"found {sched_config.get('_class_name')!r}"
-        )
-    if sched_cls in SCHEDULER_CLASSES.values():
-        keys = score_scheduler_config_keys(sched_cls)
-    else:
-        keys = scheduler_config_keys(sched_cls.__name__)
-    try:
-        # strict like the network config: unknown keys are errors and the values in the file are the ones used
-        scheduler = sched_cls.from_config(strict_config(sched_config, keys, "the scheduler config"))
-        scheduler_spec(scheduler)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{sched_file}: {err}") from err
-    unet_lib, unet_name = index["unet"]
-    unet_config = _read_json(folder / "unet" / "config.json", "the network config")
-    if unet_config.get("_class_name") != unet_name:
-        raise ValueError(
-            f"{folder / 'unet' / 'config.json'} field '_class_name': expected {unet_name} (as model_index.json "
-            f"says), found {unet_config.get('_class_name')!r}"
-        )
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    model = load_model(None, str(folder), subfolder="unet", **kwargs)
-    if unet_lib != "diffusers" and type(model).__module__ != unet_lib:
-        raise ValueError(
-            f"{index_file} field 'unet': expected the module of {unet_name} to be {type(model).__module__}, "
-            f"found {unet_lib!r}; code named by a folder is never imported"
-        )
-    model.eval()
-    return {"unet": model, "scheduler": scheduler}
-
-
-# ---------------------------------------------------------------------------------------------- shipped models
-def shipped_model_path(name: str = "digits") -> Path:
-    """The folder of a model shipped with score_toolkit (``hub_cards/<name>`` of the repository, found next to
-    the package; or under ``$SCORE_TOOLKIT_HUB_CARDS``). A ``FileNotFoundError`` says how to get it."""
-    env = os.environ.get(SHIPPED_MODELS_ENV_VAR)
-    base = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "hub_cards"
-    folder = base / name
-    if not (folder / "model_index.json").is_file():
-        where = f"${SHIPPED_MODELS_ENV_VAR}={env}" if env else "the repository's hub_cards/ folder next to the package"
-        raise FileNotFoundError(
-            f"the shipped {name!r} model is not at {folder} (looked in {where}). It ships in the score_toolkit "
-            f"repository; with an installed copy without it, set {SHIPPED_MODELS_ENV_VAR} to a folder holding "
-            f"{name}/, pass a checkpoint folder instead, or train it: score-toolkit train --config "
-            f"hub_cards/configs/{name}.yaml"
-        )
-    return folder

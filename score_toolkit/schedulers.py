@@ -11,6 +11,10 @@ was trained on. Three kinds are written (by :func:`scheduler_for`) and read (by
   receives sigma (diffusers' score-SDE VE convention);
 * :class:`ScoreSDEScheduler` for everything else: it stores the process's own config.
 
+Reading configs (:func:`read_scheduler_config`, :func:`scheduler_config_keys`) lives in
+:mod:`score_toolkit.scheduler_configs`, below both this module and :mod:`score_toolkit.diffusers_schedulers`;
+the names are importable from here.
+
 This module path is recorded in saved pipelines (``model_index.json`` names
 ``score_toolkit.schedulers``): keep it stable. diffusers' loader looks for the name ``SchedulerMixin``
 in the module, hence the module-level import.
@@ -25,20 +29,12 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._config import config_keys, init_keys, strict_config
-from .processes import VESDE, DiscreteVP, Process, process_from_config, process_from_scheduler_config
+from ._config import init_keys, strict_config
+from .processes import VESDE, DiscreteVP, Process, process_from_config
+from .scheduler_configs import _DDPM_PREDICTIONS, read_scheduler_config, scheduler_config_keys
 from .scores import PREDICTION_TYPES, TIME_INPUTS
 
 __all__ = ["ScoreSDEScheduler", "scheduler_for", "read_scheduler_config", "scheduler_config_keys", "SchedulerMixin"]
-
-_DDPM_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-# schedulers whose config is a DDPM beta table (alphas_cumprod) and whose network receives the table index
-_DDPM_STYLE = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
-               "HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-               "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "DDPMParallelScheduler",
-               "DDIMParallelScheduler")
-
 
 def _check_prediction_and_time(prediction_type, time_input) -> None:
     if prediction_type not in PREDICTION_TYPES:
@@ -179,80 +175,3 @@ def _process_dict(process: Process) -> dict[str, Any]:
     cfg = {k: v for k, v in process.config.items() if not k.startswith("_")}
     cfg["_class_name"] = type(process).__name__
     return cfg
-
-
-def read_scheduler_config(config) -> tuple[Process, str, str]:
-    """``(process, prediction_type, time_input)`` encoded by a scheduler config (a dict, a FrozenDict or a
-    scheduler object).
-
-    * :class:`ScoreSDEScheduler` -> its stored process, prediction type and time input;
-    * ``DDPMScheduler`` and the other DDPM-table schedulers (DDIM, PNDM, ...) ->
-      :class:`~score_toolkit.processes.DiscreteVP` with diffusers' exact ``alphas_cumprod``, the config's
-      ``prediction_type`` (default ``epsilon``) and time input ``index``;
-    * ``ScoreSdeVeScheduler`` -> :class:`~score_toolkit.processes.VESDE`, ``score``, ``sigma``.
-
-    Read strictly, like a network config: a key that the named scheduler class (and its diffusers-compatible
-    classes) does not take is an error, and every value present is used (``_use_default_values`` is never
-    applied; see ``score_toolkit._config``).
-
-    Raises ValueError naming the field that cannot be mapped.
-    """
-    if hasattr(config, "config") and isinstance(config.config, Mapping):
-        cfg = dict(config.config)
-        cfg.setdefault("_class_name", type(config).__name__)
-    elif isinstance(config, Mapping):
-        cfg = dict(config)
-    else:
-        raise TypeError(f"expected a scheduler config mapping or a scheduler, found {type(config).__name__}")
-    name = cfg.get("_class_name")
-    if name == ScoreSDEScheduler.__name__ or name == "ScoreSdeVeScheduler" or name in _DDPM_STYLE or (
-        name is None and "beta_schedule" in cfg
-    ):
-        cfg = strict_config(cfg, scheduler_config_keys(name or "DDPMScheduler"), f"the {name or 'DDPM'} scheduler config")
-    if name == ScoreSDEScheduler.__name__:
-        process = cfg.get("process")
-        if not isinstance(process, Mapping):
-            raise ValueError(f"scheduler config field 'process': expected a process config dict, found {process!r}")
-        prediction_type, time_input = cfg.get("prediction_type", "score"), cfg.get("time_input", "t")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"scheduler config field 'prediction_type': expected one of {PREDICTION_TYPES}, found {prediction_type!r}"
-            )
-        if time_input not in TIME_INPUTS:
-            raise ValueError(f"scheduler config field 'time_input': expected one of {TIME_INPUTS}, found {time_input!r}")
-        return process_from_config(dict(process)), prediction_type, time_input
-    if name == "ScoreSdeVeScheduler":
-        return process_from_scheduler_config(cfg), "score", "sigma"
-    if name in _DDPM_STYLE or (name is None and "beta_schedule" in cfg):
-        prediction_type = cfg.get("prediction_type", "epsilon")
-        if prediction_type not in _DDPM_PREDICTIONS:
-            raise ValueError(
-                f"scheduler config field 'prediction_type' of {name}: expected one of {_DDPM_PREDICTIONS}, "
-                f"found {prediction_type!r}"
-            )
-        if cfg.get("timestep_type", "discrete") != "discrete":
-            raise ValueError(
-                f"scheduler config field 'timestep_type' of {name}: expected 'discrete' (the network receives the "
-                f"table index), found {cfg['timestep_type']!r}"
-            )
-        return process_from_scheduler_config(cfg), prediction_type, "index"
-    raise ValueError(
-        f"scheduler config field '_class_name': cannot map {name!r} to a process; expected ScoreSDEScheduler, "
-        f"ScoreSdeVeScheduler or a DDPM-table scheduler ({', '.join(_DDPM_STYLE[:3])}, ...)"
-    )
-
-
-def scheduler_config_keys(name: str) -> set[str]:
-    """The keys a config of the scheduler class ``name`` (:class:`ScoreSDEScheduler` or a diffusers scheduler)
-    may hold: what the class takes, plus what the diffusers schedulers it is compatible with take (diffusers
-    keeps those when converting between them). The schedulers of :mod:`score_toolkit.diffusers_schedulers`
-    have theirs in :func:`~score_toolkit.diffusers_schedulers.score_scheduler_config_keys` (that module
-    builds on this one)."""
-    if name == ScoreSDEScheduler.__name__:
-        return config_keys(ScoreSDEScheduler)
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"scheduler config field '_class_name': expected a scheduler class, found {name!r}")
-    return config_keys(cls)

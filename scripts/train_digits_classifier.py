@@ -94,65 +94,31 @@ def main(argv=None) -> int:
                "parameters": n_params, "epochs": args.epochs, "seed": args.seed,
                "train_seconds": round(time.time() - start, 1)}
     print(json.dumps(results, indent=2))
-    (out / "README.md").write_text(_readme(results, DIGITS_HALVES, size_kb), encoding="utf-8")
+    _card(results, DIGITS_HALVES, size_kb).save(str(out / "README.md"))
     return 0
 
 
-def _readme(r, halves: str, size_kb: float) -> str:
-    return f"""---
-library_name: score-toolkit
-tags: [score-toolkit, image-classification, digits, evaluation]
-license: apache-2.0
-metrics: [accuracy]
-model-index:
-- name: score-toolkit-digits-classifier
-  results:
-  - task: {{type: image-classification}}
-    dataset: {{type: sklearn-digits, name: scikit-learn 8x8 digits, last 20% held out}}
-    metrics:
-    - {{type: accuracy, value: {r['held_out_accuracy']}, name: held-out accuracy}}
----
+def _card(r, halves: str, size_kb: float):
+    """The model card, through huggingface_hub's ModelCard and the package's template
+    (score_toolkit/templates/digits_classifier.md). The model-index holds the held-out accuracy only."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-# score-toolkit digits classifier
+    from score_toolkit.hub import TEMPLATES_DIR
 
-A small CNN (`score_toolkit.digits_classifier.DigitsClassifier`, {r['parameters']:,} parameters, {size_kb:.0f} KB of
-safetensors) that classifies scikit-learn's 8x8 handwritten digits. score_toolkit uses its 64-dimensional
-penultimate features for the digits Frechet distance of `score-toolkit evaluate`, and its softmax for the samples'
-confidence and class histogram.
-
-## Results
-
-| measurement | value |
-| --- | --- |
-| held-out accuracy (last 20%: indices 1437..1796 of scikit-learn's order, {r['held_out_size']} images) | **{r['held_out_accuracy']:.4f}** ({r['held_out_errors']} errors) |
-| training accuracy (first 80%, indices 0..1436) | {r['train_accuracy']:.4f} |
-| Frechet distance between two halves of the real digits (the floor: {halves}) | {r['frechet_floor_two_halves']:.4f} |
-| mean confidence on the even half of the real digits | {r['mean_confidence_real_digits_even_half']:.4f} |
-
-The held-out images come last in scikit-learn's bundled order, which groups the images roughly by writer, so they
-are mostly by writers never seen in training. The held-out set was not used to choose anything: the weights are
-those of the last epoch of a fixed schedule.
-
-## Load
-
-```python
-from score_toolkit.digits_classifier import load_digits_classifier
-clf = load_digits_classifier()          # this folder, strictly (safetensors only)
-labels, confidences, features = clf.predict(images)   # images (B, 1, 8, 8) in [-1, 1]
-```
-
-## Training
-
-Reproduce (deterministic on CPU, one thread, about {r['train_seconds']:.0f} s here):
-
-```bash
-python scripts/train_digits_classifier.py
-```
-
-Data: `score_toolkit.data.load_digits()` (pixel / 8 - 1, in [-1, 1]). {r['epochs']} epochs of Adam (learning rate
-2e-3 with cosine decay to 0, weight decay 1e-4), batch 64, random shifts of up to one pixel in each direction
-(padded with the background value), cross-entropy, seed {r['seed']}.
-"""
+    accuracy = EvalResult(task_type="image-classification", dataset_type="digits",
+                          dataset_name="scikit-learn 8x8 digits, last 20% held out (indices 1437..1796)",
+                          metric_type="accuracy", metric_value=r["held_out_accuracy"], metric_name="held-out accuracy",
+                          metric_args={"num_images": r["held_out_size"]})
+    data = ModelCardData(library_name="diffusers", pipeline_tag="image-classification", license="apache-2.0",
+                         tags=["score-toolkit", "digits", "evaluation"], metrics=["accuracy"],
+                         model_name="score-toolkit-digits-classifier", eval_results=[accuracy])
+    return ModelCard.from_template(
+        data, template_path=str(TEMPLATES_DIR / "digits_classifier.md"), model_name="score-toolkit digits classifier",
+        parameters=f"{r['parameters']:,}", size_kb=f"{size_kb:.0f}", held_out_size=r["held_out_size"],
+        held_out_accuracy=f"{r['held_out_accuracy']:.4f}", held_out_errors=r["held_out_errors"],
+        train_accuracy=f"{r['train_accuracy']:.4f}", halves=halves, frechet_floor=f"{r['frechet_floor_two_halves']:.4f}",
+        mean_confidence=f"{r['mean_confidence_real_digits_even_half']:.4f}", train_seconds=f"{r['train_seconds']:.0f}",
+        epochs=r["epochs"], seed=r["seed"])
 
 
 if __name__ == "__main__":

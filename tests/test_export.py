@@ -298,7 +298,9 @@ def test_model_card_metadata(tmp_path):
         "objective": "epsilon",
         "command": "score-toolkit train --config digits.yaml",
         "training_config_yaml": "train:\n  steps: 3\n",
-        "results": [{"name": "sliced W2", "type": "sliced_wasserstein", "value": 0.5, "dataset": "digits"}],
+        "results": [{"name": "sliced W2", "type": "sliced_wasserstein", "value": 0.5, "floor": 0.25,
+                     "settings": {"num_samples": 8, "sampler": "ancestral"}, "command": "score-toolkit train --config digits.yaml"}],
+        "final_loss": 1.25,
         "sample_image": Image.new("RGB", (16, 16), "white"),
         "sample_shape": [1, 8, 8],
     }
@@ -309,17 +311,35 @@ def test_model_card_metadata(tmp_path):
     assert data["library_name"] == "diffusers" and data["license"] == "mit"
     assert data["pipeline_tag"] == "unconditional-image-generation"
     assert "score-toolkit" in data["tags"] and "process:DiscreteVP" in data["tags"]
+    assert "datasets" not in data  # the digits have no Hub dataset id: none is invented
     result = data["model-index"][0]["results"][0]
-    assert result["metrics"][0] == {"type": "sliced_wasserstein", "value": 0.5, "name": "sliced W2"}
+    assert result["metrics"] == [{"type": "sliced_wasserstein", "value": 0.5, "name": "sliced W2 (noise floor 0.25)",
+                                  "args": {"num_samples": 8, "sampler": "ancestral",
+                                           "command": "score-toolkit train --config digits.yaml"}}]
     assert result["task"]["type"] == "unconditional-image-generation"
+    assert result["dataset"] == {"name": "8x8 digits", "type": "digits"}
     text = card.text
     for needle in ("score-toolkit train --config digits.yaml", "steps: 3", "DiscreteVP", "![samples](sample.png)",
-                   "DDPMPipeline.from_pretrained", "load_pipeline_components", "| sliced W2 | 0.5 |"):
+                   "DDPMPipeline.from_pretrained", "load_pipeline_components",
+                   "| sliced W2 (noise floor 0.25) | 0.5 | num_samples=8, sampler=ancestral | [1] |",
+                   "1. `score-toolkit train --config digits.yaml`", "Final training loss (mean over the last log window): 1.25",
+                   "no dataset id on the Hugging Face Hub", hub.RESULTS_BEGIN, hub.RESULTS_END):
         assert needle in text, needle
-    # a third-party component: library_name says which library loads it
-    toy = hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "toy")
-    toy_data = ModelCard.load(toy / "README.md").data.to_dict()
-    assert toy_data["library_name"] == "score-toolkit" and "pipeline_tag" not in toy_data
+    # a third-party component: still a diffusers pipeline folder (the Hub knows the library); no Hub task for 2-D
+    toy = hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "toy",
+                              {"dataset_name": "ring", "dataset_id": "someone/ring-points"})
+    toy_card = ModelCard.load(toy / "README.md")
+    toy_data = toy_card.data.to_dict()
+    assert toy_data["library_name"] == "diffusers" and "pipeline_tag" not in toy_data
+    assert toy_data["datasets"] == ["someone/ring-points"] and "model-index" not in toy_data
+    assert "import score_toolkit" in toy_card.text and "No measurements were recorded." in toy_card.text
+    # what is not a measurement of the model never reaches the model-index
+    for bad in ({"name": "final training loss", "type": "training_loss", "value": 1.0},
+                {"name": "noise floor: sliced W2", "type": "sliced_wasserstein_floor", "value": 0.1},
+                {"name": "samples drawn", "type": "nfe", "value": 501}):
+        with pytest.raises(ValueError, match="not a measurement of the model"):
+            hub.export_pipeline(tiny_mlp(), VPSDE(), "epsilon", "t", tmp_path / "bad", {"results": [bad]})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_train_exports_a_loadable_folder_with_a_card(tmp_path):
@@ -347,6 +367,12 @@ def test_train_exports_a_loadable_folder_with_a_card(tmp_path):
     assert loaded.process == DiscreteVP(num_train_timesteps=100)
     text = (folder / "README.md").read_text()
     assert "score-toolkit train --config x.yaml" in text and "sliced W2" in text and (folder / "sample.png").is_file()
+    from huggingface_hub import ModelCard
+
+    measured = ModelCard.load(folder / "README.md").data.eval_results
+    assert [r.metric_type for r in measured] == ["sliced_wasserstein", "energy_distance"]
+    assert all(r.metric_args["command"] == "score-toolkit train --config x.yaml" and r.metric_args["nfe"] == 6
+               and r.metric_args["num_samples"] == 8 for r in measured)
     pipe = DDPMPipeline.from_pretrained(str(folder))
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
 

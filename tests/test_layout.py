@@ -187,3 +187,12 @@ def test_importing_one_module_alone_can_fail(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1 and "score_toolkit_probe.bad" in proc.stdout and "KeyError" in proc.stdout
     assert "score_toolkit_probe.good (status" not in proc.stdout
+
+
+def test_the_scheduler_config_reader_knows_the_keys_of_score_sde_scheduler():
+    """scheduler_configs sits below schedulers (no cycle), so it names ScoreSDEScheduler's config keys itself."""
+    from score_toolkit._config import config_keys
+    from score_toolkit.scheduler_configs import SCORE_SDE_SCHEDULER_KEYS
+    from score_toolkit.schedulers import ScoreSDEScheduler
+
+    assert config_keys(ScoreSDEScheduler) == SCORE_SDE_SCHEDULER_KEYS

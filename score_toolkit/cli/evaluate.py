@@ -56,6 +56,10 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", default=None, help="write the report as a Markdown table")
     p.add_argument("--pictures", default=None, metavar="DIR", help="write samples.png, trajectories.png and (2-D) "
                                                                     "score_field.png there")
+    p.add_argument("--update-card", default=None, metavar="FOLDER",
+                   help="write the measurements into FOLDER/README.md, the model card (usually the --model folder): "
+                        "its model-index and results table, through huggingface_hub's ModelCard; a metric already "
+                        "there is replaced, the others are kept")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -81,6 +85,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..registry import get_sampler
     from ._common import _device, _dtype
 
+    if args.update_card:
+        _check_card(args.update_card)
     if args.pictures:
         from ..plotting import require_matplotlib
 
@@ -123,11 +129,33 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         write_text_atomic(args.markdown, markdown + "\n")
         print(f"wrote {args.markdown}")
+    if args.update_card:
+        from ..hub import update_model_card
+        from .train import _command_line
+
+        command = _command_line(getattr(args, "cli_argv", None))  # as invoked (score_toolkit.cli.main(argv): argv)
+        results = report.card_results(settings={"seed": args.seed}, command=command)
+        print(f"wrote {update_model_card(args.update_card, results)}")
     if args.pictures:
         for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
                                    device=device, dtype=dtype):
             print(f"wrote {path}")
     return 0
+
+
+def _check_card(folder: str) -> None:
+    """Before any sampling: --update-card FOLDER must hold a model card that huggingface_hub can load."""
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        raise CLIError(f"--update-card: expected a model card at {path}, found nothing there")
+    try:
+        ModelCard.load(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the same user error
+        raise CLIError(f"--update-card: {path} is not a model card huggingface_hub can read: {err}") from err
 
 
 def write_pictures(folder, model: dict[str, Any], sampler, samples, reference=None, *, seed: int = 0, device=None,

@@ -70,6 +70,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cpu", action="store_true", help="under accelerate launch / torchrun: run on CPU processes")
     r.add_argument("--output", default=None, help="write the summary (and per-sample values) as JSON")
     r.add_argument("--per-sample", action="store_true", help="include per-sample values in --output")
+    r.add_argument("--update-card", default=None, metavar="FOLDER",
+                   help="with --levels/--bits: write the bits/dim into FOLDER/README.md, the model card (usually the "
+                        "--model folder), through huggingface_hub's ModelCard; a bits/dim already there is replaced")
     p.set_defaults(func=cmd_likelihood)
 
 
@@ -101,6 +104,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..likelihood import dequantized_bits_per_dim, log_likelihood, to_levels
 
+    if args.update_card:
+        if args.levels is None and args.bits is None:
+            raise CLIError("--update-card writes bits/dim: pass --levels or --bits")
+        from .evaluate import _check_card
+
+        _check_card(args.update_card)
     accelerator = _accelerator(args.cpu)
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, args.model)
@@ -155,4 +164,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         write_json(args.output, {**summary, **({"per_sample": per_sample} if args.per_sample else {})})
         print(f"wrote {args.output}")
+    if args.update_card:
+        from ..hub import update_model_card
+        from .train import _command_line
+
+        result = {
+            "type": "bits_per_dim",
+            "name": f"bits/dim of {data_desc} ({summary['levels']} levels, uniform dequantization; standard error "
+                    f"{summary['std_err_mean_bpd']:.2g})",
+            "value": float(f"{summary['mean_bpd']:.5g}"),
+            "settings": {k: summary[k] for k in ("num_samples", "levels", "num_dequant", "divergence", "num_probes",
+                                                 "probe", "method", "nfe") if summary.get(k) is not None},
+            "command": _command_line(getattr(args, "cli_argv", None)),
+        }
+        result["settings"]["seed"] = args.seed
+        print(f"wrote {update_model_card(args.update_card, [result])}")
     return 0

@@ -15,7 +15,7 @@ imputation) and ``repaint`` (RePaint's resampling).
 
 from .classifier import NoisyClassifierMLP, noise_conditional_classifier_loss
 from .compose import INVERSE_METHODS, conditional_score
-from .guidance import ClassifierFreeGuidance, ClassifierGuidance, LabelledScoreAdapter, check_labels
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, LabelledScoreAdapter, check_labels, drop_labels
 from .inverse import DPS, InverseProblemScore, PiGDM, Replacement
 from .operators import Downsample, GaussianBlur, Greyscale, LinearOperator, Mask, MatrixOperator, make_operator
 
@@ -24,6 +24,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "LabelledScoreAdapter",
     "check_labels",
+    "drop_labels",
     "DPS",
     "PiGDM",
     "Replacement",

@@ -20,7 +20,7 @@ import torch
 
 from .._utils import as_time, check_tensor
 
-__all__ = ["ClassifierGuidance", "ClassifierFreeGuidance", "LabelledScoreAdapter", "check_labels"]
+__all__ = ["ClassifierGuidance", "ClassifierFreeGuidance", "LabelledScoreAdapter", "check_labels", "drop_labels"]
 
 
 def check_labels(labels, batch: int | None, num_classes: int | None, *, device=None, allow_null: int | None = None) -> torch.Tensor:
@@ -45,6 +45,18 @@ def check_labels(labels, batch: int | None, num_classes: int | None, *, device=N
             bad = sorted(set(labels[~ok].tolist()))
             raise ValueError(f"class label(s) {bad} outside the model's classes 0..{num_classes - 1}")
     return labels.to(device=device, dtype=torch.long) if device is not None else labels.long()
+
+
+def drop_labels(labels: torch.Tensor, null_label: int, p: float, generator=None) -> torch.Tensor:
+    """Label dropout for classifier-free guidance training (Ho & Salimans 2022): each label is replaced by
+    ``null_label`` with probability ``p`` (uniforms from ``generator``), so one network learns the conditional and the
+    unconditional score."""
+    from .._utils import rand
+
+    if not 0 <= float(p) <= 1:
+        raise ValueError(f"expected a dropout probability in [0, 1], found {p!r}")
+    u = rand((labels.shape[0],), generator=generator, device=labels.device, dtype=torch.float64)
+    return torch.where(u < float(p), torch.full_like(labels, int(null_label)), labels)
 
 
 class ClassifierGuidance:

@@ -59,7 +59,8 @@ class _ResidualBlock(nn.Module):
 class _MLPTrunk(nn.Module):
     """Shared body: input projection, conditioning embedding, residual blocks, output head."""
 
-    def _build(self, dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, out_dim):
+    def _build(self, dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, out_dim,
+               num_classes=None):
         _check_int(dim, "dim", 1)
         _check_int(hidden_dim, "hidden_dim", 1)
         _check_int(num_layers, "num_layers", 1)
@@ -82,6 +83,10 @@ class _MLPTrunk(nn.Module):
         self.blocks = nn.ModuleList([_ResidualBlock(hidden_dim, activation) for _ in range(num_layers)])
         self.out_act = ACTIVATIONS[activation]()
         self.output = nn.Linear(hidden_dim, out_dim)
+        if num_classes is not None:
+            _check_int(num_classes, "num_classes", 2)
+            # a label table added to the time embedding; the last row is the null label of label dropout
+            self.class_embed = nn.Embedding(num_classes, hidden_dim)
 
     def _check_inputs(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
         name = type(self).__name__
@@ -113,9 +118,23 @@ class _MLPTrunk(nn.Module):
             )
         return x.reshape(x.shape[0], dim), t
 
-    def _features(self, x_flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _features(self, x_flat: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         c = torch.log(t) if self.config.time_embedding == "log" else t
         emb = self.time_mlp(self.time_embed(c))
+        num_classes = getattr(self.config, "num_classes", None)
+        if class_labels is not None and num_classes is None:
+            raise ValueError(f"{type(self).__name__} was built without class labels (num_classes=None): it cannot take "
+                             "class_labels")
+        if num_classes is not None:
+            if class_labels is None:  # no label: the null label (the unconditional model of label dropout)
+                class_labels = torch.full((x_flat.shape[0],), num_classes - 1, dtype=torch.long, device=x_flat.device)
+            class_labels = torch.as_tensor(class_labels, device=x_flat.device).long().reshape(-1)
+            if class_labels.shape[0] == 1:
+                class_labels = class_labels.expand(x_flat.shape[0])
+            if class_labels.shape[0] != x_flat.shape[0] or bool(((class_labels < 0) | (class_labels >= num_classes)).any()):
+                raise ValueError(f"{type(self).__name__} expected class_labels of shape ({x_flat.shape[0]},) in "
+                                 f"0..{num_classes - 1}, found {class_labels.tolist()}")
+            emb = emb + self.class_embed(class_labels)
         h = self.input(x_flat)
         for block in self.blocks:
             h = block(h, emb)
@@ -141,8 +160,11 @@ class ScoreMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
         time_embedding: ``"log"`` embeds ``log t`` (use it when ``t`` is sigma spanning decades; needs t > 0),
             ``"linear"`` embeds ``t`` itself (continuous time in [0, 1], discrete labels).
         activation: one of ``silu`` (default), ``gelu``, ``relu``, ``elu``, ``tanh``, ``softplus``.
+        num_classes: rows of a class-label table added to the time embedding (``None``: no labels). The last row
+            is the null label of label dropout (classifier-free guidance): classes ``0..num_classes - 2`` (see
+            docs/conditioning.md).
 
-    ``forward(x, t)``: ``t`` is a float tensor of shape (B,) or a scalar (tensor or number). Raises ValueError
+    ``forward(x, t, class_labels=None)``: ``t`` is a float tensor of shape (B,) or a scalar (tensor or number). Raises ValueError
     on a wrong number of features or a wrong shape of ``t``; TypeError on a dtype that differs from the
     network's. ``from_pretrained`` is strict (safetensors only, every weight present with its shape):
     see :func:`score_toolkit.models.strict_from_pretrained`.
@@ -158,13 +180,15 @@ class ScoreMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
         fourier_scale: float = 1.0,
         time_embedding: str = "log",
         activation: str = "silu",
+        num_classes: int | None = None,
     ):
         super().__init__()
-        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, dim)
+        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, dim,
+                    num_classes)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         x_flat, t = self._check_inputs(x, t)
-        return self._features(x_flat, t).reshape(x.shape)
+        return self._features(x_flat, t, class_labels).reshape(x.shape)
 
 
 class EnergyMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):

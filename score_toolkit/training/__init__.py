@@ -27,7 +27,7 @@ see identical data and noise: the models then agree up to float summation order.
 The package's modules, one responsibility each: :mod:`.config` (the dataclasses of a run, :func:`load_config`,
 :func:`apply_overrides`, the checks), :mod:`.components` (:func:`build_components`), :mod:`.ema`
 (:class:`EMA`), :mod:`.checkpoints` (save, verify, list, find the latest, prune), :mod:`.data_stream` (data
-order and noise seeds), :mod:`.loop` (:func:`prepare_run`, :func:`train`) and :mod:`.export` (samples,
+order and noise seeds), :mod:`.prepare` (:func:`prepare_run`), :mod:`.loop` (:func:`train`) and :mod:`.export` (samples,
 metrics and the Hub-style folder written after training).
 """
 
@@ -57,7 +57,8 @@ from .config import (
 )
 from .ema import EMA
 from .export import evaluate_samples, sample_picture
-from .loop import TrainResult, prepare_run, train
+from .loop import TrainResult, train
+from .prepare import prepare_run
 
 __all__ = [
     "RunConfig",

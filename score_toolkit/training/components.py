@@ -198,7 +198,14 @@ def build_components(config: RunConfig | Mapping[str, Any]) -> Components:
         raise ConfigError(f"train.gradient_checkpointing: the network {m.name} does not support it (UNet2DModel does)")
     objective = _build_objective(cfg.objective, process, dataset, m.prediction_type)
     # one forward call on two samples at both ends of the time range
-    score_fn = ScoreAdapter(model, process, m.prediction_type, m.time_input)
+    probe = model
+    table = getattr(model, "config", {}).get("num_class_embeds") or getattr(model, "config", {}).get("num_classes")
+    if table is not None:  # a label-conditional network: probe it with the null label (the last row)
+        null = torch.full((2,), int(table) - 1, dtype=torch.long)
+
+        def probe(y, t):
+            return model(y, t, class_labels=null[: y.shape[0]])
+    score_fn = ScoreAdapter(probe, process, m.prediction_type, m.time_input)
     x = dataset.head(2)
     for t_end in (process.t_min, process.t_max):
         try:

@@ -79,7 +79,10 @@ class TrainConfig:
     launch --mixed_precision``, its config file, ``ACCELERATE_MIXED_PRECISION``; ``no`` without one).
     ``log_with``: any tracker Accelerate supports (``tensorboard``, ``wandb``, ``mlflow``, ... or ``all``), or a
     list. ``gradient_checkpointing``: recompute activations in the backward pass (UNet2DModel).
-    ``compile``: ``torch.compile`` the network (Accelerate's dynamo backend ``inductor``)."""
+    ``compile``: ``torch.compile`` the network (Accelerate's dynamo backend ``inductor``).
+    ``label_dropout``: for a network with a class-label table (``UNet2DModel`` ``num_class_embeds`` or ``ScoreMLP``
+    ``num_classes``; its last row is the null label), the probability of training on the null label instead of the
+    example's label (classifier-free guidance, docs/conditioning.md)."""
 
     steps: int = 1000
     batch_size: int = 256
@@ -102,6 +105,7 @@ class TrainConfig:
     cpu: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
+    label_dropout: float = 0.1
 
 
 @dataclass
@@ -297,6 +301,9 @@ def _check_train_config(t: TrainConfig) -> None:
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), found {t.adam_betas}")
     if t.max_grad_norm is not None and not t.max_grad_norm > 0:
         raise ConfigError(f"train.max_grad_norm: expected > 0 or null (no clipping), found {t.max_grad_norm}")
+    if isinstance(t.label_dropout, bool) or not isinstance(t.label_dropout, (int, float)) \
+            or not 0 <= t.label_dropout <= 1:
+        raise ConfigError(f"train.label_dropout: expected a probability in [0, 1], found {t.label_dropout!r}")
     if t.mixed_precision is not None and t.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"train.mixed_precision: expected one of {MIXED_PRECISION} or null (Accelerate's setting), "
                           f"found {t.mixed_precision!r}")

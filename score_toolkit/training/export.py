@@ -25,7 +25,8 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
     against the training data: sliced Wasserstein-2 and energy distance, each with its noise floor (the
     same metric between two disjoint training subsets of the same size, when the data set is large
     enough), and the mode-weight error when the data's mixture is known. Returns ``(samples, results)``
-    with results as dicts (name, type, value, dataset)."""
+    with results as the model card takes them (:func:`score_toolkit.hub.check_result`: type, name, value,
+    optional floor, settings with the sampler, its options, the NFE, the number of samples and the seed)."""
     from .. import metrics
     from ..registry import get_sampler
     from ..scores import ScoreAdapter
@@ -40,36 +41,30 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
     dataset = comps.dataset
     # reference samples drawn from the data (read now for image sets); the same draw as before for tensors
     ref = dataset.draw(num_samples, _mix(seed, 0xE7A2)).double()
-    results = []
-    dataset_name = comps.dataset.name
+    settings = {"sampler": sampler, "sampler_options": dict(sampler_options), "nfe": int(out.nfe),
+                "num_samples": num_samples, "seed": seed}
     sw = metrics.sliced_wasserstein(samples.double().flatten(1), ref.flatten(1),
                                     generator=torch.Generator().manual_seed(_mix(seed, 0xE7A3)))
     ed = metrics.energy_distance(samples.double().flatten(1), ref.flatten(1))
-    results.append({"name": f"sliced W2 to {len(ref)} training samples", "type": "sliced_wasserstein",
-                    "value": round(float(sw), 5), "dataset": dataset_name})
-    results.append({"name": f"energy distance to {len(ref)} training samples", "type": "energy_distance",
-                    "value": round(float(ed), 5), "dataset": dataset_name})
+    sw_result = {"name": f"sliced W2 to {len(ref)} training samples", "type": "sliced_wasserstein",
+                 "value": round(float(sw), 5), "settings": settings}
+    ed_result = {"name": f"energy distance to {len(ref)} training samples", "type": "energy_distance",
+                 "value": round(float(ed), 5), "settings": settings}
     other = None
     if dataset.streaming or len(dataset) >= 2 * num_samples:
         other = dataset.draw(num_samples, _mix(seed, 0xE7A2), skip=num_samples).double()
         if len(other) < num_samples:  # a stream shorter than 2 num_samples
             other = None
     if other is not None:
-        results.append({"name": "noise floor: sliced W2 between two disjoint training subsets",
-                        "type": "sliced_wasserstein_floor",
-                        "value": round(float(metrics.sliced_wasserstein(
-                            other.flatten(1), ref.flatten(1), generator=torch.Generator().manual_seed(_mix(seed, 0xE7A3)))), 5),
-                        "dataset": dataset_name})
-        results.append({"name": "noise floor: energy distance between two disjoint training subsets",
-                        "type": "energy_distance_floor",
-                        "value": round(float(metrics.energy_distance(other.flatten(1), ref.flatten(1))), 5),
-                        "dataset": dataset_name})
+        # the noise floors: two disjoint training subsets of the same size, judged the same way
+        sw_result["floor"] = round(float(metrics.sliced_wasserstein(
+            other.flatten(1), ref.flatten(1), generator=torch.Generator().manual_seed(_mix(seed, 0xE7A3)))), 5)
+        ed_result["floor"] = round(float(metrics.energy_distance(other.flatten(1), ref.flatten(1))), 5)
+    results = [sw_result, ed_result]
     if comps.dataset.mixture is not None:
         results.append({"name": "mode-weight error (TV) against the true mixture", "type": "mode_weight_error",
                         "value": round(float(metrics.mode_weight_error(samples.double(), comps.dataset.mixture)), 5),
-                        "dataset": dataset_name})
-    results.append({"name": f"samples drawn with {sampler} ({out.nfe} score evaluations)", "type": "nfe",
-                    "value": int(out.nfe), "dataset": dataset_name})
+                        "settings": settings})
     return samples, results
 
 
@@ -113,9 +108,10 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
     samples, results = evaluate_samples(comps, model, num_samples=cfg.export.num_samples, sampler=cfg.export.sampler,
                                         sampler_options=cfg.export.sampler_options, seed=cfg.seed, device=device)
     final_loss = next((h["loss"] for h in reversed(history) if math.isfinite(h["loss"])), None)
-    if final_loss is not None:
-        results.insert(0, {"name": f"final training loss ({cfg.objective.name}, mean over the last log window)",
-                           "type": "training_loss", "value": round(final_loss, 6), "dataset": comps.dataset.name})
+    command = _commands(run_dir, cfg.export.command)
+    if command:
+        for r in results:  # measured at export, by the (last) training command
+            r["command"] = command.strip().splitlines()[-1]
     config_dict = cfg.to_dict()
     config_dict["export"] = {k: v for k, v in config_dict["export"].items() if k != "command"}
     card_info = {
@@ -126,8 +122,9 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
         "dataset_id": comps.dataset.hub_id,
         "objective": f"{cfg.objective.name} {comps.objective!r}",
         "training_config_yaml": yaml.safe_dump(config_dict, sort_keys=False),
-        "command": _commands(run_dir, cfg.export.command),
+        "command": command,
         "results": results,
+        "final_loss": round(final_loss, 6) if final_loss is not None else None,
         "sample_image": sample_picture(comps, samples),
         "sampler": f"{cfg.export.sampler} {dict(cfg.export.sampler_options)}",
         "num_processes": world,

@@ -1,5 +1,5 @@
-"""The training loop: :func:`prepare_run` validates a run before any work (config, components, output and
-export folders, resume compatibility) and :func:`train` runs it on Accelerate (see :mod:`score_toolkit.training`).
+"""The training loop: :func:`train` runs a run on Accelerate (see :mod:`score_toolkit.training`) after
+:func:`~score_toolkit.training.prepare.prepare_run` has validated it.
 """
 
 from __future__ import annotations
@@ -17,22 +17,18 @@ from typing import Any
 
 import torch
 
-from .._io import probe_writable
 from .checkpoints import (
-    CHECKPOINT_DIR,
     _write_json_atomic,
-    latest_checkpoint,
-    list_checkpoints,
-    remove_stale_temporaries,
     save_checkpoint,
 )
-from .components import Components, _build_model, build_components
-from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
+from .components import _build_model
+from .config import ConfigError, RunConfig
 from .data_stream import _mix
 from .ema import EMA
 from .export import _export_run
+from .prepare import _flatten, prepare_run
 
-__all__ = ["prepare_run", "train", "TrainResult"]
+__all__ = ["train", "TrainResult"]
 
 
 @dataclass
@@ -49,52 +45,6 @@ class TrainResult:
     config: RunConfig
     resumed_from: Path | None = None
     num_processes: int = 1
-
-
-# keys that may change between a run and its resume
-_RESUME_MUTABLE = {"output_dir", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                   "train.progress", "train.log_with", "train.mixed_precision", "train.compile",
-                   "train.gradient_checkpointing", "export"}
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key not in ("data.options", "process.options", "model.options", "objective.options"):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _check_resume_compatible(saved: Mapping, current: Mapping) -> None:
-    a, b = _flatten(saved), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in _RESUME_MUTABLE or key.split(".")[0] in _RESUME_MUTABLE:
-            continue
-        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
-            diffs.append(f"{key}: run has {a.get(key)!r}, config has {b.get(key)!r}")
-    if diffs:
-        raise ConfigError(
-            "cannot resume: the config differs from the run's saved config.json in keys that change the model "
-            "(only train.steps, checkpoint_every, keep_checkpoints, log_every, progress, log_with and export.* may "
-            "change):\n  " + "\n  ".join(diffs)
-        )
-
-
-def _check_output_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"output_dir {run_dir}: cannot create it: {err}") from err
-    if not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} exists and is not a folder")
-    try:
-        probe_writable(run_dir)
-    except OSError as err:
-        raise ConfigError(f"output_dir {run_dir} is not writable: {err}") from err
 
 
 def _resolve_mixed_precision(requested: str | None, use_cpu: bool) -> str | None:
@@ -116,86 +66,6 @@ def _scheduler_state(lr_scheduler) -> dict[str, Any]:
     """The learning-rate schedule's position and rate (its shape comes from the config)."""
     return {"name": type(lr_scheduler).__name__, "last_epoch": int(lr_scheduler.last_epoch),
             "lr": [float(v) for v in lr_scheduler.get_last_lr()]}
-
-
-def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) -> tuple[Components, Path, Path | None]:
-    """Validate a run without starting it: the config, the components (:func:`build_components`) and the
-    output folder. Returns ``(components, run_dir, checkpoint to resume from or None)``."""
-    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
-    if not cfg.output_dir:
-        raise ConfigError("output_dir: expected the folder of the run, found none (set output_dir or --output-dir)")
-    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
-        # Accelerate's set_seed also seeds numpy, whose seeds are 32-bit
-        raise ConfigError(f"seed: expected an int in [0, 2**32 - 1] = [0, 4294967295], found {cfg.seed!r}")
-    _check_train_config(cfg.train)
-    run_dir = Path(cfg.output_dir)
-    ckpt = None
-    if resume:
-        if not run_dir.is_dir():
-            raise ConfigError(f"cannot resume: the run folder {run_dir} does not exist")
-        if not list_checkpoints(run_dir):
-            raise ConfigError(f"cannot resume: {run_dir / CHECKPOINT_DIR} holds no checkpoint")
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ConfigError(f"cannot resume: no checkpoint in {run_dir / CHECKPOINT_DIR} passes verification")
-        saved = run_dir / "config.json"
-        if saved.is_file():
-            _check_resume_compatible(json.loads(saved.read_text(encoding="utf-8")), cfg.to_dict())
-        step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"]
-        if step > cfg.train.steps:
-            raise ConfigError(f"cannot resume: the checkpoint is at step {step}, past train.steps = {cfg.train.steps}")
-    elif list_checkpoints(run_dir):
-        raise ConfigError(
-            f"output_dir {run_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
-            f"another output_dir"
-        )
-    _check_output_dir(run_dir)
-    remove_stale_temporaries(run_dir)
-    comps = build_components(cfg)
-    _check_export_config(cfg.export)
-    if cfg.export.enabled:
-        folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
-        _check_export_not_overlapping(folder, run_dir)
-        if folder.exists() and not cfg.export.overwrite:
-            raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
-        _check_export_folder(folder)
-    return comps, run_dir, ckpt
-
-
-def _check_export_not_overlapping(folder: Path, run_dir: Path) -> None:
-    """The export replaces its folder as a whole (with ``export.overwrite``): it must not be the run folder, hold
-    it (an ancestor: the run and its siblings would go), or sit in the run's own files (checkpoints, logs)."""
-    exp, run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
-    problem = None
-    if exp == run:
-        problem = "is the run folder itself"
-    elif exp in run.parents:
-        problem = "holds the run folder (replacing it would delete the run and everything beside it)"
-    elif run in exp.parents:
-        first = exp.relative_to(run).parts[0]
-        if first in (CHECKPOINT_DIR, "logs", "config.json", "metrics.jsonl", "commands.txt"):
-            problem = f"is inside the run's own {first}"
-    if problem is not None:
-        raise ConfigError(
-            f"export folder {folder} {problem} ({run_dir}); choose a folder outside the run, or leave export.folder "
-            f"unset for {run_dir / 'pipeline'}"
-        )
-
-
-def _check_export_folder(folder: Path) -> None:
-    """The export is written to a temporary sibling folder and renamed: its parent must be a writable folder
-    (checked now, not after the training)."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"export folder {folder} exists and is not a folder")
-    parent = folder.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"export folder {folder}: cannot create the folder it goes in: {err}") from err
-    try:
-        probe_writable(parent)
-    except OSError as err:
-        raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
 
 
 def _check_finite_before_checkpoint(accelerator, loss_sum: torch.Tensor, model, ema, step: int, last_saved: int) -> None:
@@ -357,6 +227,12 @@ def train(
                                start_step=start, stop_step=tc.steps, pin_memory=device.type == "cuda")
     score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input, check_inputs=False)
     objective = comps.objective
+    from ..data import Dataset
+
+    label_table = _label_table(base_model)
+    if label_table is not None and isinstance(comps.dataset, Dataset) and comps.dataset.labels is None:
+        raise ValueError(f"the network has a class-label table ({label_table} rows) but the data set "
+                         f"{getattr(comps.dataset, 'name', '')!r} has no labels")
 
     history: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
@@ -378,7 +254,7 @@ def train(
         lr = lr_scheduler.get_last_lr()[0]
         for micro in range(tc.gradient_accumulation_steps):
             first = (step - 1) * tc.batch_size + micro * micro_batch + rank * local_batch
-            x, _labels = next(batches)
+            x, labels = next(batches)
             x = x.to(device, non_blocking=True)
             if tc.per_sample_noise:
                 from .._utils import per_sample_generators
@@ -389,7 +265,11 @@ def train(
                 generator = torch.Generator(device=device).manual_seed(_mix(cfg.seed, 0x5EED, step, micro, rank))
             sync = micro == tc.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss = objective(score_fn, x, generator=generator)
+                step_score = score_fn
+                if label_table is not None:  # class-conditional: the labels (with dropout) go into the network
+                    step_score = _labelled_score(model, comps, labels, label_table, tc.label_dropout, device,
+                                                 _mix(cfg.seed, 0x1AB, step, micro, rank))
+                loss = objective(step_score, x, generator=generator)
                 accelerator.backward(loss / accumulation if accumulation > 1 else loss)
             loss_sum += loss.detach()
             loss_count += 1
@@ -459,3 +339,30 @@ def train(
         accelerator.end_training()
     return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
                        resumed_from=ckpt, num_processes=world)
+
+
+def _label_table(model) -> int | None:
+    """Rows of the network's class-label table (``num_class_embeds`` / ``num_classes`` in its config), or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    n = cfg.get("num_class_embeds") if hasattr(cfg, "get") else None
+    if n is None:
+        n = cfg.get("num_classes") if hasattr(cfg, "get") else None
+    return int(n) if n is not None else None
+
+
+def _labelled_score(model, comps, labels, table: int, dropout: float, device, seed: int):
+    """The score function of one micro-batch with its labels (null label ``table - 1`` with prob. ``dropout``)."""
+    from ..conditioning import drop_labels
+    from ..scores import ScoreAdapter
+
+    if labels is None:
+        raise ValueError(f"the network has a class-label table ({table} rows) but the batch has no labels")
+    labels = torch.as_tensor(labels).to(device).long()
+    if bool(((labels < 0) | (labels >= table - 1)).any()):
+        raise ValueError(f"data labels {sorted(set(labels.tolist()))} do not fit the network's class-label table of "
+                         f"{table} rows (classes 0..{table - 2}, the last row is the null label)")
+    labels = drop_labels(labels, table - 1, dropout, generator=torch.Generator(device=device).manual_seed(seed))
+    return ScoreAdapter(lambda y, t: model(y, t, class_labels=labels), comps.process, comps.prediction_type,
+                        comps.time_input, check_inputs=False)

@@ -1,0 +1,150 @@
+"""Validating a run before any work: :func:`prepare_run` checks the config, builds the components, and checks
+the output folder (writable; with ``resume`` a complete checkpoint and a compatible saved config, without it
+no checkpoint) and the export folder (writable, not inside the run's checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._io import probe_writable
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_stale_temporaries,
+)
+from .components import Components, build_components
+from .config import ConfigError, RunConfig, _check_export_config, _check_train_config
+
+__all__ = ["prepare_run"]
+
+
+# keys that may change between a run and its resume
+_RESUME_MUTABLE = {"output_dir", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                   "train.progress", "train.log_with", "train.mixed_precision", "train.compile",
+                   "train.gradient_checkpointing", "export"}
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key not in ("data.options", "process.options", "model.options", "objective.options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resume_compatible(saved: Mapping, current: Mapping) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUME_MUTABLE or key.split(".")[0] in _RESUME_MUTABLE:
+            continue
+        if json.dumps(a.get(key), sort_keys=True) != json.dumps(b.get(key), sort_keys=True):
+            diffs.append(f"{key}: run has {a.get(key)!r}, config has {b.get(key)!r}")
+    if diffs:
+        raise ConfigError(
+            "cannot resume: the config differs from the run's saved config.json in keys that change the model "
+            "(only train.steps, checkpoint_every, keep_checkpoints, log_every, progress, log_with and export.* may "
+            "change):\n  " + "\n  ".join(diffs)
+        )
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir}: cannot create it: {err}") from err
+    if not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} exists and is not a folder")
+    try:
+        probe_writable(run_dir)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir} is not writable: {err}") from err
+
+
+def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) -> tuple[Components, Path, Path | None]:
+    """Validate a run without starting it: the config, the components (:func:`build_components`) and the
+    output folder. Returns ``(components, run_dir, checkpoint to resume from or None)``."""
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    if not cfg.output_dir:
+        raise ConfigError("output_dir: expected the folder of the run, found none (set output_dir or --output-dir)")
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        # Accelerate's set_seed also seeds numpy, whose seeds are 32-bit
+        raise ConfigError(f"seed: expected an int in [0, 2**32 - 1] = [0, 4294967295], found {cfg.seed!r}")
+    _check_train_config(cfg.train)
+    run_dir = Path(cfg.output_dir)
+    ckpt = None
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"cannot resume: the run folder {run_dir} does not exist")
+        if not list_checkpoints(run_dir):
+            raise ConfigError(f"cannot resume: {run_dir / CHECKPOINT_DIR} holds no checkpoint")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"cannot resume: no checkpoint in {run_dir / CHECKPOINT_DIR} passes verification")
+        saved = run_dir / "config.json"
+        if saved.is_file():
+            _check_resume_compatible(json.loads(saved.read_text(encoding="utf-8")), cfg.to_dict())
+        step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        if step > cfg.train.steps:
+            raise ConfigError(f"cannot resume: the checkpoint is at step {step}, past train.steps = {cfg.train.steps}")
+    elif list_checkpoints(run_dir):
+        raise ConfigError(
+            f"output_dir {run_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
+            f"another output_dir"
+        )
+    _check_output_dir(run_dir)
+    remove_stale_temporaries(run_dir)
+    comps = build_components(cfg)
+    _check_export_config(cfg.export)
+    if cfg.export.enabled:
+        folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
+        _check_export_not_overlapping(folder, run_dir)
+        if folder.exists() and not cfg.export.overwrite:
+            raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
+        _check_export_folder(folder)
+    return comps, run_dir, ckpt
+
+
+def _check_export_not_overlapping(folder: Path, run_dir: Path) -> None:
+    """The export replaces its folder as a whole (with ``export.overwrite``): it must not be the run folder, hold
+    it (an ancestor: the run and its siblings would go), or sit in the run's own files (checkpoints, logs)."""
+    exp, run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
+    problem = None
+    if exp == run:
+        problem = "is the run folder itself"
+    elif exp in run.parents:
+        problem = "holds the run folder (replacing it would delete the run and everything beside it)"
+    elif run in exp.parents:
+        first = exp.relative_to(run).parts[0]
+        if first in (CHECKPOINT_DIR, "logs", "config.json", "metrics.jsonl", "commands.txt"):
+            problem = f"is inside the run's own {first}"
+    if problem is not None:
+        raise ConfigError(
+            f"export folder {folder} {problem} ({run_dir}); choose a folder outside the run, or leave export.folder "
+            f"unset for {run_dir / 'pipeline'}"
+        )
+
+
+def _check_export_folder(folder: Path) -> None:
+    """The export is written to a temporary sibling folder and renamed: its parent must be a writable folder
+    (checked now, not after the training)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"export folder {folder} exists and is not a folder")
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: cannot create the folder it goes in: {err}") from err
+    try:
+        probe_writable(parent)
+    except OSError as err:
+        raise ConfigError(f"export folder {folder}: {parent} is not writable: {err}") from err
