@@ -122,6 +122,8 @@ def write_results(args, cases, rows, elapsed) -> None:
                 continue
             rs = [r for r in rows if r["case"] == case and r["process"] == pname and r["sampler"] == name]
             conv = [r for r in rows if r["case"] == case and r["process"] == pname and r["sampler"] == "converged ODE"]
+            if not rs:
+                continue
             ok = [r["nfe"] for r in rs if r["meets"]]
             first = min(ok) if ok else None
             stays = first is not None and all(r["meets"] for r in rs if r["nfe"] >= first)
