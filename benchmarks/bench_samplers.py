@@ -921,6 +921,7 @@ def memory_probe(args, case: SpeedCase, kind: str, name: str, opts: dict) -> flo
 
 def _probe_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(spec["threads"])  # the thread policy (docs/cli.md)
     torch.set_num_threads(spec["threads"])
     ns = argparse.Namespace(speed_nfe=spec["speed_nfe"], speed_nfe_mlp=spec["speed_nfe_mlp"])
     case = speed_cases(ns)[spec["case"]]
@@ -1296,6 +1297,7 @@ def main(argv=None) -> int:
     if args.memory_probe is not None:
         _probe_main(args.memory_probe)
         return 0
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(args.threads)  # the thread policy (docs/cli.md)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     meta = _meta(argv)
