@@ -111,6 +111,7 @@ def cases(quick: bool):
 
 
 def run(args) -> list[dict]:
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(args.threads)  # the thread policy (docs/cli.md)
     torch.set_num_threads(args.threads)
     proc = VPSDE(0.1, 20.0)
     rows = []

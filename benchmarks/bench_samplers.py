@@ -760,7 +760,13 @@ def speed_cases(args) -> dict[str, SpeedCase]:
 def speed_options(name: str, cls, nfe: int) -> dict[str, Any]:
     if name in SPEED_OPTIONS:
         return SPEED_OPTIONS[name](nfe)
-    return {"num_steps": nfe} if "num_steps" in cls.options else {}
+    opts: dict[str, Any] = {"num_steps": nfe} if "num_steps" in cls.options else {}
+    # the hand loops run on built-in grid kinds without the final step; speed does not depend on the grid
+    if cls.options.get("grid") == "fitted":
+        opts["grid"] = "log_sigma"
+    if cls.options.get("to_zero") is True:
+        opts["to_zero"] = False
+    return opts
 
 
 def build_contender(kind: str, name: str, options: dict, case: SpeedCase):
@@ -915,6 +921,7 @@ def memory_probe(args, case: SpeedCase, kind: str, name: str, opts: dict) -> flo
 
 def _probe_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(spec["threads"])  # the thread policy (docs/cli.md)
     torch.set_num_threads(spec["threads"])
     ns = argparse.Namespace(speed_nfe=spec["speed_nfe"], speed_nfe_mlp=spec["speed_nfe_mlp"])
     case = speed_cases(ns)[spec["case"]]
@@ -1290,6 +1297,7 @@ def main(argv=None) -> int:
     if args.memory_probe is not None:
         _probe_main(args.memory_probe)
         return 0
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(args.threads)  # the thread policy (docs/cli.md)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     meta = _meta(argv)

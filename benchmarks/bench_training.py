@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.md"))
     args = parser.parse_args(argv)
+    os.environ["SCORE_TOOLKIT_NUM_THREADS"] = str(args.threads)  # the thread policy (docs/cli.md)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []

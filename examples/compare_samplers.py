@@ -37,7 +37,6 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings (for the test suite)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(1)  # small networks: more threads only add overhead on CPU
     pipe = ScorePipeline.from_pretrained(args.checkpoint or shipped_model_path("digits"))
     shape = pipe.sample_shape
     images = len(shape) == 3

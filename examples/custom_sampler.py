@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     from score_toolkit import VPSDE, gaussian, get_sampler
     from score_toolkit.pipeline import ScorePipeline, shipped_model_path
 
-    torch.set_num_threads(1)
     # 1. on the exact test bed (a Gaussian: exact score at every t): from the same initial noise, the error
     #    against a tight adaptive solve of the same ODE falls like h^2 (second order)
     data, process = gaussian([1.0, -0.5], [0.3, 0.6]), VPSDE()

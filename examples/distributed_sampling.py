@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from accelerate import Accelerator
 
 from score_toolkit.distributed import load_samples, sample_to_folder
@@ -35,7 +34,6 @@ def main(argv=None) -> int:
     num_samples, batch_size, steps = (6, 2, 3) if args.quick else (args.num_samples, args.batch_size, args.steps)
 
     accelerator = Accelerator(cpu=args.cpu)
-    torch.set_num_threads(1)  # one thread per process: use processes, not threads, for small networks
     pipe = ScorePipeline.from_pretrained(args.checkpoint or shipped_model_path("digits"))
     result = sample_to_folder(pipe, args.output_dir, num_samples, sampler=args.sampler,
                               sampler_options={"num_steps": steps}, seed=0, batch_size=batch_size,

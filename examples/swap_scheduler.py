@@ -22,8 +22,10 @@ from diffusers import DDPMPipeline, DiffusionPipeline
 from score_toolkit.diffusers_schedulers import ScoreDPMSolverScheduler
 from score_toolkit.pipeline import shipped_model_path
 from score_toolkit.plotting import image_grid, save_png
+from score_toolkit.threads import cpu_threads
 
 
+@cpu_threads()  # diffusers' own pipeline: apply the thread policy of score_toolkit's entry points (docs/cli.md)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="a diffusers DDPM-style folder (default: shipped digits)")
@@ -34,7 +36,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     steps, n = (3, 2) if args.quick else (args.steps, args.num_images)
 
-    torch.set_num_threads(1)
     pipe = DDPMPipeline.from_pretrained(args.checkpoint or shipped_model_path("digits"))
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = ScoreDPMSolverScheduler.from_config(pipe.scheduler.config)  # DPM-Solver++(2M)

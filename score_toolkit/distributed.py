@@ -203,10 +203,13 @@ def sample_to_folder(
     nfe: list[int] = []
     written = 0
     rank, nproc = accelerator.process_index, accelerator.num_processes
+    bar_config = getattr(pipeline, "_progress_bar_config", None)
     try:
         todo = [] if plan["complete"] else [s for s in range(num_shards) if s not in set(plan["done"])]
         shard_blocks = {s: _blocks(s, shard_size, num_samples, batch_size) for s in todo}
         bar = _progress(progress and is_main, sum(_share(len(b), nproc, rank) for b in shard_blocks.values()))
+        if hasattr(pipeline, "set_progress_bar_config"):  # one bar over the batches here, not one per batch
+            pipeline.set_progress_bar_config(disable=True)
         for s, blocks in shard_blocks.items():
             mine = []
             with accelerator.split_between_processes(blocks) as my_blocks:
@@ -228,6 +231,9 @@ def sample_to_folder(
         if is_main:
             _remove_if_nothing_kept(out, created)
         raise
+    finally:
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline._progress_bar_config = bar_config if bar_config is not None else {}
     picture = Path(final["picture"]) if final.get("picture") else None
     return SampleRunResult(output_dir=out, samples_file=out / SAMPLES_NAME, picture=picture, num_samples=num_samples,
                            num_processes=nproc, shards_written=written, shards_skipped=num_shards - written,
@@ -556,6 +562,10 @@ def _finish(out: Path, num_shards: int, max_grid: int, image_files: bool = False
         manifest.update(complete=True, samples_sha256=sha256_file(samples_path))
         _write_json(out / MANIFEST_NAME, manifest)
         remove_written(out, [recorded[s]["file"] for s in range(num_shards)], prune=(SHARD_DIR,))
+        # the shard files are gone: keep what the records say about the run, but no path to a deleted file
+        manifest["merged_shards"] = {k: {f: v for f, v in rec.items() if f != "file"} for k, rec in manifest["shards"].items()}
+        manifest["shards"] = {}
+        _write_json(out / MANIFEST_NAME, manifest)
     else:
         samples = load_file(str(samples_path))["samples"]
     picture = _write_picture(out / PICTURE_NAME, samples, max_grid)

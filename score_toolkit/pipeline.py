@@ -53,6 +53,7 @@ from .folders import (
 )
 from .models import mlp as _mlp  # noqa: F401
 from .processes import Process
+from .threads import cpu_threads
 
 __all__ = [
     "ScorePipeline",
@@ -221,6 +222,7 @@ class ScorePipeline(DiffusionPipeline):
         return ScoreAdapter(model, process, prediction_type, time_input)
 
     # ------------------------------------------------------------------ sampling
+    @cpu_threads()
     def __call__(
         self,
         batch_size: int = 1,

@@ -109,6 +109,9 @@ def test_shards_are_written_and_a_rerun_skips_the_complete_ones(tmp_path, image_
     resumed = sample_to_folder(pipe, out, 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)
     assert (resumed.shards_skipped, resumed.shards_written) == (2, 2) and len(calls) == 2
     assert not (out / "shards").exists()  # merged into samples.safetensors
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] and manifest["shards"] == {} and sorted(manifest["merged_shards"]) == ["0", "1", "2", "3"]
+    assert "file" not in json.dumps(manifest["merged_shards"])  # no record of a deleted file
     clean = sample_to_folder(pipe, tmp_path / "clean", 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)
     assert torch.equal(load_samples(out), load_samples(clean.samples_file))
     again = sample_to_folder(pipe, out, 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)
@@ -233,8 +236,9 @@ def test_two_processes_give_the_samples_of_one_bit_for_bit(tmp_path, image_folde
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on 2 process(es)" in run.stdout
     manifest = json.loads((out2 / MANIFEST_NAME).read_text())
-    ranks = manifest["shards"]["0"]["samples_per_rank"]
-    assert manifest["shards"]["0"]["num_processes"] == 2 and ranks == {"0": 6, "1": 4}  # both ranks drew blocks
+    ranks = manifest["merged_shards"]["0"]["samples_per_rank"]
+    assert manifest["merged_shards"]["0"]["num_processes"] == 2 and ranks == {"0": 6, "1": 4}  # both ranks drew blocks
+    assert manifest["shards"] == {} and not (out2 / "shards").exists()  # no record points at a merged shard file
     pipe = ScorePipeline.from_pretrained(image_folder)
     # a sampler that couples the samples of a batch (batch-averaged corrector steps): blocks of batch_size indices
     # are drawn together whatever process draws them, so even this one gives the same samples

@@ -263,7 +263,17 @@ def test_plot_command(tmp_path, capsys):
     csv_path = tmp_path / "acc.csv"
     csv_path.write_text("sampler,process,case,nfe,wsw,wsw_floor\na,VP,ring,10,0.1,0.01\na,VP,ring,20,0.05,0.01\n")
     out = tmp_path / "nfe.png"
-    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--out", str(out)]) == 0
+    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--output", str(out)]) == 0
     assert out.is_file()
-    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--metric", "x", "--out", str(out)]) == 1
+    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--metric", "x", "--output", str(out)]) == 1
     assert "metric column 'x'" in capsys.readouterr().err
+
+
+def test_plot_old_out_spelling_still_works_with_a_warning(tmp_path, caplog):
+    csv_path = tmp_path / "acc.csv"
+    csv_path.write_text("sampler,process,case,nfe,wsw\na,VP,ring,10,0.1\na,VP,ring,20,0.05\n")
+    out = tmp_path / "nfe.png"
+    with caplog.at_level("WARNING", logger="score_toolkit"):
+        assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--out", str(out)]) == 0
+    assert out.is_file() and "--out is deprecated" in caplog.text
+    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path)]) == 2  # --output is required

@@ -242,6 +242,32 @@ def test_ema_matches_its_definition():
     assert torch.allclose(copy.weight, shadow[0], atol=1e-5)
 
 
+def test_ema_decays_against_diffusers_ema_model():
+    """The documented relation to diffusers' EMAModel: decay 0.1 vs 0 at the first update, equal decays after,
+    so the shadow weights differ exactly by the first update's share of the initial weights."""
+    from diffusers.training_utils import EMAModel
+
+    net = torch.nn.Linear(3, 2)
+    ours, theirs = training.EMA(net, 0.99), EMAModel(net.parameters(), decay=0.99)
+    decays = []
+    for k in range(3):  # few updates: the difference (0.1 * product of later decays) stays far above float32 noise
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * (k + 1))
+        decays.append((ours.current_decay(), theirs.get_decay(theirs.optimization_step + 1)))
+        ours.update(net)
+        theirs.step(net.parameters())
+    assert decays[0] == (0.1, 0.0)
+    assert all(a == pytest.approx(b, rel=1e-15) for a, b in decays[1:])
+    rest = 1.0
+    for _, d in decays[1:]:
+        rest *= d
+    w0 = [p.detach() - 0.1 * sum(range(1, 4)) for p in net.parameters()]  # the initial weights
+    first = [p0 + 0.1 for p0 in w0]  # the weights at the first update
+    for s, t, a, b in zip(ours.shadow, theirs.shadow_params, w0, first):
+        torch.testing.assert_close(s - t, 0.1 * rest * (a - b), rtol=1e-3, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ checkpoints and resume
 def _ckpt_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v for k, v in load_file(str(folder / "model.safetensors")).items()}

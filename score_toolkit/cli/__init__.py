@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 # the command modules import only argparse at module level (heavy imports live in the commands): --help stays fast
+from ._common import add_common_options, common_options
 from .demo import add_demo_parser as _add_demo
 from .evaluate import add_evaluate_parser as _add_evaluate
 from .evaluate import add_plot_parser as _add_plot
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        for leaf in ([p for a in nested for p in a.choices.values()] if nested else [sub]):  # plot KIND ...
+            add_common_options(leaf)
     return parser
 
 
@@ -57,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ok = False
     try:
-        code = int(args.func(args) or 0)
+        with common_options(args):
+            code = int(args.func(args) or 0)
         ok = True
         return code
     finally:

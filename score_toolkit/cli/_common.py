@@ -5,17 +5,75 @@ Accelerator under a launcher, ``--option KEY=VALUE`` parsing, JSON output, and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "run_guarded", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+__all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_value",
+           "resolve_model", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
 ANALYTIC_MODELS = ("ring", "aniso16", "gaussian2d")
 ANALYTIC_PROCESSES = ("VE", "VP", "subVP")
+
+
+LOG_FORMAT = "%(name)s: %(message)s"
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """The options every command has: ``-v``/``-q`` (log level and progress bars) and ``--threads``."""
+    from ..threads import DEFAULT_THREADS, ENV_VAR
+
+    g = p.add_argument_group("common options")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more messages on stderr: -v shows debug messages of score_toolkit, -vv of every library")
+    g.add_argument("-q", "--quiet", action="count", default=0,
+                   help="only results and errors: no progress bars and no informational messages (-qq: errors only)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch CPU threads (default: ${ENV_VAR} if set, else {DEFAULT_THREADS}; 0: torch's own "
+                   "choice, one per core). More threads rarely help the small networks of this project and slow "
+                   "everything down on a busy machine; use processes instead (see score_toolkit/threads.py)")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Whether a command shows progress bars: not with ``-q`` nor with its own ``--no-progress``."""
+    return not getattr(args, "quiet", 0) and not getattr(args, "no_progress", False)
+
+
+@contextlib.contextmanager
+def common_options(args: argparse.Namespace) -> Iterator[None]:
+    """Apply the common options around a command: the log level of the ``score_toolkit`` loggers (INFO,
+    ``-v`` DEBUG, ``-q`` WARNING, ``-qq`` ERROR) with one stderr handler, and the thread policy
+    (:func:`score_toolkit.threads.cpu_threads` with ``--threads``). Everything is restored afterwards. Progress
+    bars are each command's own: it passes :func:`progress_enabled` to the work it starts (tqdm reads its
+    ``TQDM_*`` environment variables once, at import, so they cannot be switched here)."""
+    from ..threads import cpu_threads
+
+    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", 0)
+    level = (logging.DEBUG if verbose else logging.INFO) if not quiet else (logging.WARNING if quiet == 1 else
+                                                                           logging.ERROR)
+    package = logging.getLogger("score_toolkit")
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = (package.level, root.level)
+    owner = root if verbose >= 2 else package  # -vv: the handler sits on the root logger and shows every library
+    owner.addHandler(handler)
+    package.setLevel(level)
+    if verbose >= 2:
+        root.setLevel(logging.DEBUG)
+    try:
+        with cpu_threads(getattr(args, "threads", None)):
+            yield
+    finally:
+        owner.removeHandler(handler)
+        package.setLevel(saved[0])
+        root.setLevel(saved[1])
 
 
 class CLIError(ValueError):
@@ -35,35 +93,68 @@ def run_guarded(command: str, fn, args: argparse.Namespace) -> int:
 
 
 
+DTYPE_HELP = "float32 or float64 (default: float32 for networks, float64 for analytic models)"
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; on several processes each uses its own)"
+
+#: the help text of ``--option`` (the same in every command that has it)
+OPTION_HELP = ("a sampler option KEY=VALUE, e.g. --option num_steps=50 --option grid=log_sigma --option denoise=true; "
+               "the value is read as JSON, else as YAML, else kept as a string (repeatable)")
+
+
+def parse_value(raw: str) -> Any:
+    """The value of ``--option KEY=VALUE``: JSON (``50``, ``1e-3``, ``true``, ``[1, 2]``), else YAML (``[a, b]``,
+    ``{k: 1}``), else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        import yaml
+
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["num_steps=50", "grid=log_sigma"]`` -> ``{"num_steps": 50, "grid": "log_sigma"}`` (JSON values, else
-    strings); a ``ValueError`` for an item without ``=`` or a repeated key."""
+    """``["num_steps=50", "grid=log_sigma"]`` -> ``{"num_steps": 50, "grid": "log_sigma"}`` (values by
+    :func:`parse_value`); a :class:`CLIError` (exit code 2) for an item without ``=`` or a repeated key."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"expected --option KEY=VALUE, found {item!r}")
+            raise CLIError(f"expected --option KEY=VALUE, found {item!r}")
         if key in out:
-            raise ValueError(f"sampler option {key!r} given twice")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+            raise CLIError(f"sampler option {key!r} given twice")
+        out[key] = parse_value(raw)
     return out
 
 
 def parse_yaml_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise CLIError(f"expected --option KEY=VALUE, found {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        import yaml
+    """One ``--option KEY=VALUE`` as a pair (see :func:`parse_options`)."""
+    return next(iter(parse_options([text]).items()))
 
-        value = yaml.safe_load(raw)
-    except Exception:  # noqa: BLE001 - not YAML: keep the string
-        value = raw
-    return key.strip(), value
+
+def resolve_model(spec: str) -> str:
+    """A model argument: an existing folder as it is; else the name of a shipped model (``digits``, ``toy2d``) or
+    ``hub_cards/<name>`` written from another directory than the repository root, resolved with
+    :func:`score_toolkit.pipeline.shipped_model_path` (so it works from any directory); else unchanged (a Hub
+    repository id, an ``analytic:`` model, or a missing folder that the caller reports)."""
+    from pathlib import Path
+
+    if spec.startswith("analytic:") or os.path.isdir(spec):
+        return spec
+    parts = Path(spec).parts
+    name = parts[-1] if parts and (len(parts) == 1 or parts[-2] == "hub_cards") else None
+    if name is None:
+        return spec
+    from ..pipeline import shipped_model_path
+
+    try:
+        return str(shipped_model_path(name))
+    except (FileNotFoundError, ValueError):
+        return spec
 
 
 def _analytic(name: str):
@@ -104,8 +195,10 @@ def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> d
     from ..hub import load_pipeline_components
     from ..scores import ScoreAdapter
 
+    spec = resolve_model(spec)
     if not os.path.isdir(spec):
-        raise CLIError(f"expected --model to be a pipeline folder or analytic:<name>, found no folder at {spec}")
+        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name (digits, toy2d) or "
+                       f"analytic:<name>, found no folder at {spec}")
     model, process, prediction_type, time_input = load_pipeline_components(spec)
     if next(model.parameters()).dtype != dtype:
         model = model.to(dtype=dtype)

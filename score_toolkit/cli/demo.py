@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import progress_enabled
+
 __all__ = ["add_demo_parser", "cmd_demo"]
 
 
@@ -23,7 +25,7 @@ def add_demo_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
     p.add_argument("--num-samples", type=int, default=4000, help="samples to draw (default: 4000)")
     p.add_argument("--sampler", default="euler_maruyama", help="registered sampler name (default: euler_maruyama)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training data, noise and sampling (default: 0)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -34,7 +36,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
         return 2
     try:
-        run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed)
+        run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed,
+                 log=print, progress=progress_enabled(args))
     except ImportError as err:  # the picture needs matplotlib (checked before training)
         print(f"score-toolkit demo: error: {err}", file=sys.stderr)
         return 1

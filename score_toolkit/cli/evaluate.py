@@ -10,7 +10,7 @@ histogram), trajectories of a few samples, and, for 2-D models, the score field 
     score-toolkit evaluate --model hub_cards/digits --sampler ancestral --option num_steps=500 --num-samples 900
     score-toolkit evaluate --model analytic:ring --process VP --sampler pf_ode --pictures out/
 
-``score-toolkit plot error-vs-nfe --csv benchmarks/results/samplers_accuracy.csv --out nfe.png``: error-vs-NFE
+``score-toolkit plot error-vs-nfe --csv benchmarks/results/samplers_accuracy.csv --output nfe.png``: error-vs-NFE
 curves from the sampler benchmark.
 """
 
@@ -23,10 +23,14 @@ from typing import Any
 from ._common import (
     ANALYTIC_MODELS,
     ANALYTIC_PROCESSES,
+    DEVICE_HELP,
+    DTYPE_HELP,
+    OPTION_HELP,
     CLIError,
     load_data,
     load_score_model,
-    parse_yaml_option,
+    parse_options,
+    progress_enabled,
     run_guarded,
     write_json,
 )
@@ -37,11 +41,11 @@ __all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot"]
 # ---------------------------------------------------------------------------------------------- evaluate
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help=f"a pipeline folder or analytic:<name> ({', '.join(ANALYTIC_MODELS)}) with --process")
+                   help=f"a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or "
+                        f"analytic:<name> ({', '.join(ANALYTIC_MODELS)}) with --process")
     p.add_argument("--process", choices=ANALYTIC_PROCESSES, default=None, help="process of an analytic model")
     p.add_argument("--sampler", default="pf_ode", help="a registered sampler (score-toolkit samplers lists them)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option, e.g. --option num_steps=100 (YAML values; repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw (default 900 for the digits, comparable with the two-halves floor; 1000 else)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded by (seed, i)")
@@ -50,8 +54,8 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default=None,
                    help="vectors: a dataset name or a .npy/.safetensors file to judge against (default for analytic "
                         "models: the exact distribution)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help=DTYPE_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--output", default=None, help="write the report as JSON")
     p.add_argument("--markdown", default=None, help="write the report as a Markdown table")
     p.add_argument("--pictures", default=None, metavar="DIR", help="write samples.png, trajectories.png and (2-D) "
@@ -68,7 +72,13 @@ def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="sample a model and judge the samples (SW2, energy distance, MMD, modes; digits Frechet distance)",
-        description=__doc__.split("\n\n")[1],
+        description=(
+            "Draw samples from a model with a registered sampler, time the draw, and judge the samples: sliced "
+            "Wasserstein-2, energy distance, MMD and mode coverage for vector data (against a reference data set or "
+            "the analytic distribution); the classifier Frechet distance, confidence and class histogram for the "
+            "digits. Every report gives the NFE and wall time of the sampling. --pictures DIR writes PNGs of the "
+            "samples, of the trajectories of a few samples and, for 2-D models, of the score field "
+            "(docs/evaluation.md)."),
     )
     _configure_evaluate(p)
 
@@ -102,8 +112,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     n = args.num_samples or (900 if kind == "digits" else 1000)
     if n < 2:
         raise CLIError(f"expected --num-samples >= 2, found {n}")
-    options = dict(parse_yaml_option(o) for o in args.option)
-    sampler = get_sampler(args.sampler, **options)
+    options = parse_options(args.option)
+    sampler = get_sampler(args.sampler, **{"progress": progress_enabled(args), **options})
     reference = None
     if kind == "vectors":
         if args.reference is not None:
@@ -233,7 +243,7 @@ def _extent_of(points) -> tuple[float, float, float, float]:
 
 # ---------------------------------------------------------------------------------------------- plot
 def _configure_plot(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="plot_kind", metavar="KIND")
+    sub = p.add_subparsers(dest="plot_kind", metavar="KIND", help="what to draw: error-vs-nfe")
     e = sub.add_parser("error-vs-nfe", help="error-vs-NFE curves from a sampler benchmark CSV",
                        description="Error-vs-NFE curves from the sampler benchmark's CSV "
                                    "(benchmarks/results/samplers_accuracy.csv): one panel per case and process, one "
@@ -244,7 +254,8 @@ def _configure_plot(p: argparse.ArgumentParser) -> None:
     e.add_argument("--metric", default=None, help="the error column (default: the first of wsw, sw, nll_gap, mwe, "
                                                   "error, mmd, energy_distance present)")
     e.add_argument("--linear-y", action="store_true", help="linear y axis (default log)")
-    e.add_argument("--out", required=True, help="the PNG to write")
+    e.add_argument("--output", default=None, metavar="PNG", help="the PNG to write (required)")
+    e.add_argument("--out", dest="deprecated_out", default=None, help=argparse.SUPPRESS)  # the old spelling
     p.set_defaults(func=cmd_plot)
 
 
@@ -262,10 +273,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 2
     from .. import plotting as P
 
+    if args.deprecated_out is not None:
+        import logging
+
+        logging.getLogger(__name__).warning("plot: --out is deprecated, use --output (the same in every command)")
+        if args.output is not None and args.output != args.deprecated_out:
+            print("score-toolkit plot: error: --out and --output disagree", file=sys.stderr)
+            return 2
+        args.output = args.deprecated_out
+    if args.output is None:
+        print("score-toolkit plot: error: the following arguments are required: --output", file=sys.stderr)
+        return 2
     try:
         img = P.error_vs_nfe_chart(args.csv, args.metric, log_y=not args.linear_y)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"score-toolkit plot: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {P.save_png(img, args.out)}")
+    print(f"wrote {P.save_png(img, args.output)}")
     return 0

@@ -16,12 +16,15 @@ from typing import Any
 from ._common import (
     ANALYTIC_MODELS,
     ANALYTIC_PROCESSES,
+    DEVICE_HELP,
+    DTYPE_HELP,
     CLIError,
     _accelerator,
     _device,
     _dtype,
     load_data,
     load_score_model,
+    progress_enabled,
     run_guarded,
     write_json,
 )
@@ -33,7 +36,8 @@ __all__ = ["add_likelihood_parser", "cmd_likelihood", "load_score_model", "ANALY
 def _configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True,
-                   help="a pipeline folder (e.g. hub_cards/digits) or analytic:<name> with name in "
+                   help="a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or "
+                        "analytic:<name> with name in "
                         f"{', '.join(ANALYTIC_MODELS)} (exact scores)")
     g.add_argument("--process", choices=ANALYTIC_PROCESSES, default=None, help="process of an analytic model")
     g.add_argument("--data", default=None, help="a dataset name (digits, ring, moons, ...; see docs/training.md)")
@@ -49,25 +53,30 @@ def _configure(p: argparse.ArgumentParser) -> None:
     q.add_argument("--bits", type=int, default=None, help="same as --levels 2^B")
     q.add_argument("--num-dequant", type=int, default=1, help="dequantization draws per sample (default 1)")
     s = p.add_argument_group("solver")
-    s.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact")
+    s.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
+                   help="exact: the trace of the Jacobian, one vector-Jacobian product per dimension; hutchinson: "
+                        "an unbiased estimate from --num-probes random probes, with its standard error (default exact)")
     s.add_argument("--num-probes", type=int, default=None, help="Hutchinson probes per sample (default 4)")
-    s.add_argument("--probe", choices=("rademacher", "gaussian"), default=None)
+    s.add_argument("--probe", choices=("rademacher", "gaussian"), default=None,
+                   help="distribution of Hutchinson's probes (default rademacher: the lower variance)")
     s.add_argument("--method", default="dopri5", help="torchdiffeq method (dopri5, bosh3, ..., or euler, rk4 with "
                                                       "--num-steps)")
-    s.add_argument("--rtol", type=float, default=None)
-    s.add_argument("--atol", type=float, default=None)
+    s.add_argument("--rtol", type=float, default=None, help="relative tolerance of adaptive methods (default 1e-5)")
+    s.add_argument("--atol", type=float, default=None, help="absolute tolerance of adaptive methods (default 1e-5)")
     s.add_argument("--num-steps", type=int, default=None, help="fixed-grid methods only")
     s.add_argument("--grid", default="uniform", help="fixed-grid kind: uniform, log_sigma, karras")
-    s.add_argument("--max-num-steps", type=int, default=None)
+    s.add_argument("--max-num-steps", type=int, default=None,
+                   help="adaptive methods: give up (an error) after this many steps (default 10000)")
     s.add_argument("--no-per-sample-norm", action="store_true", help="one RMS error norm over the whole batch")
-    s.add_argument("--t-min", type=float, default=None)
+    s.add_argument("--t-min", type=float, default=None,
+                   help="the time the data sit at (default: the process's t_min)")
     s.add_argument("--batch-size", type=int, default=None, help="samples per solve (default 256)")
     s.add_argument("--seed", type=int, default=0, help="probes and dequantization noise (per sample)")
     r = p.add_argument_group("runtime and output")
-    r.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="default float32 for networks, float64 for analytic models")
-    r.add_argument("--device", default=None, help="default cuda if available, else cpu (ignored on several processes)")
-    r.add_argument("--cpu", action="store_true", help="under accelerate launch / torchrun: run on CPU processes")
+    r.add_argument("--dtype", choices=("float32", "float64"), default=None, help=DTYPE_HELP)
+    r.add_argument("--device", default=None, help=DEVICE_HELP)
+    r.add_argument("--cpu", action="store_true", help="the same as --device cpu (under accelerate launch / torchrun: "
+                                                      "CPU processes)")
     r.add_argument("--output", default=None, help="write the summary (and per-sample values) as JSON")
     r.add_argument("--per-sample", action="store_true", help="include per-sample values in --output")
     r.add_argument("--update-card", default=None, metavar="FOLDER",
@@ -110,8 +119,11 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluate import _check_card
 
         _check_card(args.update_card)
-    accelerator = _accelerator(args.cpu)
-    device = accelerator.device if accelerator is not None else _device(args.device)
+    if args.cpu and args.device not in (None, "cpu"):
+        raise CLIError(f"--cpu contradicts --device {args.device}")
+    device_name = "cpu" if args.cpu else args.device
+    accelerator = _accelerator(device_name == "cpu")
+    device = accelerator.device if accelerator is not None else _device(device_name)
     dtype = _dtype(args.dtype, args.model)
     model = load_score_model(args.model, args.process, device=device, dtype=dtype)
     x, data_desc = load_data(args.data, args.data_file, num_samples=args.num_samples, model=model, seed=args.seed,
@@ -120,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     options = dict(divergence=args.divergence, num_probes=args.num_probes, probe=args.probe, method=args.method,
                    rtol=args.rtol, atol=args.atol, num_steps=args.num_steps, grid=args.grid,
                    max_num_steps=args.max_num_steps, per_sample_norm=not args.no_per_sample_norm, t_min=args.t_min,
-                   batch_size=args.batch_size, sample_shape=model["sample_shape"], accelerator=accelerator)
+                   batch_size=args.batch_size, sample_shape=model["sample_shape"], accelerator=accelerator,
+                   progress=progress_enabled(args))
     data_range = args.data_range
     if data_range is None and len(model["sample_shape"]) == 3:
         data_range = IMAGE_DATA_RANGE  # image models are trained on [-1, 1]: raw [0, 255] pixels must not pass

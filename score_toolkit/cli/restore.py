@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import CLIError, parse_options, run_guarded
+from ._common import OPTION_HELP, CLIError, parse_options, run_guarded
 
 __all__ = ["add_restore_parser", "cmd_restore", "TASKS", "MASK_KINDS", "METHODS"]
 
@@ -28,11 +28,11 @@ def add_restore_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "restore",
         help="inpainting, super-resolution, colourisation or deblurring with a trained model as the prior",
-        description=__doc__.split("\n\n", 2)[2],
+        description=__doc__.split("\n\n", 2)[2].replace("``", ""),  # plain text in a terminal
     )
     p.add_argument("image", help="the observation (or, with --degrade, the clean image to degrade first)")
     p.add_argument("--checkpoint", default=None, help="pipeline folder (default: the shipped digits model)")
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--task", choices=TASKS, required=True, help="the degradation to undo")
     p.add_argument("--mask", default=None, help="inpaint: mask image of the model's size, white = observed")
     p.add_argument("--mask-kind", choices=MASK_KINDS, default=None, help="inpaint: a built-in mask instead of --mask")
     p.add_argument("--factor", type=int, default=2, help="super_resolution: downsampling factor (default 2)")
@@ -40,17 +40,17 @@ def add_restore_parser(subparsers) -> None:
     p.add_argument("--noise-std", type=float, default=0.0,
                    help="observation noise std in model units ([-1, 1]); needed > 0 by dps (default 0)")
     p.add_argument("--degrade", action="store_true", help="apply the operator (and noise) to IMAGE first")
-    p.add_argument("--method", choices=METHODS, default="pigdm")
+    p.add_argument("--method", choices=METHODS, default="pigdm",
+                   help="how the observation conditions the sampling (default pigdm; docs/conditioning.md)")
     p.add_argument("--sampler", default=None,
                    help="sampler for the score-transform methods (default ancestral); ignored by repaint/imputation")
     p.add_argument("--steps", type=int, default=100, help="the sampler's num_steps (default 100)")
-    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option (repeatable), e.g. --option jump_n_sample=5")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     p.add_argument("--scale", type=float, default=None, help="dps / pigdm guidance scale (default 1)")
     p.add_argument("--num-samples", type=int, default=4, help="restorations to draw (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="restored")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the restorations (one generator per sample) and of "
+                   "the added noise and built-in masks (default 0)")
+    p.add_argument("--output-dir", default="restored", help="output folder (default ./restored)")
     p.set_defaults(func=cmd_restore)
 
 
@@ -103,11 +103,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..pipeline import ScorePipeline, shipped_model_path
     from ..plotting import image_grid, save_png
 
-    if args.num_samples < 1 or args.steps < 1 or args.threads < 1:
-        raise CLIError("expected --num-samples, --steps and --threads >= 1")
+    if args.num_samples < 1 or args.steps < 1:
+        raise CLIError("expected --num-samples and --steps >= 1")
     if args.noise_std < 0:
         raise CLIError(f"expected --noise-std >= 0, found {args.noise_std}")
-    torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or str(shipped_model_path("digits"))
     pipe = ScorePipeline.from_pretrained(checkpoint)
     shape = tuple(pipe.sample_shape)

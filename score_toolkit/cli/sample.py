@@ -10,13 +10,14 @@ identical bit for bit for any number of processes (see :mod:`score_toolkit.distr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
 
 # the default sampler and steps are ScorePipeline's (one definition: score_toolkit.pipeline.DEFAULT_SAMPLER)
 from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ._common import parse_options
+from ._common import OPTION_HELP, parse_options, progress_enabled, resolve_model
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
@@ -36,16 +37,15 @@ def add_sample_parser(subparsers) -> None:
         ),
     )
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help="pipeline folder or Hub repository id (default: the shipped digits model)")
+                   help="a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or a Hub "
+                   "repository id in the local Hub cache (default: digits)")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"registered sampler name (default {DEFAULT_SAMPLER}; "
                    "'score-toolkit samplers' lists them)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"the sampler's num_steps (default {DEFAULT_STEPS} for the default sampler, else the "
                    "sampler's own default)")
-    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option, e.g. --option grid=log_sigma --option denoise=true (values are read as "
-                   "JSON when they parse, else as strings; repeatable)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     p.add_argument("--class-label", type=int, default=None,
                    help="generate this class (a network trained with labels; classifier-free guidance, see "
                    "docs/conditioning.md)")
@@ -57,9 +57,6 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--network-batch-size", type=int, default=32,
                    help="rows per network call, fixed so that results do not depend on --batch-size (default 32; "
                    "0: the whole batch)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process on CPU (default 1: for small networks more threads only add "
-                   "overhead, and on a busy machine they slow sampling down many times; use processes instead)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard file, a multiple of --batch-size (default: about 4096)")
     p.add_argument("--output-dir", default="samples", help="output folder (default ./samples)")
@@ -70,9 +67,11 @@ def add_sample_parser(subparsers) -> None:
                    help="also write OUTPUT_DIR/images/ (one PNG per sample) and OUTPUT_DIR/samples.npz (uint8 "
                    "(N, H, W, C) as arr_0): the inputs of FID tools (clean-fid, torch-fidelity, pytorch-fid)")
     p.add_argument("--overwrite", action="store_true", help="replace another run found in the output folder")
-    p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is there (needed for multi-process "
-                   "CPU runs under accelerate launch --multi_gpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="cpu or cuda (default: cuda if available; under accelerate launch each process uses its own "
+                   "GPU, and multi-process CPU runs need --device cpu)")
+    p.add_argument("--cpu", action="store_true", help="the same as --device cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (-q also turns it off)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -95,8 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.network_batch_size < 0:
         raise ValueError(f"expected --network-batch-size >= 0, found {args.network_batch_size}")
     network_batch_size = args.network_batch_size or None
-    if args.threads < 1:
-        raise ValueError(f"expected --threads >= 1, found {args.threads}")
+    if args.cpu and args.device not in (None, "cpu"):
+        raise ValueError(f"--cpu contradicts --device {args.device}")
+    use_cpu = args.cpu or args.device == "cpu"
 
     from ..registry import get_sampler
 
@@ -104,15 +104,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from accelerate import Accelerator
 
-    from ..distributed import sample_to_folder
+    from ..distributed import MANIFEST_NAME, sample_to_folder
     from ..pipeline import ScorePipeline, shipped_model_path
 
-    checkpoint = args.checkpoint if args.checkpoint is not None else str(shipped_model_path("digits"))
-    accelerator = Accelerator(cpu=args.cpu)
-    if accelerator.device.type == "cpu":
-        import torch
-
-        torch.set_num_threads(args.threads)
+    checkpoint = resolve_model(args.checkpoint) if args.checkpoint is not None else str(shipped_model_path("digits"))
+    accelerator = Accelerator(cpu=use_cpu)
+    if args.device == "cuda" and accelerator.device.type != "cuda":
+        raise ValueError(f"--device cuda: no CUDA device is available (found {accelerator.device})")
     import torch
 
     pipe = ScorePipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, DTYPES[args.dtype]))
@@ -120,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     result = sample_to_folder(
         pipe, args.output_dir, args.num_samples, sampler=args.sampler, sampler_options=options, seed=args.seed,
         batch_size=args.batch_size, network_batch_size=network_batch_size, shard_size=args.shard_size,
-        accelerator=accelerator, overwrite=args.overwrite, progress=not args.no_progress, checkpoint=checkpoint,
+        accelerator=accelerator, overwrite=args.overwrite, progress=progress_enabled(args), checkpoint=checkpoint,
         class_labels=args.class_label, guidance_scale=args.guidance_scale,
         image_files=args.image_files,
     )
@@ -134,11 +132,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {result.samples_file}")
         if result.picture is not None:
             print(f"  {result.picture}")
+        print(f"  {result.output_dir / MANIFEST_NAME} (the run: checkpoint, sampler, options, seed; a re-run with "
+              f"the same settings skips the complete shards)")
         if result.images_dir is not None:
             print(f"  {result.images_dir}/ ({result.num_samples} PNG files) and {result.npz_file}")
         if not result.batch_independent:
-            print(f"note: {args.sampler} with these options couples the samples of a batch: the samples depend on "
-                  f"--batch-size (never on the number of processes)")
+            logging.getLogger(__name__).warning(
+                "%s with these options couples the samples of a batch: the samples depend on --batch-size (never on "
+                "the number of processes)", args.sampler)
     return 0
 
 

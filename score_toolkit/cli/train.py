@@ -12,6 +12,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ._common import add_common_options, common_options, progress_enabled
+
 __all__ = ["add_train_parser", "cmd_train", "main"]
 
 
@@ -32,7 +34,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, the data, the network and the output folder, print the resolved "
                    "config, and stop")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (same as --set train.progress=false)")
+    p.add_argument("--seed", type=int, default=None, help="the run's seed (same as --set seed=N)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu: train on CPU processes even when a GPU is there (same as --set train.cpu=true); cuda: "
+                   "the default (GPUs when there are)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (same as --set train.progress=false; "
+                   "-q also turns it off)")
     p.set_defaults(func=cmd_train)
 
 
@@ -121,7 +128,11 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
-    if args.no_progress:
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device == "cpu":
+        overrides.append("train.cpu=true")
+    if not progress_enabled(args):
         overrides.append("train.progress=false")
     try:
         from ..training import load_config
@@ -157,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``score-toolkit train --config cfg.yaml``."""
     parser = argparse.ArgumentParser(prog="score-toolkit train", description="Train a score network.")
     _configure(parser)
+    add_common_options(parser)
     args = parser.parse_args(argv)
     args.prog_name = "score-toolkit train"
-    return int(args.func(args, argv) or 0)
+    with common_options(args):
+        return int(args.func(args, argv) or 0)

@@ -14,6 +14,7 @@ import torch
 from .._utils import GeneratorLike, per_sample_generators
 from ..processes import Process
 from ..samplers.base import NonFiniteError
+from ..threads import cpu_threads
 from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
 from .exchange import _exchange
 from .options import (
@@ -223,6 +224,7 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
     }
 
 
+@cpu_threads()
 def log_likelihood(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     process: Process,
@@ -248,6 +250,7 @@ def log_likelihood(
     data_range: tuple[float, float] | None = None,
     accelerator=None,
     return_latent: bool = False,
+    progress: bool = False,
 ) -> LikelihoodResult:
     """``log p(x)`` of a score model through the probability-flow ODE (see the module docstring).
 
@@ -291,6 +294,7 @@ def log_likelihood(
             deadlock), then results are gathered; every process returns the full result. If a process fails,
             every process raises (the failures are exchanged first, so none waits forever).
         return_latent: also return the state at ``t = 1``.
+        progress: a tqdm bar over the samples solved (this process's share; on the main process only).
 
     Raises:
         ValueError / TypeError on bad input (shape, range, non-finite data, options), :class:`SolverError` when
@@ -342,6 +346,12 @@ def log_likelihood(
     dims = math.prod(x.shape[1:])
     outputs: list[tuple[int, int, dict]] = []
     error: BaseException | None = None
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n if world == 1 else sum(hi - lo for lo, hi in mine), desc="likelihood", unit="sample",
+                   dynamic_ncols=True)
     try:
         for lo, hi in mine:
             xc = x[lo:hi]
@@ -358,10 +368,16 @@ def log_likelihood(
                                atol=atol, grid=grid_tau, max_num_steps=max_num_steps, per_sample_norm=per_sample_norm,
                                variable=variable, prior_log_prob=prior)
             outputs.append((lo, hi, out))
+            if bar is not None:
+                bar.update(hi - lo)
+                bar.set_postfix(nfe=int(out["nfe"]), refresh=False)
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes have been told
         if world == 1:
             raise
         error = err
+    finally:
+        if bar is not None:
+            bar.close()
 
     if world > 1:
         outputs = _exchange(accelerator, outputs, error, chunks, mine, n, x, rank, world, return_latent)

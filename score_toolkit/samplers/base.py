@@ -22,6 +22,7 @@ import torch
 
 from .._utils import GeneratorLike, as_time, check_generator, check_tensor
 from ..processes import Process
+from ..threads import cpu_threads
 
 __all__ = ["Sampler", "SamplerOutput", "SamplerProperties", "SamplingContext", "NonFiniteError", "NFEBudgetError"]
 
@@ -322,7 +323,7 @@ class Sampler:
             if ctx.trajectory is not None:
                 ctx.trajectory.append(x.detach().clone())
                 ctx.times.append(process.t_max)
-            with torch.no_grad():
+            with torch.no_grad(), cpu_threads(device=x.device):  # the thread policy: score_toolkit/threads.py
                 x = self._run(ctx, x)
                 if self.config["denoise"]:
                     x = self._denoise(ctx, x)

@@ -11,8 +11,11 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (Polyak averaging), with the warm-up of
-    diffusers' ``EMAModel``: the decay used at update ``n`` is ``min(decay, (1 + n) / (10 + n))``.
+    """Exponential moving average of a model's parameters (Polyak averaging) with a warm-up: the decay used at
+    update ``n`` (0, 1, 2, ...) is ``min(decay, (1 + n) / (10 + n))``. This is the warm-up of diffusers'
+    ``EMAModel`` except at the first update, where ``EMAModel`` copies the weights (decay 0) and this class uses
+    0.1, keeping a tenth of the initial weights; from the second update on the decays are the same
+    (``tests/test_training.py`` compares the two).
     Shadow weights are float32 copies; :meth:`state_dict` / :meth:`load_state_dict` are tensors only
     (saved as safetensors in checkpoints)."""
 

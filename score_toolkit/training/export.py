@@ -20,13 +20,15 @@ __all__ = ["evaluate_samples", "sample_picture"]
 
 
 def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: int, sampler: str,
-                     sampler_options: Mapping[str, Any], seed: int, device=None) -> tuple[torch.Tensor, list[dict]]:
+                     sampler_options: Mapping[str, Any], seed: int, device=None,
+                     progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """Draw ``num_samples`` samples of the trained ``model`` with a registered sampler and measure them
     against the training data: sliced Wasserstein-2 and energy distance, each with its noise floor (the
     same metric between two disjoint training subsets of the same size, when the data set is large
     enough), and the mode-weight error when the data's mixture is known. Returns ``(samples, results)``
     with results as the model card takes them (:func:`score_toolkit.hub.check_result`: type, name, value,
-    optional floor, settings with the sampler, its options, the NFE, the number of samples and the seed)."""
+    optional floor, settings with the sampler, its options, the NFE, the number of samples and the seed).
+    ``progress``: a progress bar over the sampler's steps (unless ``sampler_options`` sets ``progress`` itself)."""
     from .. import metrics
     from ..registry import get_sampler
     from ..scores import ScoreAdapter
@@ -41,7 +43,7 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
     score_fn = ScoreAdapter(net, comps.process, comps.prediction_type, comps.time_input)
     gens = torch.Generator(device=device or "cpu").manual_seed(_mix(seed, 0xE7A1))
     shape = (num_samples, *comps.dataset.sample_shape)
-    out = get_sampler(sampler, **dict(sampler_options)).sample(score_fn, comps.process, shape=shape,
+    out = get_sampler(sampler, **{"progress": progress, **dict(sampler_options)}).sample(score_fn, comps.process, shape=shape,
                                                                  generator=gens, device=device, dtype=torch.float32)
     samples = out.samples.detach().float().cpu()
     dataset = comps.dataset
@@ -112,7 +114,8 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
     cfg = comps.config
     folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
     samples, results = evaluate_samples(comps, model, num_samples=cfg.export.num_samples, sampler=cfg.export.sampler,
-                                        sampler_options=cfg.export.sampler_options, seed=cfg.seed, device=device)
+                                        sampler_options=cfg.export.sampler_options, seed=cfg.seed, device=device,
+                                        progress=cfg.train.progress)
     final_loss = next((h["loss"] for h in reversed(history) if math.isfinite(h["loss"])), None)
     command = _commands(run_dir, cfg.export.command)
     if command:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..threads import cpu_threads
 from .checkpoints import (
     _write_json_atomic,
     save_checkpoint,
@@ -103,6 +104,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
+@cpu_threads()
 def train(
     config: RunConfig | Mapping[str, Any],
     *,
@@ -234,6 +236,10 @@ def train(
         raise ValueError(f"the network has a class-label table ({label_table} rows) but the data set "
                          f"{getattr(comps.dataset, 'name', '')!r} has no labels")
 
+    from accelerate.logging import get_logger
+
+    logger = get_logger(__name__)  # multi-process: logs on the main process only
+    logger.info("training %s steps from step %d on %d process(es); run folder %s", tc.steps, start, world, run_dir)
     history: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
     bar = None
@@ -304,6 +310,7 @@ def train(
                                     samples_s=f"{rec['samples_per_s']:.0f}")
             if tc.log_with:
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            logger.debug("step %d: loss %.5g, %.1f steps/s", step, rec["loss"], rec["steps_per_s"])
             loss_sum.zero_()
             loss_count, steps_window, t_window = 0, 0, time.perf_counter()
         if bar is not None:
@@ -314,9 +321,10 @@ def train(
             _check_finite_before_checkpoint(accelerator, loss_sum, base_model, ema, step, last_saved)
             sums = accelerator.gather(loss_sum.detach().reshape(1).to(torch.float64)).tolist() if world > 1 \
                 else [float(loss_sum)]
-            save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
-                            extra_state={"seed": cfg.seed, "lr_scheduler": _scheduler_state(lr_scheduler),
-                                         "log_window": {"loss_sums": sums, "count": loss_count}})
+            saved = save_checkpoint(accelerator, run_dir, step, ema=ema, keep=tc.keep_checkpoints,
+                                    extra_state={"seed": cfg.seed, "lr_scheduler": _scheduler_state(lr_scheduler),
+                                                 "log_window": {"loss_sums": sums, "count": loss_count}})
+            logger.debug("checkpoint %s", saved)
             last_saved = step
     if bar is not None:
         bar.close()
@@ -331,6 +339,8 @@ def train(
     export_folder = None
     if cfg.export.enabled:
         if accelerator.is_main_process:
+            logger.info("exporting to %s (measuring %d samples of %s)",
+                        cfg.export.folder or run_dir / "pipeline", cfg.export.num_samples, cfg.export.sampler)
             export_folder = _export_run(comps, final_model, run_dir, history, world, device)
         accelerator.wait_for_everyone()
         if export_folder is None:
