@@ -760,7 +760,13 @@ def speed_cases(args) -> dict[str, SpeedCase]:
 def speed_options(name: str, cls, nfe: int) -> dict[str, Any]:
     if name in SPEED_OPTIONS:
         return SPEED_OPTIONS[name](nfe)
-    return {"num_steps": nfe} if "num_steps" in cls.options else {}
+    opts: dict[str, Any] = {"num_steps": nfe} if "num_steps" in cls.options else {}
+    # the hand loops run on built-in grid kinds without the final step; speed does not depend on the grid
+    if cls.options.get("grid") == "fitted":
+        opts["grid"] = "log_sigma"
+    if cls.options.get("to_zero") is True:
+        opts["to_zero"] = False
+    return opts
 
 
 def build_contender(kind: str, name: str, options: dict, case: SpeedCase):

@@ -100,7 +100,7 @@ def test_evaluate_update_card_writes_the_report_into_the_card(tmp_path, capsys):
     assert {"sliced_wasserstein", "energy_distance", "mmd", "coverage", "density"} <= set(by_type)
     sw = by_type["sliced_wasserstein"]
     assert sw.metric_args["command"] == "score-toolkit " + " ".join(argv)
-    assert sw.metric_args["nfe"] == 3 and sw.metric_args["num_samples"] == 50 and sw.metric_args["seed"] == 0
+    assert sw.metric_args["nfe"] == 4 and sw.metric_args["num_samples"] == 50 and sw.metric_args["seed"] == 0  # 3 steps + the default to_zero step
     assert "(noise floor" in sw.metric_name
     # the value written is the value printed
     row = next(line for line in printed.splitlines() if line.startswith("| sliced_w2 |"))

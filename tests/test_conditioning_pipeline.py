@@ -253,3 +253,29 @@ def test_a_label_conditional_unet_samples_unconditionally_with_the_null_label():
     guided = pipe(2, class_labels=0, sampler="ancestral", num_steps=3, generator=torch.Generator().manual_seed(0),
                   output_type="pt")
     assert not torch.equal(out.samples, guided.samples)
+
+
+def test_class_conditional_unet_trains_exports_and_is_guidable(tmp_path):
+    """score-toolkit train on digits with a UNet2DModel label table: the export (which samples the model
+    unconditionally, with the null label) works, and the exported pipeline takes class_labels."""
+    from score_toolkit.training import train
+
+    cfg = {
+        "output_dir": str(tmp_path / "run"), "seed": 0, "data": {"name": "digits"},
+        "process": {"name": "DiscreteVP", "options": {"num_train_timesteps": 100}},
+        "model": {"name": "UNet2DModel", "prediction_type": "epsilon", "time_input": "index",
+                  "options": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+                              "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                              "up_block_types": ["UpBlock2D", "UpBlock2D"], "num_class_embeds": 11}},
+        "objective": {"name": "epsilon"},
+        "train": {"steps": 2, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "progress": False},
+        "export": {"folder": str(tmp_path / "pipe"), "sampler": "ancestral", "sampler_options": {"num_steps": 3},
+                   "num_samples": 4},
+    }
+    train(cfg)
+    pipe = ScorePipeline.from_pretrained(str(tmp_path / "pipe"))
+    out = pipe(3, class_labels=7, guidance_scale=2.0, sampler="dpmpp_2m", num_steps=3, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (3, 1, 8, 8) and bool(torch.isfinite(out.samples).all())
+    with pytest.raises(ValueError, match=r"\[10\] outside the model's classes 0..9"):
+        pipe(1, class_labels=10, sampler="dpmpp_2m", num_steps=3)

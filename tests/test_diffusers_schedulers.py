@@ -299,7 +299,7 @@ def test_add_noise_is_the_forward_marginal():
         (ds.ScoreAncestralScheduler, get_sampler("ancestral", num_steps=7, variance="forward", grid="log_sigma"),
          {"variance": "forward", "grid": "log_sigma"}),
         (ds.ScoreEulerMaruyamaScheduler, get_sampler("euler_maruyama", num_steps=7), {}),
-        (ds.ScoreDPMSolverScheduler, DPMSolverPP2M(num_steps=7), {}),
+        (ds.ScoreDPMSolverScheduler, DPMSolverPP2M(num_steps=7, grid="log_sigma", to_zero=False), {}),
         (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7), {"solver_order": 3, "lower_order_final": False}),
         (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7, lower_order_final=True), {"solver_order": 3}),
     ],

@@ -168,9 +168,31 @@ def test_mala_reports_a_failing_score_instead_of_rejecting():
         LangevinSampler(metropolis=True, num_steps=5).sample(Faulty(), process, shape=(4, 2), generator=_gen(0), dtype=F64)
 
 
-def test_mala_declares_that_it_needs_energy():
-    assert LangevinSampler(metropolis=True).properties.needs_energy is True
-    assert LangevinSampler().properties.needs_energy is False
+def test_mala_needs_energy_as_declared():
+    """The declaration is measured: MALA refuses a score function without energy(x, t) and evaluates the energy
+    num_steps + 1 times; ULA runs on the bare score function."""
+    mix, process = _mixture("ring"), VPSDE()
+    exact = mix.score_fn(process)
+    calls = []
+
+    def bare(x, t):  # a score function without an energy method
+        return exact(x, t)
+
+    class Counting:
+        def __call__(self, x, t):
+            return exact(x, t)
+
+        def energy(self, x, t):
+            calls.append(1)
+            return exact.energy(x, t)
+
+    mala, ula = LangevinSampler(metropolis=True, num_steps=5, t=0.3), LangevinSampler(num_steps=5, t=0.3)
+    assert mala.properties.needs_energy is True and ula.properties.needs_energy is False
+    with pytest.raises((TypeError, ValueError), match="energy"):
+        mala.sample(bare, process, shape=(4, 2), generator=_gen(0))
+    assert torch.isfinite(ula.sample(bare, process, shape=(4, 2), generator=_gen(0)).samples).all()
+    out = mala.sample(Counting(), process, shape=(4, 2), generator=_gen(0))
+    assert len(calls) == 5 + 1 and out.nfe == 2 * (5 + 1)
 
 
 def test_mala_with_energy_network_matches_analytic_energy():
@@ -432,6 +454,24 @@ def test_pc_properties_follow_the_configuration():
     batch = PredictorCorrectorSampler(snr_rule="batch").properties
     assert batch.per_sample is False and PredictorCorrectorSampler().properties.per_sample is True
     assert PredictorCorrectorSampler.properties.order is None  # the class keeps the default's declaration
+
+
+@pytest.mark.parametrize("rule", ["sigma", "sample", "batch"])
+def test_pc_per_sample_declaration_is_measured(rule):
+    """With one generator per sample, a per-sample sampler gives a sample the result it gets in any batch; the
+    batch snr rule couples the samples through the batch-mean norms, as it declares."""
+    mix, process = _mixture("ring"), VPSDE()
+    sampler = PredictorCorrectorSampler(num_steps=10, snr_rule=rule)
+    x1 = process.prior_sample((6, 2), generator=_gen(0), dtype=F64)
+
+    def run(k):
+        return sampler.sample(mix.score_fn(process), process, x1[:k], generator=[_gen(100 + i) for i in range(k)]).samples
+
+    diff = float((run(6)[:3] - run(3)).abs().max())
+    if sampler.properties.per_sample:
+        assert diff < 1e-10, diff
+    else:
+        assert diff > 1e-6, diff
 
 
 def test_pc_nfe_and_trajectory():

@@ -307,14 +307,29 @@ def test_pf_method_table_matches_torchdiffeq():
         assert issubclass(SOLVERS[name], RKAdaptiveStepsizeODESolver) == spec.adaptive, name
 
 
-def test_pf_properties_follow_method():
-    assert ProbabilityFlowODESampler.name == "pf_ode"
-    p = ProbabilityFlowODESampler().properties
-    # adaptive solves share steps across the batch, so even the per-sample norm is not per-sample
-    assert (p.stochastic, p.order, p.adaptive, p.fixed_grid, p.per_sample) == (False, 5, True, False, False)
-    assert ProbabilityFlowODESampler(per_sample_norm=False).properties.per_sample is False
-    p = ProbabilityFlowODESampler(method="rk4", num_steps=10).properties
-    assert (p.order, p.adaptive, p.fixed_grid, p.per_sample) == (4, False, True, True)
+def test_pf_properties_follow_method_as_measured():
+    """The declarations are measured: a fixed-grid method gives every sample the result it gets alone (per_sample)
+    and converges at its declared order; an adaptive solve shares its steps, so a sample's result depends on its
+    batch (per_sample False)."""
+    process = VESDE(0.01, 50.0)
+    mix = anisotropic_mixture()
+    score = mix.score_fn(process)
+    x1 = process.prior_sample((40, 16), generator=gen(0), dtype=F64)
+    rk4 = ProbabilityFlowODESampler(method="rk4", num_steps=40, grid="log_sigma")
+    assert (rk4.properties.order, rk4.properties.adaptive, rk4.properties.per_sample) == (4, False, True)
+    # per sample up to the batched score's round-off
+    torch.testing.assert_close(rk4.sample(score, process, x1).samples[:3], rk4.sample(score, process, x1[:3]).samples,
+                               rtol=0, atol=1e-10)
+    ada = ProbabilityFlowODESampler(rtol=1e-3, atol=1e-3)
+    assert (ada.properties.adaptive, ada.properties.per_sample) == (True, False)
+    shared = float((ada.sample(score, process, x1).samples[:3] - ada.sample(score, process, x1[:3]).samples).abs().max())
+    assert shared > 1e-6, shared  # far above round-off: other steps were taken
+    # measured order of rk4 on this grid family: halving the step divides the error by about 2^4
+    ref = ProbabilityFlowODESampler(method="rk4", num_steps=640, grid="log_sigma").sample(score, process, x1).samples
+    errs = [float((ProbabilityFlowODESampler(method="rk4", num_steps=n, grid="log_sigma").sample(score, process, x1)
+                   .samples - ref).abs().max()) for n in (40, 80)]
+    order = math.log2(errs[0] / errs[1])
+    assert abs(order - rk4.properties.order) < 0.6, (errs, order)
 
 
 def test_pf_per_sample_norm_keeps_each_sample_accurate():

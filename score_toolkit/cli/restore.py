@@ -46,7 +46,6 @@ def add_restore_parser(subparsers) -> None:
                    help="sampler for the score-transform methods (default ancestral); ignored by repaint/imputation")
     p.add_argument("--steps", type=int, default=100, help="the sampler's num_steps (default 100)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
-    p.add_argument("--scale", type=float, default=None, help="dps / pigdm guidance scale (default 1)")
     p.add_argument("--num-samples", type=int, default=4, help="restorations to draw (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the restorations (one generator per sample) and of "
                    "the added noise and built-in masks (default 0)")

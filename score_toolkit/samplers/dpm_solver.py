@@ -171,19 +171,21 @@ class DPMSolverPP2M(_Multistep):
     ``phi_1 = e^{-h} - 1``, ``phi_2 = phi_1 / h + 1``; the first step is first order (DDIM).
 
     Options:
-        num_steps (20): steps of the grid (= NFE).
-        grid ("log_sigma"), rho (7.0): see :mod:`score_toolkit.samplers.grids` (built-in kinds, saved
-            grids, explicit times).
+        num_steps (20): steps of the grid (NFE = num_steps + 1 with ``to_zero``).
+        grid ("fitted"), rho (7.0): see :mod:`score_toolkit.samplers.grids` (the data-free fitted grid, built-in
+            kinds, saved grids, explicit times).
         lower_order_final (True): the last step is first order.
-        to_zero (False): end with the PF-ODE step to noise level 0 (one more evaluation; see
-            :func:`~score_toolkit.samplers.grids.step_to_zero`).
+        to_zero (True): end with the PF-ODE step to noise level 0 (one more evaluation; see
+            :func:`~score_toolkit.samplers.grids.step_to_zero`); off by itself when ``denoise=True`` is passed.
+
+    Defaults (grid, ``to_zero``) chosen by measurement: docs/fast_samplers.md, "Defaults".
         denoise, progress: see :class:`~score_toolkit.samplers.base.Sampler`.
     """
 
     name: ClassVar[str] = "dpmpp_2m"
     description: ClassVar[str] = "DPM-Solver++(2M): second-order multistep exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=2.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": True, "to_zero": False}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "fitted", "rho": 7.0, "lower_order_final": True, "to_zero": True}
     order = 2
 
 

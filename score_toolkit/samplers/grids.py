@@ -5,7 +5,9 @@ module re-exports them) because the optimiser runs the samplers.
 Every fixed-grid sampler of this family (DPM-Solver++ 2M/3M/2S/3S and their SDE variants, EDM Heun) takes
 the same three options, handled once by :class:`GridSampler`:
 
-* ``grid``: a built-in kind of :meth:`Process.time_grid` (``"log_sigma"``: uniform in log-SNR,
+* ``grid``: ``"fitted"`` (the data-free grid of :func:`fitted_log_snr`: grids fitted once by :func:`optimize_grid`
+  on reference mixtures, shipped as a step density over log-SNR, so that one rule serves every process and budget);
+  a built-in kind of :meth:`Process.time_grid` (``"log_sigma"``: uniform in log-SNR,
   ``"karras"``: the rho schedule of Karras et al. 2022, eq. 5, ``"uniform"`` in t); the name of a grid
   saved with :func:`save_grid` (for instance by :func:`optimize_grid`); a path to such a JSON file; or
   an explicit decreasing sequence of times from ``t = 1`` to ``t_min``.
@@ -39,10 +41,12 @@ from ..processes import TIME_GRIDS, Process
 from .base import SamplingContext
 from .fixed_grid import (
     GRID_DIR_ENV_VAR,
+    GRID_KINDS,
     GridSampler,
     _file_for,
     default_grid_dir,
     delete_grid,
+    fitted_log_snr,
     list_grids,
     load_grid,
     resolve_grid,
@@ -53,6 +57,8 @@ from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers 
 
 __all__ = [
     "GridSampler",
+    "GRID_KINDS",
+    "fitted_log_snr",
     "GRID_DIR_ENV_VAR",
     "step_to_zero",
     "default_grid_dir",
@@ -151,7 +157,7 @@ class GridOptimizationResult:
     name: str | None = None
 
 
-def _reference_score(mixture, data, num_components, score_fn, process):
+def _reference_score(mixture, data, num_components, score_fn, process, covariance="full"):
     given = [v is not None for v in (mixture, data, score_fn)]
     if sum(given) != 1:
         raise ValueError("optimize_grid: pass exactly one of mixture=, data= (a mixture is fitted by EM) or score_fn=")
@@ -160,7 +166,7 @@ def _reference_score(mixture, data, num_components, score_fn, process):
             raise TypeError(f"optimize_grid: expected score_fn to be callable, found {type(score_fn).__name__}")
         return score_fn, None
     if data is not None:
-        mixture = fit_mixture(data, num_components)
+        mixture = fit_mixture(data, num_components, covariance=covariance)
     from ..analytic import GaussianMixture
 
     if not isinstance(mixture, GaussianMixture):
@@ -175,6 +181,7 @@ def optimize_grid(
     mixture=None,
     data: torch.Tensor | None = None,
     num_components: int = 8,
+    covariance: str = "full",
     score_fn=None,
     shape: Sequence[int] | None = None,
     num_samples: int = 1024,
@@ -195,7 +202,8 @@ def optimize_grid(
     its discretisation error on a reference problem.
 
     Reference problem: a Gaussian mixture with exact scores (``mixture=``; or ``data=``, a held-out batch of the
-    user's data to which a ``num_components``-component mixture is fitted by EM, :func:`fit_mixture`), or any
+    user's data to which a ``num_components``-component mixture is fitted by EM, :func:`fit_mixture`, with
+    ``covariance="full"`` or ``"diag"``: prefer ``"diag"`` when the batch is small for the dimension), or any
     differentiable ``score_fn`` with the sample ``shape`` (e.g. the user's trained network).
 
     Objective: from ``num_samples`` prior draws (seed ``seed``), the sampler's output is compared with a
@@ -250,7 +258,9 @@ def optimize_grid(
         raise ValueError(f"optimize_grid: expected loss 'mse' or 'nll', found {loss!r}")
     if method not in ("lbfgs", "adam"):
         raise ValueError(f"optimize_grid: expected method 'lbfgs' or 'adam', found {method!r}")
-    score, mix = _reference_score(mixture, data, num_components, score_fn, process)
+    if covariance not in ("full", "diag"):
+        raise ValueError(f"optimize_grid: expected covariance 'full' or 'diag', found {covariance!r}")
+    score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
     if loss == "nll" and mix is None:
         raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=), not score_fn=")
     mean_var = float(mix.eigvals.mean()) if mix is not None else 1.0

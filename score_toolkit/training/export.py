@@ -34,7 +34,13 @@ def evaluate_samples(comps: Components, model: torch.nn.Module, *, num_samples: 
     from ..scores import ScoreAdapter
 
     model = model.to(device) if device is not None else model
-    score_fn = ScoreAdapter(model, comps.process, comps.prediction_type, comps.time_input)
+    net = model
+    table = model.config.get("num_class_embeds") if hasattr(model, "config") else None
+    if table is not None:  # a label-conditional UNet: its unconditional samples use the null label (the last row)
+        def net(x, t):
+            return model(x, t, class_labels=torch.full((x.shape[0],), int(table) - 1, dtype=torch.long,
+                                                       device=x.device))
+    score_fn = ScoreAdapter(net, comps.process, comps.prediction_type, comps.time_input)
     gens = torch.Generator(device=device or "cpu").manual_seed(_mix(seed, 0xE7A1))
     shape = (num_samples, *comps.dataset.sample_shape)
     out = get_sampler(sampler, **{"progress": progress, **dict(sampler_options)}).sample(score_fn, comps.process, shape=shape,
