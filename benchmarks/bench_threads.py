@@ -1,4 +1,4 @@
-"""Wall time of the README's 30-second example and of ``score-toolkit demo`` with 1 and 2 torch threads, on a
+"""Wall time of the README's first Python example and of ``score-toolkit demo`` with 1 and 2 torch threads, on a
 machine whose cores are busy with other work (the case the thread policy of ``score_toolkit/threads.py`` is
 for), and with the policy's default.
 
@@ -59,12 +59,12 @@ def main(argv=None) -> int:
     ap.add_argument("--demo-samples", type=int, default=4000, help="samples drawn by the timed demo runs")
     ap.add_argument("--load", type=int, default=2, help="busy-loop processes started for the run")
     ap.add_argument("--full-demo", action="store_true", help="also time the default demo (3000 steps) once, policy")
-    ap.add_argument("--arms", default="1,2,policy", help="thread settings of the 30-second example")
+    ap.add_argument("--arms", default="1,2,policy", help="thread settings of the README example")
     ap.add_argument("--demo-arms", default="1,2", help="thread settings of the shortened demo")
     args = ap.parse_args(argv)
     arms = {"readme_30s_example": args.arms.split(","), "demo": args.demo_arms.split(",")}
     work = Path(tempfile.mkdtemp(prefix="bench_threads_"))
-    example = readme_block("30-second example")
+    example = readme_block("First example (Python)")
     demo_bin = str(Path(sys.executable).parent / "score-toolkit")
     workloads = {
         "readme_30s_example": [sys.executable, "-c", example],

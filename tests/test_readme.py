@@ -215,14 +215,14 @@ def test_readme_blocks_run_verbatim(tmp_path):
 
 
 @pytest.mark.slow
-def test_thirty_second_example_beats_twice_the_floor(tmp_path):
-    """The 30-second example prints the sliced W2 of its samples and the noise floor: with the seeded reference
+def test_first_example_beats_twice_the_floor(tmp_path):
+    """The first example prints the sliced W2 of its samples and the noise floor: with the seeded reference
     set the printed distance is reproducible and within twice the floor (500 exact-score Euler-Maruyama steps)."""
-    block = next(b for b in markdown_blocks(README) if b.under("30-second example") and b.language == "python")
-    out = _run([sys.executable, "-c", block.text], tmp_path, what="30-second example").stdout.splitlines()
+    block = next(b for b in markdown_blocks(README) if b.under("First example (Python)") and b.language == "python")
+    out = _run([sys.executable, "-c", block.text], tmp_path, what="first example").stdout.splitlines()
     dist, floor = re.search(r"([\d.e-]+) vs floor ([\d.e-]+)", out[-1]).groups()
     assert 0 < float(dist) < 2 * float(floor)
-    again = _run([sys.executable, "-c", block.text], tmp_path, what="30-second example").stdout.splitlines()
+    again = _run([sys.executable, "-c", block.text], tmp_path, what="first example").stdout.splitlines()
     assert again == out
 
 
