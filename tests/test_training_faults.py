@@ -287,7 +287,10 @@ def test_the_train_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch
     monkeypatch.setattr(torch, "save", full)
     assert main(["train", "--config", str(cfg_file)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("score-toolkit train: error: OSError: ") and "no space left" in err
+    # log lines of the run may come first; the error itself is exactly one line, the last one
+    errors = [line for line in err.splitlines() if line.startswith("score-toolkit train: error")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]
+    assert errors[0].startswith("score-toolkit train: error: OSError: ") and "no space left" in errors[0]
     assert "Traceback" not in err
 
 
