@@ -827,6 +827,14 @@ def _spec(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in _SPEC_FIELDS}
 
 
+def _warn_learned_variance(cls_name: str, variance_type: str | None, used: str = "") -> None:
+    if variance_type in ("learned", "learned_range"):
+        warnings.warn(
+            f"{cls_name}: scheduler config setting variance_type={variance_type!r}: the model's learned variance is "
+            f"not applied ({used}the output's first half of channels is the prediction)", SchedulerConfigWarning,
+            stacklevel=4)
+
+
 def _knobs(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in _KNOB_FIELDS}
 
@@ -899,11 +907,7 @@ class ScoreAncestralScheduler(_ScoreScheduler):
             )
         if variance not in ("posterior", "forward"):
             raise ValueError(f"scheduler config field 'variance': expected 'posterior' or 'forward', found {variance!r}")
-        if variance_type in ("learned", "learned_range"):
-            warnings.warn(
-                f"ScoreAncestralScheduler: scheduler config setting variance_type={variance_type!r}: the model's "
-                f"learned variance is not applied (the {variance} variance is used; the output's first half of "
-                "channels is the prediction)", SchedulerConfigWarning, stacklevel=3)
+        _warn_learned_variance("ScoreAncestralScheduler", variance_type, f"the {variance} variance is used; ")
         self._variance = variance
         self.register_to_config(variance=variance)
         self._setup(_spec(locals()), _knobs(locals()))
@@ -967,11 +971,7 @@ class ScoreEulerMaruyamaScheduler(_ScoreScheduler):
         use_lu_lambdas: bool = False,
         variance_type: str | None = None,
     ):
-        if variance_type in ("learned", "learned_range"):
-            warnings.warn(
-                f"ScoreEulerMaruyamaScheduler: scheduler config setting variance_type={variance_type!r}: the model's "
-                "learned variance is not applied (the output's first half of channels is the prediction)",
-                SchedulerConfigWarning, stacklevel=3)
+        _warn_learned_variance("ScoreEulerMaruyamaScheduler", variance_type)
         self._setup(_spec(locals()), _knobs(locals()))
 
     def _on_set_timesteps(self, grid):

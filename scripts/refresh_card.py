@@ -56,11 +56,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import yaml
 
     from score_toolkit._io import atomic_write
     from score_toolkit.hub import export_pipeline, load_pipeline_components, update_model_card
-    from score_toolkit.training import build_components, evaluate_samples, load_config, sample_picture
+    from score_toolkit.training import build_components, evaluate_samples, load_config
+    from score_toolkit.training.export import build_card_info
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)
@@ -72,25 +72,7 @@ def main(argv=None) -> int:
                                         sampler_options=cfg.export.sampler_options, seed=cfg.seed)
     for r in results:
         r["command"] = command
-    config_dict = cfg.to_dict()
-    config_dict["export"] = {k: v for k, v in config_dict["export"].items() if k != "command"}
-    card_info = {  # as score_toolkit.training.export._export_run builds it
-        "model_name": cfg.export.model_name or f"score-toolkit-{cfg.data.name}-{cfg.model.name.lower()}",
-        "license": cfg.export.license,
-        "dataset_name": comps.dataset.name,
-        "dataset_description": comps.dataset.description,
-        "dataset_id": comps.dataset.hub_id,
-        "objective": f"{cfg.objective.name} {comps.objective!r}",
-        "training_config_yaml": yaml.safe_dump(config_dict, sort_keys=False),
-        "command": command,
-        "results": results,
-        "final_loss": final_loss,
-        "sample_image": sample_picture(comps, samples),
-        "sampler": f"{cfg.export.sampler} {dict(cfg.export.sampler_options)}",
-        "num_processes": 1,
-        "steps": cfg.train.steps,
-        "sample_shape": list(comps.dataset.sample_shape),
-    }
+    card_info = build_card_info(comps, samples, results, command=command, final_loss=final_loss, num_processes=1)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = export_pipeline(model, comps.process, comps.prediction_type, comps.time_input, Path(tmp) / "export",
                                 card_info)

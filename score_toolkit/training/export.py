@@ -107,7 +107,6 @@ def _commands(run_dir: Path, last: str | None) -> str | None:
 
 
 def _export_run(comps: Components, model, run_dir: Path, history, world: int, device) -> Path:
-    import yaml
 
     from ..hub import export_pipeline
 
@@ -121,9 +120,21 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
     if command:
         for r in results:  # measured at export, by the (last) training command
             r["command"] = command.strip().splitlines()[-1]
+    card_info = build_card_info(comps, samples, results, command=command, num_processes=world,
+                                final_loss=round(final_loss, 6) if final_loss is not None else None)
+    return export_pipeline(model, comps.process, comps.prediction_type, comps.time_input, folder, card_info,
+                           overwrite=cfg.export.overwrite)
+
+
+def build_card_info(comps: Components, samples, results, *, command, final_loss, num_processes: int) -> dict:
+    """The model-card fields of an export of ``comps``'s run (``hub.export_pipeline``'s ``card_info``), from the
+    export's evaluation ``samples`` and ``results``; also used to re-render a shipped card (scripts/refresh_card.py)."""
+    import yaml
+
+    cfg = comps.config
     config_dict = cfg.to_dict()
     config_dict["export"] = {k: v for k, v in config_dict["export"].items() if k != "command"}
-    card_info = {
+    return {
         "model_name": cfg.export.model_name or f"score-toolkit-{cfg.data.name}-{cfg.model.name.lower()}",
         "license": cfg.export.license,
         "dataset_name": comps.dataset.name,
@@ -133,12 +144,10 @@ def _export_run(comps: Components, model, run_dir: Path, history, world: int, de
         "training_config_yaml": yaml.safe_dump(config_dict, sort_keys=False),
         "command": command,
         "results": results,
-        "final_loss": round(final_loss, 6) if final_loss is not None else None,
+        "final_loss": final_loss,
         "sample_image": sample_picture(comps, samples),
         "sampler": f"{cfg.export.sampler} {dict(cfg.export.sampler_options)}",
-        "num_processes": world,
+        "num_processes": num_processes,
         "steps": cfg.train.steps,
         "sample_shape": list(comps.dataset.sample_shape),
     }
-    return export_pipeline(model, comps.process, comps.prediction_type, comps.time_input, folder, card_info,
-                           overwrite=cfg.export.overwrite)
