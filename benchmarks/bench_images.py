@@ -1,13 +1,13 @@
 """Image-scale benchmarks: training throughput, sampling against diffusers, memory of a streamed data set.
 
 Runs unchanged on a CPU (here) and on a CUDA machine (``--device cuda --mixed-precision bf16``), printing the
-same tables. Three parts (``--part``):
+same tables. Parts (``--part``; ``all`` runs the first three):
 
 * ``training``: steps/s of score_toolkit's training loop (``train()``, what ``score-toolkit train`` runs) divided
   by a minimal hand-written loop of diffusers' unconditional-training recipe (``UNet2DModel``,
   ``DDPMScheduler.add_noise``, MSE on epsilon, AdamW, ``accelerator.backward``), same network, same data (an
   in-memory set of random 32x32 RGB images), same batch, no EMA and no clipping in either; alternating runs in one
-  process (A B A B ...), the first ``--warmup`` steps of each run excluded, median over ``--repeats``. Two
+  process (B A, A B, ...: the side that runs first alternates), the first ``--warmup`` steps of each run excluded, median over ``--repeats``. Two
   settings: the reduced-width DDPM preset at batch 16 and the full 35.7M preset at batch 2.
 * ``sampling``: ``ScorePipeline`` with ``dpmpp_2m`` at 25 steps against diffusers' ``DDPMPipeline`` with
   ``DPMSolverMultistepScheduler`` at 25 steps (dpmsolver++, order 2, ``final_sigmas_type="sigma_min"``; the
@@ -15,7 +15,11 @@ same tables. Three parts (``--part``):
   the same initial noise: NFE of both, wall-time ratio (alternating, median), and the largest difference of the
   output images (both in [0, 1], as DDPMPipeline returns them).
 * ``memory``: peak RSS of a training run over a streamed parquet data set of 20,000 and of 200,000 32x32 images
-  (written by the benchmark, PNG-encoded), each run in a fresh process; the ratio must stay near 1.
+  (written by the benchmark, PNG-encoded), each run in a fresh process; the ratio must stay near 1. The table
+  gives each process's peak RSS and the peak of the summed RSS and PSS of the training process and its
+  DataLoader workers (sampled every 0.1 s).
+* ``compile``: ``train.compile`` (torch.compile, inductor) against eager on a small UNet, alternating runs:
+  steps/s after warm-up and the time to the end of the first step (compilation).
 
     python benchmarks/bench_images.py [--part all] [--device cpu|cuda] [--mixed-precision no|bf16]
         [--repeats 3] [--steps 12] [--out benchmarks/results/images.md]
@@ -97,7 +101,8 @@ def hand_written(preset: str, batch: int, steps: int, warmup: int, device: str, 
 
 
 def ours(preset: str, batch: int, steps: int, warmup: int, device: str, mixed: str, data_file: Path,
-         run: Path) -> tuple[float, float]:
+         run: Path, compile: bool = False, model_options: dict | None = None,
+         first_step: list | None = None) -> tuple[float, float]:
     """score_toolkit's loop (``train()``, what ``score-toolkit train`` runs) on the same data. Steps/s after
     ``warmup`` steps, timed by a callback at the end of each step (the final checkpoint is not timed)."""
     from score_toolkit.models.presets import PRESET_RECIPES
@@ -109,11 +114,11 @@ def ours(preset: str, batch: int, steps: int, warmup: int, device: str, mixed: s
         "data": {"name": "vectors", "options": {"path": str(data_file)}},
         "process": recipe["process"],
         "model": {"name": "UNet2DModel", "preset": preset, "prediction_type": recipe["prediction_type"],
-                  "time_input": recipe["time_input"]},
+                  "time_input": recipe["time_input"], **({"options": model_options} if model_options else {})},
         "objective": {"name": recipe["objective"]["name"]},
         "train": {"steps": steps, "batch_size": batch, "learning_rate": 1e-4, "ema_decay": None, "max_grad_norm": None,
                   "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "progress": False, "mixed_precision": mixed,
-                  "cpu": device == "cpu"},
+                  "cpu": device == "cpu", "compile": compile},
         "export": {"enabled": False},
     }
     stamps: dict[int, tuple[float, float]] = {}
@@ -123,7 +128,10 @@ def ours(preset: str, batch: int, steps: int, warmup: int, device: str, mixed: s
             torch.cuda.synchronize()
         stamps[info["step"]] = (time.perf_counter(), time.process_time())
 
+    start = time.perf_counter()
     train(cfg, callbacks=[clock])
+    if first_step is not None:  # wall time from the call to the end of step 1 (setup, and compilation)
+        first_step.append(stamps[1][0] - start)
     return ((steps - warmup) / (stamps[steps][0] - stamps[warmup][0]),
             (steps - warmup) / (stamps[steps][1] - stamps[warmup][1]))
 
@@ -153,6 +161,32 @@ def bench_training(args) -> list[dict]:
                          "ratios": [round(r, 3) for r in ratios], "cpu_ratio_median": statistics.median(cpu_ratios),
                          "cpu_ratios": [round(r, 3) for r in cpu_ratios]})
     return rows
+
+
+def bench_compile(args) -> dict:
+    """``train.compile`` (torch.compile, inductor) against eager on a small UNet (widths 32-64, 32x32, batch 8):
+    steps/s after warm-up (alternating runs) and the wall time to the end of the first step (compilation)."""
+    options = {"block_out_channels": [32, 64], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
+               "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 8}
+    eager, compiled, first_eager, first_compiled = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "images.npy"
+        np.save(data_file, _images(256).numpy())
+        for r in range(args.repeats):
+            for flag in ((False, True) if r % 2 == 0 else (True, False)):
+                out, first = (compiled, first_compiled) if flag else (eager, first_eager)
+                out.append(ours("ddpm_cifar10_small", 8, args.steps, args.warmup, args.device, args.mixed_precision,
+                                data_file, Path(tmp) / f"run-{flag}-{r}", compile=flag, model_options=options,
+                                first_step=first))
+            print(f"  compile repeat {r}: compiled {compiled[-1][0]:.2f} steps/s, eager {eager[-1][0]:.2f}; first step "
+                  f"{first_compiled[-1]:.1f} s vs {first_eager[-1]:.1f} s", flush=True)
+    ratios = [c[0] / e[0] for c, e in zip(compiled, eager)]
+    cpu_ratios = [c[1] / e[1] for c, e in zip(compiled, eager)]
+    return {"compiled_steps_per_s": statistics.median(c[0] for c in compiled),
+            "eager_steps_per_s": statistics.median(e[0] for e in eager), "ratio_median": statistics.median(ratios),
+            "ratios": [round(x, 3) for x in ratios], "cpu_ratio_median": statistics.median(cpu_ratios),
+            "first_step_compiled_s": statistics.median(first_compiled), "first_step_eager_s": statistics.median(first_eager),
+            "load_average": _load()}
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -381,6 +415,14 @@ def report(args, results: dict) -> str:
                   f"| {s['nfe_ours']} | {s['nfe_diffusers']} | {s['ours_s']:.2f} | {s['diffusers_s']:.2f} | "
                   f"{s['wall_ratio_median']:.3f} {s['ratios']} | {s['cpu_ratio_median']:.3f} {s['cpu_ratios']} | "
                   f"{s['max_abs_diff']:.2e} |", "", f"load averages (1, 5, 15 min): {s['load_average']}", ""]
+    if "compile" in results:
+        c = results["compile"]
+        lines += ["## train.compile (torch.compile, inductor) vs eager: UNet widths 32-64, 32x32, batch 8", "",
+                  "| compiled steps/s | eager steps/s | ratio (median) | ratios | CPU-time ratio (median) | first step "
+                  "compiled s | first step eager s | load averages at the end |", "|---|---|---|---|---|---|---|---|",
+                  f"| {c['compiled_steps_per_s']:.3f} | {c['eager_steps_per_s']:.3f} | {c['ratio_median']:.3f} | "
+                  f"{c['ratios']} | {c['cpu_ratio_median']:.3f} | {c['first_step_compiled_s']:.1f} | "
+                  f"{c['first_step_eager_s']:.1f} | {c['load_average']} |", ""]
     if "memory" in results:
         rows = results["memory"]
         lines += [f"## Memory: training over a streamed parquet set ({args.memory_steps} steps, batch 16)", "",
@@ -402,7 +444,7 @@ def report(args, results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("all", "training", "sampling", "memory"), default="all")
+    p.add_argument("--part", choices=("all", "training", "sampling", "memory", "compile"), default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no", choices=("no", "bf16"))
     p.add_argument("--repeats", type=int, default=3)
@@ -417,7 +459,8 @@ def main(argv=None) -> int:
     parts = ("training", "sampling", "memory") if args.part == "all" else (args.part,)
     for part in parts:
         print(f"{part}:", flush=True)
-        results[part] = {"training": bench_training, "sampling": bench_sampling, "memory": bench_memory}[part](args)
+        results[part] = {"training": bench_training, "sampling": bench_sampling, "memory": bench_memory,
+                         "compile": bench_compile}[part](args)
     text = report(args, results)
     print(text)
     if args.out:
