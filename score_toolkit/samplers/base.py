@@ -93,6 +93,14 @@ class SamplerOutput:
         yield self.nfe
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite. A finite sum means every entry is finite (a NaN or inf entry makes
+    the sum NaN or inf): one reduction, where ``isfinite(x).all()`` makes three passes and a bool tensor; the exact
+    check runs only when the sum is not finite (a NaN/inf entry, or a sum that overflows although every entry is
+    finite)."""
+    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+
+
 class SamplingContext:
     """What a sampler's ``_run`` receives: the counted score function, the process, the generator,
     helpers for noise, callbacks, trajectories and the finiteness check."""
@@ -178,10 +186,7 @@ class SamplingContext:
             step = self.step
         else:
             self.step = step
-        # a finite sum means every entry is finite (a NaN or inf entry makes the sum NaN or inf): one reduction,
-        # where isfinite(x).all() makes three passes and a bool tensor; the exact check only when the sum is not
-        # finite (a NaN/inf entry, or a sum that overflows although every entry is finite)
-        if not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
             raise NonFiniteError(
                 f"sampler {self.sampler.name!r}: state became NaN or infinite at step {step} (t = {float(t):.6g}) "
