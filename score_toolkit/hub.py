@@ -183,6 +183,7 @@ MODEL_MEASUREMENTS = {
     "class_histogram_tv": "total variation between the samples' class shares and the data's",
     "bits_per_dim": "negative log-likelihood of real data in bits per dimension (smaller is better)",
     "accuracy": "share of held-out images a classifier labels right",
+    "requested_class_accuracy": "share of class-conditional samples a classifier labels as the requested class",
 }
 _NOT_MEASUREMENTS = {"training_loss", "loss", "nfe", "num_steps", "wall_time", "wall_time_s"}
 #: the text between these lines is generated from the model-index (:func:`update_model_card` rewrites it)
@@ -376,10 +377,16 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
 
 
+def _result_key(r) -> tuple:
+    """What makes two model-index entries the same measurement: metric, data, task, and the requested class of a
+    class-conditional measurement (``class_label`` in its settings)."""
+    return r.metric_type, r.dataset_type, r.task_type, repr((r.metric_args or {}).get("class_label"))
+
+
 def update_model_card(folder, results, *, dataset_type: str | None = None, dataset_name: str | None = None) -> Path:
     """Write measurements into the model card (``README.md``) of ``folder`` through huggingface_hub's
     ``ModelCard``: each result (see :func:`check_result`) replaces the model-index entry of the same metric type
-    on the same data, or is added; the text's results section (between :data:`RESULTS_BEGIN` and
+    on the same data (and for the same ``class_label`` setting, if any), or is added; the text's results section (between :data:`RESULTS_BEGIN` and
     :data:`RESULTS_END`, appended under a "Results" heading when the card has none) is re-rendered from the
     model-index. Task and data default to those of the card's first result (else its ``score_toolkit.data``).
     The card is rewritten atomically; nothing else in the folder is touched. Returns the card's path."""
@@ -411,8 +418,7 @@ def update_model_card(folder, results, *, dataset_type: str | None = None, datas
         card.data.model_name = path.parent.name
     for result in results:
         new = _eval_result(result, task, dataset_type, dataset_name)
-        same = [i for i, old in enumerate(current)
-                if (old.metric_type, old.dataset_type, old.task_type) == (new.metric_type, new.dataset_type, new.task_type)]
+        same = [i for i, old in enumerate(current) if _result_key(old) == _result_key(new)]
         if same:
             current[same[0]] = new
         else:
