@@ -110,7 +110,7 @@ def score_mismatch(cc, w, process, grid, times):
     log_t = tempered(cc, w, grid)
     out = {}
     for t in times:
-        x = torch.linspace(-6, 6, 4001, dtype=D)
+        x = torch.linspace(-6, 6, 2001, dtype=D)
         q = _diffused_density(log_t, grid, t, process, x)
         true = torch.gradient(q.log(), spacing=(x,))[0]
         got = guided(x[:, None], torch.full((len(x),), t, dtype=D)).reshape(-1)
@@ -124,11 +124,11 @@ def score_mismatch(cc, w, process, grid, times):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scales", default="1,2,4")
-    p.add_argument("--quantiles", type=int, default=10000)
-    p.add_argument("--ode-steps", type=int, default=400)
-    p.add_argument("--sde-samples", type=int, default=50000)
-    p.add_argument("--sde-steps", type=int, default=1000)
-    p.add_argument("--grid", type=int, default=40001)
+    p.add_argument("--quantiles", type=int, default=4000)
+    p.add_argument("--ode-steps", type=int, default=200)
+    p.add_argument("--sde-samples", type=int, default=20000)
+    p.add_argument("--sde-steps", type=int, default=500)
+    p.add_argument("--grid", type=int, default=20001)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)

@@ -81,10 +81,14 @@ def test_per_class_card_results_do_not_overwrite_each_other(tmp_path):
     assert by[("frechet_distance", 7)].metric_args["guidance_scale"] == 2.0
     assert "(noise floor" in by[("frechet_distance", 3)].metric_name
     # measuring class 3 again replaces class 3's results only
-    again = evaluate_digits_classes(images[even3], torch.full((len(even3),), 3), nfe=25, wall_time_s=1.0)
+    again = evaluate_digits_classes(images[even3], torch.full((len(even3),), 3), nfe=25, wall_time_s=1.0,
+                                    details={"guidance_scale": 2.0})
     hub.update_model_card(folder, again.card_results(command="score-toolkit evaluate y"))
     results = ModelCard.load(folder / "README.md").data.eval_results
     assert len(results) == 1 + 2 * 2 + 1 + 1  # plus the overall share of "classes 3..3"
+    # another guidance scale is another measurement
+    hub.update_model_card(folder, rep.card_results(settings={"guidance_scale": 3.0}, command="score-toolkit evaluate z"))
+    assert len(ModelCard.load(folder / "README.md").data.eval_results) == 2 * (1 + 2 * 2) + 1 + 1
     assert {r.metric_type for r in results} <= set(hub.MODEL_MEASUREMENTS)
 
 
@@ -137,3 +141,25 @@ def test_evaluate_per_class_on_the_shipped_model_and_its_errors(tmp_path, monkey
     assert main(["evaluate", "--model", "digits", "--class-label", "3", "--num-samples", "2", "--option",
                  "num_steps=2", "--sampler", "dpmpp_2m", "-q"]) == 1
     assert "built without class labels" in capsys.readouterr().err
+
+
+def test_export_of_a_label_conditional_network_says_how_to_sample_a_class(tmp_path):
+    """The card and model_index.json of a network with a label table: DDPMPipeline cannot run it (it passes no
+    labels), the card's snippet samples a class with ScorePipeline, and that snippet runs."""
+    import json
+
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.processes import VPSDE
+
+    torch.manual_seed(0)
+    net = ScoreMLP(2, hidden_dim=8, num_layers=1, num_classes=4)
+    assert hub.label_classes(net) == 3 and hub.label_classes(ScoreMLP(2, hidden_dim=8, num_layers=1)) is None
+    folder = hub.export_pipeline(net, VPSDE(), "epsilon", "t", tmp_path / "m",
+                                 {"model_name": "toy", "dataset_name": "ring", "results": []})
+    assert json.loads((folder / "model_index.json").read_text())["_sampling"] == hub.SAMPLING_NOTE_LABELS
+    text = (folder / "README.md").read_text()
+    assert "classes 0..2 and the null label 3" in text and "class_labels=2, guidance_scale=2.0" in text
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(folder))
+    scope: dict = {}
+    exec(snippet, scope)  # the card's own example, verbatim but for the folder
+    assert scope["out"].samples.shape == (16, 2)
