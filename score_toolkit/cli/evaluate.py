@@ -139,6 +139,17 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        generator=gens, reference=reference, mixture=model["mixture"], dtype=dtype,
                                        device=device)
     report.details["model"] = model["description"]
+    _write_report(args, report)
+    if args.pictures:
+        for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
+                                   device=device, dtype=dtype):
+            print(f"wrote {path}")
+    return 0
+
+
+def _write_report(args: argparse.Namespace, report) -> None:
+    """Print a report (:class:`~score_toolkit.evaluation.EvaluationReport` or a per-class report) and write it where
+    --output, --markdown and --update-card ask."""
     markdown = report.to_markdown()
     print(markdown)
     if args.output:
@@ -156,11 +167,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         command = _command_line(getattr(args, "cli_argv", None))  # as invoked (score_toolkit.cli.main(argv): argv)
         results = report.card_results(settings={"seed": args.seed}, command=command)
         print(f"wrote {update_model_card(args.update_card, results)}")
-    if args.pictures:
-        for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
-                                   device=device, dtype=dtype):
-            print(f"wrote {path}")
-    return 0
 
 
 def _evaluate_classes(args: argparse.Namespace, model: dict[str, Any], kind: str, device, dtype) -> int:
@@ -206,22 +212,7 @@ def _evaluate_classes(args: argparse.Namespace, model: dict[str, Any], kind: str
     info = {"sampler": sampler.name, "sampler_options": {k: v for k, v in sampler.config.items() if k != "progress"},
             "guidance_scale": args.guidance_scale, "model": model["description"]}
     report = evaluate_digits_classes(out.samples, requested, nfe=out.nfe, wall_time_s=wall, details=info)
-    markdown = report.to_markdown()
-    print(markdown)
-    if args.output:
-        write_json(args.output, report.to_dict())
-        print(f"wrote {args.output}")
-    if args.markdown:
-        from .._io import write_text_atomic
-
-        write_text_atomic(args.markdown, markdown + "\n")
-        print(f"wrote {args.markdown}")
-    if args.update_card:
-        from ..hub import update_model_card
-        from .train import _command_line
-
-        command = _command_line(getattr(args, "cli_argv", None))
-        print(f"wrote {update_model_card(args.update_card, report.card_results(settings={'seed': args.seed}, command=command))}")
+    _write_report(args, report)
     if args.pictures:
         from pathlib import Path
 
