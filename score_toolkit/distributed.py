@@ -57,7 +57,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -582,11 +581,10 @@ def _write_picture(path: Path, samples: torch.Tensor, max_grid: int) -> Path | N
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         return P.save_png(P.image_grid(samples[:max_grid].float(), value_range=(-1.0, 1.0)), path)
     if samples.ndim == 2 and samples.shape[1] == 2:
-        try:
-            fig, axes = P.figure_grid(2)
-        except ImportError as err:
-            warnings.warn(f"no {path.name} for the 2-D samples: {err}", stacklevel=2)
+        grid = P.figure_grid_or_warn(2, f"no {path.name} for the 2-D samples")
+        if grid is None:
             return None
+        fig, axes = grid
         pts = samples.double()
         finite = pts[torch.isfinite(pts).all(1)]
         lo = float(torch.quantile(finite, 0.005)) if finite.numel() else -1.0

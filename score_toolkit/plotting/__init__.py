@@ -15,6 +15,8 @@ exporting image models never need matplotlib.
 
 Every drawing function returns a ``PIL.Image`` (:func:`save_png` writes it), or, given ``ax=`` (a matplotlib
 ``Axes``), draws into that axes and returns it, so that panels can share one figure (:func:`figure_grid`).
+A picture that is a by-product of other work uses :func:`figure_grid_or_warn`: without matplotlib it warns
+and the work goes on.
 
 Figures are made with ``matplotlib.figure.Figure`` on an explicit Agg canvas, never through ``pyplot``: no window
 opens, whatever the user's matplotlib backend, and no figure stays registered in pyplot's global list (nothing to
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from .curves import DEFAULT_ERROR_COLUMNS, error_vs_nfe_chart, line_chart, read_benchmark_csv
 from .densities import contour_panel, density_panel, histogram_panel, scatter_panel, score_field_panel
-from .figures import figure_grid, figure_to_image, require_matplotlib, save_png
+from .figures import figure_grid, figure_grid_or_warn, figure_to_image, require_matplotlib, save_png
 from .images import image_grid, side_by_side
 from .trajectories import trajectory_grid, trajectory_panel
 
@@ -44,6 +46,7 @@ __all__ = [
     "read_benchmark_csv",
     "error_vs_nfe_chart",
     "figure_grid",
+    "figure_grid_or_warn",
     "figure_to_image",
     "require_matplotlib",
     "DEFAULT_ERROR_COLUMNS",

@@ -5,6 +5,7 @@ atomically as PNG (:func:`save_png`)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,16 @@ def figure_grid(ncols: int = 1, nrows: int = 1, *, panel_size: tuple[int, int] =
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, [ax for row in axes for ax in row]
+
+
+def figure_grid_or_warn(ncols: int, missing: str):
+    """:func:`figure_grid` of ``ncols`` panels, or, without matplotlib, None and a warning ``"{missing}: {the
+    install hint}"`` (for pictures that are a by-product: the work goes on without them)."""
+    try:
+        return figure_grid(ncols)
+    except ImportError as err:
+        warnings.warn(f"{missing}: {err}", stacklevel=3)
+        return None
 
 
 def figure_to_image(fig) -> Image.Image:
