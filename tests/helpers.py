@@ -39,14 +39,14 @@ def fail_shard(monkeypatch, index: int):
     original shard writer (to put back for a re-run)."""
     from score_toolkit import distributed
 
-    original = distributed._write_shard
+    original = distributed.write_shard
 
     def failing(out_dir, s, *args):
         if s == index:
             raise OSError(28, "No space left on device (simulated)")
         return original(out_dir, s, *args)
 
-    monkeypatch.setattr(distributed, "_write_shard", failing)
+    monkeypatch.setattr(distributed, "write_shard", failing)
     return original
 
 

@@ -90,7 +90,7 @@ def test_shards_are_written_and_a_rerun_skips_the_complete_ones(tmp_path, image_
     assert sorted(manifest["shards"]) == ["0", "1"] and not manifest["complete"]
     assert not (out / SAMPLES_NAME).exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(distributed, "_write_shard", original)
+    monkeypatch.setattr(distributed, "write_shard", original)
     calls = []
     monkeypatch.setattr(ScorePipeline, "__call__", _counting(ScorePipeline.__call__, calls))
     resumed = sample_to_folder(pipe, out, 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)

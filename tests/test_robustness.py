@@ -94,7 +94,7 @@ def _interrupted_run(out, accelerator, monkeypatch):
     original = fail_shard(monkeypatch, 1)
     with pytest.raises(OSError):
         sample_to_folder(vector_pipeline(), out, 8, batch_size=4, shard_size=4, accelerator=accelerator, **SETTINGS)
-    monkeypatch.setattr(distributed, "_write_shard", original)
+    monkeypatch.setattr(distributed, "write_shard", original)
 
 
 @pytest.mark.parametrize("bad", ["../elsewhere/shard-00000.safetensors", "ABSOLUTE", "shards/other.safetensors"])

@@ -19,11 +19,11 @@ class SchedulerConfigWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------- diffusers' knobs
 #: config fields that describe the model (always read, even when the source left them at its defaults)
 MODEL_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                 "rescale_betas_zero_snr", "sigma_min", "sigma_max", "sampling_eps", "process", "time_input",
-                 "timestep_type")
+                "rescale_betas_zero_snr", "sigma_min", "sigma_max", "sampling_eps", "process", "time_input",
+                "timestep_type")
 #: diffusers settings mapped onto every scheduler here
 MAPPED = ("timestep_spacing", "steps_offset", "final_sigmas_type", "set_alpha_to_one", "use_karras_sigmas",
-           "use_exponential_sigmas", "use_lu_lambdas", "lambda_min_clipped", "variance_type", "rho")
+          "use_exponential_sigmas", "use_lu_lambdas", "lambda_min_clipped", "variance_type", "rho")
 #: diffusers settings of the multistep solvers, mapped by ScoreDPMSolverScheduler
 MULTISTEP = ("solver_order", "lower_order_final", "euler_at_final", "solver_type", "algorithm_type")
 _ANY = object()
