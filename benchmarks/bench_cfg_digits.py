@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from score_toolkit._io import write_text_atomic
 from score_toolkit.digits_classifier import load_digits_classifier
 from score_toolkit.pipeline import ScorePipeline
 
@@ -57,11 +58,7 @@ def main(argv=None) -> int:
              "| guidance_scale | NFE (network calls) | requested class, all | worst class | per class 0..9 |", "|---|---|---|---|---|"]
     for scale, mean, worst, per, nfe in rows:
         lines.append(f"| {scale:g} | {nfe} | {mean:.3f} | {worst:.2f} | {' '.join(f'{v:.2f}' for v in per)} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "cfg_digits.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "cfg_digits.md")
+    write_text_atomic(Path(args.out) / "cfg_digits.md", "\n".join(lines) + "\n")
     return 0
 
 

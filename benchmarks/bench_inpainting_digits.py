@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from score_toolkit._io import write_text_atomic
 from score_toolkit.conditioning import Mask
 from score_toolkit.data import load_digits
 from score_toolkit.digits_classifier import held_out_indices, load_digits_classifier
@@ -162,11 +163,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "error" in r:
             lines.append(f"\n{r['method']}: {r['error']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "inpainting_digits.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "inpainting_digits.md")
+    write_text_atomic(Path(args.out) / "inpainting_digits.md", "\n".join(lines) + "\n")
     return 0
 
 
