@@ -15,9 +15,9 @@ def tiny_unet(channels: int = 1):
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
 
 
-def small_run_config(out, *, num_samples: int, train: dict, **sections) -> dict:
-    """A training run config of a small ScoreMLP on the ring (VP, continuous DSM, no export), with ``train``
-    settings; each of ``sections`` updates the section of that name (a dict) or replaces it."""
+def small_run_config(out, *, num_samples: int, train_defaults: dict, **sections) -> dict:
+    """A training run config of a small ScoreMLP on the ring (VP, continuous DSM, no export), with the training
+    settings ``train_defaults``; each of ``sections`` updates the section of that name (a dict) or replaces it."""
     cfg = {
         "output_dir": str(out),
         "seed": 0,
@@ -26,7 +26,7 @@ def small_run_config(out, *, num_samples: int, train: dict, **sections) -> dict:
         "model": {"name": "ScoreMLP", "prediction_type": "epsilon", "time_input": "t",
                   "options": {"hidden_dim": 32, "num_layers": 1, "time_embedding": "linear"}},
         "objective": {"name": "continuous_dsm"},
-        "train": {"progress": False, "learning_rate": 3e-3, **train},
+        "train": {"progress": False, "learning_rate": 3e-3, **train_defaults},
         "export": {"enabled": False},
     }
     for key, value in sections.items():

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def small_config(out, **sections) -> dict:
-    return small_run_config(out, num_samples=2000, train={"steps": 20, "batch_size": 64, "checkpoint_every": 5,
-                                                          "log_every": 5}, **sections)
+    train_defaults = {"steps": 20, "batch_size": 64, "checkpoint_every": 5, "log_every": 5}
+    return small_run_config(out, num_samples=2000, train_defaults=train_defaults, **sections)
 
 
 # ------------------------------------------------------------------------------------ every objective learns

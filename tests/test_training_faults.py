@@ -25,8 +25,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def small_config(out, **sections) -> dict:
-    return small_run_config(out, num_samples=1000, train={"steps": 12, "batch_size": 32, "checkpoint_every": 4,
-                                                          "log_every": 3, "keep_checkpoints": 5}, **sections)
+    train_defaults = {"steps": 12, "batch_size": 32, "checkpoint_every": 4, "log_every": 3, "keep_checkpoints": 5}
+    return small_run_config(out, num_samples=1000, train_defaults=train_defaults, **sections)
 
 
 def _metrics(run: Path) -> list[tuple[int, float]]:
