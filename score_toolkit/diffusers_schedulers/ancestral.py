@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import randn
-from ..samplers.ancestral import forward_transition
+from ..samplers.ancestral import forward_transitions
 from .base import ScoreSchedulerBase
 from .config import ANCESTRAL_FIELDS, config_init, knobs_of, spec_of
 from .knobs import warn_learned_variance
@@ -50,7 +50,7 @@ class ScoreAncestralScheduler(ScoreSchedulerBase):
 
     def _on_set_timesteps(self, grid):
         t = grid.tolist()
-        self._coefs = [forward_transition(self.process, a, b) if b < a else None for a, b in zip(t[:-1], t[1:])]
+        self._coefs = forward_transitions(self.process, t)  # as the ancestral sampler computes them
 
     def _update_at_zero_alpha(self, i, x, denoised, generator):
         if self._variance == "posterior" or (self._final_zero and i == self.num_inference_steps - 1):
