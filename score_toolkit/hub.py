@@ -36,9 +36,11 @@ from .model_cards import (  # noqa: F401  (RESULTS_BEGIN/RESULTS_END: the card m
     RESULTS_BEGIN,
     RESULTS_END,
     SAMPLING_NOTE,
+    SAMPLING_NOTE_LABELS,
     TEMPLATES_DIR,
     check_result,
     ddpm_pipeline_runs,
+    label_classes,
     render_model_card,
     results_markdown,
     update_model_card,
@@ -111,7 +113,7 @@ def export_pipeline(
         model.train(was_training)
         if not ddpm_pipeline_runs(model, scheduler):  # say how to sample it where diffusers looks first
             index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
-            index["_sampling"] = SAMPLING_NOTE
+            index["_sampling"] = SAMPLING_NOTE if label_classes(model) is None else SAMPLING_NOTE_LABELS
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         image = info.pop("sample_image", None)
         if image is not None:
