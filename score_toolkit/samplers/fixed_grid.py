@@ -455,7 +455,23 @@ class GridSampler(Sampler):
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
-        return resolve_grid(self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]))
+        key = (self._grid_spec.label, id(self._grid_spec), self.config["num_steps"], self.config["rho"])
+        ts = self._per_process(process, "grid", key, lambda: resolve_grid(
+            self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"])))
+        return ts.clone()
+
+    def _per_process(self, process: Process, slot: str, key, compute):
+        """``compute()``, computed once per process object and ``key`` and kept for the next run (one entry per
+        ``slot``): a run's grid and step coefficients depend only on them, and repeated runs (batches) then skip
+        their setup. Processes are immutable (their config is frozen); an entry is matched by the process object's
+        identity and ``key``."""
+        cache = self.__dict__.setdefault("_setup_cache", {})
+        entry = cache.get(slot)
+        if entry is not None and entry[0] is process and entry[1] == key:
+            return entry[2]
+        value = compute()
+        cache[slot] = (process, key, value)
+        return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         x = self._integrate(ctx, x, self.time_grid(ctx.process))
