@@ -10,6 +10,6 @@ and ``to_zero=True`` (26 NFE at 25 steps; docs/fast_samplers.md), not yet re-mea
 """
 
 #: the default sampler
-DEFAULT_SAMPLER = "dpmpp_2m"
-#: its number of steps when none is given
-DEFAULT_STEPS = 25
+DEFAULT_SAMPLER = "dpmpp_3m"
+#: its number of steps when none is given (NFE = DEFAULT_STEPS + 1: the final step to noise level zero)
+DEFAULT_STEPS = 24
