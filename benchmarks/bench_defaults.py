@@ -221,12 +221,14 @@ def main(argv=None) -> int:
 
 
 def summary(rs):
-    """Smallest NFE meeting the criterion, and whether every budget from there up to twice it meets it too."""
+    """Smallest NFE meeting the criterion, and whether every budget on the ladder from there up to twice it meets it
+    too ('yes (to M)': M the largest budget measured in that range)."""
     ok = [r["nfe"] for r in rs if r["meets"]]
     if not ok:
-        return None, False
+        return None, "no"
     first = min(ok)
-    return first, all(r["meets"] for r in rs if first <= r["nfe"] <= 2 * first)
+    span = [r for r in rs if first <= r["nfe"] <= 2 * first]
+    return first, (f"yes (to {max(r['nfe'] for r in span)})" if all(r["meets"] for r in span) else "no")
 
 
 def write_results(args, cases, rows, elapsed) -> None:
@@ -256,7 +258,7 @@ def write_results(args, cases, rows, elapsed) -> None:
                 first, stays = summary(rs)
                 detail = ", ".join(f"{r['nfe']}: {r['wsw_ratio']:.2f} / {r['nll_ratio']:.2f}" for r in rs)
                 lines.append(f"| {case} | {pname} | {label} | {first if first else '-'} | "
-                             f"{'yes' if stays else 'no'} | {detail} |")
+                             f"{stays} | {detail} |")
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
