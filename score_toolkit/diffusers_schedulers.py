@@ -68,7 +68,7 @@ from diffusers.utils import BaseOutput
 from ._config import config_keys, init_keys, strict_config
 from ._utils import randn
 from .processes import TIME_GRIDS, Process
-from .samplers.ancestral import forward_transition
+from .samplers.ancestral import forward_transitions
 from .samplers.dpm_solver import _denoise, _lincomb, multistep_coefficients
 from .scheduler_configs import _DDPM_STYLE, read_scheduler_config
 from .scores import ScoreAdapter, prediction_to_score
@@ -914,7 +914,7 @@ class ScoreAncestralScheduler(_ScoreScheduler):
 
     def _on_set_timesteps(self, grid):
         t = grid.tolist()
-        self._coefs = [forward_transition(self.process, a, b) if b < a else None for a, b in zip(t[:-1], t[1:])]
+        self._coefs = forward_transitions(self.process, t)  # as the ancestral sampler computes them
 
     def _update_at_zero_alpha(self, i, x, denoised, generator):
         if self._variance == "posterior" or (self._final_zero and i == self.num_inference_steps - 1):

@@ -25,7 +25,7 @@ import torch
 from ..processes import TIME_GRIDS, Process
 from .base import Sampler, SamplerProperties, SamplingContext, check_choice, check_int
 
-__all__ = ["AncestralSampler", "forward_transition"]
+__all__ = ["AncestralSampler", "forward_transition", "forward_transitions"]
 
 
 def forward_transition(process: Process, t: float, s: float) -> tuple[float, float, float, float, float, float]:
@@ -39,6 +39,20 @@ def forward_transition(process: Process, t: float, s: float) -> tuple[float, flo
     alpha, sigma = process.marginal(ts)
     a_t, a_s = alpha.tolist()
     s_t, s_s = sigma.tolist()
+    return _transition(process, t, s, a_t, s_t, a_s, s_s)
+
+
+def forward_transitions(process: Process, times) -> list[tuple[float, float, float, float, float, float] | None]:
+    """:func:`forward_transition` from each time of a grid to the next (``times[i] -> times[i + 1]``, one marginal
+    evaluation for the whole grid), ``None`` where ``times[i + 1] >= times[i]`` (a zero-length step)."""
+    ts = torch.as_tensor(times, dtype=torch.float64).flatten()
+    alpha, sigma = process.marginal(ts)
+    tl, al, sl = ts.tolist(), alpha.tolist(), sigma.tolist()
+    return [_transition(process, tl[i], tl[i + 1], al[i], sl[i], al[i + 1], sl[i + 1]) if tl[i + 1] < tl[i] else None
+            for i in range(len(tl) - 1)]
+
+
+def _transition(process, t, s, a_t, s_t, a_s, s_s):
     a_ts = a_t / a_s
     var_ts = s_t**2 - a_ts**2 * s_s**2
     if not var_ts > 0:
@@ -96,8 +110,9 @@ class AncestralSampler(Sampler):
         process = ctx.process
         ts = process.time_grid(self.config["num_steps"], self.config["grid"]).tolist()
         posterior = self.config["variance"] == "posterior"
+        coefs = forward_transitions(process, ts)  # once, not per step
         for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-            _, s_t, _, s_s, a_ts, var_ts = forward_transition(process, t_cur, t_next)
+            _, s_t, _, s_s, a_ts, var_ts = coefs[i]
             mean = (x + var_ts * ctx.score(x, t_cur)) / a_ts
             var = var_ts * s_s**2 / s_t**2 if posterior else var_ts
             x = mean + var**0.5 * ctx.randn_like(x)

@@ -93,6 +93,14 @@ class SamplerOutput:
         yield self.nfe
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite. A finite sum means every entry is finite (a NaN or inf entry makes
+    the sum NaN or inf): one reduction, where ``isfinite(x).all()`` makes three passes and a bool tensor; the exact
+    check runs only when the sum is not finite (a NaN/inf entry, or a sum that overflows although every entry is
+    finite)."""
+    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+
+
 class SamplingContext:
     """What a sampler's ``_run`` receives: the counted score function, the process, the generator,
     helpers for noise, callbacks, trajectories and the finiteness check."""
@@ -113,6 +121,8 @@ class SamplingContext:
         self.trajectory: list[torch.Tensor] | None = [] if return_trajectory else None
         self.times: list[float] | None = [] if return_trajectory else None
         self.step = 0
+        # the process's time range, to clamp float times in Python (None if the process clamps in its own way)
+        self._t_bounds = (process.t_min, process.t_max) if type(process).clamp_t is Process.clamp_t else None
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -138,12 +148,11 @@ class SamplingContext:
                 f"sampler {self.sampler.name!r}: needs more than max_nfe={self.max_nfe} score evaluations; raise "
                 "max_nfe, loosen the tolerances, or check that the score function is smooth"
             )
-        tdt = time_dtype(x)
-        if isinstance(t, (int, float)):
-            t = torch.full((x.shape[0],), float(t), device=x.device, dtype=tdt)
+        bounds = self._t_bounds
+        if bounds is not None and isinstance(t, (int, float)):  # the fixed-grid path: clamp the float, one tensor
+            t = torch.full((x.shape[0],), min(max(float(t), bounds[0]), bounds[1]), device=x.device, dtype=time_dtype(x))
         else:
-            t = as_time(t, x.shape[0], like=torch.empty(0, device=x.device, dtype=tdt))
-        t = self.process.clamp_t(t)
+            t = self.process.clamp_t(as_time(t, x.shape[0], like=torch.empty(0, device=x.device, dtype=time_dtype(x))))
         s = self._score_fn(x, t)
         self.nfe += 1
         if not isinstance(s, torch.Tensor) or s.shape != x.shape:
@@ -177,7 +186,7 @@ class SamplingContext:
             step = self.step
         else:
             self.step = step
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
             raise NonFiniteError(
                 f"sampler {self.sampler.name!r}: state became NaN or infinite at step {step} (t = {float(t):.6g}) "

@@ -115,7 +115,8 @@ def multistep_coefficients(process, ts: torch.Tensor, orders: list[int], eta: fl
 def _denoise(x, s, sigma2, inv_alpha):
     """Tweedie's denoiser D = (x + sigma^2 s) / alpha."""
     if isinstance(sigma2, float):
-        return torch.add(x, s, alpha=sigma2).mul_(inv_alpha)
+        d = torch.add(x, s, alpha=sigma2)
+        return d if inv_alpha == 1.0 else d.mul_(inv_alpha)  # alpha = 1 (VE): skip an exact no-op pass
     return (x + sigma2 * s) * inv_alpha
 
 
@@ -145,6 +146,8 @@ class _Multistep(_DPMSolverBase):
         orders = self._orders(n)
         eta = self._eta()
         co = multistep_coefficients(ctx.process, ts, orders, eta)
+        if not ts.requires_grad:
+            return self._integrate_floats(ctx, x, ts.tolist(), orders, co)
         a, w, noise, sigma2, inv_alpha = _floats(co["a"], co["w"], co["noise"], co["sigma2"], co["inv_alpha"])
         t_score = ts if ts.requires_grad else ts.tolist()
         t_rec = ts.tolist() if not ts.requires_grad else ts.detach().tolist()
@@ -158,6 +161,29 @@ class _Multistep(_DPMSolverBase):
                 pairs.append((noise[i], ctx.randn_like(x)))
             x = _lincomb(pairs)
             ctx.record(x, t_rec[i + 1], step=i + 1)
+        return x
+
+    def _integrate_floats(self, ctx: SamplingContext, x: torch.Tensor, ts: list[float], orders: list[int],
+                          co: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sampling loop (no grad through the grid): float coefficients, fused multiply-adds, no tensor made
+        per step but the denoiser value and the new state. Bit for bit the differentiable loop's result, and
+        the same history of denoiser values as :class:`~score_toolkit.diffusers_schedulers.ScoreDPMSolverScheduler`."""
+        n = len(ts) - 1
+        a, w, noise = co["a"].tolist(), co["w"].tolist(), co["noise"].tolist()
+        sigma2, inv_alpha = co["sigma2"].tolist(), co["inv_alpha"].tolist()
+        stochastic = self._eta() > 0
+        keep = self.order
+        history: list[torch.Tensor] = []  # D_i, D_{i-1}, ...
+        for i in range(n):
+            history.insert(0, _denoise(x, ctx.score(x, ts[i]), sigma2[i], inv_alpha[i]))
+            del history[keep:]
+            wi = w[i]
+            x = torch.mul(x, a[i])
+            for j in range(orders[i]):
+                x.add_(history[j], alpha=wi[j])
+            if stochastic:
+                x.add_(ctx.randn_like(x), alpha=noise[i])
+            ctx.record(x, ts[i + 1], step=i + 1)
         return x
 
 

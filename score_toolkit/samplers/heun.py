@@ -89,13 +89,14 @@ class EDMHeunSampler(GridSampler):
         c_euler = -delta * s_hat
         c_half1, c_half2 = 0.5 * c_euler, -0.5 * delta * sigma[1:]
         noise_std = torch.sqrt((sig_hat**2 - sig_t[:-1] ** 2).clamp_min(0)) * cfg["S_noise"]
-        grad = ts.requires_grad
-        conv = (lambda v: v) if grad else (lambda v: v.tolist())
-        a_hat_l, alpha_l, c_e, c_h1, c_h2, nstd = map(conv, (a_hat, alpha, c_euler, c_half1, c_half2, noise_std))
-        t_hat_l = t_hat if grad else t_hat.tolist()
-        t_next = ts[1:] if grad else ts[1:].tolist()
+        if not ts.requires_grad:
+            return self._loop_floats(ctx, x, churn, t_hat.tolist(), ts.tolist(), a_hat.tolist(), alpha.tolist(),
+                                     c_euler.tolist(), c_half1.tolist(), c_half2.tolist(), noise_std.tolist())
+        # differentiable in the grid (optimize_grid): tensor coefficients
+        a_hat_l, alpha_l, c_e, c_h1, c_h2, nstd = a_hat, alpha, c_euler, c_half1, c_half2, noise_std
+        t_hat_l, t_next = t_hat, ts[1:]
         t_rec = ts.detach().tolist()
-        one = 1.0 if not grad else torch.ones((), dtype=ts.dtype)
+        one = torch.ones((), dtype=ts.dtype)
         xt = x / alpha_l[0]  # x~
         for i in range(n):
             if churn[i]:
@@ -107,4 +108,25 @@ class EDMHeunSampler(GridSampler):
             xt = _lincomb([(one, xt), (c_h1[i], s1), (c_h2[i], s2)])
             x = xt * alpha_l[i + 1]
             ctx.record(x, t_rec[i + 1], step=i + 1)
+        return x
+
+    @staticmethod
+    def _loop_floats(ctx, x, churn, t_hat, ts, a_hat, alpha, c_e, c_h1, c_h2, nstd):
+        """The sampling loop with float coefficients: fused multiply-adds, and no multiplication by
+        ``alpha = 1`` (VE) or ``1`` (the former products with 1 were exact: the results are the same)."""
+        a0 = alpha[0]
+        xt = x if a0 == 1.0 else x / a0  # x~
+        for i in range(len(ts) - 1):
+            if churn[i]:
+                xt = torch.add(xt, ctx.randn_like(xt), alpha=nstd[i])
+                x_eval = xt if a_hat[i] == 1.0 else xt * a_hat[i]
+            else:
+                x_eval = x
+            s1 = ctx.score(x_eval, t_hat[i])
+            xe = torch.add(xt, s1, alpha=c_e[i])
+            a1 = alpha[i + 1]
+            s2 = ctx.score(xe if a1 == 1.0 else xe * a1, ts[i + 1])
+            xt = torch.add(xt, s1, alpha=c_h1[i]).add_(s2, alpha=c_h2[i])
+            x = xt if a1 == 1.0 else xt * a1
+            ctx.record(x, ts[i + 1], step=i + 1)
         return x

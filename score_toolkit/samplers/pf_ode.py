@@ -17,7 +17,16 @@ import torch
 import torchdiffeq
 
 from ..processes import TIME_GRIDS
-from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
+from .base import (
+    NonFiniteError,
+    Sampler,
+    SamplerProperties,
+    SamplingContext,
+    all_finite,
+    check_choice,
+    check_float,
+    check_int,
+)
 from .grids import check_to_zero, step_to_zero
 
 __all__ = ["ProbabilityFlowODESampler"]
@@ -65,16 +74,23 @@ class _ProbabilityFlow:
         self._record_steps = record_steps
         self.steps = 0  # steps attempted (accepted and rejected)
         self.t = ctx.process.t_max
+        self._coefs: dict[float, tuple[float, float]] = {}  # (f, g^2) at the times of a fixed grid
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        process = self._ctx.process
         t = float(t)
-        # adaptive steps may probe past t_min (the score is clamped too, in ctx.score)
-        tt = process.clamp_t(torch.tensor([t], dtype=torch.float64))
-        f_t = float(process.drift_coef(tt))
-        g2 = float(process.diffusion_squared(tt).clamp_min(0))
-        dx = f_t * x - (0.5 * g2) * self._ctx.score(x, t)
-        if not bool(torch.isfinite(dx).all()):
+        coefs = self._coefs.get(t)
+        if coefs is None:
+            process = self._ctx.process
+            # adaptive steps may probe past t_min (the score is clamped too, in ctx.score)
+            tt = process.clamp_t(torch.tensor([t], dtype=torch.float64))
+            coefs = float(process.drift_coef(tt)), float(process.diffusion_squared(tt).clamp_min(0))
+            if self._record_steps:  # a fixed grid: the same few times come back
+                self._coefs[t] = coefs
+        f_t, g2 = coefs
+        s = self._ctx.score(x, t)
+        # f = 0 (VE): skip the product 0 * x (the same drift, up to the sign of zero entries)
+        dx = torch.mul(s, -0.5 * g2) if f_t == 0.0 else f_t * x - (0.5 * g2) * s
+        if not all_finite(dx):
             raise NonFiniteError(
                 f"sampler {self._ctx.sampler.name!r}: the probability-flow drift became NaN or infinite at step "
                 f"{self.steps} (t = {t:.6g}); check the score function"

@@ -7,4 +7,4 @@ The data order itself lives with the data (:class:`score_toolkit.data.SampleOrde
 from __future__ import annotations
 
 from ..data import SampleOrder as _DataStream  # noqa: F401  (the former name of the data order)
-from ..data import _mix  # noqa: F401
+from ..data.order import _mix  # noqa: F401
