@@ -103,7 +103,7 @@ def export_pipeline(
         model.train(was_training)
         if not ddpm_pipeline_runs(model, scheduler):  # say how to sample it where diffusers looks first
             index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
-            index["_sampling"] = SAMPLING_NOTE
+            index["_sampling"] = SAMPLING_NOTE if label_classes(model) is None else SAMPLING_NOTE_LABELS
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         image = info.pop("sample_image", None)
         if image is not None:
@@ -183,6 +183,7 @@ MODEL_MEASUREMENTS = {
     "class_histogram_tv": "total variation between the samples' class shares and the data's",
     "bits_per_dim": "negative log-likelihood of real data in bits per dimension (smaller is better)",
     "accuracy": "share of held-out images a classifier labels right",
+    "requested_class_accuracy": "share of class-conditional samples a classifier labels as the requested class",
 }
 _NOT_MEASUREMENTS = {"training_loss", "loss", "nfe", "num_steps", "wall_time", "wall_time_s"}
 #: the text between these lines is generated from the model-index (:func:`update_model_card` rewrites it)
@@ -363,12 +364,14 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     kwargs = {
         "model_name": model_name,
         "summary": "\n".join(summary_lines),
-        "load_snippet": _load_snippet(plain_diffusers, unet_cls, sched_cls, prediction_type, is_image),
+        "load_snippet": _load_snippet(plain_diffusers, unet_cls, sched_cls, prediction_type, is_image,
+                                      label_classes(model)),
         "results_section": results_markdown(eval_results),
         "data_note": _data_note(dataset_name, dataset_id, description),
         "training_section": "\n".join(training) or "No training information was recorded.",
         "plain_diffusers": plain_diffusers,
         "ddpm_runs": ddpm_runs,
+        "num_classes": label_classes(model),
     }
     path = Path(template) if template is not None else TEMPLATES_DIR / DEFAULT_TEMPLATE
     if not path.is_file():
@@ -376,10 +379,17 @@ def render_model_card(model, process: Process, prediction_type: str, time_input:
     return ModelCard.from_template(card_data, template_path=str(path), **kwargs)
 
 
+def _result_key(r) -> tuple:
+    """What makes two model-index entries the same measurement: metric, data, task, and for a class-conditional
+    measurement the requested class and the guidance scale (``class_label``, ``guidance_scale`` in its settings)."""
+    args = r.metric_args or {}
+    return r.metric_type, r.dataset_type, r.task_type, repr(args.get("class_label")), repr(args.get("guidance_scale"))
+
+
 def update_model_card(folder, results, *, dataset_type: str | None = None, dataset_name: str | None = None) -> Path:
     """Write measurements into the model card (``README.md``) of ``folder`` through huggingface_hub's
     ``ModelCard``: each result (see :func:`check_result`) replaces the model-index entry of the same metric type
-    on the same data, or is added; the text's results section (between :data:`RESULTS_BEGIN` and
+    on the same data (and for the same ``class_label`` and ``guidance_scale`` settings, if any), or is added; the text's results section (between :data:`RESULTS_BEGIN` and
     :data:`RESULTS_END`, appended under a "Results" heading when the card has none) is re-rendered from the
     model-index. Task and data default to those of the card's first result (else its ``score_toolkit.data``).
     The card is rewritten atomically; nothing else in the folder is touched. Returns the card's path."""
@@ -411,8 +421,7 @@ def update_model_card(folder, results, *, dataset_type: str | None = None, datas
         card.data.model_name = path.parent.name
     for result in results:
         new = _eval_result(result, task, dataset_type, dataset_name)
-        same = [i for i, old in enumerate(current)
-                if (old.metric_type, old.dataset_type, old.task_type) == (new.metric_type, new.dataset_type, new.task_type)]
+        same = [i for i, old in enumerate(current) if _result_key(old) == _result_key(new)]
         if same:
             current[same[0]] = new
         else:
@@ -432,18 +441,32 @@ def update_model_card(folder, results, *, dataset_type: str | None = None, datas
 
 def ddpm_pipeline_runs(model, scheduler) -> bool:
     """Whether diffusers' ``DDPMPipeline`` (the class an exported ``model_index.json`` names) can *run* these
-    components, not only load them: an image network (``sample_size``, ``in_channels``), a scheduler with
-    ``step()``, and a unit-variance prior (DDPMPipeline draws N(0, I) noise)."""
+    components, not only load them: an image network (``sample_size``, ``in_channels``) without a label table
+    (DDPMPipeline passes no class labels), a scheduler with ``step()``, and a unit-variance prior (DDPMPipeline draws
+    N(0, I) noise)."""
     cfg = model.config
     return (cfg.get("sample_size") is not None and cfg.get("in_channels") is not None
-            and callable(getattr(scheduler, "step", None))
+            and label_classes(model) is None and callable(getattr(scheduler, "step", None))
             and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0)
+
+
+def label_classes(model) -> int | None:
+    """The number of classes of a label-conditional network (its label table has one more row, the null label of
+    classifier-free guidance: ``num_class_embeds`` of ``UNet2DModel``, ``num_classes`` of ``ScoreMLP``), else None."""
+    cfg = getattr(model, "config", None) or {}
+    rows = cfg.get("num_class_embeds") or cfg.get("num_classes")
+    return int(rows) - 1 if rows else None
 
 
 #: what an exported model_index.json says when DDPMPipeline can load but not run the folder
 SAMPLING_NOTE = ("DDPMPipeline loads these components but cannot sample them (its loop needs an image network and "
                  "a scheduler with step()); sample with score_toolkit: import score_toolkit; "
                  "ScorePipeline.from_pretrained(folder)(batch_size=16) (see README.md)")
+#: the same for a label-conditional network
+SAMPLING_NOTE_LABELS = ("DDPMPipeline loads these components but cannot sample them (the network takes class labels, "
+                        "which DDPMPipeline does not pass); sample with score_toolkit: import score_toolkit; "
+                        "ScorePipeline.from_pretrained(folder)(batch_size=16, class_labels=3, guidance_scale=2.0) "
+                        "(see README.md)")
 
 
 def _process_summary(process: Process) -> dict[str, Any]:
@@ -451,7 +474,22 @@ def _process_summary(process: Process) -> dict[str, Any]:
     return {"class": type(process).__name__, **cfg}
 
 
-def _load_snippet(plain_diffusers: bool, unet_cls: str, sched_cls: str, prediction_type: str, is_image: bool) -> str:
+def _load_snippet(plain_diffusers: bool, unet_cls: str, sched_cls: str, prediction_type: str, is_image: bool,
+                  num_classes: int | None = None) -> str:
+    if num_classes is not None:  # a label-conditional network: a class is drawn with classifier-free guidance
+        last = num_classes - 1
+        return "\n".join([
+            "import torch",
+            "from score_toolkit.pipeline import ScorePipeline",
+            "",
+            "folder = \"path/to/this/folder\"  # or a local snapshot of the Hub repository",
+            "pipe = ScorePipeline.from_pretrained(folder)  # safetensors only, strict, never runs code from the folder",
+            f"# classes 0..{last}; label {num_classes} is the null label (label dropout): classifier-free guidance",
+            f"out = pipe(16, class_labels={min(3, last)}, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))",
+            "images = out.images  # PIL images; out.samples: the tensor",
+            "# without class_labels the null label gives the unconditional model",
+            "# command line: score-toolkit sample --model path/to/this/folder --class-label 3 --guidance-scale 2",
+        ])
     lines = [
         "import torch",
         "import score_toolkit  # makes score_toolkit's components loadable by diffusers",

@@ -490,9 +490,11 @@ def test_grid_store_roundtrip(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a, d, rtol=1e-10, atol=1e-10)
-    # a grid made for another process is refused with both log-SNR ranges in the message
+    # under another process whose log-SNR range lies within the grid's, the grid is carried over (see
+    # tests/test_grid_optimizer.py); one reaching far beyond it is refused with both log-SNR ranges in the message
+    DPMSolverPP2M(grid="my_grid").sample(GAUSS.score_fn(VESDE()), VESDE(), shape=(2, 2))
     with pytest.raises(ValueError, match="log-SNR"):
-        DPMSolverPP2M(grid="my_grid").sample(GAUSS.score_fn(VESDE()), VESDE(), shape=(2, 2))
+        DPMSolverPP2M(grid="my_grid").sample(GAUSS.score_fn(VESDE(0.01, 1e5)), VESDE(0.01, 1e5), shape=(2, 2))
     with pytest.raises(ValueError, match="reserved"):
         save_grid("karras", times, process)
 

@@ -145,9 +145,12 @@ class _Multistep(_DPMSolverBase):
         n = ts.numel() - 1
         orders = self._orders(n)
         eta = self._eta()
-        co = multistep_coefficients(ctx.process, ts, orders, eta)
         if not ts.requires_grad:
-            return self._integrate_floats(ctx, x, ts.tolist(), orders, co)
+            tl = ts.tolist()
+            co = self._per_process(ctx.process, "coefficients", (tl, orders, eta), lambda: {
+                k: v.tolist() for k, v in multistep_coefficients(ctx.process, ts, orders, eta).items()})
+            return self._integrate_floats(ctx, x, tl, orders, co)
+        co = multistep_coefficients(ctx.process, ts, orders, eta)
         a, w, noise, sigma2, inv_alpha = _floats(co["a"], co["w"], co["noise"], co["sigma2"], co["inv_alpha"])
         t_score = ts if ts.requires_grad else ts.tolist()
         t_rec = ts.tolist() if not ts.requires_grad else ts.detach().tolist()
@@ -164,13 +167,12 @@ class _Multistep(_DPMSolverBase):
         return x
 
     def _integrate_floats(self, ctx: SamplingContext, x: torch.Tensor, ts: list[float], orders: list[int],
-                          co: dict[str, torch.Tensor]) -> torch.Tensor:
+                          co: dict[str, list]) -> torch.Tensor:
         """The sampling loop (no grad through the grid): float coefficients, fused multiply-adds, no tensor made
         per step but the denoiser value and the new state. Bit for bit the differentiable loop's result, and
         the same history of denoiser values as :class:`~score_toolkit.diffusers_schedulers.ScoreDPMSolverScheduler`."""
         n = len(ts) - 1
-        a, w, noise = co["a"].tolist(), co["w"].tolist(), co["noise"].tolist()
-        sigma2, inv_alpha = co["sigma2"].tolist(), co["inv_alpha"].tolist()
+        a, w, noise, sigma2, inv_alpha = co["a"], co["w"], co["noise"], co["sigma2"], co["inv_alpha"]
         stochastic = self._eta() > 0
         keep = self.order
         history: list[torch.Tensor] = []  # D_i, D_{i-1}, ...

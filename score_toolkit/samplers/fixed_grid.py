@@ -37,10 +37,13 @@ __all__ = [
     "list_grids",
     "delete_grid",
     "resolve_grid",
+    "transfer_log_snr",
+    "MAX_TRANSFER_EXTENSION",
 ]
 
 GRID_DIR_ENV_VAR = "SCORE_TOOLKIT_GRID_DIR"
 _FORMAT = "score_toolkit.time_grid"
+_VERSION = 2  # 2: adds "transfer"; version-1 files (log-SNR points and their process) are read the same way
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: relative tolerance when matching a saved grid's log-SNR ends to a process
 _LOG_SNR_TOL = 1e-6
@@ -189,8 +192,9 @@ def save_grid(
     """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
 
     ``name`` is a grid name (stored in ``directory``, default :func:`default_grid_dir`) or a path ending in
-    ``.json``. The file records the log-SNR values (what samplers use), the times, the process, the sampler
-    it was made for and ``info`` (JSON-serialisable). Returns the file's path. An existing grid is replaced
+    ``.json``. The file records the log-SNR values (what samplers use, and what carries the grid to other
+    processes: :func:`transfer_log_snr`), the times, the process, the sampler it was made for and ``info``
+    (JSON-serialisable). Returns the file's path. An existing grid is replaced
     only with ``overwrite=True``."""
     if not isinstance(process, Process):
         raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
@@ -200,10 +204,13 @@ def save_grid(
         raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
     record = {
         "format": _FORMAT,
-        "version": 1,
+        "version": _VERSION,
         "name": path.stem,
         "num_steps": ts.numel() - 1,
         "log_snr": process.log_snr(ts).tolist(),
+        # what another process needs to use the grid (transfer_log_snr): the points in absolute log-SNR, read as
+        # a step density; the range they were fitted over bounds how far it may be carried
+        "transfer": {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION},
         "times": ts.tolist(),
         "process": _process_record(process),
         "sampler": sampler,
@@ -230,6 +237,9 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
         raise ValueError(f"cannot read grid file {path}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
         raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
+    if record.get("version", 1) not in (1, 2):
+        raise ValueError(f"{path}: time-grid file version {record.get('version')!r} is newer than this score_toolkit "
+                         f"reads (1 or {_VERSION}); upgrade score_toolkit")
     lam = record["log_snr"]
     if not (isinstance(lam, list) and len(lam) >= 2 and all(isinstance(v, (int, float)) for v in lam)):
         raise ValueError(f"{path}: expected 'log_snr' to be a list of >= 2 numbers")
@@ -247,8 +257,9 @@ def load_grid(
 ) -> torch.Tensor:
     """A saved grid as float64 times for ``process`` (or, without a process, its log-SNR values).
 
-    Raises ``ValueError`` if the grid does not exist or if ``process`` spans another log-SNR range than
-    the process the grid was made for."""
+    Under a process spanning another log-SNR range than the one the grid was made for, the grid is carried over as a
+    step density over log-SNR (:func:`transfer_log_snr`). Raises ``ValueError`` if the grid does not exist or cannot
+    be carried over (the message says why)."""
     record = _read_record(name_or_path, directory)
     lam = torch.tensor(record["log_snr"], dtype=torch.float64)
     if process is None:
@@ -297,15 +308,66 @@ def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
     return ts
 
 
+#: how far (a fraction of a saved grid's own log-SNR span) another process's range may reach beyond it at either end
+#: for the grid to be carried over (beyond that its step density would be a guess)
+MAX_TRANSFER_EXTENSION = 0.25
+
+
+def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, num_steps: int | None = None) -> torch.Tensor:
+    """Carry a grid (increasing log-SNR points ``lambda_0 < ... < lambda_n``) to another process of the same
+    family: the grid is read as a step density over absolute log-SNR (``1 / (n h_i)`` on its step ``i``, the end
+    steps' densities extended beyond its range), and the process's own range ``[lambda(1), lambda(t_min)]`` is
+    split into ``num_steps`` (default ``n``) parts of equal mass (exact: the density is piecewise constant). On the
+    grid's own range and step count this returns the grid itself. The rule of the data-free grid
+    (:func:`fitted_log_snr`): where the steps belong depends on the noise level relative to the data, so VE
+    processes with any ``sigma_max``, VP and sub-VP share it.
+
+    Raises ``ValueError`` when the process's range reaches beyond the grid's by more than
+    ``MAX_TRANSFER_EXTENSION`` of the grid's span at either end (the density there would be a guess)."""
+    lam = torch.as_tensor(log_snr, dtype=torch.float64).flatten()
+    n_src = lam.numel() - 1
+    n = n_src if num_steps is None else int(num_steps)
+    if n_src < 1 or n < 1 or not bool((torch.diff(lam) > 0).all()):
+        raise ValueError(f"expected >= 2 increasing log-SNR points and num_steps >= 1, found {lam.tolist()}, {num_steps!r}")
+    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    a, b = float(ends[0]), float(ends[1])
+    lo, hi = float(lam[0]), float(lam[-1])
+    span = hi - lo
+    reach = max(lo - a, b - hi)
+    if reach > MAX_TRANSFER_EXTENSION * span:
+        raise ValueError(
+            f"the grid spans log-SNR [{lo:.4g}, {hi:.4g}] and cannot be carried over to {process!r}, which spans "
+            f"[{a:.4g}, {b:.4g}]: that reaches {reach:.3g} beyond the grid, more than {MAX_TRANSFER_EXTENSION:g} of its "
+            "span, where its step density is unknown; fit a grid for this process (optimize_grid) or use a built-in kind"
+        )
+    if n == n_src and abs(a - lo) <= _LOG_SNR_TOL * max(1.0, abs(lo)) and abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)):
+        return lam.clone()
+    # piecewise-constant density on the breakpoints (the grid's points inside (a, b), and a, b): exact mass per piece
+    inner = lam[(lam > a) & (lam < b)]
+    knots = torch.cat([torch.tensor([a], dtype=torch.float64), inner, torch.tensor([b], dtype=torch.float64)])
+    steps = torch.diff(lam)
+    mid = 0.5 * (knots[1:] + knots[:-1])
+    idx = (torch.searchsorted(lam, mid, right=True) - 1).clamp(0, n_src - 1)
+    mass = torch.diff(knots) / steps[idx]
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(mass, 0)])
+    q = torch.linspace(0.0, float(cdf[-1]), n + 1, dtype=torch.float64)
+    j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, knots.numel() - 2)
+    out = knots[j] + (q - cdf[j]) / mass[j] * (knots[j + 1] - knots[j])
+    out[0], out[-1] = a, b
+    return out
+
+
 def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None) -> torch.Tensor:
+    """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
+    carried over by :func:`transfer_log_snr` (or refused with the reason)."""
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
     lo, hi = float(lam[0]), float(lam[-1])
     if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
         where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
-        raise ValueError(
-            f"{label}{where} spans log-SNR [{lo:.6g}, {hi:.6g}], but {process!r} spans [{ends[0]:.6g}, {ends[1]:.6g}]; "
-            "use a grid made for this process (optimize_grid) or a built-in kind"
-        )
+        try:
+            lam = transfer_log_snr(lam, process)
+        except ValueError as exc:
+            raise ValueError(f"{label}{where}: {exc}") from None
     ts = process.t_from_log_snr(lam.to(torch.float64))
     ts[0], ts[-1] = process.t_max, process.t_min
     if not bool((ts[1:] < ts[:-1]).all()):
@@ -428,8 +490,23 @@ class GridSampler(Sampler):
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
-        return resolve_grid(self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]),
-                            self.fitted_order)
+        key = (self._grid_spec.label, id(self._grid_spec), self.config["num_steps"], self.config["rho"], self.fitted_order)
+        ts = self._per_process(process, "grid", key, lambda: resolve_grid(
+            self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]), self.fitted_order))
+        return ts.clone()
+
+    def _per_process(self, process: Process, slot: str, key, compute):
+        """``compute()``, computed once per process object and ``key`` and kept for the next run (one entry per
+        ``slot``): a run's grid and step coefficients depend only on them, and repeated runs (batches) then skip
+        their setup. Processes are immutable (their config is frozen); an entry is matched by the process object's
+        identity and ``key``."""
+        cache = self.__dict__.setdefault("_setup_cache", {})
+        entry = cache.get(slot)
+        if entry is not None and entry[0] is process and entry[1] == key:
+            return entry[2]
+        value = compute()
+        cache[slot] = (process, key, value)
+        return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         x = self._integrate(ctx, x, self.time_grid(ctx.process))

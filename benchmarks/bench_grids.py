@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""The grid optimiser against the noise floor, grid transfer across processes, and fitting time.
+
+Part ``ladder``: for dpmpp_2m and dpmpp_3m (``to_zero=True``) on the 2-D ring and the 16-D anisotropic mixture,
+under ``VESDE(0.01, 50)`` and ``VPSDE(0.1, 20)``, one grid per budget is fitted by ``optimize_grid(data=held_out)``
+(5,000 exact samples with their own seed, a mixture of the true number of modes fitted by EM, the optimiser's own
+prior draws, ``tail_rounds=1``: one round of hard examples): the optimiser never sees the evaluation mixture. Each grid is judged on N samples with the exact score
+(bench_samplers' metrics: within-mode sliced W2 and |mean-NLL gap|, each divided by its noise floor); a run meets the
+criterion when both are <= 1.5. The optimiser's own held-out report (tail, flag, ratios) is recorded beside it.
+
+Part ``transfer``: dpmpp_2m on the ring: grids fitted under VESDE(0.01, 50) carried to sigma_max 10 and 40 (the
+saved-grid route: ``transfer_log_snr``), against grids fitted under each process. Every run starts from exact draws
+of the process's marginal at t = 1 (under sigma_max 10 the prior N(0, 100) is not the ring's p_1, which no grid fixes).
+
+Part ``time``: fitting time of this optimiser (with ``tail_rounds=1``, as in the other parts) against the previous
+one (``--baseline-rev``, read from git), runs interleaved in one process, otherwise the same arguments.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts ladder --cases ring --tag grids_ring
+    python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_samplers as B  # noqa: E402
+
+from score_toolkit import metrics as M  # noqa: E402
+from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
+from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
+from score_toolkit.samplers.grids import GridTailWarning, optimize_grid, transfer_log_snr  # noqa: E402
+
+LADDERS = {"ring": (6, 8, 10, 12, 14, 19, 24), "aniso16": (12, 16, 20, 25, 30, 39)}
+PROCESSES = {"VE": lambda: VESDE(0.01, 50.0), "VP": lambda: VPSDE(0.1, 20.0),
+             "VE10": lambda: VESDE(0.01, 10.0), "VE40": lambda: VESDE(0.01, 40.0)}
+TRANSFER_LADDER = (6, 8, 10, 12, 14, 19)
+
+
+def fit(name, steps, process, case, mix, **kw):
+    held = mix.sample(B.HELD_OUT_N, generator=B._gen(B.HELD_OUT_SEED))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GridTailWarning)
+        res = optimize_grid(get_sampler_class(name)(num_steps=steps), process, data=held,
+                            num_components=B.GRID_COMPONENTS[case], seed=B.OPTIMISER_SEED, tail_rounds=1, **kw)
+    return res, any(issubclass(w.category, GridTailWarning) for w in caught)
+
+
+def judge(name, grid_times, process, mix, args, floors, reference, ref_nll, x_init=None):
+    smp = get_sampler(name, grid=list(grid_times), to_zero=True)
+    kw = {"x_init": x_init} if x_init is not None else {"shape": (args.n, mix.dim), "generator": B._gen(args.seed)}
+    out = smp.sample(mix.score_fn(process), process, dtype=torch.float64, **kw)
+    r = B.score_samples(out.samples, mix, reference, ref_nll)
+    w, nl = r["wsw"] / floors["wsw"]["mean"], abs(r["nll_gap"]) / floors["nll"]["mean"]
+    return out.nfe, w, nl
+
+
+def setup(case, args):
+    mix = B.CASES[case][1]()
+    floors = B.noise_floors(mix, args.n, args.floor_seeds)
+    reference = mix.sample(args.n, generator=B._gen(B.REF_SEED))
+    return mix, floors, reference, M.mean_nll(reference, mix)
+
+
+def part_ladder(args, rows, log):
+    for case in args.cases:
+        mix, floors, reference, ref_nll = setup(case, args)
+        for pname in ("VE", "VP"):
+            process = PROCESSES[pname]()
+            for name in args.samplers:
+                for steps in (args.ladder or LADDERS[case]):
+                    res, flagged = fit(name, steps, process, case, mix)
+                    v = res.validation["optimized"]
+                    nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
+                    row = {"part": "ladder", "case": case, "process": pname, "sampler": name, "steps": steps, "nfe": nfe,
+                           "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3), "meets": w <= B.CRITERION and nl <= B.CRITERION,
+                           "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "mined": res.mined,
+                           "flagged": flagged, "val_far_off": v.far_off, "val_max_error": round(v.max_error, 3),
+                           "val_q999": round(v.q999_error, 4), "val_wsw": round(v.wsw_ratio, 2), "val_nll": round(v.nll_ratio, 2)}
+                    rows.append(row)
+                    log(json.dumps(row))
+
+
+def part_transfer(args, rows, log):
+    case, name = "ring", "dpmpp_2m"
+    mix, floors, reference, ref_nll = setup(case, args)
+    for steps in TRANSFER_LADDER:
+        source, _ = fit(name, steps, PROCESSES["VE"](), case, mix)
+        for pname in ("VE10", "VE40", "VE"):
+            process = PROCESSES[pname]()
+            sigma_max = float(process.marginal(torch.tensor([1.0], dtype=torch.float64))[1])
+            x1 = mix.sample(args.n, generator=B._gen(args.seed)) + sigma_max * torch.randn(
+                args.n, mix.dim, generator=B._gen(args.seed + 1), dtype=torch.float64)
+            lam = transfer_log_snr(source.log_snr, process)
+            transferred = process.t_from_log_snr(lam)
+            transferred[0], transferred[-1] = process.t_max, process.t_min
+            own = source if pname == "VE" else fit(name, steps, process, case, mix)[0]
+            for kind, times in (("transferred from VE50", transferred), ("fitted for this process", own.times)):
+                nfe, w, nl = judge(name, times.tolist(), process, mix, args, floors, reference, ref_nll, x_init=x1)
+                row = {"part": "transfer", "case": case, "process": pname, "sampler": name, "grid": kind, "steps": steps,
+                       "nfe": nfe, "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3),
+                       "meets": w <= B.CRITERION and nl <= B.CRITERION}
+                rows.append(row)
+                log(json.dumps(row))
+
+
+def _baseline_optimiser(rev):
+    """optimize_grid as it was at git revision ``rev`` (loaded inside the package, so its relative imports resolve)."""
+    src = subprocess.run(["git", "show", f"{rev}:score_toolkit/samplers/grids.py"], cwd=HERE.parent, check=True,
+                         capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("score_toolkit.samplers._grids_baseline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "score_toolkit.samplers"
+    exec(compile(src, f"{rev}:grids.py", "exec"), module.__dict__)
+    return module.optimize_grid
+
+
+def part_time(args, rows, log):
+    old = _baseline_optimiser(args.baseline_rev)
+    cases = [("ring", "dpmpp_2m", 14, "VE"), ("ring", "dpmpp_3m", 14, "VP"), ("aniso16", "dpmpp_3m", 20, "VE")]
+    for case, name, steps, pname in cases:
+        mix = B.CASES[case][1]()
+        held = mix.sample(B.HELD_OUT_N, generator=B._gen(B.HELD_OUT_SEED))
+        process = PROCESSES[pname]()
+        times = {"new": [], "old": []}
+        for rep in range(args.repeats):
+            for which in (("old", "new") if rep % 2 else ("new", "old")):
+                fn = optimize_grid if which == "new" else old
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn(get_sampler_class(name)(num_steps=steps), process, data=held,
+                       num_components=B.GRID_COMPONENTS[case], seed=B.OPTIMISER_SEED,
+                       **({"tail_rounds": 1} if which == "new" else {}))
+                times[which].append(time.perf_counter() - t0)
+        ratios = [o / n for o, n in zip(times["old"], times["new"])]
+        row = {"part": "time", "case": case, "process": pname, "sampler": name, "steps": steps,
+               "old_s": [round(t, 1) for t in times["old"]], "new_s": [round(t, 1) for t in times["new"]],
+               "speedup": round(sorted(ratios)[len(ratios) // 2], 2)}
+        rows.append(row)
+        log(json.dumps(row))
+
+
+def _summary(rs) -> str:
+    """'smallest NFE meeting it | every larger budget too | the ladder' of one curve."""
+    rs = sorted(rs, key=lambda r: r["nfe"])
+    passing = [r["nfe"] for r in rs if r["meets"]]
+    relapse = bool(passing) and not all(r["meets"] for r in rs if r["nfe"] >= passing[0])
+    marks = [("*" if r["meets"] else "") + ("!" if r.get("flagged") else "") for r in rs]
+    ladder = ", ".join(f"{r['nfe']}: {r['wsw_ratio']:.2f} / {r['nll_ratio']:.2f}{m}" for r, m in zip(rs, marks))
+    return f"{passing[0] if passing else '-'} | {'no' if relapse or not passing else 'yes'} | {ladder}"
+
+
+def write(args, rows):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = [f"# Grid optimiser: criterion ladders, transfer, fitting time (N = {args.n}, {args.floor_seeds} floor pairs, "
+             "exact scores, float64)", "", args.note, ""]
+    ladder = [r for r in rows if r["part"] == "ladder"]
+    if ladder:
+        lines += ["## Criterion per budget (grids fitted on held-out data only)", "",
+                  "Each entry: NFE: W-SW2 / NLL ratios to the floor (N judged); `*` meets both <= 1.5; `!` the optimiser "
+                  "flagged the grid's held-out tail (GridTailWarning).", "",
+                  "| case | process | sampler | smallest NFE meeting it | every larger budget too | NFE: wsw / nll |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        keys = sorted({(r["case"], r["process"], r["sampler"]) for r in ladder})
+        for case, proc, name in keys:
+            rs = [r for r in ladder if (r["case"], r["process"], r["sampler"]) == (case, proc, name)]
+            lines.append(f"| {case} | {proc} | {name} | {_summary(rs)} |")
+        lines += ["", "The optimiser's held-out report beside each judged run (its own 4096 draws, against the fitted "
+                  "mixture): far off = samples beyond 5 nats past the least likely reference output.", "",
+                  "| case | process | sampler | NFE | judged wsw / nll | report wsw / nll | far off | max error | q99.9 | "
+                  "flagged | evaluations | mined | fit s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(ladder, key=lambda r: (r["case"], r["process"], r["sampler"], r["nfe"])):
+            lines.append(f"| {r['case']} | {r['process']} | {r['sampler']} | {r['nfe']} | {r['wsw_ratio']:.2f} / "
+                         f"{r['nll_ratio']:.2f} | {r['val_wsw']:.2f} / {r['val_nll']:.2f} | {r['val_far_off']} | "
+                         f"{r['val_max_error']} | {r['val_q999']} | {'yes' if r['flagged'] else ''} | {r['evaluations']} | "
+                         f"{r['mined']} | {r['fit_s']} |")
+    tr = [r for r in rows if r["part"] == "transfer"]
+    if tr:
+        lines += ["", "## One fitted grid for VE sigma_max 10, 40, 50 (dpmpp_2m, ring, starts from the exact p_1)", "",
+                  "| process | grid | smallest NFE meeting it | every larger budget too | NFE: wsw / nll |", "| --- | --- | --- | --- | --- |"]
+        for proc in ("VE10", "VE40", "VE"):
+            for kind in ("transferred from VE50", "fitted for this process"):
+                rs = [r for r in tr if r["process"] == proc and r["grid"] == kind]
+                if rs:
+                    lines.append(f"| {proc} | {kind} | {_summary(rs)} |")
+    tm = [r for r in rows if r["part"] == "time"]
+    if tm:
+        lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
+                  "| case | process | sampler, steps | previous s | this s | speed-up (median ratio) |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in tm:
+            lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r['old_s']} | {r['new_s']} | {r['speedup']} |")
+    (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--floor-seeds", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", default="ring,aniso16")
+    ap.add_argument("--samplers", default="dpmpp_2m,dpmpp_3m")
+    ap.add_argument("--parts", default="ladder,transfer,time")
+    ap.add_argument("--ladder", default=None, help="num_steps budgets of the ladder part (default: per case)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline-rev", default="cd8c252")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--tag", default="grids")
+    ap.add_argument("--merge", default=None, help="run nothing: merge the .jsonl rows of these tags into --tag")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    args.cases, args.samplers = args.cases.split(","), args.samplers.split(",")
+    args.ladder = [int(v) for v in args.ladder.split(",")] if args.ladder else None
+    torch.set_num_threads(1)
+    rows: list[dict] = []
+    if args.merge:
+        for tag in args.merge.split(","):
+            rows += [json.loads(line) for line in (Path(args.out) / f"{tag}.jsonl").read_text().splitlines() if line]
+        write(args, rows)
+        return 0
+    t0 = time.time()
+
+    def log(msg):
+        print(msg, flush=True)
+        write(args, rows)
+
+    for part in args.parts.split(","):
+        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time}[part](args, rows, log)
+    args.note = (args.note + f" Run time {time.time() - t0:.0f} s.").strip()
+    write(args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The grid optimiser's pieces: the exact mixture score it uses, the held-out tail report and its flag, early
+stopping, grid transfer across processes (closed forms of the step-density rule) and the saved-grid format."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from score_toolkit.analytic import GaussianMixture, anisotropic_mixture, ring_mixture
+from score_toolkit.processes import VESDE, VPSDE
+from score_toolkit.samplers._grid_reference import MixtureScore, OffData
+from score_toolkit.samplers.dpm_solver import DPMSolverPP2M, DPMSolverPP3M
+from score_toolkit.samplers.grids import (
+    MAX_TRANSFER_EXTENSION,
+    GridTailError,
+    GridTailWarning,
+    load_grid,
+    optimize_grid,
+    save_grid,
+    transfer_log_snr,
+)
+
+
+def _mixtures():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    full = GaussianMixture(torch.randn(3, 4, generator=g, dtype=torch.float64), a @ a.transpose(1, 2) + 0.1 * torch.eye(4),
+                           torch.tensor([0.2, 0.3, 0.5]))
+    return [ring_mixture(), anisotropic_mixture(dim=6, num_components=4), full]
+
+
+@pytest.mark.parametrize("process", [VESDE(), VPSDE()], ids=["VE", "VP"])
+def test_mixture_score_equals_the_exact_score(process):
+    """The optimiser's score (one time per batch, matrix products) equals GaussianMixture's exact score, also for a
+    batch of different times (passed on) and in its gradient with respect to t."""
+    for mix in _mixtures():
+        fast, exact = MixtureScore(mix, process), mix.score_fn(process)
+        x = 3 * torch.randn(64, mix.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for t in (1e-3, 0.2, 0.7, 1.0):
+            tt = torch.full((64,), t, dtype=torch.float64)
+            torch.testing.assert_close(fast(x, tt), exact(x, tt), rtol=1e-11, atol=1e-11)
+        mixed = torch.linspace(0.05, 1.0, 64, dtype=torch.float64)
+        torch.testing.assert_close(fast(x, mixed), exact(x, mixed), rtol=1e-11, atol=1e-11)
+        t1 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        t2 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        (g1,) = torch.autograd.grad(fast(x, t1.expand(64)).sum(), t1)
+        (g2,) = torch.autograd.grad(exact(x, t2.expand(64)).sum(), t2)
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-9)
+
+
+def test_off_data_separates_flips_from_blow_ups():
+    """A sample moved to another mode scores below zero (it lands on the data); one thrown off the ring scores far
+    above (its negative log-density, minus the largest of the reference's)."""
+    mix = ring_mixture()
+    ref = mix.sample(2000, generator=torch.Generator().manual_seed(0))
+    off = OffData(ref, mix, level=1.0)
+    flipped = mix.means[:4] + 0.1
+    thrown = mix.means[:4] * 1.7  # radius 6.8
+    assert bool((off(flipped) < 0).all()) and bool((off(thrown) > 50).all())
+    plain = OffData(ref, None, scale=0.04, level=1.0)  # the score_fn form: distance to the reference cloud
+    assert bool((plain(flipped) < 0).all()) and bool((plain(thrown) > 50).all())
+
+
+def _planted(steps, kind, **kw):
+    return optimize_grid(DPMSolverPP2M(num_steps=steps), VPSDE(), mixture=ring_mixture(), iterations=0, init=kind,
+                         num_samples=64, num_validation=1024, reference_steps=150, tail_rounds=0, **kw)
+
+
+@pytest.mark.slow  # 5-30 s depending on the machine's load
+def test_tail_flag_fires_on_a_bad_grid_and_not_on_a_good_one(tmp_path):
+    """A planted bad grid (6 Karras steps of 2M on the ring) throws held-out samples far off the data: the report
+    shows it, the optimiser warns (GridTailWarning, tail_ok False) or refuses (GridTailError, nothing saved). A good
+    one (40 log-SNR steps) is not flagged."""
+    with pytest.warns(GridTailWarning, match="far off the data"):
+        bad = _planted(6, "karras")
+    v = bad.validation["optimized"]
+    assert not bad.tail_ok and v.far_off > 0 and v.max_error > 1.0 and v.meets is False
+    assert "tail: BAD" in str(bad) and all(k in str(bad) for k in ("optimized", "karras", "log_sigma", "fitted"))
+    with pytest.raises(GridTailError):
+        _planted(6, "karras", on_bad_tail="error", save_as="bad", directory=tmp_path)
+    assert not (tmp_path / "bad.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GridTailWarning)
+        good = _planted(40, "log_sigma")
+    g = good.validation["optimized"]
+    assert good.tail_ok and g.far_off == 0 and g.max_error < v.max_error and "tail: ok" in str(good)
+    assert g.wsw_ratio < v.wsw_ratio and g.q999_error < v.q999_error
+
+
+def test_early_stop_and_hard_examples():
+    """With a loose relative tolerance the optimiser stops long before its budget; the best objective never rises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        res = optimize_grid(DPMSolverPP3M(num_steps=8), VESDE(), mixture=ring_mixture(), num_samples=128,
+                            iterations=60, patience=3, rel_tol=0.5, num_validation=512, reference_steps=120)
+    assert res.evaluations < 30 and res.loss <= min(res.history[: res.evaluations]) + 1e-15
+    assert res.fit_seconds > 0 and res.mined >= 0
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+def test_transfer_is_the_identity_on_the_grids_own_process():
+    process = VESDE(0.01, 50.0)
+    lam = process.log_snr(process.time_grid(9, "karras", dtype=torch.float64))
+    assert torch.equal(transfer_log_snr(lam, process), lam)
+
+
+def test_transfer_splits_the_step_density_into_equal_masses():
+    """Closed forms: an even log-SNR grid carried to a narrower range stays even; a grid of two step sizes carries
+    its density (each new step holds 1/n of the mass of the piecewise-constant density)."""
+    source, target = VESDE(0.01, 50.0), VESDE(0.01, 10.0)
+    even = source.log_snr(source.time_grid(12, "log_sigma", dtype=torch.float64))
+    ends = target.log_snr(torch.tensor([1.0, target.t_min], dtype=torch.float64))
+    torch.testing.assert_close(transfer_log_snr(even, target), torch.linspace(float(ends[0]), float(ends[1]), 13,
+                                                                           dtype=torch.float64), rtol=0, atol=1e-12)
+    a, m, b = float(even[0]), 0.0, float(even[-1])  # 4 steps on [a, 0], 8 steps on [0, b]
+    two = torch.cat([torch.linspace(a, m, 5, dtype=torch.float64), torch.linspace(m, b, 9, dtype=torch.float64)[1:]])
+    out = transfer_log_snr(two, target)
+    lo, hi = float(ends[0]), float(ends[1])  # hi: t_min of sigma_max 10 lies a hair past the source's end
+    mass_total = (m - lo) / (12 * (m - a) / 4) + (hi - m) / (12 * (b - m) / 8)
+    mass = torch.tensor([((min(r, m) - max(le, lo)) if le < m else 0) / (12 * (m - a) / 4) +
+                         ((r - max(le, m)) if r > m else 0) / (12 * (b - m) / 8) for le, r in zip(out[:-1].tolist(), out[1:].tolist())],
+                        dtype=torch.float64)
+    torch.testing.assert_close(mass, torch.full((12,), mass_total / 12, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert out.numel() == 13 and float(out[0]) == lo and float(out[-1]) == hi
+
+
+def test_saved_grid_transfers_or_says_why_not(tmp_path):
+    """Round trip: saved under VE sigma_max 50, loaded under sigma_max 10 and 40 (carried over, every fixed-grid
+    sampler runs on it), under its own process exactly as saved; a process reaching far beyond is refused, naming
+    both ranges and the reason."""
+    source = VESDE(0.01, 50.0)
+    times = source.time_grid(10, "karras", dtype=torch.float64)
+    path = save_grid("src", times, source, sampler="dpmpp_2m", directory=tmp_path)
+    torch.testing.assert_close(load_grid(path, source), times, rtol=0, atol=1e-12)
+    lam = source.log_snr(times)
+    for sigma_max in (10.0, 40.0):
+        target = VESDE(0.01, sigma_max)
+        loaded = load_grid(path, target)
+        torch.testing.assert_close(target.log_snr(loaded), transfer_log_snr(lam, target), rtol=0, atol=1e-9)
+        out = DPMSolverPP2M(grid=str(path)).sample(ring_mixture().score_fn(target), target, shape=(8, 2),
+                                                   dtype=torch.float64)
+        assert out.nfe == 11 and bool(torch.isfinite(out.samples).all())
+    far = VESDE(0.01, 1e4)  # reaches 2.3 below the grid's lowest log-SNR: more than a quarter of its span (8.5)
+    with pytest.raises(ValueError, match=r"cannot be carried over.*\[-9.21, 4.605\].*more than 0.25"):
+        load_grid(path, far)
+    assert MAX_TRANSFER_EXTENSION == 0.25
+
+
+def test_saved_grid_format(tmp_path):
+    """Version 2 records what a transfer needs and the optimiser's report; version 1 files still load; newer
+    versions are refused with a clear message."""
+    res = optimize_grid(DPMSolverPP2M(num_steps=6), VESDE(), mixture=ring_mixture(), num_samples=64, iterations=3,
+                        num_validation=256, reference_steps=100, save_as="g", directory=tmp_path)
+    record = json.loads(res.path.read_text())
+    assert record["version"] == 2 and record["transfer"] == {"rule": "log_snr_density", "max_extension": 0.25}
+    assert record["process"]["class"] == "VESDE" and len(record["log_snr"]) == 7
+    info = record["info"]
+    assert set(info["validation"]) == {"optimized", "fitted", "log_sigma", "karras", "uniform"}
+    assert {"far_off", "max_error", "q999_error", "wsw_ratio", "nll_ratio"} <= set(info["validation"]["optimized"])
+    assert isinstance(info["tail_ok"], bool) and info["fit_seconds"] > 0
+    old = {k: v for k, v in record.items() if k != "transfer"} | {"version": 1}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    torch.testing.assert_close(load_grid(tmp_path / "v1.json", VESDE()), res.times, rtol=0, atol=1e-12)
+    (tmp_path / "v9.json").write_text(json.dumps(record | {"version": 9}))
+    with pytest.raises(ValueError, match="version 9 is newer"):
+        load_grid(tmp_path / "v9.json", VESDE())
