@@ -233,9 +233,12 @@ ODE_CASES = [(DPMSolverPP2M, [16, 32, 64, 128]), (DPMSolverPP3M, [16, 32, 64]), 
 @pytest.mark.parametrize("process", [VESDE(), VPSDE(), SubVPSDE(), DiscreteVP()], ids=lambda p: type(p).__name__)
 @pytest.mark.parametrize(("cls", "steps"), ODE_CASES, ids=lambda v: v.name if isinstance(v, type) else None)
 def test_ode_convergence_order(cls, steps, process):
-    """Error at t_min against the exact PF-ODE map vs num_steps: the log-log slope is minus the declared order."""
+    """Error at t_min against the exact PF-ODE map vs num_steps (samplers whose default is the fitted grid: on the
+    uniform log-SNR grid without the final step; the next test covers dpmpp_3m's default grid): the log-log slope is
+    minus the declared order."""
     x1 = process.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    errs = [_ode_error(cls(num_steps=n), process, x1)[0] for n in steps]
+    grid = {"grid": "log_sigma", "to_zero": False} if cls.options.get("grid") == "fitted" else {}  # the solver alone
+    errs = [_ode_error(cls(num_steps=n, **grid), process, x1)[0] for n in steps]
     slope = _slope(steps, errs)
     order = cls.properties.order
     if cls is DPMSolverPP3M:
@@ -243,6 +246,16 @@ def test_ode_convergence_order(cls, steps, process):
         assert -order - 1.8 < slope < -order + 0.4, f"{cls.name}: slope {slope:.2f}, errors {errs}"
     else:
         assert abs(slope + order) < 0.4, f"{cls.name}: slope {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("process", [VESDE(), VPSDE()], ids=lambda p: type(p).__name__)
+def test_3m_order_on_its_default_grid(process):
+    """dpmpp_3m keeps its order 3 on its default (fitted, order-3) grid: measured slope -3.1 over 16-64 steps (the
+    error at t_min, without the final step to noise level zero, which adds its own O(sigma_min^4) term)."""
+    x1 = process.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = [16, 32, 64]
+    errs = [_ode_error(DPMSolverPP3M(num_steps=n, to_zero=False), process, x1)[0] for n in steps]
+    assert -3.5 < _slope(steps, errs) < -2.6, errs
 
 
 SDE_CASES = [(DPMSolverPP2MSDE, {}, [16, 32, 64, 128]), (DPMSolverPP3MSDE, {}, [32, 64, 128, 256]),

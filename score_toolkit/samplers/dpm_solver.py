@@ -227,11 +227,15 @@ class DPMSolverPP3M(_Multistep):
     the exact integral; their code has 1). Steps 1 and 2 warm up with orders 1 and 2.
 
     Options:
-        num_steps (20), grid ("log_sigma"), rho (7.0): see :class:`DPMSolverPP2M`.
+        num_steps (20): steps of the grid (NFE = num_steps + 1 with ``to_zero``).
+        grid ("fitted"), rho (7.0): see :class:`DPMSolverPP2M`; ``"fitted"`` is here the data-free density fitted
+            for third-order samplers (``fitted_log_snr(process, n, order=3)``).
         lower_order_final (False): the last two steps use orders 1 and 2 (diffusers' default below 15 steps;
             measured worse here on the analytic test problems, and it lowers the asymptotic order).
-        to_zero (False): end with the PF-ODE step to noise level 0 (one more evaluation; see
-            :func:`~score_toolkit.samplers.grids.step_to_zero`).
+        to_zero (True): end with the PF-ODE step to noise level 0 (one more evaluation; see
+            :func:`~score_toolkit.samplers.grids.step_to_zero`); off by itself when ``denoise=True`` is passed.
+
+    Defaults (grid, ``to_zero``) chosen by measurement: docs/fast_samplers.md, "Defaults".
         denoise, progress: see :class:`~score_toolkit.samplers.base.Sampler`.
 
     Order: the first step (no history yet) is first order; its local error ``O(h^2 |dD/dlambda|)`` at the prior's
@@ -242,9 +246,10 @@ class DPMSolverPP3M(_Multistep):
     name: ClassVar[str] = "dpmpp_3m"
     description: ClassVar[str] = "DPM-Solver++(3M): third-order multistep exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": False,
-                                         "to_zero": False}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "fitted", "rho": 7.0, "lower_order_final": False,
+                                         "to_zero": True}
     order = 3
+    fitted_order = 3
 
 
 # ---------------------------------------------------------------------------------------------- single-step
