@@ -178,6 +178,11 @@ def train(
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=tc.steps, last_epoch=0, **tc.lr_scheduler_options)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if tc.compile:
+        from accelerate.utils import is_compiled_module
+
+        if not is_compiled_module(model):  # Accelerate's state came from an earlier run in this process
+            model = torch.compile(model, backend="inductor")
     base_model = accelerator.unwrap_model(model)
     ema = EMA(base_model, tc.ema_decay) if tc.ema_decay is not None else None
 
