@@ -1,67 +1,83 @@
 #!/usr/bin/env python
-"""Classifier-free guidance on a class-conditional digits UNet: does the shipped digits classifier assign the
-requested class to the guided samples? (docs/conditioning.md)
+"""Classifier-free guidance on the shipped class-conditional digits model: per class, does the shipped digits
+classifier assign the requested class to the guided samples, and how far are they from the real digits of that
+class (Frechet distance in the classifier's features, next to the real-vs-real floor)? (docs/conditioning.md)
 
-Train the model first (not shipped): ``score-toolkit train --config benchmarks/configs/digits_class_conditional.yaml``
-(exports to runs/digits_class_conditional/pipeline). For each guidance scale and each class 0..9, ``--per-class``
-samples with ``dpmpp_2m`` at 25 steps (25 network calls on a doubled batch with guidance), classified by
-``hub_cards/digits_classifier``; reported: the fraction classified as the requested class, overall and worst class.
+For each guidance scale, ``score-toolkit evaluate --model digits_class_conditional --class-label each
+--guidance-scale S`` with the given sampler options: per class as many samples as the class's floor sets hold
+(86 to 93; 899 in all), the same seeds at every scale. Writes ``benchmarks/results/cfg_digits.md`` and ``.json``.
 
-    python benchmarks/bench_cfg_digits.py --model runs/digits_class_conditional/pipeline
+    python benchmarks/bench_cfg_digits.py                         # scales 1, 2, 3; dpmpp_2m, 24 steps = 25 NFE
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from score_toolkit.digits_classifier import load_digits_classifier
-from score_toolkit.pipeline import ScorePipeline
+from score_toolkit.cli import main as cli
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="runs/digits_class_conditional/pipeline")
-    p.add_argument("--scales", default="1,2,3,5")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default="digits_class_conditional")
+    p.add_argument("--scales", default="1,2,3")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--option", action="append", default=None, help="sampler options (default num_steps=24)")
+    p.add_argument("--num-samples", type=int, default=None, help="per class (default: the floor sets' size)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    options = args.option or ["num_steps=24"]
     start, load0 = time.time(), os.getloadavg()[0]
-    pipe = ScorePipeline.from_pretrained(args.model)
-    clf = load_digits_classifier()
-    rows = []
-    for scale in [float(s) for s in args.scales.split(",")]:
-        per_class = []
-        for c in range(10):
-            gens = [torch.Generator().manual_seed(1000 * c + i) for i in range(args.per_class)]
-            out = pipe(args.per_class, class_labels=c, guidance_scale=scale, sampler="dpmpp_2m", num_steps=args.steps,
-                       generator=gens, output_type="pt")
-            pred = clf.predict(out.samples.clamp(-1, 1))[0]
-            per_class.append(float((pred == c).float().mean()))
-        rows.append((scale, sum(per_class) / 10, min(per_class), per_class, out.nfe))
-        print(scale, rows[-1][1], rows[-1][2], flush=True)
-    lines = ["# Classifier-free guidance on a class-conditional digits UNet", "",
-             f"Model `{args.model}` (trained with `score-toolkit train --config "
-             "benchmarks/configs/digits_class_conditional.yaml`, not shipped), dpmpp_2m with "
-             f"{args.steps} steps, {args.per_class} samples per class, classified by hub_cards/digits_classifier. Load average "
-             f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, {time.time() - start:.0f} s. Command: "
-             f"`python benchmarks/bench_cfg_digits.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
-             "| guidance_scale | NFE (network calls) | requested class, all | worst class | per class 0..9 |", "|---|---|---|---|---|"]
-    for scale, mean, worst, per, nfe in rows:
-        lines.append(f"| {scale:g} | {nfe} | {mean:.3f} | {worst:.2f} | {' '.join(f'{v:.2f}' for v in per)} |")
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in args.scales.split(","):
+            cmd = ["evaluate", "--model", args.model, "--sampler", args.sampler]
+            for o in options:
+                cmd += ["--option", o]
+            cmd += ["--class-label", "each", "--guidance-scale", scale, "--output", f"{tmp}/r.json", "-q"]
+            if args.num_samples:
+                cmd += ["--num-samples", str(args.num_samples)]
+            if cli(cmd) != 0:
+                return 1
+            rep = json.loads(Path(f"{tmp}/r.json").read_text())
+            rep["command"] = "score-toolkit " + " ".join(c for c in cmd if c not in ("--output", f"{tmp}/r.json"))
+            reports.append(rep)
+    lines = ["# Classifier-free guidance on the shipped class-conditional digits model", "",
+             f"Model `{args.model}`" + (f" (hub_cards/{args.model}, trained with the command its card records)"
+                                         if "/" not in args.model else "") + ". Per class "
+             f"as many samples as the class's floor sets hold ({reports[0]['num_samples']} in all), the same seeds at "
+             f"every scale; classified by hub_cards/digits_classifier; Frechet distance in its penultimate features "
+             f"to the odd half of the real digits of the class; floors: the even half of the class against the odd "
+             f"half (two disjoint real sets of the same size), and the classifier's accuracy on that even half. "
+             f"Load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, {time.time() - start:.0f} s. "
+             f"Command: `python benchmarks/bench_cfg_digits.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
+             "", "| guidance scale | sampler (NFE) | classified as requested, all | worst class |", "|---|---|---|---|"]
+    for r in reports:
+        worst = min(r["rows"], key=lambda row: row["accuracy"])
+        lines.append(f"| {r['details']['guidance_scale']:g} | {r['details']['sampler']} ({r['nfe']}) | "
+                     f"{r['accuracy']:.4f} | {worst['accuracy']:.3f} (class {worst['class']}) |")
+    head = "| class | samples | " + " | ".join(f"classified, scale {r['details']['guidance_scale']:g}" for r in reports) \
+        + " | accuracy floor | " + " | ".join(f"FD, scale {r['details']['guidance_scale']:g}" for r in reports) \
+        + " | FD floor |"
+    lines += ["", "Per class (FD: Frechet distance):", "", head, "|" + "---|" * (2 * len(reports) + 4)]
+    for i, row in enumerate(reports[0]["rows"]):
+        acc = " | ".join(f"{r['rows'][i]['accuracy']:.3f}" for r in reports)
+        fd = " | ".join(f"{r['rows'][i]['frechet_distance']:.2f}" for r in reports)
+        lines.append(f"| {row['class']} | {row['num_samples']} | {acc} | {row['accuracy_floor']:.3f} | {fd} | "
+                     f"{row['frechet_floor']:.2f} |")
+    lines += ["", "Commands (one per scale):", ""] + [f"* `{r['command']}`" for r in reports]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "cfg_digits.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "cfg_digits.md")
+    for name, text in (("cfg_digits.md", "\n".join(lines) + "\n"), ("cfg_digits.json", json.dumps(reports, indent=1))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
     return 0
 
 

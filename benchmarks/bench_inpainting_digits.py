@@ -67,6 +67,60 @@ def run_ours(pipe, method, x, m, args):
     return torch.cat(outs), nfe
 
 
+def ancestral_step_factor(process, num_steps):
+    """t -> the factor ``sigma_{t|s}^2 / alpha_{t|s}`` by which the ancestral step from t (a point of its grid) to the
+    next grid time s multiplies the score, and the next time's alpha_s: a score term ``c(t) g`` moves ``x_s`` by
+    ``factor * c(t) g``, so ``c(t) = w / factor`` makes the sampler apply a method's published update ``x_s += w g``."""
+    from score_toolkit.samplers.ancestral import forward_transition
+
+    ts = process.time_grid(num_steps, "uniform").tolist()
+    table = [(t, *forward_transition(process, t, s)[4:], float(process.alpha(torch.tensor(s, dtype=torch.float64))))
+             for t, s in zip(ts[:-1], ts[1:])]
+    times = torch.tensor([r[0] for r in table], dtype=torch.float64)
+
+    def lookup(t):
+        i = (times[None] - t.double().reshape(-1, 1).cpu()).abs().argmin(1)
+        a_ts = torch.tensor([float(table[k][1]) for k in i], dtype=torch.float64)
+        var_ts = torch.tensor([float(table[k][2]) for k in i], dtype=torch.float64)
+        alpha_s = torch.tensor([table[k][3] for k in i], dtype=torch.float64)
+        return var_ts / a_ts, alpha_s
+
+    return lookup
+
+
+def run_published(pipe, method, x, m, args, zeta):
+    """DPS and PiGDM with their published per-step updates, applied through the ancestral sampler's score term:
+    DPS (Chung et al. 2023, the authors' code): ``x_s -= zeta' grad_{x_t} ||y - A x0^||`` per step (the step size
+    ``zeta' / ||y - A x0^||`` of Algorithm 1 on the squared norm); PiGDM (Song et al. 2023, Algorithm 1):
+    ``x_s += alpha_s r_t^2 g`` with ``g = (dx0^/dx_t)^T A^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0^)`` and
+    ``r_t^2 = sigma~^2 / (1 + sigma~^2)`` (data variance 1), times ``zeta``."""
+    from score_toolkit.conditioning import DPS, PiGDM
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.scores import ScoreAdapter
+
+    process, prediction_type, time_input = pipe.spec
+    factor = ancestral_step_factor(process, args.steps)
+    base = ScoreAdapter(pipe.unet, process, prediction_type, time_input)
+    if not bool((m == m[:1]).all()):
+        raise ValueError("the published-update variants run one shared mask (--mask left_half)")
+    op, y = Mask(m[0]), x * m
+    if method == "dps_published":
+        def scale(t):
+            f, _ = factor(t)
+            return zeta / f
+        score = DPS(base, process, op, y, 0.05, scale=scale, weighting="normalized")
+    else:
+        def scale(t):
+            f, alpha_s = factor(t)
+            a, s = process.marginal(t.double().cpu())
+            nsr2 = (s / a) ** 2
+            return zeta * alpha_s * (nsr2 / (1 + nsr2)) / f
+        score = PiGDM(base, process, op, y, 0.05, scale=scale, data_variance=1.0)
+    gens = [torch.Generator().manual_seed(i) for i in range(x.shape[0])]
+    out = get_sampler("ancestral", num_steps=args.steps).sample(score, process, shape=tuple(x.shape), generator=gens)
+    return out.samples.float(), out.nfe
+
+
 def run_diffusers(pipe, x, m, args):
     from diffusers import RePaintPipeline, RePaintScheduler
 
@@ -101,8 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--jump-length", type=int, default=5)
     p.add_argument("--jump-n-sample", type=int, default=3)
-    p.add_argument("--methods", default="repaint,diffusers_repaint,imputation,replacement,pigdm,dps")
+    p.add_argument("--methods", default="repaint,diffusers_repaint,imputation,replacement,pigdm,dps",
+                   help="comma-separated; also dps_published@ZETA and pigdm_published@ZETA (run_published)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="inpainting_digits", help="results file name (without .md)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,6 +182,9 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 if method == "diffusers_repaint":
                     out, nfe = run_diffusers(pipe, x, m, args)
+                elif method.split("@")[0] in ("dps_published", "pigdm_published"):
+                    name, zeta = method.split("@")
+                    out, nfe = run_published(pipe, name, x, m, args, float(zeta))
                 else:
                     out, nfe = run_ours(pipe, method, x, m, args)
         except Exception as exc:  # a diverging method is a result: recorded, not fatal
@@ -164,9 +223,9 @@ def main(argv=None) -> int:
             lines.append(f"\n{r['method']}: {r['error']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "inpainting_digits.md.tmp"
+    tmp = out / f"{args.name}.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "inpainting_digits.md")
+    os.replace(tmp, out / f"{args.name}.md")
     return 0
 
 

@@ -10,7 +10,7 @@ re-implemented in a few lines and run side by side, in one process, repetitions 
 
 * ``ours, same criterion``: torchdiffeq dopri5 at the same tolerances, one probe (the same probe vectors), in t,
   with the batch-wide error norm (``per_sample_norm=False``): the same computation;
-* ``ours, default``: integration in ln(sigma / alpha) with the per-sample error norm, one probe;
+* ``ours, default``: the default integration variable (t under VP) with the per-sample error norm, one probe;
 * ``ours, exact``: the default with the exact divergence (2-D and 16-D cases).
 
 Cases: the analytic test bed with the exact score (2-D ring of 8 Gaussians; 16-D anisotropic mixture) under
@@ -86,6 +86,220 @@ def score_sde_log_likelihood(score_fn, process, x: torch.Tensor, probe: torch.Te
     return process.prior_log_prob(z) + delta, int(sol.nfev)
 
 
+def score_sde_exact_log_likelihood(score_fn, process, x: torch.Tensor, eps: float = 1e-5, rtol=1e-5, atol=1e-5):
+    """score_sde_pytorch's recipe with the exact divergence in place of its one probe: ``solve_ivp(RK45)`` on the
+    flattened numpy state [x, delta_logp] from ``eps`` to T, the divergence of the drift as the trace of its
+    Jacobian (one backward pass per coordinate, FFJORD's brute-force divergence). Kinder to it than the original
+    in two ways: the drift comes from the same forward pass as the divergence (score_sde calls the model twice per
+    evaluation), and the score runs in the data's dtype (score_sde casts to float32). Returns (z, delta, nfe)."""
+    from scipy import integrate
+
+    shape, n, dtype = x.shape, x.shape[0], x.dtype
+    d = x[0].numel()
+
+    def ode_func(t: float, y: np.ndarray) -> np.ndarray:
+        xs = torch.from_numpy(y[:-n].reshape(shape)).to(dtype)
+        tt = torch.tensor([t], dtype=torch.float64)
+        f, g2 = float(process.drift_coef(tt)), float(process.diffusion_squared(tt))
+        with torch.enable_grad():
+            xg = xs.detach().requires_grad_(True)
+            drift = (f * xg - 0.5 * g2 * score_fn(xg, torch.full((n,), t, dtype=dtype))).reshape(n, d)
+            div = torch.zeros(n, dtype=dtype)
+            for i in range(d):
+                (g,) = torch.autograd.grad(drift[:, i].sum(), xg, retain_graph=True)
+                div = div + g.reshape(n, d)[:, i]
+        return np.concatenate([drift.detach().numpy().reshape(-1), div.numpy()])
+
+    y0 = np.concatenate([x.numpy().reshape(-1), np.zeros(n)])
+    sol = integrate.solve_ivp(ode_func, (eps, process.t_max), y0, rtol=rtol, atol=atol, method="RK45")
+    z = torch.from_numpy(sol.y[:-n, -1].reshape(shape)).to(dtype)
+    return z, torch.from_numpy(sol.y[-n:, -1]).to(dtype), int(sol.nfev)
+
+
+def exact_cases(n: int, n_net: int):
+    """(name, process, score_fn, x, exact log p_{eps} or None, exact log p_1 or None): the 2-D ring and the 16-D
+    mixture of score_toolkit.analytic under VP(0.1, 20) and VE(0.01, 50), both from eps = 1e-5, and a ScoreMLP
+    (16-D, random weights) under VP."""
+    from score_toolkit.processes import VESDE
+
+    eps = 1e-5
+    processes = {"VP": VPSDE(0.1, 20.0, t_min=eps), "VE": VESDE(0.01, 50.0, t_min=eps)}
+    out = []
+    for mname, mix in (("ring 2-D", ring_mixture()), ("mixture 16-D", anisotropic_mixture(16))):
+        x = mix.sample(n, generator=torch.Generator().manual_seed(0))
+        for pname, proc in processes.items():
+            out.append((f"{mname}, {pname}, exact score", proc, mix.score_fn(proc), x, mix.log_prob(x, eps, proc),
+                        partial(mix.log_prob, t=1.0, process=proc)))
+    mix = anisotropic_mixture(16)
+    x = mix.sample(n_net, generator=torch.Generator().manual_seed(0))
+    out.append(("ScoreMLP 16-D network, VP", processes["VP"], _MLPScore(16), x, None, None))
+    return out
+
+
+def run_exact(args) -> list[dict]:
+    """Exact divergence: log_likelihood at its defaults against the recipe above, interleaved repetitions."""
+    rows = []
+    for name, proc, score_fn, x, exact, prior in exact_cases(args.n_exact, args.n_net):
+        def recipe(_s=score_fn, _p=proc, _x=x):
+            z, delta, nfe = score_sde_exact_log_likelihood(_s, _p, _x)
+            return z, delta, nfe
+
+        def ours(_s=score_fn, _p=proc, _x=x, _prior=prior):
+            res = log_likelihood(_s, _p, _x, prior_log_prob=_prior, batch_size=len(_x), return_latent=True)
+            return res
+
+        times = {"recipe": [], "ours": []}
+        out = {}
+        for rep in range(args.reps):
+            for key in (("recipe", "ours") if rep % 2 == 0 else ("ours", "recipe")):
+                t0 = time.perf_counter()
+                out[key] = (recipe if key == "recipe" else ours)()
+                times[key].append(time.perf_counter() - t0)
+            print(f"{name}: repetition {rep + 1}/{args.reps} done", flush=True)
+        z, delta, nfe_r = out["recipe"]
+        res = out["ours"]
+        if exact is not None:
+            lp_r = prior(z) + delta
+            err_r = float((lp_r - exact).abs().mean())
+            err_o = float((res.log_prob - exact).abs().mean())
+            max_r, max_o = float((lp_r - exact).abs().max()), float((res.log_prob - exact).abs().max())
+        else:
+            lp_r = proc.prior_log_prob(z) + delta
+            err_r = err_o = max_r = max_o = None
+            agree = float((lp_r - (proc.prior_log_prob(res.latent) + res.delta_log_prob)).abs().mean())
+        wr, wo = statistics.median(times["recipe"]), statistics.median(times["ours"])
+        rows.append({
+            "case": name, "n": len(x), "nfe_recipe": nfe_r, "nfe_ours": res.nfe,
+            "time_variable": res.info["time_variable"], "mean_abs_err_recipe": err_r, "mean_abs_err_ours": err_o,
+            "max_abs_err_recipe": max_r, "max_abs_err_ours": max_o, "wall_s_recipe": wr, "wall_s_ours": wo,
+            "nfe_ratio": res.nfe / nfe_r, "wall_ratio": wo / wr,
+            "mean_abs_diff": agree if exact is None else None,
+        })
+    return rows
+
+
+EXACT_COLUMNS = ("case", "n", "time_variable", "nfe_recipe", "nfe_ours", "nfe_ratio", "mean_abs_err_recipe",
+                 "mean_abs_err_ours", "max_abs_err_recipe", "max_abs_err_ours", "wall_s_recipe", "wall_s_ours",
+                 "wall_ratio", "mean_abs_diff")
+
+
+def exact_section(rows, args) -> list[str]:
+    import csv
+
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=EXACT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        "## Exact divergence: `log_likelihood` at its defaults against score_sde's recipe",
+        "",
+        f"Both from eps = 1e-5 to 1, rtol = atol = 1e-5, float64, one solve for the whole batch (`batch_size=N`; the "
+        f"default 256 only splits the work), {args.reps} interleaved repetitions, median wall times, "
+        f"{args.threads} thread(s). Recipe: `scipy.integrate.solve_ivp(RK45)` on the flattened numpy state "
+        "[x, delta_logp] as in score_sde_pytorch's `likelihood.py`, the divergence of the drift as the trace of its "
+        "Jacobian (one backward pass per coordinate; the drift from the same forward pass, the score in float64: "
+        "both kinder to it than the original). Ours: `log_likelihood(score_fn, process, x)` with nothing else set "
+        "but the exact p_1 as prior. Error: mean (and max) over the N points of |log p - exact log p_eps|, the exact "
+        "p_1 as prior in both (the recipe's latent z is scored with it), so only the solver's error counts. The "
+        f"network row (random weights, no closed form) gives the mean |difference| of the two results instead, both "
+        f"under the Gaussian prior. CSV: `{path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}`.",
+        "",
+        "| case | N | variable | NFE recipe | NFE ours | NFE ratio | mean err recipe | mean err ours | "
+        "max err recipe | max err ours | wall recipe s | wall ours s | wall ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        err_r = fmt(r["mean_abs_err_recipe"], ".2e")
+        err_o = fmt(r["mean_abs_err_ours"], ".2e") if r["mean_abs_diff"] is None else \
+            f"diff {r['mean_abs_diff']:.1e}"
+        lines.append(
+            f"| {r['case']} | {r['n']} | {r['time_variable']} | {r['nfe_recipe']} | {r['nfe_ours']} | "
+            f"{r['nfe_ratio']:.2f} | {err_r} | {err_o} | {fmt(r['max_abs_err_recipe'], '.1e')} | "
+            f"{fmt(r['max_abs_err_ours'], '.1e')} | {r['wall_s_recipe']:.2f} | {r['wall_s_ours']:.2f} | "
+            f"{r['wall_ratio']:.2f} |")
+    return lines + [""]
+
+
+def nfe_sources(args) -> Path:
+    """Where the evaluations go: NFE and mean error of log_likelihood (exact divergence, N points, exact p_1) per
+    integration variable, error norm and tolerance, next to the recipe, on the ring and the 16-D mixture under VP
+    and VE. Writes ``results/likelihood_nfe_sources.md``."""
+    torch.set_num_threads(args.threads)
+    lines = ["# Likelihood: where the score evaluations go", "",
+             f"Generated by `python benchmarks/bench_likelihood.py --nfe-sources` ({args.n_exact} points, exact "
+             "divergence, eps = 1e-5, float64, exact p_1 as prior; error = mean over the points of |log p - exact "
+             "log p_eps|). `per-sample`: `per_sample_norm=True` (each sample meets the tolerance by itself); `batch`: "
+             "one RMS of the x part and one of the log-density part over the batch, the larger of the two. The "
+             "recipe row: score_sde's RK45 at rtol = atol = 1e-5 (as in the exact-divergence table of "
+             "likelihood.md).", "",
+             "| case | variable | norm | rtol = atol | NFE | mean err | max err |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, proc, score_fn, x, exact, prior in exact_cases(args.n_exact, 1)[:4]:
+        z, delta, nfe = score_sde_exact_log_likelihood(score_fn, proc, x)
+        e = (prior(z) + delta - exact).abs()
+        lines.append(f"| {name} | recipe (RK45, t) | scipy RMS | 1e-5 | {nfe} | {e.mean():.2e} | {e.max():.1e} |")
+        for tv in ("t", "log_sigma"):
+            for psn in (True, False):
+                for tol in (1e-5, 3e-5, 1e-4):
+                    res = log_likelihood(score_fn, proc, x, prior_log_prob=prior, batch_size=len(x), rtol=tol,
+                                         atol=tol, time_variable=tv, per_sample_norm=psn)
+                    e = (res.log_prob - exact).abs()
+                    lines.append(f"| {name} | {tv} | {'per-sample' if psn else 'batch'} | {tol:.0e} | {res.nfe} | "
+                                 f"{e.mean():.2e} | {e.max():.1e} |")
+        print(name, "done", flush=True)
+    lines += ["", "## The exact divergence vectorised over copies of the batch", "",
+              "Milliseconds per evaluation (score and exact divergence, B = 500, t = 0.3, median of 5, interleaved): "
+              "`loop`, what log_likelihood does on the CPU (one forward pass, one backward pass per coordinate); "
+              "`copies`, one forward pass over d copies of the batch (d B rows) and one backward pass.", "",
+              "| score | d | loop ms | copies ms | copies / loop |", "| --- | --- | --- | --- | --- |"]
+    proc = VPSDE(0.1, 20.0)
+    for name, d, score_fn in (("ring, exact", 2, ring_mixture().score_fn(proc)),
+                              ("16-D mixture, exact", 16, anisotropic_mixture(16).score_fn(proc)),
+                              ("ScoreMLP (random weights)", 16, _MLPScore(16))):
+        x = torch.randn(500, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        t = torch.full((500,), 0.3, dtype=torch.float64)
+        a, b = _div_loop(score_fn, x, t), _div_copies(score_fn, x, t)
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), "the two divergences disagree"
+        times = {"loop": [], "copies": []}
+        for rep in range(5):
+            for key, fn in ((("loop", _div_loop), ("copies", _div_copies))[:: 1 if rep % 2 == 0 else -1]):
+                t0 = time.perf_counter()
+                fn(score_fn, x, t)
+                times[key].append(1e3 * (time.perf_counter() - t0))
+        lo, co = statistics.median(times["loop"]), statistics.median(times["copies"])
+        lines.append(f"| {name} | {d} | {lo:.1f} | {co:.1f} | {co / lo:.2f} |")
+    out = HERE / "results" / "likelihood_nfe_sources.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _div_loop(score_fn, x, t):
+    xg = x.detach().requires_grad_(True)
+    s = score_fn(xg, t)
+    total = torch.zeros(len(x), dtype=x.dtype)
+    for i in range(x.shape[1]):
+        (g,) = torch.autograd.grad(s[:, i].sum(), xg, retain_graph=True)
+        total = total + g[:, i]
+    return total
+
+
+def _div_copies(score_fn, x, t):
+    b, d = x.shape
+    xr = x.detach().unsqueeze(0).expand(d, b, d).reshape(d * b, d).requires_grad_(True)
+    s = score_fn(xr, t.repeat(d)).reshape(d, b, d)
+    (g,) = torch.autograd.grad(s.diagonal(dim1=0, dim2=2).sum(), xr)
+    return g.reshape(d, b, d).diagonal(dim1=0, dim2=2).sum(-1)
+
+
 class _MLPScore:
     def __init__(self, dim: int):
         from score_toolkit.models import ScoreMLP
@@ -93,7 +307,7 @@ class _MLPScore:
 
         torch.manual_seed(0)
         net = ScoreMLP(dim=dim, hidden_dim=128, num_layers=2, time_embedding="linear").double()
-        self.adapter = ScoreAdapter(net, VPSDE(0.1, 20.0), "epsilon", "t")
+        self.adapter = ScoreAdapter(net, VPSDE(0.1, 20.0, t_min=1e-5), "epsilon", "t")
 
     def __call__(self, x, t):
         return self.adapter(x, t)
@@ -128,7 +342,7 @@ def run(args) -> list[dict]:
             "ours, same criterion (dopri5 in t, batch norm, 1 probe)": partial(
                 _ours, score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7, time_variable="t",
                 per_sample_norm=False),
-            "ours, default (log-sigma, per-sample norm, 1 probe)": partial(
+            "ours, default (t under VP, per-sample norm, 1 probe)": partial(
                 _ours, score_fn, proc, x, prior, divergence="hutchinson", num_probes=1, seed=7),
         }
         if x.shape[1] <= 16:
@@ -268,11 +482,12 @@ NOTES = """How to read it:
   lets single samples drift by that much). The rest of the time ratio is per-step overhead (torchdiffeq's torch
   stepping against numpy round trips and scipy's Python stepping): visible with a cheap analytic score, within 5%
   per evaluation once the score is a network (profiled: 2.5 against 2.3 ms per evaluation for the 64-D MLP).
-* Our defaults cost more evaluations on the continuous VP process, for two reasons that buy correctness: the error
-  norm is per sample (each sample meets the tolerance by itself, instead of one RMS over the batch where a hard
-  sample hides among easy ones), and the ODE is solved in ln(sigma / alpha), which keeps it smooth for every process
-  (a DDPM table's coefficients jump at each of its 1000 steps, where integrating in t needs far more steps).
+* Our defaults cost more evaluations, for the per-sample error norm: each sample meets the tolerance by itself,
+  instead of one RMS over the batch where a hard sample hides among easy ones (the max error columns of the
+  exact-divergence table below). The default integration variable is t under VP and sub-VP, ln(sigma / alpha)
+  otherwise (smooth for every process: a DDPM table's coefficients jump at each of its 1000 steps).
   Pass `time_variable="t", per_sample_norm=False` to get score_sde's criterion.
+* The exact-divergence table: see docs/likelihood.md ("Speed") for how to read it.
 * One probe gives no standard error; score_toolkit defaults to 4 probes when `divergence="hutchinson"`, and the
   exact divergence is affordable in small dimensions.
 * The ScoreMLP case has random weights: its likelihood has no closed form, so only cost and agreement are shown.
@@ -285,20 +500,33 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "likelihood.md"))
+    p.add_argument("--csv", default=str(HERE / "results" / "likelihood_exact.csv"),
+                   help="the exact-divergence comparison as CSV")
+    p.add_argument("--n-exact", type=int, default=None, help="points per analytic case of the exact part (500)")
+    p.add_argument("--nfe-sources", action="store_true",
+                   help="only the NFE/error sweep over variables, norms and tolerances (results/likelihood_nfe_sources.md)")
+    p.add_argument("--n-net", type=int, default=None, help="points for the network case of the exact part (128)")
     p.add_argument("--digits-model", default=None, help="a digits pipeline folder to evaluate (e.g. hub_cards/digits)")
     p.add_argument("--digits-bpd-samples", type=int, default=64, help="held-out digits for the bits/dim (default 64)")
     p.add_argument("--keep-digits", action="store_true",
                    help="without --digits-model: keep the digits-model section of the existing --out file")
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
+    args.n_exact = args.n_exact or (64 if args.quick else 500)
+    args.n_net = args.n_net or (32 if args.quick else 128)
+    if args.nfe_sources:
+        print(nfe_sources(args).read_text())
+        return 0
     start = time.time()
     rows = run(args)
-    extra = digits_part(args)
+    exact_rows = run_exact(args)
+    exact_lines = exact_section(exact_rows, args)
+    extra = exact_lines + digits_part(args)
     if args.keep_digits and not args.digits_model:
         previous = Path(args.out).read_text(encoding="utf-8") if Path(args.out).is_file() else ""
         marker = "## Digits: evaluation floor and the model"
         if marker in previous:
-            extra = [previous[previous.index(marker):].rstrip(), "",
+            extra = [*exact_lines, previous[previous.index(marker):].rstrip(), "",
                      "(the model's rows above come from an earlier run with --digits-model, kept by --keep-digits)"]
     path = write_report(rows, args, time.time() - start, extra)
     print(path.read_text())

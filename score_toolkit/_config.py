@@ -15,11 +15,15 @@ values used (``_use_default_values`` is removed, never applied), and a key that 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["init_keys", "config_keys", "strict_config"]
+__all__ = ["init_keys", "config_keys", "strict_config", "init_from_fields", "REQUIRED"]
+
+#: the default of a field that has none (a required argument)
+REQUIRED = inspect.Parameter.empty
 
 
 def init_keys(cls: type) -> set[str]:
@@ -56,3 +60,30 @@ def strict_config(config: Mapping[str, Any], allowed: Iterable[str], where: str)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"unknown key(s) {', '.join(hints)} in {where}; expected a subset of {sorted(allowed)}")
     return cfg
+
+
+def init_from_fields(fields: Mapping[str, tuple[Any, str]]) -> Callable:
+    """Decorator of the ``__init__(self, **config)`` of a diffusers ``ConfigMixin`` class whose config fields are
+    the table ``fields`` (name: (default, annotation); default :data:`REQUIRED`: none), so that classes sharing
+    most of their fields write the shared ones once. The ``__init__``'s signature -- which diffusers reads as
+    the config's keys and defaults -- becomes the table; the decorated ``__init__`` receives every field (given
+    or default) and is registered with diffusers' ``register_to_config``; an unknown or missing argument is a
+    ``TypeError``, as for a written-out signature."""
+    from diffusers.configuration_utils import register_to_config
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature([inspect.Parameter("self", kind)] + [
+        inspect.Parameter(name, kind, default=default, annotation=annotation)
+        for name, (default, annotation) in fields.items()])
+
+    def decorate(init: Callable) -> Callable:
+        @functools.wraps(init)
+        def with_fields(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            init(self, **{k: v for k, v in bound.arguments.items() if k != "self"})
+
+        with_fields.__signature__ = signature
+        return register_to_config(with_fields)
+
+    return decorate

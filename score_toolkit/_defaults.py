@@ -2,14 +2,15 @@
 imports nothing, so the command line stays fast to start). Public as ``score_toolkit.pipeline.DEFAULT_SAMPLER``
 and ``DEFAULT_STEPS``.
 
-Measured on the shipped digits model (900 samples, classifier Frechet distance, floor 3.44): dpmpp_2m with 25
-steps 3.38, as good as the converged ODE (pf_ode dopri5 at 1e-4, 110 NFE: 3.24) and better than ancestral at 100
-or 200 steps (7.2, 4.9); about 0.5 s per 64 samples (docs/pipeline.md). Those numbers were measured with
-dpmpp_2m's earlier defaults (uniform log-SNR grid, no final step); its defaults are now the data-free fitted grid
-and ``to_zero=True`` (26 NFE at 25 steps; docs/fast_samplers.md), not yet re-measured on the digits model.
+Chosen by measurement (docs/fast_samplers.md, "Defaults"; benchmarks/results/defaults.md): dpmpp_3m on its data-free
+fitted grid with the final step to noise level zero is within 1.5x of the exact noise floor (within-mode sliced W2
+and mean NLL, N = 10,000) from 25 NFE on the 16-D mixture under VE and VP and on the 2-D ring under VE (30 under
+VP), where dpmpp_2m's defaults stay 12-16x off in NLL on the 16-D mixture. On the shipped digits model (900 samples,
+classifier Frechet distance, benchmarks/results/defaults_digits.md) 25 NFE read 4.65 against the converged ODE's
+4.55 from the same noise (15 NFE: 5.08).
 """
 
 #: the default sampler
-DEFAULT_SAMPLER = "dpmpp_2m"
-#: its number of steps when none is given
-DEFAULT_STEPS = 25
+DEFAULT_SAMPLER = "dpmpp_3m"
+#: its number of steps when none is given (NFE = DEFAULT_STEPS + 1: the final step to noise level zero)
+DEFAULT_STEPS = 24

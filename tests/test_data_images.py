@@ -224,6 +224,53 @@ def test_hf_streaming_batches_do_not_depend_on_processes_workers_or_resume(tmp_p
     assert not torch.equal(flat[:20], flat[20:40])  # a new order in the second epoch
 
 
+def _canon(x):
+    return [tuple(v.flatten().tolist()) for v in x]
+
+
+def test_hf_streamed_parquet_is_read_one_row_group_at_a_time(tmp_path, no_stream_shutdown_sleep):
+    # pyarrow's scanner reads the rest of a parquet file ahead while the consumer is slow; as one shard per
+    # row group fed to the shuffle buffer one at a time, memory is bounded by a row group, not the file
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    _hf_images(40).to_parquet(str(path), batch_size=10)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 4
+    ds = load_dataset("hf", path=str(path), streaming=True, shuffle_buffer=5, cache_dir=str(tmp_path / "cache"))
+    assert ds.stream.num_shards == 4
+    group_of = {img: i // 10 for i, img in enumerate(_canon(ds.head(40)))}
+    firsts = set()
+    for seed in range(4):
+        shuffled = _canon(ds.draw(5, seed))
+        groups = {group_of[img] for img in shuffled}
+        assert len(groups) == 1, f"seed {seed}: the first 5 examples mix row groups {sorted(groups)}"
+        firsts |= groups
+    assert len(firsts) > 1  # the order of the row groups is shuffled too
+
+
+def test_hf_streamed_parquet_with_large_row_groups_warns_naming_the_file(tmp_path, monkeypatch,
+                                                                       no_stream_shutdown_sleep):
+    from score_toolkit.data import hf_datasets
+
+    whole, split = tmp_path / "whole.parquet", tmp_path / "split.parquet"
+    _hf_images(12).to_parquet(str(whole))
+    _hf_images(12).to_parquet(str(split), batch_size=3)
+    monkeypatch.setattr(hf_datasets, "ROW_GROUP_WARN_BYTES", 100)  # each 8x8 image is ~200 bytes of PNG
+    cache = str(tmp_path / "cache")
+    with pytest.warns(hf_datasets.StreamingMemoryWarning, match=r"whole\.parquet: the whole file is one row group.*row_group_size"):
+        load_dataset("hf", path=str(whole), streaming=True, cache_dir=cache)
+    with pytest.warns(hf_datasets.StreamingMemoryWarning, match=r"split\.parquet: row group \d of 4"):
+        load_dataset("hf", path="parquet", data_files=str(tmp_path / "split.*"), streaming=True, cache_dir=cache)
+    monkeypatch.setattr(hf_datasets, "ROW_GROUP_WARN_BYTES", 10 ** 6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf_datasets.StreamingMemoryWarning)
+        load_dataset("hf", path=str(whole), streaming=True, cache_dir=cache)
+        monkeypatch.setattr(hf_datasets, "ROW_GROUP_WARN_BYTES", 100)
+        load_dataset("hf", path=str(whole), cache_dir=cache)  # map-style: read through the memory-mapped cache
+
+
 def test_hf_labels(tmp_path):
     ds = load_hf_dataset(dataset=_hf_images(6, num_classes=3), label_column="label")
     assert ds.num_classes == 3

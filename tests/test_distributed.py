@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from helpers import fail_shard, tiny_unet
 from PIL import Image
 
 from score_toolkit import distributed
@@ -24,13 +25,6 @@ from score_toolkit.models import ScoreMLP
 from score_toolkit.pipeline import SHIPPED_MODELS_ENV_VAR, ScorePipeline
 from score_toolkit.processes import VPSDE
 from score_toolkit.schedulers import scheduler_for
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +83,14 @@ def test_two_dimensional_data_gets_a_scatter_picture(tmp_path, accelerator):
 def test_shards_are_written_and_a_rerun_skips_the_complete_ones(tmp_path, image_folder, accelerator, monkeypatch):
     pipe = ScorePipeline.from_pretrained(image_folder)
     out = tmp_path / "run"
-    original = distributed._write_shard
-
-    def fail_on_third(out_dir, s, *args):
-        if s == 2:
-            raise OSError(28, "No space left on device (simulated)")
-        return original(out_dir, s, *args)
-
-    monkeypatch.setattr(distributed, "_write_shard", fail_on_third)
+    original = fail_shard(monkeypatch, 2)
     with pytest.raises(OSError, match="No space left"):
         sample_to_folder(pipe, out, 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert sorted(manifest["shards"]) == ["0", "1"] and not manifest["complete"]
     assert not (out / SAMPLES_NAME).exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(distributed, "_write_shard", original)
+    monkeypatch.setattr(distributed, "write_shard", original)
     calls = []
     monkeypatch.setattr(ScorePipeline, "__call__", _counting(ScorePipeline.__call__, calls))
     resumed = sample_to_folder(pipe, out, 7, batch_size=2, shard_size=2, accelerator=accelerator, **SETTINGS)

@@ -22,6 +22,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers import affine_law_error, basis_noise_law_error
 
 from score_toolkit._utils import per_sample_generators
 from score_toolkit.analytic import anisotropic_mixture, gaussian, ring_mixture
@@ -98,33 +99,6 @@ def _slope(xs, ys) -> float:
 def _ode_error(sampler, process, x1):
     out = sampler.sample(GAUSS.score_fn(process), process, x_init=x1)
     return float((out.samples - _exact_pf_ode(process, x1)).norm(dim=1).max()), out.nfe
-
-
-def _exact_law(sampler, process, m=0.7, c=0.05, max_calls=None):
-    """Exact (mean, variance) of a sampler's output on 1-d Gaussian data N(m, c), started from the exact
-    marginal at t = 1. Run on a batch of basis inputs: row 0 gives the offset b (x_1 = 0, no noise), row 1 the
-    gain on x_1, row 2 + k the gain on the k-th noise draw (drawn as e_{2+k}); the sampler is affine in all."""
-    data = gaussian([m], [c])
-    n_rows = 2 + (max_calls or 3 * sampler.config.get("num_steps", 100) + 4)
-    x0 = torch.zeros(n_rows, 1, dtype=torch.float64)
-    x0[1] = 1.0
-    calls = [0]
-
-    def basis_noise(like):
-        z = torch.zeros_like(like)
-        z[2 + calls[0]] = 1.0
-        calls[0] += 1
-        return z
-
-    with mock.patch.object(SamplingContext, "randn_like", lambda self, x: basis_noise(x)):
-        y = sampler.sample(data.score_fn(process), process, x_init=x0).samples[:, 0]
-    b, gain = y[0], y[1] - y[0]
-    noise_gains = y[2:2 + calls[0]] - b
-    a1, s1 = process.marginal(torch.tensor(1.0, dtype=torch.float64))
-    a0, s0 = process.marginal(torch.tensor(process.t_min, dtype=torch.float64))
-    mean = gain * a1 * m + b
-    var = gain**2 * (a1**2 * c + s1**2) + (noise_gains**2).sum()
-    return float(abs(mean - a0 * m) + abs(var - (a0**2 * c + s0**2)))
 
 
 # ---------------------------------------------------------------------------------------------- math helpers
@@ -259,9 +233,12 @@ ODE_CASES = [(DPMSolverPP2M, [16, 32, 64, 128]), (DPMSolverPP3M, [16, 32, 64]), 
 @pytest.mark.parametrize("process", [VESDE(), VPSDE(), SubVPSDE(), DiscreteVP()], ids=lambda p: type(p).__name__)
 @pytest.mark.parametrize(("cls", "steps"), ODE_CASES, ids=lambda v: v.name if isinstance(v, type) else None)
 def test_ode_convergence_order(cls, steps, process):
-    """Error at t_min against the exact PF-ODE map vs num_steps: the log-log slope is minus the declared order."""
+    """Error at t_min against the exact PF-ODE map vs num_steps (samplers whose default is the fitted grid: on the
+    uniform log-SNR grid without the final step; the next test covers dpmpp_3m's default grid): the log-log slope is
+    minus the declared order."""
     x1 = process.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    errs = [_ode_error(cls(num_steps=n), process, x1)[0] for n in steps]
+    grid = {"grid": "log_sigma", "to_zero": False} if cls.options.get("grid") == "fitted" else {}  # the solver alone
+    errs = [_ode_error(cls(num_steps=n, **grid), process, x1)[0] for n in steps]
     slope = _slope(steps, errs)
     order = cls.properties.order
     if cls is DPMSolverPP3M:
@@ -269,6 +246,16 @@ def test_ode_convergence_order(cls, steps, process):
         assert -order - 1.8 < slope < -order + 0.4, f"{cls.name}: slope {slope:.2f}, errors {errs}"
     else:
         assert abs(slope + order) < 0.4, f"{cls.name}: slope {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("process", [VESDE(), VPSDE()], ids=lambda p: type(p).__name__)
+def test_3m_order_on_its_default_grid(process):
+    """dpmpp_3m keeps its order 3 on its default (fitted, order-3) grid: measured slope -3.1 over 16-64 steps (the
+    error at t_min, without the final step to noise level zero, which adds its own O(sigma_min^4) term)."""
+    x1 = process.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = [16, 32, 64]
+    errs = [_ode_error(DPMSolverPP3M(num_steps=n, to_zero=False), process, x1)[0] for n in steps]
+    assert -3.5 < _slope(steps, errs) < -2.6, errs
 
 
 SDE_CASES = [(DPMSolverPP2MSDE, {}, [16, 32, 64, 128]), (DPMSolverPP3MSDE, {}, [32, 64, 128, 256]),
@@ -283,7 +270,7 @@ def test_weak_order_exact(cls, options, steps, process):
     """Weak error of the output law (exact mean and variance, no Monte Carlo) vs num_steps: the slope is minus
     the declared order."""
     sampler_order = cls(**options).properties.order
-    errs = [_exact_law(cls(num_steps=n, **options), process) for n in steps]
+    errs = [basis_noise_law_error(cls(num_steps=n, **options), process, 2 + 3 * n + 4) for n in steps]
     slope = _slope(steps, errs)
     assert abs(slope + sampler_order) < 0.4, f"{cls.name} {options}: slope {slope:.2f}, errors {errs}"
 
@@ -308,15 +295,10 @@ def test_adaptive_sde_step_is_weak_order_two():
 
 
 def _exact_law_rows(sampler, process, n_draws, m=0.7, c=0.05):
-    data = gaussian([m], [c])
     x0 = torch.zeros(2 + n_draws, 1, dtype=torch.float64)
     x0[1] = 1.0
-    y = sampler.sample(data.score_fn(process), process, x_init=x0).samples[:, 0]
-    b, gain, noise_gains = y[0], y[1] - y[0], y[2:] - y[0]
-    a1, s1 = process.marginal(torch.tensor(1.0, dtype=torch.float64))
-    a0, s0 = process.marginal(torch.tensor(process.t_min, dtype=torch.float64))
-    var = gain**2 * (a1**2 * c + s1**2) + (noise_gains**2).sum()
-    return float(abs(gain * a1 * m + b - a0 * m) + abs(var - (a0**2 * c + s0**2)))
+    y = sampler.sample(gaussian([m], [c]).score_fn(process), process, x_init=x0).samples[:, 0]
+    return affine_law_error(y, process, m, c)
 
 
 @pytest.mark.parametrize("method", ["bs32", "dopri5"])

@@ -196,3 +196,57 @@ def test_the_scheduler_config_reader_knows_the_keys_of_score_sde_scheduler():
     from score_toolkit.schedulers import ScoreSDEScheduler
 
     assert config_keys(ScoreSDEScheduler) == SCORE_SDE_SCHEDULER_KEYS
+
+
+# ---------------------------------------------------------------------------------------------- module size
+#: a module longer than this states why it is one module, in a docstring paragraph starting with SIZE_MARKER
+MAX_LINES = 400
+SIZE_MARKER = "Why one module of this length:"
+#: modules over the limit without a stated reason yet, being reworked elsewhere: listed, so that they are seen
+PENDING_SIZE_REASON = {
+    f"{PACKAGE}.samplers.fixed_grid": "the grid option's rework",
+    f"{PACKAGE}.samplers.grids": "the grid optimiser's rework",
+    f"{PACKAGE}.likelihood.ode": "the likelihood rework",
+    f"{PACKAGE}.training.loop": "grew past the limit with the image-training work; to be split",
+}
+
+
+def size_problem(path: Path) -> str | None:
+    """Why ``path`` breaks the size rule (over :data:`MAX_LINES` lines and no docstring paragraph that starts
+    with :data:`SIZE_MARKER` and gives a reason of at least ten words), or None."""
+    text = path.read_text(encoding="utf-8")
+    n = len(text.splitlines())
+    if n <= MAX_LINES:
+        return None
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    for paragraph in doc.split("\n\n"):
+        if paragraph.startswith(SIZE_MARKER) and len(paragraph[len(SIZE_MARKER):].split()) >= 10:
+            return None
+    return f"{n} lines and no '{SIZE_MARKER} ...' paragraph (ten words or more) in its docstring"
+
+
+def _size_cases():
+    for name, (path, _) in package_modules(ROOT, PACKAGE).items():
+        marks = [pytest.mark.xfail(reason=PENDING_SIZE_REASON[name])] if name in PENDING_SIZE_REASON else []
+        yield pytest.param(path, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("path", list(_size_cases()))
+def test_a_long_module_states_why_it_is_one_module(path):
+    """Modules over MAX_LINES lines are split into modules of one responsibility each, or say in their docstring
+    why they are one (README "Layout")."""
+    assert size_problem(path) is None, f"{path.relative_to(ROOT)}: {size_problem(path)}"
+
+
+def test_the_size_check_finds_long_modules_without_a_reason(tmp_path):
+    body = "x = 1\n" * MAX_LINES
+    short = tmp_path / "short.py"
+    short.write_text('"""Short."""\n' + "x = 1\n" * (MAX_LINES - 1))
+    assert size_problem(short) is None
+    long = tmp_path / "long.py"
+    long.write_text('"""Long."""\n' + body)
+    assert "401 lines" in size_problem(long)
+    long.write_text(f'"""Long.\n\n{SIZE_MARKER} because.\n"""\n' + body)  # a reason of one word is no reason
+    assert size_problem(long) is not None
+    long.write_text(f'"""Long.\n\n{SIZE_MARKER} it is one class whose parts all act on the same state.\n"""\n' + body)
+    assert size_problem(long) is None

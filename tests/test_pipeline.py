@@ -334,8 +334,10 @@ def test_default_sampler_is_the_command_line_default():
     pipe = vector_pipeline()
     pipe.set_progress_bar_config(disable=True)
     out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0))
-    ref = pipe(batch_size=3, sampler="dpmpp_2m", num_inference_steps=25, generator=torch.Generator().manual_seed(0))
-    assert out.nfe == 26 and torch.equal(out.samples, ref.samples)  # 25 steps + the default to_zero step
+    ref = pipe(batch_size=3, sampler=pipeline.DEFAULT_SAMPLER, num_inference_steps=pipeline.DEFAULT_STEPS,
+               generator=torch.Generator().manual_seed(0))
+    assert (pipeline.DEFAULT_SAMPLER, pipeline.DEFAULT_STEPS) == ("dpmpp_3m", 24)  # docs/fast_samplers.md, "Defaults"
+    assert out.nfe == 25 and torch.equal(out.samples, ref.samples)  # 24 steps + the default to_zero step
 
 
 def test_callback_on_step_end_has_diffusers_signature_and_may_replace_the_state():

@@ -19,6 +19,7 @@ from PIL import Image
 
 from score_toolkit import plotting as P
 from score_toolkit.analytic import gaussian
+from score_toolkit.plotting import curves
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -206,7 +207,7 @@ def test_error_vs_nfe_chart_from_a_benchmark_csv(tmp_path, monkeypatch):
     _write_csv(path, rows)
     figures = []
     render = P.figure_to_image
-    monkeypatch.setattr(P, "figure_to_image", lambda fig: figures.append(fig) or render(fig))
+    monkeypatch.setattr(curves, "figure_to_image", lambda fig: figures.append(fig) or render(fig))
     img = P.error_vs_nfe_chart(path, size=(400, 300))
     assert isinstance(img, Image.Image) and img.width > 2 * 400 and img.height == 300
     panels = [ax for ax in figures[0].axes if ax.get_visible()]

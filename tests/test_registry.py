@@ -217,6 +217,16 @@ BROKEN = {
 }
 
 
+def _assert_load_errors(get, expected: dict[str, str], dist: str) -> None:
+    """``get(name)`` raises a PluginLoadError for every entry point ``name`` of ``expected``, whose message holds
+    the expected fragment, the entry point and its distribution ``dist``."""
+    for name, fragment in expected.items():
+        with pytest.raises(PluginLoadError) as info:
+            get(name)
+        msg = str(info.value)
+        assert fragment in msg and dist in msg and f"entry point {name!r}" in msg, msg
+
+
 def test_broken_plugins_are_reported_and_others_work(isolated, make_plugin):
     make_plugin("broken-dist", BROKEN)
     names = registry.list_samplers()
@@ -228,11 +238,7 @@ def test_broken_plugins_are_reported_and_others_work(isolated, make_plugin):
         "not_a_sampler": "expected a subclass of score_toolkit.samplers.base.Sampler",
         "wrong_name": "'another_name', which disagrees with the entry-point name",
     }
-    for name, fragment in expected.items():
-        with pytest.raises(PluginLoadError) as info:
-            registry.get_sampler_class(name)
-        msg = str(info.value)
-        assert fragment in msg and "broken-dist" in msg and f"entry point {name!r}" in msg, msg
+    _assert_load_errors(registry.get_sampler_class, expected, "broken-dist")
     with pytest.raises(PluginLoadError) as info:
         registry.get_sampler("raises_on_import")
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -453,10 +459,7 @@ def test_sys_exit_and_malformed_declarations_are_reported_not_fatal(isolated, ma
         "dict_properties": "expected properties to be a SamplerProperties instance, found dict",
         "list_options": "expected options to be a mapping of option names",
     }
-    for name, fragment in expected.items():
-        with pytest.raises(PluginLoadError) as info:
-            registry.get_sampler(name)
-        assert fragment in str(info.value) and "malformed-dist" in str(info.value), str(info.value)
+    _assert_load_errors(registry.get_sampler, expected, "malformed-dist")
     with pytest.raises(PluginLoadError) as info:
         registry.get_sampler_class("exits_at_import")
     assert isinstance(info.value.__cause__, SystemExit)

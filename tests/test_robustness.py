@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import fail_shard
 from safetensors.torch import load_file, save_file
 
 from score_toolkit import distributed, hub
@@ -90,17 +91,10 @@ def test_a_picture_without_a_manifest_is_not_replaced(tmp_path, accelerator):
 
 def _interrupted_run(out, accelerator, monkeypatch):
     """A run of 8 samples in shards of 4 that stops after its first shard."""
-    original = distributed._write_shard
-
-    def fail_second(out_dir, s, *args):
-        if s == 1:
-            raise OSError(28, "No space left on device (simulated)")
-        return original(out_dir, s, *args)
-
-    monkeypatch.setattr(distributed, "_write_shard", fail_second)
+    original = fail_shard(monkeypatch, 1)
     with pytest.raises(OSError):
         sample_to_folder(vector_pipeline(), out, 8, batch_size=4, shard_size=4, accelerator=accelerator, **SETTINGS)
-    monkeypatch.setattr(distributed, "_write_shard", original)
+    monkeypatch.setattr(distributed, "write_shard", original)
 
 
 @pytest.mark.parametrize("bad", ["../elsewhere/shard-00000.safetensors", "ABSOLUTE", "shards/other.safetensors"])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from helpers import tiny_unet
 from PIL import Image
 
 from score_toolkit.cli import main
@@ -15,17 +16,10 @@ from score_toolkit.distributed import load_samples, sample_to_folder, to_uint8_i
 from score_toolkit.pipeline import ScorePipeline
 
 
-def tiny_rgb_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
-
-
 @pytest.fixture(scope="module")
 def rgb_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "rgb"
-    ScorePipeline(unet=tiny_rgb_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2)).save_pretrained(folder)
+    ScorePipeline(unet=tiny_unet(3), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2)).save_pretrained(folder)
     return folder
 
 

@@ -311,16 +311,22 @@ def test_ancestral_matches_diffusers_ddpm_step(variance):
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)  # diffusers keeps its coefficients in float32
 
 
+def _one_step_from_the_prior(proc_name, sampler_cls):
+    """One step of ``sampler_cls(num_steps=1)`` from t = 1 to t_min on a Gaussian: (process, score, x_1, output,
+    (alpha_1, alpha_min, sigma_1, sigma_min)); the sampler's noise comes from ``_gen(1)``."""
+    process = PROCESSES[proc_name]()
+    score = gaussian(torch.tensor([1.0, -1.0], dtype=F64), 0.3).score_fn(process)
+    x0 = process.prior_sample((5, 2), generator=_gen(0), dtype=F64)
+    out = sampler_cls(num_steps=1).sample(score, process, x0, generator=_gen(1)).samples
+    (a_t, a_s), (s_t, s_s) = (v.tolist() for v in process.marginal(torch.tensor([1.0, process.t_min], dtype=F64)))
+    return process, score, x0, out, (a_t, a_s, s_t, s_s)
+
+
 @pytest.mark.parametrize("proc_name", list(PROCESSES))
 def test_ancestral_vp_ve_closed_forms(proc_name):
     """One step from t = 1 to t_min reproduces the closed forms: VP (x + beta s) / sqrt(1 - beta) + sqrt(beta~) z;
     VE x + (sigma_t^2 - sigma_s^2) s + sqrt(sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2) z."""
-    process = PROCESSES[proc_name]()
-    target = gaussian(torch.tensor([1.0, -1.0], dtype=F64), 0.3)
-    score = target.score_fn(process)
-    x0 = process.prior_sample((5, 2), generator=_gen(0), dtype=F64)
-    out = AncestralSampler(num_steps=1).sample(score, process, x0, generator=_gen(1)).samples
-    (a_t, a_s), (s_t, s_s) = (v.tolist() for v in process.marginal(torch.tensor([1.0, process.t_min], dtype=F64)))
+    process, score, x0, out, (a_t, a_s, s_t, s_s) = _one_step_from_the_prior(proc_name, AncestralSampler)
     z = torch.randn(5, 2, generator=_gen(1), dtype=F64)
     s = score(x0, torch.ones(5, dtype=F64))
     if proc_name == "VP":
@@ -397,12 +403,7 @@ def test_ancestral_rejects_non_monotone_process():
 def test_pc_one_step_closed_forms(proc_name):
     """Reverse-diffusion predictor (Algorithms 2 / 3) then one Langevin corrector step with the
     default sigma rule, eps = 2 a r^2 sigma(s)^2, replayed with the same noise."""
-    process = PROCESSES[proc_name]()
-    target = gaussian(torch.tensor([1.0, -1.0], dtype=F64), 0.3)
-    score = target.score_fn(process)
-    x0 = process.prior_sample((5, 2), generator=_gen(0), dtype=F64)
-    out = PredictorCorrectorSampler(num_steps=1).sample(score, process, x0, generator=_gen(1)).samples
-    (a_t, a_s), (s_t, s_s) = (v.tolist() for v in process.marginal(torch.tensor([1.0, process.t_min], dtype=F64)))
+    process, score, x0, out, (a_t, a_s, s_t, s_s) = _one_step_from_the_prior(proc_name, PredictorCorrectorSampler)
     g = _gen(1)
     z1, z2 = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)
     s1 = score(x0, torch.ones(5, dtype=F64))

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import basis_noise_law_error
 
 from score_toolkit import metrics
 from score_toolkit.analytic import anisotropic_mixture, gaussian, ring_mixture
@@ -525,45 +526,14 @@ def test_pf_discrete_vp():
     assert err < 3e-3  # measured 1.7e-4 .. 8e-4 at rtol = atol = 1e-5 (1e-7 does not help: the jumps)
 
 
-def _exact_weak_error(sampler, process, m=0.7, c=0.05):
-    """Exact weak error |mean error| + |variance error| of a sampler's output on 1-d Gaussian data N(m, c) from the
-    exact marginal at t = 1, without Monte Carlo: the sampler is affine in its initial state and its noise draws, so
-    one run on basis inputs (row 0: offset; row 1: gain on x_1; row 2 + k: gain on the k-th standard-normal draw)
-    gives its output law."""
-    from unittest import mock
-
-    from score_toolkit.samplers.base import SamplingContext
-
-    data = gaussian([m], [[c]])
-    n_rows = 2 + 2 * sampler.config["num_steps"] + 4
-    x0 = torch.zeros(n_rows, 1, dtype=F64)
-    x0[1] = 1.0
-    calls = [0]
-
-    def basis_noise(like):
-        z = torch.zeros_like(like)
-        z[2 + calls[0]] = 1.0
-        calls[0] += 1
-        return z
-
-    with mock.patch.object(SamplingContext, "randn_like", lambda self, x: basis_noise(x)):
-        y = sampler.sample(data.score_fn(process), process, x_init=x0).samples[:, 0]
-    b, gain = y[0], y[1] - y[0]
-    noise_gains = y[2:2 + calls[0]] - b
-    a1, s1 = (float(v) for v in process.marginal(torch.tensor(1.0, dtype=F64)))
-    a0, s0 = (float(v) for v in process.marginal(torch.tensor(process.t_min, dtype=F64)))
-    mean = gain * a1 * m + b
-    var = gain**2 * (a1**2 * c + s1**2) + (noise_gains**2).sum()
-    return float(abs(mean - a0 * m) + abs(var - (a0**2 * c + s0**2)))
-
-
 # measured weak orders (exact weak error on Gaussian data, VP, uniform grid, 64 -> 256 steps); each is at least the
 # order torchsde declares (the Gaussian problem is linear with additive noise, where several methods do better)
 @pytest.mark.parametrize("method", sorted(SDE_METHODS))
 def test_em_weak_order_of_every_method_is_measured(method):
     process = VPSDE()
     steps = (64, 256)
-    errs = [_exact_weak_error(EulerMaruyamaSampler(num_steps=n, method=method), process) for n in steps]
+    errs = [basis_noise_law_error(EulerMaruyamaSampler(num_steps=n, method=method), process, 2 + 2 * n + 4)
+            for n in steps]
     order = -math.log(errs[-1] / errs[0]) / math.log(steps[-1] / steps[0])
     declared = EulerMaruyamaSampler(method=method).properties.order
     assert order >= declared - 0.2, (method, errs, order, declared)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_run_config
 from safetensors.torch import load_file
 
 from score_toolkit import training
@@ -24,24 +25,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def small_config(out, **sections) -> dict:
-    cfg = {
-        "output_dir": str(out),
-        "seed": 0,
-        "data": {"name": "ring", "options": {"num_samples": 2000}},
-        "process": {"name": "VPSDE"},
-        "model": {"name": "ScoreMLP", "prediction_type": "epsilon", "time_input": "t",
-                  "options": {"hidden_dim": 32, "num_layers": 1, "time_embedding": "linear"}},
-        "objective": {"name": "continuous_dsm"},
-        "train": {"steps": 20, "batch_size": 64, "checkpoint_every": 5, "log_every": 5, "progress": False,
-                  "learning_rate": 3e-3},
-        "export": {"enabled": False},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
+    train_defaults = {"steps": 20, "batch_size": 64, "checkpoint_every": 5, "log_every": 5}
+    return small_run_config(out, num_samples=2000, train_defaults=train_defaults, **sections)
 
 
 # ------------------------------------------------------------------------------------ every objective learns

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_run_config
 from safetensors.torch import load_file
 
 from score_toolkit import training
@@ -24,21 +25,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def small_config(out, **sections) -> dict:
-    cfg = {
-        "output_dir": str(out),
-        "seed": 0,
-        "data": {"name": "ring", "options": {"num_samples": 1000}},
-        "process": {"name": "VPSDE"},
-        "model": {"name": "ScoreMLP", "prediction_type": "epsilon", "time_input": "t",
-                  "options": {"hidden_dim": 32, "num_layers": 1, "time_embedding": "linear"}},
-        "objective": {"name": "continuous_dsm"},
-        "train": {"steps": 12, "batch_size": 32, "checkpoint_every": 4, "log_every": 3, "progress": False,
-                  "learning_rate": 3e-3, "keep_checkpoints": 5},
-        "export": {"enabled": False},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    train_defaults = {"steps": 12, "batch_size": 32, "checkpoint_every": 4, "log_every": 3, "keep_checkpoints": 5}
+    return small_run_config(out, num_samples=1000, train_defaults=train_defaults, **sections)
 
 
 def _metrics(run: Path) -> list[tuple[int, float]]:

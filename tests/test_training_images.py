@@ -260,3 +260,113 @@ def test_trains_on_a_streamed_parquet_set(tmp_path, monkeypatch):
     result = train(cfg)  # 4 steps of 4: crosses an epoch of the 12-image stream
     assert result.step == 4 and all(np.isfinite(h["loss"]) for h in result.history)
     assert (result.export_folder / "README.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------ class labels
+def _record_class_labels(seen):
+    """A training callback that, from the first step on, records the class_labels every network call gets."""
+    def hook(module, args, kwargs):
+        seen.append(kwargs.get("class_labels"))
+
+    def callback(info):
+        if not getattr(info["model"], "_label_hook", False):
+            info["model"].register_forward_pre_hook(hook, with_kwargs=True)
+            info["model"]._label_hook = True
+
+    return callback
+
+
+def test_class_conditional_training_from_image_folder_sub_folders(tmp_path):
+    from score_toolkit.data import load_dataset, training_batches
+
+    for k, name in enumerate(["cat", "dog", "emu"]):
+        _folder(tmp_path / "imgs" / name, n=4 + k)
+    data = {"name": "image_folder", "options": {"path": str(tmp_path / "imgs"), "image_size": 8, "labels": True}}
+    source = load_dataset(data["name"], **data["options"])
+    assert source.num_classes == 3 and source.options["class_names"] == ["cat", "dog", "emu"]
+    assert source.examples(range(len(source)))[1].tolist() == [0] * 4 + [1] * 5 + [2] * 6
+    seen = []
+    cfg = image_config(tmp_path / "run", tmp_path / "imgs", data=data,
+                       model={"options": {**TINY_UNET, "num_class_embeds": 4}},
+                       train={"steps": 3, "label_dropout": 0.0})
+    result = train(cfg, callbacks=[_record_class_labels(seen)])
+    assert result.step == 3 and all(np.isfinite(h["loss"]) for h in result.history)
+    expected = [y for _, y in training_batches(source, seed=cfg["seed"], batch_size=4, start_step=1, stop_step=3)]
+    assert len(seen) == 2 and all(torch.equal(s.cpu(), e) for s, e in zip(seen, expected))
+    with pytest.raises(ValueError, match="has no labels.*labels: true"):
+        train(image_config(tmp_path / "run2", tmp_path / "imgs", model={"options": {**TINY_UNET, "num_class_embeds": 4}},
+                           data={"options": {"path": str(tmp_path / "imgs"), "image_size": 8}}))
+    with pytest.raises(ValueError, match="3 classes.*sub-folder.*3 rows.*num_class_embeds to 4"):
+        train(image_config(tmp_path / "run3", tmp_path / "imgs", data=data,
+                           model={"options": {**TINY_UNET, "num_class_embeds": 3}}))
+    _folder(tmp_path / "imgs", n=1)  # an image beside the class folders
+    with pytest.raises(ValueError, match=r"0\.png is not in a sub-folder"):
+        load_dataset(data["name"], **data["options"])
+
+
+def test_class_conditional_training_from_a_datasets_label_column(tmp_path, monkeypatch):
+    hf = pytest.importorskip("datasets")
+    monkeypatch.setattr(hf.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    from score_toolkit.data import load_dataset, training_batches
+
+    rng = np.random.default_rng(0)
+
+    def parquet(name, labels):
+        rows = {"image": [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in labels],
+                "species": labels}
+        feats = hf.Features({"image": hf.Image(), "species": hf.Value("int64")})
+        hf.Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / name))
+        return {"name": "hf", "options": {"path": str(tmp_path / name), "label_column": "species",
+                                          "cache_dir": str(tmp_path / "c")}}
+
+    data = parquet("ok.parquet", [0, 1, 2, 1, 0, 2, 2, 1])
+    seen = []
+    cfg = image_config(tmp_path / "run", tmp_path, data=data, model={"options": {**TINY_UNET, "num_class_embeds": 4}},
+                       train={"steps": 3, "label_dropout": 0.0})
+    result = train(cfg, callbacks=[_record_class_labels(seen)])
+    assert result.step == 3 and all(np.isfinite(h["loss"]) for h in result.history)
+    source = load_dataset(data["name"], **data["options"])
+    expected = [y for _, y in training_batches(source, seed=cfg["seed"], batch_size=4, start_step=1, stop_step=3)]
+    assert len(seen) == 2 and all(torch.equal(s.cpu(), e) for s, e in zip(seen, expected))
+    # a label beyond the network's classes: named with its column, before any step is taken on it
+    bad = parquet("bad.parquet", [0, 1, 7, 1, 0, 2, 2, 1])
+    with pytest.raises(ValueError, match=r"label\(s\) \[7\] \(label column 'species'\).*classes 0\.\.2"):
+        train(image_config(tmp_path / "run2", tmp_path, data=bad, model={"options": {**TINY_UNET, "num_class_embeds": 4}},
+                           train={"steps": 3}))
+    # with num_classes the data layer names the row too
+    bad["options"]["num_classes"] = 3
+    with pytest.raises(ValueError, match=r"row 2.*label 7 in column 'species' is out of range: expected 0 \.\. 2"):
+        load_dataset(bad["name"], **bad["options"]).examples([2])
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_compiled_unet_trains_like_the_eager_one_on_cpu(tmp_path, monkeypatch):
+    # inductor on CPU compiles C++ (gcc) for the forward and backward graphs: minutes, so a tiny network and two
+    # steps; the same process ran an eager Accelerate run first, so this also checks that compile is not lost
+    folder = _folder(tmp_path / "imgs")
+    eager = train(image_config(tmp_path / "a", folder, train={"steps": 2, "checkpoint_every": 10}))
+    compiled_models, compile_fn = [], torch.compile
+
+    def spy(model, *args, **kwargs):
+        out = compile_fn(model, *args, **kwargs)
+        compiled_models.append(out)
+        return out
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled = train(image_config(tmp_path / "b", folder, train={"steps": 2, "checkpoint_every": 10, "compile": True}))
+    assert len(compiled_models) == 1 and isinstance(compiled_models[0], torch._dynamo.eval_frame.OptimizedModule)
+    # inductor's fused kernels round differently: the same losses to 1e-3, not bit for bit
+    assert [h["loss"] for h in compiled.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-3)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    cpp_builder = pytest.importorskip("torch._inductor.cpp_builder")
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler found in ('g++',)")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ConfigError, match="train.compile: torch.compile .inductor. needs a C\\+\\+ compiler on CPU.*g\\+\\+"):
+        train(image_config(tmp_path / "run", _folder(tmp_path / "imgs"), train={"compile": True, "cpu": True}))

@@ -197,7 +197,7 @@ def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> d
 
     spec = resolve_model(spec)
     if not os.path.isdir(spec):
-        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name (digits, toy2d) or "
+        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name (digits, digits_class_conditional, toy2d) or "
                        f"analytic:<name>, found no folder at {spec}")
     model, process, prediction_type, time_input = load_pipeline_components(spec)
     if next(model.parameters()).dtype != dtype:

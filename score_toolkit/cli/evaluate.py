@@ -41,7 +41,7 @@ __all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot"]
 # ---------------------------------------------------------------------------------------------- evaluate
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help=f"a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or "
+                   help=f"a pipeline folder, a shipped model's name (digits, digits_class_conditional, toy2d; from any directory) or "
                         f"analytic:<name> ({', '.join(ANALYTIC_MODELS)}) with --process")
     p.add_argument("--process", choices=ANALYTIC_PROCESSES, default=None, help="process of an analytic model")
     p.add_argument("--sampler", default="pf_ode", help="a registered sampler (score-toolkit samplers lists them)")
@@ -49,6 +49,14 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw (default 900 for the digits, comparable with the two-halves floor; 1000 else)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded by (seed, i)")
+    p.add_argument("--class-label", default=None, metavar="C|each",
+                   help="digits models trained with labels: generate class C, or 'each' class 0..9 (classifier-free "
+                        "guidance), and report per class the share the shipped classifier labels as requested and "
+                        "the Frechet distance to the real digits of the class, next to their floors; --num-samples "
+                        "is then per class (default: the size of the class's floor sets, about 90)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale with --class-label (diffusers' convention: 1 = the "
+                        "conditional model; default 1)")
     p.add_argument("--kind", choices=("auto", "vectors", "digits"), default="auto",
                    help="auto: digits for (1, 8, 8) samples, vectors otherwise")
     p.add_argument("--reference", default=None,
@@ -109,6 +117,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--kind digits needs a model of 8x8 grey images, found sample shape {shape}")
     if kind == "digits" and args.reference is not None:
         raise CLIError("--reference applies to vector data (the digits are judged against the real digits)")
+    if args.class_label is not None or args.guidance_scale != 1.0:
+        return _evaluate_classes(args, model, kind, device, dtype)
     n = args.num_samples or (900 if kind == "digits" else 1000)
     if n < 2:
         raise CLIError(f"expected --num-samples >= 2, found {n}")
@@ -129,6 +139,17 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        generator=gens, reference=reference, mixture=model["mixture"], dtype=dtype,
                                        device=device)
     report.details["model"] = model["description"]
+    _write_report(args, report)
+    if args.pictures:
+        for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
+                                   device=device, dtype=dtype):
+            print(f"wrote {path}")
+    return 0
+
+
+def _write_report(args: argparse.Namespace, report) -> None:
+    """Print a report (:class:`~score_toolkit.evaluation.EvaluationReport` or a per-class report) and write it where
+    --output, --markdown and --update-card ask."""
     markdown = report.to_markdown()
     print(markdown)
     if args.output:
@@ -146,10 +167,60 @@ def _evaluate(args: argparse.Namespace) -> int:
         command = _command_line(getattr(args, "cli_argv", None))  # as invoked (score_toolkit.cli.main(argv): argv)
         results = report.card_results(settings={"seed": args.seed}, command=command)
         print(f"wrote {update_model_card(args.update_card, results)}")
+
+
+def _evaluate_classes(args: argparse.Namespace, model: dict[str, Any], kind: str, device, dtype) -> int:
+    """``evaluate --class-label C|each``: classifier-free-guided digits, judged per class
+    (:mod:`score_toolkit.conditioning.class_metrics`)."""
+    import time
+
+    import torch
+
+    from .._utils import per_sample_generators
+    from ..conditioning import conditional_score
+    from ..conditioning.class_metrics import class_sample_counts, evaluate_digits_classes
+    from ..registry import get_sampler
+
+    if args.class_label is None:
+        raise CLIError("--guidance-scale needs --class-label (the class to generate, or 'each')")
+    if kind != "digits" or model["mixture"] is not None:
+        raise CLIError(f"--class-label: the per-class evaluation judges digits models (the shipped classifier "
+                       f"labels the samples), found sample shape {tuple(model['sample_shape'])}")
+    if args.class_label == "each":
+        classes = list(range(10))
+    else:
+        try:
+            classes = [int(args.class_label)]
+        except ValueError:
+            raise CLIError(f"expected --class-label to be a class 0..9 or 'each', found {args.class_label!r}") from None
+        if not 0 <= classes[0] <= 9:
+            raise CLIError(f"expected --class-label to be a class 0..9 or 'each', found {args.class_label!r}")
+    if args.num_samples is not None and args.num_samples < 2:
+        raise CLIError(f"expected --num-samples >= 2 (per class), found {args.num_samples}")
+    counts = class_sample_counts()
+    requested = torch.cat([torch.full((args.num_samples or counts[c],), c, dtype=torch.long) for c in classes])
+    adapter = model["score_fn"]
+    score_fn = conditional_score(adapter, model["process"], model=adapter.model,
+                                 prediction_type=adapter.prediction_type, time_input=adapter.time_input,
+                                 class_labels=requested.to(device), guidance_scale=args.guidance_scale)
+    sampler = get_sampler(args.sampler, **{"progress": progress_enabled(args), **parse_options(args.option)})
+    n = len(requested)
+    start = time.perf_counter()
+    out = sampler.sample(score_fn, model["process"], shape=(n, *model["sample_shape"]), dtype=dtype, device=device,
+                         generator=per_sample_generators(args.seed, range(n), device=device))
+    wall = time.perf_counter() - start
+    info = {"sampler": sampler.name, "sampler_options": {k: v for k, v in sampler.config.items() if k != "progress"},
+            "guidance_scale": args.guidance_scale, "model": model["description"]}
+    report = evaluate_digits_classes(out.samples, requested, nfe=out.nfe, wall_time_s=wall, details=info)
+    _write_report(args, report)
     if args.pictures:
-        for path in write_pictures(args.pictures, model, sampler, out.samples, reference, seed=args.seed,
-                                   device=device, dtype=dtype):
-            print(f"wrote {path}")
+        from pathlib import Path
+
+        from .. import plotting as P
+
+        order = torch.cat([torch.nonzero(requested == c).flatten()[:8] for c in classes])  # a row of 8 per class
+        grid = P.image_grid(out.samples[order].clamp(-1, 1), nrow=min(8, len(order)), scale=8)
+        print(f"wrote {P.save_png(grid, Path(args.pictures) / 'samples.png')}")
     return 0
 
 

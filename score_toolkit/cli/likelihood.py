@@ -36,7 +36,7 @@ __all__ = ["add_likelihood_parser", "cmd_likelihood", "load_score_model", "ANALY
 def _configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True,
-                   help="a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or "
+                   help="a pipeline folder, a shipped model's name (digits, digits_class_conditional, toy2d; from any directory) or "
                         "analytic:<name> with name in "
                         f"{', '.join(ANALYTIC_MODELS)} (exact scores)")
     g.add_argument("--process", choices=ANALYTIC_PROCESSES, default=None, help="process of an analytic model")

@@ -37,8 +37,10 @@ def add_sample_parser(subparsers) -> None:
         ),
     )
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help="a pipeline folder, a shipped model's name (digits, toy2d; from any directory) or a Hub "
+                   help="a pipeline folder, a shipped model's name (digits, digits_class_conditional, toy2d; from any directory) or a Hub "
                    "repository id in the local Hub cache (default: digits)")
+    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                   help="the same as CHECKPOINT (the spelling of evaluate and likelihood)")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"registered sampler name (default {DEFAULT_SAMPLER}; "
                    "'score-toolkit samplers' lists them)")
@@ -91,6 +93,9 @@ def _run(args: argparse.Namespace) -> int:
         options["num_steps"] = args.steps
     elif args.sampler == DEFAULT_SAMPLER and "num_steps" not in options:
         options["num_steps"] = DEFAULT_STEPS
+    if args.checkpoint is not None and args.model_option is not None and args.checkpoint != args.model_option:
+        raise ValueError(f"pass the model once: CHECKPOINT {args.checkpoint!r} and --model {args.model_option!r} "
+                         f"disagree")
     if args.network_batch_size < 0:
         raise ValueError(f"expected --network-batch-size >= 0, found {args.network_batch_size}")
     network_batch_size = args.network_batch_size or None
@@ -107,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..distributed import MANIFEST_NAME, sample_to_folder
     from ..pipeline import ScorePipeline, shipped_model_path
 
-    checkpoint = resolve_model(args.checkpoint) if args.checkpoint is not None else str(shipped_model_path("digits"))
+    given = args.checkpoint if args.checkpoint is not None else args.model_option
+    checkpoint = resolve_model(given) if given is not None else str(shipped_model_path("digits"))
     accelerator = Accelerator(cpu=use_cpu)
     if args.device == "cuda" and accelerator.device.type != "cuda":
         raise ValueError(f"--device cuda: no CUDA device is available (found {accelerator.device})")

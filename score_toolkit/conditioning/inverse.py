@@ -18,6 +18,10 @@ With ``x_t = alpha x_0 + sigma z`` and Tweedie's denoiser ``x0^ = D(x_t, t) = (x
   ``(I - A^+ A) s(x_t, t) - A^T (sigma^2 A A^T + alpha^2 sigma_y^2 I)^{-1} (A x_t - alpha y)``. The sampler form that
   overwrites the observed part of x between steps is the registered ``imputation`` sampler; RePaint is ``repaint``.
 
+``scale`` of DPS and PiGDM is a number or a function of the time (``scale(t)`` with t of shape (B,), returning a number
+or (B,) values): a time-dependent weight, e.g. to turn a method's published per-step update into a score term for a
+given sampler's step sizes (benchmarks/bench_inpainting_digits.py does this for the ancestral sampler).
+
 DPS and PiGDM cost one score evaluation and one backward pass through the score network (a vector-Jacobian
 product) per call; Replacement costs one score evaluation and no gradient.
 """
@@ -78,6 +82,27 @@ class InverseProblemScore:
         return f"{type(self).__name__}(operator={self.operator!r}, noise_std={self.noise_std:g})"
 
 
+def _check_scale(scale):
+    if callable(scale):
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+        raise ValueError(f"expected scale to be a number >= 0 or a function of t, found {scale!r}")
+    return float(scale)
+
+
+def _scale_at(scale, t, like):
+    """The scale as a number or as values (B, 1, ...) broadcast against ``like``."""
+    if not callable(scale):
+        return scale
+    value = torch.as_tensor(scale(t), dtype=like.dtype, device=like.device)
+    if value.ndim == 0:
+        return value
+    if value.shape != (like.shape[0],):
+        raise ValueError(f"expected scale(t) to return a number or one value per sample ({like.shape[0]}), found "
+                         f"shape {tuple(value.shape)}")
+    return append_dims(value, like.ndim)
+
+
 class DPS(InverseProblemScore):
     """Diffusion posterior sampling (Chung et al. 2023): ``s + g`` with ``g`` from the likelihood at Tweedie's
     ``x0^`` (see the module docstring). ``weighting="gaussian"`` needs ``noise_std > 0``."""
@@ -91,7 +116,7 @@ class DPS(InverseProblemScore):
             raise ValueError(f"expected weighting 'gaussian' or 'normalized', found {weighting!r}")
         if weighting == "gaussian" and not self.noise_std > 0:
             raise ValueError("DPS with weighting='gaussian' needs noise_std > 0 (or use weighting='normalized')")
-        self.scale, self.weighting = float(scale), weighting
+        self.scale, self.weighting = _check_scale(scale), weighting
 
     def _score(self, x, t, y):
         with torch.enable_grad():
@@ -103,7 +128,7 @@ class DPS(InverseProblemScore):
             else:
                 obj = sq.clamp_min(1e-30).sqrt().sum()
             (grad,) = torch.autograd.grad(obj, xg)
-        return s.detach() - self.scale * grad
+        return s.detach() - _scale_at(self.scale, t, grad) * grad
 
 
 class PiGDM(InverseProblemScore):
@@ -117,7 +142,7 @@ class PiGDM(InverseProblemScore):
         super().__init__(score_fn, process, operator, observation, noise_std)
         if not float(data_variance) > 0:
             raise ValueError(f"expected data_variance > 0, found {data_variance!r}")
-        self.scale, self.data_variance = float(scale), float(data_variance)
+        self.scale, self.data_variance = _check_scale(scale), float(data_variance)
 
     def _score(self, x, t, y):
         with torch.enable_grad():
@@ -128,7 +153,7 @@ class PiGDM(InverseProblemScore):
             resid = y - self.operator.forward(x0)
             v = self.operator.adjoint(self.operator.gram_solve(resid.detach(), r2, self.noise_std**2, shape), shape)
             (grad,) = torch.autograd.grad(x0, xg, grad_outputs=v)
-        return s.detach() + self.scale * grad
+        return s.detach() + _scale_at(self.scale, t, grad) * grad
 
 
 class Replacement(InverseProblemScore):

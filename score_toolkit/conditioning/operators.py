@@ -15,6 +15,10 @@ Operators: :class:`Mask` (inpainting), :class:`Downsample` (average pooling: sup
 :class:`Greyscale` (colourisation), :class:`GaussianBlur` (circular blur, diagonal in Fourier space) and
 :class:`MatrixOperator` (any matrix on the flattened sample). Shapes are checked on every call with messages
 that say what was expected and what was found.
+
+Why one module of this length: it is one interface and its five implementations, each a few exact formulas
+(forward, adjoint, pseudo-inverse, Gram solve, singular values) that must agree with the base class's dense
+views; the methods of docs/conditioning.md read them side by side.
 """
 
 from __future__ import annotations
@@ -39,14 +43,17 @@ __all__ = [
 
 class LinearOperator:
     """Base class: subclasses implement ``_forward``, ``_adjoint``, ``_pinv``, ``_gram_solve`` and
-    ``measurement_shape`` (per-sample shape of ``A x`` for a per-sample shape of ``x``)."""
+    ``measurement_shape`` (per-sample shape of ``A x`` for a per-sample shape of ``x``; a ``ValueError`` for a
+    shape the operator cannot act on)."""
 
     name = "operator"
 
     # ------------------------------------------------------------------ shapes
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` if ``x`` (B, ...) has a per-sample shape the operator cannot act on."""
+        """Raise ``ValueError`` if ``x`` (B, ...) has a per-sample shape the operator cannot act on (as
+        :meth:`measurement_shape` says)."""
         check_tensor(x, "x", min_rank=2)
+        self.measurement_shape(tuple(x.shape[1:]))
 
     def measurement_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -151,11 +158,8 @@ class Mask(LinearOperator):
             )
         return self.mask.to(device=like.device, dtype=like.dtype)
 
-    def check_input(self, x):
-        super().check_input(x)
-        self._mask(x.shape[1:], x)
-
     def measurement_shape(self, sample_shape):
+        self._mask(tuple(sample_shape), torch.zeros(()))
         return tuple(sample_shape)
 
     def _forward(self, x):
@@ -217,10 +221,6 @@ class Downsample(LinearOperator):
             )
         return k
 
-    def check_input(self, x):
-        super().check_input(x)
-        self._check_shape(tuple(x.shape[1:]))
-
     def measurement_shape(self, sample_shape):
         k = self._check_shape(tuple(sample_shape))
         return tuple(sample_shape[:-k]) + tuple(s // self.factor for s in sample_shape[-k:])
@@ -280,10 +280,6 @@ class Greyscale(LinearOperator):
                 f"C = {self.weights.numel()}), found per-sample shape {tuple(sample_shape)}"
             )
         return self.weights.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (len(sample_shape) - 1)))
-
-    def check_input(self, x):
-        super().check_input(x)
-        self._w(tuple(x.shape[1:]), x)
 
     def measurement_shape(self, sample_shape):
         self._w(tuple(sample_shape), torch.zeros(()))
@@ -395,10 +391,6 @@ class MatrixOperator(LinearOperator):
                 f"found per-sample shape {tuple(sample_shape)} ({n} entries)"
             )
         return n
-
-    def check_input(self, x):
-        super().check_input(x)
-        self._n(tuple(x.shape[1:]))
 
     def measurement_shape(self, sample_shape):
         self._n(tuple(sample_shape))

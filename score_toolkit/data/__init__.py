@@ -20,7 +20,8 @@ image sets), in an order that does not depend on the number of processes.
                    scaled to [-1, 1]; needs ``scikit-learn`` (extra ``score-toolkit[data]``)
 ``image_folder``   every PNG/JPEG/BMP/WebP under ``path`` (recursively, sorted), read per batch: resized
                    (shorter side to ``image_size``) and cropped to a square, ``channels`` 1 (grey) or 3
-                   (RGB), optional ``random_flip``, scaled to [-1, 1] (:func:`load_image_folder`)
+                   (RGB), optional ``random_flip``, scaled to [-1, 1]; ``labels``: class labels from the
+                   first-level sub-folders (:func:`load_image_folder`)
 ``hf``             a Hugging Face ``datasets`` split: a Hub id from the local cache, ``imagefolder`` with
                    ``data_dir``, parquet / arrow files, optionally ``streaming``; an image column and an
                    optional label column by name; the same transforms (:func:`load_hf_dataset`; extra
@@ -40,7 +41,7 @@ from ._options import DATASETS, TOY_DATASETS, check_options
 from .arrays import load_digits, load_vectors
 from .base import Dataset, check_data
 from .batches import training_batches
-from .hf_datasets import load_hf_dataset
+from .hf_datasets import StreamingMemoryWarning, load_hf_dataset
 from .image_folder import load_image_folder
 from .image_sets import ImageDataset
 from .order import SampleOrder, example_key
@@ -50,7 +51,7 @@ from .transforms import ImageTransform, images_to_tensor
 
 __all__ = ["Dataset", "DATASETS", "TOY_DATASETS", "load_dataset", "toy_data", "load_digits", "load_image_folder",
            "load_hf_dataset", "load_vectors", "check_data", "ImageDataset", "StreamingImageDataset", "ImageTransform",
-           "SampleOrder", "training_batches", "example_key", "images_to_tensor"]
+           "SampleOrder", "training_batches", "example_key", "images_to_tensor", "StreamingMemoryWarning"]
 
 
 def load_dataset(name: str, **options) -> Dataset:

@@ -19,7 +19,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "circles": {"num_samples": 10000, "seed": 0, "noise": 0.05, "factor": 0.5},
     "digits": {},
     "image_folder": {"path": None, "image_size": 32, "channels": 3, "center_crop": True, "random_flip": False,
-                     "interpolation": "bicubic", "num_workers": 0},
+                     "interpolation": "bicubic", "num_workers": 0, "labels": False},
     "hf": {"path": None, "split": "train", "data_dir": None, "data_files": None, "config_name": None,
            "streaming": False, "image_column": "image", "label_column": None, "num_classes": None,
            "image_size": None, "channels": None, "center_crop": True, "random_flip": False,

@@ -40,6 +40,72 @@ class _HFReader:
 
 _DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
+#: a streamed parquet row group larger than this (uncompressed) gives a :class:`StreamingMemoryWarning`
+ROW_GROUP_WARN_BYTES = 128 * 2 ** 20
+
+
+class StreamingMemoryWarning(UserWarning):
+    """A streamed data file is read in pieces so large that memory follows the file, not the batch."""
+
+
+def _local_parquet_files(path, data_files, data_dir) -> list[Path]:
+    """The local parquet files a ``load_dataset`` call would read (files, folders, glob patterns)."""
+    import glob
+
+    found: list[Path] = []
+
+    def add(item):
+        if isinstance(item, Mapping):
+            for value in item.values():
+                add(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                add(value)
+        elif isinstance(item, (str, os.PathLike)):
+            for name in glob.glob(os.fspath(item), recursive=True) or [os.fspath(item)]:
+                q = Path(name)
+                if q.is_file() and q.suffix.lower() == ".parquet":
+                    found.append(q)
+                elif q.is_dir():
+                    found.extend(sorted(q.rglob("*.parquet")))
+
+    add(data_files)
+    if data_files is None:
+        add(data_dir if data_dir is not None else path)
+    return found
+
+
+def check_row_groups(files, limit: int | None = None, where: str = "dataset 'hf'") -> None:
+    """Warn (:class:`StreamingMemoryWarning`) for every parquet file among ``files`` whose largest row group
+    holds more than ``limit`` bytes (uncompressed). A stream reads parquet a row group at a time, so its
+    memory follows the largest row group; a file written as one row group is read whole. The warning names
+    the file and says how to rewrite it. ``limit`` defaults to :data:`ROW_GROUP_WARN_BYTES`."""
+    import warnings
+
+    limit = ROW_GROUP_WARN_BYTES if limit is None else limit
+
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception:  # noqa: BLE001 -- an unreadable file is reported when the stream reads it
+            continue
+        if meta.num_row_groups == 0:
+            continue
+        sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+        big = max(range(len(sizes)), key=sizes.__getitem__)
+        if sizes[big] > limit:
+            rows = meta.row_group(big).num_rows
+            whole = "the whole file is one row group, so it is read whole" if meta.num_row_groups == 1 else \
+                f"row group {big} of {meta.num_row_groups}"
+            warnings.warn(
+                f"{where}: {f}: {whole}: {rows} rows, {sizes[big] / 2 ** 20:.0f} MB uncompressed; streaming reads a "
+                f"row group at a time, so memory grows with it. Rewrite the file with smaller row groups (e.g. "
+                f"pyarrow.parquet.write_table(table, path, row_group_size={max(1, rows * limit // (4 * sizes[big]))}) "
+                f"or datasets' Dataset.to_parquet(path, batch_size=...)); see docs/training.md",
+                StreamingMemoryWarning, stacklevel=3)
+
 
 def load_hf_dataset(path=None, *, dataset=None, split: str = "train", data_dir=None, data_files=None,
                     config_name: str | None = None, streaming: bool = False, image_column: str = "image",
@@ -89,6 +155,7 @@ def load_hf_dataset(path=None, *, dataset=None, split: str = "train", data_dir=N
             kwargs["name"] = config_name
         if cache_dir is not None:
             kwargs["cache_dir"] = os.fspath(cache_dir)
+        local_files = _local_parquet_files(path, kwargs.get("data_files"), data_dir) if streaming else []
         try:
             dataset = hf.load_dataset(builder, **kwargs)
         except (FileNotFoundError, ValueError, ConnectionError) as err:
@@ -98,6 +165,7 @@ def load_hf_dataset(path=None, *, dataset=None, split: str = "train", data_dir=N
     else:
         label = f"{type(dataset).__name__}"
         path = getattr(dataset.info, "dataset_name", None) or "dataset"
+        local_files = []
     if not isinstance(dataset, (hf.Dataset, hf.IterableDataset)):
         raise TypeError(f"{where}: expected a datasets.Dataset or IterableDataset (one split), found "
                         f"{type(dataset).__name__}")
@@ -144,6 +212,8 @@ def load_hf_dataset(path=None, *, dataset=None, split: str = "train", data_dir=N
     common = {"name": "hf", "options": options, "hub_id": hub_id, "label_column": label_column,
               "num_classes": num_classes, "num_workers": workers}
     if is_stream:
+        if local_files:
+            check_row_groups(local_files, where=where)
         return StreamingImageDataset(
             dataset, transform, image_column=image_column, shuffle_buffer=shuffle_buffer, where=where_rows,
             description=f"{path} ({split}, streamed; {f'{size}x{size}' if size else 'as stored'}, {mode})", **common)

@@ -3,6 +3,7 @@ the DataLoader dataset that cuts this process's micro-batches out of the stream.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -14,11 +15,18 @@ from .transforms import ImageTransform, open_image
 
 class StreamingImageDataset(LazyImageSet):
     """An image training set read as a stream (a streaming ``datasets.IterableDataset``): nothing but a
-    shuffle buffer of encoded images is held in memory, whatever the size of the data. It has no ``len()``.
+    shuffle buffer of encoded images and the parquet row group being read are held in memory, whatever the
+    size of the data. It has no ``len()``.
 
-    Order: the stream of epoch ``e`` is the source shuffled by ``datasets`` with seed ``seed + e`` (shard
-    order and a buffer of ``shuffle_buffer`` examples); training takes consecutive examples of that stream
-    across epochs. Every process (and every DataLoader worker) reads the whole stream and decodes only the
+    Memory: parquet files are split into one shard per row group (``IterableDataset.reshard``) and the shuffle
+    buffer is fed from one shard at a time (``max_buffer_input_shards=1``). Without this, pyarrow's scanner
+    (which ``datasets`` reads parquet with) reads the remaining row groups of a file ahead in background
+    threads while the training loop is slower than the reader: memory grew with the file (a 634 MB file
+    took 1.7 GB). Memory is now bounded by the largest row group (see :func:`check_row_groups`).
+
+    Order: the stream of epoch ``e`` is the source shuffled by ``datasets`` with seed ``seed + e`` (the order of
+    the shards -- files, or row groups of parquet files -- and a buffer of ``shuffle_buffer`` examples);
+    training takes consecutive examples of that stream across epochs. Every process (and every DataLoader worker) reads the whole stream and decodes only the
     examples of its own part of each global batch, so the examples of a step -- and their augmentations --
     do not depend on the number of processes or workers; reading (not decoding) costs each process the whole
     stream."""
@@ -27,6 +35,8 @@ class StreamingImageDataset(LazyImageSet):
 
     def __init__(self, stream, transform: ImageTransform, *, image_column: str, shuffle_buffer: int, where: str,
                  **kwargs):
+        if hasattr(stream, "reshard"):  # recent datasets: the row groups of parquet files become shards
+            stream = stream.reshard()
         self.stream, self.image_column, self.shuffle_buffer, self.where = stream, image_column, shuffle_buffer, where
         first = next(stream_rows(self.stream.take(1)), None)
         if first is None:
@@ -41,6 +51,9 @@ class StreamingImageDataset(LazyImageSet):
         return open_image(value, where), (row[self.label_column] if self.label_column else None), where
 
     def shuffled(self, seed: int):
+        if "max_buffer_input_shards" in inspect.signature(self.stream.shuffle).parameters:
+            # one shard (file or row group) at a time: memory does not grow with the number of shards
+            return self.stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=1)
         return self.stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
 
     def head(self, n: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ prior at ``t = 1``:
     div_x F = f(t) d - g(t)^2 / 2 * div_x s(x, t).
 
 :func:`log_likelihood` integrates the augmented state ``(x, int div F)`` with torchdiffeq (adaptive dopri5 by
-default, or a fixed grid), by default in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
-(``time_variable="log_sigma"``: the same ODE, smooth in tau for every process; ``"t"`` integrates in t itself,
-see :class:`_TimeVariable`). The divergence of the score is computed
+default, or a fixed grid), either in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
+(``time_variable="log_sigma"``: the same ODE, smooth in tau for every process) or in t itself (``"t"``); the
+default ``"auto"`` takes t for the continuous VP family and ln(sigma / alpha) otherwise (see :class:`_TimeVariable`). The divergence of the score is computed
 
 * ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (one backward pass per basis vector on
   the CPU; vectorised with ``is_grads_batched`` on accelerators when the network supports it);

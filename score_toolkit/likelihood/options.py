@@ -16,7 +16,7 @@ __all__ = ["DIVERGENCES", "PROBES", "TIME_VARIABLES", "METHODS", "DEFAULT_RTOL",
 
 
 DIVERGENCES = ("exact", "hutchinson")
-TIME_VARIABLES = ("log_sigma", "t")
+TIME_VARIABLES = ("auto", "log_sigma", "t")
 PROBES = ("rademacher", "gaussian")
 #: torchdiffeq methods: name -> adaptive?
 METHODS: dict[str, bool] = {
@@ -36,6 +36,18 @@ DEFAULT_MAX_NUM_STEPS = 10_000
 DEFAULT_NUM_PROBES = 4
 DEFAULT_BATCH_SIZE = 256
 
+
+def _resolve_time_variable(time_variable: str, process) -> str:
+    """``"auto"``: ``"t"`` for the continuous VP family (VP, sub-VP), whose coefficients are smooth in t and where
+    t needs fewer evaluations at a smaller error than ln(sigma / alpha) (docs/likelihood.md, "The integration
+    variable"); ``"log_sigma"`` for every other process (VE, a DDPM table, any user process)."""
+    if time_variable not in TIME_VARIABLES:
+        raise ValueError(f"log_likelihood: expected time_variable in {TIME_VARIABLES}, found {time_variable!r}")
+    if time_variable != "auto":
+        return time_variable
+    from ..processes import VPSDE, SubVPSDE
+
+    return "t" if type(process) in (VPSDE, SubVPSDE) else "log_sigma"
 
 
 def _expected_sample_shape(score_fn) -> tuple[int, ...] | int | None:

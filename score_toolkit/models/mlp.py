@@ -11,9 +11,9 @@ import math
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .._config import REQUIRED, init_from_fields
 from .._utils import as_time
 from .base import StrictLoadingMixin
 
@@ -54,6 +54,18 @@ class _ResidualBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return h + self.lin2(self.act(self.lin1(self.act(h)) + self.emb(emb)))
+
+
+#: the config fields of both networks (name: (default, annotation)); ScoreMLP adds ``num_classes``
+_TRUNK_FIELDS = {
+    "dim": (REQUIRED, "int"),
+    "hidden_dim": (128, "int"),
+    "num_layers": (3, "int"),
+    "embedding_dim": (64, "int"),
+    "fourier_scale": (1.0, "float"),
+    "time_embedding": ("log", "str"),
+    "activation": ("silu", "str"),
+}
 
 
 class _MLPTrunk(nn.Module):
@@ -170,21 +182,10 @@ class ScoreMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
     see :func:`score_toolkit.models.strict_from_pretrained`.
     """
 
-    @register_to_config
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int = 128,
-        num_layers: int = 3,
-        embedding_dim: int = 64,
-        fourier_scale: float = 1.0,
-        time_embedding: str = "log",
-        activation: str = "silu",
-        num_classes: int | None = None,
-    ):
+    @init_from_fields({**_TRUNK_FIELDS, "num_classes": (None, "int | None")})
+    def __init__(self, **config):
         super().__init__()
-        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, dim,
-                    num_classes)
+        self._build(out_dim=config["dim"], **config)
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         x_flat, t = self._check_inputs(x, t)
@@ -197,19 +198,10 @@ class EnergyMLP(StrictLoadingMixin, _MLPTrunk, ModelMixin, ConfigMixin):
     :class:`ScoreMLP`. Prefer a smooth activation (the default ``silu``): the score is a derivative of the
     network, and objectives such as ISM or sliced score matching differentiate it once more."""
 
-    @register_to_config
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int = 128,
-        num_layers: int = 3,
-        embedding_dim: int = 64,
-        fourier_scale: float = 1.0,
-        time_embedding: str = "log",
-        activation: str = "silu",
-    ):
+    @init_from_fields(_TRUNK_FIELDS)
+    def __init__(self, **config):
         super().__init__()
-        self._build(dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, 1)
+        self._build(out_dim=1, **config)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         x_flat, t = self._check_inputs(x, t)

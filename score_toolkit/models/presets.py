@@ -28,31 +28,29 @@ from typing import Any
 
 __all__ = ["UNET_PRESETS", "PRESET_RECIPES", "unet_preset", "build_unet", "count_parameters"]
 
+# what the two 32x32 presets share: widths and depth, GroupNorm's epsilon, SiLU
+_UNET_32: dict[str, Any] = {"block_out_channels": [128, 256, 256, 256], "layers_per_block": 2, "norm_eps": 1e-6,
+                            "act_fn": "silu"}
+
 _DDPM_CIFAR10: dict[str, Any] = {
-    "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2,
+    **_UNET_32,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     "downsample_padding": 0,
     "flip_sin_to_cos": False,
     "freq_shift": 1,
-    "norm_eps": 1e-6,
     "norm_num_groups": 32,
-    "act_fn": "silu",
     "mid_block_scale_factor": 1,
     "time_embedding_type": "positional",
 }
 
 _NCSNPP_32: dict[str, Any] = {
-    "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2,
+    **_UNET_32,
     "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"],
     "up_block_types": ["SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
-    "norm_eps": 1e-6,
-    "act_fn": "silu",
     "mid_block_scale_factor": math.sqrt(2.0),
     "time_embedding_type": "fourier",
 }

@@ -20,6 +20,10 @@ an easy sample does not pay for a hard one, and a hard one is not under-resolved
 ``nfe`` counts batched score calls (``max_nfe`` caps them: :class:`~score_toolkit.samplers.base.NFEBudgetError`
 beyond it); the per-sample evaluation counts are in ``SamplerOutput.info`` (``nfe_per_sample_mean`` and
 ``nfe_per_sample_max``, ``accepted_steps_mean``, ``rejected_steps_mean``, ``iterations``).
+
+Why one module of this length: the two samplers share one piece of machinery, the per-sample step control
+(lockstep iterations over the running samples, per-sample accept/reject, the NFE budget, the statistics),
+which is most of the module; and their entry points in pyproject.toml name this module.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ class SamplingContext:
             )
         bounds = self._t_bounds
         if bounds is not None and isinstance(t, (int, float)):  # the fixed-grid path: clamp the float, one tensor
-            t = torch.full((x.shape[0],), min(max(float(t), bounds[0]), bounds[1]), device=x.device, dtype=time_dtype(x))
+            t = x.new_full((x.shape[0],), min(max(float(t), bounds[0]), bounds[1]),
+                           dtype=torch.float32 if x.is_mps else torch.float64)  # time_dtype(x), without a device object
         else:
             t = self.process.clamp_t(as_time(t, x.shape[0], like=torch.empty(0, device=x.device, dtype=time_dtype(x))))
         s = self._score_fn(x, t)

@@ -145,9 +145,12 @@ class _Multistep(_DPMSolverBase):
         n = ts.numel() - 1
         orders = self._orders(n)
         eta = self._eta()
-        co = multistep_coefficients(ctx.process, ts, orders, eta)
         if not ts.requires_grad:
-            return self._integrate_floats(ctx, x, ts.tolist(), orders, co)
+            tl = ts.tolist()
+            co = self._per_process(ctx.process, "coefficients", (tl, orders, eta), lambda: {
+                k: v.tolist() for k, v in multistep_coefficients(ctx.process, ts, orders, eta).items()})
+            return self._integrate_floats(ctx, x, tl, orders, co)
+        co = multistep_coefficients(ctx.process, ts, orders, eta)
         a, w, noise, sigma2, inv_alpha = _floats(co["a"], co["w"], co["noise"], co["sigma2"], co["inv_alpha"])
         t_score = ts if ts.requires_grad else ts.tolist()
         t_rec = ts.tolist() if not ts.requires_grad else ts.detach().tolist()
@@ -164,13 +167,12 @@ class _Multistep(_DPMSolverBase):
         return x
 
     def _integrate_floats(self, ctx: SamplingContext, x: torch.Tensor, ts: list[float], orders: list[int],
-                          co: dict[str, torch.Tensor]) -> torch.Tensor:
+                          co: dict[str, list]) -> torch.Tensor:
         """The sampling loop (no grad through the grid): float coefficients, fused multiply-adds, no tensor made
         per step but the denoiser value and the new state. Bit for bit the differentiable loop's result, and
         the same history of denoiser values as :class:`~score_toolkit.diffusers_schedulers.ScoreDPMSolverScheduler`."""
         n = len(ts) - 1
-        a, w, noise = co["a"].tolist(), co["w"].tolist(), co["noise"].tolist()
-        sigma2, inv_alpha = co["sigma2"].tolist(), co["inv_alpha"].tolist()
+        a, w, noise, sigma2, inv_alpha = co["a"], co["w"], co["noise"], co["sigma2"], co["inv_alpha"]
         stochastic = self._eta() > 0
         keep = self.order
         history: list[torch.Tensor] = []  # D_i, D_{i-1}, ...
@@ -225,11 +227,15 @@ class DPMSolverPP3M(_Multistep):
     the exact integral; their code has 1). Steps 1 and 2 warm up with orders 1 and 2.
 
     Options:
-        num_steps (20), grid ("log_sigma"), rho (7.0): see :class:`DPMSolverPP2M`.
+        num_steps (20): steps of the grid (NFE = num_steps + 1 with ``to_zero``).
+        grid ("fitted"), rho (7.0): see :class:`DPMSolverPP2M`; ``"fitted"`` is here the data-free density fitted
+            for third-order samplers (``fitted_log_snr(process, n, order=3)``).
         lower_order_final (False): the last two steps use orders 1 and 2 (diffusers' default below 15 steps;
             measured worse here on the analytic test problems, and it lowers the asymptotic order).
-        to_zero (False): end with the PF-ODE step to noise level 0 (one more evaluation; see
-            :func:`~score_toolkit.samplers.grids.step_to_zero`).
+        to_zero (True): end with the PF-ODE step to noise level 0 (one more evaluation; see
+            :func:`~score_toolkit.samplers.grids.step_to_zero`); off by itself when ``denoise=True`` is passed.
+
+    Defaults (grid, ``to_zero``) chosen by measurement: docs/fast_samplers.md, "Defaults".
         denoise, progress: see :class:`~score_toolkit.samplers.base.Sampler`.
 
     Order: the first step (no history yet) is first order; its local error ``O(h^2 |dD/dlambda|)`` at the prior's
@@ -240,9 +246,10 @@ class DPMSolverPP3M(_Multistep):
     name: ClassVar[str] = "dpmpp_3m"
     description: ClassVar[str] = "DPM-Solver++(3M): third-order multistep exponential integrator of the PF-ODE (Lu et al. 2022)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0)
-    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "lower_order_final": False,
-                                         "to_zero": False}
+    options: ClassVar[dict[str, Any]] = {"num_steps": 20, "grid": "fitted", "rho": 7.0, "lower_order_final": False,
+                                         "to_zero": True}
     order = 3
+    fitted_order = 3
 
 
 # ---------------------------------------------------------------------------------------------- single-step

@@ -50,16 +50,19 @@ _LOG_SNR_TOL = 1e-6
 #: grid kinds every fixed-grid sampler accepts: the data-free fitted grid and the process's built-in kinds
 GRID_KINDS = ("fitted", *TIME_GRIDS)
 
-# The data-free grid. Grids of dpmpp_2m (with to_zero) fitted by optimize_grid(mixture=...) on the benchmark's
-# reference mixtures (loss "mse", 512/256 draws, 60 L-BFGS evaluations), written as their log-SNR values
-# lambda = ln(alpha / sigma): under VESDE(0.01, 50) and VPSDE(0.1, 20), 11 steps on the 2-D ring of 8 Gaussians (std
-# 0.2, radius 4) and 19 steps on the 16-D anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]). In
-# absolute log-SNR the VE and VP fits of one mixture nearly coincide (the ring's within 0.16 at every point): where
-# the steps go depends on the noise level relative to the data, not on the process. Each fit is read as a step
-# density over lambda (1 / (n * step) on each step, its end densities extended beyond its range); the shipped grid
-# is the mean of the four densities, and a process's grid of n steps splits the density's mass over the process's
+# The data-free grids. Grids fitted by optimize_grid(mixture=...) on the benchmark's reference mixtures, written
+# as their log-SNR values lambda = ln(alpha / sigma): the 2-D ring of 8 Gaussians (std 0.2, radius 4) and the 16-D
+# anisotropic mixture (10 components, eigenvalues in [0.01, 0.25]) under VESDE(0.01, 50) and VPSDE(0.1, 20). In
+# absolute log-SNR the VE and VP fits of one mixture nearly coincide (the ring's 2M fits within 0.16 at every point):
+# where the steps go depends on the noise level relative to the data, not on the process. Each fit is read as a step
+# density over lambda (1 / (n * step) on each step, its end densities extended beyond its range); a shipped grid is
+# a weighted mean of such densities, and a process's grid of n steps splits the density's mass over the process's
 # own log-SNR range [lambda(1), lambda(t_min)] into n equal parts. See docs/fast_samplers.md ("Defaults").
-_FITTED_LOG_SNR = (
+#
+# Second order (dpmpp_2m): fits of dpmpp_2m with to_zero, loss "mse", 512/256 draws, 60 L-BFGS evaluations; 11 steps
+# on the ring, 19 on the 16-D mixture, VE and VP; equal weights (weighting the 16-D fits 3:1, or them alone, was
+# measured worse on the ring; mixing in 30-50 % of even log-SNR steps was worse in both metrics).
+_FITTED_2M = (
     (-3.912, -2.558, -1.382, -1.042, -0.539, -0.122, 0.329, 0.755, 1.224, 1.726, 2.919, 4.605),
     (-5.025, -2.716, -1.422, -1.163, -0.607, -0.176, 0.303, 0.753, 1.252, 1.788, 3.044, 4.558),
     (-3.912, -2.634, -1.979, -1.519, -1.152, -0.812, -0.505, -0.147, 0.151, 0.432, 0.747, 1.07, 1.564, 1.709, 1.939,
@@ -67,36 +70,65 @@ _FITTED_LOG_SNR = (
     (-5.025, -3.089, -2.428, -1.92, -1.556, -1.221, -0.914, -0.54, -0.282, 0.044, 0.303, 0.6, 0.897, 1.261, 1.702,
      1.894, 2.22, 2.43, 3.092, 4.558),
 )
-# equal weights (weighting the 16-D fits 3:1, or them alone, was measured worse on the ring; mixing in 30-50 % of
-# even log-SNR steps was worse in both metrics)
-_FITTED_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# Third order (dpmpp_3m): fits of dpmpp_3m with to_zero, loss "nll" (the pathwise error plus the squared mean
+# log-density bias: the 2M fits above leave the small-variance directions of the 16-D mixture 2-3 % too wide), 512
+# draws, 60 L-BFGS evaluations, started from the uniform log-SNR grid: 11 and 14 steps on the ring (VE, VP), 14, 19
+# and 24 steps on the 16-D mixture (VP). Mixed with the 2M fits (which resolve the range where the ring's modes
+# separate) at weights 7 (the four 2M fits together) : 8 (the 16-D fits) : 4 (the ring fits), chosen by measurement
+# (docs/fast_samplers.md).
+_FITTED_3M = (
+    (-3.912, -2.7617, -2.081, -0.7318, 0.0167, 0.7022, 1.2587, 1.8152, 2.1576, 2.562, 3.4173, 4.6051),
+    (-5.025, -3.8297, -2.8463, -1.802, -0.5987, 0.1119, 0.74, 1.2596, 1.9169, 2.2952, 2.8563, 4.5577),
+    (-3.912, -3.4993, -3.0832, -2.1864, -1.977, -0.6919, -0.056, 0.6166, 1.1697, 1.6911, 2.08, 2.2503, 2.7299, 3.5137,
+     4.6051),
+    (-5.025, -4.2723, -3.5536, -2.9796, -2.5632, -2.4906, -0.805, -0.1795, 0.4679, 0.9892, 1.4706, 2.136, 2.3391,
+     2.8661, 4.5577),
+    (-5.025, -3.5337, -2.3097, -1.4453, -0.8376, -0.2693, 0.3646, 0.9162, 1.4516, 1.925, 2.1158, 2.9723, 3.3514,
+     3.5399, 4.5577),
+    (-5.025, -4.2547, -3.4968, -2.7681, -2.1057, -1.4954, -0.9275, -0.536, -0.2049, 0.2702, 0.6509, 1.0443, 1.4046,
+     1.6471, 1.8928, 2.5997, 3.0597, 3.3168, 3.6317, 4.5577),
+    (-5.025, -4.3065, -3.5965, -2.9119, -2.3062, -1.8126, -1.424, -1.0923, -0.7655, -0.4832, -0.2498, 0.0577, 0.3248,
+     0.6169, 0.8915, 1.1505, 1.4055, 1.5929, 1.762, 2.3579, 2.812, 3.1038, 3.3967, 3.8352, 4.5577),
+)
+#: the shipped densities by the order of the sampler they were fitted for: (knots, weights)
+_FITTED = {
+    2: (_FITTED_2M, (1.0,) * 4),
+    3: (_FITTED_2M + _FITTED_3M, (7 / 4,) * 4 + (1.0,) * 4 + (8 / 3,) * 3),
+}
 
 
-def _fitted_density(lam: torch.Tensor) -> torch.Tensor:
-    """The shipped step density over log-SNR at the points ``lam`` (the mean of the fitted grids' densities)."""
+def _fitted_density(lam: torch.Tensor, order: int = 2) -> torch.Tensor:
+    """The shipped step density over log-SNR for samplers of ``order`` at the points ``lam`` (the weighted mean of
+    the fitted grids' densities)."""
+    knots_list, weights = _FITTED[order]
     total = torch.zeros_like(lam)
-    for knots, weight in zip(_FITTED_LOG_SNR, _FITTED_WEIGHTS):
+    for knots, weight in zip(knots_list, weights):
         k = torch.tensor(knots, dtype=torch.float64)
         dens = 1.0 / ((k.numel() - 1) * torch.diff(k))
         idx = (torch.searchsorted(k, lam, right=True) - 1).clamp(0, dens.numel() - 1)
         total += weight * dens[idx]
-    return total / sum(_FITTED_WEIGHTS)
+    return total / sum(weights)
 
 
-def fitted_log_snr(process: Process, num_steps: int) -> torch.Tensor:
+def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Tensor:
     """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda(1) < ... < lambda(t_min)``.
+
+    ``order``: 2 (the density fitted for second-order samplers: dpmpp_2m and the rest) or 3 (the one fitted for
+    dpmpp_3m: finer steps at high log-SNR, where a third-order method's error budget goes).
 
     The shipped step density over log-SNR (fitted once, see the comment above) is integrated over the process's
     range and the grid points split its mass into ``num_steps`` equal parts: a data-free grid for any process and
     budget, which transfers across processes (VE with any sigma_max, VP, sub-VP, DDPM tables) because it lives in
     absolute log-SNR. Like every data-free rule it assumes data of about unit scale (per feature spreads of 0.1 to
     1, distances between modes of a few units), as a standardised data set has."""
+    if order not in _FITTED:
+        raise ValueError(f"fitted_log_snr: expected order in {sorted(_FITTED)}, found {order!r}")
     n = int(num_steps)
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
     a, b = float(ends[0]), float(ends[1])
     m = 4097
     lam = torch.linspace(a, b, m, dtype=torch.float64)
-    dens = _fitted_density(lam)
+    dens = _fitted_density(lam, order)
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (dens[1:] + dens[:-1]) * torch.diff(lam), 0)])
     cdf = cdf / cdf[-1]
     q = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
@@ -393,10 +425,11 @@ def _parse_grid(grid, sampler: str) -> _GridSpec:
     )
 
 
-def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float) -> torch.Tensor:
-    """The float64 times ``t_0 = 1 > ... > t_n = t_min`` of a parsed grid option under ``process``."""
+def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float, fitted_order: int = 2) -> torch.Tensor:
+    """The float64 times ``t_0 = 1 > ... > t_n = t_min`` of a parsed grid option under ``process``
+    (``fitted_order``: which shipped density ``grid="fitted"`` uses, see :func:`fitted_log_snr`)."""
     if spec.kind == "fitted":
-        return _times_from_log_snr(fitted_log_snr(process, num_steps), process, "the fitted grid")
+        return _times_from_log_snr(fitted_log_snr(process, num_steps, fitted_order), process, "the fitted grid")
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
     if spec.log_snr is not None:
@@ -419,6 +452,8 @@ class GridSampler(Sampler):
     options: ClassVar[Mapping[str, Any]] = {"num_steps": 20, "grid": "log_sigma", "rho": 7.0, "to_zero": False}
     #: score evaluations per step (multistep: 1; single-step s-stage: s)
     nfe_per_step: ClassVar[int] = 1
+    #: the shipped density ``grid="fitted"`` uses (:func:`fitted_log_snr`'s ``order``)
+    fitted_order: ClassVar[int] = 2
 
     def __init__(self, **options: Any):
         self._given = frozenset(options)
@@ -455,7 +490,23 @@ class GridSampler(Sampler):
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
-        return resolve_grid(self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]))
+        key = (self._grid_spec.label, id(self._grid_spec), self.config["num_steps"], self.config["rho"], self.fitted_order)
+        ts = self._per_process(process, "grid", key, lambda: resolve_grid(
+            self._grid_spec, process, int(self.config["num_steps"]), float(self.config["rho"]), self.fitted_order))
+        return ts.clone()
+
+    def _per_process(self, process: Process, slot: str, key, compute):
+        """``compute()``, computed once per process object and ``key`` and kept for the next run (one entry per
+        ``slot``): a run's grid and step coefficients depend only on them, and repeated runs (batches) then skip
+        their setup. Processes are immutable (their config is frozen); an entry is matched by the process object's
+        identity and ``key``."""
+        cache = self.__dict__.setdefault("_setup_cache", {})
+        entry = cache.get(slot)
+        if entry is not None and entry[0] is process and entry[1] == key:
+            return entry[2]
+        value = compute()
+        cache[slot] = (process, key, value)
+        return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         x = self._integrate(ctx, x, self.time_grid(ctx.process))

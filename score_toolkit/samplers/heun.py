@@ -68,8 +68,23 @@ class EDMHeunSampler(GridSampler):
             self.properties = replace(type(self).properties, stochastic=True)
 
     def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        if not ts.requires_grad:
+            tl = ts.tolist()
+            co = self._per_process(ctx.process, "coefficients", (tl, self.config["S_churn"], self.config["S_tmin"],
+                                                                self.config["S_tmax"], self.config["S_noise"]),
+                                   lambda: self._coefficients(ctx.process, ts))
+            return self._loop_floats(ctx, x, tl, *co)
+        return self._integrate_grad(ctx, x, ts)
+
+    def _coefficients(self, process, ts: torch.Tensor):
+        """The loop's per-step coefficients as Python floats (the expressions of :meth:`_integrate_grad`)."""
+        with torch.no_grad():
+            churn, t_hat, a_hat, alpha, c_euler, c_half1, c_half2, noise_std = self._coefficient_tensors(process, ts)
+        return (churn, t_hat.tolist(), a_hat.tolist(), alpha.tolist(), c_euler.tolist(), c_half1.tolist(),
+                c_half2.tolist(), noise_std.tolist())
+
+    def _coefficient_tensors(self, process, ts: torch.Tensor):
         cfg = self.config
-        process = ctx.process
         n = ts.numel() - 1
         alpha, sigma = process.marginal(ts)
         sig_t = sigma / alpha  # sigma~
@@ -89,11 +104,12 @@ class EDMHeunSampler(GridSampler):
         c_euler = -delta * s_hat
         c_half1, c_half2 = 0.5 * c_euler, -0.5 * delta * sigma[1:]
         noise_std = torch.sqrt((sig_hat**2 - sig_t[:-1] ** 2).clamp_min(0)) * cfg["S_noise"]
-        if not ts.requires_grad:
-            return self._loop_floats(ctx, x, churn, t_hat.tolist(), ts.tolist(), a_hat.tolist(), alpha.tolist(),
-                                     c_euler.tolist(), c_half1.tolist(), c_half2.tolist(), noise_std.tolist())
-        # differentiable in the grid (optimize_grid): tensor coefficients
-        a_hat_l, alpha_l, c_e, c_h1, c_h2, nstd = a_hat, alpha, c_euler, c_half1, c_half2, noise_std
+        return churn, t_hat, a_hat, alpha, c_euler, c_half1, c_half2, noise_std
+
+    def _integrate_grad(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """The loop differentiable in the grid (optimize_grid): tensor coefficients."""
+        n = ts.numel() - 1
+        churn, t_hat, a_hat_l, alpha_l, c_e, c_h1, c_h2, nstd = self._coefficient_tensors(ctx.process, ts)
         t_hat_l, t_next = t_hat, ts[1:]
         t_rec = ts.detach().tolist()
         one = torch.ones((), dtype=ts.dtype)
@@ -111,7 +127,7 @@ class EDMHeunSampler(GridSampler):
         return x
 
     @staticmethod
-    def _loop_floats(ctx, x, churn, t_hat, ts, a_hat, alpha, c_e, c_h1, c_h2, nstd):
+    def _loop_floats(ctx, x, ts, churn, t_hat, a_hat, alpha, c_e, c_h1, c_h2, nstd):
         """The sampling loop with float coefficients: fused multiply-adds, and no multiplication by
         ``alpha = 1`` (VE) or ``1`` (the former products with 1 were exact: the results are the same)."""
         a0 = alpha[0]

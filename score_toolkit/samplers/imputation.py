@@ -15,7 +15,7 @@ import torch
 
 from ..conditioning.operators import check_operator_options, replace_observed
 from ..processes import TIME_GRIDS
-from .ancestral import forward_transition
+from ._observed import ancestral_step_observed, checked_observation
 from .base import Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
 
 __all__ = ["ImputationSampler"]
@@ -58,17 +58,10 @@ class ImputationSampler(Sampler):
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         process, cfg = ctx.process, self.config
-        op, y = cfg["operator"], cfg["observation"]
-        if op is not None:
-            op.check_input(x)
-            op.check_observation(y, tuple(x.shape[1:]), x.shape[0])
+        op, y = checked_observation(cfg, x)
         ts = process.time_grid(cfg["num_steps"], cfg["grid"]).tolist()
         for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-            _, s_t, a_s, s_s, a_ts, var_ts = forward_transition(process, t_cur, t_next)
-            mean = (x + var_ts * ctx.score(x, t_cur)) / a_ts
-            x = mean + (var_ts * s_s**2 / s_t**2) ** 0.5 * ctx.randn_like(x)
-            if op is not None:
-                x = replace_observed(op, x, y, a_s, s_s, ctx.randn_like(x))
+            x, a_s, s_s = ancestral_step_observed(ctx, x, t_cur, t_next, op, y)
             eps = 2 * cfg["snr"] ** 2 * s_s**2
             for _ in range(cfg["corrector_steps"]):
                 x = x + eps * ctx.score(x, t_next) + (2 * eps) ** 0.5 * ctx.randn_like(x)

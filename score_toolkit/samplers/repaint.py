@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..conditioning.operators import check_operator_options, replace_observed
+from ..conditioning.operators import check_operator_options
 from ..processes import TIME_GRIDS
+from ._observed import ancestral_step_observed, checked_observation
 from .ancestral import forward_transition
 from .base import Sampler, SamplerProperties, SamplingContext, check_choice, check_int
 
@@ -84,19 +85,12 @@ class RePaintSampler(Sampler):
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         process, cfg = ctx.process, self.config
-        op, y = cfg["operator"], cfg["observation"]
-        if op is not None:
-            op.check_input(x)
-            op.check_observation(y, tuple(x.shape[1:]), x.shape[0])
+        op, y = checked_observation(cfg, x)
         ts = process.time_grid(cfg["num_steps"], cfg["grid"]).tolist()
         seq = repaint_schedule(cfg["num_steps"], cfg["jump_length"], cfg["jump_n_sample"])
         for k, (i, j) in enumerate(zip(seq[:-1], seq[1:])):
             if j > i:  # down: t = ts[i] -> s = ts[j]
-                _, s_t, a_s, s_s, a_ts, var_ts = forward_transition(process, ts[i], ts[j])
-                mean = (x + var_ts * ctx.score(x, ts[i])) / a_ts
-                x = mean + (var_ts * s_s**2 / s_t**2) ** 0.5 * ctx.randn_like(x)
-                if op is not None:
-                    x = replace_observed(op, x, y, a_s, s_s, ctx.randn_like(x))
+                x, _, _ = ancestral_step_observed(ctx, x, ts[i], ts[j], op, y)
             else:  # up: forward transition from s = ts[i] to t = ts[j]
                 *_, a_ts, var_ts = forward_transition(process, ts[j], ts[i])
                 x = a_ts * x + var_ts**0.5 * ctx.randn_like(x)

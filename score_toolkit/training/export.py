@@ -6,7 +6,6 @@ Hub-style pipeline folder with its model card (:mod:`score_toolkit.hub`).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,11 +85,10 @@ def sample_picture(comps: Components, samples: torch.Tensor):
         return P.image_grid(samples[:n].clamp(-1, 1), nrow=int(math.ceil(math.sqrt(n))),
                             scale=4 if samples.shape[-1] >= 16 else 8)
     if samples.ndim == 2 and samples.shape[1] == 2:
-        try:
-            fig, axes = P.figure_grid(2)
-        except ImportError as err:
-            warnings.warn(f"the model card gets no sample picture: {err}", stacklevel=2)
+        grid = P.figure_grid_or_warn(2, "the model card gets no sample picture")
+        if grid is None:
             return None
+        fig, axes = grid
         extent = comps.dataset.extent or (-6.0, 6.0, -6.0, 6.0)
         data = comps.dataset.head(max(len(samples), 1000))
         P.histogram_panel(data, extent, title=f"training data ({len(data)} points)", ax=axes[0])

@@ -131,6 +131,8 @@ def train(
     cfg, tc = comps.config, comps.config.train
     use_cpu = tc.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     mixed = _resolve_mixed_precision(tc.mixed_precision, use_cpu)
+    if tc.compile:
+        check_compile(use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     try:
         accelerator = Accelerator(
             cpu=use_cpu,
@@ -176,6 +178,11 @@ def train(
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=tc.steps, last_epoch=0, **tc.lr_scheduler_options)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if tc.compile:
+        from accelerate.utils import is_compiled_module
+
+        if not is_compiled_module(model):  # Accelerate's state came from an earlier run in this process
+            model = torch.compile(model, backend="inductor")
     base_model = accelerator.unwrap_model(model)
     ema = EMA(base_model, tc.ema_decay) if tc.ema_decay is not None else None
 
@@ -232,9 +239,18 @@ def train(
     from ..data import Dataset
 
     label_table = _label_table(base_model)
-    if label_table is not None and isinstance(comps.dataset, Dataset) and comps.dataset.labels is None:
-        raise ValueError(f"the network has a class-label table ({label_table} rows) but the data set "
-                         f"{getattr(comps.dataset, 'name', '')!r} has no labels")
+    label_column = getattr(comps.dataset, "label_column", None)
+    if label_table is not None:
+        unlabelled = comps.dataset.labels is None if isinstance(comps.dataset, Dataset) else label_column is None
+        if unlabelled:
+            raise ValueError(f"the network has a class-label table ({label_table} rows) but the data set "
+                             f"{getattr(comps.dataset, 'name', '')!r} has no labels (image folders: data option "
+                             f"labels: true; datasets: label_column)")
+        data_classes = getattr(comps.dataset, "num_classes", None)
+        if data_classes is not None and data_classes > label_table - 1:
+            raise ValueError(f"the data set has {data_classes} classes (labels {label_column or 'of the data'}) but the "
+                             f"network's class-label table has {label_table} rows: classes 0..{label_table - 2} and the "
+                             f"null label (set model.options num_class_embeds to {data_classes + 1})")
 
     from accelerate.logging import get_logger
 
@@ -274,7 +290,7 @@ def train(
                 step_score = score_fn
                 if label_table is not None:  # class-conditional: the labels (with dropout) go into the network
                     step_score = _labelled_score(model, comps, labels, label_table, tc.label_dropout, device,
-                                                 _mix(cfg.seed, 0x1AB, step, micro, rank))
+                                                 _mix(cfg.seed, 0x1AB, step, micro, rank), label_column)
                 loss = objective(step_score, x, generator=generator)
                 accelerator.backward(loss / accumulation if accumulation > 1 else loss)
             loss_sum += loss.detach()
@@ -351,6 +367,32 @@ def train(
                        resumed_from=ckpt, num_processes=world)
 
 
+def check_compile(on_cpu: bool) -> None:
+    """A clear :class:`ConfigError` when ``train.compile`` cannot work here: no ``torch.compile``, dynamo not
+    supported on this Python, or (on CPU, where inductor writes C++) no C++ compiler."""
+    import sys
+
+    if not hasattr(torch, "compile"):
+        raise ConfigError(f"train.compile: torch {torch.__version__} has no torch.compile (needs torch >= 2.0); "
+                          f"set train.compile: false")
+    from torch import _dynamo
+
+    if not _dynamo.is_dynamo_supported():
+        raise ConfigError(f"train.compile: torch.compile is not supported by torch {torch.__version__} on Python "
+                          f"{sys.version.split()[0]}; set train.compile: false")
+    if on_cpu:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:  # an older or newer torch: let torch.compile report what it needs
+            return
+        try:
+            get_cpp_compiler()
+        except Exception as err:  # noqa: BLE001 -- torch raises its own error types for a missing compiler
+            raise ConfigError(f"train.compile: torch.compile (inductor) needs a C++ compiler on CPU and found none "
+                              f"({type(err).__name__}: {err}); install g++ (or set CXX), or set train.compile: "
+                              f"false") from err
+
+
 def _label_table(model) -> int | None:
     """Rows of the network's class-label table (``num_class_embeds`` / ``num_classes`` in its config), or None."""
     cfg = getattr(model, "config", None)
@@ -362,8 +404,9 @@ def _label_table(model) -> int | None:
     return int(n) if n is not None else None
 
 
-def _labelled_score(model, comps, labels, table: int, dropout: float, device, seed: int):
-    """The score function of one micro-batch with its labels (null label ``table - 1`` with prob. ``dropout``)."""
+def _labelled_score(model, comps, labels, table: int, dropout: float, device, seed: int, column: str | None = None):
+    """The score function of one micro-batch with its labels (null label ``table - 1`` with prob. ``dropout``);
+    ``column`` names where the labels come from in errors."""
     from ..conditioning import drop_labels
     from ..scores import ScoreAdapter
 
@@ -371,7 +414,9 @@ def _labelled_score(model, comps, labels, table: int, dropout: float, device, se
         raise ValueError(f"the network has a class-label table ({table} rows) but the batch has no labels")
     labels = torch.as_tensor(labels).to(device).long()
     if bool(((labels < 0) | (labels >= table - 1)).any()):
-        raise ValueError(f"data labels {sorted(set(labels.tolist()))} do not fit the network's class-label table of "
+        bad = sorted({v for v in labels.tolist() if not 0 <= v < table - 1})
+        source = f" (label column {column!r})" if column else ""
+        raise ValueError(f"data label(s) {bad}{source} do not fit the network's class-label table of "
                          f"{table} rows (classes 0..{table - 2}, the last row is the null label)")
     labels = drop_labels(labels, table - 1, dropout, generator=torch.Generator(device=device).manual_seed(seed))
     return ScoreAdapter(lambda y, t: model(y, t, class_labels=labels), comps.process, comps.prediction_type,
