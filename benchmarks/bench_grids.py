@@ -121,14 +121,16 @@ def _baseline_optimiser(rev):
     spec = importlib.util.spec_from_loader("score_toolkit.samplers._grids_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "score_toolkit.samplers"
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     exec(compile(src, f"{rev}:grids.py", "exec"), module.__dict__)
     return module.optimize_grid
 
 
 def part_time(args, rows, log):
     old = _baseline_optimiser(args.baseline_rev)
-    cases = [("ring", "dpmpp_2m", 14, "VE"), ("ring", "dpmpp_3m", 14, "VP"), ("aniso16", "dpmpp_3m", 20, "VE")]
+    cases = [spec.split(":") for spec in args.time_cases.split(",")]
     for case, name, steps, pname in cases:
+        steps = int(steps)
         mix = B.CASES[case][1]()
         held = mix.sample(B.HELD_OUT_N, generator=B._gen(B.HELD_OUT_SEED))
         process = PROCESSES[pname]()
@@ -141,10 +143,11 @@ def part_time(args, rows, log):
                     warnings.simplefilter("ignore")
                     fn(get_sampler_class(name)(num_steps=steps), process, data=held,
                        num_components=B.GRID_COMPONENTS[case], seed=B.OPTIMISER_SEED,
-                       **({"tail_rounds": 1} if which == "new" else {}))
+                       **({"tail_rounds": args.time_tail_rounds} if which == "new" else {}))
                 times[which].append(time.perf_counter() - t0)
         ratios = [o / n for o, n in zip(times["old"], times["new"])]
         row = {"part": "time", "case": case, "process": pname, "sampler": name, "steps": steps,
+               "tail_rounds": args.time_tail_rounds,
                "old_s": [round(t, 1) for t in times["old"]], "new_s": [round(t, 1) for t in times["new"]],
                "speedup": round(sorted(ratios)[len(ratios) // 2], 2)}
         rows.append(row)
@@ -199,9 +202,11 @@ def write(args, rows):
     tm = [r for r in rows if r["part"] == "time"]
     if tm:
         lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
-                  "| case | process | sampler, steps | previous s | this s | speed-up (median ratio) |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| case | process | sampler, steps | this one's tail_rounds | previous s | this s | speed-up (median ratio) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in tm:
-            lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r['old_s']} | {r['new_s']} | {r['speedup']} |")
+            lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r.get('tail_rounds', 1)} | "
+                         f"{r['old_s']} | {r['new_s']} | {r['speedup']} |")
     (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -216,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="ladder,transfer,time")
     ap.add_argument("--ladder", default=None, help="num_steps budgets of the ladder part (default: per case)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
+    ap.add_argument("--time-cases", default="ring:dpmpp_2m:14:VE,ring:dpmpp_3m:14:VP,aniso16:dpmpp_3m:20:VE",
+                    help="case:sampler:num_steps:process, comma-separated, for the time part")
     ap.add_argument("--baseline-rev", default="cd8c252")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="grids")
