@@ -300,8 +300,10 @@ def test_add_noise_is_the_forward_marginal():
          {"variance": "forward", "grid": "log_sigma"}),
         (ds.ScoreEulerMaruyamaScheduler, get_sampler("euler_maruyama", num_steps=7), {}),
         (ds.ScoreDPMSolverScheduler, DPMSolverPP2M(num_steps=7, grid="log_sigma", to_zero=False), {}),
-        (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7), {"solver_order": 3, "lower_order_final": False}),
-        (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7, lower_order_final=True), {"solver_order": 3}),
+        (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7, grid="log_sigma", to_zero=False),
+         {"solver_order": 3, "lower_order_final": False}),
+        (ds.ScoreDPMSolverScheduler, DPMSolverPP3M(num_steps=7, grid="log_sigma", to_zero=False, lower_order_final=True),
+         {"solver_order": 3}),
     ],
 )
 @pytest.mark.parametrize("label, source", [("ddpm-v", DDPMScheduler(num_train_timesteps=100, beta_end=0.2,
