@@ -423,7 +423,8 @@ def test_to_zero_keeps_the_spread():
     data = gaussian([0.0], [0.01])
     x1 = process.prior_sample((4000, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     var = {}
-    for key, opts in {"none": {}, "denoise": {"denoise": True}, "to_zero": {"to_zero": True}}.items():
+    for key, opts in {"none": {"to_zero": False}, "denoise": {"denoise": True, "to_zero": False},
+                      "to_zero": {"to_zero": True}}.items():
         out = DPMSolverPP3M(num_steps=60, **opts).sample(data.score_fn(process), process, x_init=x1)
         var[key] = float(out.samples.var())
         if key == "to_zero":

@@ -1,4 +1,4 @@
-"""The augmented probability-flow ODE and its solution: the integration variable (:class:`_TimeVariable`), the
+"""The augmented probability-flow ODE and its solution: the integration variable (:class:`~score_toolkit.likelihood.time_variable._TimeVariable`), the
 right-hand side of the state ``(x, int div F)`` (:class:`_AugmentedDynamics`), one torchdiffeq solve per chunk
 of samples, and :func:`log_likelihood` (see :mod:`score_toolkit.likelihood` for the mathematics).
 """
@@ -26,56 +26,9 @@ from .options import (
     _resolve_time_variable,
 )
 from .result import LikelihoodResult, SolverError
+from .time_variable import _TimeVariable
 
 __all__ = ["log_likelihood"]
-
-
-class _TimeVariable:
-    """The integration variable tau and the map to the ODE in it (see :func:`log_likelihood`, ``time_variable``).
-
-    With ``x = c(tau) y`` (y the solver's state), ``dy/dtau = A y + B s(x, t)`` and
-    ``d(int div)/dtau = A d + B c div_x s``:
-
-    * ``"t"``: tau = t, c = 1, A = f(t), B = -g(t)^2 / 2 (Song et al. 2021, eq. 13);
-    * ``"log_sigma"``: tau = ln(sigma / alpha), y = x / alpha, c = alpha, A = 0, B = -(sigma / alpha)^2 alpha
-      (the probability-flow ODE of the scaled state, Karras et al. 2022, eq. 4, in the log of its noise level;
-      ``g^2 dt / 2 = alpha^2 s~ ds~`` with ``s~ = sigma / alpha``). Its right-hand side is smooth whenever the score
-      is, even when f and g are not (e.g. :class:`~score_toolkit.processes.DiscreteVP`'s piecewise-constant
-      coefficients, which make an adaptive solver stop at each of its N knots in t).
-    """
-
-    def __init__(self, kind: str, process: Process, t_lo: float, t_hi: float):
-        self.kind, self.process = kind, process
-        self.t_lo, self.t_hi = t_lo, t_hi
-        ends = torch.tensor([t_lo, t_hi], dtype=torch.float64)
-        if kind == "t":
-            self.lo, self.hi = t_lo, t_hi
-            self.log_c_lo = self.log_c_hi = 0.0
-        else:
-            log_s = torch.log(process.noise_to_signal(ends))
-            self.lo, self.hi = float(log_s[0]), float(log_s[1])
-            la = process.log_alpha(ends)
-            self.log_c_lo, self.log_c_hi = float(la[0]), float(la[1])
-        if not self.lo < self.hi:
-            raise ValueError(f"log_likelihood: the process's noise level must grow from t_min to 1, found "
-                             f"{kind} from {self.lo:g} to {self.hi:g}")
-
-    def to_tau(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.kind == "t" else torch.log(self.process.noise_to_signal(t))
-
-    def coefficients(self, tau: float) -> tuple[float, float, float, float]:
-        """(t, c, A, B) at tau (clamped into the interval: adaptive solvers probe outside it)."""
-        tau = min(max(tau, self.lo), self.hi)
-        if self.kind == "t":
-            tt = torch.tensor([tau], dtype=torch.float64)
-            f = float(self.process.drift_coef(tt))
-            g2 = float(self.process.diffusion_squared(tt).clamp_min(0))
-            return tau, 1.0, f, -0.5 * g2
-        st = math.exp(tau)
-        t = float(self.process.t_from_noise_to_signal(torch.tensor([st], dtype=torch.float64)))
-        t = min(max(t, self.t_lo), self.t_hi)
-        alpha = float(self.process.alpha(torch.tensor([t], dtype=torch.float64)))
-        return t, alpha, 0.0, -st * st * alpha
 
 
 class _AugmentedDynamics:

@@ -9,20 +9,30 @@ meaning of the options and of saved grids.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from .._io import write_json_atomic
-from ..processes import TIME_GRIDS, Process
+from ..processes import Process
 from .base import Sampler, SamplingContext, check_float, check_int
+from .grid_store import (  # the store of named grids and the log-SNR transfer; re-exported here
+    GRID_DIR_ENV_VAR,
+    GRID_KINDS,
+    MAX_TRANSFER_EXTENSION,
+    _check_times,
+    _read_record,
+    _times_from_log_snr,
+    default_grid_dir,
+    delete_grid,
+    list_grids,
+    load_grid,
+    save_grid,
+    transfer_log_snr,
+)
 
 __all__ = [
     "GridSampler",
@@ -41,14 +51,6 @@ __all__ = [
     "MAX_TRANSFER_EXTENSION",
 ]
 
-GRID_DIR_ENV_VAR = "SCORE_TOOLKIT_GRID_DIR"
-_FORMAT = "score_toolkit.time_grid"
-_VERSION = 2  # 2: adds "transfer"; version-1 files (log-SNR points and their process) are read the same way
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-#: relative tolerance when matching a saved grid's log-SNR ends to a process
-_LOG_SNR_TOL = 1e-6
-#: grid kinds every fixed-grid sampler accepts: the data-free fitted grid and the process's built-in kinds
-GRID_KINDS = ("fitted", *TIME_GRIDS)
 
 # The data-free grids. Grids fitted by optimize_grid(mixture=...) on the benchmark's reference mixtures, written
 # as their log-SNR values lambda = ln(alpha / sigma): the 2-D ring of 8 Gaussians (std 0.2, radius 4) and the 16-D
@@ -138,241 +140,6 @@ def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Te
     out[0], out[-1] = a, b
     return out
 
-
-
-# ---------------------------------------------------------------------------------------------- store
-def default_grid_dir() -> Path:
-    """Where named grids live: ``$SCORE_TOOLKIT_GRID_DIR`` if set, else ``$XDG_CACHE_HOME/score_toolkit/grids``
-    (``~/.cache/score_toolkit/grids``)."""
-    env = os.environ.get(GRID_DIR_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "score_toolkit" / "grids"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name.endswith(".json"):
-        raise ValueError(
-            f"expected a grid name of letters, digits, '_', '.', '-' (not ending in .json), found {name!r}"
-        )
-    if name in GRID_KINDS:
-        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {GRID_KINDS}")
-    return name
-
-
-def _grid_path(name_or_path: str | os.PathLike, directory: str | os.PathLike | None) -> Path:
-    s = os.fspath(name_or_path)
-    if s.endswith(".json") or os.sep in s or (os.altsep and os.altsep in s):
-        return Path(s).expanduser()
-    _check_name(s)
-    return Path(directory).expanduser() if directory is not None else default_grid_dir()
-
-
-def _file_for(name_or_path, directory) -> Path:
-    p = _grid_path(name_or_path, directory)
-    return p if os.fspath(p).endswith(".json") else p / f"{os.fspath(name_or_path)}.json"
-
-
-def _process_record(process: Process) -> dict[str, Any]:
-    cfg = {k: v for k, v in dict(process.config).items() if not k.startswith("_")}
-    return {"class": type(process).__name__, "config": cfg}
-
-
-def save_grid(
-    name: str | os.PathLike,
-    times: Sequence[float] | torch.Tensor,
-    process: Process,
-    *,
-    sampler: str | None = None,
-    info: Mapping[str, Any] | None = None,
-    directory: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
-
-    ``name`` is a grid name (stored in ``directory``, default :func:`default_grid_dir`) or a path ending in
-    ``.json``. The file records the log-SNR values (what samplers use, and what carries the grid to other
-    processes: :func:`transfer_log_snr`), the times, the process, the sampler it was made for and ``info``
-    (JSON-serialisable). Returns the file's path. An existing grid is replaced
-    only with ``overwrite=True``."""
-    if not isinstance(process, Process):
-        raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
-    ts = _check_times(times, process, label="times")
-    path = _file_for(name, directory)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
-    record = {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "name": path.stem,
-        "num_steps": ts.numel() - 1,
-        "log_snr": process.log_snr(ts).tolist(),
-        # what another process needs to use the grid (transfer_log_snr): the points in absolute log-SNR, read as
-        # a step density; the range they were fitted over bounds how far it may be carried
-        "transfer": {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION},
-        "times": ts.tolist(),
-        "process": _process_record(process),
-        "sampler": sampler,
-        "info": dict(info) if info is not None else {},
-    }
-    return write_json_atomic(path, record, indent=1)  # a crash never leaves a half-written grid
-
-
-def _read_record(name_or_path, directory) -> dict[str, Any]:
-    path = _file_for(name_or_path, directory)
-    if not path.is_file():
-        available = list_grids(directory) if not os.fspath(name_or_path).endswith(".json") else []
-        import difflib
-
-        close = difflib.get_close_matches(os.fspath(name_or_path), available, n=3)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(
-            f"no saved grid {os.fspath(name_or_path)!r}{hint}: expected a built-in kind {GRID_KINDS}, a grid saved in "
-            f"{path.parent} (available: {available or 'none'}) or a path to a grid .json file"
-        )
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read grid file {path}: {exc}") from exc
-    if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
-        raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
-    if record.get("version", 1) not in (1, 2):
-        raise ValueError(f"{path}: time-grid file version {record.get('version')!r} is newer than this score_toolkit "
-                         f"reads (1 or {_VERSION}); upgrade score_toolkit")
-    lam = record["log_snr"]
-    if not (isinstance(lam, list) and len(lam) >= 2 and all(isinstance(v, (int, float)) for v in lam)):
-        raise ValueError(f"{path}: expected 'log_snr' to be a list of >= 2 numbers")
-    if any(b <= a for a, b in zip(lam[:-1], lam[1:])):
-        raise ValueError(f"{path}: expected strictly increasing log-SNR values (decreasing times)")
-    record["_path"] = os.fspath(path)
-    return record
-
-
-def load_grid(
-    name_or_path: str | os.PathLike,
-    process: Process | None = None,
-    *,
-    directory: str | os.PathLike | None = None,
-) -> torch.Tensor:
-    """A saved grid as float64 times for ``process`` (or, without a process, its log-SNR values).
-
-    Under a process spanning another log-SNR range than the one the grid was made for, the grid is carried over as a
-    step density over log-SNR (:func:`transfer_log_snr`). Raises ``ValueError`` if the grid does not exist or cannot
-    be carried over (the message says why)."""
-    record = _read_record(name_or_path, directory)
-    lam = torch.tensor(record["log_snr"], dtype=torch.float64)
-    if process is None:
-        return lam
-    return _times_from_log_snr(lam, process, f"grid {record['name']!r} ({record['_path']})", record.get("process"))
-
-
-def list_grids(directory: str | os.PathLike | None = None) -> list[str]:
-    """Names of the grids saved in ``directory`` (default :func:`default_grid_dir`)."""
-    d = Path(directory).expanduser() if directory is not None else default_grid_dir()
-    if not d.is_dir():
-        return []
-    return sorted(p.stem for p in d.glob("*.json"))
-
-
-def delete_grid(name: str, *, directory: str | os.PathLike | None = None) -> None:
-    """Remove a saved grid (``ValueError`` if it does not exist)."""
-    path = _file_for(name, directory)
-    if not path.is_file():
-        raise ValueError(f"no saved grid {name!r} at {path}")
-    path.unlink()
-
-
-# ---------------------------------------------------------------------------------------------- grids
-def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
-    if isinstance(times, torch.Tensor):
-        ts = times.detach().to(dtype=torch.float64, device="cpu").flatten()
-    else:
-        try:
-            ts = torch.tensor([float(v) for v in times], dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"expected {label} to be a sequence of numbers or a tensor, found {times!r}") from None
-    if ts.numel() < 2 or not bool(torch.isfinite(ts).all()):
-        raise ValueError(f"expected {label} to hold >= 2 finite times, found {ts.tolist()}")
-    if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError(f"expected {label} to be strictly decreasing (from t = 1 to t_min), found {ts.tolist()}")
-    t_hi, t_lo = process.t_max, process.t_min
-    tol = 1e-9
-    if abs(float(ts[0]) - t_hi) > tol or abs(float(ts[-1]) - t_lo) > tol * max(1.0, t_lo):
-        raise ValueError(
-            f"expected {label} to start at t_max = {t_hi:g} and end at t_min = {t_lo:g} of {type(process).__name__}, "
-            f"found {float(ts[0]):.10g} ... {float(ts[-1]):.10g}"
-        )
-    ts = ts.clone()
-    ts[0], ts[-1] = t_hi, t_lo
-    return ts
-
-
-#: how far (a fraction of a saved grid's own log-SNR span) another process's range may reach beyond it at either end
-#: for the grid to be carried over (beyond that its step density would be a guess)
-MAX_TRANSFER_EXTENSION = 0.25
-
-
-def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, num_steps: int | None = None) -> torch.Tensor:
-    """Carry a grid (increasing log-SNR points ``lambda_0 < ... < lambda_n``) to another process of the same
-    family: the grid is read as a step density over absolute log-SNR (``1 / (n h_i)`` on its step ``i``, the end
-    steps' densities extended beyond its range), and the process's own range ``[lambda(1), lambda(t_min)]`` is
-    split into ``num_steps`` (default ``n``) parts of equal mass (exact: the density is piecewise constant). On the
-    grid's own range and step count this returns the grid itself. The rule of the data-free grid
-    (:func:`fitted_log_snr`): where the steps belong depends on the noise level relative to the data, so VE
-    processes with any ``sigma_max``, VP and sub-VP share it.
-
-    Raises ``ValueError`` when the process's range reaches beyond the grid's by more than
-    ``MAX_TRANSFER_EXTENSION`` of the grid's span at either end (the density there would be a guess)."""
-    lam = torch.as_tensor(log_snr, dtype=torch.float64).flatten()
-    n_src = lam.numel() - 1
-    n = n_src if num_steps is None else int(num_steps)
-    if n_src < 1 or n < 1 or not bool((torch.diff(lam) > 0).all()):
-        raise ValueError(f"expected >= 2 increasing log-SNR points and num_steps >= 1, found {lam.tolist()}, {num_steps!r}")
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    a, b = float(ends[0]), float(ends[1])
-    lo, hi = float(lam[0]), float(lam[-1])
-    span = hi - lo
-    reach = max(lo - a, b - hi)
-    if reach > MAX_TRANSFER_EXTENSION * span:
-        raise ValueError(
-            f"the grid spans log-SNR [{lo:.4g}, {hi:.4g}] and cannot be carried over to {process!r}, which spans "
-            f"[{a:.4g}, {b:.4g}]: that reaches {reach:.3g} beyond the grid, more than {MAX_TRANSFER_EXTENSION:g} of its "
-            "span, where its step density is unknown; fit a grid for this process (optimize_grid) or use a built-in kind"
-        )
-    if n == n_src and abs(a - lo) <= _LOG_SNR_TOL * max(1.0, abs(lo)) and abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)):
-        return lam.clone()
-    # piecewise-constant density on the breakpoints (the grid's points inside (a, b), and a, b): exact mass per piece
-    inner = lam[(lam > a) & (lam < b)]
-    knots = torch.cat([torch.tensor([a], dtype=torch.float64), inner, torch.tensor([b], dtype=torch.float64)])
-    steps = torch.diff(lam)
-    mid = 0.5 * (knots[1:] + knots[:-1])
-    idx = (torch.searchsorted(lam, mid, right=True) - 1).clamp(0, n_src - 1)
-    mass = torch.diff(knots) / steps[idx]
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(mass, 0)])
-    q = torch.linspace(0.0, float(cdf[-1]), n + 1, dtype=torch.float64)
-    j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, knots.numel() - 2)
-    out = knots[j] + (q - cdf[j]) / mass[j] * (knots[j + 1] - knots[j])
-    out[0], out[-1] = a, b
-    return out
-
-
-def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None) -> torch.Tensor:
-    """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
-    carried over by :func:`transfer_log_snr` (or refused with the reason)."""
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
-    lo, hi = float(lam[0]), float(lam[-1])
-    if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
-        where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
-        try:
-            lam = transfer_log_snr(lam, process)
-        except ValueError as exc:
-            raise ValueError(f"{label}{where}: {exc}") from None
-    ts = process.t_from_log_snr(lam.to(torch.float64))
-    ts[0], ts[-1] = process.t_max, process.t_min
-    if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError(f"{label}: its times under {process!r} are not strictly decreasing (steps too fine)")
-    return ts
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
@@ -48,8 +47,18 @@ from . import fixed_grid as _fixed
 from ._grid_reference import MixtureScore, OffData, fit_mixture
 from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
-from .fixed_grid import GRID_KINDS, GridSampler, _file_for, _parse_grid, resolve_grid, save_grid, step_to_zero
+from .fixed_grid import GRID_KINDS, GridSampler, _parse_grid, resolve_grid, save_grid
 from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers import it from here
+from .grid_store import _file_for
+from .grid_validation import (  # the held-out report; re-exported here
+    FAR_OFF_MARGIN,
+    TAIL_MARGIN,
+    GridOptimizationResult,
+    GridTailError,
+    GridTailWarning,
+    GridValidation,
+    _validate,
+)
 
 __all__ = [
     *_fixed.__all__,
@@ -61,121 +70,6 @@ __all__ = [
     "GridTailError",
     "FAR_OFF_MARGIN",
 ]
-
-#: a held-out sample is "far off" when it lands this far beyond the least likely reference output (nats of the
-#: mixture's negative log-density; for a score_fn reference: squared distance to the nearest reference output
-#: beyond the largest nearest-neighbour one, in units of one feature's within-mode spread)
-FAR_OFF_MARGIN = 5.0
-#: within this factor of the noise floor in both within-mode sliced W2 and |mean-NLL gap|: the criterion reported
-CRITERION = 1.5
-#: the tail term counts a training sample from this far beyond the least likely reference output (same units):
-#: samples in the data's own tail, moved slightly by the grid, do not count (counting them shrinks the modes)
-TAIL_MARGIN = 1.0
-
-
-class GridTailWarning(UserWarning):
-    """An optimised grid throws more held-out samples far off the data than ``tail_tolerance`` allows."""
-
-
-class GridTailError(ValueError):
-    """Raised instead of :class:`GridTailWarning` with ``on_bad_tail="error"`` (nothing is saved)."""
-
-
-@dataclass
-class GridValidation:
-    """One grid measured on the optimiser's held-out draws (see :func:`optimize_grid`).
-
-    Attributes:
-        objective: the optimiser's objective.
-        median_error, q99_error, q999_error, max_error: quantiles of the per-sample distance ``|x - x_ref|`` between
-            the sampler's output and the reference solution from the same draw (mode flips near boundaries between
-            modes included: they are about one distance between modes).
-        far_off: samples that land far off the data (``FAR_OFF_MARGIN`` beyond the least likely reference output):
-            what a bad grid does, and what mode flips never do.
-        mode_flips: samples that end in another mixture component than their reference (mixtures; else ``None``).
-        wsw_ratio, nll_ratio: within-mode sliced W2 of the outputs (taken to noise level zero by the ``to_zero``
-            step) against as many exact samples of the reference mixture, and their |mean-NLL gap| against the
-            reference outputs from the same draws (paired, so the draws' sampling noise cancels), each divided by its
-            noise floor at the validation size (mixtures; else ``None``).
-    """
-
-    objective: float
-    median_error: float
-    q99_error: float
-    q999_error: float
-    max_error: float
-    far_off: int
-    mode_flips: int | None = None
-    wsw_ratio: float | None = None
-    nll_ratio: float | None = None
-
-    @property
-    def meets(self) -> bool | None:
-        """Both ratios within ``CRITERION`` (1.5) of the floor (``None`` without a mixture)."""
-        if self.wsw_ratio is None or self.nll_ratio is None:
-            return None
-        return self.wsw_ratio <= CRITERION and self.nll_ratio <= CRITERION
-
-
-@dataclass
-class GridOptimizationResult:
-    """What :func:`optimize_grid` found; ``print(result)`` shows the validation report.
-
-    Attributes:
-        times: the optimised grid (float64, ``t_0 = 1 > ... > t_n = t_min``); pass it as ``grid=`` (or the saved
-            grid's ``name`` / ``path``).
-        log_snr: the same grid in lambda = ln(alpha / sigma) (what is saved, and what carries it to other processes).
-        loss: the best training objective.
-        validation: the held-out report (:class:`GridValidation`) of the optimised grid (``"optimized"``), the
-            data-free ``"fitted"`` grid and the built-in kinds.
-        tail_ok: the optimised grid's held-out ``far_off`` count is within ``tail_tolerance``; when not, a
-            :class:`GridTailWarning` was issued (or :class:`GridTailError` raised).
-        history: the training objective at every evaluation.
-        evaluations, fit_seconds: objective evaluations and wall time of the whole call.
-        mined: hard examples added to the training set for the second round (``tail_rounds``).
-        num_validation: held-out draws behind ``validation``.
-        path, name: where and under which name the grid was saved (``save_as``), else ``None``.
-    """
-
-    times: torch.Tensor
-    log_snr: torch.Tensor
-    loss: float
-    validation: dict[str, GridValidation]
-    tail_ok: bool
-    history: list[float]
-    evaluations: int
-    mined: int
-    fit_seconds: float
-    num_validation: int
-    path: Path | None = None
-    name: str | None = None
-
-    @property
-    def median_error(self) -> dict[str, float]:
-        """The held-out median per-sample error of every grid."""
-        return {k: v.median_error for k, v in self.validation.items()}
-
-    def __str__(self) -> str:
-        lines = [f"optimised grid: {self.times.numel() - 1} steps, {self.evaluations} evaluations ({self.mined} hard "
-                 "examples mined), "
-                 f"{self.fit_seconds:.1f} s, training objective {self.loss:.4g}; held-out report on "
-                 f"{self.num_validation} draws (error = |x - x_ref|; far off = beyond {FAR_OFF_MARGIN:g} past the "
-                 "reference outputs; ratios to the noise floor)",
-                 f"{'grid':<10} {'objective':>10} {'median':>9} {'q99':>9} {'q99.9':>9} {'max':>9} {'far off':>8} "
-                 f"{'flips':>6} {'W-SW2':>7} {'NLL':>7} {'meets':>6}"]
-
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-
-        for key, v in self.validation.items():
-            lines.append(f"{key:<10} {v.objective:>10.3g} {v.median_error:>9.2e} {v.q99_error:>9.2e} "
-                         f"{v.q999_error:>9.2e} {v.max_error:>9.3g} {v.far_off:>8d} {f(v.mode_flips, 'd'):>6} "
-                         f"{f(v.wsw_ratio, '.2f'):>7} {f(v.nll_ratio, '.2f'):>7} {f(v.meets, ''):>6}")
-        lines.append("tail: ok" if self.tail_ok else "tail: BAD (GridTailWarning): the optimised grid throws held-out "
-                     "samples far off the data")
-        if self.path is not None:
-            lines.append(f"saved as {self.name!r} ({self.path})")
-        return "\n".join(lines)
 
 
 def _reference_score(mixture, data, num_components, score_fn, process, covariance="full"):
@@ -476,39 +370,3 @@ def optimize_grid(
                                 overwrite=overwrite)
         result.name = result.path.stem
     return result
-
-
-def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed):
-    """The held-out report of every grid (see :class:`GridValidation`)."""
-    from .. import metrics as M
-
-    far = OffData(ref_val, mix, scale=c, level=1.0)  # beyond the least likely reference output
-    judged = None
-    if mix is not None:
-        count = x_val.shape[0]
-        gens = [torch.Generator().manual_seed(seed + 104_729 + k) for k in range(7)]
-        exact, *pairs = (mix.sample(count, generator=g) for g in gens)
-        wsw_floor = sum(M.within_mode_sliced_wasserstein(pairs[2 * k], mix, reference=pairs[2 * k + 1])
-                        for k in range(3)) / 3
-        # E|mean NLL(A) - mean NLL(B)| for two independent exact sets of this size
-        nll_floor = 2.0 * float((-mix.log_prob(exact)).std()) / math.sqrt(math.pi * count)
-        ref_labels = mix.posterior(ref_val.flatten(1).to(mix.dtype)).argmax(1)
-        # the NLL gap is taken against the reference outputs from the same draws (paired: the draws' own sampling
-        # noise, which would otherwise dominate at this size, cancels)
-        ref_nll = float(-mix.log_prob(step_to_zero(context(sampler), ref_val, process.t_min).flatten(1).to(mix.dtype)).mean())
-        judged = (exact, ref_nll, wsw_floor, nll_floor, ref_labels)
-    out = {}
-    for key, grid in grids.items():
-        x = solve(sampler, x_val, grid)
-        err = (x - ref_val).flatten(1).norm(dim=1)
-        q = torch.quantile(err, torch.tensor([0.5, 0.99, 0.999], dtype=err.dtype)).tolist()
-        v = GridValidation(objective=float(objective(x, ref_val, far)), median_error=q[0], q99_error=q[1],
-                           q999_error=q[2], max_error=float(err.max()), far_off=int((far(x) > FAR_OFF_MARGIN).sum()))
-        if judged is not None:
-            exact, exact_nll, wsw_floor, nll_floor, ref_labels = judged
-            x0 = step_to_zero(context(sampler), x, process.t_min).flatten(1).to(mix.dtype)
-            v.mode_flips = int((mix.posterior(x.flatten(1).to(mix.dtype)).argmax(1) != ref_labels).sum())
-            v.wsw_ratio = M.within_mode_sliced_wasserstein(x0, mix, reference=exact) / wsw_floor
-            v.nll_ratio = abs(float(-mix.log_prob(x0).mean()) - exact_nll) / nll_floor
-        out[key] = v
-    return out
