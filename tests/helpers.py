@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -83,3 +87,14 @@ def basis_noise_law_error(sampler, process, n_rows: int, m: float = 0.7, c: floa
     with mock.patch.object(SamplingContext, "randn_like", lambda self, x: basis_noise(x)):
         y = sampler.sample(gaussian([m], [[c]]).score_fn(process), process, x_init=x0).samples[:, 0]
     return affine_law_error(y[:2 + calls[0]], process, m, c)
+
+
+def load_benchmark(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module (registered in ``sys.modules`` under ``name``, so
+    its dataclasses and pickling work); the caller removes it with ``sys.modules.pop(name, None)`` when done."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,23 +4,16 @@ install, not in the test extra) a tiny run writes well-formed tables, and both s
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_overhead.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overhead"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("bench_overhead")
     sys.modules.pop("bench_overhead", None)
 
 

@@ -4,25 +4,19 @@ variant and writes well-formed tables (the numbers themselves are the benchmark'
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 from score_toolkit.registry import list_samplers
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_samplers.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_samplers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_samplers"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("bench_samplers")
     sys.modules.pop("bench_samplers", None)
 
 

@@ -5,12 +5,14 @@ coverage, summaries that count the probe noise once, and the likelihood command'
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 from score_toolkit._utils import per_sample_generators
-from score_toolkit.analytic import GaussianMixture, anisotropic_mixture, ring_mixture
+from score_toolkit.analytic import anisotropic_mixture, ring_mixture
 from score_toolkit.likelihood import dequantize, dequantized_bits_per_dim, log_likelihood
 from score_toolkit.likelihood.divergence import _probes
 from score_toolkit.likelihood.result import student_t_quantile
@@ -33,13 +35,12 @@ def test_dequantization_noise_and_probes_come_from_independent_streams():
 
 def _quantized_mixture(d: int, n: int):
     """17-level data in [-1, 1] from a mixture whose modes are narrower than a quantization bin (so the score's
-    Jacobian varies inside a bin, where a probe correlated with the dequantization noise shows)."""
-    g = torch.Generator().manual_seed(1)
-    means = (torch.randint(0, LEVELS, (6, d), generator=g).double() + 0.5) / LEVELS * 2 - 1
-    a = torch.randn(6, d, d, generator=g, dtype=torch.float64) * 0.03
-    mix = GaussianMixture(means, a @ a.transpose(1, 2) + 5e-4 * torch.eye(d, dtype=torch.float64))
-    x = mix.sample(n, generator=torch.Generator().manual_seed(2)).clamp(-1, 0.9999)
-    return mix, ((x + 1) / 2 * LEVELS).floor().long().clamp(0, LEVELS - 1)
+    Jacobian varies inside a bin, where a probe correlated with the dequantization noise shows): the construction
+    of benchmarks/bench_hutchinson.py, which measures the same estimator at larger N."""
+    try:
+        return load_benchmark("bench_hutchinson").quantized_mixture(d, n)
+    finally:
+        sys.modules.pop("bench_hutchinson", None)
 
 
 @pytest.mark.slow  # about 40 s idle: four bits/dim runs of 600 samples through the ODE with the exact divergence
