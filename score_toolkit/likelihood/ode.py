@@ -13,6 +13,7 @@ import torch
 
 from .._utils import GeneratorLike, per_sample_generators
 from ..processes import Process
+from ..samplers._odeint import raise_odeint_failure
 from ..samplers.base import NonFiniteError
 from ..threads import cpu_threads
 from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
@@ -135,17 +136,8 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
         try:
             y1 = torchdiffeq.odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
         except AssertionError as err:  # torchdiffeq checks with assert (absent under python -O)
-            msg = str(err)
-            if msg.startswith("max_num_steps exceeded"):
-                raise SolverError(_too_many_steps(max_num_steps, func.t, t_hi)) from err
-            if msg.startswith("underflow in dt"):
-                raise SolverError(
-                    f"log_likelihood: the adaptive step size underflowed at t = {func.t:.6g} after {func.steps} steps; "
-                    f"the ODE is too stiff for rtol/atol, or the score is not smooth"
-                ) from err
-            if msg.startswith("non-finite values in state"):
-                raise NonFiniteError(f"log_likelihood: the state became NaN or infinite at t = {func.t:.6g}") from err
-            raise
+            raise_odeint_failure(err, who="log_likelihood", t=func.t, steps=func.steps,
+                                 too_many=_too_many_steps(max_num_steps, func.t, t_hi), error=SolverError)
     else:
         ts = grid.to(x.device)
         y1 = torchdiffeq.odeint(func, y0, ts[[0, -1]], method=method,

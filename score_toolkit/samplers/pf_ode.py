@@ -17,6 +17,7 @@ import torch
 import torchdiffeq
 
 from ..processes import TIME_GRIDS
+from ._odeint import raise_odeint_failure
 from .base import (
     NonFiniteError,
     Sampler,
@@ -264,19 +265,8 @@ class ProbabilityFlowODESampler(Sampler):
             ys = torchdiffeq.odeint(func, x, times, rtol=self._setting(cfg, "rtol"), atol=self._setting(cfg, "atol"),
                                     method=method, options=options)
         except AssertionError as e:  # torchdiffeq checks with assert (absent under python -O)
-            msg = str(e)
-            if msg.startswith("max_num_steps exceeded"):
-                raise RuntimeError(_too_many_steps(self.name, max_num_steps, func.t)) from e
-            if msg.startswith("underflow in dt"):
-                raise RuntimeError(
-                    f"sampler {self.name!r}: the adaptive step size underflowed at t = {func.t:.6g} after "
-                    f"{func.steps} steps; the ODE is too stiff for rtol/atol, or the score is not smooth"
-                ) from e
-            if msg.startswith("non-finite values in state"):
-                raise NonFiniteError(
-                    f"sampler {self.name!r}: state became NaN or infinite at step {func.steps} (t = {func.t:.6g})"
-                ) from e
-            raise
+            raise_odeint_failure(e, who=f"sampler {self.name!r}", t=func.t, steps=func.steps,
+                                 too_many=_too_many_steps(self.name, max_num_steps, func.t))
         ctx.info = {"steps_attempted": func.steps}
         tl = times.tolist()
         for i in range(1, len(tl)):
