@@ -22,7 +22,7 @@ from score_toolkit._utils import per_sample_generators
 from score_toolkit.cli import main as cli_main
 from score_toolkit.distributed import MANIFEST_NAME, PICTURE_NAME, SAMPLES_NAME, load_samples, sample_to_folder
 from score_toolkit.models import ScoreMLP
-from score_toolkit.pipeline import SHIPPED_MODELS_ENV_VAR, ScorePipeline
+from score_toolkit.pipeline import DEFAULT_SAMPLER, SHIPPED_MODELS_ENV_VAR, ScorePipeline
 from score_toolkit.processes import VPSDE
 from score_toolkit.schedulers import scheduler_for
 
@@ -166,8 +166,8 @@ def test_sample_command_defaults_to_the_shipped_digits_model(tmp_path, image_fol
     assert code == 0, capsys.readouterr().err
     assert (out / PICTURE_NAME).is_file() and load_samples(out).shape == (4, 1, 8, 8)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["run"]["checkpoint"] == str(image_folder) and manifest["run"]["sampler"] == "dpmpp_2m"
-    assert "wrote 4 samples with dpmpp_2m (num_steps=3)" in capsys.readouterr().out
+    assert manifest["run"]["checkpoint"] == str(image_folder) and manifest["run"]["sampler"] == DEFAULT_SAMPLER
+    assert f"wrote 4 samples with {DEFAULT_SAMPLER} (num_steps=3)" in capsys.readouterr().out
 
 
 def test_sample_command_errors(tmp_path, image_folder, monkeypatch, capsys):

@@ -285,7 +285,7 @@ def test_without_matplotlib_sampling_works_and_charts_say_how_to_install(tmp_pat
         raise AssertionError("no ImportError without matplotlib")
     assert main(["demo", "--output", str(out / "demo.png"), "--steps", "5"]) == 1  # said before training
     assert not (out / "demo.png").exists()
-    from score_toolkit.distributed import _write_picture
+    from score_toolkit.sample_folder import _write_picture
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
