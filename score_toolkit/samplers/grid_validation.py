@@ -6,7 +6,7 @@ gap against the exact noise floor), the tail warning/error, and the result objec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,6 +86,8 @@ class GridOptimizationResult:
         evaluations, fit_seconds: objective evaluations and wall time of the whole call.
         mined: hard examples added to the training set for the second round (``tail_rounds``).
         num_validation: held-out draws behind ``validation``.
+        family_validation: with ``family=``, the held-out report of the grid carried over to each process of the
+            family (keyed by the process's repr), on that process's own held-out draws.
         path, name: where and under which name the grid was saved (``save_as``), else ``None``.
     """
 
@@ -99,6 +101,7 @@ class GridOptimizationResult:
     mined: int
     fit_seconds: float
     num_validation: int
+    family_validation: dict[str, GridValidation] = field(default_factory=dict)
     path: Path | None = None
     name: str | None = None
 
@@ -119,7 +122,8 @@ class GridOptimizationResult:
         def f(v, spec):
             return "-" if v is None else format(v, spec)
 
-        for key, v in self.validation.items():
+        rows = [*self.validation.items(), *((f"carried to {k}", v) for k, v in self.family_validation.items())]
+        for key, v in rows:
             lines.append(f"{key:<10} {v.objective:>10.3g} {v.median_error:>9.2e} {v.q99_error:>9.2e} "
                          f"{v.q999_error:>9.2e} {v.max_error:>9.3g} {v.far_off:>8d} {f(v.mode_flips, 'd'):>6} "
                          f"{f(v.wsw_ratio, '.2f'):>7} {f(v.nll_ratio, '.2f'):>7} {f(v.meets, ''):>6}")

@@ -49,7 +49,7 @@ from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
 from .fixed_grid import GRID_KINDS, GridSampler, _parse_grid, resolve_grid, save_grid
 from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers import it from here
-from .grid_store import _file_for
+from .grid_store import _file_for, _process_record, transfer_log_snr
 from .grid_validation import (  # the held-out report; re-exported here
     FAR_OFF_MARGIN,
     TAIL_MARGIN,
@@ -119,6 +119,21 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
             raise ValueError(f"optimize_grid: expected {key} one of {allowed}, found {value!r}")
 
 
+def _check_family(family, process, mix) -> tuple[Process, ...]:
+    if isinstance(family, Process) or not isinstance(family, (list, tuple)):
+        raise TypeError(f"optimize_grid: expected family to be a list or tuple of Processes, found {family!r}")
+    for proc in family:
+        if not isinstance(proc, Process):
+            raise TypeError(f"optimize_grid: expected every family member to be a Process, found {type(proc).__name__}")
+    if family and mix is None:
+        raise ValueError("optimize_grid: family= needs a mixture reference problem (mixture= or data=): a score_fn is "
+                         "tied to one process")
+    span = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    for proc in family:  # refused here, with the reason, rather than at the first objective evaluation
+        transfer_log_snr(span, proc, 1)
+    return tuple(family)
+
+
 class _Stop(Exception):
     """Ends the optimiser's loop from inside its objective (budget spent, or no more progress)."""
 
@@ -146,9 +161,11 @@ def optimize_grid(
     directory: str | os.PathLike | None = None,
     overwrite: bool = False,
     loss: str = "mse",
+    nll_weight: float = 1.0,
     tail_weight: float = 1.0,
     tail_tolerance: float = 0.0,
     tail_rounds: int = 0,
+    family: Sequence[Process] = (),
     on_bad_tail: str = "warn",
     method: str = "lbfgs",
     dtype: torch.dtype = torch.float64,
@@ -207,6 +224,15 @@ def optimize_grid(
     (its stochastic variants included), under this process or, carried over as a step density over log-SNR, under
     another process of the family (:func:`transfer_log_snr`).
 
+    One grid for a family of processes (``family=``, mixtures only): the grid is fitted for ``process`` and for every
+    process of ``family`` at once, each of them using it as a saved grid is used under another process (carried over
+    by :func:`transfer_log_snr`, a step density over absolute log-SNR; ``process`` should span the widest range): the
+    objective is the mean of each process's objective on its own prior draws and reference solutions (draws
+    ``num_samples`` per process, so the cost grows in proportion). ``result.family_validation`` holds the held-out
+    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50): a
+    grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs about twice the steps of a grid fitted
+    there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
+
     Only deterministic samplers (``properties.stochastic`` False) of :class:`GridSampler` are optimised: a pathwise
     error against the ODE solution is not defined for a stochastic sampler.
 
@@ -223,6 +249,7 @@ def optimize_grid(
         if path.exists() and not overwrite:
             raise FileExistsError(f"grid {os.fspath(save_as)!r} already exists at {path}; pass overwrite=True to replace it")
     score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
+    family = _check_family(family, process, mix)
     if loss == "nll" and mix is None:
         raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=), not score_fn=")
     if mix is not None:
@@ -239,15 +266,15 @@ def optimize_grid(
     n = int(sampler.config["num_steps"])
     reference = DPMSolverPP3M(num_steps=reference_steps, grid="log_sigma", lower_order_final=False)
 
-    def draws(count, s):
-        return process.prior_sample((count, *sample_shape), generator=torch.Generator().manual_seed(s),
-                                    device=device, dtype=dtype)
+    def draws(count, s, proc=process):
+        return proc.prior_sample((count, *sample_shape), generator=torch.Generator().manual_seed(s),
+                                 device=device, dtype=dtype)
 
-    def context(smp):
-        return SamplingContext(smp, score, process, None, None, False, False, None)
+    def context(smp, proc=process, fn=score):
+        return SamplingContext(smp, fn, proc, None, None, False, False, None)
 
-    def solve(smp, x, ts=None):
-        return smp._integrate(context(smp), x, smp.time_grid(process) if ts is None else ts)
+    def solve(smp, x, ts=None, proc=process, fn=score):
+        return smp._integrate(context(smp, proc, fn), x, smp.time_grid(proc) if ts is None else ts)
 
     def kind_grid(kind):
         return resolve_grid(_parse_grid(kind, sampler.name), process, n, 7.0)
@@ -265,7 +292,7 @@ def optimize_grid(
         value = (per * weight).mean() / c + tail_weight * torch.relu(off(x) - TAIL_MARGIN).mean()
         if loss == "nll":  # the squared mean log-density bias of the samples that stay in mode
             dnll = mix.log_prob(x.flatten(1).to(mix.dtype)) - mix.log_prob(ref.flatten(1).to(mix.dtype))
-            value = value + ((weight.detach() * dnll).sum() / weight.detach().sum()) ** 2
+            value = value + nll_weight * ((weight.detach() * dnll).sum() / weight.detach().sum()) ** 2
         return value
 
     lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
@@ -283,11 +310,32 @@ def optimize_grid(
         lam = lam0 + (lam1 - lam0) * torch.cumsum(frac, 0)[:-1]
         return torch.cat([t_ends[0], process.t_from_log_snr(lam), t_ends[1]])
 
+    # the family's processes: each with its own score, prior draws and reference solutions, using the grid carried over
+    members = []
+    for k, proc in enumerate(family, start=1):
+        fn = MixtureScore(mix, proc)
+        with torch.no_grad():
+            xs = draws(num_samples, seed + 104_711 * k, proc)
+            refs = solve(reference, xs, proc=proc, fn=fn)
+        members.append((proc, fn, xs, refs, OffData(refs, mix, scale=c, level=1.0)))
+
+    def member_times(ts, proc):
+        lam = transfer_log_snr(process.log_snr(ts), proc, n)
+        out = proc.t_from_log_snr(lam)
+        return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
+
+    def family_objective(ts, x_fit, ref_fit, off_fit):
+        value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
+        for proc, fn, xs, refs, off in members:
+            value = value + objective(solve(sampler, xs, member_times(ts, proc), proc, fn), refs, off)
+        return value / (1 + len(members))
+
     history: list[float] = []
     best = [math.inf, theta.clone()]
 
     def run(x_fit, ref_fit, off_fit, budget):
-        """Minimise the objective on (x_fit, ref_fit) from the best point so far, for at most `budget` evaluations."""
+        """Minimise the objective on (x_fit, ref_fit) (and the family's draws) from the best point so far, for at
+        most `budget` evaluations."""
         start_count = len(history)
         best[0] = math.inf  # the objective changes with the training set
         th = best[1].clone().requires_grad_(True)
@@ -301,7 +349,7 @@ def optimize_grid(
                 raise _Stop  # the last `patience` evaluations improved the best by less than rel_tol
             opt.zero_grad()
             with torch.enable_grad():
-                value_t = objective(solve(sampler, x_fit, times_of(th)), ref_fit, off_fit)
+                value_t = family_objective(times_of(th), x_fit, ref_fit, off_fit)
                 value = float(value_t.detach())
                 history.append(value)
                 if math.isfinite(value) and value < best[0]:
@@ -327,7 +375,7 @@ def optimize_grid(
             pass
         if len(history) == start_count:  # no evaluation (iterations=0): the starting grid
             with torch.no_grad():
-                best[0] = float(objective(solve(sampler, x_fit, times_of(best[1])), ref_fit, off_fit))
+                best[0] = float(family_objective(times_of(best[1]), x_fit, ref_fit, off_fit))
 
     run(x_train, ref_train, off_train, iterations)
     mined = 0
@@ -346,15 +394,26 @@ def optimize_grid(
         ts = times_of(best[1])
         grids = {"optimized": ts, **{kind: kind_grid(kind) for kind in GRID_KINDS}}
         validation = _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed)
+        family_validation = {}
+        for proc, fn, *_ in members:  # the carried grid under each family process, on its own held-out draws
+            xv = draws(num_validation, seed + 7919, proc)
+            rv = solve(reference, xv, proc=proc, fn=fn)
+            family_validation[repr(proc)] = _validate(
+                {"optimized": member_times(ts, proc)}, sampler, proc, mix, xv, rv, c, objective,
+                lambda smp, x, g, proc=proc, fn=fn: solve(smp, x, g, proc, fn),
+                lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed)["optimized"]
     allowed = int(tail_tolerance * num_validation)
-    tail_ok = validation["optimized"].far_off <= allowed
+    # the worst of the process's and (carried) the family's held-out tails
+    worst = max([validation["optimized"], *family_validation.values()], key=lambda v: v.far_off)
+    tail_ok = worst.far_off <= allowed
     result = GridOptimizationResult(times=ts, log_snr=process.log_snr(ts), loss=best[0], validation=validation,
                                     tail_ok=tail_ok, history=history, evaluations=len(history), mined=mined,
-                                    fit_seconds=time.perf_counter() - start, num_validation=num_validation)
+                                    fit_seconds=time.perf_counter() - start, num_validation=num_validation,
+                                    family_validation=family_validation)
     if not tail_ok:
         message = (f"optimize_grid: the optimised {n}-step grid of {sampler.name!r} throws "
-                   f"{validation['optimized'].far_off} of {num_validation} held-out samples far off the data (allowed: "
-                   f"{allowed}; max error {validation['optimized'].max_error:.3g}); more num_samples, another seed or "
+                   f"{worst.far_off} of {num_validation} held-out samples far off the data (allowed: "
+                   f"{allowed}; max error {worst.max_error:.3g}); more num_samples, another seed or "
                    "another budget usually fixes it. The report:\n" + str(result))
         if on_bad_tail == "error":
             raise GridTailError(message)
@@ -365,6 +424,8 @@ def optimize_grid(
                 "num_samples": num_samples, "num_validation": num_validation, "evaluations": len(history), "mined": mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
                 "init": init, "seed": seed, "sampler_options": options,
+                "family": [_process_record(p) for p in family],
+                "family_validation": {k: asdict(v) for k, v in family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, ts, process, sampler=sampler.name, info=info, directory=directory,
                                 overwrite=overwrite)
