@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ import bench_samplers as B  # noqa: E402
 from score_toolkit import metrics as M  # noqa: E402
 from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
-from score_toolkit.samplers.grids import GridTailWarning, optimize_grid, transfer_log_snr  # noqa: E402
+from score_toolkit.samplers._grid_reference import OffData  # noqa: E402
+from score_toolkit.samplers.grids import FAR_OFF_MARGIN, GridTailWarning, optimize_grid, transfer_log_snr  # noqa: E402
 
 LADDERS = {"ring": (6, 8, 10, 12, 14, 19, 24), "aniso16": (12, 16, 20, 25, 30, 39)}
 PROCESSES = {"VE": lambda: VESDE(0.01, 50.0), "VP": lambda: VPSDE(0.1, 20.0),
@@ -90,14 +92,15 @@ def setup(case, args):
 def part_ladder(args, rows, log):
     for case in args.cases:
         mix, floors, reference, ref_nll = setup(case, args)
-        for pname in ("VE", "VP"):
+        for pname in args.processes.split(","):
             process = PROCESSES[pname]()
             for name in args.samplers:
                 for steps in (args.ladder or LADDERS[case]):
-                    res, flagged = fit(name, steps, process, case, mix)
+                    res, flagged = fit(name, steps, process, case, mix, **({"loss": args.loss} if args.loss != "mse" else {}))
                     v = res.validation["optimized"]
                     nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
-                    row = {"part": "ladder", "case": case, "process": pname, "sampler": name, "steps": steps, "nfe": nfe,
+                    label = name if args.loss == "mse" else f"{name}, loss={args.loss}"
+                    row = {"part": "ladder", "case": case, "process": pname, "sampler": label, "steps": steps, "nfe": nfe,
                            "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3), "meets": w <= B.CRITERION and nl <= B.CRITERION,
                            "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "mined": res.mined,
                            "flagged": flagged, "val_far_off": v.far_off, "val_max_error": round(v.max_error, 3),
@@ -133,6 +136,39 @@ def part_transfer(args, rows, log):
                            {"transferred from VE50": source, "fitted for the family, carried": family}.get(kind, own).fit_seconds, 1)}
                 rows.append(row)
                 log(json.dumps(row))
+
+
+CALIB_MARGINS = (0.0, 1.0, 2.0, 3.0, 5.0)
+
+
+def logistic_rate(margin):
+    """Large-set limit of P(max NLL of set B > max NLL of set A + margin) for two independent exact sets: each set's
+    largest NLL is Gumbel with scale 1 (Gaussian tails, any dimension), their difference logistic."""
+    return 1.0 / (1.0 + math.exp(margin))
+
+
+def part_calib(args, rows, log):
+    """False alarms of the held-out report's tail flag on exact sample sets: two independent exact sets of the
+    report's size (4096) as 'outputs' and 'reference outputs'; the flag fires when an output lands more than
+    FAR_OFF_MARGIN nats beyond the least likely reference output. (The report itself pairs each output with the
+    reference solution from the same draw, so an exact sampler never fires it; this is the rate of an unpaired
+    comparison, the upper bound of what sampling noise alone can do.)"""
+    for case in args.cases:
+        mix = B.CASES[case][1]()
+        fired = {m: 0 for m in CALIB_MARGINS}
+        counts = []
+        for trial in range(args.calib_trials):
+            a = mix.sample(args.calib_size, generator=B._gen(7_000_000 + 2 * trial))
+            b = mix.sample(args.calib_size, generator=B._gen(7_000_000 + 2 * trial + 1))
+            score = OffData(a, mix, scale=1.0, level=1.0)(b)
+            for m in CALIB_MARGINS:
+                fired[m] += int(bool((score > m).any()))
+            counts.append(int((score > FAR_OFF_MARGIN).sum()))
+        row = {"part": "calib", "case": case, "trials": args.calib_trials, "size": args.calib_size,
+               "rates": {str(m): fired[m] / args.calib_trials for m in CALIB_MARGINS},
+               "max_far_off": max(counts)}
+        rows.append(row)
+        log(json.dumps(row))
 
 
 def _baseline_optimiser(rev):
@@ -228,6 +264,18 @@ def write(args, rows):
                                        f"({' '.join(f'{v:+.1f}' for v in r['signed_nll_ratios'])})"
                                        for r in rs if r.get("signed_nll_ratios"))
                     lines.append(f"| {proc} | {kind} | {_summary(rs)} | {signed} |")
+    cal = [r for r in rows if r["part"] == "calib"]
+    if cal:
+        lines += ["", "## The tail flag's false-alarm rate on exact sample sets", "",
+                  "Two independent exact sets of the report's size as outputs and reference outputs; the rate at which "
+                  "some output lands more than the margin (nats) beyond the least likely reference output (the flag: "
+                  f"margin {FAR_OFF_MARGIN:g}). Logistic: the large-set limit 1 / (1 + e^margin).", "",
+                  "| case | trials | set size | " + " | ".join(f"margin {m:g}" for m in CALIB_MARGINS) + " | most far-off outputs in one trial |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in CALIB_MARGINS) + " | --- |",
+                  "| logistic limit | | | " + " | ".join(f"{logistic_rate(m):.4f}" for m in CALIB_MARGINS) + " | |"]
+        for r in cal:
+            lines.append(f"| {r['case']} | {r['trials']} | {r['size']} | "
+                         + " | ".join(f"{r['rates'][str(m)]:.4f}" for m in CALIB_MARGINS) + f" | {r['max_far_off']} |")
     tm = [r for r in rows if r["part"] == "time"]
     if tm:
         lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
@@ -250,6 +298,10 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="ladder,transfer,time")
     ap.add_argument("--ladder", default=None, help="num_steps budgets of the ladder part (default: per case)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--loss", default="mse", choices=("mse", "nll"), help="optimize_grid's loss in the ladder part")
+    ap.add_argument("--processes", default="VE,VP", help="processes of the ladder part")
+    ap.add_argument("--calib-trials", type=int, default=2000, help="exact set pairs per case of the calib part")
+    ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--judge-seeds", default="0,10,20,30", help="sampling seeds of the transfer part's signed NLL gaps")
     ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
     ap.add_argument("--time-cases", default="ring:dpmpp_2m:14:VE,ring:dpmpp_3m:14:VP,aniso16:dpmpp_3m:20:VE",
@@ -277,7 +329,7 @@ def main(argv=None) -> int:
         write(args, rows)
 
     for part in args.parts.split(","):
-        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time}[part](args, rows, log)
+        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time, "calib": part_calib}[part](args, rows, log)
     args.note = (args.note + f" Run time {time.time() - t0:.0f} s.").strip()
     write(args, rows)
     return 0

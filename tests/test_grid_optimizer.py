@@ -167,3 +167,64 @@ def test_saved_grid_format(tmp_path):
     (tmp_path / "v9.json").write_text(json.dumps(record | {"version": 9}))
     with pytest.raises(ValueError, match="version 9 is newer"):
         load_grid(tmp_path / "v9.json", VESDE())
+
+
+# ---------------------------------------------------------------------------------------------- one grid, a family
+def test_family_fit_reports_each_member_and_its_grid_is_what_they_load(tmp_path):
+    """optimize_grid(family=...): one grid for VE sigma_max 50 and 10; the report has a row for the grid carried to
+    sigma_max 10 (on that process's own held-out draws), the saved file records the family, and loading the saved
+    grid under sigma_max 10 gives exactly the carried grid that was fitted and validated there."""
+    main, member = VESDE(0.01, 50.0), VESDE(0.01, 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        res = optimize_grid(DPMSolverPP2M(num_steps=6), main, mixture=ring_mixture(), family=[member], num_samples=64,
+                            iterations=4, num_validation=256, reference_steps=100, save_as="fam", directory=tmp_path)
+        alone = optimize_grid(DPMSolverPP2M(num_steps=6), main, mixture=ring_mixture(), num_samples=64,
+                              iterations=4, num_validation=256, reference_steps=100)
+    assert list(res.family_validation) == [repr(member)] and alone.family_validation == {}
+    v = res.family_validation[repr(member)]
+    assert v.far_off >= 0 and v.wsw_ratio > 0 and v.nll_ratio >= 0 and 0 <= v.median_error <= v.max_error
+    assert f"carried to {member!r}" in str(res) and "carried to" not in str(alone)
+    # the member's objective counts: the family fit's training objective is not the single-process one
+    assert res.history[0] != alone.history[0]
+    info = json.loads(res.path.read_text())["info"]
+    assert info["family"] == [{"class": "VESDE", "config": {k: v for k, v in dict(member.config).items()
+                                                            if not k.startswith("_")}}]
+    assert set(info["family_validation"]) == {repr(member)}
+    loaded = load_grid(res.path, member)
+    torch.testing.assert_close(member.log_snr(loaded), transfer_log_snr(res.log_snr, member), rtol=0, atol=1e-9)
+
+
+def test_family_refusals():
+    """A family needs a mixture reference (a score_fn is tied to one process), Processes in a list or tuple, and
+    members whose range the grid can be carried to (else the transfer's reason, before any fitting)."""
+    kw = {"num_samples": 16, "iterations": 0, "num_validation": 16, "reference_steps": 20}
+    smp = DPMSolverPP2M(num_steps=4)
+    with pytest.raises(TypeError, match="list or tuple of Processes"):
+        optimize_grid(smp, VESDE(), mixture=ring_mixture(), family=VESDE(0.01, 10.0), **kw)
+    with pytest.raises(TypeError, match="every family member to be a Process"):
+        optimize_grid(smp, VESDE(), mixture=ring_mixture(), family=["VE10"], **kw)
+    with pytest.raises(ValueError, match="needs a mixture reference"):
+        optimize_grid(smp, VESDE(), score_fn=ring_mixture().score_fn(VESDE()), shape=(2,), family=[VESDE(0.01, 10.0)],
+                      **kw)
+    with pytest.raises(ValueError, match="cannot be carried over"):
+        optimize_grid(smp, VESDE(0.01, 10.0), mixture=ring_mixture(), family=[VESDE(0.01, 1e4)], **kw)
+
+
+def test_far_off_flag_false_alarm_rate_on_exact_sets_matches_the_closed_form():
+    """Calibration of the report's far-off count on exact sets: for a 2-D standard Gaussian the negative
+    log-density minus its minimum is Exp(1), so for two independent exact sets of n the chance that some sample of
+    one lands more than m nats beyond the least likely of the other is
+    1 - int F(y + m) dF(y), F(x) = (1 - e^-x)^n (about 1 / (1 + e^m) for large n)."""
+    mix = GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None],
+                          torch.ones(1, dtype=torch.float64))
+    n, m, trials = 64, 1.0, 1500
+    g = torch.Generator().manual_seed(3)
+    fired = sum(bool((OffData(mix.sample(n, generator=g), mix, level=1.0)(mix.sample(n, generator=g)) > m).any())
+                for _ in range(trials))
+    y = torch.linspace(0.0, 60.0, 200_001, dtype=torch.float64)
+    density = n * (1 - torch.exp(-y)) ** (n - 1) * torch.exp(-y)
+    exact = 1.0 - float(torch.trapezoid((1 - torch.exp(-(y + m))) ** n * density, y))
+    sd = (exact * (1 - exact) / trials) ** 0.5
+    assert abs(fired / trials - exact) < 4 * sd, (fired / trials, exact)
+    assert abs(exact - 1 / (1 + torch.e)) < 0.02

@@ -205,7 +205,8 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
     family: the grid is read as a step density over absolute log-SNR (``1 / (n h_i)`` on its step ``i``, the end
     steps' densities extended beyond its range), and the process's own range ``[lambda(1), lambda(t_min)]`` is
     split into ``num_steps`` (default ``n``) parts of equal mass (exact: the density is piecewise constant). On the
-    grid's own range and step count this returns the grid itself. The rule of the data-free grid
+    grid's own range and step count this returns the grid itself. Differentiable in ``log_snr`` (what
+    ``optimize_grid(family=...)`` fits through). The rule of the data-free grid
     (:func:`fitted_log_snr`): where the steps belong depends on the noise level relative to the data, so VE
     processes with any ``sigma_max``, VP and sub-VP share it.
 
@@ -218,7 +219,7 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
         raise ValueError(f"expected >= 2 increasing log-SNR points and num_steps >= 1, found {lam.tolist()}, {num_steps!r}")
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
     a, b = float(ends[0]), float(ends[1])
-    lo, hi = float(lam[0]), float(lam[-1])
+    lo, hi = float(lam[0].detach()), float(lam[-1].detach())  # (lam may carry a gradient: optimize_grid's family)
     span = hi - lo
     reach = max(lo - a, b - hi)
     if reach > MAX_TRANSFER_EXTENSION * span:

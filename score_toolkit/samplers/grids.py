@@ -29,6 +29,9 @@ parametrised monotonically in lambda (softmax step fractions between the fixed e
 autograd (the samplers' coefficient code is differentiable in the grid) with L-BFGS by default (Adam with
 ``method="adam"``), and every result carries a held-out validation report (tails, and the within-mode / NLL
 criteria against the noise floor) that flags a grid with a bad tail (:class:`GridTailWarning`).
+
+Over 400 lines: :func:`optimize_grid` is one function whose closures share the reference problem, the draws, the
+family's members and the objective; its report and store are already in their own modules.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _reference_score(mixture, data, num_components, score_fn, process, covarianc
 
 
 def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance, on_bad_tail, tail_weight,
-                     tail_tolerance, rel_tol):
+                     tail_tolerance, rel_tol, nll_weight=1.0):
     if not isinstance(sampler, GridSampler):
         raise TypeError(
             f"optimize_grid: expected a fixed-grid sampler of score_toolkit.samplers (a GridSampler instance), found "
@@ -108,7 +111,8 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
     for key, (value, minimum) in ints.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"optimize_grid: expected {key} to be an int >= {minimum}, found {value!r}")
-    for key, value in (("lr", lr), ("tail_weight", tail_weight), ("tail_tolerance", tail_tolerance), ("rel_tol", rel_tol)):
+    for key, value in (("lr", lr), ("tail_weight", tail_weight), ("tail_tolerance", tail_tolerance), ("rel_tol", rel_tol),
+                       ("nll_weight", nll_weight)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)):
             raise ValueError(f"optimize_grid: expected {key} to be a finite number >= 0, found {value!r}")
     if not lr > 0:
@@ -202,7 +206,7 @@ def optimize_grid(
     left 0.003, so it is opt-in.
 
     ``loss="nll"`` (mixtures only) adds the squared mean log-density bias of the samples (what the mean-NLL metric
-    sees).
+    sees), times ``nll_weight``.
 
     Parametrisation and optimiser: the log-SNR span is split by softmax fractions (monotone, ends fixed, every step
     at least 0.1 % of an even share), initialised at ``init`` (a grid kind of ``GRID_KINDS``, or ``"best"``: the kind
@@ -243,7 +247,7 @@ def optimize_grid(
     _check_arguments(sampler, process, init,
                      {"num_samples": (num_samples, 1), "num_validation": (num_validation, 2), "iterations": (iterations, 0),
                       "reference_steps": (reference_steps, 1), "patience": (patience, 1), "tail_rounds": (tail_rounds, 0)},
-                     lr, loss, method, covariance, on_bad_tail, tail_weight, tail_tolerance, rel_tol)
+                     lr, loss, method, covariance, on_bad_tail, tail_weight, tail_tolerance, rel_tol, nll_weight)
     if save_as is not None:
         path = _file_for(save_as, directory)
         if path.exists() and not overwrite:
