@@ -30,8 +30,8 @@ autograd (the samplers' coefficient code is differentiable in the grid) with L-B
 ``method="adam"``), and every result carries a held-out validation report (tails, and the within-mode / NLL
 criteria against the noise floor) that flags a grid with a bad tail (:class:`GridTailWarning`).
 
-Over 400 lines: :func:`optimize_grid` is one function whose closures share the reference problem, the draws, the
-family's members and the objective; its report and store are already in their own modules.
+Why one module of this length: :func:`optimize_grid` is one function whose closures share the reference problem,
+the draws, the family's members and the objective; its report and store are already in their own modules.
 """
 
 from __future__ import annotations
