@@ -131,7 +131,7 @@ def run_tempered_ring(args, log):
         guided = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), label, scale=w)
         t_min = torch.full((1,), proc.t_min, dtype=D)
 
-        def log_q_unnorm(x):
+        def log_q_unnorm(x, w=w, t_min=t_min):
             tt = t_min.expand(len(x))
             return cc.mixture.log_prob(x, tt, proc) + w * cc.class_log_prob(x, tt, proc)[:, label]
 
@@ -139,7 +139,7 @@ def run_tempered_ring(args, log):
         tt = t_min.expand(len(big))
         log_z = float(torch.logsumexp(w * cc.class_log_prob(big, tt, proc)[:, label], 0) - math.log(len(big)))
 
-        def stats(x):
+        def stats(x, t_min=t_min, log_z=log_z, log_q_unnorm=log_q_unnorm):
             lp = cc.class_log_prob(x, t_min.expand(len(x)), proc)
             r = split.posterior(x).mean(0)
             return {"nll": float(-(log_q_unnorm(x) - log_z).mean()), "frac_class": float((lp.argmax(1) == label).double().mean()),

@@ -100,8 +100,7 @@ class ClassifierGuidance:
         check_tensor(x, "x", min_rank=2)
         t = as_time(t, x.shape[0], like=x)
         labels = check_labels(self.labels, x.shape[0], None, device=x.device)
-        with torch.no_grad():
-            return self._base_energy(x, t) - self.scale * self._log_prob(x, t, labels).to(x.dtype)
+        return self._base_energy(x, t) - self.scale * self._log_prob(x, t, labels).to(x.dtype)
 
     def log_likelihood_grad(self, x: torch.Tensor, t) -> torch.Tensor:
         """``grad_x log p_t(labels | x)`` (shaped like x)."""
