@@ -9,7 +9,7 @@ score; ``K = 0`` is the sampler alone. ``VPSDE()`` (t_min = 1e-3), float64, the 
 Part ``tempered_1d``: ``p = 0.5 N(-1, 0.6^2) + 0.5 N(1, 0.6^2)``, class c = 1 (the component at +1), classifier guidance
 of scale w with the exact noise-conditional classifier (the set-up of bench_guidance_1d.py). The chain targets
 ``p_t(x) p_t(c | x)^w`` at t_min. Compared with the tempered target ``pi_w = p(x) p(c | x)^w / Z`` perturbed to t_min,
-by quadrature on a grid of 20,001 points: its mean, mean p(c | x), share with p(c | x) > 1/2, and the Kolmogorov-Smirnov
+by quadrature on a grid of ``--grid`` (20,001) points: its mean, mean p(c | x), share with p(c | x) > 1/2, and the Kolmogorov-Smirnov
 distance of the samples to its CDF (``sqrt(N) KS``: below 1.36 for 95 % of exact sample sets).
 
 Part ``tempered_ring``: a ring of 8 overlapping Gaussians (radius 2, std 0.5; classes alternate, class c = 1), the
@@ -74,7 +74,7 @@ def ints(s):
 # ---------------------------------------------------------------------- tempered target, 1-D
 def run_tempered_1d(args, log):
     cc, proc = b1.setup()
-    grid = torch.linspace(-10, 10, 20001, dtype=D)
+    grid = torch.linspace(-10, 10, args.grid, dtype=D)
     rows = []
     for w in args.scales:
         guided = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), 1, scale=w)
@@ -135,7 +135,7 @@ def run_tempered_ring(args, log):
             tt = t_min.expand(len(x))
             return cc.mixture.log_prob(x, tt, proc) + w * cc.class_log_prob(x, tt, proc)[:, label]
 
-        big = split.sample(10**6, generator=torch.Generator().manual_seed(3))
+        big = split.sample(args.z_draws, generator=torch.Generator().manual_seed(3))
         tt = t_min.expand(len(big))
         log_z = float(torch.logsumexp(w * cc.class_log_prob(big, tt, proc)[:, label], 0) - math.log(len(big)))
 
@@ -192,6 +192,8 @@ def run_inverse(args, log):
     alpha, sigma = (float(v) for v in proc.marginal(torch.tensor(proc.t_min, dtype=D)))
     rows = []
     for case, prior, a, y, sy in inverse_problems():
+        if f"{case}:{sy:g}" not in args.inverse_cases:
+            continue
         op = MatrixOperator(a)
         post = prior.condition(a, y, sy)
         negligible = (prior.condition(a, y, sy).weights < 1e-3).tolist()
@@ -309,12 +311,16 @@ def main(argv=None) -> int:
     p.add_argument("--step-ring", type=float, default=0.1)
     p.add_argument("--step-factor", type=float, default=0.5)
     p.add_argument("--floor-seeds", type=int, default=8)
+    p.add_argument("--grid", type=int, default=20001, help="quadrature points of the 1-D target")
+    p.add_argument("--z-draws", type=int, default=10**6, help="Monte Carlo draws of the ring's normalising constant")
+    p.add_argument("--inverse-cases", default="ring:0.05,ring:0.5,conformance:0.5")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--name", default="final_correction")
     args = p.parse_args(argv)
     args.scales = [float(v) for v in args.scales.split(",")]
     args.corrector_steps, args.inverse_corrector_steps = ints(args.corrector_steps), ints(args.inverse_corrector_steps)
+    args.inverse_cases = args.inverse_cases.split(",")
     parts = args.parts.split(",")
     torch.set_num_threads(args.threads)
     start, load0 = time.time(), os.getloadavg()[0]
