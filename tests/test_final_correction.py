@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import projection_problem
 
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, gaussian, ring_mixture
 from score_toolkit.conditioning import (
@@ -163,12 +164,6 @@ def test_guided_sampling_with_final_mala_reaches_the_tempered_target_on_a_ring()
 SAMPLERS = [("ancestral", {"num_steps": 200}), ("pf_ode", {})]
 
 
-def _projection_problem():
-    mix = conformance_mixture()
-    a = torch.tensor([[0.6, -0.8]], dtype=D64)
-    y, sy = torch.tensor([0.7], dtype=D64), 0.5
-    return mix, a, y, sy, mix.condition(a, y, sy)
-
 
 def _approximate(name, mix, proc, a, y, sy):
     op = MatrixOperator(a)
@@ -184,7 +179,7 @@ def _approximate(name, mix, proc, a, y, sy):
 def test_conformance_check_fails_the_biased_methods(method, sampler, options):
     """DPS, PiGDM and replacement are biased by construction: the accuracy check on the exact posterior fails them
     with a stochastic and a deterministic sampler (their numbers: benchmarks/results/final_correction.md)."""
-    mix, a, y, sy, post = _projection_problem()
+    mix, a, y, sy, post = projection_problem()
     proc = VPSDE()
     with pytest.raises(AssertionError, match="mode weights|within-mode"):
         check_accuracy(get_sampler(sampler, **options), _approximate(method, mix, proc, a, y, sy), proc, post)
@@ -194,7 +189,7 @@ def test_conformance_check_fails_the_biased_methods(method, sampler, options):
 def test_final_mala_fixes_the_shape_of_the_modes_but_not_their_weights(method):
     """After 300 MALA steps at t_min on prior x likelihood, each mode's shape is at the noise floor of the check, but
     the mode weights stay those of the biased sampler (a local chain does not move mass between modes)."""
-    mix, a, y, sy, post = _projection_problem()
+    mix, a, y, sy, post = projection_problem()
     proc = VPSDE()
     corrector = ObservationLikelihood(mix.score_fn(proc), proc, MatrixOperator(a), y, sy)
     out = sample_with_final_correction(get_sampler("ancestral", num_steps=100), _approximate(method, mix, proc, a, y, sy),
