@@ -328,15 +328,15 @@ def main(argv=None) -> int:
     def log(row):
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
-    rows = []
-    for part, fn in (("tempered_1d", run_tempered_1d), ("tempered_ring", run_tempered_ring), ("inverse", run_inverse)):
-        if part in parts:
-            rows += fn(args, log)
-    try:
+    try:  # the commit at the start of the run (uncommitted changes are not recorded)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "unknown"
+    rows = []
+    for part, fn in (("tempered_1d", run_tempered_1d), ("tempered_ring", run_tempered_ring), ("inverse", run_inverse)):
+        if part in parts:
+            rows += fn(args, log)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)), "commit": commit, "n": args.n,
             "floor_seeds": args.floor_seeds, "threads": args.threads, "load_start": round(load0, 2),
             "load_end": round(os.getloadavg()[0], 2), "duration_s": time.time() - start,
