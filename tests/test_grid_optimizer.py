@@ -228,3 +228,20 @@ def test_far_off_flag_false_alarm_rate_on_exact_sets_matches_the_closed_form():
     sd = (exact * (1 - exact) / trials) ** 0.5
     assert abs(fired / trials - exact) < 4 * sd, (fired / trials, exact)
     assert abs(exact - 1 / (1 + torch.e)) < 0.02
+
+
+def test_transfer_is_differentiable_in_the_grid():
+    """optimize_grid(family=...) fits through transfer_log_snr: its gradient matches finite differences."""
+    target = VESDE(0.01, 10.0)
+    lam = VESDE(0.01, 50.0).log_snr(VESDE(0.01, 50.0).time_grid(7, "karras", dtype=torch.float64))
+    inner = lam[1:-1].clone().requires_grad_(True)
+    weights = torch.linspace(1.0, 2.0, 8, dtype=torch.float64)
+
+    def f(v):
+        return (transfer_log_snr(torch.cat([lam[:1], v, lam[-1:]]), target) * weights).sum()
+
+    (grad,) = torch.autograd.grad(f(inner), inner)
+    eps = 1e-6
+    fd = torch.stack([(f(inner.detach() + eps * e) - f(inner.detach() - eps * e)) / (2 * eps)
+                      for e in torch.eye(inner.numel(), dtype=torch.float64)])
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-7)

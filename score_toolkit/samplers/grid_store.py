@@ -238,7 +238,7 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
     idx = (torch.searchsorted(lam, mid, right=True) - 1).clamp(0, n_src - 1)
     mass = torch.diff(knots) / steps[idx]
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(mass, 0)])
-    q = torch.linspace(0.0, float(cdf[-1]), n + 1, dtype=torch.float64)
+    q = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64) * cdf[-1]  # (the total mass keeps its gradient)
     j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, knots.numel() - 2)
     out = knots[j] + (q - cdf[j]) / mass[j] * (knots[j + 1] - knots[j])
     out[0], out[-1] = a, b
