@@ -96,13 +96,17 @@ def part_ladder(args, rows, log):
             process = PROCESSES[pname]()
             for name in args.samplers:
                 for steps in (args.ladder or LADDERS[case]):
-                    res, flagged = fit(name, steps, process, case, mix, **({"loss": args.loss} if args.loss != "mse" else {}))
+                    extra = {**({"loss": args.loss} if args.loss != "mse" else {}),
+                             **({"tail_retries": args.tail_retries} if args.tail_retries else {})}
+                    res, flagged = fit(name, steps, process, case, mix, **extra)
                     v = res.validation["optimized"]
                     nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
-                    label = name if args.loss == "mse" else f"{name}, loss={args.loss}"
+                    label = name + (f", loss={args.loss}" if args.loss != "mse" else "") + (
+                        f", tail_retries={args.tail_retries}" if args.tail_retries else "")
                     row = {"part": "ladder", "case": case, "process": pname, "sampler": label, "steps": steps, "nfe": nfe,
                            "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3), "meets": w <= B.CRITERION and nl <= B.CRITERION,
                            "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "mined": res.mined,
+                           "retries": res.retries,
                            "flagged": flagged, "val_far_off": v.far_off, "val_max_error": round(v.max_error, 3),
                            "val_q999": round(v.q999_error, 4), "val_wsw": round(v.wsw_ratio, 2), "val_nll": round(v.nll_ratio, 2)}
                     rows.append(row)
@@ -300,6 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--loss", default="mse", choices=("mse", "nll"), help="optimize_grid's loss in the ladder part")
     ap.add_argument("--processes", default="VE,VP", help="processes of the ladder part")
+    ap.add_argument("--tail-retries", type=int, default=0, help="optimize_grid's tail_retries in the ladder part")
     ap.add_argument("--calib-trials", type=int, default=2000, help="exact set pairs per case of the calib part")
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--judge-seeds", default="0,10,20,30", help="sampling seeds of the transfer part's signed NLL gaps")

@@ -245,3 +245,21 @@ def test_transfer_is_differentiable_in_the_grid():
     fd = torch.stack([(f(inner.detach() + eps * e) - f(inner.detach() - eps * e)) / (2 * eps)
                       for e in torch.eye(inner.numel(), dtype=torch.float64)])
     torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_tail_retries_refit_a_flagged_grid_and_keep_the_better_report():
+    """tail_retries=1: a flagged fit (a planted bad grid) is refitted from other draws (seed + 1); the kept fit is
+    the one whose own held-out report has fewer far-off samples, and it says which seed and how many refits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        first = _planted(6, "karras", seed=5)
+        refit = _planted(6, "karras", seed=6)
+        kept = _planted(6, "karras", seed=5, tail_retries=1)
+    assert not first.tail_ok and first.retries == 0 and first.seed == 5
+    assert kept.retries == 1
+    better = refit if refit.validation["optimized"].far_off < first.validation["optimized"].far_off else first
+    assert kept.seed == better.seed
+    assert kept.validation["optimized"].far_off == better.validation["optimized"].far_off
+    torch.testing.assert_close(kept.times, better.times, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tail_retries"):
+        _planted(6, "karras", tail_retries=-1)

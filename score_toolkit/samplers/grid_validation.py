@@ -88,6 +88,8 @@ class GridOptimizationResult:
         num_validation: held-out draws behind ``validation``.
         family_validation: with ``family=``, the held-out report of the grid carried over to each process of the
             family (keyed by the process's repr), on that process's own held-out draws.
+        seed: the seed of the kept fit's draws; retries: refits made because the report flagged a fit
+            (``tail_retries``).
         path, name: where and under which name the grid was saved (``save_as``), else ``None``.
     """
 
@@ -102,6 +104,8 @@ class GridOptimizationResult:
     fit_seconds: float
     num_validation: int
     family_validation: dict[str, GridValidation] = field(default_factory=dict)
+    seed: int | None = None
+    retries: int = 0
     path: Path | None = None
     name: str | None = None
 

@@ -170,6 +170,7 @@ def optimize_grid(
     tail_tolerance: float = 0.0,
     tail_rounds: int = 0,
     family: Sequence[Process] = (),
+    tail_retries: int = 0,
     on_bad_tail: str = "warn",
     method: str = "lbfgs",
     dtype: torch.dtype = torch.float64,
@@ -237,16 +238,24 @@ def optimize_grid(
     grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs about twice the steps of a grid fitted
     there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
 
+    Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
+    draws (``seed + 1``, up to ``k`` times) and the fit whose own held-out report has fewer far-off samples is kept
+    (``result.retries``, ``result.seed``); the warning is issued only if the kept fit is still flagged. Measured on
+    the 2-D ring (3M, 24 steps, VP, ``loss="nll"``): the first fit threw 2 of 4096 held-out samples off the ring (judged
+    W-SW2 1.62x the floor), the refit none (0.84x); a second hard-example round instead found the same grid.
+
     Only deterministic samplers (``properties.stochastic`` False) of :class:`GridSampler` are optimised: a pathwise
     error against the ODE solution is not defined for a stochastic sampler.
 
     Cost: about ``iterations`` forward and backward runs of the sampler on ``num_samples`` draws, usually fewer
     (early stop); ``result.fit_seconds`` has the time (measured in docs/fast_samplers.md, "Fitting time").
     """
+    arguments = dict(locals())  # (a retry refits with the same arguments and another seed)
     start = time.perf_counter()
     _check_arguments(sampler, process, init,
                      {"num_samples": (num_samples, 1), "num_validation": (num_validation, 2), "iterations": (iterations, 0),
-                      "reference_steps": (reference_steps, 1), "patience": (patience, 1), "tail_rounds": (tail_rounds, 0)},
+                      "reference_steps": (reference_steps, 1), "patience": (patience, 1), "tail_rounds": (tail_rounds, 0),
+                      "tail_retries": (tail_retries, 0)},
                      lr, loss, method, covariance, on_bad_tail, tail_weight, tail_tolerance, rel_tol, nll_weight)
     if save_as is not None:
         path = _file_for(save_as, directory)
@@ -413,7 +422,20 @@ def optimize_grid(
     result = GridOptimizationResult(times=ts, log_snr=process.log_snr(ts), loss=best[0], validation=validation,
                                     tail_ok=tail_ok, history=history, evaluations=len(history), mined=mined,
                                     fit_seconds=time.perf_counter() - start, num_validation=num_validation,
-                                    family_validation=family_validation)
+                                    family_validation=family_validation, seed=seed)
+    if not tail_ok and tail_retries:
+        # refit from other draws (seed + 1); keep the fit whose held-out report has fewer far-off samples
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GridTailWarning)
+            other = optimize_grid(**{**arguments, "seed": seed + 1, "tail_retries": tail_retries - 1, "save_as": None,
+                                     "on_bad_tail": "warn"})
+        other_worst = max([other.validation["optimized"], *other.family_validation.values()], key=lambda v: v.far_off)
+        retried = 1 + other.retries
+        if other_worst.far_off < worst.far_off:
+            result, worst, tail_ok, ts, best[0], history = other, other_worst, other.tail_ok, other.times, other.loss, other.history
+            validation, family_validation, mined = other.validation, other.family_validation, other.mined
+        result.retries = retried
+        result.fit_seconds = time.perf_counter() - start
     if not tail_ok:
         message = (f"optimize_grid: the optimised {n}-step grid of {sampler.name!r} throws "
                    f"{worst.far_off} of {num_validation} held-out samples far off the data (allowed: "
@@ -427,7 +449,7 @@ def optimize_grid(
         info = {"loss": best[0], "validation": {k: asdict(v) for k, v in validation.items()}, "tail_ok": tail_ok,
                 "num_samples": num_samples, "num_validation": num_validation, "evaluations": len(history), "mined": mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
-                "init": init, "seed": seed, "sampler_options": options,
+                "init": init if result.seed == seed else None, "seed": result.seed, "retries": result.retries, "sampler_options": options,
                 "family": [_process_record(p) for p in family],
                 "family_validation": {k: asdict(v) for k, v in family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
