@@ -12,6 +12,13 @@ Part ``transfer``: dpmpp_2m on the ring: grids fitted under VESDE(0.01, 50) carr
 saved-grid route: ``transfer_log_snr``), against grids fitted under each process. Every run starts from exact draws
 of the process's marginal at t = 1 (under sigma_max 10 the prior N(0, 100) is not the ring's p_1, which no grid fixes).
 
+The third grid: one fitted for the family (``optimize_grid(family=[sigma_max 10, 40])`` under sigma_max 50), carried
+over. Beside the criterion (sampling seed ``--seed``), the signed mean-NLL gap at ``--judge-seeds``: a bias or luck.
+The ladder takes ``--loss nll`` and ``--tail-retries`` (optimize_grid's options).
+
+Part ``calib``: the held-out report's far-off flag on two independent exact sets of the report's size (its rate
+when sampling noise alone decides), against the large-set closed form.
+
 Part ``time``: fitting time of this optimiser (with ``tail_rounds=1``, as in the other parts) against the previous
 one (``--baseline-rev``, read from git), runs interleaved in one process, otherwise the same arguments.
 
