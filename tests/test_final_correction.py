@@ -14,6 +14,7 @@ from helpers import projection_problem
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, gaussian, ring_mixture
 from score_toolkit.conditioning import (
     DPS,
+    ClassifierFreeGuidance,
     ClassifierGuidance,
     MatrixOperator,
     ObservationLikelihood,
@@ -51,6 +52,25 @@ def test_guided_energy_is_the_potential_of_the_guided_score(proc):
     e = guided.energy(x, t)
     ref = -cc.mixture.log_prob(x, t, proc) - 2.5 * cc.class_log_prob(x, t, proc)[:, 1]
     torch.testing.assert_close(e - e[0], ref - ref[0])
+
+
+def test_classifier_free_guidance_energy_and_its_samples_equal_classifier_guidance():
+    """With exact scores CFG at gamma equals classifier guidance at w = gamma: the same energy up to a constant, and the
+    same corrected samples (common random numbers)."""
+    cc, proc = ClassConditionalMixture(conformance_mixture(), [0, 1, 1]), VPSDE()
+    cfg = ClassifierFreeGuidance(cc.score_fn(proc), 1, guidance_scale=2.0)
+    cg = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), 1, scale=2.0)
+    x = torch.randn(6, 2, dtype=D64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.01, 0.1, 0.3, 0.5, 0.8, 1.0], dtype=D64)
+    torch.testing.assert_close(_grad_of_minus_energy(cfg, x, t), cfg(x, t))
+    for tt in (0.05, 0.5):  # equal up to a constant in x at each t
+        tv = torch.full((6,), tt, dtype=D64)
+        d = cfg.energy(x, tv) - cg.energy(x, tv)
+        torch.testing.assert_close(d, d[:1].expand(6))
+    outs = [sample_with_final_correction(get_sampler("euler_maruyama", num_steps=20), fn, proc, shape=(50, 2), dtype=D64,
+                                         corrector_steps=5, step_size=0.05, generator=torch.Generator().manual_seed(1))
+            for fn in (cfg, cg)]
+    torch.testing.assert_close(outs[0].samples, outs[1].samples)
 
 
 def test_guided_score_without_an_energy_has_none_and_mala_says_so():
@@ -125,10 +145,12 @@ def _sqrt_n_ks(x, grid, cdf):
     return math.sqrt(n) * float(torch.maximum(i - f, f - (i - 1 / n)).max())
 
 
-@pytest.mark.parametrize("sampler,options", [("pf_ode", {}), ("euler_maruyama", {"num_steps": 100})])
-def test_guided_sampling_with_final_mala_reaches_the_tempered_target_1d(sampler, options):
+@pytest.mark.parametrize("proc,sampler,options", [(VPSDE(), "pf_ode", {}), (VPSDE(), "euler_maruyama", {"num_steps": 100}),
+                                                  (VESDE(), "euler_maruyama", {"num_steps": 200})],
+                         ids=["vp-pf_ode", "vp-euler_maruyama", "ve-euler_maruyama"])
+def test_guided_sampling_with_final_mala_reaches_the_tempered_target_1d(proc, sampler, options):
     """w = 2: the guided sampler alone is far from pi_w (Kolmogorov-Smirnov), 60 MALA steps at t_min reach it."""
-    cc, proc = _two_class_1d(), VPSDE()
+    cc = _two_class_1d()
     guided = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), 1, scale=2.0)
     grid, cdf = _tempered_cdf_1d(cc, 2.0, proc)
     ks = {}
