@@ -82,6 +82,9 @@ def test_guided_score_without_an_energy_has_none_and_mala_says_so():
     with pytest.raises(ValueError, match="metropolis=True needs a score function with an energy"):
         sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
                                      corrector_steps=2, step_size=0.1, dtype=D64)
+    out = sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
+                                       corrector_steps=3, step_size=0.1, metropolis=False, dtype=D64)
+    assert out.nfe == 5 + 3 and out.info["acceptance"] == 1.0  # ULA: one score per step, no energy
 
 
 def test_observation_likelihood_energy_and_its_limit_at_t_min():
