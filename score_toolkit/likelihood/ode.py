@@ -16,10 +16,11 @@ from ..processes import Process
 from ..samplers._odeint import raise_odeint_failure
 from ..samplers.base import NonFiniteError
 from ..threads import cpu_threads
-from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
+from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes, _row_rms
 from .exchange import _exchange
 from .options import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_METHOD,
     METHODS,
     _check_data,
     _check_score_fn,
@@ -52,49 +53,67 @@ class _AugmentedDynamics:
         self._basis = None
         self._vjp_state: dict = {}
 
-    def _divergence(self, s: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+    def _divergence(self, s: torch.Tensor, xg: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         if not s.requires_grad:
             raise TypeError(
                 "expected score_fn to be differentiable with respect to x (the divergence needs autograd), found "
                 "an output without a graph: do not evaluate the score under torch.no_grad() or detach it"
             )
+        batch = xg.shape[0]
         if self.divergence == "hutchinson":
-            vjp = _batched_vjp(s, xg, self.probes, self._vjp_state)  # (K, B, ...)
-            return (vjp * self.probes).flatten(2).sum(2).transpose(0, 1)  # (B, K)
+            probes = self.probes if rows is None else self.probes[:, rows]
+            vjp = _batched_vjp(s, xg, probes, self._vjp_state)  # (K, b, ...)
+            return (vjp * probes).flatten(2).sum(2).transpose(0, 1)  # (b, K)
         d = self.dim
         if self._basis is None or self._basis.dtype != s.dtype or self._basis.device != s.device:
             self._basis = torch.eye(d, dtype=s.dtype, device=s.device)
-        total = torch.zeros(self.batch, dtype=s.dtype, device=s.device)
-        chunk = max(1, min(d, _MAX_BATCHED_VJP_ELEMENTS // max(1, self.batch * d)))
+        total = torch.zeros(batch, dtype=s.dtype, device=s.device)
+        chunk = max(1, min(d, _MAX_BATCHED_VJP_ELEMENTS // max(1, batch * d)))
         for lo in range(0, d, chunk):
             e = self._basis[lo : lo + chunk]  # (c, D)
-            grads = e[:, None, :].expand(e.shape[0], self.batch, d).reshape(e.shape[0], *self.shape)
-            rows = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, B, D): rows of the Jacobian
+            grads = e[:, None, :].expand(e.shape[0], batch, d).reshape(e.shape[0], batch, *self.shape[1:])
+            rows_j = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, b, D): rows of the Jacobian
             idx = torch.arange(lo, lo + e.shape[0], device=s.device)
-            total = total + rows[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
+            total = total + rows_j[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
         return total[:, None]
 
-    def __call__(self, tau: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        t, c, a, b = self.variable.coefficients(float(tau))
-        y = state[:, : self.dim].reshape(self.shape)
-        t_vec = torch.full((self.batch,), t, dtype=y.dtype, device=y.device)
+    def _evaluate(self, state: torch.Tensor, t_vec: torch.Tensor, c, a, b, rows, t_report: float) -> torch.Tensor:
+        """dy/dtau and d(int div)/dtau of the rows ``state`` (b, D + C) at times ``t_vec`` (b,); ``c, a, b`` are
+        numbers or (b, 1) tensors."""
+        batch = state.shape[0]
+        y = state[:, : self.dim].reshape(batch, *self.shape[1:])
+        cy = c if not isinstance(c, torch.Tensor) else c.reshape(batch, *([1] * (y.ndim - 1)))
         with torch.enable_grad():
-            xg = (c * y).detach().requires_grad_(True)
+            xg = (cy * y).detach().requires_grad_(True)
             s = self.score_fn(xg, t_vec)
             _check_score_output(s, xg)
-            div_s = self._divergence(s, xg)
+            div_s = self._divergence(s, xg, rows)
         self.nfe += 1
-        dy = a * y + b * s.detach()
+        s2 = s.detach().reshape(batch, self.dim)
+        dy = a * state[:, : self.dim] + b * s2
         ddiv = a * self.dim + (b * c) * div_s.detach()
-        out = torch.cat([dy.reshape(self.batch, self.dim), ddiv.to(dy.dtype)], 1)
+        out = torch.cat([dy, ddiv.to(dy.dtype)], 1)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).any(1).sum())
             raise NonFiniteError(
-                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t:.6g} (step "
-                f"{self.steps}, evaluation {self.nfe}) in {bad} of {self.batch} samples; check the score function "
+                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t_report:.6g} (step "
+                f"{self.steps}, evaluation {self.nfe}) in {bad} of {batch} samples; check the score function "
                 f"and that the data lie where the model is defined"
             )
         return out
+
+    def __call__(self, tau: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """torchdiffeq's right-hand side: one tau for the whole batch."""
+        t, c, a, b = self.variable.coefficients(float(tau))
+        t_vec = torch.full((self.batch,), t, dtype=state.dtype, device=state.device)
+        return self._evaluate(state, t_vec, c, a, b, None, t)
+
+    def rows_call(self, tau: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The per-sample stepper's right-hand side: ``tau`` (b,), one per row of ``state``."""
+        t, c, a, b = self.variable.coefficients_rows(tau.to(state.device))
+        dt = state.dtype
+        return self._evaluate(state, t.to(dt), c.to(dt)[:, None], a.to(dt)[:, None], b.to(dt)[:, None], rows,
+                              float(t.min()))
 
     def callback_step(self, tau0, y0, dt) -> None:
         self.steps += 1
@@ -129,7 +148,24 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
     comps = 1 if probes is None else probes.shape[0]
     y_start = x.reshape(x.shape[0], -1) * math.exp(-variable.log_c_lo)
     y0 = torch.cat([y_start, torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
-    if METHODS[method]:
+    if method == "dopri5_per_sample":
+        from .stepper import solve_dopri5
+
+        def on_attempt(attempt: int, tau: float) -> None:
+            func.steps = attempt - 1
+            func.t = variable.coefficients(tau)[0]
+
+        try:
+            y1, _ = solve_dopri5(func.rows_call, y0, variable.lo, variable.hi, rtol=rtol, atol=atol,
+                                 ratio=_row_rms, max_num_steps=max_num_steps, on_attempt=on_attempt)
+        except SolverError as err:
+            msg = str(err)
+            if msg.startswith("max_num_steps"):
+                raise SolverError(_too_many_steps(max_num_steps, func.t, t_hi)) from err
+            raise SolverError(f"log_likelihood: the adaptive step size underflowed at t = {func.t:.6g} after "
+                              f"{func.steps} steps; the ODE is too stiff for rtol/atol, or the score is not "
+                              f"smooth") from err
+    elif METHODS[method]:
         span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
         norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
         options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
@@ -178,7 +214,7 @@ def log_likelihood(
     divergence: str = "exact",
     num_probes: int | None = None,
     probe: str | None = None,
-    method: str = "dopri5",
+    method: str = DEFAULT_METHOD,
     rtol: float | None = None,
     atol: float | None = None,
     num_steps: int | None = None,
@@ -208,22 +244,29 @@ def log_likelihood(
         divergence: ``"exact"`` (``d`` vector-Jacobian products per evaluation: small ``d``) or ``"hutchinson"``.
         num_probes: Hutchinson probes per sample (default 4; ``>= 2`` for a standard error, NaN with 1).
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
-        method: torchdiffeq method: adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``, ``adaptive_heun``, or
-            fixed-grid ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
+        method: ``"dopri5_per_sample"`` (default): the Dormand-Prince 5(4) pair with a step size and an error
+            control per sample (:mod:`score_toolkit.likelihood.stepper`; each sample meets ``rtol``/``atol`` in the
+            RMS over its own state and log-density, as scipy's RK45 does over a whole vector, and its result does
+            not depend on the other samples of the batch); or a torchdiffeq method, one step sequence for the
+            batch: adaptive ``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, or fixed-grid ``euler``,
+            ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
         rtol, atol: adaptive tolerances (default 1e-5 each).
         num_steps, grid: fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
         max_num_steps: adaptive step budget per solve (default 10000); exceeding it raises :class:`SolverError`
             (also under ``python -O``, where torchdiffeq's own ``assert`` vanishes).
-        per_sample_norm: error norm = max over samples of each sample's RMS (of x and of its log-density
-            components), so every sample meets the tolerance by itself; ``False``: RMS over the whole batch
-            (score_sde's choice; a hard sample among easy ones may then end far less accurate).
-        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"t"`` for VP and sub-VP (the
-            fewer evaluations there, at a smaller error) and ``"log_sigma"`` for every other process;
-            ``"log_sigma"``: ``tau = ln(sigma / alpha)``
-            with the scaled state ``x / alpha`` (smooth in tau whenever the score is smooth, for every process,
-            including a discrete DDPM table whose coefficients jump at each of its N steps), or ``"t"``, the
-            process's own time (``dx/dt = f x - g^2 s / 2``). Both give the same ODE solution; they differ in where
-            the solver puts its steps. For VE processes they coincide up to a linear change of variable.
+        per_sample_norm: torchdiffeq's adaptive methods: error norm = max over samples of each sample's RMS (of x
+            and of its log-density components), so every sample meets the tolerance by itself; ``False``: RMS over
+            the whole batch (score_sde's choice; a hard sample among easy ones may then end far less accurate).
+            The default method controls every sample by itself and refuses ``False``.
+        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"t"`` for an analytic
+            score under VP and sub-VP (fewer evaluations there) and ``"log_sigma"`` for a network
+            (:class:`~score_toolkit.scores.ScoreAdapter`, whose score grows like 1 / sigma as t -> 0, which makes
+            the ODE in t singular at ``t_min``) and for every other process; ``"log_sigma"``:
+            ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha`` (smooth in tau whenever the noise
+            prediction is smooth, for every process, including a discrete DDPM table whose coefficients jump at
+            each of its N steps), or ``"t"``, the process's own time (``dx/dt = f x - g^2 s / 2``). Both give the
+            same ODE solution; they differ in where the solver puts its steps. For VE processes they coincide up
+            to a linear change of variable.
         t_min: start of the integration (default ``process.t_min``).
         prior_log_prob: ``log p_1`` (default ``process.prior_log_prob``, the Gaussian prior).
         batch_size: samples per solve (default 256). Samples are solved in chunks of consecutive global
@@ -257,6 +300,10 @@ def log_likelihood(
         divergence, num_probes, probe, method, rtol, atol, num_steps, grid, max_num_steps)
     if not isinstance(per_sample_norm, bool):
         raise TypeError(f"log_likelihood: expected per_sample_norm to be a bool, found {per_sample_norm!r}")
+    if method == "dopri5_per_sample" and not per_sample_norm:
+        raise ValueError("log_likelihood: method='dopri5_per_sample' steps and controls the error of every sample by "
+                         "itself; per_sample_norm=False (one error norm over the batch) needs a batch solver such as "
+                         "method='dopri5'")
     t_lo = process.t_min if t_min is None else float(t_min)
     if not process.t_min - 1e-12 <= t_lo < process.t_max:
         raise ValueError(f"log_likelihood: expected t_min in [{process.t_min:g}, {process.t_max:g}), found {t_min!r}")
@@ -276,7 +323,7 @@ def log_likelihood(
         raise ValueError("log_likelihood: with an accelerator pass seed (per-sample probes by global index), "
                          "not generator")
     seed = 0 if seed is None and generator is None else seed
-    time_variable = _resolve_time_variable(time_variable, process)
+    time_variable = _resolve_time_variable(time_variable, process, score_fn)
     variable = _TimeVariable(time_variable, process, t_lo, t_hi)
     grid_tau = None
     if not METHODS[method]:
