@@ -541,11 +541,12 @@ NOTES = """How to read it:
   lets single samples drift by that much). The rest of the time ratio is per-step overhead (torchdiffeq's torch
   stepping against numpy round trips and scipy's Python stepping): visible with a cheap analytic score, within 5%
   per evaluation once the score is a network (profiled: 2.5 against 2.3 ms per evaluation for the 64-D MLP).
-* Our defaults cost more evaluations, for the per-sample error norm: each sample meets the tolerance by itself,
-  instead of one RMS over the batch where a hard sample hides among easy ones (the max error columns of the
-  exact-divergence table below). The default integration variable is t under VP and sub-VP, ln(sigma / alpha)
-  otherwise (smooth for every process: a DDPM table's coefficients jump at each of its 1000 steps).
-  Pass `time_variable="t", per_sample_norm=False` to get score_sde's criterion.
+* Our default (`method="dopri5_per_sample"`: a step size and an error control per sample) makes every sample meet
+  the tolerance by itself, instead of one RMS over the batch where a hard sample hides among easy ones (the max error
+  columns of the exact-divergence table below); a call of the score evaluates only the samples still integrating.
+  The default integration variable is t for an analytic score under VP and sub-VP, ln(sigma / alpha) for a network
+  and for every other process (smooth for every process: a DDPM table's coefficients jump at each of its 1000 steps).
+  Pass `method="dopri5", time_variable="t", per_sample_norm=False` to get score_sde's criterion.
 * The exact-divergence table: see docs/likelihood.md ("Speed") for how to read it.
 * One probe gives no standard error; score_toolkit defaults to 4 probes when `divergence="hutchinson"`, and the
   exact divergence is affordable in small dimensions.
