@@ -98,3 +98,14 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def projection_problem():
+    """The conformance mixture observed through the projection (0.6, -0.8) with y = 0.7, sigma_y = 0.5: (mixture, A, y,
+    sigma_y, exact posterior) -- overlapping modes, where DPS, PiGDM and replacement are biased."""
+    from score_toolkit.testing import conformance_mixture
+
+    mix = conformance_mixture()
+    a = torch.tensor([[0.6, -0.8]], dtype=torch.float64)
+    y, sy = torch.tensor([0.7], dtype=torch.float64), 0.5
+    return mix, a, y, sy, mix.condition(a, y, sy)

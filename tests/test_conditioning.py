@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import projection_problem
 
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, anisotropic_mixture, gaussian, ring_mixture
 from score_toolkit.conditioning import (
@@ -316,16 +317,10 @@ def test_transforms_work_on_images():
 SAMPLERS = [("ancestral", {"num_steps": 200}), ("pf_ode", {})]
 
 
-def _projection_problem():
-    mix = conformance_mixture()
-    a = torch.tensor([[0.6, -0.8]], dtype=D64)
-    y, sy = torch.tensor([0.7], dtype=D64), 0.5
-    return mix, a, y, sy, mix.condition(a, y, sy)
-
 
 @pytest.mark.parametrize("sampler,options", SAMPLERS, ids=[s for s, _ in SAMPLERS])
 def test_accuracy_exact_posterior_score(sampler, options):
-    mix, a, y, sy, post = _projection_problem()
+    mix, a, y, sy, post = projection_problem()
     proc = VPSDE()
     check_accuracy(get_sampler(sampler, **options), post.score_fn(proc), proc, post)
 
@@ -373,7 +368,7 @@ def test_accuracy_conditional_samplers_on_independent_coordinates(name, options)
 
 def test_approximate_methods_fail_where_they_are_biased():
     """The check is not blind: replacement on the overlapping mixture under a projection (sigma_y = 0.5) is far off."""
-    mix, a, y, sy, post = _projection_problem()
+    mix, a, y, sy, post = projection_problem()
     proc = VPSDE()
     with pytest.raises(AssertionError):
         check_accuracy(get_sampler("ancestral", num_steps=200), Replacement(mix.score_fn(proc), proc, MatrixOperator(a), y, sy),

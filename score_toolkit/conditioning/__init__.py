@@ -15,6 +15,7 @@ imputation) and ``repaint`` (RePaint's resampling).
 
 from .classifier import NoisyClassifierMLP, noise_conditional_classifier_loss
 from .compose import INVERSE_METHODS, conditional_score
+from .correction import ObservationLikelihood, sample_with_final_correction
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, LabelledScoreAdapter, check_labels, drop_labels
 from .inverse import DPS, InverseProblemScore, PiGDM, Replacement
 from .operators import Downsample, GaussianBlur, Greyscale, LinearOperator, Mask, MatrixOperator, make_operator
@@ -40,4 +41,6 @@ __all__ = [
     "noise_conditional_classifier_loss",
     "NoisyClassifierMLP",
     "INVERSE_METHODS",
+    "ObservationLikelihood",
+    "sample_with_final_correction",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .._utils import as_time, check_tensor
+from .correction import energy_or_none
 
 __all__ = ["ClassifierGuidance", "ClassifierFreeGuidance", "LabelledScoreAdapter", "check_labels", "drop_labels"]
 
@@ -70,6 +71,11 @@ class ClassifierGuidance:
         scale: guidance scale ``w`` (1: the exact conditional score when the classifier is exact).
 
     Cost per call: one score evaluation, one classifier evaluation and one backward pass through the classifier.
+
+    When ``score_fn`` has an energy (``-log p_t`` up to a constant: an analytic score, a ScoreAdapter with
+    ``prediction_type="energy"``), so has the guided score: ``energy(x, t) = E(x, t) - scale * log p_t(labels | x)``,
+    the energy of ``p_t(x) p_t(labels | x)^scale`` (what MALA needs, e.g. in
+    :func:`~score_toolkit.conditioning.sample_with_final_correction`).
     """
 
     def __init__(self, score_fn: Callable, classifier: Callable, labels, scale: float = 1.0):
@@ -77,6 +83,24 @@ class ClassifierGuidance:
             raise TypeError("expected callable score_fn and classifier")
         self.score_fn, self.classifier, self.scale = score_fn, classifier, float(scale)
         self.labels = check_labels(labels, None, getattr(classifier, "num_classes", None))
+        self._base_energy = energy_or_none(score_fn)
+        if self._base_energy is not None:
+            self.energy = self._energy
+
+    def _log_prob(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(x, t)
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"expected the classifier to return logits of shape ({x.shape[0]}, K), "
+                             f"found {tuple(logits.shape)}")
+        if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
+            raise ValueError(f"class label(s) outside the classifier's classes 0..{logits.shape[1] - 1}")
+        return torch.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+
+    def _energy(self, x: torch.Tensor, t) -> torch.Tensor:
+        check_tensor(x, "x", min_rank=2)
+        t = as_time(t, x.shape[0], like=x)
+        labels = check_labels(self.labels, x.shape[0], None, device=x.device)
+        return self._base_energy(x, t) - self.scale * self._log_prob(x, t, labels).to(x.dtype)
 
     def log_likelihood_grad(self, x: torch.Tensor, t) -> torch.Tensor:
         """``grad_x log p_t(labels | x)`` (shaped like x)."""
@@ -84,13 +108,7 @@ class ClassifierGuidance:
         labels = check_labels(self.labels, x.shape[0], None, device=x.device)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            logits = self.classifier(xg, t)
-            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-                raise ValueError(f"expected the classifier to return logits of shape ({x.shape[0]}, K), "
-                                 f"found {tuple(logits.shape)}")
-            if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
-                raise ValueError(f"class label(s) outside the classifier's classes 0..{logits.shape[1] - 1}")
-            logp = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
+            logp = self._log_prob(xg, t, labels).sum()
             (grad,) = torch.autograd.grad(logp, xg)
         return grad.to(x.dtype)
 
@@ -117,6 +135,10 @@ class ClassifierFreeGuidance:
 
     Each call evaluates the conditional and the unconditional score in one batched call of ``2B`` samples (one
     network evaluation of twice the batch); at ``guidance_scale == 1`` only the conditional one (B samples).
+
+    When ``conditional_score_fn`` has ``energy(x, t, labels)`` (``-log p_t(x | labels)``, e.g. the analytic
+    :meth:`~score_toolkit.analytic.ClassConditionalMixture.score_fn`), so has the guided score:
+    ``energy(x, t) = (1 - gamma) E_u + gamma E_c``, the energy of ``p_t(x)^{1 - gamma} p_t(x | c)^gamma`` (for MALA).
     """
 
     def __init__(self, conditional_score_fn: Callable, labels, guidance_scale: float = 1.0, null_label: int | None = None):
@@ -128,6 +150,19 @@ class ClassifierFreeGuidance:
                              "not declare one")
         self.fn, self.null_label, self.guidance_scale = conditional_score_fn, int(null), float(guidance_scale)
         self.labels = check_labels(labels, None, getattr(conditional_score_fn, "num_classes", None))
+        if callable(getattr(conditional_score_fn, "energy", None)) and \
+                getattr(conditional_score_fn, "prediction_type", "energy") == "energy":
+            self.energy = self._energy
+
+    def _energy(self, x: torch.Tensor, t) -> torch.Tensor:
+        check_tensor(x, "x", min_rank=2)
+        t = as_time(t, x.shape[0], like=x)
+        labels = check_labels(self.labels, x.shape[0], None, device=x.device)
+        cond = self.fn.energy(x, t, labels)
+        if self.guidance_scale == 1.0:
+            return cond
+        uncond = self.fn.energy(x, t, torch.full_like(labels, self.null_label))
+        return (1.0 - self.guidance_scale) * uncond + self.guidance_scale * cond
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         check_tensor(x, "x", min_rank=2)
