@@ -16,6 +16,9 @@ from score_toolkit.conditioning import (
     DPS,
     ClassifierFreeGuidance,
     ClassifierGuidance,
+    Downsample,
+    GaussianBlur,
+    Mask,
     MatrixOperator,
     ObservationLikelihood,
     PiGDM,
@@ -82,6 +85,9 @@ def test_guided_score_without_an_energy_has_none_and_mala_says_so():
     with pytest.raises(ValueError, match="metropolis=True needs a score function with an energy"):
         sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
                                      corrector_steps=2, step_size=0.1, dtype=D64)
+    out = sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
+                                       corrector_steps=3, step_size=0.1, metropolis=False, dtype=D64)
+    assert out.nfe == 5 + 3 and out.info["acceptance"] == 1.0  # ULA: one score per step, no energy
 
 
 def test_observation_likelihood_energy_and_its_limit_at_t_min():
@@ -99,6 +105,37 @@ def test_observation_likelihood_energy_and_its_limit_at_t_min():
     rel = lambda tt: float((fn(xt, tt) - exact(xt, tt)).norm() / exact(xt, tt).norm())  # noqa: E731
     assert rel(proc.t_min) < 0.01  # exact as t -> 0
     assert rel(0.3) > 0.05  # an approximation away from t_min (flat prior in the likelihood)
+
+
+@pytest.mark.parametrize("op", [Mask(torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5), Downsample(2),
+                                GaussianBlur(0.8)], ids=["mask", "downsample", "blur"])
+def test_observation_likelihood_on_images_and_the_corrector_runs(op):
+    """Any operator and tensor rank: the score is minus the gradient of the energy on (B, C, H, W) samples, and the
+    corrector runs on them."""
+    proc = VPSDE()
+    prior = gaussian(torch.zeros(2 * 4 * 4), 0.5)
+    score = _ImageScore(prior.score_fn(proc), (2, 4, 4))
+    y = op.forward(torch.randn(1, 2, 4, 4, dtype=D64, generator=torch.Generator().manual_seed(1)))[0]
+    fn = ObservationLikelihood(score, proc, op, y, 0.1)
+    x = torch.randn(3, 2, 4, 4, dtype=D64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1e-3, 0.2, 0.7], dtype=D64)
+    torch.testing.assert_close(_grad_of_minus_energy(fn, x, t), fn(x, t))
+    out = sample_with_final_correction(get_sampler("ancestral", num_steps=10), score, proc, shape=(3, 2, 4, 4), dtype=D64,
+                                       corrector_steps=5, step_size=1e-3, corrector_score_fn=fn)
+    assert out.samples.shape == (3, 2, 4, 4) and out.info["acceptance"] > 0
+
+
+class _ImageScore:
+    """A flat analytic score seen on (B, C, H, W) samples (energy included)."""
+
+    def __init__(self, flat, shape):
+        self.flat, self.shape = flat, shape
+
+    def __call__(self, x, t):
+        return self.flat(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+    def energy(self, x, t):
+        return self.flat.energy(x.reshape(x.shape[0], -1), t)
 
 
 def test_final_correction_bad_input():
