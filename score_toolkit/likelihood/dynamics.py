@@ -93,10 +93,11 @@ class _AugmentedDynamics:
 
     def rows_call(self, tau: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """The per-sample stepper's right-hand side: ``tau`` (b,), one per row of ``state``."""
-        t, c, a, b = self.variable.coefficients_rows(tau.to(state.device))
-        dt = state.dtype
-        return self._evaluate(state, t.to(dt), c.to(dt)[:, None], a.to(dt)[:, None], b.to(dt)[:, None], rows,
-                              float(t.min()))
+        # the process's coefficients in float64 on the CPU (as the scalar path), then on the state's device
+        t, c, a, b = self.variable.coefficients_rows(tau.detach().cpu())
+        dt, dev = state.dtype, state.device
+        return self._evaluate(state, t.to(dev, dt), c.to(dev, dt)[:, None], a.to(dev, dt)[:, None],
+                              b.to(dev, dt)[:, None], rows, float(t.min()))
 
     def callback_step(self, tau0, y0, dt) -> None:
         self.steps += 1
