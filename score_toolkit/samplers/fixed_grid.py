@@ -93,8 +93,8 @@ _FITTED_3M = (
      0.6169, 0.8915, 1.1505, 1.4055, 1.5929, 1.762, 2.3579, 2.812, 3.1038, 3.3967, 3.8352, 4.5577),
 )
 # Fourth order (unipc: UniP-3 + UniC): the same fits at weights 12 (the 2M fits) : 4 (ring) : 8 (16-D), chosen by
-# measurement among 7-12 : 4-8 : 4-12 (docs/fast_samplers.md): the corrector's extra order lets the coarser 2M
-# spacing serve the ring at 15 NFE; UniPC fits of its own (loss "nll") were worse on the ring than this mixture.
+# measurement among 7-12 : 4-8 : 4-12 (docs/fast_samplers.md, benchmarks/results/defaults_unipc_explore.md): more of
+# the 2M spacing serves the ring at 15 NFE; a UniPC fit of its own (loss "nll") was worse on the ring than this mix.
 #: the shipped densities by the order of the sampler they were fitted for: (knots, weights)
 _FITTED = {
     2: (_FITTED_2M, (1.0,) * 4),
