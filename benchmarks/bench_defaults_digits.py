@@ -27,6 +27,8 @@ RUNS = [  # (label, sampler, options, NFE list)
     ("dpmpp_3m defaults", "dpmpp_3m", {}, (10, 15, 20, 25, 50)),
     ("dpmpp_2m defaults", "dpmpp_2m", {}, (15, 25)),
     ("dpmpp_2m log_sigma, no final step (the default before)", "dpmpp_2m", {"grid": "log_sigma", "to_zero": False}, (15, 25)),
+    ("unipc defaults (order 3: UniP-3 + UniC, order-4 density)", "unipc", {}, (10, 15, 20, 25)),
+    ("unipc on the order-3 density (dpmpp_3m's grid)", "unipc", {"grid": "_order3"}, (15,)),
 ]
 CONVERGED = ("converged ODE (dpmpp_3m, 150 log_sigma steps, to_zero)", "dpmpp_3m",
              {"num_steps": 150, "grid": "log_sigma", "to_zero": True})
@@ -36,6 +38,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-samples", type=int, default=900)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "defaults_digits"))
+    ap.add_argument("--only", default=None,
+                    help="run only the rows whose label contains this; keep the converged ODE and the other rows of "
+                         "the existing result file (same noise, deterministic)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = load_score_model("digits", None, device=torch.device("cpu"), dtype=torch.float32)
@@ -43,6 +48,13 @@ def main(argv=None) -> int:
     rows = []
 
     def measure(label, name, options):
+        if options.get("grid") == "_order3":  # explicit times: the order-3 data-free density under the model's process
+            from score_toolkit.samplers.fixed_grid import fitted_log_snr
+
+            process = model["process"]
+            ts = process.t_from_log_snr(fitted_log_snr(process, options["num_steps"], order=3))
+            ts[0], ts[-1] = process.t_max, process.t_min
+            options = {k: v for k, v in options.items() if k != "num_steps"} | {"grid": ts.tolist()}
         sampler = get_sampler(name, **options)
         gens = per_sample_generators(0, range(args.num_samples))
         t0 = time.perf_counter()
@@ -54,11 +66,19 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
 
-    measure(*CONVERGED)
+    if args.only:  # the converged row of the existing result file (the same noise: deterministic)
+        rows.append(json.loads(Path(args.out).with_suffix(".json").read_text())[0])
+    else:
+        measure(*CONVERGED)
     for label, name, options, nfes in RUNS:
+        if args.only and args.only not in label:
+            continue
         for nfe in nfes:
-            extra = 1 if get_sampler(name, **options).config.get("to_zero") else 0
+            extra = 1 if get_sampler(name, **{k: v for k, v in options.items() if k != "grid"}).config.get("to_zero") else 0
             measure(label, name, {**options, "num_steps": nfe - extra})
+    if args.only:
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows += [r for r in old[1:] if args.only not in r["label"]]
     write(args, rows)
     return 0
 

@@ -82,25 +82,29 @@ def run_tempered_1d(args, log):
         target = b1.stats_from_density(grid, dens, cc)
         cdf = torch.cumulative_trapezoid(dens, grid)
         cdf = torch.cat([cdf.new_zeros(1), cdf]) / cdf[-1]
-        for seed, (name, opts) in enumerate(GUIDED_SAMPLERS.items()):
-            for k in args.corrector_steps:
-                t0 = time.perf_counter()
-                out = sample_with_final_correction(get_sampler(name, **opts), guided, proc, shape=(args.n, 1), dtype=D,
-                                                   corrector_steps=k, step_size=args.step_1d,
-                                                   generator=torch.Generator().manual_seed(seed))
-                x = out.samples.reshape(-1)
-                got, se = b1.stats_from_points(x, cc)
-                xs = x.sort().values
-                f = torch.from_numpy(np.interp(xs.numpy(), grid.numpy(), cdf.numpy()))
-                i = torch.arange(1, len(xs) + 1, dtype=D) / len(xs)
-                ks = float(torch.maximum(i - f, f - (i - 1 / len(xs))).max())
-                row = {"part": "tempered_1d", "scale": w, "sampler": name, "corrector_steps": k, "nfe": out.nfe,
-                       "sampler_nfe": out.info["sampler_nfe"], "acceptance": out.info["acceptance"],
-                       **{k2: v for k2, v in got.items()}, **{f"{k2}_se": v for k2, v in se.items()},
-                       **{f"target_{k2}": v for k2, v in target.items()}, "sqrt_n_ks": math.sqrt(len(xs)) * ks,
-                       "wall_s": time.perf_counter() - t0}
-                rows.append(row)
-                log(row)
+        chains = [(True, args.step_1d)] if args.mala else []
+        chains += [(False, eps) for eps in args.ula_step_sizes]
+        runs = [(seed, name, opts, k, mh, eps) for seed, (name, opts) in enumerate(GUIDED_SAMPLERS.items())
+                if name in args.samplers for k in args.corrector_steps for mh, eps in chains if k > 0 or (mh, eps) == chains[0]]
+        for seed, name, opts, k, mh, eps in runs:
+            t0 = time.perf_counter()
+            out = sample_with_final_correction(get_sampler(name, **opts), guided, proc, shape=(args.n, 1), dtype=D,
+                                               corrector_steps=k, step_size=eps, metropolis=mh,
+                                               generator=torch.Generator().manual_seed(seed))
+            x = out.samples.reshape(-1)
+            got, se = b1.stats_from_points(x, cc)
+            xs = x.sort().values
+            f = torch.from_numpy(np.interp(xs.numpy(), grid.numpy(), cdf.numpy()))
+            i = torch.arange(1, len(xs) + 1, dtype=D) / len(xs)
+            ks = float(torch.maximum(i - f, f - (i - 1 / len(xs))).max())
+            row = {"part": "tempered_1d", "scale": w, "sampler": name, "corrector_steps": k, "nfe": out.nfe,
+                   "chain": f"{'MALA' if mh else 'ULA'} {eps:g}" if k else "-",
+                   "sampler_nfe": out.info["sampler_nfe"], "acceptance": out.info["acceptance"],
+                   **{k2: v for k2, v in got.items()}, **{f"{k2}_se": v for k2, v in se.items()},
+                   **{f"target_{k2}": v for k2, v in target.items()}, "sqrt_n_ks": math.sqrt(len(xs)) * ks,
+                   "wall_s": time.perf_counter() - t0}
+            rows.append(row)
+            log(row)
     return rows
 
 
@@ -248,13 +252,13 @@ def write_markdown(path: Path, rows, meta):
     t1 = [r for r in rows if r["part"] == "tempered_1d"]
     if t1:
         L += ["## Tempered target, 1-D (closed form by quadrature)", "",
-              f"Classifier guidance of scale w, then K MALA steps at t_min (step size {meta['step_1d']}) targeting "
+              "Classifier guidance of scale w, then K Langevin steps at t_min (MALA, or ULA where the chain column says so) targeting "
               "`p_t(x) p_t(c|x)^w`. Target: `pi_w = p(x) p(c|x)^w / Z` perturbed to t_min. `sqrt(N) KS` < 1.36 for 95 % "
               "of exact sets. +- one standard error.", "",
-              "| w | sampler | K | NFE (sampler) | acceptance | mean x (target) | mean p(c\\|x) (target) | share p(c\\|x) > 1/2 (target) | sqrt(N) KS |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| w | sampler | K | chain, step | NFE (sampler) | acceptance | mean x (target) | mean p(c\\|x) (target) | share p(c\\|x) > 1/2 (target) | sqrt(N) KS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in t1:
-            L.append(f"| {r['scale']:g} | {r['sampler']} | {r['corrector_steps']} | {r['nfe']} ({r['sampler_nfe']}) | {fmt(r['acceptance'])} "
+            L.append(f"| {r['scale']:g} | {r['sampler']} | {r['corrector_steps']} | {r.get('chain', '')} | {r['nfe']} ({r['sampler_nfe']}) | {fmt(r['acceptance'])} "
                      f"| {r['mean_x']:.4f} +- {r['mean_x_se']:.4f} ({r['target_mean_x']:.4f}) "
                      f"| {r['mean_p_class']:.4f} +- {r['mean_p_class_se']:.4f} ({r['target_mean_p_class']:.4f}) "
                      f"| {r['frac_class']:.4f} +- {r['frac_class_se']:.4f} ({r['target_frac_class']:.4f}) | {r['sqrt_n_ks']:.2f} |")
@@ -308,6 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--inverse-corrector-steps", default="0,100,1000")
     p.add_argument("--inverse-steps", type=int, default=100)
     p.add_argument("--step-1d", type=float, default=0.1)
+    p.add_argument("--no-mala", dest="mala", action="store_false", help="1-D: no MALA rows (with --ula-step-sizes)")
+    p.add_argument("--ula-step-sizes", default="", help="1-D: also unadjusted Langevin (no energy needed) at these steps")
+    p.add_argument("--samplers", default=",".join(GUIDED_SAMPLERS), help="1-D: the guided samplers")
     p.add_argument("--step-ring", type=float, default=0.1)
     p.add_argument("--step-factor", type=float, default=0.5)
     p.add_argument("--floor-seeds", type=int, default=8)
@@ -321,6 +328,8 @@ def main(argv=None) -> int:
     args.scales = [float(v) for v in args.scales.split(",")]
     args.corrector_steps, args.inverse_corrector_steps = ints(args.corrector_steps), ints(args.inverse_corrector_steps)
     args.inverse_cases = args.inverse_cases.split(",")
+    args.ula_step_sizes = [float(v) for v in args.ula_step_sizes.split(",") if v]
+    args.samplers = args.samplers.split(",")
     parts = args.parts.split(",")
     torch.set_num_threads(args.threads)
     start, load0 = time.time(), os.getloadavg()[0]

@@ -346,6 +346,17 @@ class _ClassConditionalScore:
             out[sel] = self._scores[c](x[sel], t[sel])
         return out
 
+    def energy(self, x: torch.Tensor, t, labels) -> torch.Tensor:
+        """``-log p_t(x | c)`` per sample (B,) (``-log p_t(x)`` where the label is ``null_label``)."""
+        labels = torch.as_tensor(labels).reshape(-1).to(x.device)
+        if bool(((labels < 0) | (labels > self.null_label)).any()):
+            raise ValueError(f"class labels outside 0..{self.num_classes - 1} (null label {self.null_label})")
+        t = as_time(t, x.shape[0], like=x)
+        out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for c in labels.unique().tolist():
+            out = out + (labels == c).to(x.dtype) * self._scores[c].energy(x, t)
+        return out
+
 
 class _AnalyticNetwork(torch.nn.Module):
     def __init__(self, mixture, process, prediction_type, time_input):

@@ -255,7 +255,7 @@ class ScorePipeline(DiffusionPipeline):
             shape: the full shape (B, ...) instead of ``batch_size`` (e.g. images of another size).
             sampler: a registered sampler name (``score-toolkit samplers`` lists them) or a
                 :class:`~score_toolkit.samplers.base.Sampler` instance; default :data:`DEFAULT_SAMPLER`
-                (``dpmpp_3m``) with :data:`DEFAULT_STEPS` (24) steps, as ``score-toolkit sample``.
+                (``unipc``) with :data:`DEFAULT_STEPS` (24) steps, as ``score-toolkit sample``.
             sampler_options: the sampler's options (``sampler_options={"num_steps": 50}``); options may also be
                 given as keyword arguments (``num_steps=50``). Unknown options are errors.
             num_inference_steps: sets the sampler's ``num_steps`` (an error for samplers without one).

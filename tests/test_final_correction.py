@@ -14,7 +14,11 @@ from helpers import projection_problem
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, gaussian, ring_mixture
 from score_toolkit.conditioning import (
     DPS,
+    ClassifierFreeGuidance,
     ClassifierGuidance,
+    Downsample,
+    GaussianBlur,
+    Mask,
     MatrixOperator,
     ObservationLikelihood,
     PiGDM,
@@ -53,6 +57,25 @@ def test_guided_energy_is_the_potential_of_the_guided_score(proc):
     torch.testing.assert_close(e - e[0], ref - ref[0])
 
 
+def test_classifier_free_guidance_energy_and_its_samples_equal_classifier_guidance():
+    """With exact scores CFG at gamma equals classifier guidance at w = gamma: the same energy up to a constant, and the
+    same corrected samples (common random numbers)."""
+    cc, proc = ClassConditionalMixture(conformance_mixture(), [0, 1, 1]), VPSDE()
+    cfg = ClassifierFreeGuidance(cc.score_fn(proc), 1, guidance_scale=2.0)
+    cg = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), 1, scale=2.0)
+    x = torch.randn(6, 2, dtype=D64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.01, 0.1, 0.3, 0.5, 0.8, 1.0], dtype=D64)
+    torch.testing.assert_close(_grad_of_minus_energy(cfg, x, t), cfg(x, t))
+    for tt in (0.05, 0.5):  # equal up to a constant in x at each t
+        tv = torch.full((6,), tt, dtype=D64)
+        d = cfg.energy(x, tv) - cg.energy(x, tv)
+        torch.testing.assert_close(d, d[:1].expand(6))
+    outs = [sample_with_final_correction(get_sampler("euler_maruyama", num_steps=20), fn, proc, shape=(50, 2), dtype=D64,
+                                         corrector_steps=5, step_size=0.05, generator=torch.Generator().manual_seed(1))
+            for fn in (cfg, cg)]
+    torch.testing.assert_close(outs[0].samples, outs[1].samples)
+
+
 def test_guided_score_without_an_energy_has_none_and_mala_says_so():
     cc = _two_class_1d()
     proc = VPSDE()
@@ -62,6 +85,9 @@ def test_guided_score_without_an_energy_has_none_and_mala_says_so():
     with pytest.raises(ValueError, match="metropolis=True needs a score function with an energy"):
         sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
                                      corrector_steps=2, step_size=0.1, dtype=D64)
+    out = sample_with_final_correction(get_sampler("euler_maruyama", num_steps=5), guided, proc, shape=(4, 1),
+                                       corrector_steps=3, step_size=0.1, metropolis=False, dtype=D64)
+    assert out.nfe == 5 + 3 and out.info["acceptance"] == 1.0  # ULA: one score per step, no energy
 
 
 def test_observation_likelihood_energy_and_its_limit_at_t_min():
@@ -79,6 +105,37 @@ def test_observation_likelihood_energy_and_its_limit_at_t_min():
     rel = lambda tt: float((fn(xt, tt) - exact(xt, tt)).norm() / exact(xt, tt).norm())  # noqa: E731
     assert rel(proc.t_min) < 0.01  # exact as t -> 0
     assert rel(0.3) > 0.05  # an approximation away from t_min (flat prior in the likelihood)
+
+
+@pytest.mark.parametrize("op", [Mask(torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5), Downsample(2),
+                                GaussianBlur(0.8)], ids=["mask", "downsample", "blur"])
+def test_observation_likelihood_on_images_and_the_corrector_runs(op):
+    """Any operator and tensor rank: the score is minus the gradient of the energy on (B, C, H, W) samples, and the
+    corrector runs on them."""
+    proc = VPSDE()
+    prior = gaussian(torch.zeros(2 * 4 * 4), 0.5)
+    score = _ImageScore(prior.score_fn(proc), (2, 4, 4))
+    y = op.forward(torch.randn(1, 2, 4, 4, dtype=D64, generator=torch.Generator().manual_seed(1)))[0]
+    fn = ObservationLikelihood(score, proc, op, y, 0.1)
+    x = torch.randn(3, 2, 4, 4, dtype=D64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1e-3, 0.2, 0.7], dtype=D64)
+    torch.testing.assert_close(_grad_of_minus_energy(fn, x, t), fn(x, t))
+    out = sample_with_final_correction(get_sampler("ancestral", num_steps=10), score, proc, shape=(3, 2, 4, 4), dtype=D64,
+                                       corrector_steps=5, step_size=1e-3, corrector_score_fn=fn)
+    assert out.samples.shape == (3, 2, 4, 4) and out.info["acceptance"] > 0
+
+
+class _ImageScore:
+    """A flat analytic score seen on (B, C, H, W) samples (energy included)."""
+
+    def __init__(self, flat, shape):
+        self.flat, self.shape = flat, shape
+
+    def __call__(self, x, t):
+        return self.flat(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+    def energy(self, x, t):
+        return self.flat.energy(x.reshape(x.shape[0], -1), t)
 
 
 def test_final_correction_bad_input():
@@ -125,10 +182,12 @@ def _sqrt_n_ks(x, grid, cdf):
     return math.sqrt(n) * float(torch.maximum(i - f, f - (i - 1 / n)).max())
 
 
-@pytest.mark.parametrize("sampler,options", [("pf_ode", {}), ("euler_maruyama", {"num_steps": 100})])
-def test_guided_sampling_with_final_mala_reaches_the_tempered_target_1d(sampler, options):
+@pytest.mark.parametrize("proc,sampler,options", [(VPSDE(), "pf_ode", {}), (VPSDE(), "euler_maruyama", {"num_steps": 100}),
+                                                  (VESDE(), "euler_maruyama", {"num_steps": 200})],
+                         ids=["vp-pf_ode", "vp-euler_maruyama", "ve-euler_maruyama"])
+def test_guided_sampling_with_final_mala_reaches_the_tempered_target_1d(proc, sampler, options):
     """w = 2: the guided sampler alone is far from pi_w (Kolmogorov-Smirnov), 60 MALA steps at t_min reach it."""
-    cc, proc = _two_class_1d(), VPSDE()
+    cc = _two_class_1d()
     guided = ClassifierGuidance(cc.mixture.score_fn(proc), cc.classifier(proc), 1, scale=2.0)
     grid, cdf = _tempered_cdf_1d(cc, 2.0, proc)
     ks = {}

@@ -1,4 +1,4 @@
-"""The data-free grids (``grid="fitted"``, orders 2 and 3) and the defaults of dpmpp_2m and dpmpp_3m: well-formed for
+"""The data-free grids (``grid="fitted"``, orders 2, 3 and 4) and the defaults of dpmpp_2m, dpmpp_3m and unipc: well-formed for
 every process, NFE = counted score calls, transfers across processes of a family, beats the uniform log-SNR grid
 against the converged ODE from the same draws, and the default sampler's mean NLL on the 16-D mixture stays within
 the N = 10,000 noise floor where dpmpp_2m's (the default before) is 7-11x off."""
@@ -19,7 +19,7 @@ PROCESSES = {"ve10": lambda: VESDE(0.01, 10.0), "ve50": lambda: VESDE(0.01, 50.0
 
 @pytest.mark.parametrize("key", sorted(PROCESSES))
 @pytest.mark.parametrize("n", [1, 2, 5, 14, 40])
-@pytest.mark.parametrize("order,sampler", [(2, "dpmpp_2m"), (3, "dpmpp_3m")])
+@pytest.mark.parametrize("order,sampler", [(2, "dpmpp_2m"), (3, "dpmpp_3m"), (4, "unipc")])
 def test_fitted_grid_is_well_formed(key, n, order, sampler):
     process = PROCESSES[key]()
     lam = fitted_log_snr(process, n, order)
@@ -35,7 +35,7 @@ def test_fitted_grid_is_well_formed(key, n, order, sampler):
 
 def test_fitted_order_is_checked():
     with pytest.raises(ValueError, match="order"):
-        fitted_log_snr(VPSDE(), 10, order=4)
+        fitted_log_snr(VPSDE(), 10, order=5)
 
 
 def test_order3_density_puts_more_steps_at_high_log_snr():
@@ -44,7 +44,15 @@ def test_order3_density_puts_more_steps_at_high_log_snr():
     assert int((lam3 > 1.5).sum()) > int((lam2 > 1.5).sum())
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m"])
+def test_order4_density_sits_between_orders_2_and_3():
+    """unipc's density (the same fits, more weight on the second-order ones) is closer to the order-2 grid than the
+    order-3 one is, and not equal to either."""
+    lam2, lam3, lam4 = (fitted_log_snr(VPSDE(), 24, k) for k in (2, 3, 4))
+    d43, d42, d32 = (float((a - b).abs().mean()) for a, b in ((lam4, lam3), (lam4, lam2), (lam3, lam2)))
+    assert d42 < d32 and d43 > 0.01 and d42 > 0.01
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "unipc"])
 @pytest.mark.parametrize("n", [1, 3, 24])
 def test_default_nfe_is_counted_calls(sampler, n):
     process, mix = VPSDE(), ring_mixture()
@@ -100,9 +108,9 @@ def test_to_zero_default_gives_way_to_denoise():
 @pytest.mark.parametrize("key", ["ve50", "vp"])
 def test_default_sampler_mean_nll_on_16d_mixture(key):
     """Mean-NLL bias against the converged ODE from the same 512 draws, 30 NFE, 16-D mixture (eigenvalues down to
-    0.01). The default sampler (dpmpp_3m, order-3 fitted grid, to_zero) stays within the NLL noise floor of N = 10,000
-    exact samples (0.027 nats; criterion 1.5x = 0.041; measured -0.020 VE, -0.027 VP), dpmpp_2m at its defaults, the
-    default before, is off by +0.31 / +0.30 nats: its within-mode spread is 1-3 % too wide in every direction
+    0.01). The default sampler (unipc, order-4 fitted grid, to_zero) stays within the NLL noise floor of N = 10,000
+    exact samples (0.027 nats; criterion 1.5x = 0.041), so does dpmpp_3m (the default before; measured -0.020 VE,
+    -0.027 VP); dpmpp_2m at its defaults (the default before that) is off by +0.31 / +0.30 nats: its within-mode spread is 1-3 % too wide in every direction
     (benchmarks/results/defaults_gain.md)."""
     from score_toolkit.pipeline import DEFAULT_SAMPLER
 
@@ -116,4 +124,5 @@ def test_default_sampler_mean_nll_on_16d_mixture(key):
         return float((mix.log_prob(ref) - mix.log_prob(x)).mean())
 
     assert abs(bias(DEFAULT_SAMPLER)) < 1.5 * 0.027
+    assert abs(bias("dpmpp_3m")) < 1.5 * 0.027
     assert bias("dpmpp_2m") > 0.2

@@ -336,7 +336,7 @@ def test_default_sampler_is_the_command_line_default():
     out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0))
     ref = pipe(batch_size=3, sampler=pipeline.DEFAULT_SAMPLER, num_inference_steps=pipeline.DEFAULT_STEPS,
                generator=torch.Generator().manual_seed(0))
-    assert (pipeline.DEFAULT_SAMPLER, pipeline.DEFAULT_STEPS) == ("dpmpp_3m", 24)  # docs/fast_samplers.md, "Defaults"
+    assert (pipeline.DEFAULT_SAMPLER, pipeline.DEFAULT_STEPS) == ("unipc", 24)  # docs/fast_samplers.md, "Defaults"
     assert out.nfe == 25 and torch.equal(out.samples, ref.samples)  # 24 steps + the default to_zero step
 
 

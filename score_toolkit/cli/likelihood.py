@@ -59,15 +59,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-probes", type=int, default=None, help="Hutchinson probes per sample (default 4)")
     s.add_argument("--probe", choices=("rademacher", "gaussian"), default=None,
                    help="distribution of Hutchinson's probes (default rademacher: the lower variance)")
-    s.add_argument("--method", default="dopri5", help="torchdiffeq method (dopri5, bosh3, ..., or euler, rk4 with "
-                                                      "--num-steps)")
+    s.add_argument("--method", default="dopri5_per_sample",
+                   help="dopri5_per_sample (default: a step size per sample) or a torchdiffeq method (dopri5, bosh3, "
+                        "..., or euler, rk4 with --num-steps)")
     s.add_argument("--rtol", type=float, default=None, help="relative tolerance of adaptive methods (default 1e-5)")
     s.add_argument("--atol", type=float, default=None, help="absolute tolerance of adaptive methods (default 1e-5)")
     s.add_argument("--num-steps", type=int, default=None, help="fixed-grid methods only")
     s.add_argument("--grid", default="uniform", help="fixed-grid kind: uniform, log_sigma, karras")
     s.add_argument("--max-num-steps", type=int, default=None,
                    help="adaptive methods: give up (an error) after this many steps (default 10000)")
-    s.add_argument("--no-per-sample-norm", action="store_true", help="one RMS error norm over the whole batch")
+    s.add_argument("--no-per-sample-norm", action="store_true", help="torchdiffeq methods (--method dopri5, ...): one RMS error norm over the whole batch")
     s.add_argument("--t-min", type=float, default=None,
                    help="the time the data sit at (default: the process's t_min)")
     s.add_argument("--batch-size", type=int, default=None, help="samples per solve (default 256)")

@@ -135,6 +135,10 @@ class ClassifierFreeGuidance:
 
     Each call evaluates the conditional and the unconditional score in one batched call of ``2B`` samples (one
     network evaluation of twice the batch); at ``guidance_scale == 1`` only the conditional one (B samples).
+
+    When ``conditional_score_fn`` has ``energy(x, t, labels)`` (``-log p_t(x | labels)``, e.g. the analytic
+    :meth:`~score_toolkit.analytic.ClassConditionalMixture.score_fn`), so has the guided score:
+    ``energy(x, t) = (1 - gamma) E_u + gamma E_c``, the energy of ``p_t(x)^{1 - gamma} p_t(x | c)^gamma`` (for MALA).
     """
 
     def __init__(self, conditional_score_fn: Callable, labels, guidance_scale: float = 1.0, null_label: int | None = None):
@@ -146,6 +150,19 @@ class ClassifierFreeGuidance:
                              "not declare one")
         self.fn, self.null_label, self.guidance_scale = conditional_score_fn, int(null), float(guidance_scale)
         self.labels = check_labels(labels, None, getattr(conditional_score_fn, "num_classes", None))
+        if callable(getattr(conditional_score_fn, "energy", None)) and \
+                getattr(conditional_score_fn, "prediction_type", "energy") == "energy":
+            self.energy = self._energy
+
+    def _energy(self, x: torch.Tensor, t) -> torch.Tensor:
+        check_tensor(x, "x", min_rank=2)
+        t = as_time(t, x.shape[0], like=x)
+        labels = check_labels(self.labels, x.shape[0], None, device=x.device)
+        cond = self.fn.energy(x, t, labels)
+        if self.guidance_scale == 1.0:
+            return cond
+        uncond = self.fn.energy(x, t, torch.full_like(labels, self.null_label))
+        return (1.0 - self.guidance_scale) * uncond + self.guidance_scale * cond
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         check_tensor(x, "x", min_rank=2)

@@ -1,6 +1,6 @@
 """The pieces of the divergence of the score: Hutchinson probes drawn per sample (:func:`_probes`), stacks of
-vector-Jacobian products (:func:`_batched_vjp`), and the error norms of the adaptive solver over the augmented
-state (per sample or over the batch).
+vector-Jacobian products (:func:`_batched_vjp`), and the error norms of the adaptive solvers over the augmented
+state (per row for the per-sample stepper; the max over samples or one over the batch for torchdiffeq).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def _per_sample_norm(dim: int):
         return torch.maximum(xr, lr).max()
 
     return norm
+
+
+def _row_rms(y: torch.Tensor) -> torch.Tensor:
+    """Per-row error ratio of the per-sample solver: the RMS over each row (its x and log-density components
+    together), i.e. scipy's RK45 norm applied to each sample's own state."""
+    return y.pow(2).mean(1).sqrt()
 
 
 def _batch_norm(dim: int):

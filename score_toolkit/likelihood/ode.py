@@ -1,6 +1,8 @@
-"""The augmented probability-flow ODE and its solution: the integration variable (:class:`~score_toolkit.likelihood.time_variable._TimeVariable`), the
-right-hand side of the state ``(x, int div F)`` (:class:`_AugmentedDynamics`), one torchdiffeq solve per chunk
-of samples, and :func:`log_likelihood` (see :mod:`score_toolkit.likelihood` for the mathematics).
+"""The solution of the augmented probability-flow ODE: one solve per chunk of samples (the per-sample stepper of
+:mod:`~score_toolkit.likelihood.stepper` or torchdiffeq) of the right-hand side of
+:mod:`~score_toolkit.likelihood.dynamics` in the integration variable of
+:mod:`~score_toolkit.likelihood.time_variable`, and :func:`log_likelihood` (see :mod:`score_toolkit.likelihood` for
+the mathematics).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from ..processes import Process
 from ..samplers._odeint import raise_odeint_failure
 from ..samplers.base import NonFiniteError
 from ..threads import cpu_threads
-from .divergence import _MAX_BATCHED_VJP_ELEMENTS, _batch_norm, _batched_vjp, _per_sample_norm, _probes
+from .divergence import _batch_norm, _per_sample_norm, _probes, _row_rms
+from .dynamics import _AugmentedDynamics, _too_many_steps
 from .exchange import _exchange
 from .options import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_METHOD,
     METHODS,
     _check_data,
     _check_score_fn,
@@ -32,93 +36,6 @@ from .time_variable import _TimeVariable
 __all__ = ["log_likelihood"]
 
 
-class _AugmentedDynamics:
-    """Right-hand side of the augmented ODE on a flat state (B, D + C): C = 1 (exact) or K (per probe)."""
-
-    def __init__(self, score_fn, process: Process, shape, divergence: str, probes, variable: _TimeVariable,
-                 max_num_steps: int | None):
-        self.score_fn = score_fn
-        self.process = process
-        self.shape = tuple(shape)
-        self.batch = self.shape[0]
-        self.dim = math.prod(self.shape[1:])
-        self.divergence = divergence
-        self.probes = probes  # (K, B, ...) or None
-        self.variable = variable
-        self.max_num_steps = max_num_steps
-        self.nfe = 0
-        self.steps = 0
-        self.t = variable.t_lo
-        self._basis = None
-        self._vjp_state: dict = {}
-
-    def _divergence(self, s: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-        if not s.requires_grad:
-            raise TypeError(
-                "expected score_fn to be differentiable with respect to x (the divergence needs autograd), found "
-                "an output without a graph: do not evaluate the score under torch.no_grad() or detach it"
-            )
-        if self.divergence == "hutchinson":
-            vjp = _batched_vjp(s, xg, self.probes, self._vjp_state)  # (K, B, ...)
-            return (vjp * self.probes).flatten(2).sum(2).transpose(0, 1)  # (B, K)
-        d = self.dim
-        if self._basis is None or self._basis.dtype != s.dtype or self._basis.device != s.device:
-            self._basis = torch.eye(d, dtype=s.dtype, device=s.device)
-        total = torch.zeros(self.batch, dtype=s.dtype, device=s.device)
-        chunk = max(1, min(d, _MAX_BATCHED_VJP_ELEMENTS // max(1, self.batch * d)))
-        for lo in range(0, d, chunk):
-            e = self._basis[lo : lo + chunk]  # (c, D)
-            grads = e[:, None, :].expand(e.shape[0], self.batch, d).reshape(e.shape[0], *self.shape)
-            rows = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, B, D): rows of the Jacobian
-            idx = torch.arange(lo, lo + e.shape[0], device=s.device)
-            total = total + rows[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
-        return total[:, None]
-
-    def __call__(self, tau: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        t, c, a, b = self.variable.coefficients(float(tau))
-        y = state[:, : self.dim].reshape(self.shape)
-        t_vec = torch.full((self.batch,), t, dtype=y.dtype, device=y.device)
-        with torch.enable_grad():
-            xg = (c * y).detach().requires_grad_(True)
-            s = self.score_fn(xg, t_vec)
-            _check_score_output(s, xg)
-            div_s = self._divergence(s, xg)
-        self.nfe += 1
-        dy = a * y + b * s.detach()
-        ddiv = a * self.dim + (b * c) * div_s.detach()
-        out = torch.cat([dy.reshape(self.batch, self.dim), ddiv.to(dy.dtype)], 1)
-        if not bool(torch.isfinite(out).all()):
-            bad = int((~torch.isfinite(out)).any(1).sum())
-            raise NonFiniteError(
-                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t:.6g} (step "
-                f"{self.steps}, evaluation {self.nfe}) in {bad} of {self.batch} samples; check the score function "
-                f"and that the data lie where the model is defined"
-            )
-        return out
-
-    def callback_step(self, tau0, y0, dt) -> None:
-        self.steps += 1
-        self.t = self.variable.coefficients(float(tau0))[0]
-        if self.max_num_steps is not None and self.steps > self.max_num_steps:
-            raise SolverError(_too_many_steps(self.max_num_steps, self.t, self.variable.t_hi))
-
-
-def _check_score_output(s, x: torch.Tensor) -> None:
-    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
-        found = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-        hint = ""
-        if isinstance(s, torch.Tensor) and (s.shape == x.shape[:1] or s.shape == (x.shape[0], 1)):
-            hint = (" (one number per sample looks like an energy: wrap the network as "
-                    "ScoreAdapter(model, process, prediction_type='energy'))")
-        raise ValueError(f"log_likelihood: expected score_fn to return a score of shape {tuple(x.shape)} (like x), "
-                         f"found {found}{hint}")
-
-
-def _too_many_steps(max_num_steps: int, t: float, t_end: float) -> str:
-    return (f"log_likelihood: the ODE solver exceeded max_num_steps={max_num_steps} at t = {t:.6g} before reaching "
-            f"t = {t_end:g}; raise max_num_steps, loosen rtol/atol, or use a fixed-grid method (num_steps)")
-
-
 def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol, grid, max_num_steps,
                  per_sample_norm, variable: _TimeVariable, prior_log_prob):
     import torchdiffeq
@@ -129,7 +46,24 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
     comps = 1 if probes is None else probes.shape[0]
     y_start = x.reshape(x.shape[0], -1) * math.exp(-variable.log_c_lo)
     y0 = torch.cat([y_start, torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
-    if METHODS[method]:
+    if method == "dopri5_per_sample":
+        from .stepper import solve_dopri5
+
+        def on_attempt(attempt: int, tau: float) -> None:
+            func.steps = attempt - 1
+            func.t = variable.coefficients(tau)[0]
+
+        try:
+            y1, _ = solve_dopri5(func.rows_call, y0, variable.lo, variable.hi, rtol=rtol, atol=atol,
+                                 ratio=_row_rms, max_num_steps=max_num_steps, on_attempt=on_attempt)
+        except SolverError as err:
+            msg = str(err)
+            if msg.startswith("max_num_steps"):
+                raise SolverError(_too_many_steps(max_num_steps, func.t, t_hi)) from err
+            raise SolverError(f"log_likelihood: the adaptive step size underflowed at t = {func.t:.6g} after "
+                              f"{func.steps} steps; the ODE is too stiff for rtol/atol, or the score is not "
+                              f"smooth") from err
+    elif METHODS[method]:
         span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
         norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
         options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
@@ -178,7 +112,7 @@ def log_likelihood(
     divergence: str = "exact",
     num_probes: int | None = None,
     probe: str | None = None,
-    method: str = "dopri5",
+    method: str = DEFAULT_METHOD,
     rtol: float | None = None,
     atol: float | None = None,
     num_steps: int | None = None,
@@ -208,22 +142,29 @@ def log_likelihood(
         divergence: ``"exact"`` (``d`` vector-Jacobian products per evaluation: small ``d``) or ``"hutchinson"``.
         num_probes: Hutchinson probes per sample (default 4; ``>= 2`` for a standard error, NaN with 1).
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
-        method: torchdiffeq method: adaptive ``dopri5`` (default), ``dopri8``, ``bosh3``, ``adaptive_heun``, or
-            fixed-grid ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
+        method: ``"dopri5_per_sample"`` (default): the Dormand-Prince 5(4) pair with a step size and an error
+            control per sample (:mod:`score_toolkit.likelihood.stepper`; each sample meets ``rtol``/``atol`` in the
+            RMS over its own state and log-density, as scipy's RK45 does over a whole vector, and its result does
+            not depend on the other samples of the batch); or a torchdiffeq method, one step sequence for the
+            batch: adaptive ``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, or fixed-grid ``euler``,
+            ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
         rtol, atol: adaptive tolerances (default 1e-5 each).
         num_steps, grid: fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
         max_num_steps: adaptive step budget per solve (default 10000); exceeding it raises :class:`SolverError`
             (also under ``python -O``, where torchdiffeq's own ``assert`` vanishes).
-        per_sample_norm: error norm = max over samples of each sample's RMS (of x and of its log-density
-            components), so every sample meets the tolerance by itself; ``False``: RMS over the whole batch
-            (score_sde's choice; a hard sample among easy ones may then end far less accurate).
-        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"t"`` for VP and sub-VP (the
-            fewer evaluations there, at a smaller error) and ``"log_sigma"`` for every other process;
-            ``"log_sigma"``: ``tau = ln(sigma / alpha)``
-            with the scaled state ``x / alpha`` (smooth in tau whenever the score is smooth, for every process,
-            including a discrete DDPM table whose coefficients jump at each of its N steps), or ``"t"``, the
-            process's own time (``dx/dt = f x - g^2 s / 2``). Both give the same ODE solution; they differ in where
-            the solver puts its steps. For VE processes they coincide up to a linear change of variable.
+        per_sample_norm: torchdiffeq's adaptive methods: error norm = max over samples of each sample's RMS (of x
+            and of its log-density components), so every sample meets the tolerance by itself; ``False``: RMS over
+            the whole batch (score_sde's choice; a hard sample among easy ones may then end far less accurate).
+            The default method controls every sample by itself and refuses ``False``.
+        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"t"`` for an analytic
+            score under VP and sub-VP (fewer evaluations there) and ``"log_sigma"`` for a network
+            (:class:`~score_toolkit.scores.ScoreAdapter`, whose score grows like 1 / sigma as t -> 0, which makes
+            the ODE in t singular at ``t_min``) and for every other process; ``"log_sigma"``:
+            ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha`` (smooth in tau whenever the noise
+            prediction is smooth, for every process, including a discrete DDPM table whose coefficients jump at
+            each of its N steps), or ``"t"``, the process's own time (``dx/dt = f x - g^2 s / 2``). Both give the
+            same ODE solution; they differ in where the solver puts its steps. For VE processes they coincide up
+            to a linear change of variable.
         t_min: start of the integration (default ``process.t_min``).
         prior_log_prob: ``log p_1`` (default ``process.prior_log_prob``, the Gaussian prior).
         batch_size: samples per solve (default 256). Samples are solved in chunks of consecutive global
@@ -257,6 +198,10 @@ def log_likelihood(
         divergence, num_probes, probe, method, rtol, atol, num_steps, grid, max_num_steps)
     if not isinstance(per_sample_norm, bool):
         raise TypeError(f"log_likelihood: expected per_sample_norm to be a bool, found {per_sample_norm!r}")
+    if method == "dopri5_per_sample" and not per_sample_norm:
+        raise ValueError("log_likelihood: method='dopri5_per_sample' steps and controls the error of every sample by "
+                         "itself; per_sample_norm=False (one error norm over the batch) needs a batch solver such as "
+                         "method='dopri5'")
     t_lo = process.t_min if t_min is None else float(t_min)
     if not process.t_min - 1e-12 <= t_lo < process.t_max:
         raise ValueError(f"log_likelihood: expected t_min in [{process.t_min:g}, {process.t_max:g}), found {t_min!r}")
@@ -276,7 +221,7 @@ def log_likelihood(
         raise ValueError("log_likelihood: with an accelerator pass seed (per-sample probes by global index), "
                          "not generator")
     seed = 0 if seed is None and generator is None else seed
-    time_variable = _resolve_time_variable(time_variable, process)
+    time_variable = _resolve_time_variable(time_variable, process, score_fn)
     variable = _TimeVariable(time_variable, process, t_lo, t_hi)
     grid_tau = None
     if not METHODS[method]:

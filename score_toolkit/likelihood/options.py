@@ -12,14 +12,15 @@ import torch
 from .._utils import check_tensor
 from ..processes import TIME_GRIDS
 
-__all__ = ["DIVERGENCES", "PROBES", "TIME_VARIABLES", "METHODS", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_NUM_STEPS", "DEFAULT_NUM_PROBES", "DEFAULT_BATCH_SIZE"]
+__all__ = ["DIVERGENCES", "PROBES", "TIME_VARIABLES", "METHODS", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_NUM_STEPS", "DEFAULT_METHOD", "DEFAULT_NUM_PROBES", "DEFAULT_BATCH_SIZE"]
 
 
 DIVERGENCES = ("exact", "hutchinson")
 TIME_VARIABLES = ("auto", "log_sigma", "t")
 PROBES = ("rademacher", "gaussian")
-#: torchdiffeq methods: name -> adaptive?
+#: methods: name -> adaptive? (``dopri5_per_sample``: score_toolkit's own per-sample stepper; the rest torchdiffeq's)
 METHODS: dict[str, bool] = {
+    "dopri5_per_sample": True,
     "dopri5": True,
     "dopri8": True,
     "bosh3": True,
@@ -30,6 +31,7 @@ METHODS: dict[str, bool] = {
     "heun3": False,
     "rk4": False,
 }
+DEFAULT_METHOD = "dopri5_per_sample"
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_MAX_NUM_STEPS = 10_000
@@ -37,16 +39,22 @@ DEFAULT_NUM_PROBES = 4
 DEFAULT_BATCH_SIZE = 256
 
 
-def _resolve_time_variable(time_variable: str, process) -> str:
-    """``"auto"``: ``"t"`` for the continuous VP family (VP, sub-VP), whose coefficients are smooth in t and where
-    t needs fewer evaluations at a smaller error than ln(sigma / alpha) (docs/likelihood.md, "The integration
-    variable"); ``"log_sigma"`` for every other process (VE, a DDPM table, any user process)."""
+def _resolve_time_variable(time_variable: str, process, score_fn=None) -> str:
+    """``"auto"``: ``"t"`` for an analytic (non-network) score under the continuous VP family (VP, sub-VP), whose
+    coefficients are smooth in t and where t needs fewer evaluations than ln(sigma / alpha); ``"log_sigma"`` for a
+    network (a :class:`~score_toolkit.scores.ScoreAdapter`: its noise prediction stays of order one as t -> 0, so
+    its score grows like 1 / sigma and the ODE in t is singular at t_min, like 1 / sqrt(t) under VP, while in
+    ln(sigma / alpha) it is smooth) and for every other process (VE, a DDPM table, any user process).
+    docs/likelihood.md, "The integration variable", has the measurements."""
     if time_variable not in TIME_VARIABLES:
         raise ValueError(f"log_likelihood: expected time_variable in {TIME_VARIABLES}, found {time_variable!r}")
     if time_variable != "auto":
         return time_variable
     from ..processes import VPSDE, SubVPSDE
+    from ..scores import ScoreAdapter
 
+    if isinstance(score_fn, ScoreAdapter):
+        return "log_sigma"
     return "t" if type(process) in (VPSDE, SubVPSDE) else "log_sigma"
 
 

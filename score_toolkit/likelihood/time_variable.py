@@ -4,8 +4,6 @@ t itself, or ln(sigma / alpha) with the scaled state, and the coefficients of th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..processes import Process
@@ -46,14 +44,17 @@ class _TimeVariable:
 
     def coefficients(self, tau: float) -> tuple[float, float, float, float]:
         """(t, c, A, B) at tau (clamped into the interval: adaptive solvers probe outside it)."""
-        tau = min(max(tau, self.lo), self.hi)
+        t, c, a, b = self.coefficients_rows(torch.tensor([float(tau)], dtype=torch.float64))
+        return float(t[0]), float(c[0]), float(a[0]), float(b[0])
+
+    def coefficients_rows(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, c, A, B), each of tau's shape, at the float64 values ``tau`` (clamped into the interval)."""
+        tau = tau.to(torch.float64).clamp(self.lo, self.hi)
         if self.kind == "t":
-            tt = torch.tensor([tau], dtype=torch.float64)
-            f = float(self.process.drift_coef(tt))
-            g2 = float(self.process.diffusion_squared(tt).clamp_min(0))
-            return tau, 1.0, f, -0.5 * g2
-        st = math.exp(tau)
-        t = float(self.process.t_from_noise_to_signal(torch.tensor([st], dtype=torch.float64)))
-        t = min(max(t, self.t_lo), self.t_hi)
-        alpha = float(self.process.alpha(torch.tensor([t], dtype=torch.float64)))
-        return t, alpha, 0.0, -st * st * alpha
+            f = self.process.drift_coef(tau)
+            g2 = self.process.diffusion_squared(tau).clamp_min(0)
+            return tau, torch.ones_like(tau), f.to(tau.dtype), -0.5 * g2.to(tau.dtype)
+        st = torch.exp(tau)
+        t = self.process.t_from_noise_to_signal(st).to(tau.dtype).clamp(self.t_lo, self.t_hi)
+        alpha = self.process.alpha(t).to(tau.dtype)
+        return t, alpha, torch.zeros_like(tau), -st * st * alpha

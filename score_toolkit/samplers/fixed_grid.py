@@ -92,10 +92,14 @@ _FITTED_3M = (
     (-5.025, -4.3065, -3.5965, -2.9119, -2.3062, -1.8126, -1.424, -1.0923, -0.7655, -0.4832, -0.2498, 0.0577, 0.3248,
      0.6169, 0.8915, 1.1505, 1.4055, 1.5929, 1.762, 2.3579, 2.812, 3.1038, 3.3967, 3.8352, 4.5577),
 )
+# Fourth order (unipc: UniP-3 + UniC): the same fits at weights 12 (the 2M fits) : 4 (ring) : 8 (16-D), chosen by
+# measurement among 7-12 : 4-8 : 4-12 (docs/fast_samplers.md, benchmarks/results/defaults_unipc_explore.md): more of
+# the 2M spacing serves the ring at 15 NFE; a UniPC fit of its own (loss "nll") was worse on the ring than this mix.
 #: the shipped densities by the order of the sampler they were fitted for: (knots, weights)
 _FITTED = {
     2: (_FITTED_2M, (1.0,) * 4),
     3: (_FITTED_2M + _FITTED_3M, (7 / 4,) * 4 + (1.0,) * 4 + (8 / 3,) * 3),
+    4: (_FITTED_2M + _FITTED_3M, (3.0,) * 4 + (1.0,) * 4 + (8 / 3,) * 3),
 }
 
 
@@ -115,8 +119,9 @@ def _fitted_density(lam: torch.Tensor, order: int = 2) -> torch.Tensor:
 def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Tensor:
     """The data-free grid (``grid="fitted"``) as float64 log-SNR values ``lambda(1) < ... < lambda(t_min)``.
 
-    ``order``: 2 (the density fitted for second-order samplers: dpmpp_2m and the rest) or 3 (the one fitted for
-    dpmpp_3m: finer steps at high log-SNR, where a third-order method's error budget goes).
+    ``order``: 2 (the density fitted for second-order samplers: dpmpp_2m and the rest), 3 (the one fitted for
+    dpmpp_3m: finer steps at high log-SNR, where a third-order method's error budget goes) or 4 (unipc with its
+    order-3 predictor and corrector: the same fits, more weight on the second-order ones).
 
     The shipped step density over log-SNR (fitted once, see the comment above) is integrated over the process's
     range and the grid points split its mass into ``num_steps`` equal parts: a data-free grid for any process and

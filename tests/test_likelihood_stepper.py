@@ -1,0 +1,147 @@
+"""The per-sample Dormand-Prince stepper of the likelihood (score_toolkit.likelihood.stepper) and
+``log_likelihood(method="dopri5_per_sample")``:
+
+* the tableau's order: quadrature of polynomials exact up to degree 4, not 5;
+* linear ODEs with a different rate per row against exp(lambda t): every row within its tolerance, the error
+  shrinking with the tolerance, fast rows taking more steps than slow ones, each row's result independent of
+  the other rows of the batch;
+* the likelihood of the 2-D ring (VP, VE) against the exact mixture density, monotone in the tolerance and
+  independent of the batch; the step budget and bad options.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from score_toolkit.analytic import ring_mixture
+from score_toolkit.likelihood import SolverError, log_likelihood
+from score_toolkit.likelihood.divergence import _row_rms
+from score_toolkit.likelihood.stepper import solve_dopri5
+from score_toolkit.likelihood.time_variable import _TimeVariable
+from score_toolkit.processes import VESDE, VPSDE, DiscreteVP
+
+
+def _solve(func, y0, lo=0.0, hi=1.0, tol=1e-6, **kw):
+    return solve_dopri5(func, y0, lo, hi, rtol=tol, atol=tol, ratio=_row_rms, max_num_steps=kw.pop("max_num_steps", 1000),
+                        **kw)
+
+
+@pytest.mark.parametrize("degree, exact", [(4, True), (5, False)])
+def test_the_tableau_integrates_polynomials_exactly_up_to_degree_four(degree, exact):
+    # y' = (p + 1) t^p, y(0) = 0: y(1) = 1; a fifth-order pair is exact for p <= 4 whatever its steps
+    p = degree
+
+    def func(tau, y, rows):
+        return ((p + 1) * tau**p)[:, None].to(y.dtype)
+
+    y1, stats = _solve(func, torch.zeros(1, 1, dtype=torch.float64), tol=1e-2)
+    err = abs(float(y1[0, 0]) - 1.0)
+    assert stats["attempts"] >= 1
+    if exact:
+        assert err < 1e-13, err
+    else:
+        assert err > 1e-9, err  # degree 5 is beyond the order: a real (small) error remains
+
+
+def test_linear_odes_per_row_meet_the_tolerance_and_take_their_own_steps():
+    lam = torch.tensor([-0.5, -2.0, 1.0, -8.0], dtype=torch.float64)
+
+    def func(tau, y, rows):
+        rates = lam if rows is None else lam[rows]
+        return rates[:, None] * y
+
+    y0 = torch.ones(4, 3, dtype=torch.float64)
+    exact = torch.exp(lam)[:, None] * y0
+    errors = []
+    for tol in (1e-4, 1e-6, 1e-8):
+        y1, stats = _solve(func, y0, tol=tol)
+        rel = ((y1 - exact).abs() / (tol * (1 + exact.abs()))).max(1).values  # global error in units of tol
+        assert torch.all(rel < 20), (tol, rel)
+        errors.append(float((y1 - exact).abs().max()))
+        steps = stats["accepted"]
+        # the fastest decay needs the most steps, the slowest the fewest
+        assert int(steps[3]) > int(steps[1]) > int(steps[0]), steps
+    # the global error follows the tolerance (measured: 0.18 to 0.23 tol in all three)
+    assert errors[0] > 10 * errors[1] > 100 * errors[2], errors
+
+    # a row's result does not depend on the other rows of the batch
+    together, _ = _solve(func, y0, tol=1e-6)
+    lam_one = lam[1:2]
+
+    def func_one(tau, y, rows):
+        return lam_one[:, None] * y
+
+    alone, _ = _solve(func_one, y0[1:2], tol=1e-6)
+    torch.testing.assert_close(alone[0], together[1], rtol=0, atol=1e-14)
+
+
+def test_shared_steps_accept_every_row_together():
+    lam = torch.tensor([-0.5, -8.0], dtype=torch.float64)
+
+    def func(tau, y, rows):
+        return (lam if rows is None else lam[rows])[:, None] * y
+
+    _, own = _solve(func, torch.ones(2, 1, dtype=torch.float64))
+    _, shared = _solve(func, torch.ones(2, 1, dtype=torch.float64), shared=True)
+    assert int(own["accepted"][0]) < int(own["accepted"][1])
+    assert int(shared["accepted"][0]) == int(shared["accepted"][1]) >= int(own["accepted"][1])
+
+
+def test_the_step_budget_raises():
+    def func(tau, y, rows):
+        return torch.cos(50 * tau)[:, None].to(y.dtype) * torch.ones_like(y)
+
+    with pytest.raises(SolverError, match="max_num_steps=3"):
+        _solve(func, torch.zeros(2, 1, dtype=torch.float64), tol=1e-10, max_num_steps=3)
+
+
+@pytest.mark.parametrize("proc, kind", [(VPSDE(0.1, 20.0), "t"), (VESDE(0.01, 50.0), "log_sigma"),
+                                        (DiscreteVP(), "log_sigma")])
+def test_row_coefficients_equal_the_scalar_ones(proc, kind):
+    var = _TimeVariable(kind, proc, proc.t_min, proc.t_max)
+    taus = torch.linspace(var.lo, var.hi, 7, dtype=torch.float64)
+    rows = var.coefficients_rows(taus)
+    for i, tau in enumerate(taus.tolist()):
+        one = var.coefficients(tau)
+        for j in range(4):
+            assert abs(float(rows[j][i]) - one[j]) <= 1e-12 * max(1.0, abs(one[j])), (tau, j)
+
+
+@pytest.mark.parametrize("proc", [VPSDE(0.1, 20.0), VESDE(0.01, 50.0)], ids=["VP", "VE"])
+def test_per_sample_likelihood_matches_the_mixture_and_tightens_with_the_tolerance(proc):
+    m = ring_mixture()
+    x = m.sample(40, generator=torch.Generator().manual_seed(1))
+    sf = m.score_fn(proc)
+    prior = lambda z: m.log_prob(z, 1.0, proc)  # noqa: E731
+    exact = m.log_prob(x, proc.t_min, proc)
+    errs = []
+    for tol in (1e-3, 1e-4, 1e-5):
+        res = log_likelihood(sf, proc, x, prior_log_prob=prior, method="dopri5_per_sample", rtol=tol, atol=tol)
+        errs.append(float((res.log_prob - exact).abs().mean()))
+        assert res.info["method"] == "dopri5_per_sample"
+    assert errs[0] > errs[1] > errs[2], errs
+    # measured at rtol = atol = 1e-5 on 500 points: mean 4e-5 (VP), 5e-5 (VE)
+    assert errs[2] < 2e-4, errs
+
+
+def test_per_sample_likelihood_does_not_depend_on_the_batch():
+    proc = VPSDE(0.1, 20.0)
+    m = ring_mixture()
+    x = m.sample(9, generator=torch.Generator().manual_seed(2))
+    sf = m.score_fn(proc)
+    for kw in ({}, {"divergence": "hutchinson", "num_probes": 2, "seed": 3}):
+        whole = log_likelihood(sf, proc, x, method="dopri5_per_sample", **kw)
+        alone = log_likelihood(sf, proc, x, method="dopri5_per_sample", batch_size=1, **kw)
+        torch.testing.assert_close(whole.log_prob, alone.log_prob, rtol=0, atol=1e-10)
+
+
+def test_per_sample_method_refuses_a_batch_norm_and_respects_the_budget():
+    proc = VPSDE()
+    m = ring_mixture()
+    x = m.sample(4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="per_sample_norm=False"):
+        log_likelihood(m.score_fn(proc), proc, x, method="dopri5_per_sample", per_sample_norm=False)
+    with pytest.raises(SolverError, match="max_num_steps=2"):
+        log_likelihood(m.score_fn(proc), proc, x, method="dopri5_per_sample", max_num_steps=2)
+    assert _row_rms(torch.tensor([[3.0, 4.0, 1.0]])).item() == pytest.approx((26 / 3) ** 0.5)
