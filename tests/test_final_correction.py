@@ -156,6 +156,13 @@ def test_final_correction_bad_input():
     out = sample_with_final_correction(get_sampler("ancestral", num_steps=5), score, proc, shape=(3, 2),
                                        corrector_steps=4, step_size=0.01, dtype=D64)
     assert out.nfe == 5 + 2 * (4 + 1) and 0 <= out.info["acceptance"] <= 1
+    # device= reaches the first stage (a meta tensor would fail; the CPU is the one device every machine has)
+    out = sample_with_final_correction(get_sampler("ancestral", num_steps=5), score, proc, shape=(3, 2),
+                                       corrector_steps=2, step_size=0.01, dtype=D64, device="cpu")
+    assert out.samples.device.type == "cpu" and out.samples.dtype == D64
+    with pytest.raises(RuntimeError, match="meta tensors"):  # the state was drawn on the requested device
+        sample_with_final_correction(get_sampler("ancestral", num_steps=5), score, proc, shape=(3, 2),
+                                     corrector_steps=2, step_size=0.01, dtype=D64, device="meta")
 
 
 # ---------------------------------------------------------------------- the tempered target of classifier guidance

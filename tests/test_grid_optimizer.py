@@ -211,6 +211,12 @@ def test_family_refusals():
         optimize_grid(smp, VESDE(0.01, 10.0), mixture=ring_mixture(), family=[VESDE(0.01, 1e4)], **kw)
 
 
+def test_nll_weight_without_the_nll_loss_is_refused():
+    kw = {"num_samples": 16, "iterations": 0, "num_validation": 16, "reference_steps": 20}
+    with pytest.raises(ValueError, match="nll_weight weighs the term of loss='nll', found loss='mse'"):
+        optimize_grid(DPMSolverPP2M(num_steps=4), VESDE(), mixture=ring_mixture(), loss="mse", nll_weight=5.0, **kw)
+
+
 def test_far_off_flag_false_alarm_rate_on_exact_sets_matches_the_closed_form():
     """Calibration of the report's far-off count on exact sets: for a 2-D standard Gaussian the negative
     log-density minus its minimum is Exp(1), so for two independent exact sets of n the chance that some sample of

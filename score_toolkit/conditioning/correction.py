@@ -28,19 +28,10 @@ import torch
 from .._utils import append_dims, as_time, check_tensor
 from ..processes import Process
 from ..samplers.base import Sampler, SamplerOutput
-from ..samplers.langevin import LangevinSampler
+from ..samplers.langevin import LangevinSampler, energy_or_none
 from .inverse import InverseProblemScore
 
 __all__ = ["ObservationLikelihood", "energy_or_none", "sample_with_final_correction"]
-
-
-def energy_or_none(score_fn: Callable) -> Callable | None:
-    """``score_fn.energy`` (``-log p_t`` up to a constant) where it is one (an analytic score, a ScoreAdapter with
-    ``prediction_type="energy"``, a transform of such a score), else ``None``."""
-    energy = getattr(score_fn, "energy", None)
-    if callable(energy) and getattr(score_fn, "prediction_type", "energy") == "energy":
-        return energy
-    return None
 
 
 class ObservationLikelihood(InverseProblemScore):
@@ -95,6 +86,7 @@ def sample_with_final_correction(
     metropolis: bool = True,
     corrector_score_fn: Callable | None = None,
     generator=None,
+    device=None,
     dtype=None,
 ) -> SamplerOutput:
     """``sampler`` with ``score_fn`` from the prior to ``t_min``, then ``corrector_steps`` Langevin steps at ``t_min``
@@ -109,6 +101,7 @@ def sample_with_final_correction(
         metropolis: MALA (exact at stationarity; needs ``corrector_score_fn.energy``) or ULA (``False``).
         corrector_score_fn: the chain's target score, e.g. :class:`ObservationLikelihood` for an inverse problem
             sampled with an approximate transform (DPS, PiGDM, replacement).
+        shape, generator, device, dtype: passed to ``sampler.sample`` (the chain runs where its samples are).
 
     Returns a :class:`~score_toolkit.samplers.base.SamplerOutput` whose ``nfe`` counts both stages (MALA: a score and
     an energy evaluation per step, plus both at the start) and whose ``info`` holds ``sampler_nfe``,
@@ -126,7 +119,7 @@ def sample_with_final_correction(
                          f"process.t_min = {process.t_min:g}")
     if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"expected corrector_steps to be an int >= 0, found {corrector_steps!r}")
-    first = sampler.sample(score_fn, process, x_init, shape=shape, generator=generator, dtype=dtype)
+    first = sampler.sample(score_fn, process, x_init, shape=shape, generator=generator, device=device, dtype=dtype)
     if corrector_steps == 0:
         return SamplerOutput(first.samples, first.nfe, info={"sampler_nfe": first.nfe, "corrector_nfe": 0,
                                                              "acceptance": float("nan")})

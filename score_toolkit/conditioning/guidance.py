@@ -150,8 +150,7 @@ class ClassifierFreeGuidance:
                              "not declare one")
         self.fn, self.null_label, self.guidance_scale = conditional_score_fn, int(null), float(guidance_scale)
         self.labels = check_labels(labels, None, getattr(conditional_score_fn, "num_classes", None))
-        if callable(getattr(conditional_score_fn, "energy", None)) and \
-                getattr(conditional_score_fn, "prediction_type", "energy") == "energy":
+        if energy_or_none(conditional_score_fn) is not None:
             self.energy = self._energy
 
     def _energy(self, x: torch.Tensor, t) -> torch.Tensor:

@@ -9,10 +9,14 @@ prior at ``t = 1``:
     log p_{t_min}(x) = log p_1(x_1) + int_{t_min}^{1} div_x F(x_t, t) dt,
     div_x F = f(t) d - g(t)^2 / 2 * div_x s(x, t).
 
-:func:`log_likelihood` integrates the augmented state ``(x, int div F)`` with torchdiffeq (adaptive dopri5 by
-default, or a fixed grid), either in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
+:func:`log_likelihood` integrates the augmented state ``(x, int div F)`` with the Dormand-Prince 5(4) pair and a
+step size per sample by default (:mod:`.stepper`, ``method="dopri5_per_sample"``), or with torchdiffeq (adaptive
+dopri5, ..., or a fixed grid), either in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
 (``time_variable="log_sigma"``: the same ODE, smooth in tau for every process) or in t itself (``"t"``); the
-default ``"auto"`` takes t for the continuous VP family and ln(sigma / alpha) otherwise (see :class:`_TimeVariable`). The divergence of the score is computed
+default ``"auto"`` takes ln(sigma / alpha) for networks (a ``ScoreAdapter``: a noise
+predictor's score grows like 1 / sigma near t = 0) and for every process outside the continuous VP family, t for
+an analytic or plain score function under VP and sub-VP (see :mod:`.time_variable`). The divergence of the score
+is computed
 
 * ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (one backward pass per basis vector on
   the CPU; vectorised with ``is_grads_batched`` on accelerators when the network supports it);
@@ -33,8 +37,9 @@ summed estimate: the spread of the K integrals is what gives the error bar.
 What is computed is ``log p_{t_min}`` of the model's marginal at ``t_min`` (score_sde's ``eps``), with the
 process's Gaussian prior standing in for ``p_1`` (pass ``prior_log_prob`` to use another one).
 
-The package's modules: :mod:`.ode` (:func:`log_likelihood`: the augmented ODE, its integration variable and the
-solve), :mod:`.divergence` (Hutchinson probes, vector-Jacobian products, error norms), :mod:`.bits` (bits/dim of
+The package's modules: :mod:`.ode` (:func:`log_likelihood` and its solve), :mod:`.dynamics` (the augmented ODE's
+right-hand side), :mod:`.stepper` (the per-sample Dormand-Prince stepper), :mod:`.time_variable` (the integration
+variable), :mod:`.divergence` (Hutchinson probes, vector-Jacobian products, error norms), :mod:`.bits` (bits/dim of
 quantised data), :mod:`.quantization` (dequantization, levels, the NLL to bits/dim conversion), :mod:`.options` (options, defaults and input checks), :mod:`.result` (:class:`LikelihoodResult`,
 :class:`SolverError`) and :mod:`.exchange` (the results of several processes).
 """

@@ -117,6 +117,9 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
             raise ValueError(f"optimize_grid: expected {key} to be a finite number >= 0, found {value!r}")
     if not lr > 0:
         raise ValueError(f"optimize_grid: expected lr > 0, found {lr!r}")
+    if nll_weight != 1.0 and loss != "nll":
+        raise ValueError(f"optimize_grid: nll_weight weighs the term of loss='nll', found loss={loss!r} with "
+                         f"nll_weight={nll_weight!r} (pass loss='nll' or leave nll_weight at 1.0)")
     for key, value, allowed in (("loss", loss, ("mse", "nll")), ("method", method, ("lbfgs", "adam")),
                                 ("covariance", covariance, ("full", "diag")), ("on_bad_tail", on_bad_tail, ("warn", "error"))):
         if value not in allowed:

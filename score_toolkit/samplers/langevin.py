@@ -24,13 +24,23 @@ from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, c
 __all__ = ["LangevinSampler"]
 
 
+def energy_or_none(score_fn):
+    """``score_fn.energy`` (``-log p_t`` up to a constant) where it is one (an analytic score, a ScoreAdapter with
+    ``prediction_type="energy"``, a transform of such a score), else ``None``."""
+    energy = getattr(score_fn, "energy", None)
+    if callable(energy) and getattr(score_fn, "prediction_type", "energy") == "energy":
+        return energy
+    return None
+
+
 def energy_function(score_fn, sampler: str):
     """The ``energy(x, t) -> (B,)`` view of ``score_fn`` (``-log p_t`` up to a constant), or a ``ValueError``
     saying how to get one: a :class:`~score_toolkit.scores.ScoreAdapter` with ``prediction_type="energy"``
     or an analytic score (``GaussianMixture.score_fn(process)``)."""
-    energy = getattr(score_fn, "energy", None)
-    prediction_type = getattr(score_fn, "prediction_type", "energy")
-    if not callable(energy) or prediction_type != "energy":
+    energy = energy_or_none(score_fn)
+    if energy is None:
+        prediction_type = getattr(score_fn, "prediction_type", "energy")
+        energy = getattr(score_fn, "energy", None)
         found = f"prediction_type={prediction_type!r}" if callable(energy) else f"{type(score_fn).__name__} without energy()"
         raise ValueError(
             f"sampler {sampler!r}: metropolis=True needs a score function with an energy(x, t) method "
