@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .._utils import as_time, check_tensor
-from .correction import energy_or_none
+from ..samplers.langevin import energy_or_none
 
 __all__ = ["ClassifierGuidance", "ClassifierFreeGuidance", "LabelledScoreAdapter", "check_labels", "drop_labels"]
 

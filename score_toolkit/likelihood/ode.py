@@ -56,13 +56,9 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
         try:
             y1, _ = solve_dopri5(func.rows_call, y0, variable.lo, variable.hi, rtol=rtol, atol=atol,
                                  ratio=_row_rms, max_num_steps=max_num_steps, on_attempt=on_attempt)
-        except SolverError as err:
-            msg = str(err)
-            if msg.startswith("max_num_steps"):
-                raise SolverError(_too_many_steps(max_num_steps, func.t, t_hi)) from err
-            raise SolverError(f"log_likelihood: the adaptive step size underflowed at t = {func.t:.6g} after "
-                              f"{func.steps} steps; the ODE is too stiff for rtol/atol, or the score is not "
-                              f"smooth") from err
+        except SolverError as err:  # the stepper words its failures as torchdiffeq does
+            raise_odeint_failure(err, who="log_likelihood", t=func.t, steps=func.steps,
+                                 too_many=_too_many_steps(max_num_steps, func.t, t_hi), error=SolverError)
     elif METHODS[method]:
         span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
         norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)

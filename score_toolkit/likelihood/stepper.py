@@ -105,7 +105,7 @@ def solve_dopri5(
         if on_attempt is not None:
             on_attempt(attempts, float(ta.min()))
         if attempts > max_num_steps:
-            raise SolverError(f"max_num_steps={max_num_steps} exceeded")
+            raise SolverError(f"max_num_steps exceeded (max_num_steps={max_num_steps})")
         left = hi - ta
         last = ha >= left
         ha = torch.where(last, left, ha)

@@ -1,12 +1,12 @@
-"""torchdiffeq's failures (it reports them with ``assert``) as the clear errors of the samplers and likelihoods
-that call it."""
+"""torchdiffeq's failures (it reports them with ``assert``), and those of the likelihood's own stepper (worded the
+same way), as the clear errors of the samplers and likelihoods that call them."""
 
 from __future__ import annotations
 
 from .base import NonFiniteError
 
 
-def raise_odeint_failure(err: AssertionError, *, who: str, t: float, steps: int, too_many: str,
+def raise_odeint_failure(err: Exception, *, who: str, t: float, steps: int, too_many: str,
                          error: type[Exception] = RuntimeError):
     """Turn one of torchdiffeq's assertion failures (it checks with ``assert``) into a clear error: ``too_many`` for
     the step limit, ``error`` for a step-size underflow, :class:`NonFiniteError` for a NaN/inf state; any other

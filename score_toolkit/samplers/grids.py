@@ -126,6 +126,11 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
             raise ValueError(f"optimize_grid: expected {key} one of {allowed}, found {value!r}")
 
 
+def _worst_tail(validation, family_validation) -> GridValidation:
+    """The held-out report with the most far-off samples: the process's own or a family member's (carried grid)."""
+    return max([validation["optimized"], *family_validation.values()], key=lambda v: v.far_off)
+
+
 def _check_family(family, process, mix) -> tuple[Process, ...]:
     if isinstance(family, Process) or not isinstance(family, (list, tuple)):
         raise TypeError(f"optimize_grid: expected family to be a list or tuple of Processes, found {family!r}")
@@ -419,8 +424,7 @@ def optimize_grid(
                 lambda smp, x, g, proc=proc, fn=fn: solve(smp, x, g, proc, fn),
                 lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed)["optimized"]
     allowed = int(tail_tolerance * num_validation)
-    # the worst of the process's and (carried) the family's held-out tails
-    worst = max([validation["optimized"], *family_validation.values()], key=lambda v: v.far_off)
+    worst = _worst_tail(validation, family_validation)
     tail_ok = worst.far_off <= allowed
     result = GridOptimizationResult(times=ts, log_snr=process.log_snr(ts), loss=best[0], validation=validation,
                                     tail_ok=tail_ok, history=history, evaluations=len(history), mined=mined,
@@ -432,14 +436,13 @@ def optimize_grid(
             warnings.simplefilter("ignore", GridTailWarning)
             other = optimize_grid(**{**arguments, "seed": seed + 1, "tail_retries": tail_retries - 1, "save_as": None,
                                      "on_bad_tail": "warn"})
-        other_worst = max([other.validation["optimized"], *other.family_validation.values()], key=lambda v: v.far_off)
+        other_worst = _worst_tail(other.validation, other.family_validation)
         retried = 1 + other.retries
         if other_worst.far_off < worst.far_off:
-            result, worst, tail_ok, ts, best[0], history = other, other_worst, other.tail_ok, other.times, other.loss, other.history
-            validation, family_validation, mined = other.validation, other.family_validation, other.mined
+            result, worst = other, other_worst
         result.retries = retried
         result.fit_seconds = time.perf_counter() - start
-    if not tail_ok:
+    if not result.tail_ok:
         message = (f"optimize_grid: the optimised {n}-step grid of {sampler.name!r} throws "
                    f"{worst.far_off} of {num_validation} held-out samples far off the data (allowed: "
                    f"{allowed}; max error {worst.max_error:.3g}); more num_samples, another seed or "
@@ -449,14 +452,15 @@ def optimize_grid(
         warnings.warn(message, GridTailWarning, stacklevel=2)
     if save_as is not None:
         options = {k: v for k, v in sampler.config.items() if isinstance(v, (int, float, str, bool))}
-        info = {"loss": best[0], "validation": {k: asdict(v) for k, v in validation.items()}, "tail_ok": tail_ok,
-                "num_samples": num_samples, "num_validation": num_validation, "evaluations": len(history), "mined": mined,
+        info = {"loss": result.loss, "validation": {k: asdict(v) for k, v in result.validation.items()},
+                "tail_ok": result.tail_ok, "num_samples": num_samples, "num_validation": num_validation,
+                "evaluations": result.evaluations, "mined": result.mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
                 "init": init if result.seed == seed else None, "seed": result.seed, "retries": result.retries, "sampler_options": options,
                 "family": [_process_record(p) for p in family],
-                "family_validation": {k: asdict(v) for k, v in family_validation.items()},
+                "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
-        result.path = save_grid(save_as, ts, process, sampler=sampler.name, info=info, directory=directory,
+        result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,
                                 overwrite=overwrite)
         result.name = result.path.stem
     return result

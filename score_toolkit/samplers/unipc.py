@@ -147,8 +147,7 @@ class UniPC(_DPMSolverBase):
             if i > 0:  # UniC: correct x_i with the evaluation just made there
                 x = _lincomb([(a[i - 1], x_prev)] + [(c, history[j]) for j, c in enumerate(corr[i - 1])])
             if i == n:  # the final step to noise level zero, from the corrected point with the evaluation made
-                x = _lincomb([(inv_alpha[n], x), (1.0, history[0])])
-                x = x * 0.5
+                x = _lincomb([(0.5 * inv_alpha[n], x), (0.5, history[0])])  # (x / alpha + D) / 2 (step_to_zero)
                 ctx.record(x, 0.0)
                 return x
             x_prev = x
