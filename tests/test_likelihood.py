@@ -43,7 +43,7 @@ def _ring_data(n=48, seed=0):
 
 # ------------------------------------------------------------------------------------------ accuracy
 @pytest.mark.parametrize("method", ["dopri5_per_sample", "dopri5"])
-@pytest.mark.parametrize("time_variable", ["log_sigma", "t"])
+@pytest.mark.parametrize("time_variable", ["vp_t", "log_sigma", "t"])
 @pytest.mark.parametrize("name", list(PROCESSES))
 def test_exact_divergence_matches_the_mixture_log_density_2d(name, time_variable, method):
     proc = PROCESSES[name]()
@@ -158,19 +158,53 @@ def test_log_sigma_variable_avoids_the_knots_of_a_discrete_table():
     assert smooth.nfe < in_t.nfe / 2, (smooth.nfe, in_t.nfe)
 
 
-@pytest.mark.parametrize("proc, expected", [(VPSDE(0.1, 20.0), "t"), (SubVPSDE(0.1, 20.0), "t"),
-                                             (VESDE(0.01, 50.0), "log_sigma"), (DiscreteVP(), "log_sigma")])
-def test_the_default_time_variable_is_t_for_the_vp_family_and_log_sigma_otherwise(proc, expected):
+@pytest.mark.parametrize("proc", [VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0), VESDE(0.01, 50.0), DiscreteVP()],
+                         ids=lambda p: type(p).__name__)
+def test_the_default_time_variable_of_an_analytic_score_is_the_vp_clock(proc):
     m, x = _ring_data(4)
     res = log_likelihood(m.score_fn(proc), proc, x, rtol=1e-3, atol=1e-3)
-    assert res.info["time_variable"] == expected
-    explicit = log_likelihood(m.score_fn(proc), proc, x, rtol=1e-3, atol=1e-3, time_variable=expected)
+    assert res.info["time_variable"] == "vp_t"
+    explicit = log_likelihood(m.score_fn(proc), proc, x, rtol=1e-3, atol=1e-3, time_variable="vp_t")
     assert torch.equal(res.log_prob, explicit.log_prob) and res.nfe == explicit.nfe
 
 
+def test_the_vp_clock_is_t_itself_for_vp_0_1_20():
+    """The clock is VP(0.1, 20)'s own time and its state x / sqrt(alpha^2 + sigma^2) is x under VP: the same ODE in
+    the same variable, so the same steps and the same numbers as time_variable="t"."""
+    from score_toolkit.likelihood.time_variable import _vp_clock
+
+    proc = VPSDE(0.1, 20.0)
+    t = torch.linspace(proc.t_min, 1.0, 50, dtype=torch.float64)
+    assert torch.allclose(_vp_clock(proc.noise_to_signal(t)), t, rtol=1e-10, atol=1e-13)
+    m, x = _ring_data(8)
+    clock = log_likelihood(m.score_fn(proc), proc, x, time_variable="vp_t")
+    in_t = log_likelihood(m.score_fn(proc), proc, x, time_variable="t")
+    assert clock.nfe == in_t.nfe
+    assert torch.allclose(clock.log_prob, in_t.log_prob, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("proc", [VESDE(0.01, 50.0), SubVPSDE(0.1, 20.0), DiscreteVP(), VPSDE(0.1, 10.0)],
+                         ids=lambda p: type(p).__name__)
+def test_the_vp_clock_matches_the_exact_density_and_is_cheaper_than_the_previous_variables(proc):
+    """Under every process the VP clock reaches the mixture's exact log p_{t_min} (exact p_1 as prior: only the
+    solver's error counts) in no more evaluations than t or ln(sigma / alpha). Measured on these 32 points
+    (rtol = atol = 1e-5): VE 134 against 170 (t) and 182 (log_sigma); DiscreteVP 128 against 188 (log_sigma)."""
+    m, x = _ring_data(32)
+    prior = lambda z: m.log_prob(z, 1.0, proc)  # noqa: E731
+    exact = m.log_prob(x, proc.t_min, proc)
+    clock = log_likelihood(m.score_fn(proc), proc, x, prior_log_prob=prior, time_variable="vp_t")
+    err = (clock.log_prob - exact).abs()
+    assert float(err.mean()) < 1.5e-4 and float(err.max()) < 2e-3, (float(err.mean()), float(err.max()))
+    others = ["log_sigma"] + ([] if isinstance(proc, DiscreteVP) else ["t"])
+    for kind in others:
+        other = log_likelihood(m.score_fn(proc), proc, x, prior_log_prob=prior, time_variable=kind)
+        assert clock.nfe <= other.nfe, (kind, clock.nfe, other.nfe)
+
+
 def test_the_default_on_vp_is_cheaper_and_more_accurate_than_log_sigma():
-    """The reason for time_variable="auto": on a continuous VP process, t needs fewer evaluations than
-    ln(sigma / alpha) for a smaller error (exact p_1 as prior, so only the solver's error counts)."""
+    """The reason for time_variable="auto": on a continuous VP process, the VP clock (t itself for VP(0.1, 20))
+    needs fewer evaluations than ln(sigma / alpha) for a smaller error (exact p_1 as prior, so only the solver's
+    error counts)."""
     proc = VPSDE(0.1, 20.0)
     m, x = _ring_data(32)
     prior = lambda z: m.log_prob(z, 1.0, proc)  # noqa: E731
@@ -208,7 +242,7 @@ def test_a_network_integrates_in_log_sigma_by_default_and_is_cheaper_there():
 def test_unknown_time_variable_is_refused():
     m, x = _ring_data(2)
     proc = VPSDE(0.1, 20.0)
-    with pytest.raises(ValueError, match="expected time_variable in \\('auto', 'log_sigma', 't'\\), found 'sigma'"):
+    with pytest.raises(ValueError, match="expected time_variable in \\('auto', 'vp_t', 'log_sigma', 't'\\), found 'sigma'"):
         log_likelihood(m.score_fn(proc), proc, x, time_variable="sigma")
 
 

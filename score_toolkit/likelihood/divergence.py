@@ -56,9 +56,20 @@ def _per_sample_norm(dim: int):
 
 
 def _row_rms(y: torch.Tensor) -> torch.Tensor:
-    """Per-row error ratio of the per-sample solver: the RMS over each row (its x and log-density components
-    together), i.e. scipy's RK45 norm applied to each sample's own state."""
+    """The RMS over each row (its x and log-density components together): scipy's RK45 norm applied to each
+    sample's own state (in ``d`` dimensions the log-density is one component of ``d + 1``)."""
     return y.pow(2).mean(1).sqrt()
+
+
+def _two_part_rms(dim: int):
+    """Per-row error ratio of the per-sample solver: ``sqrt((rms_x^2 + rms_logp^2) / 2)``, the RMS of the x part's
+    RMS and the log-density part's RMS, so that each part weighs half whatever ``d`` (each is held within
+    sqrt(2) times the tolerance by itself; the row's RMS would give the log-density ``1 / (d + 1)`` of the weight)."""
+
+    def ratio(y: torch.Tensor) -> torch.Tensor:
+        return ((y[:, :dim].pow(2).mean(1) + y[:, dim:].pow(2).mean(1)) / 2).sqrt()
+
+    return ratio
 
 
 def _batch_norm(dim: int):

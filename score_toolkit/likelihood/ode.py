@@ -18,7 +18,7 @@ from ..processes import Process
 from ..samplers._odeint import raise_odeint_failure
 from ..samplers.base import NonFiniteError
 from ..threads import cpu_threads
-from .divergence import _batch_norm, _per_sample_norm, _probes, _row_rms
+from .divergence import _batch_norm, _per_sample_norm, _probes, _two_part_rms
 from .dynamics import _AugmentedDynamics, _too_many_steps
 from .exchange import _exchange
 from .options import (
@@ -55,7 +55,7 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
 
         try:
             y1, _ = solve_dopri5(func.rows_call, y0, variable.lo, variable.hi, rtol=rtol, atol=atol,
-                                 ratio=_row_rms, max_num_steps=max_num_steps, on_attempt=on_attempt)
+                                 ratio=_two_part_rms(func.dim), max_num_steps=max_num_steps, on_attempt=on_attempt)
         except SolverError as err:  # the stepper words its failures as torchdiffeq does
             raise_odeint_failure(err, who="log_likelihood", t=func.t, steps=func.steps,
                                  too_many=_too_many_steps(max_num_steps, func.t, t_hi), error=SolverError)
@@ -73,7 +73,8 @@ def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol
         y1 = torchdiffeq.odeint(func, y0, ts[[0, -1]], method=method,
                                 options={"grid_constructor": lambda f, y, t: ts.to(t)})[-1]
     x1 = (y1[:, : func.dim] * math.exp(variable.log_c_hi)).reshape(x.shape)
-    # the divergence of A y integrates to d (ln c(tau_hi) - ln c(tau_lo)) when it is not in A (log_sigma)
+    # with x = c y: div_x dx/dtau = d c'/c + div_y dy/dtau, so the log-density gains d (ln c(tau_hi) - ln c(tau_lo))
+    # besides the integral of div_y dy/dtau = A d + B c div_x s (c = 1 in t)
     per_probe = y1[:, func.dim :] + (0.0 if variable.kind == "t" else func.dim * (variable.log_c_hi - variable.log_c_lo))
     delta = per_probe.mean(1)
     if comps > 1:
