@@ -11,11 +11,12 @@ prior at ``t = 1``:
 
 :func:`log_likelihood` integrates the augmented state ``(x, int div F)`` with the Dormand-Prince 5(4) pair and a
 step size per sample by default (:mod:`.stepper`, ``method="dopri5_per_sample"``), or with torchdiffeq (adaptive
-dopri5, ..., or a fixed grid), either in ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha``
-(``time_variable="log_sigma"``: the same ODE, smooth in tau for every process) or in t itself (``"t"``); the
-default ``"auto"`` takes ln(sigma / alpha) for networks (a ``ScoreAdapter``: a noise
-predictor's score grows like 1 / sigma near t = 0) and for every process outside the continuous VP family, t for
-an analytic or plain score function under VP and sub-VP (see :mod:`.time_variable`). The divergence of the score
+dopri5, ..., or a fixed grid), in one of three integration variables (:mod:`.time_variable`; the same ODE, steps
+placed differently): the VP clock ``"vp_t"`` (every process integrated as VP(0.1, 20) is in t, with the
+variance-preserving state ``x / sqrt(alpha^2 + sigma^2)``), ``tau = ln(sigma / alpha)`` with the scaled state
+``x / alpha`` (``"log_sigma"``), or t itself (``"t"``). The default ``"auto"`` takes ln(sigma / alpha) for networks
+(a ``ScoreAdapter``: a noise predictor's score grows like 1 / sigma near t = 0) and the VP clock for an analytic or
+plain score function under every process. The divergence of the score
 is computed
 
 * ``"exact"``: as the trace of the Jacobian, ``d`` vector-Jacobian products (one backward pass per basis vector on

@@ -140,9 +140,9 @@ def log_likelihood(
         num_probes: Hutchinson probes per sample (default 4; ``>= 2`` for a standard error, NaN with 1).
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
         method: ``"dopri5_per_sample"`` (default): the Dormand-Prince 5(4) pair with a step size and an error
-            control per sample (:mod:`score_toolkit.likelihood.stepper`; each sample meets ``rtol``/``atol`` in the
-            RMS over its own state and log-density, as scipy's RK45 does over a whole vector, and its result does
-            not depend on the other samples of the batch); or a torchdiffeq method, one step sequence for the
+            control per sample (:mod:`score_toolkit.likelihood.stepper`; each sample meets ``rtol``/``atol`` in
+            ``sqrt((rms_x^2 + rms_logp^2) / 2)``, its state's and its log-density's RMS weighing half each, and its
+            result does not depend on the other samples of the batch); or a torchdiffeq method, one step sequence for the
             batch: adaptive ``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, or fixed-grid ``euler``,
             ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
         rtol, atol: adaptive tolerances (default 1e-5 each).
@@ -153,15 +153,15 @@ def log_likelihood(
             and of its log-density components), so every sample meets the tolerance by itself; ``False``: RMS over
             the whole batch (score_sde's choice; a hard sample among easy ones may then end far less accurate).
             The default method controls every sample by itself and refuses ``False``.
-        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"t"`` for an analytic
-            score under VP and sub-VP (fewer evaluations there) and ``"log_sigma"`` for a network
+        time_variable: the variable the solver integrates in: ``"auto"`` (default) is ``"log_sigma"`` for a network
             (:class:`~score_toolkit.scores.ScoreAdapter`, whose score grows like 1 / sigma as t -> 0, which makes
-            the ODE in t singular at ``t_min``) and for every other process; ``"log_sigma"``:
+            the ODE singular at ``t_min`` in t and in the VP clock) and ``"vp_t"`` for an analytic or plain score
+            under every process; ``"vp_t"``: the time of VP(0.1, 20) at the process's noise-to-signal ratio, with
+            the variance-preserving state ``x / sqrt(alpha^2 + sigma^2)`` (t itself for VP(0.1, 20)); ``"log_sigma"``:
             ``tau = ln(sigma / alpha)`` with the scaled state ``x / alpha`` (smooth in tau whenever the noise
             prediction is smooth, for every process, including a discrete DDPM table whose coefficients jump at
-            each of its N steps), or ``"t"``, the process's own time (``dx/dt = f x - g^2 s / 2``). Both give the
-            same ODE solution; they differ in where the solver puts its steps. For VE processes they coincide up
-            to a linear change of variable.
+            each of its N steps), or ``"t"``, the process's own time (``dx/dt = f x - g^2 s / 2``). All give the
+            same ODE solution; they differ in where the solver puts its steps (docs/likelihood.md).
         t_min: start of the integration (default ``process.t_min``).
         prior_log_prob: ``log p_1`` (default ``process.prior_log_prob``, the Gaussian prior).
         batch_size: samples per solve (default 256). Samples are solved in chunks of consecutive global

@@ -5,10 +5,10 @@ Each sample of the batch keeps its own integration variable ``tau``, its own ste
 decision; every call of the right-hand side evaluates all samples still integrating, each at its own stage time
 (a score function takes one ``t`` per sample). A sample whose ODE is easy therefore takes long steps even when
 another sample of the batch needs short ones, and every sample meets the tolerance by itself. The error ratio of a
-row is given by the caller (``ratio``); :func:`~score_toolkit.likelihood.log_likelihood` passes the RMS over the
-whole row, x and log-density components together, each over ``atol + rtol max(|y|, |y_new|)``: scipy's RK45 norm
-applied to each sample's own state (in ``d`` dimensions the log-density is one of ``d + 1`` components, so its own
-error is held less tightly than by torchdiffeq's per-sample norm: docs/likelihood.md).
+row is given by the caller (``ratio``); :func:`~score_toolkit.likelihood.log_likelihood` passes
+``sqrt((rms_x^2 + rms_logp^2) / 2)``, the RMS over the x components and the RMS over the log-density component(s),
+each over ``atol + rtol max(|y|, |y_new|)``, weighing half each whatever the dimension (scipy's RK45 norm, one RMS
+over the whole vector, would leave the log-density ``1 / (d + 1)`` of the weight: docs/likelihood.md).
 
 The tableau is the one of the ``adaptive_ode`` sampler (:data:`score_toolkit.samplers.adaptive.TABLEAUS`).
 Step-size control is scipy's ``RK45`` (Hairer, Norsett & Wanner, Solving ODEs I, II.4): after an accepted step the

@@ -21,6 +21,13 @@ def _vp_clock(lam: torch.Tensor) -> torch.Tensor:
     return 2 * log1p_lam2 / (b0 + torch.sqrt(b0 * b0 + 2 * (b1 - b0) * log1p_lam2))
 
 
+def _is_the_clock(process: Process) -> bool:
+    from ..processes import VPSDE
+
+    cfg = process.config
+    return type(process) is VPSDE and (float(cfg.beta_min), float(cfg.beta_max)) == VP_CLOCK
+
+
 class _TimeVariable:
     """The integration variable tau and the map to the ODE in it (see :func:`log_likelihood`, ``time_variable``).
 
@@ -51,6 +58,9 @@ class _TimeVariable:
             self.lo, self.hi = t_lo, t_hi
             self.log_c_lo = self.log_c_hi = 0.0
         elif kind == "vp_t":
+            # the clock's own process: its time is the clock and its state x, so the ODE is the one in t (cheaper
+            # coefficients, the same numbers)
+            self._own_clock = _is_the_clock(process)
             tau = _vp_clock(process.noise_to_signal(ends))
             self.lo, self.hi = float(tau[0]), float(tau[1])
             c2 = process.alpha(ends) ** 2 + process.sigma(ends) ** 2
@@ -79,16 +89,16 @@ class _TimeVariable:
     def coefficients_rows(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, c, A, B), each of tau's shape, at the float64 values ``tau`` (clamped into the interval)."""
         tau = tau.to(torch.float64).clamp(self.lo, self.hi)
-        if self.kind == "t":
+        if self.kind == "t" or (self.kind == "vp_t" and self._own_clock):
             f = self.process.drift_coef(tau)
             g2 = self.process.diffusion_squared(tau).clamp_min(0)
             return tau, torch.ones_like(tau), f.to(tau.dtype), -0.5 * g2.to(tau.dtype)
         if self.kind == "vp_t":
             b0, b1 = VP_CLOCK
             log1p_lam2 = b0 * tau + (b1 - b0) * tau * tau / 2  # ln(1 + lam^2)
-            lam = torch.sqrt(torch.expm1(log1p_lam2))
-            t = self.process.t_from_noise_to_signal(lam).to(tau.dtype).clamp(self.t_lo, self.t_hi)
-            c = self.process.alpha(t).to(tau.dtype) * torch.exp(log1p_lam2 / 2)
+            t = self.process.t_from_log_snr(-0.5 * torch.log(torch.expm1(log1p_lam2))).to(tau.dtype)  # ln(1 / lam)
+            t = t.clamp(self.t_lo, self.t_hi)
+            c = torch.exp(self.process.log_alpha(t).to(tau.dtype) + log1p_lam2 / 2)
             half_beta = (b0 + (b1 - b0) * tau) / 2
             return t, c, -half_beta, -c * half_beta
         st = torch.exp(tau)
