@@ -711,8 +711,9 @@ def main(argv=None) -> int:
         previous = Path(args.out).read_text(encoding="utf-8") if Path(args.out).is_file() else ""
         marker = "## Digits: evaluation floor and the model"
         if marker in previous:
-            extra = [*exact_lines, previous[previous.index(marker):].rstrip(), "",
-                     "(the model's rows above come from an earlier run with --digits-model, kept by --keep-digits)"]
+            note = "(the model's rows above come from an earlier run with --digits-model, kept by --keep-digits)"
+            kept = previous[previous.index(marker):].replace(note, "").rstrip()
+            extra = [*exact_lines, kept, "", note]
     path = write_report(rows, args, time.time() - start, extra)
     print(path.read_text())
     return 0

@@ -44,7 +44,7 @@ def _resolve_time_variable(time_variable: str, process, score_fn=None) -> str:
     prediction stays of order one as t -> 0, so its score grows like 1 / sigma and the ODE is singular at t_min in
     t, like 1 / sqrt(t) under VP, and in the VP clock alike, while in ln(sigma / alpha) it is smooth); ``"vp_t"``
     for an analytic or plain score function under every process (for VP(0.1, 20) it is t itself; under VE it
-    needs 0.75 to 0.8 times the calls of ln(sigma / alpha)). docs/likelihood.md, "The integration variable", has
+    needs 0.6 to 0.75 times the calls of ln(sigma / alpha)). docs/likelihood.md, "The integration variable", has
     the measurements."""
     if time_variable not in TIME_VARIABLES:
         raise ValueError(f"log_likelihood: expected time_variable in {TIME_VARIABLES}, found {time_variable!r}")
