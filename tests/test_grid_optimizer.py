@@ -216,6 +216,26 @@ def test_nll_weight_without_the_nll_loss_is_refused():
     kw = {"num_samples": 16, "iterations": 0, "num_validation": 16, "reference_steps": 20}
     with pytest.raises(ValueError, match="nll_weight weighs the term of loss='nll', found loss='mse'"):
         optimize_grid(DPMSolverPP2M(num_steps=4), VESDE(), mixture=ring_mixture(), loss="mse", nll_weight=5.0, **kw)
+    with pytest.raises(ValueError, match="which a score_fn reference has not"):  # the default loss without a mixture
+        optimize_grid(DPMSolverPP2M(num_steps=4), VESDE(), score_fn=ring_mixture().score_fn(VESDE()), shape=(2,),
+                      nll_weight=5.0, **kw)
+
+
+def test_default_loss_is_nll_with_a_mixture_and_mse_with_a_score_fn(tmp_path):
+    """loss="auto" (the default) fits with the NLL term when there is a mixture: the same objective as loss="nll"
+    (and not loss="mse"); with a score_fn it is the plain objective. The saved grid records which."""
+    kw = {"num_samples": 32, "iterations": 0, "num_validation": 64, "reference_steps": 30, "init": "karras"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        auto = optimize_grid(DPMSolverPP2M(num_steps=5), VESDE(), mixture=ring_mixture(), save_as="a", directory=tmp_path,
+                             **kw)
+        nll = optimize_grid(DPMSolverPP2M(num_steps=5), VESDE(), mixture=ring_mixture(), loss="nll", **kw)
+        mse = optimize_grid(DPMSolverPP2M(num_steps=5), VESDE(), mixture=ring_mixture(), loss="mse", **kw)
+        fn = optimize_grid(DPMSolverPP2M(num_steps=5), VESDE(), score_fn=ring_mixture().score_fn(VESDE()), shape=(2,),
+                           save_as="b", directory=tmp_path, **kw)
+    assert auto.loss == nll.loss and auto.loss > mse.loss
+    assert json.loads(auto.path.read_text())["info"]["loss_kind"] == "nll"
+    assert json.loads(fn.path.read_text())["info"]["loss_kind"] == "mse"
 
 
 def test_far_off_flag_false_alarm_rate_on_exact_sets_matches_the_closed_form():
@@ -298,3 +318,18 @@ def test_report_judges_the_sampler_as_it_runs(name):
         err = (out - ref).norm(dim=1)
         torch.testing.assert_close(res.validation[key].median_error, float(torch.quantile(err, 0.5)), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(res.validation[key].max_error, float(err.max()), rtol=1e-6, atol=1e-9)
+
+
+def test_fit_dtype_trains_in_float32_and_validates_in_float64():
+    """fit_dtype=torch.float32 changes only the training runs: the held-out report of the built-in grids (float64,
+    the same draws) is identical to a float64 fit's, and the optimised grid is float64 times; a non-dtype is refused."""
+    kw = {"num_samples": 64, "iterations": 3, "num_validation": 256, "reference_steps": 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        f32 = optimize_grid(DPMSolverPP3M(num_steps=6), VPSDE(), mixture=ring_mixture(), fit_dtype=torch.float32, **kw)
+        f64 = optimize_grid(DPMSolverPP3M(num_steps=6), VPSDE(), mixture=ring_mixture(), **kw)
+    assert f32.times.dtype == torch.float64 and bool((torch.diff(f32.times) < 0).all())
+    for kind in ("karras", "log_sigma", "uniform", "fitted"):
+        assert f32.validation[kind] == f64.validation[kind]
+    with pytest.raises(TypeError, match="fit_dtype"):
+        optimize_grid(DPMSolverPP3M(num_steps=6), VPSDE(), mixture=ring_mixture(), fit_dtype="float32", **kw)
