@@ -111,7 +111,7 @@ def part_ladder(args, rows, log):
                     v = res.validation["optimized"]
                     nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
                     label = name + (f", loss={args.loss}" if args.loss != "auto" else "") + (
-                        f", tail_retries={args.tail_retries}" if args.tail_retries else "")
+                        f", tail_retries={args.tail_retries}" if args.tail_retries else "") + args.label
                     row = {"part": "ladder", "case": case, "process": pname, "sampler": label, "steps": steps, "nfe": nfe,
                            "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3), "meets": w <= B.CRITERION and nl <= B.CRITERION,
                            "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "mined": res.mined,
@@ -335,6 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="grids")
     ap.add_argument("--merge", default=None, help="run nothing: merge the .jsonl rows of these tags into --tag")
     ap.add_argument("--note", default="")
+    ap.add_argument("--label", default="", help="appended to the ladder rows' sampler label (e.g. the code version)")
     args = ap.parse_args(argv)
     args.cases, args.samplers = args.cases.split(","), args.samplers.split(",")
     args.ladder = [int(v) for v in args.ladder.split(",")] if args.ladder else None
