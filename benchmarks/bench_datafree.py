@@ -4,8 +4,8 @@ reference family, and score it on the analytic test bed as held-out targets, exa
 the defaults (N = 10,000, exact scores, the same prior draws, exact reference set and 6-pair noise floors; within
 1.5x of the floor in within-mode sliced W2 and in mean NLL).
 
-    python benchmarks/bench_datafree.py fit dpmpp_2m 11 VP            # prints the fitted log-SNR points
-    python benchmarks/bench_datafree.py score ring VE,VP "dpmpp_2m:10/12/15:grid=reference" "unipc:12:"
+    python benchmarks/bench_datafree.py fit unipc 11 VP 150           # prints the fitted log-SNR points (150 L-BFGS evals)
+    python benchmarks/bench_datafree.py score ring VE,VP "unipc:12/15/20/25:grid='reference'" "unipc:12/15/20:"
 
 Cases: the 2-D ring and the 16-D / 64-D anisotropic mixtures of the test bed, and ``grid2d``, a further held-out
 2-D distribution the grids were not tuned on (a 5 x 5 square lattice of isotropic Gaussians, spacing 1.5, std 0.15,
@@ -16,7 +16,6 @@ benchmarks/results/datafree.md.
 
 from __future__ import annotations
 
-import ast
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_defaults as BD  # noqa: E402
-import bench_samplers as B  # noqa: E402
+import bench_defaults_explore as E  # noqa: E402
 
-from score_toolkit import metrics as M  # noqa: E402
 from score_toolkit.analytic import GaussianMixture  # noqa: E402
 from score_toolkit.registry import get_sampler  # noqa: E402
 from score_toolkit.samplers.grid_store import transfer_log_snr  # noqa: E402
@@ -45,18 +43,6 @@ CASES = {"ring": BD.CASES["ring"][0], "aniso16": BD.CASES["aniso16"][0], "aniso6
          "grid2d": lattice_mixture}
 
 
-def parse(spec: str):
-    name, nfes, *rest = spec.split(":")
-    opts = {}
-    for kv in (rest[0].split(";") if rest and rest[0] else []):
-        k, v = kv.split("=", 1)
-        try:
-            opts[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            opts[k] = v
-    return name, [int(v) for v in nfes.split("/")], opts
-
-
 def build(name, nfe, opts, process):
     opts = dict(opts)
     steps = nfe - (1 if opts.get("to_zero", True) else 0)
@@ -68,27 +54,9 @@ def build(name, nfe, opts, process):
     return get_sampler(name, num_steps=steps, **opts)
 
 
-def score_cmd(case, pnames, specs, n=10_000, out=None) -> None:
-    mix = CASES[case]()
-    floors = B.noise_floors(mix, n, 6)
-    reference = mix.sample(n, generator=B._gen(B.REF_SEED))
-    ref_nll = M.mean_nll(reference, mix)
-    for pname in pnames:
-        process = BD.PROCESSES[pname]()
-        score = mix.score_fn(process)
-        x1 = process.prior_sample((n, mix.dim), generator=B._gen(1), dtype=torch.float64)
-        for spec in specs:
-            name, nfes, opts = parse(spec)
-            for nfe in nfes:
-                res = build(name, nfe, opts, process).sample(score, process, x_init=x1.clone())
-                r = B.score_samples(res.samples, mix, reference, ref_nll)
-                w, nl = r["wsw"] / floors["wsw"]["mean"], abs(r["nll_gap"]) / floors["nll"]["mean"]
-                line = (f"{case} {pname} {spec} nfe={res.nfe} wsw={w:.2f} nll={nl:.2f} gap={r['nll_gap']:+.4f}"
-                        + (" MEETS" if w <= B.CRITERION and nl <= B.CRITERION else ""))
-                print(line, flush=True)
-                if out is not None:
-                    with open(out, "a") as fh:
-                        fh.write(line + "\n")
+def score_cmd(case, pnames, specs, n=10_000) -> None:
+    """bench_defaults_explore's scoring (same draws, reference set, floors, output lines) on ``case``."""
+    E.score_cmd(case, pnames, specs, n, mix=CASES[case](), build_fn=build)
 
 
 def fit_cmd(name, steps, pname, iterations=80, num_samples=256) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..processes import Process
+from ._reference_table import REFERENCE_GRIDS, reference_log_snr
 from .base import Sampler, SamplingContext, check_float, check_int
 from .grid_store import (  # the store of named grids and the log-SNR transfer; re-exported here
     GRID_DIR_ENV_VAR,
@@ -171,8 +172,6 @@ class _GridSpec:
 def _parse_grid(grid, sampler: str) -> _GridSpec:
     if isinstance(grid, str):
         if grid == REFERENCE_GRID:
-            from .reference_grids import REFERENCE_GRIDS
-
             if sampler not in REFERENCE_GRIDS:
                 raise ValueError(f"sampler {sampler!r}: option grid 'reference': no reference grid is shipped for this "
                                  f"sampler; shipped for {sorted(REFERENCE_GRIDS)}")
@@ -215,8 +214,6 @@ def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float, 
     if spec.kind == "fitted":
         return _times_from_log_snr(fitted_log_snr(process, num_steps, fitted_order), process, "the fitted grid")
     if spec.kind == REFERENCE_GRID:
-        from .reference_grids import reference_log_snr
-
         return _times_from_log_snr(reference_log_snr(process, num_steps, spec.sampler), process, "the reference grid")
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)

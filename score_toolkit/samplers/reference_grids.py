@@ -19,33 +19,17 @@ grid better on the 64-D mixture.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
 from ..processes import Process
 from ._grid_reference import MixtureScore, OffData
+from ._reference_table import REFERENCE_GRIDS, reference_log_snr  # the shipped table; re-exported here
 from .base import SamplingContext
-from .grid_store import transfer_log_snr
 from .grid_validation import TAIL_MARGIN
 
 __all__ = ["REFERENCE_GRIDS", "reference_family", "reference_log_snr", "family_objective", "fit_reference_grid"]
-
-#: the shipped fits: ``{sampler name: {num_steps: log-SNR points lambda(1) < ... < lambda(t_min)}}`` fitted by
-#: :func:`fit_reference_grid` on :func:`reference_family` under VPSDE(0.1, 20) (log-SNR range [-5.025, 4.558])
-REFERENCE_GRIDS: dict[str, dict[int, tuple[float, ...]]] = {
-    "unipc": {
-        11: (-5.025, -3.7699, -2.5535, -1.6178, -0.4333, 0.2327, 0.9351, 1.5007, 2.4243, 2.7465, 3.4944, 4.5577),
-        14: (-5.025, -4.1907, -3.357, -2.5281, -1.7142, -0.9094, -0.2728, 0.2257, 0.7484, 1.1921, 1.606, 2.2693,
-             2.7149, 3.2943, 4.5577),
-        19: (-5.025, -4.2492, -3.4679, -2.6927, -1.9514, -1.3244, -0.8598, -0.5327, -0.2996, -0.0758, 0.3157, 0.541,
-             0.8771, 1.2231, 1.6285, 1.9962, 2.7024, 3.0655, 3.6375, 4.5577),
-        24: (-5.025, -3.3741, -2.0878, -1.6297, -1.0003, -0.8337, -0.5645, -0.2911, -0.2251, 0.0851, 0.1371, 0.3758,
-             0.4197, 0.6107, 0.7742, 0.9766, 1.1908, 1.4684, 1.6393, 2.2563, 2.4468, 2.9289, 3.7346, 3.9388, 4.5577),
-    },
-}
-
 
 def reference_family(dims=(2, 2, 4, 4, 8, 8), components: int = 8, widths=(0.05, 1.0), seed: int = 1000,
                      dtype=torch.float64) -> list:
@@ -68,45 +52,14 @@ def reference_family(dims=(2, 2, 4, 4, 8, 8), components: int = 8, widths=(0.05,
     return out
 
 
-def reference_log_snr(process: Process, num_steps: int, sampler: str) -> torch.Tensor:
-    """The reference grid of ``sampler`` for ``num_steps`` steps under ``process`` as float64 log-SNR values
-    ``lambda(1) < ... < lambda(t_min)``: the shipped fit of the nearest budget (in log steps), carried over to the
-    process's range and step count as a step density over absolute log-SNR."""
-    fits = REFERENCE_GRIDS.get(sampler)
-    if not fits:
-        raise ValueError(f"grid 'reference': no reference grid is shipped for sampler {sampler!r}; shipped for "
-                         f"{sorted(REFERENCE_GRIDS)}")
-    n = int(num_steps)
-    if n < 1:
-        raise ValueError(f"grid 'reference': expected num_steps >= 1, found {num_steps!r}")
-    nearest = min(fits, key=lambda m: (abs(math.log(m / n)), m))
-    return transfer_log_snr(torch.tensor(fits[nearest], dtype=torch.float64), process, n)
-
-
-def _to_zero(score, process: Process, x: torch.Tensor) -> torch.Tensor:
-    """The step to noise level zero of ``to_zero`` (:func:`~score_toolkit.samplers.fixed_grid.step_to_zero`),
-    differentiable, without recording."""
-    alpha, sigma = process.marginal(torch.tensor([process.t_min], dtype=torch.float64))
-    return (x + 0.5 * sigma**2 * score(x, process.t_min)) / alpha
-
-
-def _sampler_output(sampler, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """What the sampler returns from ``x`` on ``ts``, taken to noise level zero (the metrics judge that): its own
-    final step with ``to_zero`` (unipc's corrects the last step first), else the step to zero after it."""
-    if sampler.config.get("to_zero") and "final" in inspect.signature(sampler._integrate).parameters:
-        return sampler._integrate(ctx, x, ts, final=True)
-    out = sampler._integrate(ctx, x, ts)
-    return _to_zero(ctx.score, ctx.process, out)
-
-
 def family_objective(sampler, process: Process, mixtures, *, num_samples: int = 256, reference_steps: int = 250,
                      seed: int = 0, tail_weight: float = 1.0, nll_weight: float = 1.0, combine: str = "log"):
     """The objective of the joint fit as a function of the float64 times ``ts`` (``t_0 = 1 > ... > t_n = t_min``,
     differentiable). Per mixture, the grid optimiser's ``loss="nll"`` objective on ``num_samples`` prior draws of its
     own: the capped pathwise error against a converged solution of the same ODE from the same draws
     (DPM-Solver++(3M), ``reference_steps`` log-SNR steps), the tail term (``tail_weight``) and the squared mean
-    log-density bias (``nll_weight``), each judged on what the sampler returns, taken to noise level zero (the
-    metrics judge that). ``combine="log"`` (the shipped fits) averages their logarithms, so each reference counts by
+    log-density bias (``nll_weight``), each judged on what the sampler returns (its own end, e.g. ``to_zero`` with
+    unipc's final corrector) against the converged solution taken to noise level zero (the metrics judge that). ``combine="log"`` (the shipped fits) averages their logarithms, so each reference counts by
     its relative error and none dominates by its scale; ``"mean"`` averages the values."""
     if combine not in ("log", "mean"):
         raise ValueError(f"family_objective: expected combine 'log' or 'mean', found {combine!r}")
@@ -114,7 +67,7 @@ def family_objective(sampler, process: Process, mixtures, *, num_samples: int = 
 
     if not mixtures:
         raise ValueError("family_objective: expected at least one mixture")
-    reference = DPMSolverPP3M(num_steps=reference_steps, grid="log_sigma", lower_order_final=False)
+    reference = DPMSolverPP3M(num_steps=reference_steps, grid="log_sigma", lower_order_final=False, to_zero=True)
     terms = []
     for k, mix in enumerate(mixtures):
         score = MixtureScore(mix, process)
@@ -122,16 +75,15 @@ def family_objective(sampler, process: Process, mixtures, *, num_samples: int = 
         x = process.prior_sample((num_samples, mix.dim), generator=torch.Generator().manual_seed(seed + 7919 * k),
                                  dtype=torch.float64)
         with torch.no_grad():
-            ref = reference._integrate(SamplingContext(reference, score, process, None, None, False, False, None), x,
-                                       reference.time_grid(process))
-            ref = _to_zero(score, process, ref)
+            ref = reference._run_grid(SamplingContext(reference, score, process, None, None, False, False, None), x,
+                                      reference.time_grid(process))
         c = float(mix.eigvals.mean())
         terms.append((mix, ctx, x, ref, c, OffData(ref, mix, scale=c, level=1.0), mix.log_prob(ref)))
 
     def objective(ts):
         total = 0.0
         for mix, ctx, x, ref, c, off, ref_logp in terms:
-            out = _sampler_output(sampler, ctx, x.clone(), ts)
+            out = sampler._run_grid(ctx, x.clone(), ts)
             per = (out - ref).pow(2).sum(1)
             weight = c / (c + per)
             value = (per * weight).mean() / c + tail_weight * torch.relu(off(out) - TAIL_MARGIN).mean()
