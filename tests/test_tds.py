@@ -248,3 +248,22 @@ def test_bad_twist_outputs_and_non_finite_weights():
         sampler.sample(Wrong("nan"), proc, shape=(3, 2), dtype=D64)
     with pytest.raises(ValueError, match="expected samples with 2 entries"):  # a state the operator does not fit
         sampler.sample(good, proc, shape=(3, 3), dtype=D64)
+
+
+def test_benchmark_script_writes_its_tables(tmp_path):
+    """benchmarks/bench_tds.py on tiny settings: one row per planned run, a markdown table, and the merge mode."""
+    import json
+
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_tds")
+    assert bench.main(["--cases", "conformance", "--sigma-y", "0.5", "--n", "60", "--particles", "2", "--nfe", "4,6",
+                       "--k-nfe", "2", "--floor-seeds", "2", "--tag", "t", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    # exact at 2 NFE values, then per method: alone, K = 2 at the largest NFE, the NFE sweep at K = 2
+    assert len(rows) == 2 + 3 * 3
+    assert all("error" not in r and math.isfinite(r["wsw_ratio"]) for r in rows)
+    assert {r["sampler"] for r in rows} == {"ancestral", "tds"}
+    assert bench.main(["--merge", "t", "--tag", "merged", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "merged.md").read_text()
+    assert "## conformance, sigma_y = 0.5 (N = 60, Pearson limit 18.4)" in text and text.count("| tds |") == 6
