@@ -281,7 +281,12 @@ class GridSampler(Sampler):
         return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        x = self._integrate(ctx, x, self.time_grid(ctx.process))
+        return self._run_grid(ctx, x, self.time_grid(ctx.process))
+
+    def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """One run on the grid ``ts`` with this sampler's own end (``to_zero``): what ``sample`` runs, and what
+        :func:`~score_toolkit.samplers.grids.optimize_grid` fits and validates (differentiable in ``ts``)."""
+        x = self._integrate(ctx, x, ts)
         if self.config["to_zero"]:
             x = step_to_zero(ctx, x, ctx.process.t_min)
         return x
