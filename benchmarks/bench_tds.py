@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conditioning import data_variance, floors, problems, score_row  # noqa: E402
+from bench_conditioning import data_variance, floors, fmt, problems, score_row  # noqa: E402
 
 from score_toolkit.conditioning import DPS, MatrixOperator, PiGDM, Replacement  # noqa: E402
 from score_toolkit.processes import VPSDE  # noqa: E402
@@ -111,14 +111,6 @@ def run_case(args, case, rows, log):
             log(row)
 
 
-def fmt(v, nd=3):
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.3e}"
-    return str(v)
-
-
 def write_markdown(path: Path, rows, metas):
     lines = ["# Twisted diffusion sampler (tds) against exact posteriors", ""]
     for m in metas:
@@ -169,10 +161,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        rows, metas = [], []
+        rows, metas, seen = [], [], set()
         for tag in args.merge.split(","):
             data = json.loads((out / f"{tag}.json").read_text())
-            rows += data["rows"]
+            for r in data["rows"]:  # a run repeated in two parts (same seed, same numbers) is listed once
+                key = tuple(r[k] for k in ("case", "sigma_y", "method", "sampler", "particles", "nfe"))
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(r)
             metas.append(data["meta"])
         write_markdown(out / f"{args.tag}.md", rows, metas)
         return 0
