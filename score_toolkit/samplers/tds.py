@@ -78,7 +78,9 @@ class TwistedDiffusionSampler(Sampler):
     so a sample does not depend on its batch. The trajectory follows, at every step, each group's heaviest particle
     (the last entry is the returned draw). ``SamplerOutput.info`` holds ``ess`` (per step, the mean over groups of the
     effective sample size before resampling, in particles), ``final_ess`` (the mean ESS of the final weights),
-    ``min_final_ess``, ``resampling_count`` (mean resampling events per group) and ``num_particles``.
+    ``min_final_ess``, ``resampling_count`` (mean resampling events per group) and ``num_particles``. With
+    ``denoise=True`` the returned draw gets Tweedie's step with the transform's score (one more batched evaluation,
+    on B samples).
     """
 
     name = "tds"
