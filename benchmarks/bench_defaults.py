@@ -14,16 +14,26 @@ their defaults, re-implemented as grid + update formula:
   to ``t_min``, then Tweedie's denoiser (NFE = evaluations + 1).
 
 Cases: the 2-D ring, the 16-D anisotropic mixture, the 64-D mixture of the same construction. Processes: VESDE(0.01, 50)
-(and sigma_max 10, 40 on the ring), VPSDE(0.1, 20), SubVPSDE(), DiscreteVP() (the DDPM linear beta table). Metrics
-(bench_samplers): within-mode sliced W2 and |mean-NLL gap| against an exact reference set, each divided by its noise
-floor (the same metric between two independent exact sets, mean over ``--floor-seeds`` pairs). A run meets the
-criterion when both ratios are <= 1.5; the summary gives the smallest NFE that meets it and whether every larger
-budget on the ladder up to twice that meets it too (no relapse). The converged ODE from the same draws (dpmpp_3m,
-400 uniform log-SNR steps on the ring, 100 in 16-D, 150 in 64-D) shows the sampling noise of this one draw.
+(and sigma_max 10, 40 on the ring), VPSDE(0.1, 20), SubVPSDE(), DiscreteVP() (the DDPM linear beta table).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_defaults.py --cases ring,aniso16 --tag defaults
-    OMP_NUM_THREADS=1 python benchmarks/bench_defaults.py --cases aniso64 --tag defaults_64
-    python benchmarks/bench_defaults.py --n 1000 --floor-seeds 2 --cases ring --processes VE   # a quick look
+Protocol (PROTOCOL_TEXT, printed in every result file): ``--seeds`` independent draw seeds, each with its own initial
+draws, its own exact reference set and its own exact control set (N each). Metrics (bench_samplers): within-mode
+sliced W2 and |mean-NLL gap| against the seed's reference, each divided by its noise floor (W2: mean over
+``--floor-seeds`` pairs of exact sets; NLL: the expected |gap| of two exact sets from the per-point NLL spread). Pass
+rule: the seed-mean of both ratios <= 1.5; the smallest NFE that passes and whether every larger budget on the ladder
+up to twice that passes too (no relapse). Controls: the exact control set; the converged ODE from the same draws
+(dpmpp_3m, 400 uniform log-SNR steps on the ring, 100 in 16-D and 64-D, to t_min, then to_zero's step), which gives
+each run's paired solver error; the same trajectories stopped at t_min (a known bias). The result file also gives the
+rule's false-fail rate for an exact sampler and its failure rate for a given bias (normal model of the gap). Before
+this protocol the benchmark scored one draw against one reference with a 6-pair floor (results/defaults.md,
+results/defaults_unipc.md): docs/fast_samplers.md, "Defaults", says why that was miscalibrated.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_defaults.py --cases ring,aniso16 --processes VE,VP \
+        --only "unipc defaults|unipc, lower_order_final" --tag defaults_unipc_seeds      # (results: see the docs)
+    OMP_NUM_THREADS=1 python benchmarks/bench_defaults.py --cases aniso64 --processes VE,VP --only "unipc" \
+        --ladder 25,30 --paired-seeds 1 --tag defaults_64                                 # the 64-D rows
+    python benchmarks/bench_defaults.py --from-log a.log,b.log --tag joined   # tables from the row lines of runs
+    python benchmarks/bench_defaults.py --n 1000 --seeds 2 --floor-seeds 2 --cases ring --processes VE  # a quick look
 """
 
 from __future__ import annotations
