@@ -141,8 +141,8 @@ class UniPC(_DPMSolverBase):
         if cfg["variant"] not in ("bh1", "bh2"):
             raise ValueError(f"sampler {self.name!r}: expected option variant 'bh1' or 'bh2', found {cfg['variant']!r}")
 
-    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        return self._integrate(ctx, x, self.time_grid(ctx.process), bool(self.config["to_zero"]))
+    def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        return self._integrate(ctx, x, ts, bool(self.config["to_zero"]))
 
     def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor, final: bool = False) -> torch.Tensor:
         """From the prior at ``ts[0]`` to ``ts[-1] = t_min`` (the last step uncorrected), or with ``final`` on to
