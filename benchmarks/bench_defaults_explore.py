@@ -84,8 +84,10 @@ def build(name, nfe, opts, process):
     return get_sampler(name, num_steps=nfe - (1 if opts.get("to_zero", True) else 0), **opts)
 
 
-def score_cmd(case, pnames, specs, n=10_000) -> None:
-    mix = BD.CASES[case][0]()
+def score_cmd(case, pnames, specs, n=10_000, mix=None, build_fn=None) -> None:
+    """Score each setting on ``case`` (or the mixture ``mix``), built by ``build_fn`` (default :func:`build`)."""
+    mix = BD.CASES[case][0]() if mix is None else mix
+    build_fn = build if build_fn is None else build_fn
     floors = B.noise_floors(mix, n, 6)
     reference = mix.sample(n, generator=B._gen(B.REF_SEED))
     ref_nll = M.mean_nll(reference, mix)
@@ -97,7 +99,7 @@ def score_cmd(case, pnames, specs, n=10_000) -> None:
             name, nfes, opts = parse(spec)
             set_density(opts.pop("W", None))
             for nfe in nfes:
-                out = build(name, nfe, opts, process).sample(score, process, x_init=x1.clone())
+                out = build_fn(name, nfe, opts, process).sample(score, process, x_init=x1.clone())
                 r = B.score_samples(out.samples, mix, reference, ref_nll)
                 w, nl = r["wsw"] / floors["wsw"]["mean"], abs(r["nll_gap"]) / floors["nll"]["mean"]
                 print(f"{case} {pname} {spec} nfe={out.nfe} wsw={w:.2f} nll={nl:.2f} gap={r['nll_gap']:+.4f}"

@@ -19,8 +19,9 @@ The ladder takes ``--loss nll`` and ``--tail-retries`` (optimize_grid's options)
 Part ``calib``: the held-out report's far-off flag on two independent exact sets of the report's size (its rate
 when sampling noise alone decides), against the large-set closed form.
 
-Part ``time``: fitting time of this optimiser (with ``tail_rounds=1``, as in the other parts) against the previous
-one (``--baseline-rev``, read from git), runs interleaved in one process, otherwise the same arguments.
+Part ``time``: fitting time of this optimiser against the previous one (``--baseline-rev``, read from git), runs
+interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1``), on the ring, the 16-D and the
+64-D mixture; beside the times, both fits' held-out reports (the same held-out draws): the result, not only the time.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts ladder --cases ring --tag grids_ring
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
@@ -45,6 +46,7 @@ sys.path.insert(0, str(HERE))
 import bench_samplers as B  # noqa: E402
 
 from score_toolkit import metrics as M  # noqa: E402
+from score_toolkit.analytic import anisotropic_mixture  # noqa: E402
 from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
 from score_toolkit.samplers._grid_reference import OffData  # noqa: E402
@@ -103,13 +105,13 @@ def part_ladder(args, rows, log):
             process = PROCESSES[pname]()
             for name in args.samplers:
                 for steps in (args.ladder or LADDERS[case]):
-                    extra = {**({"loss": args.loss} if args.loss != "mse" else {}),
+                    extra = {**({"loss": args.loss} if args.loss != "auto" else {}),
                              **({"tail_retries": args.tail_retries} if args.tail_retries else {})}
                     res, flagged = fit(name, steps, process, case, mix, **extra)
                     v = res.validation["optimized"]
                     nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
-                    label = name + (f", loss={args.loss}" if args.loss != "mse" else "") + (
-                        f", tail_retries={args.tail_retries}" if args.tail_retries else "")
+                    label = name + (f", loss={args.loss}" if args.loss != "auto" else "") + (
+                        f", tail_retries={args.tail_retries}" if args.tail_retries else "") + args.label
                     row = {"part": "ladder", "case": case, "process": pname, "sampler": label, "steps": steps, "nfe": nfe,
                            "wsw_ratio": round(w, 3), "nll_ratio": round(nl, 3), "meets": w <= B.CRITERION and nl <= B.CRITERION,
                            "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "mined": res.mined,
@@ -126,13 +128,14 @@ TRANSFER_KINDS = ("transferred from VE50", "fitted for the family, carried", "fi
 def part_transfer(args, rows, log):
     case, name = "ring", "dpmpp_2m"
     mix, floors, reference, ref_nll = setup(case, args)
+    kw = {"loss": args.loss} if args.loss != "auto" else {}
     for steps in (args.ladder or TRANSFER_LADDER):
-        source, _ = fit(name, steps, PROCESSES["VE"](), case, mix)
+        source, _ = fit(name, steps, PROCESSES["VE"](), case, mix, **kw)
         # one grid fitted for sigma_max 50, 10 and 40 at once (each using it carried over by transfer_log_snr)
-        family, _ = fit(name, steps, PROCESSES["VE"](), case, mix, family=[PROCESSES["VE10"](), PROCESSES["VE40"]()])
+        family, _ = fit(name, steps, PROCESSES["VE"](), case, mix, family=[PROCESSES["VE10"](), PROCESSES["VE40"]()], **kw)
         for pname in ("VE10", "VE40", "VE"):
             process = PROCESSES[pname]()
-            own = source if pname == "VE" else fit(name, steps, process, case, mix)[0]
+            own = source if pname == "VE" else fit(name, steps, process, case, mix, **kw)[0]
             grids = dict(zip(TRANSFER_KINDS, (carried(source.log_snr, process), carried(family.log_snr, process), own.times)))
             for kind, times in grids.items():
                 nfe, w, nl = judge(name, times.tolist(), process, mix, args, floors, reference, ref_nll,
@@ -199,25 +202,29 @@ def part_time(args, rows, log):
     cases = [spec.split(":") for spec in args.time_cases.split(",")]
     for case, name, steps, pname in cases:
         steps = int(steps)
-        mix = B.CASES[case][1]()
+        mix = B.CASES[case][1]() if case in B.CASES else anisotropic_mixture(dim=64)
         held = mix.sample(B.HELD_OUT_N, generator=B._gen(B.HELD_OUT_SEED))
         process = PROCESSES[pname]()
-        times = {"new": [], "old": []}
+        times, reports = {"new": [], "old": []}, {"new": [], "old": []}
         for rep in range(args.repeats):
             for which in (("old", "new") if rep % 2 else ("new", "old")):
                 fn = optimize_grid if which == "new" else old
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fn(get_sampler_class(name)(num_steps=steps), process, data=held,
-                       num_components=B.GRID_COMPONENTS[case], seed=B.OPTIMISER_SEED,
-                       **({"tail_rounds": args.time_tail_rounds} if which == "new" else {}))
+                    out = fn(get_sampler_class(name)(num_steps=steps), process, data=held,
+                             num_components=B.GRID_COMPONENTS.get(case, 10), seed=B.OPTIMISER_SEED, loss="nll",
+                             tail_rounds=args.time_tail_rounds)
+                reports[which].append(out.validation["optimized"])
                 times[which].append(time.perf_counter() - t0)
         ratios = [o / n for o, n in zip(times["old"], times["new"])]
         row = {"part": "time", "case": case, "process": pname, "sampler": name, "steps": steps,
                "tail_rounds": args.time_tail_rounds,
                "old_s": [round(t, 1) for t in times["old"]], "new_s": [round(t, 1) for t in times["new"]],
-               "speedup": round(sorted(ratios)[len(ratios) // 2], 2)}
+               "speedup": round(sorted(ratios)[len(ratios) // 2], 2),
+               # the held-out reports of the last repeat (both on the same held-out draws): the result, not only the time
+               **{f"{w}_report": [round(reports[w][-1].objective, 5), round(reports[w][-1].wsw_ratio, 2),
+                                  round(reports[w][-1].nll_ratio, 2), reports[w][-1].far_off] for w in ("old", "new")}}
         rows.append(row)
         log(json.dumps(row))
 
@@ -290,11 +297,14 @@ def write(args, rows):
     tm = [r for r in rows if r["part"] == "time"]
     if tm:
         lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
-                  "| case | process | sampler, steps | this one's tail_rounds | previous s | this s | speed-up (median ratio) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "Held-out report: objective, W-SW2 / NLL ratios, far off (both fits on the same held-out draws).", "",
+                  "| case | process | sampler, steps | tail_rounds | previous s | this s | speed-up (median ratio) | "
+                  "previous report | this report |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in tm:
             lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r.get('tail_rounds', 1)} | "
-                         f"{r['old_s']} | {r['new_s']} | {r['speedup']} |")
+                         f"{r['old_s']} | {r['new_s']} | {r['speedup']} | {r.get('old_report', '-')} | "
+                         f"{r.get('new_report', '-')} |")
     (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -309,20 +319,23 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="ladder,transfer,time")
     ap.add_argument("--ladder", default=None, help="num_steps budgets of the ladder part (default: per case)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--loss", default="mse", choices=("mse", "nll"), help="optimize_grid's loss in the ladder part")
+    ap.add_argument("--loss", default="auto", choices=("auto", "mse", "nll"),
+                    help="optimize_grid's loss in the ladder and transfer parts")
     ap.add_argument("--processes", default="VE,VP", help="processes of the ladder part")
     ap.add_argument("--tail-retries", type=int, default=0, help="optimize_grid's tail_retries in the ladder part")
     ap.add_argument("--calib-trials", type=int, default=2000, help="exact set pairs per case of the calib part")
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--judge-seeds", default="0,10,20,30", help="sampling seeds of the transfer part's signed NLL gaps")
     ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
-    ap.add_argument("--time-cases", default="ring:dpmpp_2m:14:VE,ring:dpmpp_3m:14:VP,aniso16:dpmpp_3m:20:VE",
+    ap.add_argument("--time-cases", default="ring:dpmpp_3m:12:VE,ring:dpmpp_3m:10:VP,aniso16:dpmpp_3m:16:VP,"
+                    "aniso64:dpmpp_3m:20:VP",
                     help="case:sampler:num_steps:process, comma-separated, for the time part")
-    ap.add_argument("--baseline-rev", default="cd8c252")
+    ap.add_argument("--baseline-rev", default="41f8e0f")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="grids")
     ap.add_argument("--merge", default=None, help="run nothing: merge the .jsonl rows of these tags into --tag")
     ap.add_argument("--note", default="")
+    ap.add_argument("--label", default="", help="appended to the ladder rows' sampler label (e.g. the code version)")
     args = ap.parse_args(argv)
     args.cases, args.samplers = args.cases.split(","), args.samplers.split(",")
     args.ladder = [int(v) for v in args.ladder.split(",")] if args.ladder else None

@@ -68,6 +68,21 @@ def test_inverse_problem_through_the_pipeline():
     torch.testing.assert_close(out.samples, ref.samples)
 
 
+def test_tds_through_the_pipeline():
+    """The pipeline hands the transform it builds (here PiGDM on the network's score) to ``tds``, which uses its
+    twist: the same samples as the sampler called directly, and its diagnostics are computed."""
+    pipe, proc = _pipe(), VPSDE()
+    a = MatrixOperator(torch.tensor([[0.6, -0.8]], dtype=D64))
+    y = torch.tensor([0.7], dtype=D64)
+    out = pipe(5, operator=a, observation=y, noise_std=0.5, sampler="tds", num_steps=10, num_particles=3,
+               generator=torch.Generator().manual_seed(1))
+    fn = PiGDM(pipe.score_function(), proc, a, y, 0.5)
+    ref = get_sampler("tds", num_steps=10, num_particles=3).sample(fn, proc, shape=(5, 2), dtype=D64,
+                                                                  generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.samples, ref.samples)
+    assert out.nfe == 10
+
+
 def test_mask_goes_to_repaint_as_its_options():
     pipe, proc = _pipe(), VPSDE()
     m, y = torch.tensor([1, 0]), torch.tensor([1.0, 0.0], dtype=D64)

@@ -390,3 +390,43 @@ def test_chi2_fallback_matches_scipy(dof):
 
     for level in (0.05, 1e-4):
         assert _chi2_critical_value_bisection(dof, level) == pytest.approx(chi2.isf(level, dof), rel=1e-9)
+
+
+# ---------------------------------------------------------------------- conditional transforms: the accuracy check
+# on the exact posterior (tests/helpers.projection_problem: the test-bed mixture observed through a projection,
+# sigma_y = 0.5, where DPS, PiGDM and replacement alone are biased). The deterministic sampler of these transforms
+# and the stochastic one without a particle correction fail it (tests/test_final_correction.py); the twisted
+# diffusion sampler with the transform as proposal and twist passes it (numbers vs particles and NFE:
+# benchmarks/results/tds.md). Exact transforms (exact posterior score, guidance at scale 1) pass with ancestral
+# and pf_ode: tests/test_conditioning.py.
+def _inverse_transform(method):
+    from helpers import projection_problem
+
+    from score_toolkit.conditioning import DPS, MatrixOperator, PiGDM, Replacement
+
+    mix, a, y, sy, post = projection_problem()
+    proc = conformance_processes()["vp"]
+    cls = {"dps": DPS, "pigdm": PiGDM, "replacement": Replacement}[method]
+    return cls(mix.score_fn(proc), proc, MatrixOperator(a), y, sy), proc, post
+
+
+@pytest.mark.parametrize(("method", "particles"), [("pigdm", 8), ("replacement", 8),
+                                                   pytest.param("dps", 64, marks=pytest.mark.slow)])
+def test_tds_passes_the_accuracy_check_with_approximate_transforms(method, particles):
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.testing import check_accuracy
+
+    fn, proc, post = _inverse_transform(method)
+    stats = check_accuracy(get_sampler("tds", num_steps=200, grid="log_sigma", num_particles=particles), fn, proc, post)
+    assert stats["nfe"] == 200
+
+
+@pytest.mark.parametrize("method", ["dps", "pigdm", "replacement"])
+def test_the_same_transforms_fail_it_without_particles(method):
+    """The control: the transform alone with the ancestral sampler on the same grid fails the check."""
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.testing import check_accuracy
+
+    fn, proc, post = _inverse_transform(method)
+    with pytest.raises(AssertionError, match="mode weights|within-mode"):
+        check_accuracy(get_sampler("ancestral", num_steps=200, grid="log_sigma"), fn, proc, post)

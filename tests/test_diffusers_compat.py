@@ -31,6 +31,7 @@ TINY = {
     "langevin": {"num_steps": 3, "t": 0.5},
     "pf_ode": {"method": "euler", "num_steps": 3},
     "predictor_corrector": {"num_steps": 3},
+    "tds": {"num_steps": 3, "num_particles": 2, "twist": "none"},  # unconditional: nothing observed
 }
 
 

@@ -31,7 +31,8 @@ CHOICES: dict[str, tuple] = {
     "grid": ("log_sigma", "karras", "uniform"),
 }
 SMALL = {"num_steps": 3, "num_levels": 2, "steps_per_level": 2, "corrector_steps": 2, "reference_steps": 2,
-         "rtol": 1e-2, "atol": 1e-2, "eps_rel": 0.2, "eps_abs": 0.05, "S_churn": 0.0}
+         "rtol": 1e-2, "atol": 1e-2, "eps_rel": 0.2, "eps_abs": 0.05, "S_churn": 0.0,
+         "twist": "none"}  # tds with a plain score function (its NFE with a transform: tests/test_tds.py)
 
 
 def _method_choices(cls) -> tuple:

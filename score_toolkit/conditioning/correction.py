@@ -25,11 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from .._utils import append_dims, as_time, check_tensor
 from ..processes import Process
 from ..samplers.base import Sampler, SamplerOutput
 from ..samplers.langevin import LangevinSampler, energy_or_none
-from .inverse import InverseProblemScore
+from .inverse import InverseProblemScore, Twist
 
 __all__ = ["ObservationLikelihood", "energy_or_none", "sample_with_final_correction"]
 
@@ -54,23 +53,14 @@ class ObservationLikelihood(InverseProblemScore):
         if self._prior_energy is not None:
             self.energy = self._energy
 
-    def _parts(self, x, t, y):
-        alpha, sigma = self.process.marginal(t)
-        shape = tuple(x.shape[1:])
-        a = append_dims(alpha, x.ndim)
-        r = y - self.operator.forward(x / a)
-        solved = self.operator.gram_solve(r, (sigma / alpha) ** 2, torch.full_like(alpha, self.noise_std**2), shape)
-        return r, solved, a, shape
-
-    def _score(self, x, t, y):
-        _, solved, a, shape = self._parts(x, t, y)
-        return self.score_fn(x, t) + self.operator.adjoint(solved, shape) / a
+    def _twist(self, x, t, y):
+        r, solved, a, shape = self._flat_parts(x, t, y)
+        s = self.score_fn(x, t)
+        return Twist(s, s + self.operator.adjoint(solved, shape) / a, -0.5 * (r * solved).reshape(x.shape[0], -1).sum(1))
 
     def _energy(self, x: torch.Tensor, t) -> torch.Tensor:
-        check_tensor(x, "x", min_rank=2)
-        t = as_time(t, x.shape[0], like=x)
-        self.operator.check_input(x)
-        r, solved, _, _ = self._parts(x, t, self._y(x))
+        t, y = self._checked(x, t)
+        r, solved, _, _ = self._flat_parts(x, t, y)
         return self._prior_energy(x, t) + 0.5 * (r * solved).reshape(x.shape[0], -1).sum(1)
 
 

@@ -24,11 +24,22 @@ given sampler's step sizes (benchmarks/bench_inpainting_digits.py does this for 
 
 DPS and PiGDM cost one score evaluation and one backward pass through the score network (a vector-Jacobian
 product) per call; Replacement costs one score evaluation and no gradient.
+
+Each method also states the likelihood it approximates, ``log p~_t(y | x_t)`` (up to a constant in ``x``), whose
+gradient is its correction ``g``: :meth:`InverseProblemScore.log_likelihood`, and :meth:`InverseProblemScore.twist`
+for the prior score, the transformed score and that log-likelihood from one evaluation. DPS:
+``-scale ||y - A x0^||^2 / (2 sigma_y^2)`` (``-scale ||y - A x0^||`` with ``weighting="normalized"``); PiGDM:
+``-scale (y - A x0^)^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0^) / 2``; Replacement: the flat-prior likelihood
+:meth:`InverseProblemScore.limit_log_likelihood` (its correction on the observed directions is that likelihood's
+gradient, but it also drops the prior's score there, so its score is not the prior's plus ``g``). The twisted
+diffusion sampler (``tds``, :mod:`score_toolkit.samplers.tds`) uses them as the twisting functions of its
+importance weights, which makes every one of these methods asymptotically exact in the number of particles.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,11 +47,24 @@ from .._utils import append_dims, as_time, check_tensor
 from ..processes import Process
 from .operators import LinearOperator
 
-__all__ = ["DPS", "PiGDM", "Replacement", "InverseProblemScore"]
+__all__ = ["DPS", "PiGDM", "Replacement", "InverseProblemScore", "Twist"]
+
+
+class Twist(NamedTuple):
+    """What :meth:`InverseProblemScore.twist` returns for a batch ``x`` (B, ...) at times ``t`` (B,)."""
+
+    #: the prior's score ``s(x, t)`` (B, ...)
+    prior_score: torch.Tensor
+    #: the method's conditional score (what calling the transform returns) (B, ...)
+    score: torch.Tensor
+    #: the method's ``log p~_t(y | x_t)`` per sample (B,), up to a constant in x
+    log_likelihood: torch.Tensor
 
 
 class InverseProblemScore:
-    """Common part: the prior score, the process, the operator, the observation and its noise level."""
+    """Common part: the prior score, the process, the operator, the observation and its noise level.
+
+    Subclasses implement ``_twist(x, t, y) -> Twist``; calling the transform returns its ``score``."""
 
     method = "inverse"
 
@@ -71,12 +95,48 @@ class InverseProblemScore:
         x0 = (xg + append_dims(sigma**2, x.ndim) * s) / append_dims(alpha, x.ndim)
         return xg, s, x0, alpha, sigma
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+    def _checked(self, x, t):
         check_tensor(x, "x", min_rank=2)
         t = as_time(t, x.shape[0], like=x)
         self.operator.check_input(x)
-        y = self._y(x)
+        return t, self._y(x)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        t, y = self._checked(x, t)
         return self._score(x, t, y)
+
+    def _score(self, x, t, y):
+        return self._twist(x, t, y).score
+
+    def twist(self, x: torch.Tensor, t) -> Twist:
+        """The prior score, this method's score and its ``log p~_t(y | x_t)`` (B,) at ``(x, t)``, from one score
+        evaluation (and, for DPS and PiGDM, one vector-Jacobian product): what a twisted sequential Monte Carlo
+        sampler needs per step (``tds``)."""
+        t, y = self._checked(x, t)
+        return self._twist(x, t, y)
+
+    def log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
+        """This method's approximation ``log p~_t(y | x_t)`` per sample (B,), up to a constant in x (its gradient
+        in x is the method's correction of the prior score). Costs what :meth:`twist` costs."""
+        return self.twist(x, t).log_likelihood
+
+    def limit_log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
+        """``log N(y; A x / alpha, sigma_y^2 I + (sigma / alpha)^2 A A^T)`` per sample (B,), up to a constant in x:
+        the likelihood of ``y`` given ``x_t`` when ``x_0 | x_t`` is taken as ``N(x / alpha, (sigma / alpha)^2 I)``.
+        It tends to the exact ``log p(y | x_t)`` as t -> 0 (error O(sigma^2)); the final weight of ``tds`` at
+        ``t_min``. No score evaluation. Needs ``noise_std > 0`` or ``sigma > 0``."""
+        t, y = self._checked(x, t)
+        r, solved, _, _ = self._flat_parts(x, t, y)
+        return -0.5 * (r * solved).reshape(x.shape[0], -1).sum(1)
+
+    def _flat_parts(self, x, t, y):
+        """``(r, G^{-1} r, alpha, shape)`` with ``r = y - A x / alpha``, ``G = sigma_y^2 I + (sigma/alpha)^2 A A^T``."""
+        alpha, sigma = self.process.marginal(t)
+        shape = tuple(x.shape[1:])
+        a = append_dims(alpha, x.ndim)
+        r = y - self.operator.forward(x / a)
+        solved = self.operator.gram_solve(r, (sigma / alpha) ** 2, torch.full_like(alpha, self.noise_std**2), shape)
+        return r, solved, a, shape
 
     def __repr__(self):
         return f"{type(self).__name__}(operator={self.operator!r}, noise_std={self.noise_std:g})"
@@ -88,6 +148,12 @@ def _check_scale(scale):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
         raise ValueError(f"expected scale to be a number >= 0 or a function of t, found {scale!r}")
     return float(scale)
+
+
+def _scale_per_sample(scale, t, like):
+    """The scale as a number or as (B,) values."""
+    value = _scale_at(scale, t, like)
+    return value.reshape(-1) if isinstance(value, torch.Tensor) and value.ndim > 0 else value
 
 
 def _scale_at(scale, t, like):
@@ -118,17 +184,19 @@ class DPS(InverseProblemScore):
             raise ValueError("DPS with weighting='gaussian' needs noise_std > 0 (or use weighting='normalized')")
         self.scale, self.weighting = _check_scale(scale), weighting
 
-    def _score(self, x, t, y):
+    def _twist(self, x, t, y):
         with torch.enable_grad():
             xg, s, x0, _, _ = self._denoised(x, t)
             r = (y - self.operator.forward(x0)).reshape(x.shape[0], -1)
             sq = r.pow(2).sum(1)
             if self.weighting == "gaussian":
-                obj = sq.sum() / (2 * self.noise_std**2)
+                ll = sq / (-2 * self.noise_std**2)
             else:
-                obj = sq.clamp_min(1e-30).sqrt().sum()
-            (grad,) = torch.autograd.grad(obj, xg)
-        return s.detach() - _scale_at(self.scale, t, grad) * grad
+                ll = -sq.clamp_min(1e-30).sqrt()
+            ll = _scale_per_sample(self.scale, t, ll) * ll
+            (grad,) = torch.autograd.grad(ll.sum(), xg)
+        s = s.detach()
+        return Twist(s, s + grad, ll.detach())
 
 
 class PiGDM(InverseProblemScore):
@@ -144,16 +212,19 @@ class PiGDM(InverseProblemScore):
             raise ValueError(f"expected data_variance > 0, found {data_variance!r}")
         self.scale, self.data_variance = _check_scale(scale), float(data_variance)
 
-    def _score(self, x, t, y):
+    def _twist(self, x, t, y):
         with torch.enable_grad():
             xg, s, x0, alpha, sigma = self._denoised(x, t)
             nsr2 = (sigma / alpha) ** 2
             r2 = self.data_variance * nsr2 / (self.data_variance + nsr2)
             shape = tuple(x.shape[1:])
             resid = y - self.operator.forward(x0)
-            v = self.operator.adjoint(self.operator.gram_solve(resid.detach(), r2, self.noise_std**2, shape), shape)
-            (grad,) = torch.autograd.grad(x0, xg, grad_outputs=v)
-        return s.detach() + _scale_at(self.scale, t, grad) * grad
+            solved = self.operator.gram_solve(resid.detach(), r2, self.noise_std**2, shape)
+            # -(resid^T C^{-1} resid) with C^{-1} resid held fixed has the gradient of the quadratic form / 2
+            half = -(resid * solved).reshape(x.shape[0], -1).sum(1) * _scale_per_sample(self.scale, t, resid)
+            (grad,) = torch.autograd.grad(half.sum(), xg)
+        s = s.detach()
+        return Twist(s, s + grad, 0.5 * half.detach())
 
 
 class Replacement(InverseProblemScore):
@@ -162,12 +233,14 @@ class Replacement(InverseProblemScore):
 
     method = "replacement"
 
-    def _score(self, x, t, y):
+    def _twist(self, x, t, y):
         alpha, sigma = self.process.marginal(t)
         shape = tuple(x.shape[1:])
         op = self.operator
         s = self.score_fn(x, t)
         s_free = s - op.pinv(op.forward(s), shape)
         resid = op.forward(x) - append_dims(alpha, y.ndim) * y
-        obs = op.adjoint(op.gram_solve(resid, sigma**2, alpha**2 * self.noise_std**2, shape), shape)
-        return s_free - obs
+        solved = op.gram_solve(resid, sigma**2, alpha**2 * self.noise_std**2, shape)
+        # log N(A x; alpha y, sigma^2 A A^T + alpha^2 sigma_y^2 I) = limit_log_likelihood up to a constant in x
+        ll = -0.5 * (resid * solved).reshape(x.shape[0], -1).sum(1)
+        return Twist(s, s_free - op.adjoint(solved, shape), ll)

@@ -96,21 +96,32 @@ class MixtureScore:
         self.project = mixture.eigvecs.permute(1, 0, 2).reshape(d, k * d).contiguous()
         self.unproject = mixture.eigvecs.permute(0, 2, 1).reshape(k * d, d).contiguous()
         self._general = mixture.score_fn(process)
+        self._copies = {mixture.dtype: (self.means, self.eigvals, self.log_weights, self.project, self.unproject)}
+
+    def _parameters(self, dtype: torch.dtype):
+        """The means, variances, log-weights and projections in ``dtype`` (float32 states are scored in float32:
+        what ``optimize_grid(fit_dtype=torch.float32)`` trains with; any other dtype in the mixture's)."""
+        if dtype != torch.float32:
+            dtype = self.mixture.dtype
+        if dtype not in self._copies:
+            self._copies[dtype] = tuple(v.to(dtype) for v in self._copies[self.mixture.dtype])
+        return dtype, self._copies[dtype]
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=self.mixture.dtype)
         if t.ndim == 1 and t.numel() > 1 and not bool((t == t[0]).all()):
             return self._general(x, t)
-        alpha, sigma = self.process.marginal(t.reshape(-1)[:1].to(self.mixture.dtype))
-        xf = x.reshape(x.shape[0], -1).to(self.mixture.dtype)
-        b, (k, d) = xf.shape[0], self.means.shape
-        xp = xf[:, None, :] if self.diagonal else (xf @ self.project).view(b, k, d)
-        y = xp - alpha * self.means  # (B, K, d) in the eigen-bases
-        inv_var = 1.0 / (alpha**2 * self.eigvals + sigma**2)  # (K, d)
+        dtype, (means, eigvals, log_weights, project, unproject) = self._parameters(x.dtype)
+        alpha, sigma = (v.to(dtype) for v in self.process.marginal(t.reshape(-1)[:1].to(self.mixture.dtype)))
+        xf = x.reshape(x.shape[0], -1).to(dtype)
+        b, (k, d) = xf.shape[0], means.shape
+        xp = xf[:, None, :] if self.diagonal else (xf @ project).view(b, k, d)
+        y = xp - alpha * means  # (B, K, d) in the eigen-bases
+        inv_var = 1.0 / (alpha**2 * eigvals + sigma**2)  # (K, d)
         z = y * inv_var
-        logits = -0.5 * (z * y).sum(-1) + 0.5 * torch.log(inv_var).sum(-1) + self.log_weights
+        logits = -0.5 * (z * y).sum(-1) + 0.5 * torch.log(inv_var).sum(-1) + log_weights
         w = torch.softmax(logits, dim=1)[..., None] * z
-        s = -(w.sum(1) if self.diagonal else w.reshape(b, k * d) @ self.unproject)
+        s = -(w.sum(1) if self.diagonal else w.reshape(b, k * d) @ unproject)
         return s.to(x.dtype).reshape(x.shape)
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..processes import Process
+from ._reference_table import REFERENCE_GRIDS, reference_log_snr
 from .base import Sampler, SamplingContext, check_float, check_int
 from .grid_store import (  # the store of named grids and the log-SNR transfer; re-exported here
     GRID_DIR_ENV_VAR,
@@ -146,6 +147,9 @@ def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Te
     return out
 
 
+#: the grid option of the data-free grids fitted on a reference family (:mod:`score_toolkit.samplers.reference_grids`)
+REFERENCE_GRID = "reference"
+
 
 @dataclass(frozen=True)
 class _GridSpec:
@@ -154,6 +158,7 @@ class _GridSpec:
     times: tuple[float, ...] | None = None  # explicit times
     label: str = ""
     made_for: dict | None = field(default=None, compare=False)
+    sampler: str | None = None  # whose shipped reference grid (grid="reference")
 
     @property
     def num_steps(self) -> int | None:
@@ -166,6 +171,11 @@ class _GridSpec:
 
 def _parse_grid(grid, sampler: str) -> _GridSpec:
     if isinstance(grid, str):
+        if grid == REFERENCE_GRID:
+            if sampler not in REFERENCE_GRIDS:
+                raise ValueError(f"sampler {sampler!r}: option grid 'reference': no reference grid is shipped for this "
+                                 f"sampler; shipped for {sorted(REFERENCE_GRIDS)}")
+            return _GridSpec(kind=REFERENCE_GRID, label=REFERENCE_GRID, sampler=sampler)
         if grid in GRID_KINDS:
             return _GridSpec(kind=grid, label=grid)
         try:
@@ -192,7 +202,8 @@ def _parse_grid(grid, sampler: str) -> _GridSpec:
             )
         return _GridSpec(times=tuple(values), label="option grid")
     raise TypeError(
-        f"sampler {sampler!r}: expected option grid to be one of {GRID_KINDS}, a saved grid name or .json path, "
+        f"sampler {sampler!r}: expected option grid to be one of {GRID_KINDS}, {REFERENCE_GRID!r}, a saved grid name or "
+        ".json path, "
         f"or a sequence of times; found {type(grid).__name__}"
     )
 
@@ -202,6 +213,8 @@ def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float, 
     (``fitted_order``: which shipped density ``grid="fitted"`` uses, see :func:`fitted_log_snr`)."""
     if spec.kind == "fitted":
         return _times_from_log_snr(fitted_log_snr(process, num_steps, fitted_order), process, "the fitted grid")
+    if spec.kind == REFERENCE_GRID:
+        return _times_from_log_snr(reference_log_snr(process, num_steps, spec.sampler), process, "the reference grid")
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
     if spec.log_snr is not None:
@@ -281,7 +294,12 @@ class GridSampler(Sampler):
         return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        x = self._integrate(ctx, x, self.time_grid(ctx.process))
+        return self._run_grid(ctx, x, self.time_grid(ctx.process))
+
+    def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """One run on the grid ``ts`` with this sampler's own end (``to_zero``): what ``sample`` runs, and what
+        :func:`~score_toolkit.samplers.grids.optimize_grid` fits and validates (differentiable in ``ts``)."""
+        x = self._integrate(ctx, x, ts)
         if self.config["to_zero"]:
             x = step_to_zero(ctx, x, ctx.process.t_min)
         return x

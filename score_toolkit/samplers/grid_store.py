@@ -43,8 +43,8 @@ def _check_name(name: str) -> str:
         raise ValueError(
             f"expected a grid name of letters, digits, '_', '.', '-' (not ending in .json), found {name!r}"
         )
-    if name in GRID_KINDS:
-        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {GRID_KINDS}")
+    if name in GRID_KINDS or name == "reference":
+        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {(*GRID_KINDS, 'reference')}")
     return name
 
 

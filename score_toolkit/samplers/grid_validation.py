@@ -138,9 +138,13 @@ class GridOptimizationResult:
         return "\n".join(lines)
 
 
-def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed):
-    """The held-out report of every grid (see :class:`GridValidation`)."""
+def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed, at_zero=False):
+    """The held-out report of every grid (see :class:`GridValidation`); ``at_zero``: the outputs are already clean
+    samples (the sampler ends with ``to_zero`` or ``denoise``), else the ``to_zero`` step is taken to judge them."""
     from .. import metrics as M
+
+    def to_zero(x):
+        return x if at_zero else step_to_zero(context(sampler), x, process.t_min)
 
     far = OffData(ref_val, mix, scale=c, level=1.0)  # beyond the least likely reference output
     judged = None
@@ -155,7 +159,7 @@ def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve,
         ref_labels = mix.posterior(ref_val.flatten(1).to(mix.dtype)).argmax(1)
         # the NLL gap is taken against the reference outputs from the same draws (paired: the draws' own sampling
         # noise, which would otherwise dominate at this size, cancels)
-        ref_nll = float(-mix.log_prob(step_to_zero(context(sampler), ref_val, process.t_min).flatten(1).to(mix.dtype)).mean())
+        ref_nll = float(-mix.log_prob(to_zero(ref_val).flatten(1).to(mix.dtype)).mean())
         judged = (exact, ref_nll, wsw_floor, nll_floor, ref_labels)
     out = {}
     for key, grid in grids.items():
@@ -166,7 +170,7 @@ def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve,
                            q999_error=q[2], max_error=float(err.max()), far_off=int((far(x) > FAR_OFF_MARGIN).sum()))
         if judged is not None:
             exact, exact_nll, wsw_floor, nll_floor, ref_labels = judged
-            x0 = step_to_zero(context(sampler), x, process.t_min).flatten(1).to(mix.dtype)
+            x0 = to_zero(x).flatten(1).to(mix.dtype)
             v.mode_flips = int((mix.posterior(x.flatten(1).to(mix.dtype)).argmax(1) != ref_labels).sum())
             v.wsw_ratio = M.within_mode_sliced_wasserstein(x0, mix, reference=exact) / wsw_floor
             v.nll_ratio = abs(float(-mix.log_prob(x0).mean()) - exact_nll) / nll_floor

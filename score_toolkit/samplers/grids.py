@@ -117,10 +117,10 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
             raise ValueError(f"optimize_grid: expected {key} to be a finite number >= 0, found {value!r}")
     if not lr > 0:
         raise ValueError(f"optimize_grid: expected lr > 0, found {lr!r}")
-    if nll_weight != 1.0 and loss != "nll":
+    if nll_weight != 1.0 and loss == "mse":
         raise ValueError(f"optimize_grid: nll_weight weighs the term of loss='nll', found loss={loss!r} with "
                          f"nll_weight={nll_weight!r} (pass loss='nll' or leave nll_weight at 1.0)")
-    for key, value, allowed in (("loss", loss, ("mse", "nll")), ("method", method, ("lbfgs", "adam")),
+    for key, value, allowed in (("loss", loss, ("auto", "mse", "nll")), ("method", method, ("lbfgs", "adam")),
                                 ("covariance", covariance, ("full", "diag")), ("on_bad_tail", on_bad_tail, ("warn", "error"))):
         if value not in allowed:
             raise ValueError(f"optimize_grid: expected {key} one of {allowed}, found {value!r}")
@@ -172,7 +172,7 @@ def optimize_grid(
     save_as: str | os.PathLike | None = None,
     directory: str | os.PathLike | None = None,
     overwrite: bool = False,
-    loss: str = "mse",
+    loss: str = "auto",
     nll_weight: float = 1.0,
     tail_weight: float = 1.0,
     tail_tolerance: float = 0.0,
@@ -183,6 +183,7 @@ def optimize_grid(
     method: str = "lbfgs",
     dtype: torch.dtype = torch.float64,
     device=None,
+    fit_dtype: torch.dtype | None = None,
 ) -> GridOptimizationResult:
     """Choose the ``n + 1`` time points of ``sampler``'s grid (``n = sampler.config["num_steps"]``) that minimise
     its discretisation error on a reference problem, and validate them on held-out draws.
@@ -194,7 +195,9 @@ def optimize_grid(
 
     Objective: from ``num_samples`` prior draws (seed ``seed``), the sampler's output ``x`` is compared with a
     high-accuracy solution ``x_ref`` of the same probability-flow ODE from the same draws (DPM-Solver++(3M),
-    ``reference_steps`` log-SNR steps). Two terms, both dimensionless:
+    ``reference_steps`` log-SNR steps). The sampler runs as it does in ``sample``: with its own end (``to_zero``'s
+    step, unipc's final corrector and step to zero, ``denoise``), and the reference ends the same way. Two terms,
+    both dimensionless:
 
     * body: the mean of ``e^2 / (c + e^2)`` with ``e = |x - x_ref|`` and ``c`` one feature's spread within a mode
       (the mixture's mean component variance): a sample that ends in another mode than its reference (near a
@@ -215,7 +218,9 @@ def optimize_grid(
     left 0.003, so it is opt-in.
 
     ``loss="nll"`` (mixtures only) adds the squared mean log-density bias of the samples (what the mean-NLL metric
-    sees), times ``nll_weight``.
+    sees), times ``nll_weight``; ``loss="mse"`` leaves it out; the default ``"auto"`` is ``"nll"`` with a mixture
+    reference and ``"mse"`` with a ``score_fn`` (measured: without the term the grids' bias of the bulk's mean NLL,
+    invisible to the pathwise error, failed the criterion at budgets above the smallest passing one).
 
     Parametrisation and optimiser: the log-SNR span is split by softmax fractions (monotone, ends fixed, every step
     at least 0.1 % of an even share), initialised at ``init`` (a grid kind of ``GRID_KINDS``, or ``"best"``: the kind
@@ -226,7 +231,7 @@ def optimize_grid(
     ``patience`` evaluations.
 
     Validation: ``num_validation`` fresh prior draws (seed ``seed + 7919``) and their reference solutions; for the
-    optimised grid, the data-free ``"fitted"`` grid and the built-in kinds, :class:`GridValidation` gives the
+    optimised grid, the data-free ``"fitted"`` grid (the sampler's own shipped density) and the built-in kinds, :class:`GridValidation` gives the
     objective, the error quantiles (median, 99 %, 99.9 %, max), the number of samples far off the data, and with a
     mixture the mode flips and the criteria users are judged by: within-mode sliced W2 and |mean-NLL gap| of the
     outputs taken to noise level zero, against as many exact samples of the mixture, divided by their noise floors.
@@ -247,18 +252,23 @@ def optimize_grid(
     there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
-    draws (``seed + 1``, up to ``k`` times) and the fit whose own held-out report has fewer far-off samples is kept
-    (``result.retries``, ``result.seed``); the warning is issued only if the kept fit is still flagged. Measured on
+    training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
+    ``seed + 7919``) and the one with the fewest far-off samples is kept, the first of equals (``result.retries``,
+    ``result.seed``: the kept fit's training seed); the warning is issued only if the kept fit is still flagged. Measured on
     the 2-D ring (3M, 24 steps, VP, ``loss="nll"``): the first fit threw 2 of 4096 held-out samples off the ring (judged
     W-SW2 1.62x the floor), the refit none (0.84x); a second hard-example round instead found the same grid.
 
     Only deterministic samplers (``properties.stochastic`` False) of :class:`GridSampler` are optimised: a pathwise
     error against the ODE solution is not defined for a stochastic sampler.
 
+    ``fit_dtype`` (default: ``dtype``, float64): the dtype of the training runs (the held-out validation stays in
+    ``dtype``); ``torch.float32`` fits 1.5-2x faster in 16-D but finds other grids (measured in
+    docs/fast_samplers.md, "Fitting time"), so it is opt-in. The training reference solutions of a mixture reference
+    are solved in float32 whatever ``fit_dtype`` (their rounding is far below the errors a grid is fitted on).
+
     Cost: about ``iterations`` forward and backward runs of the sampler on ``num_samples`` draws, usually fewer
     (early stop); ``result.fit_seconds`` has the time (measured in docs/fast_samplers.md, "Fitting time").
     """
-    arguments = dict(locals())  # (a retry refits with the same arguments and another seed)
     start = time.perf_counter()
     _check_arguments(sampler, process, init,
                      {"num_samples": (num_samples, 1), "num_validation": (num_validation, 2), "iterations": (iterations, 0),
@@ -273,6 +283,11 @@ def optimize_grid(
     family = _check_family(family, process, mix)
     if loss == "nll" and mix is None:
         raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=), not score_fn=")
+    if loss == "auto":  # the NLL term where it can be computed (measured: docs/fast_samplers.md, "Measured")
+        loss = "nll" if mix is not None else "mse"
+    if nll_weight != 1.0 and loss != "nll":
+        raise ValueError(f"optimize_grid: nll_weight weighs the term of loss='nll', which a score_fn reference has "
+                         f"not, found nll_weight={nll_weight!r}")
     if mix is not None:
         sample_shape = (mix.dim,)
     elif data is not None:
@@ -282,30 +297,46 @@ def optimize_grid(
     else:
         raise ValueError("optimize_grid: pass shape= (one sample's shape) together with score_fn=")
 
+    if fit_dtype is not None and not (isinstance(fit_dtype, torch.dtype) and fit_dtype.is_floating_point):
+        raise TypeError(f"optimize_grid: expected fit_dtype to be a floating torch.dtype or None, found {fit_dtype!r}")
+    # the training runs' dtype (the held-out validation and its reference solutions stay in ``dtype``)
+    train_dtype = fit_dtype if fit_dtype is not None else dtype
+    # the training and hard-example reference solutions of a mixture reference are solved in float32 (measured:
+    # 2-4x faster in 64-D; their float32 rounding, 1e-5 median, is far below the errors a grid is fitted on)
+    ref_dtype = torch.float32 if mix is not None else train_dtype
+
+    def reference_of(x):
+        return solve(reference, x.to(ref_dtype)).to(x.dtype)
     from .dpm_solver import DPMSolverPP3M
 
     n = int(sampler.config["num_steps"])
-    reference = DPMSolverPP3M(num_steps=reference_steps, grid="log_sigma", lower_order_final=False)
+    # the sampler is fitted and validated as it runs: its own end (to_zero, unipc's final corrector, denoise); the
+    # reference solution ends the same way
+    ends = {k: bool(sampler.config.get(k, False)) for k in ("to_zero", "denoise")}
+    at_zero = ends["to_zero"] or ends["denoise"]  # the output is already a clean sample
+    reference = DPMSolverPP3M(num_steps=reference_steps, grid="log_sigma", lower_order_final=False, **ends)
 
-    def draws(count, s, proc=process):
+    def draws(count, s, proc=process, as_dtype=dtype):  # (drawn in dtype: the same draws whatever the training dtype)
         return proc.prior_sample((count, *sample_shape), generator=torch.Generator().manual_seed(s),
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype).to(as_dtype)
 
     def context(smp, proc=process, fn=score):
         return SamplingContext(smp, fn, proc, None, None, False, False, None)
 
     def solve(smp, x, ts=None, proc=process, fn=score):
-        return smp._integrate(context(smp, proc, fn), x, smp.time_grid(proc) if ts is None else ts)
+        ctx = context(smp, proc, fn)
+        x = smp._run_grid(ctx, x, smp.time_grid(proc) if ts is None else ts)
+        return smp._denoise(ctx, x) if smp.config["denoise"] else x
 
-    def kind_grid(kind):
-        return resolve_grid(_parse_grid(kind, sampler.name), process, n, 7.0)
+    def kind_grid(kind):  # (the data-free "fitted" grid with the sampler's own density, as it runs)
+        return resolve_grid(_parse_grid(kind, sampler.name), process, n, 7.0, sampler.fitted_order)
 
+    # c: one feature's spread within a mode (far above the errors of a usable grid, far below the distance between
+    # modes); without a mixture it is read off the validation's reference outputs (the same for every attempt)
     with torch.no_grad():
-        x_train, x_val = draws(num_samples, seed), draws(num_validation, seed + 7919)
-        ref_train, ref_val = solve(reference, x_train), solve(reference, x_val)
-    # c: one feature's spread within a mode (far above the errors of a usable grid, far below the distance between modes)
-    c = float(mix.eigvals.mean()) if mix is not None else 0.01 * float(ref_train.flatten(1).var(0).mean())
-    off_train = OffData(ref_train, mix, scale=c, level=1.0)
+        x_val = draws(num_validation, seed + 7919)  # one held-out set: every attempt is judged on the same draws
+        ref_val = solve(reference, x_val)
+    c = float(mix.eigvals.mean()) if mix is not None else 0.01 * float(ref_val.flatten(1).var(0).mean())
 
     def objective(x, ref, off):
         per = (x - ref).flatten(1).pow(2).sum(1)
@@ -317,12 +348,6 @@ def optimize_grid(
         return value
 
     lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
-    if init == "best":  # start from the grid kind with the smallest training objective
-        with torch.no_grad():
-            init_losses = {k: float(objective(solve(sampler, x_train, kind_grid(k)), ref_train, off_train)) for k in GRID_KINDS}
-        init = min(init_losses, key=lambda k: init_losses[k] if math.isfinite(init_losses[k]) else math.inf)
-    lam_init = process.log_snr(kind_grid(init))
-    theta = torch.log(torch.diff(lam_init).clamp_min(1e-12))
     t_ends = (torch.tensor([process.t_max], dtype=torch.float64), torch.tensor([process.t_min], dtype=torch.float64))
 
     def times_of(th):
@@ -331,117 +356,142 @@ def optimize_grid(
         lam = lam0 + (lam1 - lam0) * torch.cumsum(frac, 0)[:-1]
         return torch.cat([t_ends[0], process.t_from_log_snr(lam), t_ends[1]])
 
-    # the family's processes: each with its own score, prior draws and reference solutions, using the grid carried over
-    members = []
-    for k, proc in enumerate(family, start=1):
-        fn = MixtureScore(mix, proc)
-        with torch.no_grad():
-            xs = draws(num_samples, seed + 104_711 * k, proc)
-            refs = solve(reference, xs, proc=proc, fn=fn)
-        members.append((proc, fn, xs, refs, OffData(refs, mix, scale=c, level=1.0)))
-
     def member_times(ts, proc):
         lam = transfer_log_snr(process.log_snr(ts), proc, n)
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
 
-    def family_objective(ts, x_fit, ref_fit, off_fit):
-        value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
-        for proc, fn, xs, refs, off in members:
-            value = value + objective(solve(sampler, xs, member_times(ts, proc), proc, fn), refs, off)
-        return value / (1 + len(members))
-
-    history: list[float] = []
-    best = [math.inf, theta.clone()]
-
-    def run(x_fit, ref_fit, off_fit, budget):
-        """Minimise the objective on (x_fit, ref_fit) (and the family's draws) from the best point so far, for at
-        most `budget` evaluations."""
-        start_count = len(history)
-        best[0] = math.inf  # the objective changes with the training set
-        th = best[1].clone().requires_grad_(True)
-
-        def closure():
-            done = len(history) - start_count
-            if done >= budget:
-                raise _Stop
-            recent = history[start_count:]
-            if done > patience and best[0] > (1 - rel_tol) * min(recent[:-patience], default=math.inf):
-                raise _Stop  # the last `patience` evaluations improved the best by less than rel_tol
-            opt.zero_grad()
-            with torch.enable_grad():
-                value_t = family_objective(times_of(th), x_fit, ref_fit, off_fit)
-                value = float(value_t.detach())
-                history.append(value)
-                if math.isfinite(value) and value < best[0]:
-                    best[0], best[1] = value, th.detach().clone()
-                if not math.isfinite(value):  # a grid the sampler cannot run on: push back towards the best one
-                    return value_t.detach().nan_to_num(posinf=1e30, nan=1e30).requires_grad_()
-                value_t.backward()
-            return value_t
-
-        try:
-            if method == "lbfgs":
-                opt = torch.optim.LBFGS([th], lr=1.0, max_iter=10 * budget + 1, max_eval=10 * budget + 1,
-                                        history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
-                                        tolerance_change=1e-12)
-                opt.step(closure)
-            else:
-                opt = torch.optim.Adam([th], lr=float(lr))
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, budget))
-                for _ in range(budget):
-                    opt.step(closure)
-                    sched.step()
-        except _Stop:
-            pass
-        if len(history) == start_count:  # no evaluation (iterations=0): the starting grid
-            with torch.no_grad():
-                best[0] = float(family_objective(times_of(best[1]), x_fit, ref_fit, off_fit))
-
-    run(x_train, ref_train, off_train, iterations)
-    mined = 0
-    if tail_rounds:
-        # hard examples: the draws of a second set that the grid throws beyond the reference outputs join the
-        # training set (1024 draws rarely hold one of the 1e-3 .. 1e-4 events the judges' metrics see)
+    def fit(fit_seed):
+        """One fit from the training draws of ``fit_seed``: (times, best training objective, history, hard examples
+        mined, the initial kind)."""
         with torch.no_grad():
-            x_mine = draws(num_validation, seed + 2 * 7919)
-            ref_mine = solve(reference, x_mine)
-            far_mine = OffData(ref_mine, mix, scale=c, level=1.0)(solve(sampler, x_mine, times_of(best[1]))) > 0
-        mined = int(far_mine.sum())
-        if mined:
-            x_fit, ref_fit = torch.cat([x_train, x_mine[far_mine]]), torch.cat([ref_train, ref_mine[far_mine]])
-            run(x_fit, ref_fit, off_train, iterations)
+            x_train = draws(num_samples, fit_seed, as_dtype=train_dtype)
+            ref_train = reference_of(x_train)
+        off_train = OffData(ref_train, mix, scale=c, level=1.0)
+        start_kind = init
+        if start_kind == "best":  # start from the grid kind with the smallest training objective
+            with torch.no_grad():
+                losses = {k: float(objective(solve(sampler, x_train, kind_grid(k)), ref_train, off_train))
+                          for k in GRID_KINDS}
+            start_kind = min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
+        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
+        # the family's processes: each with its own score, prior draws and reference solutions, using the grid
+        # carried over
+        members = []
+        for k, proc in enumerate(family, start=1):
+            fn = MixtureScore(mix, proc)
+            with torch.no_grad():
+                xs = draws(num_samples, fit_seed + 104_711 * k, proc, train_dtype)
+                refs = solve(reference, xs.to(ref_dtype), proc=proc, fn=fn).to(xs.dtype)
+            members.append((proc, fn, xs, refs, OffData(refs, mix, scale=c, level=1.0)))
+
+        def family_objective(ts, x_fit, ref_fit, off_fit):
+            value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
+            for proc, fn, xs, refs, off in members:
+                value = value + objective(solve(sampler, xs, member_times(ts, proc), proc, fn), refs, off)
+            return value / (1 + len(members))
+
+        history: list[float] = []
+        best = [math.inf, theta.clone()]
+
+        def run(x_fit, ref_fit, off_fit, budget):
+            """Minimise the objective on (x_fit, ref_fit) (and the family's draws) from the best point so far, for at
+            most `budget` evaluations."""
+            start_count = len(history)
+            best[0] = math.inf  # the objective changes with the training set
+            th = best[1].clone().requires_grad_(True)
+
+            def closure():
+                done = len(history) - start_count
+                if done >= budget:
+                    raise _Stop
+                recent = history[start_count:]
+                if done > patience and best[0] > (1 - rel_tol) * min(recent[:-patience], default=math.inf):
+                    raise _Stop  # the last `patience` evaluations improved the best by less than rel_tol
+                opt.zero_grad()
+                with torch.enable_grad():
+                    value_t = family_objective(times_of(th), x_fit, ref_fit, off_fit)
+                    value = float(value_t.detach())
+                    history.append(value)
+                    if math.isfinite(value) and value < best[0]:
+                        best[0], best[1] = value, th.detach().clone()
+                    if not math.isfinite(value):  # a grid the sampler cannot run on: push back towards the best one
+                        return value_t.detach().nan_to_num(posinf=1e30, nan=1e30).requires_grad_()
+                    value_t.backward()
+                return value_t
+
+            try:
+                if method == "lbfgs":
+                    opt = torch.optim.LBFGS([th], lr=1.0, max_iter=10 * budget + 1, max_eval=10 * budget + 1,
+                                            history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                                            tolerance_change=1e-12)
+                    opt.step(closure)
+                else:
+                    opt = torch.optim.Adam([th], lr=float(lr))
+                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, budget))
+                    for _ in range(budget):
+                        opt.step(closure)
+                        sched.step()
+            except _Stop:
+                pass
+            if len(history) == start_count:  # no evaluation (iterations=0): the starting grid
+                with torch.no_grad():
+                    best[0] = float(family_objective(times_of(best[1]), x_fit, ref_fit, off_fit))
+
+        run(x_train, ref_train, off_train, iterations)
+        mined = 0
+        if tail_rounds:
+            # hard examples: the draws of a second set that the grid throws beyond the reference outputs join the
+            # training set (1024 draws rarely hold one of the 1e-3 .. 1e-4 events the judges' metrics see)
+            with torch.no_grad():
+                x_mine = draws(num_validation, fit_seed + 2 * 7919, as_dtype=train_dtype)
+                ref_mine = reference_of(x_mine)
+                far_mine = OffData(ref_mine, mix, scale=c, level=1.0)(solve(sampler, x_mine, times_of(best[1]))) > 0
+            mined = int(far_mine.sum())
+            if mined:
+                x_fit, ref_fit = torch.cat([x_train, x_mine[far_mine]]), torch.cat([ref_train, ref_mine[far_mine]])
+                run(x_fit, ref_fit, off_train, iterations)
+        return times_of(best[1]).detach(), best[0], history, mined, start_kind
+
+    # the family's held-out draws and reference solutions (also one set for every attempt)
+    held_out = []
     with torch.no_grad():
-        ts = times_of(best[1])
-        grids = {"optimized": ts, **{kind: kind_grid(kind) for kind in GRID_KINDS}}
-        validation = _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed)
-        family_validation = {}
-        for proc, fn, *_ in members:  # the carried grid under each family process, on its own held-out draws
+        for proc in family:
+            fn = MixtureScore(mix, proc)
             xv = draws(num_validation, seed + 7919, proc)
-            rv = solve(reference, xv, proc=proc, fn=fn)
-            family_validation[repr(proc)] = _validate(
-                {"optimized": member_times(ts, proc)}, sampler, proc, mix, xv, rv, c, objective,
-                lambda smp, x, g, proc=proc, fn=fn: solve(smp, x, g, proc, fn),
-                lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed)["optimized"]
+            held_out.append((proc, fn, xv, solve(reference, xv, proc=proc, fn=fn)))
+
+    def validate(ts):
+        with torch.no_grad():
+            grids = {"optimized": ts, **{kind: kind_grid(kind) for kind in GRID_KINDS}}
+            validation = _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed,
+                                   at_zero)
+            family_validation = {}
+            for proc, fn, xv, rv in held_out:  # the carried grid under each family process, on its own held-out draws
+                family_validation[repr(proc)] = _validate(
+                    {"optimized": member_times(ts, proc)}, sampler, proc, mix, xv, rv, c, objective,
+                    lambda smp, x, g, proc=proc, fn=fn: solve(smp, x, g, proc, fn),
+                    lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed, at_zero)["optimized"]
+        return validation, family_validation
+
     allowed = int(tail_tolerance * num_validation)
-    worst = _worst_tail(validation, family_validation)
-    tail_ok = worst.far_off <= allowed
-    result = GridOptimizationResult(times=ts, log_snr=process.log_snr(ts), loss=best[0], validation=validation,
-                                    tail_ok=tail_ok, history=history, evaluations=len(history), mined=mined,
-                                    fit_seconds=time.perf_counter() - start, num_validation=num_validation,
-                                    family_validation=family_validation, seed=seed)
-    if not tail_ok and tail_retries:
-        # refit from other draws (seed + 1); keep the fit whose held-out report has fewer far-off samples
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", GridTailWarning)
-            other = optimize_grid(**{**arguments, "seed": seed + 1, "tail_retries": tail_retries - 1, "save_as": None,
-                                     "on_bad_tail": "warn"})
-        other_worst = _worst_tail(other.validation, other.family_validation)
-        retried = 1 + other.retries
-        if other_worst.far_off < worst.far_off:
-            result, worst = other, other_worst
-        result.retries = retried
-        result.fit_seconds = time.perf_counter() - start
+    result = worst = None
+    for attempt in range(1 + tail_retries):
+        # a flagged fit is refitted from other training draws (seed + 1, ...); every fit is judged on the same
+        # held-out draws, and the one with the fewest far-off samples is kept (the first of equals)
+        ts, best_loss, history, mined, start_kind = fit(seed + attempt)
+        validation, family_validation = validate(ts)
+        candidate = _worst_tail(validation, family_validation)
+        if result is None or candidate.far_off < worst.far_off:
+            result = GridOptimizationResult(
+                times=ts, log_snr=process.log_snr(ts), loss=best_loss, validation=validation,
+                tail_ok=candidate.far_off <= allowed, history=history, evaluations=len(history), mined=mined,
+                fit_seconds=0.0, num_validation=num_validation, family_validation=family_validation, seed=seed + attempt)
+            worst, kept_init = candidate, start_kind
+        result.retries = attempt
+        if result.tail_ok:
+            break
+    result.fit_seconds = time.perf_counter() - start
     if not result.tail_ok:
         message = (f"optimize_grid: the optimised {n}-step grid of {sampler.name!r} throws "
                    f"{worst.far_off} of {num_validation} held-out samples far off the data (allowed: "
@@ -456,7 +506,7 @@ def optimize_grid(
                 "tail_ok": result.tail_ok, "num_samples": num_samples, "num_validation": num_validation,
                 "evaluations": result.evaluations, "mined": result.mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
-                "init": init if result.seed == seed else None, "seed": result.seed, "retries": result.retries, "sampler_options": options,
+                "init": kept_init, "seed": result.seed, "retries": result.retries, "sampler_options": options,
                 "family": [_process_record(p) for p in family],
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}

@@ -17,7 +17,10 @@ conditions with the node ``r = 1`` added (``g_j = j! phi_{j+1}(-h) h^... / B(h)`
 ``D(x~_{i+1})`` the corrector uses is the evaluation the next predictor step needs anyway, so UniPC-p costs one
 evaluation per step and has order p + 1; the next step starts from the corrected ``x_{i+1}``. The last step is not
 corrected (no evaluation follows it) unless the final step to noise level zero (``to_zero``) supplies one: then
-its evaluation at ``x~_n`` also corrects ``x_n`` before the step to zero, at no extra cost.
+its evaluation at ``x~_n`` also corrects ``x_n`` before the step to zero, at no extra cost, and the step to zero is
+``(x_n / alpha + D(x~_n)) / 2``. The form ``x_n / alpha + (D(x~_n) - x~_n / alpha) / 2`` (``_end_rule =
+"corrected"``) is closer on Gaussian data but measured worse on the ring mixture at 15-25 NFE, where the slightly
+narrowing default offsets the ring's own error (docs/fast_samplers.md, "Defaults").
 
 Bit for bit the algorithm of diffusers' ``UniPCMultistepScheduler`` (``predict_x0=True``, ``solver_type="bh2"``)
 given the same times (tests/test_fast_samplers.py).
@@ -34,6 +37,9 @@ from .dpm_solver import _denoise, _DPMSolverBase, _marginals, multistep_orders
 from .fixed_grid import _lincomb
 
 __all__ = ["UniPC", "unipc_coefficients"]
+
+#: with ``lower_order_final="auto"`` (the default) the last steps fall back to lower orders from this many steps on
+AUTO_LOWER_ORDER_FINAL = 29
 
 
 def _order_conditions(rks: torch.Tensor, hh: torch.Tensor, b_h: torch.Tensor, p: int):
@@ -98,7 +104,10 @@ class UniPC(_DPMSolverBase):
             (whose default is 2; 3 measured better here, docs/fast_samplers.md).
         grid ("fitted"), rho (7.0): see :mod:`score_toolkit.samplers.grids`; ``"fitted"`` is the data-free density
             for fourth-order samplers (``fitted_log_snr(process, n, order=4)``).
-        lower_order_final (False): the last steps fall back to lower orders (diffusers' default ``True``).
+        lower_order_final ("auto"): the last two steps fall back to orders 1 and 2 (diffusers' ``True``, its
+            default); ``"auto"``: on from ``AUTO_LOWER_ORDER_FINAL`` (29) steps, off below (docs/fast_samplers.md,
+            "Defaults": at 30 NFE and more the order-3 last steps make every narrow direction too narrow, a mean-NLL
+            bias that grows with the dimension; at 15-25 NFE the ring's error needs the order-3 last steps).
         to_zero (True): end with the PF-ODE step to noise level 0 (one more evaluation, which also corrects the last
             step; see the module docstring); off by itself when ``denoise=True`` is passed.
         variant ("bh2"): ``B(h)`` of the update, ``"bh2"`` (``e^{-h} - 1``) or ``"bh1"`` (``-h``).
@@ -111,24 +120,36 @@ class UniPC(_DPMSolverBase):
     description: ClassVar[str] = "UniPC: multistep predictor-corrector exponential integrator of the PF-ODE (Zhao et al. 2023)"
     properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=False, order=3.0)
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "order": 3, "grid": "fitted", "rho": 7.0,
-                                         "lower_order_final": False, "to_zero": True, "variant": "bh2"}
+                                         "lower_order_final": "auto", "to_zero": True, "variant": "bh2"}
     fitted_order = 4
+    #: the final step to zero: "half" (the default), (x_n / alpha + D(x~_n)) / 2 with the corrected x_n and the
+    #: evaluation at the predicted x~_n, which undoes half of the last correction; "corrected", x_n / alpha +
+    #: (D(x~_n) - x~_n / alpha) / 2, to_zero's displacement applied to the corrected point (measured against each
+    #: other in benchmarks/bench_defaults.py; docs/fast_samplers.md, "Defaults")
+    _end_rule: ClassVar[str] = "half"
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
+        lof = cfg.get("lower_order_final")
+        if lof == "auto":
+            cfg = {**cfg, "lower_order_final": False}
+        elif lof is not None and not isinstance(lof, bool):
+            raise TypeError(f"sampler {self.name!r}: expected option lower_order_final to be a bool or 'auto', "
+                            f"found {lof!r}")
         super()._validate_options(cfg)
         if cfg["order"] not in (1, 2, 3) or isinstance(cfg["order"], bool):
             raise ValueError(f"sampler {self.name!r}: expected option order in (1, 2, 3), found {cfg['order']!r}")
         if cfg["variant"] not in ("bh1", "bh2"):
             raise ValueError(f"sampler {self.name!r}: expected option variant 'bh1' or 'bh2', found {cfg['variant']!r}")
 
-    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        return self._integrate(ctx, x, self.time_grid(ctx.process), bool(self.config["to_zero"]))
+    def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        return self._integrate(ctx, x, ts, bool(self.config["to_zero"]))
 
     def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor, final: bool = False) -> torch.Tensor:
         """From the prior at ``ts[0]`` to ``ts[-1] = t_min`` (the last step uncorrected), or with ``final`` on to
         noise level zero (the evaluation at ``t_min`` corrects the last step, then the step to zero)."""
         n = ts.numel() - 1
-        orders = multistep_orders(n, int(self.config["order"]), self.config["lower_order_final"])
+        lof = self.config["lower_order_final"]
+        orders = multistep_orders(n, int(self.config["order"]), n >= AUTO_LOWER_ORDER_FINAL if lof == "auto" else lof)
         if ts.requires_grad:
             co = unipc_coefficients(ctx.process, ts, orders, self.config["variant"])
         else:
@@ -144,10 +165,14 @@ class UniPC(_DPMSolverBase):
         for i in range(n + (1 if final else 0)):
             history.insert(0, _denoise(x, ctx.score(x, t_score[i]), sigma2[i], inv_alpha[i]))
             del history[keep:]
+            x_pred = x
             if i > 0:  # UniC: correct x_i with the evaluation just made there
                 x = _lincomb([(a[i - 1], x_prev)] + [(c, history[j]) for j, c in enumerate(corr[i - 1])])
             if i == n:  # the final step to noise level zero, from the corrected point with the evaluation made
-                x = _lincomb([(0.5 * inv_alpha[n], x), (0.5, history[0])])  # (x / alpha + D) / 2 (step_to_zero)
+                if self._end_rule == "corrected":  # to_zero's displacement at x~_n applied to the corrected x_n
+                    x = _lincomb([(inv_alpha[n], x), (0.5, history[0]), (-0.5 * inv_alpha[n], x_pred)])
+                else:  # (x_n / alpha + D(x~_n)) / 2 (step_to_zero with the corrected point)
+                    x = _lincomb([(0.5 * inv_alpha[n], x), (0.5, history[0])])
                 ctx.record(x, 0.0)
                 return x
             x_prev = x
