@@ -137,3 +137,16 @@ def test_reference_is_a_reserved_grid_name(tmp_path):
 def test_family_objective_refuses_an_unknown_combine():
     with pytest.raises(ValueError, match="combine 'log' or 'mean'"):
         R.family_objective(get_sampler("dpmpp_2m", num_steps=3), VPSDE(), R.reference_family(dims=(2,)), combine="max")
+
+
+def test_family_objective_refuses_samplers_it_cannot_judge():
+    """It judges outputs at noise level zero against a deterministic reference: stochastic samplers, samplers that are
+    not fixed-grid and samplers ending at t_min are refused (they would be scored against the wrong end)."""
+    fam = R.reference_family(dims=(2,))
+    for sampler in (get_sampler("dpmpp_2m_sde", num_steps=3), get_sampler("pf_ode")):
+        with pytest.raises(TypeError, match="deterministic fixed-grid sampler"):
+            R.family_objective(sampler, VPSDE(), fam)
+    for sampler in (get_sampler("heun", num_steps=3), get_sampler("dpmpp_2m", num_steps=3, to_zero=False),
+                    get_sampler("dpmpp_2m", num_steps=3, denoise=True)):
+        with pytest.raises(ValueError, match="to_zero=True"):
+            R.family_objective(sampler, VPSDE(), fam)

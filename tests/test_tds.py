@@ -182,6 +182,7 @@ def test_diagnostics_and_nfe():
     out = get_sampler("tds", num_steps=30, num_particles=6).sample(fn, proc, shape=(40, 2), dtype=D64, callback=calls.append,
                                                                    generator=torch.Generator().manual_seed(0))
     assert out.nfe == 30 == get_sampler("tds", num_steps=30).nfe and calls[-1]["nfe"] == 30
+    assert out.info["evaluations_per_sample"] == 6 * 30
     assert len(out.info["ess"]) == 30 and all(1 <= e <= 6 + 1e-9 for e in out.info["ess"])
     assert 1 <= out.info["min_final_ess"] <= out.info["final_ess"] <= 6 + 1e-9
     never = get_sampler("tds", num_steps=30, num_particles=6, ess_threshold=0.0).sample(
@@ -190,6 +191,22 @@ def test_diagnostics_and_nfe():
         fn, proc, shape=(40, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
     assert never.info["resampling_count"] == 0
     assert always.info["resampling_count"] == pytest.approx(30, abs=1)
+
+
+def test_a_non_finite_particle_that_is_never_the_heaviest_is_not_dropped():
+    """Unweighted (twist='none'): a NaN in a particle that would not be the heaviest under equal weights is still an
+    error, not a particle silently outweighed."""
+    proc = VPSDE()
+    mix = conformance_mixture()
+
+    def score(x, t):
+        s = mix.score_fn(proc)(x, t)
+        s[1::2] = float("nan")  # every second particle; the heaviest of each group (the first: equal weights) is fine
+        return s
+
+    with pytest.raises(NonFiniteError, match="NaN"):
+        get_sampler("tds", num_steps=5, num_particles=2, twist="none").sample(
+            score, proc, shape=(3, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------------- bad input

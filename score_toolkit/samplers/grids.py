@@ -297,8 +297,8 @@ def optimize_grid(
     else:
         raise ValueError("optimize_grid: pass shape= (one sample's shape) together with score_fn=")
 
-    if fit_dtype is not None and not (isinstance(fit_dtype, torch.dtype) and fit_dtype.is_floating_point):
-        raise TypeError(f"optimize_grid: expected fit_dtype to be a floating torch.dtype or None, found {fit_dtype!r}")
+    if fit_dtype is not None and fit_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"optimize_grid: expected fit_dtype to be torch.float32, torch.float64 or None, found {fit_dtype!r}")
     # the training runs' dtype (the held-out validation and its reference solutions stay in ``dtype``)
     train_dtype = fit_dtype if fit_dtype is not None else dtype
     # the training and hard-example reference solutions of a mixture reference are solved in float32 (measured:

@@ -107,7 +107,8 @@ class TwistedDiffusionSampler(Sampler):
 
     @property
     def nfe(self) -> int:
-        """Batched score evaluations of one run: ``num_steps`` (+1 with ``denoise``); each evaluates all particles."""
+        """Batched score evaluations of one run: ``num_steps`` (+1 with ``denoise``); each evaluates all particles, so
+        the evaluations per output sample are ``num_particles * nfe`` (``info["evaluations_per_sample"]``)."""
         return self.config["num_steps"] + self._final_steps_nfe()
 
     def _twisted(self, ctx: SamplingContext):
@@ -216,8 +217,13 @@ class TwistedDiffusionSampler(Sampler):
         pick = _draw_index(weights, uniform())  # one particle per group, drawn with its final weights
         out = xp[flat[:, 0] + pick]
         ctx.record(out, ts[-1], step=len(ts) - 1)
+        if not bool(torch.isfinite(xp).all()):  # the heaviest particle alone is checked at each step
+            raise NonFiniteError(f"sampler {self.name!r}: a particle became NaN or infinite by t = {ts[-1]:.6g}; check "
+                                 "the score function and its twist, or use more steps")
         ctx.info.update({"num_particles": k, "ess": ess_history, "final_ess": float(final_ess.mean()),
-                         "min_final_ess": float(final_ess.min()), "resampling_count": float(resamples.double().mean())})
+                         "min_final_ess": float(final_ess.min()),
+                         "resampling_count": resamples.sum().item() / b,  # no float64 on the device (MPS has none)
+                         "evaluations_per_sample": k * ctx.nfe})
         return out
 
     def _normalised(self, logw: torch.Tensor, t: float, step: int) -> torch.Tensor:
