@@ -150,6 +150,21 @@ class _Stop(Exception):
     """Ends the optimiser's loop from inside its objective (budget spent, or no more progress)."""
 
 
+
+def softmax_times(process: Process, n: int):
+    """The grid parametrisation of the fits: ``th`` (n logits) -> float64 times ``1 > ... > t_min`` whose log-SNR steps
+    split the process's span by ``softmax(th)`` (monotone, ends fixed, differentiable; every step keeps at least 0.1 %
+    of an even share, so the multistep interpolation has distinct nodes). ``th = 0`` is the uniform log-SNR grid."""
+    lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
+    t_ends = (torch.tensor([process.t_max], dtype=torch.float64), torch.tensor([process.t_min], dtype=torch.float64))
+
+    def times_of(th: torch.Tensor) -> torch.Tensor:
+        frac = torch.softmax(th, 0) * (1 - 1e-3) + 1e-3 / n
+        lam = lam0 + (lam1 - lam0) * torch.cumsum(frac, 0)[:-1]
+        return torch.cat([t_ends[0], process.t_from_log_snr(lam), t_ends[1]])
+
+    return times_of
+
 def optimize_grid(
     sampler: GridSampler,
     process: Process,
@@ -347,14 +362,7 @@ def optimize_grid(
             value = value + nll_weight * ((weight.detach() * dnll).sum() / weight.detach().sum()) ** 2
         return value
 
-    lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
-    t_ends = (torch.tensor([process.t_max], dtype=torch.float64), torch.tensor([process.t_min], dtype=torch.float64))
-
-    def times_of(th):
-        # every step keeps at least 0.1 % of an even share (distinct nodes for the multistep interpolation)
-        frac = torch.softmax(th, 0) * (1 - 1e-3) + 1e-3 / n
-        lam = lam0 + (lam1 - lam0) * torch.cumsum(frac, 0)[:-1]
-        return torch.cat([t_ends[0], process.t_from_log_snr(lam), t_ends[1]])
+    times_of = softmax_times(process, n)
 
     def member_times(ts, proc):
         lam = transfer_log_snr(process.log_snr(ts), proc, n)

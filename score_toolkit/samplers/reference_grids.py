@@ -28,6 +28,7 @@ from ._grid_reference import MixtureScore, OffData
 from ._reference_table import REFERENCE_GRIDS, reference_log_snr  # the shipped table; re-exported here
 from .base import SamplingContext
 from .grid_validation import TAIL_MARGIN
+from .grids import softmax_times
 
 __all__ = ["REFERENCE_GRIDS", "reference_family", "reference_log_snr", "family_objective", "fit_reference_grid"]
 
@@ -111,13 +112,7 @@ def fit_reference_grid(sampler, process: Process, mixtures, *, iterations: int =
     returns the best grid's float64 log-SNR points."""
     n = int(sampler.config["num_steps"])
     objective = family_objective(sampler, process, mixtures, **objective_options)
-    lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
-    ends = (torch.tensor([process.t_max], dtype=torch.float64), torch.tensor([process.t_min], dtype=torch.float64))
-
-    def times_of(th):
-        frac = torch.softmax(th, 0) * (1 - 1e-3) + 1e-3 / n
-        lam = lam0 + (lam1 - lam0) * torch.cumsum(frac, 0)[:-1]
-        return torch.cat([ends[0], process.t_from_log_snr(lam), ends[1]])
+    times_of = softmax_times(process, n)
 
     th = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     best = [math.inf, th.detach().clone()]
