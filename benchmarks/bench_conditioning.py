@@ -97,6 +97,16 @@ def score_row(samples, target, reference, fl):
             "mean_err": float((samples.mean(0) - exact_mean).norm()), "mean_err_floor": fl["mean"]}
 
 
+def posterior_target(prior, a, y, sy, alpha, sigma, n, floor_seeds):
+    """The exact posterior of ``prior`` given ``y = a x + sy n`` (components of weight >= 1e-6), it perturbed to
+    (alpha, sigma), an exact reference set of ``n`` draws from that (seed 1) and its noise floors."""
+    post = prior.condition(a, y, sy)
+    post = post.components(post.weights >= 1e-6)
+    target = post.perturbed(alpha, sigma)
+    ref = target.sample(n, generator=torch.Generator().manual_seed(1))
+    return post, target, ref, floors(target, ref, n, floor_seeds)
+
+
 def run_inverse(args, rows, log):
     proc = VPSDE()
     alpha, sigma = (float(v) for v in proc.marginal(torch.tensor(proc.t_min, dtype=D64)))
@@ -110,11 +120,7 @@ def run_inverse(args, rows, log):
         prior_fl = floors(prior_t, prior_ref, args.n, args.floor_seeds)
         for sy in args.sigma_y:
             y = make_y(sy)
-            post = prior.condition(a, y, sy)
-            post = post.components(post.weights >= 1e-6)
-            target = post.perturbed(alpha, sigma)
-            ref = target.sample(args.n, generator=torch.Generator().manual_seed(1))
-            fl = floors(target, ref, args.n, args.floor_seeds)
+            post, target, ref, fl = posterior_target(prior, a, y, sy, alpha, sigma, args.n, args.floor_seeds)
             methods = {
                 "unconditional": prior.score_fn(proc),
                 "exact": post.score_fn(proc),

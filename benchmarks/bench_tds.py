@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conditioning import data_variance, floors, fmt, problems, score_row  # noqa: E402
+from bench_conditioning import data_variance, fmt, posterior_target, problems, score_row  # noqa: E402
 
+from score_toolkit._io import write_json_atomic, write_text_atomic  # noqa: E402
 from score_toolkit.conditioning import DPS, MatrixOperator, PiGDM, Replacement  # noqa: E402
 from score_toolkit.processes import VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler  # noqa: E402
@@ -75,11 +76,7 @@ def run_case(args, case, rows, log):
     op = MatrixOperator(a)
     for sy in args.sigma_y:
         y = make_y(sy)
-        post = prior.condition(a, y, sy)
-        post = post.components(post.weights >= 1e-6)
-        target = post.perturbed(alpha, sigma)
-        ref = target.sample(args.n, generator=torch.Generator().manual_seed(1))
-        fl = floors(target, ref, args.n, args.floor_seeds)
+        post, target, ref, fl = posterior_target(prior, a, y, sy, alpha, sigma, args.n, args.floor_seeds)
         nfe_max = max(args.nfe)
         plan = [("exact", "ancestral", nfe, 1) for nfe in args.nfe]
         for method in args.methods:
@@ -138,9 +135,7 @@ def write_markdown(path: Path, rows, metas):
                              f"| {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) | {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) "
                              f"| {fmt(r['pearson'])} | {fmt(r['final_ess'])} | {fmt(r['resampling_count'])} | {fmt(r['wall_s'])} |")
             lines.append("")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -192,9 +187,8 @@ def main(argv=None) -> int:
         row["n"] = args.n
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         meta["duration_s"] = time.time() - start
-        tmp = out / f"{args.tag}.json.tmp"  # after every row: a partial run keeps what it measured
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-        os.replace(tmp, out / f"{args.tag}.json")
+        # after every row: a partial run keeps what it measured
+        write_json_atomic(out / f"{args.tag}.json", {"meta": meta, "rows": rows}, indent=1, default=str)
         write_markdown(out / f"{args.tag}.md", rows, [meta])
 
     for case in args.cases.split(","):

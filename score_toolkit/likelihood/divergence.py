@@ -55,12 +55,6 @@ def _per_sample_norm(dim: int):
     return norm
 
 
-def _row_rms(y: torch.Tensor) -> torch.Tensor:
-    """The RMS over each row (its x and log-density components together): scipy's RK45 norm applied to each
-    sample's own state (in ``d`` dimensions the log-density is one component of ``d + 1``)."""
-    return y.pow(2).mean(1).sqrt()
-
-
 def _two_part_rms(dim: int):
     """Per-row error ratio of the per-sample solver: ``sqrt((rms_x^2 + rms_logp^2) / 2)``, the RMS of the x part's
     RMS and the log-density part's RMS, so that each part weighs half whatever ``d`` (each is held within

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..processes import Process
+from ..processes import VPSDE, Process
 
 #: (beta_min, beta_max) of the VP process whose time is the ``"vp_t"`` clock (score_sde's VP schedule)
 VP_CLOCK = (0.1, 20.0)
@@ -22,8 +22,6 @@ def _vp_clock(lam: torch.Tensor) -> torch.Tensor:
 
 
 def _is_the_clock(process: Process) -> bool:
-    from ..processes import VPSDE
-
     cfg = process.config
     return type(process) is VPSDE and (float(cfg.beta_min), float(cfg.beta_max)) == VP_CLOCK
 

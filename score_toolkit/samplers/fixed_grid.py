@@ -24,6 +24,7 @@ from .grid_store import (  # the store of named grids and the log-SNR transfer; 
     GRID_DIR_ENV_VAR,
     GRID_KINDS,
     MAX_TRANSFER_EXTENSION,
+    REFERENCE_GRID,
     _check_times,
     _read_record,
     _times_from_log_snr,
@@ -146,9 +147,6 @@ def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Te
     out[0], out[-1] = a, b
     return out
 
-
-#: the grid option of the data-free grids fitted on a reference family (:mod:`score_toolkit.samplers.reference_grids`)
-REFERENCE_GRID = "reference"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _LOG_SNR_TOL = 1e-6
 #: grid kinds every fixed-grid sampler accepts: the data-free fitted grid and the process's built-in kinds
 GRID_KINDS = ("fitted", *TIME_GRIDS)
+#: the grid option of the data-free grids fitted on a reference family (:mod:`score_toolkit.samplers.reference_grids`)
+REFERENCE_GRID = "reference"
 
 # ---------------------------------------------------------------------------------------------- store
 def default_grid_dir() -> Path:
@@ -43,8 +45,8 @@ def _check_name(name: str) -> str:
         raise ValueError(
             f"expected a grid name of letters, digits, '_', '.', '-' (not ending in .json), found {name!r}"
         )
-    if name in GRID_KINDS or name == "reference":
-        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {(*GRID_KINDS, 'reference')}")
+    if name in (*GRID_KINDS, REFERENCE_GRID):
+        raise ValueError(f"grid name {name!r} is reserved for a built-in grid kind {(*GRID_KINDS, REFERENCE_GRID)}")
     return name
 
 

@@ -150,7 +150,6 @@ class _Stop(Exception):
     """Ends the optimiser's loop from inside its objective (budget spent, or no more progress)."""
 
 
-
 def softmax_times(process: Process, n: int):
     """The grid parametrisation of the fits: ``th`` (n logits) -> float64 times ``1 > ... > t_min`` whose log-SNR steps
     split the process's span by ``softmax(th)`` (monotone, ends fixed, differentiable; every step keeps at least 0.1 %
@@ -164,6 +163,7 @@ def softmax_times(process: Process, n: int):
         return torch.cat([t_ends[0], process.t_from_log_snr(lam), t_ends[1]])
 
     return times_of
+
 
 def optimize_grid(
     sampler: GridSampler,
@@ -319,9 +319,6 @@ def optimize_grid(
     # the training and hard-example reference solutions of a mixture reference are solved in float32 (measured:
     # 2-4x faster in 64-D; their float32 rounding, 1e-5 median, is far below the errors a grid is fitted on)
     ref_dtype = torch.float32 if mix is not None else train_dtype
-
-    def reference_of(x):
-        return solve(reference, x.to(ref_dtype)).to(x.dtype)
     from .dpm_solver import DPMSolverPP3M
 
     n = int(sampler.config["num_steps"])
@@ -342,6 +339,9 @@ def optimize_grid(
         ctx = context(smp, proc, fn)
         x = smp._run_grid(ctx, x, smp.time_grid(proc) if ts is None else ts)
         return smp._denoise(ctx, x) if smp.config["denoise"] else x
+
+    def reference_of(x, proc=process, fn=score):  # a training reference solution, solved in ref_dtype
+        return solve(reference, x.to(ref_dtype), proc=proc, fn=fn).to(x.dtype)
 
     def kind_grid(kind):  # (the data-free "fitted" grid with the sampler's own density, as it runs)
         return resolve_grid(_parse_grid(kind, sampler.name), process, n, 7.0, sampler.fitted_order)
@@ -390,7 +390,7 @@ def optimize_grid(
             fn = MixtureScore(mix, proc)
             with torch.no_grad():
                 xs = draws(num_samples, fit_seed + 104_711 * k, proc, train_dtype)
-                refs = solve(reference, xs.to(ref_dtype), proc=proc, fn=fn).to(xs.dtype)
+                refs = reference_of(xs, proc, fn)
             members.append((proc, fn, xs, refs, OffData(refs, mix, scale=c, level=1.0)))
 
         def family_objective(ts, x_fit, ref_fit, off_fit):

@@ -44,17 +44,20 @@ def systematic_resample(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Indices (G, K) of systematic resampling of each row of normalised ``weights`` (G, K), with one uniform
     ``u`` (G,) per row: particle ``j`` is the one whose cumulative weight first exceeds ``(u + j) / K``."""
     k = weights.shape[1]
-    points = (u[:, None] + torch.arange(k, dtype=weights.dtype, device=weights.device)) / k
-    cum = weights.cumsum(1)
-    cum[:, -1] = 1.0  # rounding: the last cumulative weight must cover every point
-    return torch.searchsorted(cum, points.contiguous()).clamp_(max=k - 1)
+    return _inverse_cdf(weights, (u[:, None] + torch.arange(k, dtype=weights.dtype, device=weights.device)) / k)
 
 
 def _draw_index(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row of normalised ``weights`` (G, K) drawn with those probabilities, from uniforms ``u`` (G,)."""
+    return _inverse_cdf(weights, u[:, None])[:, 0]
+
+
+def _inverse_cdf(weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """For each row of normalised ``weights`` (G, K), the index whose cumulative weight first exceeds each of the
+    row's ``points`` (G, P) in [0, 1)."""
     cum = weights.cumsum(1)
-    cum[:, -1] = 1.0
-    return torch.searchsorted(cum, u[:, None].contiguous())[:, 0].clamp_(max=weights.shape[1] - 1)
+    cum[:, -1] = 1.0  # rounding: the last cumulative weight must cover every point
+    return torch.searchsorted(cum, points.contiguous()).clamp_(max=weights.shape[1] - 1)
 
 
 class TwistedDiffusionSampler(Sampler):
@@ -78,7 +81,8 @@ class TwistedDiffusionSampler(Sampler):
     so a sample does not depend on its batch. The trajectory follows, at every step, each group's heaviest particle
     (the last entry is the returned draw). ``SamplerOutput.info`` holds ``ess`` (per step, the mean over groups of the
     effective sample size before resampling, in particles), ``final_ess`` (the mean ESS of the final weights),
-    ``min_final_ess``, ``resampling_count`` (mean resampling events per group) and ``num_particles``. With
+    ``min_final_ess``, ``resampling_count`` (mean resampling events per group), ``num_particles`` and
+    ``evaluations_per_sample`` (``num_particles`` times the batched evaluations). With
     ``denoise=True`` the returned draw gets Tweedie's step with the transform's score (one more batched evaluation,
     on B samples).
     """
