@@ -153,6 +153,17 @@ def main(argv=None) -> int:
     p.add_argument("--merge", default=None, help="comma-separated tags: write results/TAG.md from their json files")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    args.sigma_y = [float(v) for v in args.sigma_y.split(",")]
+    args.methods = args.methods.split(",")
+    args.particles = [int(v) for v in args.particles.split(",")]
+    args.nfe = [int(v) for v in args.nfe.split(",")]
+    return run_meta(args, argv, "bench_tds.py", run_case, write_markdown,
+                    ("case", "sigma_y", "method", "sampler", "particles", "nfe"))
+
+
+def run_meta(args, argv, script: str, run_case, write_markdown, key_fields) -> int:
+    """The run of a benchmark over ``args.cases`` (or ``--merge`` of earlier runs): results/TAG.json and .md written
+    after every row (with the run's date, commit, load and command), rows identified by ``key_fields``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -160,17 +171,13 @@ def main(argv=None) -> int:
         for tag in args.merge.split(","):
             data = json.loads((out / f"{tag}.json").read_text())
             for r in data["rows"]:  # a run repeated in two parts (same seed, same numbers) is listed once
-                key = tuple(r[k] for k in ("case", "sigma_y", "method", "sampler", "particles", "nfe"))
+                key = tuple(r[k] for k in key_fields)
                 if key not in seen:
                     seen.add(key)
                     rows.append(r)
             metas.append(data["meta"])
         write_markdown(out / f"{args.tag}.md", rows, metas)
         return 0
-    args.sigma_y = [float(v) for v in args.sigma_y.split(",")]
-    args.methods = args.methods.split(",")
-    args.particles = [int(v) for v in args.particles.split(",")]
-    args.nfe = [int(v) for v in args.nfe.split(",")]
     torch.set_num_threads(args.threads)
     start, load_start = time.time(), os.getloadavg()[0]
     try:
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
     rows = []
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "n": args.n,
             "floor_seeds": args.floor_seeds, "threads": args.threads, "load_start": round(load_start, 2),
-            "command": " ".join(["python", "benchmarks/bench_tds.py", *(argv if argv is not None else sys.argv[1:])])}
+            "command": " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])}
 
     def log(row):
         row["n"] = args.n
@@ -194,7 +201,6 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
         run_case(args, case, rows, log)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
