@@ -55,7 +55,7 @@ def run_case(args, case, rows, log):
         for method in args.methods:
             plan += [(method, "pf_ode", 1, None)]
             plan += [(method, "importance_ode", k, 0.5) for k in args.particles]
-            plan += [(method, "importance_ode", args.k_plain, 0.0)]
+            plan += [(method, "importance_ode", args.k_plain, 0.0)] if args.k_plain else []
         for method, sampler_name, k, defensive in plan:
             opts = {"rtol": args.tol, "atol": args.tol}
             if sampler_name == "importance_ode":
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-y", default="0.05,0.5")
     p.add_argument("--methods", default="dps,pigdm,replacement")
     p.add_argument("--particles", default="4,16,64")
-    p.add_argument("--k-plain", type=int, default=16, help="points of the row without the defensive share")
+    p.add_argument("--k-plain", type=int, default=16, help="points of the row without the defensive share (0: no such row)")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--prior-density", default="energy", choices=("energy", "ode"))
     p.add_argument("--floor-seeds", type=int, default=8)

@@ -26,8 +26,8 @@ DPS and PiGDM cost one score evaluation and one backward pass through the score 
 product) per call; Replacement costs one score evaluation and no gradient.
 
 Each method also states the likelihood it approximates, ``log p~_t(y | x_t)`` (up to a constant in ``x``), whose
-gradient is its correction ``g``: :meth:`InverseProblemScore.log_likelihood`, and :meth:`InverseProblemScore.twist`
-for the prior score, the transformed score and that log-likelihood from one evaluation. DPS:
+gradient is its correction ``g``: the ``log_likelihood`` field of :meth:`InverseProblemScore.twist`, which returns the
+prior score, the transformed score and that log-likelihood from one evaluation. DPS:
 ``-scale ||y - A x0^||^2 / (2 sigma_y^2)`` (``-scale ||y - A x0^||`` with ``weighting="normalized"``); PiGDM:
 ``-scale (y - A x0^)^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0^) / 2``; Replacement: the flat-prior likelihood
 :meth:`InverseProblemScore.limit_log_likelihood` (its correction on the observed directions is that likelihood's
@@ -120,11 +120,6 @@ class InverseProblemScore:
         sampler needs per step (``tds``)."""
         t, y = self._checked(x, t)
         return self._twist(x, t, y)
-
-    def log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
-        """This method's approximation ``log p~_t(y | x_t)`` per sample (B,), up to a constant in x (its gradient
-        in x is the method's correction of the prior score). Costs what :meth:`twist` costs."""
-        return self.twist(x, t).log_likelihood
 
     def limit_log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
         """``log N(y; A x / alpha, sigma_y^2 I + (sigma / alpha)^2 A A^T)`` per sample (B,), up to a constant in x:
