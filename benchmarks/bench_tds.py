@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 from bench_conditioning import data_variance, fmt, posterior_target, problems, score_row  # noqa: E402
 
 from score_toolkit._io import write_json_atomic, write_text_atomic  # noqa: E402
@@ -180,11 +180,7 @@ def run_meta(args, argv, script: str, run_case, write_markdown, key_fields) -> i
         return 0
     torch.set_num_threads(args.threads)
     start, load_start = time.time(), os.getloadavg()[0]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     rows = []
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "n": args.n,
             "floor_seeds": args.floor_seeds, "threads": args.threads, "load_start": round(load_start, 2),

@@ -118,3 +118,30 @@ def test_bad_input_and_options():
     with pytest.raises(ValueError, match="prior_density='ode'"):
         get_sampler("importance_ode", prior_density="energy", method="euler", num_steps=2).sample(
             pigdm, proc, shape=(2, 2), dtype=D64)
+
+
+def test_benchmark_script_writes_its_tables(tmp_path):
+    """benchmarks/bench_importance_ode.py on tiny settings: one row per planned run, a markdown table, the merge."""
+    import json
+    import math
+    import sys
+
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_importance_ode")
+    try:
+        assert bench.main(["--cases", "conformance", "--sigma-y", "0.5", "--n", "30", "--particles", "2",
+                           "--k-plain", "2", "--methods", "replacement", "--floor-seeds", "2", "--tol", "1e-3",
+                           "--tag", "t", "--out", str(tmp_path)]) == 0
+        rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+        # the exact score with pf_ode, then replacement with pf_ode, K = 2 with and without the defensive share
+        assert [(r["method"], r["sampler"], r["defensive"]) for r in rows] == [
+            ("exact", "pf_ode", None), ("replacement", "pf_ode", None), ("replacement", "importance_ode", 0.5),
+            ("replacement", "importance_ode", 0.0)]
+        assert all("error" not in r and math.isfinite(r["wsw_ratio"]) for r in rows)
+        assert rows[2]["evaluations_per_sample"] > rows[1]["evaluations_per_sample"]
+        assert bench.main(["--merge", "t", "--tag", "merged", "--out", str(tmp_path)]) == 0
+        text = (tmp_path / "merged.md").read_text()
+        assert "## conformance, sigma_y = 0.5 (N = 30, Pearson limit 18.4)" in text and text.count("| importance_ode |") == 2
+    finally:
+        sys.modules.pop("bench_importance_ode", None)
