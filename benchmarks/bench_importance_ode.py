@@ -22,24 +22,34 @@ score evaluations of points (both solves) and vector-Jacobian products of the di
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conditioning import fmt, posterior_target, score_row  # noqa: E402
-from bench_tds import all_problems, pearson_limit, run_meta, transforms  # noqa: E402
+from bench_conditioning import fmt, posterior_target  # noqa: E402
+from bench_tds import (  # noqa: E402
+    all_problems,
+    common_arguments,
+    error_note,
+    parse_common,
+    run_lines,
+    run_meta,
+    scored_run,
+    transforms,
+    write_tables,
+)
 
-from score_toolkit._io import write_text_atomic  # noqa: E402
 from score_toolkit.conditioning import MatrixOperator  # noqa: E402
 from score_toolkit.processes import VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler  # noqa: E402
-from score_toolkit.testing import mode_weight_statistic  # noqa: E402
 
 D64 = torch.float64
+#: the row's cost fields (pf_ode: its batched calls are its evaluations per sample, no divergence)
+COST_FIELDS = {"nfe": lambda out: out.nfe, "final_ess": "final_ess",
+               "evaluations_per_sample": lambda out: out.info.get("evaluations_per_sample", out.nfe),
+               "vjps_per_sample": lambda out: out.info.get("vjps_per_sample", 0)}
 
 
 def run_case(args, case, rows, log):
@@ -62,33 +72,14 @@ def run_case(args, case, rows, log):
                 opts.update(num_particles=k, defensive=defensive, prior_density=args.prior_density)
             row = {"case": case, "sigma_y": sy, "method": method, "sampler": sampler_name, "particles": k,
                    "defensive": defensive}
-            t0 = time.perf_counter()
-            try:
-                out = get_sampler(sampler_name, **opts).sample(fns[method], proc, shape=(args.n, prior.dim), dtype=D64,
-                                                               generator=torch.Generator().manual_seed(2024))
-                chi2, _ = mode_weight_statistic(out.samples, target)
-                row.update(score_row(out.samples, target, ref, fl))
-                info = out.info
-                row.update({"pearson": chi2, "pearson_limit": pearson_limit(target), "nfe": out.nfe,
-                            "final_ess": info.get("final_ess", math.nan),
-                            "evaluations_per_sample": info.get("evaluations_per_sample", out.nfe),
-                            "vjps_per_sample": info.get("vjps_per_sample", 0)})
-            except Exception as exc:  # a failing run is a result, not a crash
-                row.update({"error": f"{type(exc).__name__}: {exc}"[:200], "wsw_ratio": math.inf, "nll_gap": math.inf,
-                            "nll_floor": fl["nll_sd"], "mode_tv": math.nan, "mode_tv_floor": fl["tv"],
-                            "pearson": math.nan, "pearson_limit": pearson_limit(target), "final_ess": math.nan,
-                            "evaluations_per_sample": math.nan, "vjps_per_sample": math.nan})
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            log(row)
+            sampler = get_sampler(sampler_name, **opts)
+            scored_run(row, lambda: sampler.sample(fns[method], proc, shape=(args.n, prior.dim), dtype=D64,  # noqa: B023
+                                                   generator=torch.Generator().manual_seed(2024)),
+                       target, ref, fl, COST_FIELDS, rows, log)
 
 
 def write_markdown(path: Path, rows, metas):
-    lines = ["# Importance-corrected probability flow (importance_ode) against exact posteriors", ""]
-    for m in metas:
-        lines.append(f"Run: {m['date']}, commit `{m['commit']}`, N = {m['n']}, floor seeds = {m['floor_seeds']}, "
-                     f"threads = {m['threads']}, load average at start {m['load_start']}, duration "
-                     f"{m.get('duration_s', 0):.0f} s. Command: `{m['command']}`.")
+    lines = ["# Importance-corrected probability flow (importance_ode) against exact posteriors", "", *run_lines(metas)]
     lines += ["", "VPSDE(), samples at t_min against the exact posterior at t_min. `sampler pf_ode` (K = 1): the "
               "transform's own probability-flow ODE, no correction; `exact`: the exact posterior score with `pf_ode` "
               "(the floor). `K`: points per output sample; `def.`: the share moved by the prior's flow (0: the "
@@ -99,42 +90,21 @@ def write_markdown(path: Path, rows, metas):
               "evaluations of points per output sample, both solves; `vjps`: vector-Jacobian products of the "
               "divergences per output sample (through DPS and PiGDM each is a double backward). `wall`: seconds on a "
               "shared 2-core machine (one thread).", ""]
-    for case in dict.fromkeys(r["case"] for r in rows):
-        for sy in dict.fromkeys(r["sigma_y"] for r in rows if r["case"] == case):
-            first = next(r for r in rows if r["case"] == case and r["sigma_y"] == sy)
-            lines += [f"## {case}, sigma_y = {sy} (N = {first.get('n')}, Pearson limit {fmt(first.get('pearson_limit'))})",
-                      "", "| method | sampler | K | def. | wsw_ratio | nll_gap (sd) | mode_tv (floor) | pearson | ess | "
-                      "evals | vjps | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-            for r in (r for r in rows if r["case"] == case and r["sigma_y"] == sy):
-                err = f" ({r['error'][:60]})" if "error" in r else ""
-                lines.append(f"| {r['method']} | {r['sampler']} | {r['particles']} | {fmt(r['defensive'])} "
-                             f"| {fmt(r['wsw_ratio'])}{err} | {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) "
-                             f"| {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) | {fmt(r['pearson'])} "
-                             f"| {fmt(r['final_ess'])} | {fmt(r['evaluations_per_sample'], 4)} "
-                             f"| {fmt(r['vjps_per_sample'], 4)} | {fmt(r['wall_s'])} |")
-            lines.append("")
-    write_text_atomic(path, "\n".join(lines))
+    columns = "method | sampler | K | def. | wsw_ratio | nll_gap (sd) | mode_tv (floor) | pearson | ess | evals | vjps | wall s"
+    write_tables(path, lines, rows, columns, lambda r: (
+        f"{r['method']} | {r['sampler']} | {r['particles']} | {fmt(r['defensive'])} | {fmt(r['wsw_ratio'])}"
+        f"{error_note(r)} | {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) | {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) "
+        f"| {fmt(r['pearson'])} | {fmt(r['final_ess'])} | {fmt(r['evaluations_per_sample'], 4)} "
+        f"| {fmt(r['vjps_per_sample'], 4)} | {fmt(r['wall_s'])}"))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--cases", default="conformance,ring,aniso16")
-    p.add_argument("--sigma-y", default="0.05,0.5")
-    p.add_argument("--methods", default="dps,pigdm,replacement")
-    p.add_argument("--particles", default="4,16,64")
+    common_arguments(p, "importance_ode")
     p.add_argument("--k-plain", type=int, default=16, help="points of the row without the defensive share (0: no such row)")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--prior-density", default="energy", choices=("energy", "ode"))
-    p.add_argument("--floor-seeds", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tag", default="importance_ode")
-    p.add_argument("--merge", default=None, help="comma-separated tags: write results/TAG.md from their json files")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args(argv)
-    args.sigma_y = [float(v) for v in args.sigma_y.split(",")]
-    args.methods = args.methods.split(",")
-    args.particles = [int(v) for v in args.particles.split(",")]
+    args = parse_common(p, argv)
     return run_meta(args, argv, "bench_importance_ode.py", run_case, write_markdown,
                     ("case", "sigma_y", "method", "sampler", "particles", "defensive"))
 
