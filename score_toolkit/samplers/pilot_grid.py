@@ -157,7 +157,8 @@ def pilot_grid(
         shape: one sample's shape (without the batch dimension).
         num_pilot, pilot_steps, batch_size: the pilot's draws, ODE steps and batch (default: all at once).
         num_components, covariance: the stand-in mixture (``"full"``, ``"diag"``, or ``"auto"``: full while the
-            pilot has at least as many draws as the components have covariance parameters, else diagonal).
+            pilot has on average at least 4 draws per dimension and component, else diagonal: measured on the 64-D
+            mixture, a diagonal stand-in leaves the narrow directions' steps out).
         seed: seeds the pilot's draws (and, through ``optimize_grid``'s ``seed``, the fit's own draws).
         cache: a ``.json`` path of the user's choice: read if it holds a grid made with the same settings, else the
             grid is fitted and saved there (a file made with other settings is replaced only with ``overwrite=True``).
@@ -188,7 +189,7 @@ def pilot_grid(
     pilot_steps = _positive_int("pilot_steps", pilot_steps, 2)
     dim = math.prod(shape)
     if covariance == "auto":
-        covariance = "full" if num_pilot >= num_components * dim * (dim + 1) // 2 else "diag"
+        covariance = "full" if num_pilot >= 4 * num_components * dim else "diag"
     fit_options = {**FIT_DEFAULTS, "seed": int(seed), **fit_options}
     config = {k: v for k, v in sampler.config.items() if k != "progress"}
     settings = {"sampler": sampler.name, "sampler_config": _jsonable(config), "process": repr(process),
