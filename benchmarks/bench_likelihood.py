@@ -815,8 +815,8 @@ NOTES = """How to read it:
 * Our default (`method="dopri5_per_sample"`: a step size and an error control per sample) makes every sample meet
   the tolerance by itself, instead of one RMS over the batch where a hard sample hides among easy ones (the max error
   columns of the exact-divergence table below); a call of the score evaluates only the samples still integrating.
-  The default integration variable is t for an analytic score under VP and sub-VP, ln(sigma / alpha) for a network
-  and for every other process (smooth for every process: a DDPM table's coefficients jump at each of its 1000 steps).
+  The default integration variable is the VP clock for an analytic score under every process (t itself under
+  VP(0.1, 20)) and ln(sigma / alpha) for a network (docs/likelihood.md, "The integration variable").
   Pass `method="dopri5", time_variable="t", per_sample_norm=False` to get score_sde's criterion.
 * The exact-divergence table: see docs/likelihood.md ("Speed") for how to read it.
 * One probe gives no standard error; score_toolkit defaults to 4 probes when `divergence="hutchinson"`, and the
