@@ -37,7 +37,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -47,6 +46,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 
 from score_toolkit._utils import per_sample_generators  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
@@ -764,11 +766,7 @@ def digits_part(args) -> list[str]:
 
 
 def write_report(rows, args, seconds: float, extra: list[str]) -> Path:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     lines = [
         "# Likelihood: score_toolkit vs score_sde_pytorch's recipe",
         "",
