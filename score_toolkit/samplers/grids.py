@@ -199,6 +199,7 @@ def optimize_grid(
     dtype: torch.dtype = torch.float64,
     device=None,
     fit_dtype: torch.dtype | None = None,
+    transfer_head: int = 0,
 ) -> GridOptimizationResult:
     """Choose the ``n + 1`` time points of ``sampler``'s grid (``n = sampler.config["num_steps"]``) that minimise
     its discretisation error on a reference problem, and validate them on held-out draws.
@@ -265,6 +266,9 @@ def optimize_grid(
     report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50): a
     grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs about twice the steps of a grid fitted
     there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
+    ``transfer_head=k`` (``0 <= k < n``; 0, the density rule, by default) fits the grid for the anchored rule instead
+    (:func:`transfer_log_snr` with ``head=k``: its first ``k`` steps are mapped onto each process's own start, the
+    points from the ``k``-th on keep their log-SNR); a saved grid records the rule, so it is carried the same way.
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
@@ -296,6 +300,10 @@ def optimize_grid(
             raise FileExistsError(f"grid {os.fspath(save_as)!r} already exists at {path}; pass overwrite=True to replace it")
     score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
     family = _check_family(family, process, mix)
+    n = int(sampler.config["num_steps"])
+    if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < n:
+        raise ValueError(f"optimize_grid: expected transfer_head to be an int with 0 <= transfer_head < num_steps = {n}, "
+                         f"found {transfer_head!r}")
     if loss == "nll" and mix is None:
         raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=), not score_fn=")
     if loss == "auto":  # the NLL term where it can be computed (measured: docs/fast_samplers.md, "Measured")
@@ -321,7 +329,6 @@ def optimize_grid(
     ref_dtype = torch.float32 if mix is not None else train_dtype
     from .dpm_solver import DPMSolverPP3M
 
-    n = int(sampler.config["num_steps"])
     # the sampler is fitted and validated as it runs: its own end (to_zero, unipc's final corrector, denoise); the
     # reference solution ends the same way
     ends = {k: bool(sampler.config.get(k, False)) for k in ("to_zero", "denoise")}
@@ -365,7 +372,7 @@ def optimize_grid(
     times_of = softmax_times(process, n)
 
     def member_times(ts, proc):
-        lam = transfer_log_snr(process.log_snr(ts), proc, n)
+        lam = transfer_log_snr(process.log_snr(ts), proc, head=transfer_head)
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
 
@@ -515,10 +522,10 @@ def optimize_grid(
                 "evaluations": result.evaluations, "mined": result.mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
                 "init": kept_init, "seed": result.seed, "retries": result.retries, "sampler_options": options,
-                "family": [_process_record(p) for p in family],
+                "family": [_process_record(p) for p in family], "transfer_head": transfer_head,
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,
-                                overwrite=overwrite)
+                                overwrite=overwrite, transfer_head=transfer_head)
         result.name = result.path.stem
     return result
