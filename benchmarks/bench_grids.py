@@ -182,6 +182,8 @@ def part_transfer(args, rows, log):
                 grids["fitted for sigma_max 50, carried"] = {"log_snr": source.tolist()}
             grids.update({v: fits[(v, steps)] for v in variants})
             for kind, rec in grids.items():
+                if args.judge_kinds and kind not in args.judge_kinds.split(","):
+                    continue
                 times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0))
                 per_seed = []
                 for s in range(args.seeds):
@@ -231,6 +233,39 @@ def part_calib(args, rows, log):
                "max_far_off": max(counts)}
         rows.append(row)
         log(json.dumps(row))
+
+
+def part_reference(args, rows, log):
+    """How accurate the optimiser's reference solutions are (cheaper ones would cut its fitting time): dpmpp_3m on
+    uniform log-SNR steps with to_zero (what optimize_grid solves, reference_steps=250 by default), float64 and
+    float32, against 1000 steps from the same 1024 prior draws: the per-sample error and the mean log-density shift
+    (the NLL term fits biases of 1e-3 nats: the ring's floor at N = 10,000 is 0.011)."""
+    from score_toolkit.samplers._grid_reference import MixtureScore
+    from score_toolkit.samplers.dpm_solver import DPMSolverPP3M
+
+    for case in args.cases:
+        mix = B.CASES[case][1]()
+        for pname in args.processes.split(","):
+            process = PROCESSES[pname]()
+            fn = MixtureScore(mix, process)
+            x = process.prior_sample((1024, mix.dim), generator=B._gen(3), dtype=torch.float64)
+
+            def solve(steps, dtype=torch.float64, fn=fn, process=process, x=x):
+                smp = DPMSolverPP3M(num_steps=steps, grid="log_sigma", lower_order_final=False, to_zero=True)
+                return smp.sample(fn, process, x_init=x.clone().to(dtype)).samples.to(torch.float64)
+
+            fine = solve(1000)
+            fine_lp = mix.log_prob(fine)
+            for steps in (60, 100, 150, 250):
+                row = {"part": "reference", "case": case, "process": pname, "steps": steps}
+                for tag, dtype in (("f64", torch.float64), ("f32", torch.float32)):
+                    out = solve(steps, dtype)
+                    err = (out - fine).norm(dim=1)
+                    row[f"{tag}_median_error"] = float(err.median())
+                    row[f"{tag}_max_error"] = float(err.max())
+                    row[f"{tag}_mean_log_density_shift"] = float((mix.log_prob(out) - fine_lp).mean())
+                rows.append(row)
+                log(json.dumps(row))
 
 
 def _baseline_optimiser(rev):
@@ -374,6 +409,16 @@ def write(args, rows):
         for r in cal:
             lines.append(f"| {r['case']} | {r['trials']} | {r['size']} | "
                          + " | ".join(f"{r['rates'][str(m)]:.4f}" for m in CALIB_MARGINS) + f" | {r['max_far_off']} |")
+    rf = [r for r in rows if r["part"] == "reference"]
+    if rf:
+        lines += ["", "## Accuracy of the optimiser's reference solutions (dpmpp_3m, uniform log-SNR steps, to_zero; "
+                  "1024 prior draws, against 1000 steps)", "",
+                  "| case | process | steps | median error f64 / f32 | max error f64 / f32 | mean log-density shift (nats) f64 / f32 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in rf:
+            lines.append(f"| {r['case']} | {r['process']} | {r['steps']} | {r['f64_median_error']:.1e} / "
+                         f"{r['f32_median_error']:.1e} | {r['f64_max_error']:.1e} / {r['f32_max_error']:.1e} | "
+                         f"{r['f64_mean_log_density_shift']:+.1e} / {r['f32_mean_log_density_shift']:+.1e} |")
     tm = [r for r in rows if r["part"] == "time"]
     if tm:
         lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
@@ -407,6 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--seeds", type=int, default=8, help="draw seeds of the transfer part's judging (bench_defaults' protocol)")
     ap.add_argument("--family-variants", default="family", help="the family fits of the transfer part (FAMILY_VARIANTS)")
+    ap.add_argument("--judge-kinds", default=None, help="judge only these grids of the transfer part (comma-separated)")
     ap.add_argument("--fits-tag", default=None, help="the transfer part's cache of fitted grids (<out>/<tag>_fits.jsonl)")
     ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
     ap.add_argument("--time-cases", default="ring:dpmpp_3m:12:VE,ring:dpmpp_3m:10:VP,aniso16:dpmpp_3m:16:VP,"
@@ -435,7 +481,8 @@ def main(argv=None) -> int:
         write(args, rows)
 
     for part in args.parts.split(","):
-        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time, "calib": part_calib}[part](args, rows, log)
+        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time, "calib": part_calib,
+         "reference": part_reference}[part](args, rows, log)
     args.note = (args.note + f" Run time {time.time() - t0:.0f} s.").strip()
     write(args, rows)
     return 0

@@ -376,6 +376,12 @@ def optimize_grid(
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
 
+    def carries(ts):  # can every family member carry this grid (the anchored rule's head must end inside its range)
+        if not transfer_head:
+            return True
+        lam_k = float(process.log_snr(ts[transfer_head : transfer_head + 1]))
+        return all(lam_k > float(proc.log_snr(torch.tensor([proc.t_max], dtype=torch.float64))) for proc in family)
+
     def fit(fit_seed):
         """One fit from the training draws of ``fit_seed``: (times, best training objective, history, hard examples
         mined, the initial kind)."""
@@ -383,13 +389,6 @@ def optimize_grid(
             x_train = draws(num_samples, fit_seed, as_dtype=train_dtype)
             ref_train = reference_of(x_train)
         off_train = OffData(ref_train, mix, scale=c, level=1.0)
-        start_kind = init
-        if start_kind == "best":  # start from the grid kind with the smallest training objective
-            with torch.no_grad():
-                losses = {k: float(objective(solve(sampler, x_train, kind_grid(k)), ref_train, off_train))
-                          for k in GRID_KINDS}
-            start_kind = min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
-        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
         # the family's processes: each with its own score, prior draws and reference solutions, using the grid
         # carried over
         members = []
@@ -403,8 +402,25 @@ def optimize_grid(
         def family_objective(ts, x_fit, ref_fit, off_fit):
             value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
             for proc, fn, xs, refs, off in members:
-                value = value + objective(solve(sampler, xs, member_times(ts, proc), proc, fn), refs, off)
+                try:
+                    member_ts = member_times(ts, proc)
+                except ValueError:  # the anchored head's end moved past this member's start: no usable grid
+                    return value.detach() * math.inf
+                value = value + objective(solve(sampler, xs, member_ts, proc, fn), refs, off)
             return value / (1 + len(members))
+
+        start_kind = init
+        if start_kind == "best":  # start from the grid kind with the smallest training objective (the family's)
+            with torch.no_grad():
+                losses = {k: float(family_objective(kind_grid(k), x_train, ref_train, off_train)) for k in GRID_KINDS}
+            # (with transfer_head, only kinds whose head ends inside every member's range: the rule needs it)
+            usable = [k for k in losses if carries(kind_grid(k))] or list(losses)
+            start_kind = min(usable, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
+        if not carries(kind_grid(start_kind)):
+            raise ValueError(f"optimize_grid: transfer_head={transfer_head}: the {start_kind!r} grid's point "
+                             f"{transfer_head} does not lie above every family member's starting log-SNR; use a "
+                             "smaller transfer_head or another init")
+        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
 
         history: list[float] = []
         best = [math.inf, theta.clone()]
