@@ -263,9 +263,10 @@ def optimize_grid(
     by :func:`transfer_log_snr`, a step density over absolute log-SNR; ``process`` should span the widest range): the
     objective is the mean of each process's objective on its own prior draws and reference solutions (draws
     ``num_samples`` per process, so the cost grows in proportion). ``result.family_validation`` holds the held-out
-    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50): a
-    grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs about twice the steps of a grid fitted
-    there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
+    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50,
+    dpmpp_2m): a grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs twice the NFE of a grid fitted
+    there; one fitted for the family with the density rule up to 2x, with ``transfer_head=2`` 1.22x (1.67x counting a
+    failure above its first pass) (docs/fast_samplers.md, "Measured", "Transfer").
     ``transfer_head=k`` (``0 <= k < n``; 0, the density rule, by default) fits the grid for the anchored rule instead
     (:func:`transfer_log_snr` with ``head=k``: its first ``k`` steps are mapped onto each process's own start, the
     points from the ``k``-th on keep their log-SNR); a saved grid records the rule, so it is carried the same way.
