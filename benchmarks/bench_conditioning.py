@@ -30,12 +30,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, anisotropic_mixture, ring_mixture
 from score_toolkit.conditioning import (
@@ -268,11 +270,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start, load_start = time.time(), os.getloadavg()[0]
-    try:  # the commit the run starts from
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()  # the commit the run starts from ("+dirty" if the code differs from it)
     inverse, guidance = [], []
 
     def log(row):

@@ -209,7 +209,9 @@ class _CorrectedEndUniPC(UniPC):
     x_n / alpha + (D(x~_n) - x~_n / alpha) / 2 (the default, (x_n / alpha + D(x~_n)) / 2, undoes half the last
     correction)."""
 
-    _end_rule = "corrected"
+    @staticmethod
+    def _step_to_zero(x, x_pred, d, inv_alpha):
+        return inv_alpha * x + 0.5 * d - 0.5 * inv_alpha * x_pred
 
 
 def corrected_unipc(score, process, steps):

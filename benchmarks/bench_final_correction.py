@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,9 +43,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import bench_conditioning as bc  # noqa: E402
 import bench_guidance_1d as b1  # noqa: E402
+from _provenance import git_commit  # noqa: E402
 
 from score_toolkit.analytic import ClassConditionalMixture, GaussianMixture, ring_mixture  # noqa: E402
 from score_toolkit.conditioning import (  # noqa: E402
@@ -337,11 +336,7 @@ def main(argv=None) -> int:
     def log(row):
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
-    try:  # the commit at the start of the run (uncommitted changes are not recorded)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()  # at the start of the run; "+dirty" if the code differs from it
     rows = []
     for part, fn in (("tempered_1d", run_tempered_1d), ("tempered_ring", run_tempered_ring), ("inverse", run_inverse)):
         if part in parts:

@@ -25,12 +25,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 
 from score_toolkit._utils import per_sample_generators
 from score_toolkit.analytic import GaussianMixture, anisotropic_mixture, ring_mixture
@@ -111,14 +113,6 @@ def coverage_rows(n: int, probes: list[int]) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def _md(result: dict) -> str:
     lines = ["# Hutchinson's estimator: bias of bits/dim and coverage of the standard error", "",
              f"Made by `benchmarks/bench_hutchinson.py` ({result['settings']}), commit {result['commit']}, "
@@ -157,7 +151,7 @@ def main(argv=None) -> int:
     result = {"bias": bias_rows(args.bias_n), "coverage": coverage_rows(args.coverage_n, probes)}
     result.update(settings=f"bias n = {args.bias_n}, coverage n = {args.coverage_n} per dimension, probes {probes}, "
                            f"rtol = atol = 1e-6, float64, {args.threads} thread(s)",
-                  commit=_commit(), load_start=load_start, load_end=os.getloadavg()[0],
+                  commit=git_commit(), load_start=load_start, load_end=os.getloadavg()[0],
                   duration_s=time.perf_counter() - start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,13 +32,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -251,14 +253,6 @@ def t_dtype_rows(n: int = 20000, d: int = 16) -> list[dict]:
     return rows
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _write_csv(rows: list[dict], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:
@@ -391,7 +385,7 @@ def main(argv=None) -> int:
     settings = {
         "process": f"VESDE({SIGMA_MIN}, {SIGMA_MAX})", "grid": "log_sigma", "NFE": args.nfe, "repeats": args.repeats,
         "seconds per repeat (at least)": args.min_run, "clock": "thread CPU time" if args.clock == "cpu" else "wall", "torch threads": 1, "torch": torch.__version__,
-        "python": platform.python_version(), "commit": _git_commit(), "tdtype N": args.tdtype_n,
+        "python": platform.python_version(), "commit": git_commit(), "tdtype N": args.tdtype_n,
         "load average (start/end)": f"{load0:.1f}/{os.getloadavg()[0]:.1f}", "duration": f"{time.time() - start:.0f} s",
     }
     write_results(rows, trows, Path(args.out), settings)

@@ -58,6 +58,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
+
 from score_toolkit import metrics as M  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
 from score_toolkit.processes import TIME_GRIDS, VESDE, VPSDE, Process  # noqa: E402
@@ -1274,12 +1277,7 @@ def _split(value: str, allowed: tuple, flag: str, parser) -> list[str]:
 
 
 def _meta(argv) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except Exception:
-        commit = ""
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or "unknown",
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
             "python": platform.python_version(), "torch": torch.__version__, "argv": list(argv),
             "loadavg_start": _loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
 from bench_conditioning import data_variance, fmt, posterior_target, problems, score_row  # noqa: E402
 
 from score_toolkit._io import write_json_atomic, write_text_atomic  # noqa: E402
@@ -90,30 +90,42 @@ def run_case(args, case, rows, log):
             if sampler_name == "tds":
                 opts["num_particles"] = k
             row = {"case": case, "sigma_y": sy, "method": method, "sampler": sampler_name, "particles": k, "nfe": nfe}
-            t0 = time.perf_counter()
-            try:
-                out = get_sampler(sampler_name, **opts).sample(fns[method], proc, shape=(args.n, prior.dim), dtype=D64,
-                                                               generator=torch.Generator().manual_seed(2024))
-                chi2, _ = mode_weight_statistic(out.samples, target)
-                row.update(score_row(out.samples, target, ref, fl))
-                row.update({"pearson": chi2, "pearson_limit": pearson_limit(target),
-                            "final_ess": out.info.get("final_ess", math.nan),
-                            "resampling_count": out.info.get("resampling_count", math.nan)})
-            except Exception as exc:  # a diverging run is a result, not a crash
-                row.update({"error": f"{type(exc).__name__}: {exc}"[:200], "wsw_ratio": math.inf, "nll_gap": math.inf,
-                            "nll_floor": fl["nll_sd"], "mode_tv": math.nan, "mode_tv_floor": fl["tv"],
-                            "pearson": math.nan, "final_ess": math.nan, "resampling_count": math.nan})
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            log(row)
+            sampler = get_sampler(sampler_name, **opts)
+            scored_run(row, lambda: sampler.sample(fns[method], proc, shape=(args.n, prior.dim), dtype=D64,  # noqa: B023
+                                                   generator=torch.Generator().manual_seed(2024)),
+                       target, ref, fl, {"final_ess": "final_ess", "resampling_count": "resampling_count"}, rows, log)
+
+
+def scored_run(row, run, target, ref, fl, info_fields, rows, log):
+    """``run()`` (a SamplerOutput) scored against the exact ``target`` into ``row``, with ``info_fields`` (row key ->
+    key of ``out.info``, NaN where absent, or a function of the output) and the wall time; a failing run is a result (its error, infinite scores),
+    not a crash. The row is appended to ``rows`` and logged."""
+    t0 = time.perf_counter()
+    try:
+        out = run()
+        chi2, _ = mode_weight_statistic(out.samples, target)
+        row.update(score_row(out.samples, target, ref, fl))
+        row.update({"pearson": chi2, "pearson_limit": pearson_limit(target)})
+        row.update({k: v(out) if callable(v) else out.info.get(v, math.nan) for k, v in info_fields.items()})
+    except Exception as exc:  # a diverging run is a result, not a crash
+        row.update({"error": f"{type(exc).__name__}: {exc}"[:200], "wsw_ratio": math.inf, "nll_gap": math.inf,
+                    "nll_floor": fl["nll_sd"], "mode_tv": math.nan, "mode_tv_floor": fl["tv"], "pearson": math.nan,
+                    "pearson_limit": pearson_limit(target)})
+        row.update({k: math.nan for k in info_fields})
+    row["wall_s"] = time.perf_counter() - t0
+    rows.append(row)
+    log(row)
+
+
+def run_lines(metas) -> list[str]:
+    """The result file's "Run: ..." lines (date, commit, N, load, duration, command), one per run."""
+    return [f"Run: {m['date']}, commit `{m['commit']}`, N = {m['n']}, floor seeds = {m['floor_seeds']}, threads = "
+            f"{m['threads']}, load average at start {m['load_start']}, duration {m.get('duration_s', 0):.0f} s. "
+            f"Command: `{m['command']}`." for m in metas]
 
 
 def write_markdown(path: Path, rows, metas):
-    lines = ["# Twisted diffusion sampler (tds) against exact posteriors", ""]
-    for m in metas:
-        lines.append(f"Run: {m['date']}, commit `{m['commit']}`, N = {m['n']}, floor seeds = {m['floor_seeds']}, "
-                     f"threads = {m['threads']}, load average at start {m['load_start']}, duration {m['duration_s']:.0f} s. "
-                     f"Command: `{m['command']}`.")
+    lines = ["# Twisted diffusion sampler (tds) against exact posteriors", "", *run_lines(metas)]
     lines += ["", "VPSDE(), grid log_sigma, samples at t_min against the exact posterior at t_min. `K`: particles per "
               "sample (K = 1: the transform alone with `ancestral`). `exact`: the exact posterior score with "
               "`ancestral` (the floor TDS converges to at that NFE). `wsw_ratio`: within-mode sliced W2 over its floor "
@@ -123,36 +135,68 @@ def write_markdown(path: Path, rows, metas):
               "heading; posterior components of weight >= 1e-6 are kept). `ess`: mean effective "
               "sample size of the final weights (in particles). `resampled`: mean resampling events per sample. "
               "`wall`: seconds on a shared 2-core machine (one thread).", ""]
+    columns = ("method | sampler | K | NFE | wsw_ratio | nll_gap (sd) | mode_tv (floor) | pearson | ess | resampled | "
+               "wall s")
+    write_tables(path, lines, rows, columns, lambda r: (
+        f"{r['method']} | {r['sampler']} | {r['particles']} | {r['nfe']} | {fmt(r['wsw_ratio'])}{error_note(r)} "
+        f"| {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) | {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) "
+        f"| {fmt(r['pearson'])} | {fmt(r['final_ess'])} | {fmt(r['resampling_count'])} | {fmt(r['wall_s'])}"))
+
+
+def error_note(r) -> str:
+    return f" ({r['error'][:60]})" if "error" in r else ""
+
+
+def write_tables(path: Path, lines, rows, columns: str, cells) -> None:
+    """``lines`` (title, runs, legend), then one table per (case, sigma_y) with ``columns`` ("a | b | ...") and one
+    line ``cells(row)`` per row, written atomically to ``path``."""
+    lines = list(lines)
     for case in dict.fromkeys(r["case"] for r in rows):
         for sy in dict.fromkeys(r["sigma_y"] for r in rows if r["case"] == case):
             first = next(r for r in rows if r["case"] == case and r["sigma_y"] == sy)
-            lines += [f"## {case}, sigma_y = {sy} (N = {first.get('n')}, Pearson limit {fmt(first.get('pearson_limit'))})", "",
-                      "| method | sampler | K | NFE | wsw_ratio | nll_gap (sd) | mode_tv (floor) | pearson | ess | resampled | wall s |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
-            for r in (r for r in rows if r["case"] == case and r["sigma_y"] == sy):
-                err = f" ({r['error'][:60]})" if "error" in r else ""
-                lines.append(f"| {r['method']} | {r['sampler']} | {r['particles']} | {r['nfe']} | {fmt(r['wsw_ratio'])}{err} "
-                             f"| {fmt(r['nll_gap'])} ({fmt(r['nll_floor'])}) | {fmt(r['mode_tv'])} ({fmt(r['mode_tv_floor'])}) "
-                             f"| {fmt(r['pearson'])} | {fmt(r['final_ess'])} | {fmt(r['resampling_count'])} | {fmt(r['wall_s'])} |")
+            lines += [f"## {case}, sigma_y = {sy} (N = {first.get('n')}, Pearson limit {fmt(first.get('pearson_limit'))})",
+                      "", f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
+            lines += [f"| {cells(r)} |" for r in rows if r["case"] == case and r["sigma_y"] == sy]
             lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(p: argparse.ArgumentParser, tag: str) -> None:
+    """The options both exact-posterior benchmarks share (problems, sizes, output)."""
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--cases", default="conformance,ring,aniso16")
     p.add_argument("--sigma-y", default="0.05,0.5")
     p.add_argument("--methods", default="dps,pigdm,replacement")
     p.add_argument("--particles", default="4,16,64")
-    p.add_argument("--nfe", default="100,200")
-    p.add_argument("--k-nfe", type=int, default=16, help="particles of the NFE sweep")
     p.add_argument("--floor-seeds", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tag", default="tds")
+    p.add_argument("--tag", default=tag)
     p.add_argument("--merge", default=None, help="comma-separated tags: write results/TAG.md from their json files")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+
+
+def parse_common(p: argparse.ArgumentParser, argv):
     args = p.parse_args(argv)
+    args.sigma_y = [float(v) for v in args.sigma_y.split(",")]
+    args.methods = args.methods.split(",")
+    args.particles = [int(v) for v in args.particles.split(",")]
+    return args
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(p, "tds")
+    p.add_argument("--nfe", default="100,200")
+    p.add_argument("--k-nfe", type=int, default=16, help="particles of the NFE sweep")
+    args = parse_common(p, argv)
+    args.nfe = [int(v) for v in args.nfe.split(",")]
+    return run_meta(args, argv, "bench_tds.py", run_case, write_markdown,
+                    ("case", "sigma_y", "method", "sampler", "particles", "nfe"))
+
+
+def run_meta(args, argv, script: str, run_case, write_markdown, key_fields) -> int:
+    """The run of a benchmark over ``args.cases`` (or ``--merge`` of earlier runs): results/TAG.json and .md written
+    after every row (with the run's date, commit, load and command), rows identified by ``key_fields``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -160,28 +204,20 @@ def main(argv=None) -> int:
         for tag in args.merge.split(","):
             data = json.loads((out / f"{tag}.json").read_text())
             for r in data["rows"]:  # a run repeated in two parts (same seed, same numbers) is listed once
-                key = tuple(r[k] for k in ("case", "sigma_y", "method", "sampler", "particles", "nfe"))
+                key = tuple(r[k] for k in key_fields)
                 if key not in seen:
                     seen.add(key)
                     rows.append(r)
             metas.append(data["meta"])
         write_markdown(out / f"{args.tag}.md", rows, metas)
         return 0
-    args.sigma_y = [float(v) for v in args.sigma_y.split(",")]
-    args.methods = args.methods.split(",")
-    args.particles = [int(v) for v in args.particles.split(",")]
-    args.nfe = [int(v) for v in args.nfe.split(",")]
     torch.set_num_threads(args.threads)
     start, load_start = time.time(), os.getloadavg()[0]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     rows = []
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "n": args.n,
             "floor_seeds": args.floor_seeds, "threads": args.threads, "load_start": round(load_start, 2),
-            "command": " ".join(["python", "benchmarks/bench_tds.py", *(argv if argv is not None else sys.argv[1:])])}
+            "command": " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])}
 
     def log(row):
         row["n"] = args.n
@@ -194,7 +230,6 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
         run_case(args, case, rows, log)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

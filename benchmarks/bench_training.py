@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from score_toolkit.data import load_dataset  # noqa: E402
@@ -103,16 +106,6 @@ def ours(steps: int, warmup: int, batch: int, full: bool, seed: int = 0) -> tupl
     return (steps - warmup) / (w1 - w0), (steps - warmup) / (c1 - c0)
 
 
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -144,7 +137,7 @@ def main(argv=None) -> int:
         f"{args.steps} steps per run, first {args.warmup} excluded, {args.repeats} alternating runs per loop, medians. "
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs" + (f", load average (1 min) {load_start[0]:.1f} at the start and {load[0]:.1f} at the end"
-                                    if load else "") + f"; commit {_commit()}.",
+                                    if load else "") + f"; commit {git_commit()}.",
         "",
         "| setting | clock | hand-written steps/s | score_toolkit steps/s | ratio (median) | ratio range |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -421,6 +421,30 @@ def test_tds_passes_the_accuracy_check_with_approximate_transforms(method, parti
     assert stats["nfe"] == 200
 
 
+# the deterministic transport corrected by importance weights (importance_ode; benchmarks/results/importance_ode.md)
+@pytest.mark.parametrize("method", ["replacement", pytest.param("pigdm", marks=pytest.mark.slow),
+                                    pytest.param("dps", marks=pytest.mark.slow)])
+def test_importance_corrected_flow_passes_the_accuracy_check_with_approximate_transforms(method):
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.testing import check_accuracy
+
+    fn, proc, post = _inverse_transform(method)
+    sampler = get_sampler("importance_ode", num_particles=16, prior_density="energy", rtol=1e-4, atol=1e-4)
+    stats = check_accuracy(sampler, fn, proc, post)
+    assert stats["nfe"] > 0
+
+
+@pytest.mark.parametrize("method", ["dps", "pigdm", "replacement"])
+def test_the_same_deterministic_flow_fails_it_without_the_correction(method):
+    """The control: the transform's own probability-flow ODE (pf_ode, dopri5 at the same tolerance) fails the check."""
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.testing import check_accuracy
+
+    fn, proc, post = _inverse_transform(method)
+    with pytest.raises(AssertionError, match="mode weights|within-mode"):
+        check_accuracy(get_sampler("pf_ode", rtol=1e-4, atol=1e-4), fn, proc, post)
+
+
 @pytest.mark.parametrize("method", ["dps", "pigdm", "replacement"])
 def test_the_same_transforms_fail_it_without_particles(method):
     """The control: the transform alone with the ancestral sampler on the same grid fails the check."""

@@ -32,6 +32,7 @@ TINY = {
     "pf_ode": {"method": "euler", "num_steps": 3},
     "predictor_corrector": {"num_steps": 3},
     "tds": {"num_steps": 3, "num_particles": 2, "twist": "none"},  # unconditional: nothing observed
+    "importance_ode": {"method": "euler", "num_steps": 3, "num_particles": 2, "likelihood": "none"},
 }
 
 

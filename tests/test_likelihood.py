@@ -15,6 +15,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+from functools import partial
 
 import pytest
 import torch
@@ -516,3 +518,28 @@ def test_the_benchmarks_score_sde_transcription_agrees_with_ours():
                           atol=1e-7, time_variable="t")
     torch.testing.assert_close(ours.log_prob, ref, rtol=0, atol=1e-4)
     assert nfe > 0 and torch.isnan(ours.std_err).all()  # one probe: no error bar
+
+
+def test_the_benchmarks_wall_split_and_pairs():
+    """benchmarks/bench_likelihood.py's wall-time split times the score's forward and the divergence's backward passes
+    of both solvers, puts torch.autograd.grad back, and its pairs give one ours / recipe ratio per pair."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_likelihood.py"
+    spec = importlib.util.spec_from_file_location("bench_likelihood_for_test_wall", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    proc = VPSDE(0.1, 20.0, t_min=1e-5)
+    m, x = _ring_data(8)
+    grad = torch.autograd.grad
+    prof = bench._wall_profile(m.score_fn(proc), proc, x, partial(m.log_prob, t=1.0, process=proc), "vp_t")
+    assert torch.autograd.grad is grad
+    for kind in ("recipe", "ours"):
+        fwd, bwd, rest = prof[kind]
+        assert fwd > 0 and bwd > 0 and rest > 0, (kind, prof[kind])
+    calls = []
+    pairs = bench._paired_ratios({"recipe": lambda: calls.append("r") or time.sleep(0.1),
+                                  "ours": lambda: calls.append("o") or time.sleep(0.005)}, 3)
+    assert calls == ["r", "o", "o", "r", "r", "o"]  # the order alternates
+    assert len(pairs["wall"]) == 3 and all(0 < r < 1 for r in pairs["wall"])

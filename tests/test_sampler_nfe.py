@@ -32,7 +32,8 @@ CHOICES: dict[str, tuple] = {
 }
 SMALL = {"num_steps": 3, "num_levels": 2, "steps_per_level": 2, "corrector_steps": 2, "reference_steps": 2,
          "rtol": 1e-2, "atol": 1e-2, "eps_rel": 0.2, "eps_abs": 0.05, "S_churn": 0.0,
-         "twist": "none"}  # tds with a plain score function (its NFE with a transform: tests/test_tds.py)
+         "twist": "none",  # tds with a plain score function (its NFE with a transform: tests/test_tds.py)
+         "likelihood": "none"}  # importance_ode likewise (with a transform: tests/test_importance_ode.py)
 
 
 def _method_choices(cls) -> tuple:
@@ -88,7 +89,9 @@ def _build(name, opts):
         except (ValueError, TypeError) as exc:
             # a small setting that this combination does not use (e.g. corrector_steps without a corrector) is
             # dropped; any other refusal is an invalid combination (e.g. denoise with to_zero)
-            unused = [k for k in SMALL if k in opts and k != "num_steps" and k in str(exc)]
+            # (num_steps too where the sampler's default is None: a fixed-grid setting its adaptive methods refuse)
+            optional = get_sampler_class(name).options.get("num_steps", 0) is None
+            unused = [k for k in SMALL if k in opts and (k != "num_steps" or optional) and k in str(exc)]
             if not unused:
                 return None
             del opts[unused[0]]

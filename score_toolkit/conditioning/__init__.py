@@ -6,7 +6,7 @@ sampler (built-in or plugin) samples conditionally without change:
 * class guidance: :class:`ClassifierGuidance`, :class:`ClassifierFreeGuidance` (with :class:`LabelledScoreAdapter`
   for label-conditional networks);
 * linear inverse problems ``y = A x + sigma_y n``: :class:`DPS`, :class:`PiGDM`, :class:`Replacement` (each with its
-  likelihood ``log p~_t(y | x_t)``: :meth:`~InverseProblemScore.log_likelihood`, :meth:`~InverseProblemScore.twist`);
+  likelihood ``log p~_t(y | x_t)``: ``twist(x, t).log_likelihood``, :meth:`~InverseProblemScore.twist`);
 * operators ``A``: :class:`Mask`, :class:`Downsample`, :class:`Greyscale`, :class:`GaussianBlur`,
   :class:`MatrixOperator` (:func:`make_operator` by name).
 

@@ -26,8 +26,8 @@ DPS and PiGDM cost one score evaluation and one backward pass through the score 
 product) per call; Replacement costs one score evaluation and no gradient.
 
 Each method also states the likelihood it approximates, ``log p~_t(y | x_t)`` (up to a constant in ``x``), whose
-gradient is its correction ``g``: :meth:`InverseProblemScore.log_likelihood`, and :meth:`InverseProblemScore.twist`
-for the prior score, the transformed score and that log-likelihood from one evaluation. DPS:
+gradient is its correction ``g``: the ``log_likelihood`` field of :meth:`InverseProblemScore.twist`, which returns the
+prior score, the transformed score and that log-likelihood from one evaluation. DPS:
 ``-scale ||y - A x0^||^2 / (2 sigma_y^2)`` (``-scale ||y - A x0^||`` with ``weighting="normalized"``); PiGDM:
 ``-scale (y - A x0^)^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0^) / 2``; Replacement: the flat-prior likelihood
 :meth:`InverseProblemScore.limit_log_likelihood` (its correction on the observed directions is that likelihood's
@@ -88,12 +88,18 @@ class InverseProblemScore:
         return y.to(device=x.device, dtype=x.dtype)
 
     def _denoised(self, x, t):
-        """(x with grad, x0^ = D(x, t), alpha, sigma) with the graph of x0^ on x."""
+        """(x with grad, prior score, x0^ = D(x, t), alpha, sigma, differentiable) with the graph of x0^ on x.
+
+        ``differentiable``: ``x`` arrived with a graph (it requires grad and grad mode is on), as when a caller
+        takes the divergence of this score (:mod:`score_toolkit.samplers.importance_ode`): then the score keeps its
+        graph on ``x`` (the correction's gradient is taken with ``create_graph=True``, a double backward through
+        the score network); otherwise ``x`` is detached and the returned score carries no graph."""
         alpha, sigma = self.process.marginal(t)
-        xg = x.detach().requires_grad_(True)
+        differentiable = x.requires_grad and torch.is_grad_enabled()
+        xg = x if differentiable else x.detach().requires_grad_(True)
         s = self.score_fn(xg, t)
         x0 = (xg + append_dims(sigma**2, x.ndim) * s) / append_dims(alpha, x.ndim)
-        return xg, s, x0, alpha, sigma
+        return xg, s, x0, alpha, sigma, differentiable
 
     def _checked(self, x, t):
         check_tensor(x, "x", min_rank=2)
@@ -114,11 +120,6 @@ class InverseProblemScore:
         sampler needs per step (``tds``)."""
         t, y = self._checked(x, t)
         return self._twist(x, t, y)
-
-    def log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
-        """This method's approximation ``log p~_t(y | x_t)`` per sample (B,), up to a constant in x (its gradient
-        in x is the method's correction of the prior score). Costs what :meth:`twist` costs."""
-        return self.twist(x, t).log_likelihood
 
     def limit_log_likelihood(self, x: torch.Tensor, t) -> torch.Tensor:
         """``log N(y; A x / alpha, sigma_y^2 I + (sigma / alpha)^2 A A^T)`` per sample (B,), up to a constant in x:
@@ -169,6 +170,13 @@ def _scale_at(scale, t, like):
     return append_dims(value, like.ndim)
 
 
+def _twist_of(s, grad, ll, keep: bool) -> Twist:
+    """The twist of a gradient-corrected method: detached unless the caller differentiates it (``keep``)."""
+    if not keep:
+        s, ll = s.detach(), ll.detach()
+    return Twist(s, s + grad, ll)
+
+
 class DPS(InverseProblemScore):
     """Diffusion posterior sampling (Chung et al. 2023): ``s + g`` with ``g`` from the likelihood at Tweedie's
     ``x0^`` (see the module docstring). ``weighting="gaussian"`` needs ``noise_std > 0``."""
@@ -186,7 +194,7 @@ class DPS(InverseProblemScore):
 
     def _twist(self, x, t, y):
         with torch.enable_grad():
-            xg, s, x0, _, _ = self._denoised(x, t)
+            xg, s, x0, _, _, keep = self._denoised(x, t)
             r = (y - self.operator.forward(x0)).reshape(x.shape[0], -1)
             sq = r.pow(2).sum(1)
             if self.weighting == "gaussian":
@@ -194,9 +202,8 @@ class DPS(InverseProblemScore):
             else:
                 ll = -sq.clamp_min(1e-30).sqrt()
             ll = _scale_per_sample(self.scale, t, ll) * ll
-            (grad,) = torch.autograd.grad(ll.sum(), xg)
-        s = s.detach()
-        return Twist(s, s + grad, ll.detach())
+            (grad,) = torch.autograd.grad(ll.sum(), xg, create_graph=keep)
+        return _twist_of(s, grad, ll, keep)
 
 
 class PiGDM(InverseProblemScore):
@@ -214,17 +221,23 @@ class PiGDM(InverseProblemScore):
 
     def _twist(self, x, t, y):
         with torch.enable_grad():
-            xg, s, x0, alpha, sigma = self._denoised(x, t)
+            xg, s, x0, alpha, sigma, keep = self._denoised(x, t)
             nsr2 = (sigma / alpha) ** 2
             r2 = self.data_variance * nsr2 / (self.data_variance + nsr2)
             shape = tuple(x.shape[1:])
             resid = y - self.operator.forward(x0)
-            solved = self.operator.gram_solve(resid.detach(), r2, self.noise_std**2, shape)
-            # -(resid^T C^{-1} resid) with C^{-1} resid held fixed has the gradient of the quadratic form / 2
-            half = -(resid * solved).reshape(x.shape[0], -1).sum(1) * _scale_per_sample(self.scale, t, resid)
-            (grad,) = torch.autograd.grad(half.sum(), xg)
-        s = s.detach()
-        return Twist(s, s + grad, 0.5 * half.detach())
+            scale = _scale_per_sample(self.scale, t, resid)
+            if keep:  # the quadratic form itself: its gradient keeps its own graph on x
+                ll = -0.5 * (resid * self.operator.gram_solve(resid, r2, self.noise_std**2, shape)).reshape(
+                    x.shape[0], -1).sum(1) * scale
+                (grad,) = torch.autograd.grad(ll.sum(), xg, create_graph=True)
+            else:
+                solved = self.operator.gram_solve(resid.detach(), r2, self.noise_std**2, shape)
+                # -(resid^T C^{-1} resid) with C^{-1} resid held fixed has the gradient of the quadratic form / 2
+                half = -(resid * solved).reshape(x.shape[0], -1).sum(1) * scale
+                (grad,) = torch.autograd.grad(half.sum(), xg)
+                ll = 0.5 * half
+        return _twist_of(s, grad, ll, keep)
 
 
 class Replacement(InverseProblemScore):

@@ -37,7 +37,7 @@ from ..processes import TIME_GRIDS
 from .ancestral import forward_transitions
 from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_int, time_dtype
 
-__all__ = ["TwistedDiffusionSampler", "systematic_resample"]
+__all__ = ["TwistedDiffusionSampler", "systematic_resample", "normalised_weights", "draw_index"]
 
 
 def systematic_resample(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def systematic_resample(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _inverse_cdf(weights, (u[:, None] + torch.arange(k, dtype=weights.dtype, device=weights.device)) / k)
 
 
-def _draw_index(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw_index(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row of normalised ``weights`` (G, K) drawn with those probabilities, from uniforms ``u`` (G,)."""
     return _inverse_cdf(weights, u[:, None])[:, 0]
 
@@ -218,7 +218,7 @@ class TwistedDiffusionSampler(Sampler):
                 ctx.record(xp[flat[:, 0] + heaviest], t_next, step=i + 1)
         weights = self._normalised(logw.reshape(b, k), ts[-1], len(ts) - 1)
         final_ess = 1.0 / weights.pow(2).sum(1)
-        pick = _draw_index(weights, uniform())  # one particle per group, drawn with its final weights
+        pick = draw_index(weights, uniform())  # one particle per group, drawn with its final weights
         out = xp[flat[:, 0] + pick]
         ctx.record(out, ts[-1], step=len(ts) - 1)
         if not bool(torch.isfinite(xp).all()):  # the heaviest particle alone is checked at each step
@@ -231,13 +231,17 @@ class TwistedDiffusionSampler(Sampler):
         return out
 
     def _normalised(self, logw: torch.Tensor, t: float, step: int) -> torch.Tensor:
-        """Each group's weights (G, K) normalised; a clear error when a group has no finite weight or a NaN."""
-        top = logw.max(1, keepdim=True).values
-        bad = ~torch.isfinite(top[:, 0]) | torch.isnan(logw).any(1)
-        if bool(bad.any()):
-            raise NonFiniteError(
-                f"sampler {self.name!r}: the particle weights of {int(bad.sum())} of {logw.shape[0]} samples became "
-                f"NaN or all zero at step {step} (t = {t:.6g}); check the score function and its twist, or use more "
-                "particles or steps")
-        w = (logw - top).exp()
-        return w / w.sum(1, keepdim=True)
+        return normalised_weights(logw, self.name, f"at step {step} (t = {t:.6g}); check the score function and its "
+                                  "twist, or use more particles or steps")
+
+
+def normalised_weights(logw: torch.Tensor, sampler: str, where: str) -> torch.Tensor:
+    """Each group's log-weights (G, K) as normalised weights; a :class:`NonFiniteError` naming ``sampler`` and
+    ``where`` when a group has no finite weight or a NaN."""
+    top = logw.max(1, keepdim=True).values
+    bad = ~torch.isfinite(top[:, 0]) | torch.isnan(logw).any(1)
+    if bool(bad.any()):
+        raise NonFiniteError(f"sampler {sampler!r}: the particle weights of {int(bad.sum())} of {logw.shape[0]} "
+                             f"samples became NaN or all zero {where}")
+    w = (logw - top).exp()
+    return w / w.sum(1, keepdim=True)

@@ -18,8 +18,8 @@ conditions with the node ``r = 1`` added (``g_j = j! phi_{j+1}(-h) h^... / B(h)`
 evaluation per step and has order p + 1; the next step starts from the corrected ``x_{i+1}``. The last step is not
 corrected (no evaluation follows it) unless the final step to noise level zero (``to_zero``) supplies one: then
 its evaluation at ``x~_n`` also corrects ``x_n`` before the step to zero, at no extra cost, and the step to zero is
-``(x_n / alpha + D(x~_n)) / 2``. The form ``x_n / alpha + (D(x~_n) - x~_n / alpha) / 2`` (``_end_rule =
-"corrected"``) is closer on Gaussian data but measured worse on the ring mixture at 15-25 NFE, where the slightly
+``(x_n / alpha + D(x~_n)) / 2``. The form ``x_n / alpha + (D(x~_n) - x~_n / alpha) / 2`` (overriding
+``_step_to_zero``) is closer on Gaussian data but measured worse on the ring mixture at 15-25 NFE, where the slightly
 narrowing default offsets the ring's own error (docs/fast_samplers.md, "Defaults").
 
 Bit for bit the algorithm of diffusers' ``UniPCMultistepScheduler`` (``predict_x0=True``, ``solver_type="bh2"``)
@@ -122,11 +122,6 @@ class UniPC(_DPMSolverBase):
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "order": 3, "grid": "fitted", "rho": 7.0,
                                          "lower_order_final": "auto", "to_zero": True, "variant": "bh2"}
     fitted_order = 4
-    #: the final step to zero: "half" (the default), (x_n / alpha + D(x~_n)) / 2 with the corrected x_n and the
-    #: evaluation at the predicted x~_n, which undoes half of the last correction; "corrected", x_n / alpha +
-    #: (D(x~_n) - x~_n / alpha) / 2, to_zero's displacement applied to the corrected point (measured against each
-    #: other in benchmarks/bench_defaults.py; docs/fast_samplers.md, "Defaults")
-    _end_rule: ClassVar[str] = "half"
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         lof = cfg.get("lower_order_final")
@@ -169,16 +164,22 @@ class UniPC(_DPMSolverBase):
             if i > 0:  # UniC: correct x_i with the evaluation just made there
                 x = _lincomb([(a[i - 1], x_prev)] + [(c, history[j]) for j, c in enumerate(corr[i - 1])])
             if i == n:  # the final step to noise level zero, from the corrected point with the evaluation made
-                if self._end_rule == "corrected":  # to_zero's displacement at x~_n applied to the corrected x_n
-                    x = _lincomb([(inv_alpha[n], x), (0.5, history[0]), (-0.5 * inv_alpha[n], x_pred)])
-                else:  # (x_n / alpha + D(x~_n)) / 2 (step_to_zero with the corrected point)
-                    x = _lincomb([(0.5 * inv_alpha[n], x), (0.5, history[0])])
+                x = self._step_to_zero(x, x_pred, history[0], inv_alpha[n])
                 ctx.record(x, 0.0)
                 return x
             x_prev = x
             x = _lincomb([(a[i], x)] + [(w, history[j]) for j, w in enumerate(pred[i])])
             ctx.record(x, t_rec[i + 1], step=i + 1)
         return x
+
+    @staticmethod
+    def _step_to_zero(x: torch.Tensor, x_pred: torch.Tensor, d: torch.Tensor, inv_alpha: float) -> torch.Tensor:
+        """The step to noise level zero from the corrected ``x`` (``x_n``), given the predicted ``x_pred`` (``x~_n``)
+        and ``d = D(x~_n)``: ``(x_n / alpha + D(x~_n)) / 2``, to_zero's step with the corrected point. It undoes half
+        of the last correction; the alternative ``x_n / alpha + (D(x~_n) - x~_n / alpha) / 2`` is closer on Gaussian
+        data but measured worse on the ring at 15-25 NFE (benchmarks/bench_defaults.py overrides this method to
+        measure it; docs/fast_samplers.md, "Defaults")."""
+        return _lincomb([(0.5 * inv_alpha, x), (0.5, d)])
 
 
 def _as_floats(co: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""The probability-flow ODE pushed from the prior to the data with its log-density: the transport of
+:mod:`~score_toolkit.samplers.importance_ode` (:func:`flow_with_density`), on the augmented dynamics, integration
+variables and solvers of :mod:`score_toolkit.likelihood`, integrated the other way (from ``t = 1`` down to ``t_min``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..likelihood.divergence import _per_sample_norm, _two_part_rms
+from ..likelihood.dynamics import _AugmentedDynamics
+from ..likelihood.options import METHODS, _resolve_time_variable
+from ..likelihood.result import SolverError
+from ..likelihood.stepper import solve_dopri5
+from ..likelihood.time_variable import _TimeVariable
+from ..processes import Process
+from .base import NonFiniteError
+
+__all__ = ["flow_with_density", "METHODS", "DEFAULT_TOLERANCE", "DEFAULT_MAX_NUM_STEPS"]
+
+DEFAULT_TOLERANCE = 1e-5
+DEFAULT_MAX_NUM_STEPS = 10_000
+
+
+class _Counted:
+    """A score (or energy) function that counts its calls and the rows it evaluated."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        self.rows += x.shape[0]
+        out = self.fn(x, t)
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out.detach()).all()):
+            raise NonFiniteError(f"the score function returned NaN or infinite values at t = {float(t.min()):.6g} "
+                                 f"(solver step of batched evaluation {self.calls})")
+        return out
+
+
+class _Reversed:
+    """The augmented right-hand side in ``u = -tau`` (the solvers integrate forward from ``-tau(1)`` to ``-tau(t_min)``)."""
+
+    def __init__(self, dynamics: _AugmentedDynamics):
+        self.dynamics = dynamics
+
+    def __call__(self, u: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return -self.dynamics(-u, state)
+
+    def rows_call(self, u: torch.Tensor, state: torch.Tensor, rows) -> torch.Tensor:
+        return -self.dynamics.rows_call(-u, state, rows)
+
+    def callback_step(self, u0, y0, dt) -> None:
+        self.dynamics.callback_step(-u0, y0, dt)
+
+
+def flow_with_density(score_fn, process: Process, x1: torch.Tensor, *, method: str = "dopri5_per_sample",
+                      rtol: float = DEFAULT_TOLERANCE, atol: float = DEFAULT_TOLERANCE, num_steps: int | None = None,
+                      grid: str = "uniform", max_num_steps: int = DEFAULT_MAX_NUM_STEPS, divergence: str = "exact",
+                      probes: torch.Tensor | None = None, time_variable: str = "auto"):
+    """Push ``x1`` (N, ...) from ``t = 1`` to ``t_min`` along the probability-flow ODE of ``score_fn`` and integrate the
+    log-density on the way: returns ``(x_{t_min}, delta)`` with ``log q(x_{t_min}) = log p_1(x1) + delta`` (N,) (the
+    mean over the probes' integrals with ``divergence="hutchinson"``, ``probes`` (P, N, ...)).
+
+    The augmented state and right-hand side are :func:`~score_toolkit.likelihood.log_likelihood`'s, in the same
+    integration variable (``time_variable``) and with the same solvers: the per-sample Dormand-Prince stepper
+    (``"dopri5_per_sample"``: every point meets ``rtol``/``atol`` by itself, so its result does not depend on its
+    batch), torchdiffeq's adaptive methods, or a fixed grid of ``num_steps`` steps (``euler``, ``midpoint``,
+    ``heun2``, ``heun3``, ``rk4``) on ``process.time_grid(num_steps, grid)``, integrated the other way (from the prior
+    to the data). ``score_fn`` must be differentiable in ``x`` (for DPS and PiGDM that is a double backward)."""
+    if method not in METHODS:
+        raise ValueError(f"flow_with_density: expected method in {tuple(METHODS)}, found {method!r}")
+    adaptive = METHODS[method]
+    variable = _TimeVariable(_resolve_time_variable(time_variable, process, score_fn), process, process.t_min,
+                             process.t_max)
+    n = x1.shape[0]
+    dyn = _AugmentedDynamics(score_fn, process, x1.shape, divergence, probes, variable,
+                             max_num_steps if adaptive and method != "dopri5_per_sample" else None)
+    func = _Reversed(dyn)
+    comps = 1 if probes is None else probes.shape[0]
+    y_start = x1.reshape(n, -1) * math.exp(-variable.log_c_hi)
+    y0 = torch.cat([y_start, torch.zeros(n, comps, dtype=x1.dtype, device=x1.device)], 1)
+    lo, hi = -variable.hi, -variable.lo
+    if method == "dopri5_per_sample":
+        y_end, _ = solve_dopri5(func.rows_call, y0, lo, hi, rtol=rtol, atol=atol, ratio=_two_part_rms(dyn.dim),
+                                max_num_steps=max_num_steps)
+    else:
+        import torchdiffeq
+
+        if adaptive:
+            span = torch.tensor([lo, hi], dtype=torch.float64, device=x1.device)
+            options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": _per_sample_norm(dyn.dim)}
+            try:
+                y_end = torchdiffeq.odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
+            except AssertionError as err:  # torchdiffeq checks with assert
+                raise SolverError(f"the ODE solver failed: {err}") from None
+        else:
+            grid_t = process.time_grid(num_steps, grid, dtype=torch.float64)
+            grid_u = -variable.to_tau(grid_t)
+            grid_u[0], grid_u[-1] = lo, hi
+            grid_u = grid_u.to(x1.device)
+            y_end = torchdiffeq.odeint(func, y0, grid_u[[0, -1]], method=method,
+                                       options={"grid_constructor": lambda f, y, t: grid_u.to(t)})[-1]
+    x0 = (y_end[:, : dyn.dim] * math.exp(variable.log_c_lo)).reshape(x1.shape)
+    # the component integrated int_{tau(1)}^{tau(t_min)} (div_y dy/dtau) dtau = -(the forward integral), plus the
+    # change of scale of the state x = c y (see log_likelihood)
+    shift = 0.0 if variable.kind == "t" else dyn.dim * (variable.log_c_hi - variable.log_c_lo)
+    delta = (-y_end[:, dyn.dim:] + shift).mean(1)
+    return x0, delta

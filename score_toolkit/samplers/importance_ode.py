@@ -1,0 +1,345 @@
+"""Importance-corrected probability flow: an exact conditional sampler whose transport is deterministic.
+
+An approximate conditional score transform ``s~`` (DPS, PiGDM, replacement) defines a probability-flow ODE
+``dx/dt = f(t) x - g(t)^2 s~(x, t) / 2`` whose flow map takes the prior ``p_1`` to some law ``q`` at ``t_min`` that is
+not the posterior: no deterministic map of the prior through a biased flow has the right law. Its density is known
+along the way, though (the instantaneous change of variables, as in :mod:`score_toolkit.likelihood`):
+
+    log q(x_{t_min}) = log p_1(x_1) + int_{t_min}^{1} div_x F~(x_t, t) dt,   F~ = f x - g^2 s~ / 2,
+
+so every point it delivers can be weighted to the target ``pi(x) ~ p_{t_min}(x) p(y | x)``, with ``log p_{t_min}`` the
+prior model's own log-density (:func:`~score_toolkit.likelihood.log_likelihood` of the unconditional score, or the
+exact ``-energy`` where the score has one) and ``p(y | x)`` the transform's limit likelihood
+``log N(y; A x / alpha, sigma_y^2 I + (sigma / alpha)^2 A A^T)`` at ``t_min`` (exact as ``t_min -> 0``;
+:meth:`~score_toolkit.conditioning.InverseProblemScore.limit_log_likelihood`, the final weight of ``tds`` too).
+
+Every output sample draws ``K = num_particles`` prior points. A share ``lambda = m / K`` of them (``m =
+round(defensive K)``) follows the prior's own flow (whose law is ``p_{t_min}``), the rest the conditional flow,
+each integrating its log-density (one augmented solve, :mod:`._flow_density` on
+:mod:`score_toolkit.likelihood.dynamics`). Each point gets the deterministic-mixture weight (defensive importance
+sampling, Hesterberg 1995; Owen & Zhou 2000)
+
+    w = p_{t_min}(x) p(y | x) / ((1 - lambda) q(x) + lambda p_{t_min}(x))  <=  p(y | x) / lambda,
+
+so the missing density of each point comes from a second solve: the prior's log-density at the conditional flow's
+points and the conditional flow's ``log q`` at the prior flow's points (:func:`~score_toolkit.likelihood.log_likelihood`
+of the transform, solved back from the data to the prior). One point per group is drawn with the normalised weights
+(sampling-importance-resampling, :func:`~score_toolkit.samplers.tds.draw_index`). The only randomness is the prior
+draw and the resampling choice; the transport itself is deterministic. The returned draw's law tends to ``pi`` as
+``K -> infinity`` (its error is ``O(1 / K)`` times the weights' relative variance), up to the solver's error in ``x``
+and in the log-densities. The mixture bounds the weights: without it (``defensive=0``), a transform whose flow is
+narrower than the posterior (DPS) gives weights with heavy tails, and the bias then falls very slowly with ``K``
+(measured in docs/conditioning.md).
+
+Cost per output sample: ``K`` transport solves with the divergence (exact: ``d`` vector-Jacobian products per
+evaluation; through DPS and PiGDM each is a double backward through the score network, their correction being a
+gradient itself) and ``K`` second densities (``K - m`` prior densities, a solve each or one energy evaluation each
+with ``prior_density="energy"``, and ``m`` conditional densities, a solve each). ``SamplerOutput.info`` reports it:
+``evaluations_per_sample`` (score and energy evaluations of points, per output sample), ``vjps_per_sample``
+(vector-Jacobian products of the divergences per output sample), the batched calls of each stage, and the effective
+sample size of the final weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+
+from .._utils import rand
+from ..likelihood.divergence import _probes
+from ..likelihood.ode import log_likelihood
+from ..likelihood.options import _resolve_time_variable
+from ..likelihood.result import SolverError
+from ..processes import TIME_GRIDS
+from ._flow_density import DEFAULT_MAX_NUM_STEPS, DEFAULT_TOLERANCE, METHODS, _Counted, flow_with_density
+from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
+from .langevin import energy_or_none
+from .tds import draw_index, normalised_weights
+
+__all__ = ["ImportanceODESampler", "flow_with_density", "METHODS"]
+
+#: where the prior's log-density at t_min comes from
+PRIOR_DENSITIES = ("ode", "energy")
+
+
+class ImportanceODESampler(Sampler):
+    """Importance-corrected probability flow (see the module docstring): ``K`` prior points per sample moved by the
+    conditional PF-ODE (a share ``defensive`` by the prior's) with their log-density, weighted by the exact target
+    over the mixture density, one resampled.
+
+    Options:
+        num_particles (16): prior points per output sample (``K >= 2``).
+        method ("dopri5_per_sample"): the solver of both ODEs (the conditional transport and, with
+            ``prior_density="ode"``, the prior's density): the likelihood's per-sample Dormand-Prince stepper, a
+            torchdiffeq adaptive method (``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``; steps shared by the
+            batch), or a fixed-grid method (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``; ``num_steps``
+            required).
+        rtol, atol (adaptive methods; default 1e-5 each), max_num_steps (adaptive; default 10000).
+        num_steps, grid ("uniform"): fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
+        divergence ("exact"): ``d`` vector-Jacobian products per evaluation, or ``"hutchinson"`` with
+            ``num_probes`` (default 4) Rademacher probes per point, drawn from the sample's generator and held fixed
+            through both solves. A Hutchinson log-density is unbiased in the log, so its weight ``exp(-log q)`` is
+            not: the estimate adds a bias that shrinks with ``num_probes``.
+        time_variable ("auto"): the integration variable (:func:`~score_toolkit.likelihood.log_likelihood`).
+        prior_density ("ode"): ``log p_{t_min}`` of the prior model by :func:`~score_toolkit.likelihood.log_likelihood`
+            of its score, or ``"energy"``: ``-energy(x, t_min)`` of a prior score that has one (an analytic score, an
+            energy network), exact and one evaluation per point (counted in ``nfe``).
+        likelihood ("transform"): the score function is a conditional transform with a prior score ``score_fn``
+            and ``limit_log_likelihood(x, t)`` (:class:`~score_toolkit.conditioning.DPS`,
+            :class:`~score_toolkit.conditioning.PiGDM`, :class:`~score_toolkit.conditioning.Replacement`,
+            :class:`~score_toolkit.conditioning.ObservationLikelihood`); ``"none"``: a plain score function and
+            nothing observed (the target is the score's own law: weights ``p / q`` near 1, a check of the machinery).
+        defensive (0.5): the share of the ``K`` points moved by the prior's flow (``round(defensive K)``, at least 1
+            and at most ``K - 1`` when > 0; 0: the conditional flow alone, unbounded weights); not used with
+            ``likelihood="none"``.
+
+    ``x_init`` (or the prior draw from ``shape``) gives point 0 of every group; the other ``K - 1`` come from the
+    process's prior, from the sample's generator when there is one per sample. ``nfe`` counts the batched calls of
+    the score function (conditional transport, prior density or energy, and ``denoise``'s); ``info`` holds
+    ``num_particles``, ``defensive_particles`` (m), ``final_ess`` (mean effective sample size of the groups' weights,
+    in points), ``min_final_ess``, ``transport_nfe`` and ``density_nfe`` (batched calls of the transport solves and of
+    the second densities), ``evaluations_per_sample`` (score and energy evaluations of points per output
+    sample) and ``vjps_per_sample``. The trajectory holds the initial state and the result.
+    """
+
+    name: ClassVar[str] = "importance_ode"
+    description: ClassVar[str] = ("importance-corrected probability flow: K prior points per sample moved by the "
+                                  "conditional PF-ODE with their log-density, reweighted to the exact target, one "
+                                  "resampled")
+    properties: ClassVar[SamplerProperties] = SamplerProperties(stochastic=True, order=None, adaptive=True,
+                                                                fixed_grid=False, per_sample=True)
+    options: ClassVar[dict[str, Any]] = {
+        "num_particles": 16,
+        "method": "dopri5_per_sample",
+        "rtol": None,
+        "atol": None,
+        "max_num_steps": None,
+        "num_steps": None,
+        "grid": "uniform",
+        "divergence": "exact",
+        "num_probes": None,
+        "time_variable": "auto",
+        "prior_density": "ode",
+        "likelihood": "transform",
+        "defensive": 0.5,
+    }
+    # the generic suite runs the machinery with nothing observed (the target is the score's own law); the conditional
+    # accuracy on exact posteriors is tested in tests/test_importance_ode.py and tests/test_conformance.py
+    conformance = {"sampler_options": {"num_particles": 2, "likelihood": "none", "rtol": 1e-3, "atol": 1e-3},
+                   "accuracy_options": {"rtol": 1e-5, "atol": 1e-5}}
+
+    def _validate_options(self, cfg: dict[str, Any]) -> None:
+        super()._validate_options(cfg)
+        k = cfg["num_particles"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"sampler {self.name!r}: expected option num_particles to be an int >= 2 (one point is the "
+                             f"transform's own probability flow without correction: use 'pf_ode'), found {k!r}")
+        method = check_choice(cfg, "method", self.name, tuple(METHODS))
+        adaptive = METHODS[method]
+        if adaptive:
+            given = [key for key in ("num_steps", "grid") if cfg[key] != type(self).options[key]]
+            if given:
+                raise ValueError(f"sampler {self.name!r}: option(s) {', '.join(given)} apply to the fixed-grid methods "
+                                 f"{tuple(m for m, a in METHODS.items() if not a)}, found method={method!r}")
+            for key in ("rtol", "atol"):
+                if cfg[key] is not None:
+                    check_float(cfg, key, self.name)
+            if cfg["max_num_steps"] is not None:
+                check_int(cfg, "max_num_steps", self.name)
+        else:
+            given = [key for key in ("rtol", "atol", "max_num_steps") if cfg[key] is not None]
+            if given:
+                raise ValueError(f"sampler {self.name!r}: option(s) {', '.join(given)} only apply to adaptive methods "
+                                 f"{tuple(m for m, a in METHODS.items() if a)}, found method={method!r}")
+            if cfg["num_steps"] is None:
+                raise ValueError(f"sampler {self.name!r}: fixed-grid method {method!r} needs option num_steps, an int "
+                                 f">= 1")
+            check_int(cfg, "num_steps", self.name)
+        check_choice(cfg, "grid", self.name, TIME_GRIDS)
+        divergence = check_choice(cfg, "divergence", self.name, ("exact", "hutchinson"))
+        if cfg["num_probes"] is not None:
+            if divergence != "hutchinson":
+                raise ValueError(f"sampler {self.name!r}: option num_probes applies to divergence='hutchinson'")
+            check_int(cfg, "num_probes", self.name)
+        check_choice(cfg, "time_variable", self.name, ("auto", "vp_t", "log_sigma", "t"))
+        check_choice(cfg, "prior_density", self.name, PRIOR_DENSITIES)
+        check_choice(cfg, "likelihood", self.name, ("transform", "none"))
+        share = cfg["defensive"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ValueError(f"sampler {self.name!r}: expected option defensive to be a number in [0, 1), found {share!r}")
+        props = replace(type(self).properties, adaptive=adaptive, fixed_grid=not adaptive,
+                        # torchdiffeq's adaptive steps are shared by the batch; the stepper and fixed grids are per point
+                        per_sample=method == "dopri5_per_sample" or not adaptive)
+        if props != type(self).properties:
+            self.properties = props
+
+    def _num_progress_steps(self) -> int | None:
+        return None
+
+    @property
+    def nfe(self) -> int | None:
+        """Batched score calls of one run with a fixed-grid method (conditional transport, prior density, ``denoise``);
+        ``None`` for adaptive methods."""
+        cfg = self.config
+        if METHODS[cfg["method"]]:
+            return None
+        from .pf_ode import METHODS as STAGES
+
+        per_solve = cfg["num_steps"] * STAGES[cfg["method"]].nfe_per_step
+        prior = per_solve if cfg["prior_density"] == "ode" else 1
+        if cfg["likelihood"] == "transform" and self._defensive_count():
+            # the defensive points: the prior's flow, their conditional density (and their energy)
+            prior += 2 * per_solve + (cfg["prior_density"] == "energy")
+        return per_solve + prior + self._final_steps_nfe()
+
+    def _parts(self, ctx: SamplingContext):
+        """(the conditional score, the prior score, the log-likelihood of the observation at t_min or None)."""
+        fn = ctx.score_fn
+        if self.config["likelihood"] == "none":
+            return fn, fn, None
+        prior = getattr(fn, "score_fn", None)
+        missing = [m for m, ok in (("score_fn (the prior score)", callable(prior)),
+                                   ("limit_log_likelihood(x, t)", callable(getattr(fn, "limit_log_likelihood", None))))
+                   if not ok]
+        if missing:
+            raise ValueError(
+                f"sampler {self.name!r}: expected a conditional score transform with its prior score and observation "
+                f"likelihood (attributes score_fn and limit_log_likelihood(x, t): DPS, PiGDM, Replacement or "
+                f"ObservationLikelihood from score_toolkit.conditioning), found {fn!r} without {' and '.join(missing)}; "
+                "for unconditional sampling pass likelihood='none'")
+        return fn, prior, fn.limit_log_likelihood
+
+    def _solver_options(self) -> dict[str, Any]:
+        cfg = self.config
+        if METHODS[cfg["method"]]:
+            return {"rtol": cfg["rtol"] if cfg["rtol"] is not None else DEFAULT_TOLERANCE,
+                    "atol": cfg["atol"] if cfg["atol"] is not None else DEFAULT_TOLERANCE,
+                    "max_num_steps": cfg["max_num_steps"] if cfg["max_num_steps"] is not None else DEFAULT_MAX_NUM_STEPS}
+        return {"num_steps": cfg["num_steps"], "grid": cfg["grid"]}
+
+    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
+        cfg, process = self.config, ctx.process
+        conditional, prior, likelihood = self._parts(ctx)
+        b, k, shape = x.shape[0], cfg["num_particles"], tuple(x.shape[1:])
+        n, d = b * k, math.prod(shape)
+        # points 0..m-1 of every group follow the prior's flow (the defensive share), the others the conditional one
+        m = self._defensive_count() if likelihood is not None else 0
+        others = process.prior_sample((b, k - 1, *shape), generator=ctx.generator, device=x.device, dtype=x.dtype)
+        x1 = torch.cat([x[:, None], others], 1)
+        divergence = cfg["divergence"]
+        num_probes = (cfg["num_probes"] or 4) if divergence == "hutchinson" else 0
+        per_eval = d if divergence == "exact" else num_probes
+        # a generator per point: the sample's own, once per point (its points draw in turn from its stream)
+        gens = ctx.generator
+        if isinstance(gens, (list, tuple)):
+            gens = [g for g in gens for _ in range(k)]
+        probes = None
+        if divergence == "hutchinson":
+            probes = _probes("rademacher", num_probes, (n, *shape), gens, x.dtype, x.device).reshape(
+                num_probes, b, k, *shape)
+        time_variable = _resolve_time_variable(cfg["time_variable"], process, prior)
+        transport = {"method": cfg["method"], "divergence": divergence, "time_variable": time_variable,
+                     **self._solver_options()}
+        density = {**transport, "batch_size": max(1, b * max(m, k - m))}
+        if divergence == "hutchinson":
+            density["num_probes"] = num_probes
+        counts = {"transport": [0, 0], "density": [0, 0], "vjp": 0}  # [batched calls, points evaluated]
+
+        def push(fn, sl):  # the flow of fn from the points sl of every group: (x_{t_min}, log q) per point
+            c = _Counted(fn)
+            pts = x1[:, sl].reshape(-1, *shape)
+            pr = None if probes is None else probes[:, :, sl].reshape(num_probes, -1, *shape)
+            y, delta = self._solve("the transport", flow_with_density, c, process, pts, probes=pr, **transport)
+            counts["transport"][0] += c.calls
+            counts["transport"][1] += c.rows
+            counts["vjp"] += c.rows * per_eval
+            return y, process.prior_log_prob(pts).to(delta.dtype) + delta
+
+        def log_density(fn, y, sl, which):  # log-density at y (the points sl) of fn's flow, by log_likelihood
+            c = _Counted(fn)
+            extra = {}
+            if gens is not None:
+                extra["generator"] = [gens[i * k + j] for i in range(b) for j in range(k)[sl]] if isinstance(
+                    gens, list) else gens
+            res = self._solve(which, log_likelihood, c, process, y, **density, **extra)
+            counts["density"][0] += c.calls
+            counts["density"][1] += c.rows
+            counts["vjp"] += c.rows * per_eval
+            return res.log_prob
+
+        def log_prior(y, sl):
+            if cfg["prior_density"] == "energy":
+                energy = energy_or_none(prior)
+                if energy is None:
+                    raise ValueError(f"sampler {self.name!r}: prior_density='energy' needs a prior score with an "
+                                     f"energy (an analytic score or a ScoreAdapter with prediction_type='energy'), "
+                                     f"found {prior!r}; use prior_density='ode'")
+                c = _Counted(energy)
+                out = -c(y, torch.full((y.shape[0],), process.t_min, dtype=torch.float64, device=y.device))
+                counts["density"][0] += c.calls
+                counts["density"][1] += c.rows
+                return out
+            return log_density(prior, y, sl, "the prior density")
+
+        cond = slice(m, k)
+        y_c, log_q_c = push(conditional, cond)
+        log_p_c = log_prior(y_c, cond)
+        if m:
+            dfn = slice(0, m)
+            y_d, log_p_d = push(prior, dfn)  # the prior's flow carries the prior's density
+            if cfg["prior_density"] == "energy":
+                log_p_d = log_prior(y_d, dfn)
+            log_q_d = log_density(conditional, y_d, dfn, "the conditional density")
+            y0 = torch.cat([y_d.reshape(b, m, *shape), y_c.reshape(b, k - m, *shape)], 1)
+            log_p = torch.cat([log_p_d.reshape(b, m), log_p_c.to(log_p_d.dtype).reshape(b, k - m)], 1)
+            log_q = torch.cat([log_q_d.reshape(b, m), log_q_c.to(log_q_d.dtype).reshape(b, k - m)], 1)
+            lam = m / k  # the deterministic mixture (1 - lam) q + lam p: weights at most p(y | x) / lam
+            log_q = torch.logaddexp(log_q + math.log1p(-lam), log_p + math.log(lam))
+        else:
+            y0, log_p, log_q = y_c.reshape(b, k, *shape), log_p_c.reshape(b, k), log_q_c.reshape(b, k)
+        wdtype = torch.float32 if x.device.type == "mps" else torch.float64
+        log_w = (log_p - log_q).to(wdtype)
+        if not bool(torch.isfinite(log_w).all()):
+            raise NonFiniteError(f"sampler {self.name!r}: a log-density became NaN or infinite at the last step "
+                                 f"(t = {process.t_min:.6g}); check the score function, or tighten the solver")
+        if likelihood is not None:
+            ll = likelihood(y0.reshape(n, *shape), torch.full((n,), process.t_min, dtype=torch.float64,
+                                                                  device=x.device))
+            if not isinstance(ll, torch.Tensor) or ll.shape != (n,):
+                raise ValueError(f"sampler {self.name!r}: expected limit_log_likelihood(x, t) of shape ({n},), found "
+                                 f"{tuple(ll.shape) if isinstance(ll, torch.Tensor) else type(ll).__name__}")
+            log_w = log_w + ll.to(wdtype).reshape(b, k)
+        weights = normalised_weights(log_w, self.name, f"at the last step (t = {process.t_min:.6g}); check the "
+                                     "score function, or tighten the solver")
+        ess = 1.0 / weights.pow(2).sum(1)
+        u = rand((b,), generator=ctx.generator, device=x.device, dtype=wdtype)
+        pick = draw_index(weights, u)
+        out = y0[torch.arange(b, device=x.device), pick].detach()
+        ctx.nfe += counts["transport"][0] + counts["density"][0]
+        ctx.record(out, process.t_min, step=1)
+        ctx.info.update({
+            "num_particles": k,
+            "defensive_particles": m,
+            "final_ess": float(ess.mean()),
+            "min_final_ess": float(ess.min()),
+            "transport_nfe": counts["transport"][0],
+            "density_nfe": counts["density"][0],
+            "evaluations_per_sample": (counts["transport"][1] + counts["density"][1]) / b,
+            "vjps_per_sample": counts["vjp"] / b,
+        })
+        return out
+
+    def _defensive_count(self) -> int:
+        k, share = self.config["num_particles"], float(self.config["defensive"])
+        return 0 if share == 0 else min(k - 1, max(1, round(share * k)))
+
+    def _solve(self, which: str, solve, score_fn, process, x, **kwargs):
+        """``solve(score_fn, process, x, **kwargs)`` with its failures reworded as this sampler's."""
+        try:
+            return solve(score_fn, process, x, **kwargs)
+        except (NonFiniteError, SolverError, ValueError, TypeError) as err:
+            message = str(err).removeprefix("log_likelihood: ")
+            raise type(err)(f"sampler {self.name!r}, {which}: {message}") from err
