@@ -395,10 +395,11 @@ def test_chi2_fallback_matches_scipy(dof):
 # ---------------------------------------------------------------------- conditional transforms: the accuracy check
 # on the exact posterior (tests/helpers.projection_problem: the test-bed mixture observed through a projection,
 # sigma_y = 0.5, where DPS, PiGDM and replacement alone are biased). The deterministic sampler of these transforms
-# and the stochastic one without a particle correction fail it (tests/test_final_correction.py); the twisted
-# diffusion sampler with the transform as proposal and twist passes it (numbers vs particles and NFE:
-# benchmarks/results/tds.md). Exact transforms (exact posterior score, guidance at scale 1) pass with ancestral
-# and pf_ode: tests/test_conditioning.py.
+# and the stochastic one without a particle correction fail it (the controls below); the twisted diffusion sampler
+# with the transform as proposal and twist passes it (benchmarks/results/tds.md), and so does the deterministic
+# transport corrected by importance weights, importance_ode (benchmarks/results/importance_ode_conformance.md).
+# Exact transforms (exact posterior score, guidance at scale 1) pass with ancestral and pf_ode:
+# tests/test_conditioning.py.
 def _inverse_transform(method):
     from helpers import projection_problem
 

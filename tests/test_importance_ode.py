@@ -145,3 +145,17 @@ def test_benchmark_script_writes_its_tables(tmp_path):
         assert "## conformance, sigma_y = 0.5 (N = 30, Pearson limit 18.4)" in text and text.count("| importance_ode |") == 2
     finally:
         sys.modules.pop("bench_importance_ode", None)
+
+
+def test_hutchinson_points_are_per_sample():
+    """With Hutchinson probes and the defensive share, a sample depends only on its own generator (its points, probes
+    and resampling draw), not on its batch; the cost counts num_probes products per evaluation."""
+    from score_toolkit._utils import per_sample_generators
+
+    _, proc, fn, _ = _problem(PiGDM)
+    sampler = get_sampler("importance_ode", num_particles=4, divergence="hutchinson", num_probes=3, rtol=1e-3,
+                          atol=1e-3)
+    five = sampler.sample(fn, proc, shape=(5, 2), dtype=D64, generator=per_sample_generators(3, range(5)))
+    three = sampler.sample(fn, proc, shape=(3, 2), dtype=D64, generator=per_sample_generators(3, range(3)))
+    torch.testing.assert_close(five.samples[:3], three.samples, rtol=1e-9, atol=1e-9)
+    assert five.info["vjps_per_sample"] == 3 * five.info["evaluations_per_sample"]
