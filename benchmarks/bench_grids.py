@@ -27,7 +27,7 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
 
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts ladder --cases ring --tag grids_ring
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --ladder 6,7,8,9,10,11,12,14,17 \
-        --family-variants "family,family head=2" --tag grids_transfer --floor-seeds 20
+        --family-variants "family,family head=2" --tag grids_transfer --floor-seeds 20    # (+ "family head=3", merged)
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
@@ -129,7 +129,7 @@ def part_ladder(args, rows, log):
 
 #: the family fits of the transfer part: label -> optimize_grid options (beside ``family=[sigma_max 10, 40]``)
 FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "family nll_weight=300": {"nll_weight": 300.0},
-                   "family head=2": {"transfer_head": 2}}
+                   "family head=2": {"transfer_head": 2}, "family head=3": {"transfer_head": 3}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
 
 
