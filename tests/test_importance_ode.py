@@ -267,3 +267,24 @@ def test_the_docs_example_runs():
     exec(compile(blocks[0].text, f"{page}:{blocks[0].line}", "exec"), scope)
     out = scope["out"]
     assert out.samples.shape == (20, 2) and 1 <= out.info["final_ess"] <= 16
+
+
+def test_info_reports_the_effective_solver_settings():
+    _, proc, fn, _ = _problem(Replacement)
+    out = get_sampler("importance_ode", num_particles=2, divergence="hutchinson").sample(
+        fn, proc, shape=(2, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
+    assert (out.info["rtol"], out.info["atol"], out.info["max_num_steps"], out.info["num_probes"]) == (
+        1e-5, 1e-5, 10_000, 4)
+    out = get_sampler("importance_ode", num_particles=2, method="euler", num_steps=3).sample(
+        fn, proc, shape=(2, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
+    assert (out.info["rtol"], out.info["num_steps"], out.info["num_probes"]) == (None, 3, None)
+
+
+def test_a_transform_with_likelihood_none_is_refused():
+    """likelihood='none' would weight a transform's flow to its own law, ignoring the observation: refused."""
+    _, proc, fn, _ = _problem(DPS)
+    counting = _Counting(fn)
+    with pytest.raises(ValueError, match="likelihood='none' expects a plain score function, found the conditional "
+                                         "transform .* use likelihood='transform'"):
+        get_sampler("importance_ode", likelihood="none").sample(counting, proc, shape=(2, 2), dtype=D64)
+    assert counting.calls == []
