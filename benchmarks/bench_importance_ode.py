@@ -8,7 +8,8 @@ coordinate of the 8-ring observed) and ``aniso16`` (4 random projections of the 
 correction corrects), ``importance_ode`` over K (``--particles``, defensive share 0.5) and, at ``--k-plain`` points,
 without the defensive share (``defensive=0``); the floor row is the exact posterior score with ``pf_ode``. All solves:
 the per-sample dopri5 at rtol = atol = ``--tol`` (pf_ode: torchdiffeq's dopri5 at the same tolerance); the prior's
-density at t_min is the analytic mixture's exact energy (``prior_density="energy"``) unless ``--prior-density ode``.
+density at t_min is the analytic mixture's exact energy (``prior_density="energy"``) unless ``--prior-density ode``;
+``--divergence hutchinson`` (with ``--num-probes``) replaces the exact divergence by Hutchinson's estimate.
 
 Scored at t_min against the exact posterior perturbed to t_min, N samples (bench_tds.py's statistics): within-mode
 sliced W2 over its noise floor, mean-NLL gap (floor: its sd over exact sets), mode-weight total variation, Pearson's
@@ -69,7 +70,10 @@ def run_case(args, case, rows, log):
         for method, sampler_name, k, defensive in plan:
             opts = {"rtol": args.tol, "atol": args.tol}
             if sampler_name == "importance_ode":
-                opts.update(num_particles=k, defensive=defensive, prior_density=args.prior_density)
+                opts.update(num_particles=k, defensive=defensive, prior_density=args.prior_density,
+                            divergence=args.divergence)
+                if args.divergence == "hutchinson":
+                    opts["num_probes"] = args.num_probes
             row = {"case": case, "sigma_y": sy, "method": method, "sampler": sampler_name, "particles": k,
                    "defensive": defensive}
             sampler = get_sampler(sampler_name, **opts)
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--k-plain", type=int, default=16, help="points of the row without the defensive share (0: no such row)")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--prior-density", default="energy", choices=("energy", "ode"))
+    p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"))
+    p.add_argument("--num-probes", type=int, default=4, help="Hutchinson probes per point")
     args = parse_common(p, argv)
     return run_meta(args, argv, "bench_importance_ode.py", run_case, write_markdown,
                     ("case", "sigma_y", "method", "sampler", "particles", "defensive"))

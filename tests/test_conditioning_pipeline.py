@@ -83,6 +83,23 @@ def test_tds_through_the_pipeline():
     assert out.nfe == 10
 
 
+def test_importance_ode_through_the_pipeline():
+    """The pipeline's transform (PiGDM on a network's score) goes to ``importance_ode`` as well: its divergence needs the
+    double backward through the network, and the samples are those of the sampler called directly."""
+    pipe, proc = _pipe(), VPSDE()
+    a = MatrixOperator(torch.tensor([[0.6, -0.8]], dtype=D64))
+    y = torch.tensor([0.7], dtype=D64)
+    opts = {"num_particles": 3, "method": "rk4", "num_steps": 4}
+    out = pipe(4, operator=a, observation=y, noise_std=0.5, sampler="importance_ode", generator=torch.Generator().manual_seed(1),
+               **opts)
+    fn = PiGDM(pipe.score_function(), proc, a, y, 0.5)
+    ref = get_sampler("importance_ode", **opts).sample(fn, proc, shape=(4, 2), dtype=D64,
+                                                       generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.samples, ref.samples)
+    assert out.nfe == ref.nfe == get_sampler("importance_ode", **opts).nfe
+    assert ref.info["defensive_particles"] == 2 and 1 <= ref.info["final_ess"] <= 3
+
+
 def test_mask_goes_to_repaint_as_its_options():
     pipe, proc = _pipe(), VPSDE()
     m, y = torch.tensor([1, 0]), torch.tensor([1.0, 0.0], dtype=D64)

@@ -150,6 +150,62 @@ def test_saved_grid_transfers_or_says_why_not(tmp_path):
     assert MAX_TRANSFER_EXTENSION == 0.25
 
 
+def test_anchored_transfer_maps_the_head_per_process_and_keeps_the_rest():
+    """head=k: the first k steps split [lambda(1), lambda_k] of the new process in the grid's own proportions, the
+    points from lambda_k on keep their log-SNR (same low-noise end); where the low-noise end differs, the rest is
+    carried by the density rule; identity under the grid's own process; bad heads are refused."""
+    source, target = VESDE(0.01, 50.0), VESDE(0.01, 10.0)
+    lam = source.log_snr(source.time_grid(8, "log_sigma", dtype=torch.float64))
+    a = float(target.log_snr(torch.tensor([1.0], dtype=torch.float64)))
+    for k in (2, 3):
+        out = transfer_log_snr(lam, target, head=k)
+        assert out.numel() == lam.numel() and float(out[0]) == a
+        # (sigma_max 10's t_min has a log-SNR 1.6e-5 above sigma_max 50's: the rest is carried that hair further)
+        torch.testing.assert_close(out[k:], lam[k:], rtol=0, atol=2e-5)
+        assert float(out[k]) == float(lam[k])
+        frac_src = (lam[: k + 1] - lam[0]) / (lam[k] - lam[0])
+        torch.testing.assert_close((out[: k + 1] - a) / (lam[k] - a), frac_src, rtol=0, atol=1e-12)
+        assert torch.equal(transfer_log_snr(lam, source, head=k), lam)
+    vp = VPSDE(0.1, 20.0)  # both ends differ: the head as above, the rest (an even density) by the density rule
+    lam_vp = vp.log_snr(vp.time_grid(8, "log_sigma", dtype=torch.float64))
+    ve = VESDE(0.01, 20.0)
+    ve_start, ve_end = (float(v) for v in ve.log_snr(torch.tensor([1.0, ve.t_min], dtype=torch.float64)))
+    assert abs(float(lam_vp[-1]) - ve_end) > 1e-3 and ve_start < float(lam_vp[3])
+    out = transfer_log_snr(lam_vp, ve, head=3)
+    torch.testing.assert_close(out[3:], torch.linspace(float(lam_vp[3]), ve_end, 6, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[:4], torch.linspace(ve_start, float(lam_vp[3]), 4, dtype=torch.float64), rtol=0,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="0 <= head < the grid's 8 steps"):
+        transfer_log_snr(lam, target, head=8)
+    with pytest.raises(ValueError, match="maps the grid's own steps"):
+        transfer_log_snr(lam, target, 6, head=2)
+    with pytest.raises(ValueError, match="must lie inside"):  # lambda_1 of this grid lies below sigma_max 10's start
+        transfer_log_snr(lam, target, head=1)
+
+
+def test_saved_anchored_grid_is_carried_by_its_rule(tmp_path):
+    """A grid saved with transfer_head records the anchored rule (format version 3, which older readers refuse
+    rather than carry by the density rule) and loads under another process carried by it; an unknown rule is
+    refused."""
+    source, target = VESDE(0.01, 50.0), VESDE(0.01, 10.0)
+    times = source.time_grid(8, "log_sigma", dtype=torch.float64)
+    path = save_grid("anch", times, source, directory=tmp_path, transfer_head=2)
+    record = json.loads(path.read_text())
+    assert record["version"] == 3 and record["transfer"] == {"rule": "log_snr_anchored", "head": 2, "max_extension": 0.25}
+    torch.testing.assert_close(target.log_snr(load_grid(path, target)),
+                               transfer_log_snr(source.log_snr(times), target, head=2), rtol=0, atol=1e-9)
+    assert not torch.allclose(target.log_snr(load_grid(path, target)), transfer_log_snr(source.log_snr(times), target))
+    smp = DPMSolverPP2M(grid=str(path))  # a sampler carries it the same way
+    torch.testing.assert_close(smp.time_grid(target), load_grid(path, target), rtol=0, atol=0)
+    out = smp.sample(ring_mixture().score_fn(target), target, shape=(8, 2), dtype=torch.float64)
+    assert out.nfe == 9 and bool(torch.isfinite(out.samples).all())
+    (tmp_path / "bad.json").write_text(json.dumps(record | {"transfer": {"rule": "affine"}}))
+    with pytest.raises(ValueError, match="unknown transfer rule"):
+        load_grid(tmp_path / "bad.json", target)
+    with pytest.raises(ValueError, match="transfer_head"):
+        save_grid("x", times, source, directory=tmp_path, transfer_head=8)
+
+
 def test_saved_grid_format(tmp_path):
     """Version 2 records what a transfer needs and the optimiser's report; version 1 files still load; newer
     versions are refused with a clear message."""
@@ -194,6 +250,27 @@ def test_family_fit_reports_each_member_and_its_grid_is_what_they_load(tmp_path)
     assert set(info["family_validation"]) == {repr(member)}
     loaded = load_grid(res.path, member)
     torch.testing.assert_close(member.log_snr(loaded), transfer_log_snr(res.log_snr, member), rtol=0, atol=1e-9)
+
+
+def test_family_fit_with_the_anchored_rule_is_what_members_load(tmp_path):
+    """optimize_grid(family=..., transfer_head=2) fits through the anchored rule: the member's report row is the
+    grid carried by it, the saved file records it, and loading under the member gives that carried grid."""
+    main, member = VESDE(0.01, 50.0), VESDE(0.01, 10.0)
+    kw = {"mixture": ring_mixture(), "family": [member], "num_samples": 64, "iterations": 4, "num_validation": 256,
+          "reference_steps": 100}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        res = optimize_grid(DPMSolverPP2M(num_steps=6), main, transfer_head=2, save_as="fam", directory=tmp_path, **kw)
+        density = optimize_grid(DPMSolverPP2M(num_steps=6), main, **kw)
+    assert res.history[0] != density.history[0]  # the member runs another grid under the other rule
+    record = json.loads(res.path.read_text())
+    assert record["transfer"]["head"] == 2 and record["info"]["transfer_head"] == 2
+    carried = transfer_log_snr(res.log_snr, member, head=2)
+    torch.testing.assert_close(member.log_snr(load_grid(res.path, member)), carried, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="transfer_head to be an int with 0 <= transfer_head < num_steps = 6"):
+        optimize_grid(DPMSolverPP2M(num_steps=6), main, transfer_head=6, **kw)
+    with pytest.raises(ValueError, match="does not lie above every family member's starting log-SNR"):
+        optimize_grid(DPMSolverPP2M(num_steps=6), main, transfer_head=1, init="log_sigma", **kw)
 
 
 def test_family_refusals():

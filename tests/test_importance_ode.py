@@ -68,31 +68,63 @@ def test_gradient_transforms_are_differentiable_when_asked(cls):
     assert not fn(x, torch.full((5,), 0.5, dtype=D64)).requires_grad
 
 
-def test_cost_and_statistics_are_reported():
+class _Counting:
+    """A transform whose prior score and own score count their calls, the rows evaluated and the vector-Jacobian
+    products actually taken through their outputs (a gradient hook fires once per backward pass through them)."""
+
+    def __init__(self, inner):
+        self.inner, self.score_fn = inner, _CountingPrior(self)
+        self.limit_log_likelihood = inner.limit_log_likelihood
+        self.calls, self.vjps = [], 0
+
+    def _count(self, which, out):
+        self.calls.append((which, out.shape[0]))
+        if out.requires_grad:
+            out.register_hook(self._hook)
+        return out
+
+    def _hook(self, grad):
+        self.vjps += grad.shape[0]
+
+    def __call__(self, x, t):
+        return self._count("conditional", self.inner(x, t))
+
+
+class _CountingPrior:
+    """The prior score of :class:`_Counting` (its energy, if any, counted apart)."""
+
+    def __init__(self, owner):
+        self.owner, self.energy_rows = owner, 0
+
+    def __call__(self, x, t):
+        return self.owner._count("prior", self.owner.inner.score_fn(x, t))
+
+    def energy(self, x, t):
+        self.energy_rows += x.shape[0]
+        return self.owner.inner.score_fn.energy(x, t)
+
+
+@pytest.mark.parametrize(("options", "per_eval"), [({"method": "rk4", "num_steps": 5}, 2),
+                                                   ({"method": "euler", "num_steps": 4, "prior_density": "energy"}, 2),
+                                                   ({"rtol": 1e-3, "atol": 1e-3, "divergence": "hutchinson",
+                                                     "num_probes": 3}, 3)])
+def test_cost_and_statistics_are_reported(options, per_eval):
+    """nfe, evaluations and vector-Jacobian products against the calls, rows and backward passes counted outside."""
     _, proc, fn, _ = _problem(PiGDM)
-    calls = []
-
-    class Counting:  # the transform, counting the calls of its prior score
-        def __init__(self, inner):
-            self.inner, self.score_fn = inner, self._prior
-            self.limit_log_likelihood = inner.limit_log_likelihood
-
-        def _prior(self, x, t):
-            calls.append(("prior", x.shape[0]))
-            return inner_prior(x, t)
-
-        def __call__(self, x, t):
-            calls.append(("conditional", x.shape[0]))
-            return self.inner(x, t)
-
-    inner_prior = fn.score_fn
-    sampler = get_sampler("importance_ode", num_particles=4, method="rk4", num_steps=5)
-    out = sampler.sample(Counting(fn), proc, shape=(3, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
-    info = out.info
-    assert out.nfe == len(calls) == sampler.nfe == info["transport_nfe"] + info["density_nfe"]
+    counting = _Counting(fn)
+    sampler = get_sampler("importance_ode", num_particles=4, **options)
+    out = sampler.sample(counting, proc, shape=(3, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
+    info, calls = out.info, counting.calls
+    energy_calls = 2 if options.get("prior_density") == "energy" else 0  # one at each flow's points, not counted here
+    assert out.nfe == len(calls) + energy_calls == info["transport_nfe"] + info["density_nfe"]
+    assert sampler.nfe in (None, out.nfe)
     assert info["defensive_particles"] == 2 and info["num_particles"] == 4
-    assert info["evaluations_per_sample"] == sum(rows for _, rows in calls) / 3
-    assert info["vjps_per_sample"] == 2 * info["evaluations_per_sample"]  # exact divergence in 2-D
+    rows = sum(r for _, r in calls)
+    assert counting.score_fn.energy_rows == (3 * 4 if energy_calls else 0)
+    assert info["evaluations_per_sample"] == (rows + counting.score_fn.energy_rows) / 3
+    # every score evaluation with its divergence: d products (exact, 2-D) or num_probes (Hutchinson)
+    assert counting.vjps == per_eval * rows
+    assert info["vjps_per_sample"] == counting.vjps / 3
     assert 1 <= info["min_final_ess"] <= info["final_ess"] <= 4
 
 
@@ -106,18 +138,29 @@ def test_unconditional_weights_are_nearly_equal():
 
 def test_bad_input_and_options():
     _, proc, fn, _ = _problem()
-    with pytest.raises(ValueError, match="likelihood='none'"):
+    with pytest.raises(ValueError, match="without score_fn .* and limit_log_likelihood.*likelihood='none'"):
         get_sampler("importance_ode").sample(fn, proc, shape=(2, 2), dtype=D64)
-    for bad in ({"num_particles": 1}, {"defensive": 1.0}, {"num_steps": 10}, {"method": "euler"},
-                {"method": "euler", "num_steps": 5, "rtol": 1e-3}, {"num_probes": 2}, {"prior_density": "exact"},
-                {"likelihood": "dps"}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"num_particles": 1}, "num_particles to be an int >= 2.*found 1"),
+                         ({"defensive": 1.0}, r"defensive to be a number in \[0, 1\), found 1.0"),
+                         ({"num_steps": 10}, "num_steps apply to the fixed-grid methods"),
+                         ({"method": "euler"}, "'euler' needs option num_steps"),
+                         ({"method": "euler", "num_steps": 5, "rtol": 1e-3}, "rtol only apply to adaptive methods"),
+                         ({"num_probes": 2}, "num_probes applies to divergence='hutchinson'"),
+                         ({"prior_density": "exact"}, "prior_density.*'exact'"),
+                         ({"likelihood": "dps"}, "likelihood.*'dps'")):
+        with pytest.raises(ValueError, match=message):
             get_sampler("importance_ode", **bad)
+    # a prior score without an energy: refused before any solve (nothing evaluated)
     _, proc, pigdm, _ = _problem(PiGDM)
     pigdm.score_fn = lambda x, t: fn(x, t)  # a prior score without an energy
-    with pytest.raises(ValueError, match="prior_density='ode'"):
-        get_sampler("importance_ode", prior_density="energy", method="euler", num_steps=2).sample(
-            pigdm, proc, shape=(2, 2), dtype=D64)
+    counting = _Counting(pigdm)
+    counting.score_fn = counting.__call__
+    with pytest.raises(ValueError, match="prior_density='energy' needs a prior score with an energy.*found .* "
+                                         "without one; use prior_density='ode'"):
+        get_sampler("importance_ode", prior_density="energy").sample(counting, proc, shape=(2, 2), dtype=D64)
+    assert counting.calls == []
+    with pytest.raises(ValueError, match="expected a CPU or CUDA device .*float64.*found mps"):
+        get_sampler("importance_ode")._parts(None, torch.device("mps"))
 
 
 def test_benchmark_script_writes_its_tables(tmp_path):
@@ -145,3 +188,57 @@ def test_benchmark_script_writes_its_tables(tmp_path):
         assert "## conformance, sigma_y = 0.5 (N = 30, Pearson limit 18.4)" in text and text.count("| importance_ode |") == 2
     finally:
         sys.modules.pop("bench_importance_ode", None)
+
+
+@pytest.mark.parametrize("options", [{"divergence": "hutchinson", "num_probes": 3},
+                                     {"prior_density": "energy"}])
+def test_samples_are_per_sample_on_the_defensive_path(options):
+    """With the defensive share (Hutchinson probes, or an energy whose constant is estimated per group), a sample
+    depends only on its own generator (its points, probes and resampling draw), not on its batch."""
+    from score_toolkit._utils import per_sample_generators
+
+    _, proc, fn, _ = _problem(PiGDM)
+    sampler = get_sampler("importance_ode", num_particles=4, rtol=1e-3, atol=1e-3, **options)
+    five = sampler.sample(fn, proc, shape=(5, 2), dtype=D64, generator=per_sample_generators(3, range(5)))
+    three = sampler.sample(fn, proc, shape=(3, 2), dtype=D64, generator=per_sample_generators(3, range(3)))
+    torch.testing.assert_close(five.samples[:3], three.samples, rtol=1e-9, atol=1e-9)
+    assert five.info["defensive_particles"] == 2
+
+
+@pytest.mark.parametrize("defensive", [0.5, 0.0])
+def test_x_init_is_point_0_of_every_group(monkeypatch, defensive):
+    """x_init starts point 0 of each group: in the prior flow's slice with the defensive share, else the conditional's."""
+    import score_toolkit.samplers.importance_ode as module
+
+    _, proc, fn, _ = _problem(Replacement)
+    pushed = []
+
+    def spy(score_fn, process, x1, **kw):
+        pushed.append((score_fn.fn, x1.clone()))
+        return flow_with_density(score_fn, process, x1, **kw)
+
+    monkeypatch.setattr(module, "flow_with_density", spy)
+    x_init = torch.tensor([[5.0, -5.0], [7.0, 3.0], [-6.0, 1.0]], dtype=D64)
+    get_sampler("importance_ode", num_particles=4, defensive=defensive, method="euler", num_steps=2).sample(
+        fn, proc, x_init=x_init, generator=torch.Generator().manual_seed(0))
+    first = pushed[-1] if defensive else pushed[0]  # the conditional flow is pushed first
+    assert first[0] is (fn.score_fn if defensive else fn)
+    per_group = 2 if defensive else 4
+    torch.testing.assert_close(first[1][::per_group], x_init, rtol=0, atol=0)
+    others = torch.cat([x1 for _, x1 in pushed]).reshape(-1, 2)
+    assert sum(bool((row == x_init).all(1).any()) for row in others) == 3  # only point 0 is x_init
+
+
+def test_hutchinson_flow_density_of_a_transform_uses_its_probes():
+    """Through a transform (DPS: a double backward), in 2-D: the Rademacher probes (1, 1) and (1, -1) give
+    v^T J v = tr J +- (J_12 + J_21), so their mean is the exact divergence at every step (the same log-density as
+    divergence="exact"), while the probe (1, 1) alone differs from it."""
+    _, proc, fn, _ = _problem(DPS)
+    x1 = proc.prior_sample((8, 2), generator=torch.Generator().manual_seed(3), dtype=D64)
+    pair = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=D64)[:, None].expand(2, 8, 2)
+    x_e, delta_e = flow_with_density(fn, proc, x1, rtol=1e-6, atol=1e-6)
+    x_h, delta_h = flow_with_density(fn, proc, x1, divergence="hutchinson", probes=pair, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_h, x_e, rtol=0, atol=1e-4)  # the trajectory does not depend on the probes
+    torch.testing.assert_close(delta_h, delta_e, rtol=0, atol=1e-4)
+    _, delta_one = flow_with_density(fn, proc, x1, divergence="hutchinson", probes=pair[:1], rtol=1e-6, atol=1e-6)
+    assert (delta_one - delta_e).abs().max() > 0.01

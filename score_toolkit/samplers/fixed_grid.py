@@ -157,6 +157,7 @@ class _GridSpec:
     label: str = ""
     made_for: dict | None = field(default=None, compare=False)
     sampler: str | None = None  # whose shipped reference grid (grid="reference")
+    head: int = 0  # a saved grid's transfer head (transfer_log_snr)
 
     @property
     def num_steps(self) -> int | None:
@@ -181,7 +182,8 @@ def _parse_grid(grid, sampler: str) -> _GridSpec:
         except ValueError as exc:
             raise ValueError(f"sampler {sampler!r}: option grid: {exc}") from None
         lam = torch.tensor(record["log_snr"], dtype=torch.float64)
-        return _GridSpec(log_snr=lam, label=f"grid {record['name']!r} ({record['_path']})", made_for=record.get("process"))
+        return _GridSpec(log_snr=lam, label=f"grid {record['name']!r} ({record['_path']})", made_for=record.get("process"),
+                         head=record["_head"])
     if isinstance(grid, os.PathLike):
         return _parse_grid(os.fspath(grid), sampler)
     if isinstance(grid, (torch.Tensor, list, tuple)):
@@ -216,7 +218,7 @@ def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float, 
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
     if spec.log_snr is not None:
-        return _times_from_log_snr(spec.log_snr, process, spec.label, spec.made_for)
+        return _times_from_log_snr(spec.log_snr, process, spec.label, spec.made_for, spec.head)
     return _check_times(spec.times, process, label=spec.label)
 
 

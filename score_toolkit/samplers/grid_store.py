@@ -21,6 +21,9 @@ from ..processes import TIME_GRIDS, Process
 GRID_DIR_ENV_VAR = "SCORE_TOOLKIT_GRID_DIR"
 _FORMAT = "score_toolkit.time_grid"
 _VERSION = 2  # 2: adds "transfer"; version-1 files (log-SNR points and their process) are read the same way
+#: the version of a file whose grid is carried with a mapped head (transfer rule "log_snr_anchored"): a reader that
+#: does not know the rule refuses it instead of carrying it by the density rule
+_VERSION_ANCHORED = 3
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: relative tolerance when matching a saved grid's log-SNR ends to a process
 _LOG_SNR_TOL = 1e-6
@@ -77,6 +80,7 @@ def save_grid(
     info: Mapping[str, Any] | None = None,
     directory: str | os.PathLike | None = None,
     overwrite: bool = False,
+    transfer_head: int = 0,
 ) -> Path:
     """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
 
@@ -84,22 +88,28 @@ def save_grid(
     ``.json``. The file records the log-SNR values (what samplers use, and what carries the grid to other
     processes: :func:`transfer_log_snr`), the times, the process, the sampler it was made for and ``info``
     (JSON-serialisable). Returns the file's path. An existing grid is replaced
-    only with ``overwrite=True``."""
+    only with ``overwrite=True``. ``transfer_head=k`` records that the grid is carried to other processes with its
+    first ``k`` steps mapped per process (:func:`transfer_log_snr`'s ``head``; what ``optimize_grid(family=...,
+    transfer_head=k)`` fitted it for)."""
     if not isinstance(process, Process):
         raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
     ts = _check_times(times, process, label="times")
+    if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < ts.numel() - 1:
+        raise ValueError(f"expected transfer_head to be an int with 0 <= transfer_head < {ts.numel() - 1} (the grid's "
+                         f"steps), found {transfer_head!r}")
     path = _file_for(name, directory)
     if path.exists() and not overwrite:
         raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
     record = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _VERSION_ANCHORED if transfer_head else _VERSION,
         "name": path.stem,
         "num_steps": ts.numel() - 1,
         "log_snr": process.log_snr(ts).tolist(),
         # what another process needs to use the grid (transfer_log_snr): the points in absolute log-SNR, read as
         # a step density; the range they were fitted over bounds how far it may be carried
-        "transfer": {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION},
+        "transfer": ({"rule": "log_snr_anchored", "head": transfer_head, "max_extension": MAX_TRANSFER_EXTENSION}
+                     if transfer_head else {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION}),
         "times": ts.tolist(),
         "process": _process_record(process),
         "sampler": sampler,
@@ -126,9 +136,16 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
         raise ValueError(f"cannot read grid file {path}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
         raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
-    if record.get("version", 1) not in (1, 2):
+    if record.get("version", 1) not in (1, 2, _VERSION_ANCHORED):
         raise ValueError(f"{path}: time-grid file version {record.get('version')!r} is newer than this score_toolkit "
-                         f"reads (1 or {_VERSION}); upgrade score_toolkit")
+                         f"reads (1 to {_VERSION_ANCHORED}); upgrade score_toolkit")
+    rule = record.get("transfer", {"rule": "log_snr_density"})
+    if not isinstance(rule, dict) or rule.get("rule") not in ("log_snr_density", "log_snr_anchored"):
+        raise ValueError(f"{path}: unknown transfer rule {rule!r} (expected 'log_snr_density' or 'log_snr_anchored')")
+    head = rule.get("head", 0) if rule["rule"] == "log_snr_anchored" else 0
+    if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < len(record["log_snr"]) - 1:
+        raise ValueError(f"{path}: expected the transfer rule's head to be an int in [0, steps), found {head!r}")
+    record["_head"] = head
     lam = record["log_snr"]
     if not (isinstance(lam, list) and len(lam) >= 2 and all(isinstance(v, (int, float)) for v in lam)):
         raise ValueError(f"{path}: expected 'log_snr' to be a list of >= 2 numbers")
@@ -153,7 +170,8 @@ def load_grid(
     lam = torch.tensor(record["log_snr"], dtype=torch.float64)
     if process is None:
         return lam
-    return _times_from_log_snr(lam, process, f"grid {record['name']!r} ({record['_path']})", record.get("process"))
+    return _times_from_log_snr(lam, process, f"grid {record['name']!r} ({record['_path']})", record.get("process"),
+                               record["_head"])
 
 
 def list_grids(directory: str | os.PathLike | None = None) -> list[str]:
@@ -202,15 +220,23 @@ def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
 MAX_TRANSFER_EXTENSION = 0.25
 
 
-def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, num_steps: int | None = None) -> torch.Tensor:
+def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, num_steps: int | None = None, *,
+                     head: int = 0) -> torch.Tensor:
     """Carry a grid (increasing log-SNR points ``lambda_0 < ... < lambda_n``) to another process of the same
-    family: the grid is read as a step density over absolute log-SNR (``1 / (n h_i)`` on its step ``i``, the end
+    family: the grid is read as a step density over absolute log-SNR (``1 / (n h_i)`` on its step `i`, the end
     steps' densities extended beyond its range), and the process's own range ``[lambda(1), lambda(t_min)]`` is
     split into ``num_steps`` (default ``n``) parts of equal mass (exact: the density is piecewise constant). On the
     grid's own range and step count this returns the grid itself. Differentiable in ``log_snr`` (what
     ``optimize_grid(family=...)`` fits through). The rule of the data-free grid
     (:func:`fitted_log_snr`): where the steps belong depends on the noise level relative to the data, so VE
     processes with any ``sigma_max``, VP and sub-VP share it.
+
+    ``head=k`` (``1 <= k < n``; the "anchored" rule): the grid's first ``k`` steps, its high-noise end, are mapped
+    per process: they split ``[lambda(1), lambda_k]`` of the new process in the grid's own proportions, and the
+    points from ``lambda_k`` on keep their absolute log-SNR (carried by the density rule above onto
+    ``[lambda_k, lambda(t_min)]`` when the low-noise end differs). Where the steps belong at low noise depends on the
+    data, at the start on where the process starts; measured in docs/fast_samplers.md ("Transfer"). Needs
+    ``num_steps`` equal to ``n`` (or None) and ``lambda_k`` above the process's start.
 
     Raises ``ValueError`` when the process's range reaches beyond the grid's by more than
     ``MAX_TRANSFER_EXTENSION`` of the grid's span at either end (the density there would be a guess)."""
@@ -219,6 +245,10 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
     n = n_src if num_steps is None else int(num_steps)
     if n_src < 1 or n < 1 or not bool((torch.diff(lam) > 0).all()):
         raise ValueError(f"expected >= 2 increasing log-SNR points and num_steps >= 1, found {lam.tolist()}, {num_steps!r}")
+    if not isinstance(head, int) or isinstance(head, bool) or head < 0 or (head and head >= n_src):
+        raise ValueError(f"expected head to be an int with 0 <= head < the grid's {n_src} steps, found {head!r}")
+    if head and n != n_src:
+        raise ValueError(f"head={head} maps the grid's own steps: expected num_steps None or {n_src}, found {num_steps!r}")
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
     a, b = float(ends[0]), float(ends[1])
     lo, hi = float(lam[0].detach()), float(lam[-1].detach())  # (lam may carry a gradient: optimize_grid's family)
@@ -232,30 +262,46 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
         )
     if n == n_src and abs(a - lo) <= _LOG_SNR_TOL * max(1.0, abs(lo)) and abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)):
         return lam.clone()
+    if head:
+        pivot = lam[head]
+        if not a < float(pivot.detach()) < b:
+            raise ValueError(f"head={head}: the grid's point {float(pivot):.4g} that ends its mapped head must lie inside "
+                             f"{process!r}'s log-SNR range [{a:.4g}, {b:.4g}]")
+        first = a + (lam[: head + 1] - lam[0]) / (pivot - lam[0]) * (pivot - a)
+        rest = lam[head:] if abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)) else _density_transfer(lam[head:], float(pivot.detach()), b, n - head)
+        out = torch.cat([first[:-1], pivot.reshape(1), rest[1:]])
+        out[0], out[-1] = a, b
+        return out
+    return _density_transfer(lam, a, b, n)
+
+
+def _density_transfer(lam: torch.Tensor, a: float, b: float, n: int) -> torch.Tensor:
+    """``n + 1`` points splitting ``[a, b]`` into parts of equal mass under the step density of the grid ``lam``."""
+    n_src = lam.numel() - 1
     # piecewise-constant density on the breakpoints (the grid's points inside (a, b), and a, b): exact mass per piece
     inner = lam[(lam > a) & (lam < b)]
     knots = torch.cat([torch.tensor([a], dtype=torch.float64), inner, torch.tensor([b], dtype=torch.float64)])
     steps = torch.diff(lam)
     mid = 0.5 * (knots[1:] + knots[:-1])
-    idx = (torch.searchsorted(lam, mid, right=True) - 1).clamp(0, n_src - 1)
+    idx = (torch.searchsorted(lam.detach(), mid, right=True) - 1).clamp(0, n_src - 1)
     mass = torch.diff(knots) / steps[idx]
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(mass, 0)])
     q = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64) * cdf[-1]  # (the total mass keeps its gradient)
-    j = (torch.searchsorted(cdf, q, right=True) - 1).clamp(0, knots.numel() - 2)
+    j = (torch.searchsorted(cdf.detach(), q.detach(), right=True) - 1).clamp(0, knots.numel() - 2)
     out = knots[j] + (q - cdf[j]) / mass[j] * (knots[j + 1] - knots[j])
     out[0], out[-1] = a, b
     return out
 
 
-def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None) -> torch.Tensor:
+def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None, head: int = 0) -> torch.Tensor:
     """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
-    carried over by :func:`transfer_log_snr` (or refused with the reason)."""
+    carried over by :func:`transfer_log_snr` (with the grid's ``head``; or refused with the reason)."""
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
     lo, hi = float(lam[0]), float(lam[-1])
     if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
         where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
         try:
-            lam = transfer_log_snr(lam, process)
+            lam = transfer_log_snr(lam, process, head=head)
         except ValueError as exc:
             raise ValueError(f"{label}{where}: {exc}") from None
     ts = process.t_from_log_snr(lam.to(torch.float64))

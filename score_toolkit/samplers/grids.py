@@ -199,6 +199,7 @@ def optimize_grid(
     dtype: torch.dtype = torch.float64,
     device=None,
     fit_dtype: torch.dtype | None = None,
+    transfer_head: int = 0,
 ) -> GridOptimizationResult:
     """Choose the ``n + 1`` time points of ``sampler``'s grid (``n = sampler.config["num_steps"]``) that minimise
     its discretisation error on a reference problem, and validate them on held-out draws.
@@ -262,9 +263,13 @@ def optimize_grid(
     by :func:`transfer_log_snr`, a step density over absolute log-SNR; ``process`` should span the widest range): the
     objective is the mean of each process's objective on its own prior draws and reference solutions (draws
     ``num_samples`` per process, so the cost grows in proportion). ``result.family_validation`` holds the held-out
-    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50): a
-    grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs about twice the steps of a grid fitted
-    there; a grid fitted for the family does not (docs/fast_samplers.md, "Transfer across processes").
+    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50,
+    dpmpp_2m): a grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs twice the NFE of a grid fitted
+    there; one fitted for the family with the density rule up to 2x, with ``transfer_head=2`` 1.22x (1.67x counting a
+    failure above its first pass) (docs/fast_samplers.md, "Measured", "Transfer").
+    ``transfer_head=k`` (``0 <= k < n``; 0, the density rule, by default) fits the grid for the anchored rule instead
+    (:func:`transfer_log_snr` with ``head=k``: its first ``k`` steps are mapped onto each process's own start, the
+    points from the ``k``-th on keep their log-SNR); a saved grid records the rule, so it is carried the same way.
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
@@ -296,6 +301,10 @@ def optimize_grid(
             raise FileExistsError(f"grid {os.fspath(save_as)!r} already exists at {path}; pass overwrite=True to replace it")
     score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
     family = _check_family(family, process, mix)
+    n = int(sampler.config["num_steps"])
+    if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < n:
+        raise ValueError(f"optimize_grid: expected transfer_head to be an int with 0 <= transfer_head < num_steps = {n}, "
+                         f"found {transfer_head!r}")
     if loss == "nll" and mix is None:
         raise ValueError("optimize_grid: loss='nll' needs a mixture reference problem (mixture= or data=), not score_fn=")
     if loss == "auto":  # the NLL term where it can be computed (measured: docs/fast_samplers.md, "Measured")
@@ -321,7 +330,6 @@ def optimize_grid(
     ref_dtype = torch.float32 if mix is not None else train_dtype
     from .dpm_solver import DPMSolverPP3M
 
-    n = int(sampler.config["num_steps"])
     # the sampler is fitted and validated as it runs: its own end (to_zero, unipc's final corrector, denoise); the
     # reference solution ends the same way
     ends = {k: bool(sampler.config.get(k, False)) for k in ("to_zero", "denoise")}
@@ -365,9 +373,15 @@ def optimize_grid(
     times_of = softmax_times(process, n)
 
     def member_times(ts, proc):
-        lam = transfer_log_snr(process.log_snr(ts), proc, n)
+        lam = transfer_log_snr(process.log_snr(ts), proc, head=transfer_head)
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
+
+    def carries(ts):  # can every family member carry this grid (the anchored rule's head must end inside its range)
+        if not transfer_head:
+            return True
+        lam_k = float(process.log_snr(ts[transfer_head : transfer_head + 1]))
+        return all(lam_k > float(proc.log_snr(torch.tensor([proc.t_max], dtype=torch.float64))) for proc in family)
 
     def fit(fit_seed):
         """One fit from the training draws of ``fit_seed``: (times, best training objective, history, hard examples
@@ -376,13 +390,6 @@ def optimize_grid(
             x_train = draws(num_samples, fit_seed, as_dtype=train_dtype)
             ref_train = reference_of(x_train)
         off_train = OffData(ref_train, mix, scale=c, level=1.0)
-        start_kind = init
-        if start_kind == "best":  # start from the grid kind with the smallest training objective
-            with torch.no_grad():
-                losses = {k: float(objective(solve(sampler, x_train, kind_grid(k)), ref_train, off_train))
-                          for k in GRID_KINDS}
-            start_kind = min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
-        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
         # the family's processes: each with its own score, prior draws and reference solutions, using the grid
         # carried over
         members = []
@@ -396,8 +403,25 @@ def optimize_grid(
         def family_objective(ts, x_fit, ref_fit, off_fit):
             value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
             for proc, fn, xs, refs, off in members:
-                value = value + objective(solve(sampler, xs, member_times(ts, proc), proc, fn), refs, off)
+                try:
+                    member_ts = member_times(ts, proc)
+                except ValueError:  # the anchored head's end moved past this member's start: no usable grid
+                    return value.detach() * math.inf
+                value = value + objective(solve(sampler, xs, member_ts, proc, fn), refs, off)
             return value / (1 + len(members))
+
+        start_kind = init
+        if start_kind == "best":  # start from the grid kind with the smallest training objective (the family's)
+            with torch.no_grad():
+                losses = {k: float(family_objective(kind_grid(k), x_train, ref_train, off_train)) for k in GRID_KINDS}
+            # (with transfer_head, only kinds whose head ends inside every member's range: the rule needs it)
+            usable = [k for k in losses if carries(kind_grid(k))] or list(losses)
+            start_kind = min(usable, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
+        if not carries(kind_grid(start_kind)):
+            raise ValueError(f"optimize_grid: transfer_head={transfer_head}: the {start_kind!r} grid's point "
+                             f"{transfer_head} does not lie above every family member's starting log-SNR; use a "
+                             "smaller transfer_head or another init")
+        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
 
         history: list[float] = []
         best = [math.inf, theta.clone()]
@@ -515,10 +539,10 @@ def optimize_grid(
                 "evaluations": result.evaluations, "mined": result.mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
                 "init": kept_init, "seed": result.seed, "retries": result.retries, "sampler_options": options,
-                "family": [_process_record(p) for p in family],
+                "family": [_process_record(p) for p in family], "transfer_head": transfer_head,
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,
-                                overwrite=overwrite)
+                                overwrite=overwrite, transfer_head=transfer_head)
         result.name = result.path.stem
     return result

@@ -8,8 +8,8 @@ along the way, though (the instantaneous change of variables, as in :mod:`score_
     log q(x_{t_min}) = log p_1(x_1) + int_{t_min}^{1} div_x F~(x_t, t) dt,   F~ = f x - g^2 s~ / 2,
 
 so every point it delivers can be weighted to the target ``pi(x) ~ p_{t_min}(x) p(y | x)``, with ``log p_{t_min}`` the
-prior model's own log-density (:func:`~score_toolkit.likelihood.log_likelihood` of the unconditional score, or the
-exact ``-energy`` where the score has one) and ``p(y | x)`` the transform's limit likelihood
+prior model's own log-density (:func:`~score_toolkit.likelihood.log_likelihood` of the unconditional score, or
+``-energy`` where the score has one, its constant estimated from the defensive points below) and ``p(y | x)`` the transform's limit likelihood
 ``log N(y; A x / alpha, sigma_y^2 I + (sigma / alpha)^2 A A^T)`` at ``t_min`` (exact as ``t_min -> 0``;
 :meth:`~score_toolkit.conditioning.InverseProblemScore.limit_log_likelihood`, the final weight of ``tds`` too).
 
@@ -80,13 +80,17 @@ class ImportanceODESampler(Sampler):
         rtol, atol (adaptive methods; default 1e-5 each), max_num_steps (adaptive; default 10000).
         num_steps, grid ("uniform"): fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
         divergence ("exact"): ``d`` vector-Jacobian products per evaluation, or ``"hutchinson"`` with
-            ``num_probes`` (default 4) Rademacher probes per point, drawn from the sample's generator and held fixed
-            through both solves. A Hutchinson log-density is unbiased in the log, so its weight ``exp(-log q)`` is
+            ``num_probes`` (default 4) Rademacher probes per point and per solve, each held fixed through its solve:
+            the transport's are drawn from the sample's generator first, the second density's
+            (:func:`~score_toolkit.likelihood.log_likelihood`) after them from the same generator. A Hutchinson log-density is unbiased in the log, so its weight ``exp(-log q)`` is
             not: the estimate adds a bias that shrinks with ``num_probes``.
         time_variable ("auto"): the integration variable (:func:`~score_toolkit.likelihood.log_likelihood`).
         prior_density ("ode"): ``log p_{t_min}`` of the prior model by :func:`~score_toolkit.likelihood.log_likelihood`
             of its score, or ``"energy"``: ``-energy(x, t_min)`` of a prior score that has one (an analytic score, an
-            energy network), exact and one evaluation per point (counted in ``nfe``).
+            energy network), one evaluation per point (counted in ``nfe``). The energy may be known only up to a
+            constant: with the defensive share, the constant is estimated per group as the mean of ``log p + energy``
+            over its defensive points (``log p`` their normalised log-density carried by the prior's flow); refused
+            before any solve for a prior score without an energy.
         likelihood ("transform"): the score function is a conditional transform with a prior score ``score_fn``
             and ``limit_log_likelihood(x, t)`` (:class:`~score_toolkit.conditioning.DPS`,
             :class:`~score_toolkit.conditioning.PiGDM`, :class:`~score_toolkit.conditioning.Replacement`,
@@ -195,11 +199,16 @@ class ImportanceODESampler(Sampler):
             prior += 2 * per_solve + (cfg["prior_density"] == "energy")
         return per_solve + prior + self._final_steps_nfe()
 
-    def _parts(self, ctx: SamplingContext):
-        """(the conditional score, the prior score, the log-likelihood of the observation at t_min or None)."""
+    def _parts(self, ctx: SamplingContext, device: torch.device):
+        """(the conditional score, the prior score, the log-likelihood of the observation at t_min or None, the prior
+        score's energy or None), checked before any solve."""
+        if device.type == "mps":
+            # the log-densities, their solvers and the times are float64 (a sum of many small terms), which MPS lacks
+            raise ValueError(f"sampler {self.name!r}: expected a CPU or CUDA device (its log-densities are float64, "
+                             f"which MPS does not support), found {device}; sample on the CPU")
         fn = ctx.score_fn
         if self.config["likelihood"] == "none":
-            return fn, fn, None
+            return fn, fn, None, self._energy(fn)
         prior = getattr(fn, "score_fn", None)
         missing = [m for m, ok in (("score_fn (the prior score)", callable(prior)),
                                    ("limit_log_likelihood(x, t)", callable(getattr(fn, "limit_log_likelihood", None))))
@@ -210,7 +219,18 @@ class ImportanceODESampler(Sampler):
                 f"likelihood (attributes score_fn and limit_log_likelihood(x, t): DPS, PiGDM, Replacement or "
                 f"ObservationLikelihood from score_toolkit.conditioning), found {fn!r} without {' and '.join(missing)}; "
                 "for unconditional sampling pass likelihood='none'")
-        return fn, prior, fn.limit_log_likelihood
+        return fn, prior, fn.limit_log_likelihood, self._energy(prior)
+
+    def _energy(self, prior):
+        """The prior score's energy with ``prior_density="energy"`` (refused without one), else None."""
+        if self.config["prior_density"] != "energy":
+            return None
+        energy = energy_or_none(prior)
+        if energy is None:
+            raise ValueError(f"sampler {self.name!r}: prior_density='energy' needs a prior score with an energy (an "
+                             f"analytic score or a ScoreAdapter with prediction_type='energy'), found {prior!r} "
+                             "without one; use prior_density='ode'")
+        return energy
 
     def _solver_options(self) -> dict[str, Any]:
         cfg = self.config
@@ -222,7 +242,7 @@ class ImportanceODESampler(Sampler):
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         cfg, process = self.config, ctx.process
-        conditional, prior, likelihood = self._parts(ctx)
+        conditional, prior, likelihood, energy = self._parts(ctx, x.device)
         b, k, shape = x.shape[0], cfg["num_particles"], tuple(x.shape[1:])
         n, d = b * k, math.prod(shape)
         # points 0..m-1 of every group follow the prior's flow (the defensive share), the others the conditional one
@@ -270,13 +290,8 @@ class ImportanceODESampler(Sampler):
             counts["vjp"] += c.rows * per_eval
             return res.log_prob
 
-        def log_prior(y, sl):
-            if cfg["prior_density"] == "energy":
-                energy = energy_or_none(prior)
-                if energy is None:
-                    raise ValueError(f"sampler {self.name!r}: prior_density='energy' needs a prior score with an "
-                                     f"energy (an analytic score or a ScoreAdapter with prediction_type='energy'), "
-                                     f"found {prior!r}; use prior_density='ode'")
+        def log_prior(y, sl):  # log p_{t_min} at y (the points sl), or -energy (up to a constant) with an energy
+            if energy is not None:
                 c = _Counted(energy)
                 out = -c(y, torch.full((y.shape[0],), process.t_min, dtype=torch.float64, device=y.device))
                 counts["density"][0] += c.calls
@@ -289,9 +304,14 @@ class ImportanceODESampler(Sampler):
         log_p_c = log_prior(y_c, cond)
         if m:
             dfn = slice(0, m)
-            y_d, log_p_d = push(prior, dfn)  # the prior's flow carries the prior's density
-            if cfg["prior_density"] == "energy":
-                log_p_d = log_prior(y_d, dfn)
+            y_d, log_p_d = push(prior, dfn)  # the prior's flow carries the (normalised) density of its points
+            if energy is not None:
+                # -energy is log p_{t_min} up to a constant, which does not cancel in the mixture (1 - lam) q + lam p:
+                # the group's defensive points, where both are known, give the constant (their mean difference)
+                neg_energy = log_prior(y_d, dfn).to(log_p_d.dtype).reshape(b, m)
+                offset = (log_p_d.reshape(b, m) - neg_energy).mean(1, keepdim=True)
+                log_p_d = (neg_energy + offset).reshape(-1)
+                log_p_c = (log_p_c.to(offset.dtype).reshape(b, k - m) + offset).reshape(-1)
             log_q_d = log_density(conditional, y_d, dfn, "the conditional density")
             y0 = torch.cat([y_d.reshape(b, m, *shape), y_c.reshape(b, k - m, *shape)], 1)
             log_p = torch.cat([log_p_d.reshape(b, m), log_p_c.to(log_p_d.dtype).reshape(b, k - m)], 1)
@@ -300,7 +320,7 @@ class ImportanceODESampler(Sampler):
             log_q = torch.logaddexp(log_q + math.log1p(-lam), log_p + math.log(lam))
         else:
             y0, log_p, log_q = y_c.reshape(b, k, *shape), log_p_c.reshape(b, k), log_q_c.reshape(b, k)
-        wdtype = torch.float32 if x.device.type == "mps" else torch.float64
+        wdtype = torch.float64
         log_w = (log_p - log_q).to(wdtype)
         if not bool(torch.isfinite(log_w).all()):
             raise NonFiniteError(f"sampler {self.name!r}: a log-density became NaN or infinite at the last step "
