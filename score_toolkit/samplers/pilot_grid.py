@@ -157,8 +157,8 @@ def pilot_grid(
         shape: one sample's shape (without the batch dimension).
         num_pilot, pilot_steps, batch_size: the pilot's draws, ODE steps and batch (default: all at once).
         num_components, covariance: the stand-in mixture (``"full"``, ``"diag"``, or ``"auto"``: full while the
-            pilot has on average at least 4 draws per dimension and component, else diagonal: measured on the 64-D
-            mixture, a diagonal stand-in leaves the narrow directions' steps out).
+            pilot has on average at least 4 draws per dimension and component, else diagonal (on the 64-D mixture a
+            diagonal stand-in from 2048 draws failed at 30 NFE where the full one passed: docs/fast_samplers.md).
         seed: seeds the pilot's draws (and, through ``optimize_grid``'s ``seed``, the fit's own draws).
         cache: a ``.json`` path of the user's choice: read if it holds a grid made with the same settings, else the
             grid is fitted and saved there (a file made with other settings is replaced only with ``overwrite=True``).
