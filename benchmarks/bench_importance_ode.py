@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The importance-corrected probability flow (``importance_ode``) against exact posteriors: its bias vs the number of
-points K (docs/conditioning.md, "Exact with a deterministic transport").
+points K (docs/conditioning.md, "Asymptotically exact with a deterministic transport").
 
 Problems as in bench_tds.py (``VPSDE()``): ``conformance`` (the conformance check's 2-D problem), ``ring`` (first
 coordinate of the 8-ring observed) and ``aniso16`` (4 random projections of the 16-D mixture), noise sigma_y from
@@ -8,7 +8,8 @@ coordinate of the 8-ring observed) and ``aniso16`` (4 random projections of the 
 correction corrects), ``importance_ode`` over K (``--particles``, defensive share 0.5) and, at ``--k-plain`` points,
 without the defensive share (``defensive=0``); the floor row is the exact posterior score with ``pf_ode``. All solves:
 the per-sample dopri5 at rtol = atol = ``--tol`` (pf_ode: torchdiffeq's dopri5 at the same tolerance); the prior's
-density at t_min is the analytic mixture's exact energy (``prior_density="energy"``) unless ``--prior-density ode``;
+density at t_min is the analytic mixture's energy (``prior_density="energy"``, its constant estimated from the
+defensive points) unless ``--prior-density ode``;
 ``--divergence hutchinson`` (with ``--num-probes``) replaces the exact divergence by Hutchinson's estimate.
 
 Scored at t_min against the exact posterior perturbed to t_min, N samples (bench_tds.py's statistics): within-mode

@@ -16,28 +16,11 @@ from ..likelihood.result import SolverError
 from ..likelihood.stepper import solve_dopri5
 from ..likelihood.time_variable import _TimeVariable
 from ..processes import Process
-from .base import NonFiniteError
 
 __all__ = ["flow_with_density", "METHODS", "DEFAULT_TOLERANCE", "DEFAULT_MAX_NUM_STEPS"]
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_MAX_NUM_STEPS = 10_000
-
-
-class _Counted:
-    """A score (or energy) function that counts its calls and the rows it evaluated."""
-
-    def __init__(self, fn):
-        self.fn, self.calls, self.rows = fn, 0, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        self.rows += x.shape[0]
-        out = self.fn(x, t)
-        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out.detach()).all()):
-            raise NonFiniteError(f"the score function returned NaN or infinite values at t = {float(t.min()):.6g} "
-                                 f"(solver step of batched evaluation {self.calls})")
-        return out
 
 
 class _Reversed:

@@ -54,7 +54,7 @@ from ..likelihood.ode import log_likelihood
 from ..likelihood.options import _resolve_time_variable
 from ..likelihood.result import SolverError
 from ..processes import TIME_GRIDS
-from ._flow_density import DEFAULT_MAX_NUM_STEPS, DEFAULT_TOLERANCE, METHODS, _Counted, flow_with_density
+from ._flow_density import DEFAULT_MAX_NUM_STEPS, DEFAULT_TOLERANCE, METHODS, flow_with_density
 from .base import NonFiniteError, Sampler, SamplerProperties, SamplingContext, check_choice, check_float, check_int
 from .langevin import energy_or_none
 from .tds import draw_index, normalised_weights
@@ -63,6 +63,22 @@ __all__ = ["ImportanceODESampler", "flow_with_density", "METHODS"]
 
 #: where the prior's log-density at t_min comes from
 PRIOR_DENSITIES = ("ode", "energy")
+
+
+class _Counted:
+    """A score (or energy) function that counts its calls and the rows it evaluated."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        self.rows += x.shape[0]
+        out = self.fn(x, t)
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out.detach()).all()):
+            raise NonFiniteError(f"the score function returned NaN or infinite values at t = {float(t.min()):.6g} "
+                                 f"(solver step of batched evaluation {self.calls})")
+        return out
 
 
 class ImportanceODESampler(Sampler):
@@ -95,7 +111,8 @@ class ImportanceODESampler(Sampler):
             and ``limit_log_likelihood(x, t)`` (:class:`~score_toolkit.conditioning.DPS`,
             :class:`~score_toolkit.conditioning.PiGDM`, :class:`~score_toolkit.conditioning.Replacement`,
             :class:`~score_toolkit.conditioning.ObservationLikelihood`); ``"none"``: a plain score function and
-            nothing observed (the target is the score's own law: weights ``p / q`` near 1, a check of the machinery).
+            nothing observed (the target is the score's own law: weights ``p / q`` near 1, a check of the machinery);
+            a conditional transform is refused there.
         defensive (0.5): the share of the ``K`` points moved by the prior's flow (``round(defensive K)``, at least 1
             and at most ``K - 1`` when > 0; 0: the conditional flow alone, unbounded weights); not used with
             ``likelihood="none"``.
@@ -106,7 +123,8 @@ class ImportanceODESampler(Sampler):
     ``num_particles``, ``defensive_particles`` (m), ``final_ess`` (mean effective sample size of the groups' weights,
     in points), ``min_final_ess``, ``transport_nfe`` and ``density_nfe`` (batched calls of the transport solves and of
     the second densities), ``evaluations_per_sample`` (score and energy evaluations of points per output
-    sample) and ``vjps_per_sample``. The trajectory holds the initial state and the result.
+    sample), ``vjps_per_sample``, and the effective solver settings (``rtol``, ``atol``, ``max_num_steps`` with their
+    defaults in place of ``None``, ``num_probes``). The trajectory holds the initial state and the result.
     """
 
     name: ClassVar[str] = "importance_ode"
@@ -208,6 +226,11 @@ class ImportanceODESampler(Sampler):
                              f"which MPS does not support), found {device}; sample on the CPU")
         fn = ctx.score_fn
         if self.config["likelihood"] == "none":
+            if callable(getattr(fn, "limit_log_likelihood", None)):
+                raise ValueError(f"sampler {self.name!r}: likelihood='none' expects a plain score function, found the "
+                                 f"conditional transform {fn!r} (it has limit_log_likelihood): its weights would "
+                                 "ignore the observation and return the transform's own biased flow; use "
+                                 "likelihood='transform'")
             return fn, fn, None, self._energy(fn)
         prior = getattr(fn, "score_fn", None)
         missing = [m for m, ok in (("score_fn (the prior score)", callable(prior)),
@@ -349,6 +372,9 @@ class ImportanceODESampler(Sampler):
             "density_nfe": counts["density"][0],
             "evaluations_per_sample": (counts["transport"][1] + counts["density"][1]) / b,
             "vjps_per_sample": counts["vjp"] / b,
+            # the effective solver settings (the defaults in place of None)
+            **self._solver_options(),
+            "num_probes": num_probes or None,
         })
         return out
 
