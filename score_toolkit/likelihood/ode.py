@@ -36,42 +36,69 @@ from .time_variable import _TimeVariable
 __all__ = ["log_likelihood"]
 
 
-def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol, grid, max_num_steps,
-                 per_sample_norm, variable: _TimeVariable, prior_log_prob):
+class _Reversed:
+    """The augmented right-hand side in ``u = -tau``: the solvers step forward, from ``-tau0`` to ``-tau1``."""
+
+    def __init__(self, dynamics: _AugmentedDynamics):
+        self.dynamics = dynamics
+
+    def __call__(self, u: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return -self.dynamics(-u, state)
+
+    def rows_call(self, u: torch.Tensor, state: torch.Tensor, rows) -> torch.Tensor:
+        return -self.dynamics.rows_call(-u, state, rows)
+
+    def callback_step(self, u0, y0, dt) -> None:
+        self.dynamics.callback_step(-u0, y0, dt)
+
+
+def _integrate(func: _AugmentedDynamics, y0: torch.Tensor, tau0: float, tau1: float, *, method: str, rtol: float,
+               atol: float, max_num_steps: int, norm, grid: torch.Tensor | None, who: str) -> torch.Tensor:
+    """The augmented state at ``tau1`` from ``y0`` at ``tau0`` on ``func``'s right-hand side: the per-sample
+    Dormand-Prince stepper (``"dopri5_per_sample"``), a torchdiffeq adaptive method (error norm ``norm``), or a
+    torchdiffeq fixed-grid method on ``grid`` (values of tau from ``tau0`` to ``tau1``). ``tau1 < tau0`` integrates the
+    other way (in ``u = -tau``, from the prior to the data). Solver failures are worded for ``who``."""
     import torchdiffeq
 
-    t_hi = variable.t_hi
+    sign = 1.0 if tau1 >= tau0 else -1.0
+    rhs = func if sign > 0 else _Reversed(func)
+    lo, hi = sign * tau0, sign * tau1
+    variable = func.variable
+    t_end = variable.t_hi if sign > 0 else variable.t_lo
+    if not METHODS[method]:
+        us = (sign * grid).to(y0.device)
+        return torchdiffeq.odeint(rhs, y0, us[[0, -1]], method=method,
+                                  options={"grid_constructor": lambda f, y, t: us.to(t)})[-1]
+    try:
+        if method == "dopri5_per_sample":
+            from .stepper import solve_dopri5
+
+            def on_attempt(attempt: int, u: float) -> None:
+                func.steps = attempt - 1
+                func.t = variable.coefficients(sign * u)[0]
+
+            y1, _ = solve_dopri5(rhs.rows_call, y0, lo, hi, rtol=rtol, atol=atol, ratio=_two_part_rms(func.dim),
+                                 max_num_steps=max_num_steps, on_attempt=on_attempt)
+            return y1
+        span = torch.tensor([lo, hi], dtype=torch.float64, device=y0.device)
+        options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
+        return torchdiffeq.odeint(rhs, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
+    except (SolverError, AssertionError) as err:  # the stepper words its failures as torchdiffeq does, which
+        # checks with assert (absent under python -O); other errors (the step limit of callback_step) pass as raised
+        raise_odeint_failure(err, who=who, t=func.t, steps=func.steps,
+                             too_many=_too_many_steps(max_num_steps, func.t, t_end), error=SolverError)
+
+
+def _solve_chunk(score_fn, process, x, *, divergence, probes, method, rtol, atol, grid, max_num_steps,
+                 per_sample_norm, variable: _TimeVariable, prior_log_prob):
     func = _AugmentedDynamics(score_fn, process, x.shape, divergence, probes, variable,
                               max_num_steps if METHODS[method] else None)
     comps = 1 if probes is None else probes.shape[0]
     y_start = x.reshape(x.shape[0], -1) * math.exp(-variable.log_c_lo)
     y0 = torch.cat([y_start, torch.zeros(x.shape[0], comps, dtype=x.dtype, device=x.device)], 1)
-    if method == "dopri5_per_sample":
-        from .stepper import solve_dopri5
-
-        def on_attempt(attempt: int, tau: float) -> None:
-            func.steps = attempt - 1
-            func.t = variable.coefficients(tau)[0]
-
-        try:
-            y1, _ = solve_dopri5(func.rows_call, y0, variable.lo, variable.hi, rtol=rtol, atol=atol,
-                                 ratio=_two_part_rms(func.dim), max_num_steps=max_num_steps, on_attempt=on_attempt)
-        except SolverError as err:  # the stepper words its failures as torchdiffeq does
-            raise_odeint_failure(err, who="log_likelihood", t=func.t, steps=func.steps,
-                                 too_many=_too_many_steps(max_num_steps, func.t, t_hi), error=SolverError)
-    elif METHODS[method]:
-        span = torch.tensor([variable.lo, variable.hi], dtype=torch.float64, device=x.device)
-        norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
-        options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
-        try:
-            y1 = torchdiffeq.odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
-        except AssertionError as err:  # torchdiffeq checks with assert (absent under python -O)
-            raise_odeint_failure(err, who="log_likelihood", t=func.t, steps=func.steps,
-                                 too_many=_too_many_steps(max_num_steps, func.t, t_hi), error=SolverError)
-    else:
-        ts = grid.to(x.device)
-        y1 = torchdiffeq.odeint(func, y0, ts[[0, -1]], method=method,
-                                options={"grid_constructor": lambda f, y, t: ts.to(t)})[-1]
+    norm = _per_sample_norm(func.dim) if per_sample_norm else _batch_norm(func.dim)
+    y1 = _integrate(func, y0, variable.lo, variable.hi, method=method, rtol=rtol, atol=atol,
+                    max_num_steps=max_num_steps, norm=norm, grid=grid, who="log_likelihood")
     x1 = (y1[:, : func.dim] * math.exp(variable.log_c_hi)).reshape(x.shape)
     # with x = c y: div_x dx/dtau = d c'/c + div_y dy/dtau, so the log-density gains d (ln c(tau_hi) - ln c(tau_lo))
     # besides the integral of div_y dy/dtau = A d + B c div_x s (c = 1 in t)

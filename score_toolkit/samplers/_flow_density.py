@@ -9,11 +9,10 @@ import math
 
 import torch
 
-from ..likelihood.divergence import _per_sample_norm, _two_part_rms
+from ..likelihood.divergence import _per_sample_norm
 from ..likelihood.dynamics import _AugmentedDynamics
+from ..likelihood.ode import _integrate
 from ..likelihood.options import METHODS, _resolve_time_variable
-from ..likelihood.result import SolverError
-from ..likelihood.stepper import solve_dopri5
 from ..likelihood.time_variable import _TimeVariable
 from ..processes import Process
 
@@ -21,22 +20,6 @@ __all__ = ["flow_with_density", "METHODS", "DEFAULT_TOLERANCE", "DEFAULT_MAX_NUM
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_MAX_NUM_STEPS = 10_000
-
-
-class _Reversed:
-    """The augmented right-hand side in ``u = -tau`` (the solvers integrate forward from ``-tau(1)`` to ``-tau(t_min)``)."""
-
-    def __init__(self, dynamics: _AugmentedDynamics):
-        self.dynamics = dynamics
-
-    def __call__(self, u: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        return -self.dynamics(-u, state)
-
-    def rows_call(self, u: torch.Tensor, state: torch.Tensor, rows) -> torch.Tensor:
-        return -self.dynamics.rows_call(-u, state, rows)
-
-    def callback_step(self, u0, y0, dt) -> None:
-        self.dynamics.callback_step(-u0, y0, dt)
 
 
 def flow_with_density(score_fn, process: Process, x1: torch.Tensor, *, method: str = "dopri5_per_sample",
@@ -61,31 +44,16 @@ def flow_with_density(score_fn, process: Process, x1: torch.Tensor, *, method: s
     n = x1.shape[0]
     dyn = _AugmentedDynamics(score_fn, process, x1.shape, divergence, probes, variable,
                              max_num_steps if adaptive and method != "dopri5_per_sample" else None)
-    func = _Reversed(dyn)
     comps = 1 if probes is None else probes.shape[0]
     y_start = x1.reshape(n, -1) * math.exp(-variable.log_c_hi)
     y0 = torch.cat([y_start, torch.zeros(n, comps, dtype=x1.dtype, device=x1.device)], 1)
-    lo, hi = -variable.hi, -variable.lo
-    if method == "dopri5_per_sample":
-        y_end, _ = solve_dopri5(func.rows_call, y0, lo, hi, rtol=rtol, atol=atol, ratio=_two_part_rms(dyn.dim),
-                                max_num_steps=max_num_steps)
-    else:
-        import torchdiffeq
-
-        if adaptive:
-            span = torch.tensor([lo, hi], dtype=torch.float64, device=x1.device)
-            options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": _per_sample_norm(dyn.dim)}
-            try:
-                y_end = torchdiffeq.odeint(func, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
-            except AssertionError as err:  # torchdiffeq checks with assert
-                raise SolverError(f"the ODE solver failed: {err}") from None
-        else:
-            grid_t = process.time_grid(num_steps, grid, dtype=torch.float64)
-            grid_u = -variable.to_tau(grid_t)
-            grid_u[0], grid_u[-1] = lo, hi
-            grid_u = grid_u.to(x1.device)
-            y_end = torchdiffeq.odeint(func, y0, grid_u[[0, -1]], method=method,
-                                       options={"grid_constructor": lambda f, y, t: grid_u.to(t)})[-1]
+    grid_tau = None
+    if not adaptive:
+        grid_tau = variable.to_tau(process.time_grid(num_steps, grid, dtype=torch.float64))
+        grid_tau[0], grid_tau[-1] = variable.hi, variable.lo
+    y_end = _integrate(dyn, y0, variable.hi, variable.lo, method=method, rtol=rtol, atol=atol,
+                       max_num_steps=max_num_steps, norm=_per_sample_norm(dyn.dim), grid=grid_tau,
+                       who="importance_ode")
     x0 = (y_end[:, : dyn.dim] * math.exp(variable.log_c_lo)).reshape(x1.shape)
     # the component integrated int_{tau(1)}^{tau(t_min)} (div_y dy/dtau) dtau = -(the forward integral), plus the
     # change of scale of the state x = c y (see log_likelihood)
