@@ -41,7 +41,8 @@ sample size of the final weights. Memory: ``batch_size`` bounds the points of on
 evaluation); the states and log-densities of all ``B K`` points are held until the resampling. Attention layers run on
 PyTorch's math kernel here, the fused ones having no second derivative (which DPS's and PiGDM's divergences take).
 
-The module is over 400 lines: one sampler whose option checks, cost accounting and staged solves belong together.
+Why one module of this length: it is one sampler, whose option checks, chunked staged solves and cost accounting
+share its state (the transport itself is in :mod:`._flow_density`, the solvers in :mod:`score_toolkit.likelihood`).
 """
 
 from __future__ import annotations
