@@ -165,6 +165,17 @@ def fit_model_grids(
                          f"(the grids are stored there), found one without a folder ({folder})")
     folder = Path(folder)
     budgets = _steps(steps)
+    for name, value, low in (("num_pilot", num_pilot, 2), ("pilot_steps", pilot_steps, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"fit_model_grids: expected {name} to be an int >= {low}, found {value!r}")
+    import inspect
+
+    allowed = set(inspect.signature(optimize_grid).parameters) - {"sampler", "process", "mixture", "data", "score_fn",
+                                                                  "shape", "save_as", "directory", "overwrite"}
+    unknown = sorted(set(fit_options) - allowed)
+    if unknown:
+        raise TypeError(f"fit_model_grids: unknown fit option(s) {unknown}; optimize_grid's options here are "
+                        f"{sorted(allowed)}")
     options = dict(sampler_options or {})
     taken = sorted(set(options) & set(_NOT_METHOD))
     if taken:

@@ -182,6 +182,8 @@ def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp
     (["--option", "colour=3"], "unknown option"),
     (["--steps", "0"], "positive ints"),
     (["--num-pilot", "1"], "--num-pilot"),
+    (["--fit-option", "iteratons=3"], "unknown fit option(s) ['iteratons']"),
+    (["--fit-option", "save_as=x"], "unknown fit option(s) ['save_as']"),
 ])
 def test_bad_inputs_give_clear_errors(fitted, tmp_path, capsys, argv, message):
     folder = _copy(fitted, tmp_path)
@@ -225,3 +227,23 @@ def test_train_fits_the_grids_unless_told_not_to(tmp_path):
         info = json.loads(model_grid_path(export, "unipc", n).read_text())["info"]
         assert info["model_grid"]["weights_sha256"] == weights_sha256(export)
         assert info["model_grid"]["command"].startswith("score-toolkit train --config")
+
+
+def test_the_shipped_digits_grids_belong_to_the_shipped_weights():
+    """hub_cards/digits/grids: written by the command its card records, for the weights shipped next to them, and
+    what the pipeline (so score-toolkit sample) runs by default."""
+    from score_toolkit.pipeline import shipped_model_path
+
+    folder = shipped_model_path("digits")
+    card = (folder / "README.md").read_text()
+    pipe = ScorePipeline.from_pretrained(folder)
+    for n in (24, 14):
+        path = model_grid_path(folder, "unipc", n)
+        info = json.loads(path.read_text())["info"]
+        assert info["model_grid"]["command"] == "score-toolkit fit-grid hub_cards/digits"
+        assert f"`{info['model_grid']['command']}`" in card
+        assert info["model_grid"]["weights_sha256"] == weights_sha256(folder)
+        assert info["pilot_grid"]["num_pilot"] == 2048 and info["pilot_grid"]["pilot_steps"] == 100
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert pipe.make_sampler(num_inference_steps=n).config["grid"] == str(path)

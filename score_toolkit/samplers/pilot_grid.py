@@ -122,7 +122,7 @@ def pilot_samples(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=math.ceil(num_pilot / batch_size) * pilot_steps, desc="pilot ODE (steps x batches)")
+        bar = tqdm(total=math.ceil(num_pilot / batch_size) * (pilot_steps + 1), desc="pilot ODE (steps x batches)")
     try:
         for start in range(0, num_pilot, batch_size):
             b = min(batch_size, num_pilot - start)
