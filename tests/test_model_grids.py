@@ -229,18 +229,19 @@ def test_train_fits_the_grids_unless_told_not_to(tmp_path):
         assert info["model_grid"]["command"].startswith("score-toolkit train --config")
 
 
-def test_the_shipped_digits_grids_belong_to_the_shipped_weights():
-    """hub_cards/digits/grids: written by the command its card records, for the weights shipped next to them, and
+@pytest.mark.parametrize("name", ["digits", "toy2d"])
+def test_the_shipped_grids_belong_to_the_shipped_weights(name):
+    """hub_cards/<name>/grids: written by the command its card records, for the weights shipped next to them, and
     what the pipeline (so score-toolkit sample) runs by default."""
     from score_toolkit.pipeline import shipped_model_path
 
-    folder = shipped_model_path("digits")
+    folder = shipped_model_path(name)
     card = (folder / "README.md").read_text()
     pipe = ScorePipeline.from_pretrained(folder)
     for n in (24, 14):
         path = model_grid_path(folder, "unipc", n)
         info = json.loads(path.read_text())["info"]
-        assert info["model_grid"]["command"] == "score-toolkit fit-grid hub_cards/digits"
+        assert info["model_grid"]["command"].startswith(f"score-toolkit fit-grid hub_cards/{name}")
         assert f"`{info['model_grid']['command']}`" in card
         assert info["model_grid"]["weights_sha256"] == weights_sha256(folder)
         assert info["pilot_grid"]["num_pilot"] == 2048 and info["pilot_grid"]["pilot_steps"] == 100
