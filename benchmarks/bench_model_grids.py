@@ -71,7 +71,7 @@ def main(argv=None) -> int:
              "root-mean-square distance to the converged ODE's sample from the same noise (the solver's own error). "
              f"Sliced W2 to {n} exact ring draws; noise floor (two exact sets) {floor:.4f}. "
              f"Run time {seconds:.0f} s.", "",
-             "| run | NFE | rms error to the converged ODE | sliced W2 (floor {:.4f}) |".format(floor),
+             f"| run | NFE | rms error to the converged ODE | sliced W2 (floor {floor:.4f}) |",
              "| --- | --- | --- | --- |"]
     lines += [f"| {r['label']} | {r['nfe']} | {r['rms_error']:.5f} | {r['sliced_w2']:.4f} |" for r in rows]
     out_dir = Path(args.out)
