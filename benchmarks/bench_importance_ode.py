@@ -10,7 +10,8 @@ without the defensive share (``defensive=0``); the floor row is the exact poster
 the per-sample dopri5 at rtol = atol = ``--tol`` (pf_ode: torchdiffeq's dopri5 at the same tolerance); the prior's
 density at t_min is the analytic mixture's energy (``prior_density="energy"``, its constant estimated from the
 defensive points) unless ``--prior-density ode``;
-``--divergence hutchinson`` (with ``--num-probes``) replaces the exact divergence by Hutchinson's estimate.
+``--divergence hutchinson`` (with ``--num-probes``) replaces the exact divergence by Hutchinson's estimate;
+``--batch-size`` bounds the points per solve (importance_ode's ``batch_size``; the results do not depend on it).
 
 Scored at t_min against the exact posterior perturbed to t_min, N samples (bench_tds.py's statistics): within-mode
 sliced W2 over its noise floor, mean-NLL gap (floor: its sd over exact sets), mode-weight total variation, Pearson's
@@ -72,7 +73,7 @@ def run_case(args, case, rows, log):
             opts = {"rtol": args.tol, "atol": args.tol}
             if sampler_name == "importance_ode":
                 opts.update(num_particles=k, defensive=defensive, prior_density=args.prior_density,
-                            divergence=args.divergence)
+                            divergence=args.divergence, batch_size=args.batch_size)
                 if args.divergence == "hutchinson":
                     opts["num_probes"] = args.num_probes
             row = {"case": case, "sigma_y": sy, "method": method, "sampler": sampler_name, "particles": k,
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--prior-density", default="energy", choices=("energy", "ode"))
     p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"))
     p.add_argument("--num-probes", type=int, default=4, help="Hutchinson probes per point")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="importance_ode's batch_size: points per solve (default: all points of a stage at once)")
     args = parse_common(p, argv)
     return run_meta(args, argv, "bench_importance_ode.py", run_case, write_markdown,
                     ("case", "sigma_y", "method", "sampler", "particles", "defensive"))

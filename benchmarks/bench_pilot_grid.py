@@ -9,11 +9,15 @@ draws come from its own generator, seed 271828, independent of every evaluation 
 evaluations, batched calls, seconds of the pilot and of the fits) is in the result file.
 
 ``digits``: classifier Frechet distance of the shipped digits model at the given budgets (900 samples, the same
-initial noise as bench_defaults_digits.py), the grid from a pilot with the network's own score.
+initial noise as bench_defaults_digits.py), the grid from a pilot with the network's own score. The pilot is
+deterministic (its own seeded draws), so the network runs it once: the later budgets' fits replay its recorded score
+outputs, after checking that every input is the same as recorded. ``--save-grids DIR`` keeps each fitted grid as a
+pilot_grid cache file, DIR/digits_<sampler>_<num_steps>.json (usable as ``grid=<path>``; a file with the same settings
+is read instead of fitted). Rows of earlier runs for other sampler/NFE pairs are kept in the result file.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_pilot_grid.py analytic --cases ring --processes VE,VP \
         --samplers dpmpp_2m,unipc --ladder 10,11,12,15 --tag pilot_grid_ring
-    OMP_NUM_THREADS=1 python benchmarks/bench_pilot_grid.py digits --samplers dpmpp_2m,unipc --ladder 15
+    OMP_NUM_THREADS=1 python benchmarks/bench_pilot_grid.py digits --samplers unipc --ladder 15,25 --save-grids DIR
     python benchmarks/bench_pilot_grid.py analytic --n 1000 --seeds 2 --floor-seeds 2 --cases ring  # a quick look
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,11 +118,37 @@ def analytic(args) -> None:
     print("\n".join(lines))
 
 
+class _ReplayScore:
+    """A deterministic score called along the same inputs again (the pilot of each budget): the first pass calls
+    ``score_fn`` and records (x, t, output) per call; a later pass (``replay()``) returns the recorded outputs,
+    refusing any call whose input differs from the one recorded at that position."""
+
+    def __init__(self, score_fn):
+        self.score_fn, self.record, self.position, self.replaying = score_fn, [], 0, False
+
+    def replay(self):
+        self.position, self.replaying = 0, True
+
+    def __call__(self, x, t):
+        if not self.replaying:
+            out = self.score_fn(x, t)
+            self.record.append((x.detach().clone(), torch.as_tensor(t).detach().clone(), out.detach().clone()))
+            return out
+        if self.position >= len(self.record):
+            raise RuntimeError("replayed pilot: more score calls than recorded")
+        rx, rt, out = self.record[self.position]
+        if not (torch.equal(rx, x) and torch.equal(rt, torch.as_tensor(t))):
+            raise RuntimeError(f"replayed pilot: call {self.position} differs from the recorded one")
+        self.position += 1
+        return out.clone()
+
+
 def digits(args) -> None:
     from score_toolkit import evaluation as E
     from score_toolkit._utils import per_sample_generators
     from score_toolkit.cli._common import load_score_model
 
+    t_start, load_start = time.time(), os.getloadavg()
     model = load_score_model("digits", None, device=torch.device("cpu"), dtype=torch.float32)
     process, shape = model["process"], tuple(model["sample_shape"])
     earlier = json.loads((RESULTS / "defaults_digits.json").read_text())  # same noise: the converged ODE, defaults
@@ -134,31 +165,71 @@ def digits(args) -> None:
                                            kind="digits", generator=gens, dtype=torch.float32)
         return report.metrics["frechet_distance"], out.nfe
 
-    rows = []
+    score = _ReplayScore(model["score_fn"])
+    rows, pilot_s = [], None
     for name in args.samplers.split(","):
         for nfe in (int(v) for v in (args.ladder or "15").split(",")):
-            pg = pilot_grid(get_sampler(name, num_steps=nfe - 1), model["score_fn"], process, shape,
-                            dtype=torch.float32, batch_size=512)
+            cache = None
+            if args.save_grids:
+                cache = Path(args.save_grids) / f"digits_{name}_{nfe - 1}.json"
+                cache.parent.mkdir(parents=True, exist_ok=True)
+            replayed = bool(score.record)
+            if replayed:
+                score.replay()
+            pg = pilot_grid(get_sampler(name, num_steps=nfe - 1), score, process, shape,
+                            dtype=torch.float32, batch_size=512, cache=cache)
+            if not pg.cached and not replayed:
+                pilot_s = round(pg.pilot_seconds, 2)
             f, used = fd(get_sampler(name, grid=pg.times))
             f_default = default_fd(name, used)
             row = {"sampler": name, "nfe": used, "frechet_distance": round(f, 4), "default_grid_fd": round(f_default, 4),
                    "converged_fd": conv["frechet_distance"], "ratio": round(f / conv["frechet_distance"], 4),
-                   "score_evaluations": pg.score_evaluations, "score_calls": pg.score_calls,
+                   "score_evaluations": 0 if (replayed or pg.cached) else pg.score_evaluations,
+                   "score_calls": 0 if (replayed or pg.cached) else pg.score_calls,
                    "pilot_s": round(pg.pilot_seconds, 2), "fit_s": round(pg.fit_seconds, 2),
-                   "covariance": pg.settings["covariance"]}
+                   "pilot": "cached grid" if pg.cached else ("replayed" if replayed else "run"),
+                   "covariance": pg.settings["covariance"], "grid_file": cache.name if cache else None,
+                   "times": [round(float(v), 6) for v in pg.times]}
             rows.append(row)
             print(row, flush=True)
+    seconds, load_end = round(time.time() - t_start, 1), os.getloadavg()
+    run = {"samplers": args.samplers, "ladder": args.ladder or "15", "seconds": seconds,
+           "load_1min_start_end": [round(load_start[0], 2), round(load_end[0], 2)], "shared_pilot_s": pilot_s}
+    out = Path(args.out)
+    old_rows = []
+    if (out / f"{args.tag}.json").exists():  # keep earlier runs' rows for other sampler/NFE pairs
+        new_keys = {(r["sampler"], r["nfe"]) for r in rows}
+        old_rows = [r for r in json.loads((out / f"{args.tag}.json").read_text())
+                    if (r["sampler"], r["nfe"]) not in new_keys]
+    for r in rows:
+        r["run"] = run
+    rows = old_rows + rows
+
+    def pilot_cell(r):
+        if r.get("pilot") == "replayed":
+            return f"0 (replayed the first budget's pilot), {r['pilot_s']}"
+        return f"{r['score_evaluations']} ({r['score_calls']}), {r['pilot_s']}"
+
     lines = [f"# The pilot grid on the digits model ({args.num_samples} samples, float32, the noise of "
              "bench_defaults_digits.py)", "",
              f"Classifier Frechet distance; the converged ODE from the same noise reads {conv['frechet_distance']:.3f} "
              "(results/defaults_digits.md). The pilot: 2048 draws through the network's 100-step converged ODE "
-             "(float32, batches of 512), then the stand-in mixture and optimize_grid.", "",
+             "(float32, batches of 512), then the stand-in mixture and optimize_grid. The network runs the pilot once "
+             "per run; a run's later budgets replay its recorded score outputs (the same inputs, checked).", "",
              "| sampler | NFE | FD, pilot grid (ratio to converged) | FD, default grid (results/defaults_digits.md) | pilot: score evaluations "
              "(calls), s | fit s | stand-in covariance |", "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['sampler']} | {r['nfe']} | {r['frechet_distance']:.3f} ({r['ratio']:.2f}) | "
-              f"{r['default_grid_fd']:.3f} | {r['score_evaluations']} ({r['score_calls']}), {r['pilot_s']} | "
+              f"{r['default_grid_fd']:.3f} | {pilot_cell(r)} | "
               f"{r['fit_s']} | {r['covariance']} |" for r in rows]
-    out = Path(args.out)
+    runs = []
+    for r in rows:
+        if "run" in r and r["run"] not in runs:
+            runs.append(r["run"])
+    if runs:
+        lines += ["", "Runs (wall seconds of the whole run: model load, pilot, fits, sampling and FD; 1-minute load "
+                  "average at start and end, on a shared 2-core machine):", ""]
+        lines += [f"- samplers {u['samplers']}, NFE {u['ladder']}: {u['seconds']} s, load {u['load_1min_start_end'][0]}"
+                  f" -> {u['load_1min_start_end'][1]}" for u in runs]
     write_text_atomic(out / f"{args.tag}.json", json.dumps(rows, indent=1) + "\n")
     write_text_atomic(out / f"{args.tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -175,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samplers", default="dpmpp_2m")
     ap.add_argument("--ladder", default=None, help="comma-separated NFE budgets (default: per case, LADDERS)")
     ap.add_argument("--num-samples", type=int, default=900, help="digits: samples")
+    ap.add_argument("--save-grids", default=None, metavar="DIR",
+                    help="digits: keep each fitted grid as a pilot_grid cache file DIR/digits_<sampler>_<num_steps>.json")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)

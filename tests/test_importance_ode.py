@@ -106,17 +106,19 @@ class _CountingPrior:
     """The prior score of :class:`_Counting` (its energy, if any, counted apart)."""
 
     def __init__(self, owner):
-        self.owner, self.energy_rows = owner, 0
+        self.owner, self.energy_rows, self.energy_calls = owner, 0, 0
 
     def __call__(self, x, t):
         return self.owner._count("prior", self.owner.inner.score_fn(x, t))
 
     def energy(self, x, t):
         self.energy_rows += x.shape[0]
+        self.energy_calls += 1
         return self.owner.inner.score_fn.energy(x, t)
 
 
 @pytest.mark.parametrize(("options", "per_eval"), [({"method": "rk4", "num_steps": 5}, 2),
+                                                   ({"method": "rk4", "num_steps": 5, "batch_size": 3}, 2),
                                                    ({"method": "euler", "num_steps": 4, "prior_density": "energy"}, 2),
                                                    ({"rtol": 1e-3, "atol": 1e-3, "divergence": "hutchinson",
                                                      "num_probes": 3}, 3)])
@@ -159,7 +161,11 @@ def test_bad_input_and_options():
                          ({"method": "euler", "num_steps": 5, "rtol": 1e-3}, "rtol only apply to adaptive methods"),
                          ({"num_probes": 2}, "num_probes applies to divergence='hutchinson'"),
                          ({"prior_density": "exact"}, "prior_density.*'exact'"),
-                         ({"likelihood": "dps"}, "likelihood.*'dps'")):
+                         ({"likelihood": "dps"}, "likelihood.*'dps'"),
+                         ({"batch_size": 0}, r"batch_size \(points per solve\) to be an int >= 1 or None .*found 0"),
+                         ({"batch_size": -4}, "batch_size .*found -4"),
+                         ({"batch_size": 2.0}, "batch_size .*found 2.0"),
+                         ({"batch_size": True}, "batch_size .*found True")):
         with pytest.raises(ValueError, match=message):
             get_sampler("importance_ode", **bad)
     # a prior score without an energy: refused before any solve (nothing evaluated)
@@ -307,3 +313,87 @@ def test_zero_likelihood_weights_are_allowed():
     out = get_sampler("importance_ode", num_particles=16, method="euler", num_steps=8).sample(
         HalfPlane(fn), proc, shape=(30, 2), dtype=D64, generator=torch.Generator().manual_seed(0))
     assert (out.samples[:, 0] >= 0).all() and out.info["min_final_ess"] < 16
+
+
+# batch sizes below a group's share of 3 points per flow, of one group, of one group and a part, of two groups
+@pytest.mark.parametrize(("options", "generators", "sizes"), [
+    ({"method": "euler", "num_steps": 3}, "one", (1, 2, 4, 7)),
+    ({"rtol": 1e-3, "atol": 1e-3, "divergence": "hutchinson", "num_probes": 2}, "one", (2, 7)),
+    ({"rtol": 1e-3, "atol": 1e-3, "divergence": "hutchinson", "num_probes": 2}, "per_sample", (2, 7)),
+    ({"method": "euler", "num_steps": 3, "prior_density": "energy"}, "per_sample", (1, 4)),
+    ({"method": "euler", "num_steps": 3, "prior_density": "ode", "defensive": 0.0}, "one", (4, 7))])
+def test_batch_size_bounds_the_points_per_call_and_keeps_the_result(options, generators, sizes):
+    """batch_size splits the solves into chunks of whole output samples (a group larger than batch_size: into pieces of
+    it), every random draw made before the solves: the samples are those of the unchunked run with the same
+    generator(s) (to float noise; bit-for-bit here), the reported costs per sample are the same, every score call
+    evaluates at most batch_size points (the unchunked run's largest call evaluates more), and ``nfe`` counts the
+    batched calls actually made (more of them, smaller)."""
+    from score_toolkit._utils import per_sample_generators
+
+    _, proc, fn, _ = _problem(PiGDM)
+
+    def run(batch_size):
+        gen = torch.Generator().manual_seed(0) if generators == "one" else per_sample_generators(3, range(5))
+        counting = _Counting(fn)
+        out = get_sampler("importance_ode", num_particles=6, batch_size=batch_size, **options).sample(
+            counting, proc, shape=(5, 2), dtype=D64, generator=gen)
+        assert out.nfe == len(counting.calls) + counting.score_fn.energy_calls == (out.info["transport_nfe"]
+                                                                                   + out.info["density_nfe"])
+        return out, max(r for _, r in counting.calls), counting.vjps
+
+    ref, ref_rows, ref_vjps = run(None)
+    assert ref_rows > 2
+    for batch_size in sizes:
+        out, rows, vjps = run(batch_size)
+        assert rows <= batch_size and out.info["batch_size"] == batch_size
+        torch.testing.assert_close(out.samples, ref.samples, rtol=0, atol=1e-12)
+        assert out.info["evaluations_per_sample"] == ref.info["evaluations_per_sample"]
+        assert out.info["vjps_per_sample"] == ref.info["vjps_per_sample"] == vjps / 5 == ref_vjps / 5
+        assert out.info["final_ess"] == pytest.approx(ref.info["final_ess"], rel=1e-12)
+        assert out.info["solves"] > ref.info["solves"] and out.nfe > ref.nfe
+
+
+def test_batch_size_through_the_pipeline_on_an_image_unet(monkeypatch):
+    """ScorePipeline, a tiny image UNet (rank 4, with attention in its middle block), a mask and PiGDM (the pipeline's
+    default inverse method: the divergence is a double backward through the network): with ``batch_size`` no score
+    call sees more than that many points, with ``network_batch_size`` the network sees exactly that many rows, and
+    with both the samples equal the unchunked run's bit for bit (the network's batch size fixed)."""
+    from diffusers import DDPMScheduler
+    from helpers import tiny_unet
+
+    from score_toolkit import pipeline as pipeline_module
+    from score_toolkit.pipeline import ScorePipeline
+
+    pipe = ScorePipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2))
+    network_rows, score_rows = [], []
+    pipe.unet.register_forward_pre_hook(lambda module, args: network_rows.append(args[0].shape[0]))
+    fixed_call = pipeline_module._FixedBatchNetwork.__call__
+
+    def counted(self, x, t, **kw):  # the rows one score call hands to the network (before its fixed-size chunks)
+        score_rows.append(x.shape[0])
+        return fixed_call(self, x, t, **kw)
+
+    monkeypatch.setattr(pipeline_module._FixedBatchNetwork, "__call__", counted)
+    mask = torch.zeros(1, 8, 8)
+    mask[..., :4] = 1
+    image = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
+    options = {"num_particles": 4, "method": "euler", "num_steps": 2, "divergence": "hutchinson", "num_probes": 1}
+
+    def run(batch_size, network_batch_size):
+        network_rows.clear()
+        score_rows.clear()
+        out = pipe(3, mask=mask, observation=image, noise_std=0.1, sampler="importance_ode", output_type="pt",
+                   network_batch_size=network_batch_size, sampler_options={**options, "batch_size": batch_size},
+                   generator=torch.Generator().manual_seed(0))
+        assert out.samples.shape == (3, 1, 8, 8) and bool(torch.isfinite(out.samples).all())
+        return out, list(network_rows), list(score_rows)
+
+    whole, rows, _ = run(None, None)
+    assert max(rows) == 6  # 3 samples x 2 points of each flow in one call
+    chunked, rows, _ = run(2, None)
+    assert max(rows) <= 2 and chunked.nfe > whole.nfe
+    fixed, rows, calls = run(None, 4)
+    assert set(rows) == {4} and max(calls) == 6
+    both, rows, calls = run(2, 4)
+    assert set(rows) == {4} and max(calls) <= 2
+    assert torch.equal(both.samples, fixed.samples)

@@ -37,7 +37,12 @@ gradient itself) and ``K`` second densities (``K - m`` prior densities, a solve 
 with ``prior_density="energy"``, and ``m`` conditional densities, a solve each). ``SamplerOutput.info`` reports it:
 ``evaluations_per_sample`` (score and energy evaluations of points, per output sample), ``vjps_per_sample``
 (vector-Jacobian products of the divergences per output sample), the batched calls of each stage, and the effective
-sample size of the final weights.
+sample size of the final weights. Memory: ``batch_size`` bounds the points of one solve (the graph of one divergence
+evaluation); the states and log-densities of all ``B K`` points are held until the resampling. Attention layers run on
+PyTorch's math kernel here, the fused ones having no second derivative (which DPS's and PiGDM's divergences take).
+
+Why one module of this length: it is one sampler, whose option checks, chunked staged solves and cost accounting
+share its state (the transport itself is in :mod:`._flow_density`, the solvers in :mod:`score_toolkit.likelihood`).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._utils import rand
+from .._utils import per_sample_generators, rand
 from ..likelihood.divergence import _probes
 from ..likelihood.ode import log_likelihood
 from ..likelihood.options import _resolve_time_variable
@@ -116,6 +122,16 @@ class ImportanceODESampler(Sampler):
         defensive (0.5): the share of the ``K`` points moved by the prior's flow (``round(defensive K)``, at least 1
             and at most ``K - 1`` when > 0; 0: the conditional flow alone, unbounded weights); not used with
             ``likelihood="none"``.
+        batch_size (None: all at once): the most points integrated in one solve, so one score call (and the graph of
+            its divergence) holds at most that many. The output samples go through in chunks of whole samples
+            (``batch_size // max(m, K - m)`` of them; each flow is one solve per chunk); when one sample's points of
+            a flow exceed ``batch_size``, they are split into solves of ``batch_size``. Every random draw (prior points,
+            probes, the streams of the second densities' probes, the resampling) is made in one order whatever the
+            chunks, and the per-sample stepper and the fixed grids treat every point by itself, so the samples and
+            the costs per sample are those of the unchunked run (up to float noise where a kernel rounds differently
+            for another batch size); torchdiffeq's adaptive methods share their steps within a solve, so their
+            results change with ``batch_size`` at the tolerance's level. ``nfe`` then counts the more numerous,
+            smaller calls.
 
     ``x_init`` (or the prior draw from ``shape``) gives point 0 of every group; the other ``K - 1`` come from the
     process's prior, from the sample's generator when there is one per sample. ``nfe`` counts the batched calls of
@@ -123,7 +139,8 @@ class ImportanceODESampler(Sampler):
     ``num_particles``, ``defensive_particles`` (m), ``final_ess`` (mean effective sample size of the groups' weights,
     in points), ``min_final_ess``, ``transport_nfe`` and ``density_nfe`` (batched calls of the transport solves and of
     the second densities), ``evaluations_per_sample`` (score and energy evaluations of points per output
-    sample), ``vjps_per_sample``, and the effective solver settings (``rtol``, ``atol``, ``max_num_steps`` with their
+    sample), ``vjps_per_sample``, ``batch_size`` (the effective points per solve), ``solves`` (the ODE solves with a
+    divergence, both stages), and the effective solver settings (``rtol``, ``atol``, ``max_num_steps`` with their
     defaults in place of ``None``, ``num_probes``). The trajectory holds the initial state and the result.
     """
 
@@ -147,6 +164,7 @@ class ImportanceODESampler(Sampler):
         "prior_density": "ode",
         "likelihood": "transform",
         "defensive": 0.5,
+        "batch_size": None,
     }
     # the generic suite runs the machinery with nothing observed (the target is the score's own law); the conditional
     # accuracy on exact posteriors is tested in tests/test_importance_ode.py and tests/test_conformance.py
@@ -189,6 +207,10 @@ class ImportanceODESampler(Sampler):
         check_choice(cfg, "time_variable", self.name, ("auto", "vp_t", "log_sigma", "t"))
         check_choice(cfg, "prior_density", self.name, PRIOR_DENSITIES)
         check_choice(cfg, "likelihood", self.name, ("transform", "none"))
+        size = cfg["batch_size"]
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"sampler {self.name!r}: expected option batch_size (points per solve) to be an int >= 1 "
+                             f"or None (all points at once), found {size!r}")
         share = cfg["defensive"]
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise ValueError(f"sampler {self.name!r}: expected option defensive to be a number in [0, 1), found {share!r}")
@@ -204,9 +226,9 @@ class ImportanceODESampler(Sampler):
     @property
     def nfe(self) -> int | None:
         """Batched score calls of one run with a fixed-grid method (conditional transport, prior density, ``denoise``);
-        ``None`` for adaptive methods."""
+        ``None`` for adaptive methods, and with ``batch_size`` (the number of solves then depends on the batch)."""
         cfg = self.config
-        if METHODS[cfg["method"]]:
+        if METHODS[cfg["method"]] or cfg["batch_size"] is not None:
             return None
         from .pf_ode import METHODS as STAGES
 
@@ -270,95 +292,116 @@ class ImportanceODESampler(Sampler):
         n, d = b * k, math.prod(shape)
         # points 0..m-1 of every group follow the prior's flow (the defensive share), the others the conditional one
         m = self._defensive_count() if likelihood is not None else 0
+        # every random draw happens here, before any solve, in one order whatever batch_size: the prior points, the
+        # transport's probes, the streams of the second densities' probes (and, after the solves, the resampling)
         others = process.prior_sample((b, k - 1, *shape), generator=ctx.generator, device=x.device, dtype=x.dtype)
         x1 = torch.cat([x[:, None], others], 1)
         divergence = cfg["divergence"]
         num_probes = (cfg["num_probes"] or 4) if divergence == "hutchinson" else 0
         per_eval = d if divergence == "exact" else num_probes
-        # a generator per point: the sample's own, once per point (its points draw in turn from its stream)
         gens = ctx.generator
-        if isinstance(gens, (list, tuple)):
-            gens = [g for g in gens for _ in range(k)]
-        probes = None
+        probes = density_gens = None
         if divergence == "hutchinson":
-            probes = _probes("rademacher", num_probes, (n, *shape), gens, x.dtype, x.device).reshape(
+            # a generator per point: the sample's own, once per point (its points draw in turn from its stream)
+            point_gens = [g for g in gens for _ in range(k)] if isinstance(gens, (list, tuple)) else gens
+            probes = _probes("rademacher", num_probes, (n, *shape), point_gens, x.dtype, x.device).reshape(
                 num_probes, b, k, *shape)
+            density_gens = self._density_generators(gens, k, x.device)
         time_variable = _resolve_time_variable(cfg["time_variable"], process, prior)
         transport = {"method": cfg["method"], "divergence": divergence, "time_variable": time_variable,
                      **self._solver_options()}
-        density = {**transport, "batch_size": max(1, b * max(m, k - m))}
+        # points per solve (one score call evaluates at most that many), and whole output samples per chunk
+        per_group = max(m, k - m)
+        size = cfg["batch_size"] if cfg["batch_size"] is not None else b * per_group
+        chunk = max(1, size // per_group)
+        density = {**transport, "batch_size": size}
         if divergence == "hutchinson":
             density["num_probes"] = num_probes
-        counts = {"transport": [0, 0], "density": [0, 0], "vjp": 0}  # [batched calls, points evaluated]
+        counts = {"transport": [0, 0], "density": [0, 0], "vjp": 0, "solves": 0}  # [batched calls, points evaluated]
 
-        def push(fn, sl):  # the flow of fn from the points sl of every group: (x_{t_min}, log q) per point
-            c = _Counted(fn)
-            pts = x1[:, sl].reshape(-1, *shape)
-            pr = None if probes is None else probes[:, :, sl].reshape(num_probes, -1, *shape)
-            y, delta = self._solve("the transport", flow_with_density, c, process, pts, probes=pr, **transport)
-            counts["transport"][0] += c.calls
-            counts["transport"][1] += c.rows
-            counts["vjp"] += c.rows * per_eval
-            return y, process.prior_log_prob(pts).to(delta.dtype) + delta
+        def tally(stage, c, vjps=True):
+            counts[stage][0] += c.calls
+            counts[stage][1] += c.rows
+            counts["vjp"] += c.rows * per_eval if vjps else 0
 
-        def log_density(fn, y, sl, which):  # log-density at y (the points sl) of fn's flow, by log_likelihood
+        def push(fn, lo, hi, sl):  # the flow of fn from the points sl of samples lo..hi-1: (x_{t_min}, log q) per point
+            pts = x1[lo:hi, sl].reshape(-1, *shape)
+            pr = None if probes is None else probes[:, lo:hi, sl].reshape(num_probes, -1, *shape)
+            ys, deltas = [], []
+            for a in range(0, pts.shape[0], size):  # a group larger than batch_size is split across solves
+                c = _Counted(fn)
+                y, delta = self._solve("the transport", flow_with_density, c, process, pts[a:a + size],
+                                       probes=None if pr is None else pr[:, a:a + size], **transport)
+                ys.append(y)
+                deltas.append(delta)
+                tally("transport", c)
+                counts["solves"] += 1
+            delta = torch.cat(deltas)
+            return torch.cat(ys), process.prior_log_prob(pts).to(delta.dtype) + delta
+
+        def log_density(fn, y, lo, hi, sl, which):  # log-density at y (the points sl of samples lo..hi-1) of fn's flow
             c = _Counted(fn)
             extra = {}
-            if gens is not None:
-                extra["generator"] = [gens[i * k + j] for i in range(b) for j in range(k)[sl]] if isinstance(
-                    gens, list) else gens
+            if density_gens is not None:
+                extra["generator"] = [density_gens(i, j) for i in range(lo, hi) for j in range(k)[sl]]
             res = self._solve(which, log_likelihood, c, process, y, **density, **extra)
-            counts["density"][0] += c.calls
-            counts["density"][1] += c.rows
-            counts["vjp"] += c.rows * per_eval
+            tally("density", c)
+            counts["solves"] += -(-y.shape[0] // size)
             return res.log_prob
 
-        def log_prior(y, sl):  # log p_{t_min} at y (the points sl), or -energy (up to a constant) with an energy
+        def log_prior(y, lo, hi, sl):  # log p_{t_min} at y (the points sl), or -energy (up to a constant)
             if energy is not None:
                 c = _Counted(energy)
                 out = -c(y, torch.full((y.shape[0],), process.t_min, dtype=torch.float64, device=y.device))
-                counts["density"][0] += c.calls
-                counts["density"][1] += c.rows
+                tally("density", c, vjps=False)
                 return out
-            return log_density(prior, y, sl, "the prior density")
+            return log_density(prior, y, lo, hi, sl, "the prior density")
 
-        cond = slice(m, k)
-        y_c, log_q_c = push(conditional, cond)
-        log_p_c = log_prior(y_c, cond)
-        if m:
-            dfn = slice(0, m)
-            y_d, log_p_d = push(prior, dfn)  # the prior's flow carries the (normalised) density of its points
-            if energy is not None:
-                # -energy is log p_{t_min} up to a constant, which does not cancel in the mixture (1 - lam) q + lam p:
-                # the group's defensive points, where both are known, give the constant (their mean difference)
-                neg_energy = log_prior(y_d, dfn).to(log_p_d.dtype).reshape(b, m)
-                offset = (log_p_d.reshape(b, m) - neg_energy).mean(1, keepdim=True)
-                log_p_d = (neg_energy + offset).reshape(-1)
-                log_p_c = (log_p_c.to(offset.dtype).reshape(b, k - m) + offset).reshape(-1)
-            log_q_d = log_density(conditional, y_d, dfn, "the conditional density")
-            y0 = torch.cat([y_d.reshape(b, m, *shape), y_c.reshape(b, k - m, *shape)], 1)
-            log_p = torch.cat([log_p_d.reshape(b, m), log_p_c.to(log_p_d.dtype).reshape(b, k - m)], 1)
-            log_q = torch.cat([log_q_d.reshape(b, m), log_q_c.to(log_q_d.dtype).reshape(b, k - m)], 1)
-            lam = m / k  # the deterministic mixture (1 - lam) q + lam p: weights at most p(y | x) / lam
-            log_q = torch.logaddexp(log_q + math.log1p(-lam), log_p + math.log(lam))
-        else:
-            y0, log_p, log_q = y_c.reshape(b, k, *shape), log_p_c.reshape(b, k), log_q_c.reshape(b, k)
-        wdtype = torch.float64
-        log_w = (log_p - log_q).to(wdtype)
-        if not bool(torch.isfinite(log_w).all()):
-            raise NonFiniteError(f"sampler {self.name!r}: a log-density became NaN or infinite at the last step "
-                                 f"(t = {process.t_min:.6g}); check the score function, or tighten the solver")
-        if likelihood is not None:
-            ll = likelihood(y0.reshape(n, *shape), torch.full((n,), process.t_min, dtype=torch.float64,
-                                                                  device=x.device))
-            if not isinstance(ll, torch.Tensor) or ll.shape != (n,):
-                raise ValueError(f"sampler {self.name!r}: expected limit_log_likelihood(x, t) of shape ({n},), found "
-                                 f"{tuple(ll.shape) if isinstance(ll, torch.Tensor) else type(ll).__name__}")
-            log_w = log_w + ll.to(wdtype).reshape(b, k)
+        def group(lo, hi):  # samples lo..hi-1: their K points at t_min (c, K, ...) and log-weights (c, K)
+            c = hi - lo
+            cond = slice(m, k)
+            y_c, log_q_c = push(conditional, lo, hi, cond)
+            log_p_c = log_prior(y_c, lo, hi, cond)
+            if m:
+                dfn = slice(0, m)
+                y_d, log_p_d = push(prior, lo, hi, dfn)  # the prior's flow carries the (normalised) density of its points
+                if energy is not None:
+                    # -energy is log p_{t_min} up to a constant, which does not cancel in the mixture (1 - lam) q + lam p:
+                    # the group's defensive points, where both are known, give the constant (their mean difference)
+                    neg_energy = log_prior(y_d, lo, hi, dfn).to(log_p_d.dtype).reshape(c, m)
+                    offset = (log_p_d.reshape(c, m) - neg_energy).mean(1, keepdim=True)
+                    log_p_d = (neg_energy + offset).reshape(-1)
+                    log_p_c = (log_p_c.to(offset.dtype).reshape(c, k - m) + offset).reshape(-1)
+                log_q_d = log_density(conditional, y_d, lo, hi, dfn, "the conditional density")
+                y0 = torch.cat([y_d.reshape(c, m, *shape), y_c.reshape(c, k - m, *shape)], 1)
+                log_p = torch.cat([log_p_d.reshape(c, m), log_p_c.to(log_p_d.dtype).reshape(c, k - m)], 1)
+                log_q = torch.cat([log_q_d.reshape(c, m), log_q_c.to(log_q_d.dtype).reshape(c, k - m)], 1)
+                lam = m / k  # the deterministic mixture (1 - lam) q + lam p: weights at most p(y | x) / lam
+                log_q = torch.logaddexp(log_q + math.log1p(-lam), log_p + math.log(lam))
+            else:
+                y0, log_p, log_q = y_c.reshape(c, k, *shape), log_p_c.reshape(c, k), log_q_c.reshape(c, k)
+            log_w = (log_p - log_q).to(torch.float64)
+            if not bool(torch.isfinite(log_w).all()):
+                raise NonFiniteError(f"sampler {self.name!r}: a log-density became NaN or infinite at the last step "
+                                     f"(t = {process.t_min:.6g}); check the score function, or tighten the solver")
+            if likelihood is not None:
+                ll = likelihood(y0.reshape(c * k, *shape), torch.full((c * k,), process.t_min, dtype=torch.float64,
+                                                                      device=x.device))
+                if not isinstance(ll, torch.Tensor) or ll.shape != (c * k,):
+                    raise ValueError(f"sampler {self.name!r}: expected limit_log_likelihood(x, t) of shape ({c * k},), "
+                                     f"found {tuple(ll.shape) if isinstance(ll, torch.Tensor) else type(ll).__name__}")
+                log_w = log_w + ll.to(torch.float64).reshape(c, k)
+            return y0, log_w
+
+        # attention on PyTorch's math kernel: the fused ones (flash, memory-efficient) have no second derivative, which
+        # the divergence through DPS and PiGDM (a gradient themselves) takes
+        with sdpa_kernel(SDPBackend.MATH):
+            parts = [group(lo, min(lo + chunk, b)) for lo in range(0, b, chunk)]
+        y0, log_w = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         weights = normalised_weights(log_w, self.name, f"at the last step (t = {process.t_min:.6g}); check the "
                                      "score function, or tighten the solver")
         ess = 1.0 / weights.pow(2).sum(1)
-        u = rand((b,), generator=ctx.generator, device=x.device, dtype=wdtype)
+        u = rand((b,), generator=ctx.generator, device=x.device, dtype=torch.float64)
         pick = draw_index(weights, u)
         out = y0[torch.arange(b, device=x.device), pick].detach()
         ctx.nfe += counts["transport"][0] + counts["density"][0]
@@ -372,11 +415,25 @@ class ImportanceODESampler(Sampler):
             "density_nfe": counts["density"][0],
             "evaluations_per_sample": (counts["transport"][1] + counts["density"][1]) / b,
             "vjps_per_sample": counts["vjp"] / b,
+            # the effective points per solve and the solves with the divergence (transport and density ODEs)
+            "batch_size": size,
+            "solves": counts["solves"],
             # the effective solver settings (the defaults in place of None)
             **self._solver_options(),
             "num_probes": num_probes or None,
         })
         return out
+
+    @staticmethod
+    def _density_generators(gens, k: int, device: torch.device):
+        """``(i, j) -> `` the generator of the second density's probes of point ``j`` of sample ``i``: the sample's own
+        generator (a list, one per sample: its points draw in turn from its stream), or else one generator per point
+        seeded from the point's index and one seed drawn now (from the shared generator, or torch's global one), so that
+        the probes do not depend on how the points are split into solves."""
+        if isinstance(gens, (list, tuple)):
+            return lambda i, j: gens[i]
+        seed = int(torch.randint(0, 2**62, (1,), generator=gens, device=gens.device if gens is not None else "cpu"))
+        return lambda i, j: per_sample_generators(seed, [i * k + j], device=device)[0]
 
     def _defensive_count(self) -> int:
         k, share = self.config["num_particles"], float(self.config["defensive"])
