@@ -22,9 +22,10 @@ score evaluations plus minutes of fitting, too much to spend silently at the fir
   is used as before, and the reason says it is unvalidated; ``score-toolkit fit-grid`` adds the validation
   without refitting.
 
-Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)". Over 400 lines because the fit, the
-validation and the lookup all read and write the one file record defined here; split, they would share its private
-keys across modules.
+Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)".
+
+Why one module of this length: the fit, the validation and the lookup all read and write the one file record
+defined here; split, they would share its private keys across modules.
 """
 
 from __future__ import annotations
