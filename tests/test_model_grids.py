@@ -229,7 +229,7 @@ def test_train_fits_the_grids_unless_told_not_to(tmp_path):
         assert info["model_grid"]["command"].startswith("score-toolkit train --config")
 
 
-@pytest.mark.parametrize("name", ["digits", "toy2d"])
+@pytest.mark.parametrize("name", ["digits"])
 def test_the_shipped_grids_belong_to_the_shipped_weights(name):
     """hub_cards/<name>/grids: written by the command its card records, for the weights shipped next to them, and
     what the pipeline (so score-toolkit sample) runs by default."""
