@@ -129,7 +129,11 @@ def part_ladder(args, rows, log):
 
 #: the family fits of the transfer part: label -> optimize_grid options (beside ``family=[sigma_max 10, 40]``)
 FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "family nll_weight=300": {"nll_weight": 300.0},
-                   "family head=2": {"transfer_head": 2}, "family head=3": {"transfer_head": 3}}
+                   "family head=2": {"transfer_head": 2}, "family head=3": {"transfer_head": 3},
+                   "family max": {"family_combine": "max"},
+                   "family head=2 mean": {"transfer_head": 2, "family_combine": "mean"},
+                   "family head=2 max": {"transfer_head": 2, "family_combine": "max"},
+                   "family head=2 geometric": {"transfer_head": 2, "family_combine": "geometric"}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
 
 
@@ -144,16 +148,34 @@ def _transfer_fits(args, mix, case, name, log):
             r = json.loads(line)
             fits[(r["grid"], r["steps"])] = r
     variants = {k: v for k, v in FAMILY_VARIANTS.items() if k in args.family_variants.split(",")}
-    for steps in (args.ladder or TRANSFER_LADDER):
+    ladder = args.ladder or TRANSFER_LADDER
+    for i, steps in enumerate(ladder):
         todo = [(f"fitted for {p}", p, {}) for p in TRANSFER_PROCESSES] + [
             (label, "VE", {"family": [PROCESSES["VE10"](), PROCESSES["VE40"]()], **kw}) for label, kw in variants.items()]
+        if args.warm and i:  # "<variant> warm": started from the variant's cold fit of the previous budget; the cold
+            # and the warm fit of a budget run one after the other, in alternating order (their times are a ratio)
+            warm = []
+            for label, pname, kw in todo[len(TRANSFER_PROCESSES):]:
+                prev = fits[(label, ladder[i - 1])]
+                process = PROCESSES[pname]()
+                start = process.t_from_log_snr(torch.tensor(prev["log_snr"], dtype=torch.float64))
+                start[0], start[-1] = process.t_max, process.t_min
+                warm.append((f"{label} warm", pname, {**kw, "init": start}))
+            pairs = [(c, w) if i % 2 else (w, c) for c, w in zip(todo[len(TRANSFER_PROCESSES):], warm)]
+            todo = todo[:len(TRANSFER_PROCESSES)] + [x for pair in pairs for x in pair]
         for label, pname, kw in todo:
             if (label, steps) in fits:
                 continue
             res, flagged = fit(name, steps, PROCESSES[pname](), case, mix, **kw)
+            v = res.validation["optimized"]
             r = {"grid": label, "steps": steps, "process": pname, "log_snr": res.log_snr.tolist(),
                  "head": kw.get("transfer_head", 0),
-                 "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "flagged": flagged}
+                 "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "flagged": flagged,
+                 "loss": res.loss, "family_losses": res.family_losses,
+                 # the held-out report: objective, W-SW2 / NLL ratios and far off, under sigma_max 50 and each member
+                 "report": {pname: [v.objective, v.wsw_ratio, v.nll_ratio, v.far_off],
+                            **{k: [m.objective, m.wsw_ratio, m.nll_ratio, m.far_off]
+                               for k, m in res.family_validation.items()}}}
             fits[(label, steps)] = r
             with cache.open("a") as fh:
                 fh.write(json.dumps(r) + "\n")
@@ -316,6 +338,37 @@ def part_time(args, rows, log):
         log(json.dumps(row))
 
 
+def part_warm(args, rows, log):
+    """Warm start against a cold one: per budget of the ladder, one fit with ``init="best"`` (cold) and one started
+    from the previous budget's cold fit (warm; optimize_grid carries it to this budget), run one after the other in
+    alternating order (the time ratio, not the times, is the result), the same held-out data, draws and options
+    (``tail_rounds=1``, the NLL term); beside the times, both fits' held-out reports and their judged ratios (N, seed
+    ``--seed``, the ladder part's judge)."""
+    for spec in args.warm_cases.split(","):
+        case, name, pname = spec.split(":")
+        mix, floors, reference, ref_nll = setup(case, args)
+        process = PROCESSES[pname]()
+        prev = None
+        for i, steps in enumerate(args.ladder or LADDERS[case]):
+            out = {}
+            for which in (("cold", "warm") if i % 2 else ("warm", "cold")):
+                if which == "warm" and prev is None:
+                    continue
+                res, flagged = fit(name, steps, process, case, mix, **({"init": prev} if which == "warm" else {}))
+                v = res.validation["optimized"]
+                nfe, w, nl = judge(name, res.times.tolist(), process, mix, args, floors, reference, ref_nll)
+                out[which] = {"fit_s": round(res.fit_seconds, 2), "evaluations": res.evaluations, "flagged": flagged,
+                              "report": [round(v.objective, 5), round(v.wsw_ratio, 2), round(v.nll_ratio, 2), v.far_off],
+                              "judged": [round(w, 3), round(nl, 3)], "res": res}
+            prev = out["cold"].pop("res")
+            out.get("warm", {}).pop("res", None)
+            row = {"part": "warm", "case": case, "process": pname, "sampler": name, "steps": steps, "nfe": nfe, **out}
+            if "warm" in out:
+                row["time_ratio"] = round(out["cold"]["fit_s"] / out["warm"]["fit_s"], 2)
+            rows.append(row)
+            log(json.dumps(row))
+
+
 def _summary(rs) -> str:
     """'smallest NFE meeting it | every larger budget too | the ladder' of one curve."""
     rs = sorted(rs, key=lambda r: r["nfe"])
@@ -434,6 +487,20 @@ def write(args, rows):
             lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r.get('tail_rounds', 1)} | "
                          f"{r['old_s']} | {r['new_s']} | {r['speedup']} | {r.get('old_report', '-')} | "
                          f"{r.get('new_report', '-')} |")
+    wm = [r for r in rows if r["part"] == "warm"]
+    if wm:
+        lines += ["", "## Warm start against a cold one, per budget (one after the other, alternating order)", "",
+                  "Cold: `init=\"best\"`; warm: `init=` the previous budget's cold fit. Report: the held-out objective, "
+                  "W-SW2 / NLL ratios, far off (4096 draws); judged: W-SW2 / NLL ratios (N, one seed). Time ratio: "
+                  "cold s / warm s (> 1: warm is faster).", "",
+                  "| case | process | sampler | NFE | cold s (evaluations) | warm s (evaluations) | time ratio | "
+                  "cold report | warm report | cold judged | warm judged |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in wm:
+            c, w = r["cold"], r.get("warm")
+            lines.append(f"| {r['case']} | {r['process']} | {r['sampler']} | {r['nfe']} | {c['fit_s']} ({c['evaluations']}) | "
+                         + (f"{w['fit_s']} ({w['evaluations']}) | {r['time_ratio']} | {c['report']} | {w['report']} | "
+                            f"{c['judged']} | {w['judged']} |" if w else f"- | - | {c['report']} | - | {c['judged']} | - |"))
     (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -456,6 +523,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--seeds", type=int, default=8, help="draw seeds of the transfer part's judging (bench_defaults' protocol)")
     ap.add_argument("--family-variants", default="family", help="the family fits of the transfer part (FAMILY_VARIANTS)")
+    ap.add_argument("--warm", action="store_true",
+                    help="transfer part: also fit each family variant warm-started from its previous budget's fit")
+    ap.add_argument("--warm-cases", default="ring:dpmpp_2m:VE,ring:dpmpp_2m:VP,aniso16:dpmpp_3m:VP",
+                    help="case:sampler:process, comma-separated, for the warm part (cold vs warm start per budget)")
     ap.add_argument("--judge-kinds", default=None, help="judge only these grids of the transfer part (comma-separated)")
     ap.add_argument("--fits-tag", default=None, help="the transfer part's cache of fitted grids (<out>/<tag>_fits.jsonl)")
     ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
@@ -485,7 +556,7 @@ def main(argv=None) -> int:
         write(args, rows)
 
     for part in args.parts.split(","):
-        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time, "calib": part_calib,
+        {"ladder": part_ladder, "transfer": part_transfer, "time": part_time, "calib": part_calib, "warm": part_warm,
          "reference": part_reference}[part](args, rows, log)
     args.note = (args.note + f" Run time {time.time() - t0:.0f} s.").strip()
     write(args, rows)

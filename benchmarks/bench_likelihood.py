@@ -29,6 +29,7 @@ dequantization, Hutchinson with 4 probes; the digits model trains on all 1797, s
     python benchmarks/bench_likelihood.py --digits-model hub_cards/digits   # + the shipped digits model (~15 min)
     python benchmarks/bench_likelihood.py --variables    # the integration variables over processes (~2 min)
     python benchmarks/bench_likelihood.py --calls-vs-n   # calls against the batch size (~5 min)
+    python benchmarks/bench_likelihood.py --scaled-state # the state x / alpha against the default (~10 min)
 """
 
 from __future__ import annotations
@@ -614,6 +615,148 @@ def calls_vs_n(args) -> Path:
     return out
 
 
+class ScaledState:
+    """The probability-flow ODE for the scaled state ``y = x / alpha_t`` in the clock ``clock`` of
+    :class:`~score_toolkit.likelihood.time_variable._TimeVariable` (``"t"``, ``"vp_t"`` or ``"log_sigma"``): the drift's
+    linear part ``f(t) x`` integrated exactly (DPM-Solver's exponential-integrator idea, here as a change of state).
+
+    With ``f = d ln alpha / dt``: ``dy/dt = -g^2 / (2 alpha) s(alpha y, t)`` (the linear part is gone), and since
+    ``log p_x(x) = log p_y(y) - d ln alpha``, ``log p_{t_min}(x) = log p_1(x_1) + int (-g^2 / 2) div_x s dt
+    + d (ln alpha(1) - ln alpha(t_min))``: the divergence of the y-dynamics lacks the x-dynamics' ``f d``, which
+    integrates exactly to the constant. In a clock tau the rates are multiplied by ``dt/dtau``. In the
+    ``_TimeVariable`` form ``x = c y``, ``dy/dtau = A y + B s``, ``d(int div)/dtau = A d + B c div_x s``: the clock's
+    own ``B c = -(dt/dtau) g^2 / 2`` is kept, and ``c = alpha``, ``A = 0``, ``B = (B c)_clock / alpha``.
+    For ``"log_sigma"`` it is that variable itself (already x / alpha); under VE (alpha = 1) it is the clock with the
+    state x itself. Not offered by ``log_likelihood``: measured, it costs more calls (docs/likelihood.md)."""
+
+    def __init__(self, clock: str, process, t_lo: float, t_hi: float):
+        from score_toolkit.likelihood.time_variable import _TimeVariable
+
+        self.clock = _TimeVariable(clock, process, t_lo, t_hi)
+        self.kind = f"{clock}, x / alpha"
+        self.process, self.t_lo, self.t_hi = process, t_lo, t_hi
+        self.lo, self.hi = self.clock.lo, self.clock.hi
+        la = process.log_alpha(torch.tensor([t_lo, t_hi], dtype=torch.float64)).to(torch.float64)
+        self.log_c_lo, self.log_c_hi = float(la[0]), float(la[1])
+
+    def to_tau(self, t: torch.Tensor) -> torch.Tensor:
+        return self.clock.to_tau(t)
+
+    def coefficients(self, tau: float) -> tuple[float, float, float, float]:
+        t, c, a, b = self.coefficients_rows(torch.tensor([float(tau)], dtype=torch.float64))
+        return float(t[0]), float(c[0]), float(a[0]), float(b[0])
+
+    def coefficients_rows(self, tau: torch.Tensor):
+        t, c, _, b = self.clock.coefficients_rows(tau)
+        alpha = self.process.alpha(t).to(t.dtype)
+        return t, alpha, torch.zeros_like(t), b * c / alpha
+
+
+def _state_only_ratio(dim: int):
+    """The per-row error ratio over the state's components alone (the log-density left uncontrolled)."""
+    return lambda e: e[:, :dim].pow(2).mean(1).sqrt()
+
+
+def scaled_solve(score_fn, process, x, prior_fn, clock: str, *, tol: float = DEFAULT_TOL, state_only: bool = False,
+                 scaled: bool = True):
+    """``log_likelihood``'s default solve (per-sample dopri5, exact divergence, one chunk) with the variable
+    :class:`ScaledState` (``scaled=True``) or the library's own ``clock``; ``state_only`` controls the error of the
+    state alone. Returns (log p, calls)."""
+    import score_toolkit.likelihood.ode as ode
+    from score_toolkit.likelihood.time_variable import _TimeVariable
+
+    t_lo, t_hi = process.t_min, process.t_max
+    variable = ScaledState(clock, process, t_lo, t_hi) if scaled else _TimeVariable(clock, process, t_lo, t_hi)
+    original = ode._two_part_rms
+    if state_only:
+        ode._two_part_rms = _state_only_ratio
+    try:
+        out = ode._solve_chunk(score_fn, process, x, divergence="exact", probes=None, method="dopri5_per_sample",
+                               rtol=tol, atol=tol, grid=None, max_num_steps=10000, per_sample_norm=True,
+                               variable=variable, prior_log_prob=prior_fn)
+    finally:
+        ode._two_part_rms = original
+    return out["log_prob"], out["nfe"]
+
+
+def _recipe_solve(score_fn, process, x, prior_fn):
+    """score_sde's recipe with the exact divergence at rtol = atol = 1e-5: (log p, calls)."""
+    z, delta, nfe = score_sde_exact_log_likelihood(score_fn, process, x)
+    return prior_fn(z) + delta, nfe
+
+
+def scaled_state_report(args) -> Path:
+    """The scaled state x / alpha (:class:`ScaledState`) against the default and the recipe on every row of the exact
+    part (ring and 16-D mixture under VP and VE, the ScoreMLP under VP), ring VP and 16-D VP on more draws, rtol = atol = 1e-5,
+    with back-to-back wall pairs. Writes ``results/likelihood_scaled.md``."""
+    from score_toolkit.likelihood.options import _resolve_time_variable
+
+    torch.set_num_threads(args.threads)
+    cases = exact_cases(args.n_exact, args.n_net)
+    ring = ring_mixture()
+    vp = cases[0][1]
+    n = args.n_exact
+    # ring VP and 16-D VP on other draws of the same size (the recipe's calls depend on the batch)
+    mixture = anisotropic_mixture(16)
+    draws = [("ring 2-D", ring, f"first {n} of a draw of {2 * n}, seed 0",
+              ring.sample(2 * n, generator=torch.Generator().manual_seed(0))[:n])]
+    draws += [(mname, mix, f"seed {seed}", mix.sample(n, generator=torch.Generator().manual_seed(seed)))
+              for mname, mix in (("ring 2-D", ring), ("mixture 16-D", mixture)) for seed in (1, 2)]
+    for mname, mix, label, x in draws:
+        cases.append((f"{mname}, VP, exact score, draw: {label}", vp, mix.score_fn(vp), x, mix.log_prob(x, vp.t_min, vp),
+                      partial(mix.log_prob, t=1.0, process=vp)))
+    lines = ["# Likelihood: the scaled state x / alpha (the drift's linear part integrated exactly)", "",
+             f"Generated by `python benchmarks/bench_likelihood.py --scaled-state` (N = {n}, network N = "
+             f"{args.n_net}; exact divergence, eps = 1e-5, float64, rtol = atol = 1e-5, one solve for the batch, the "
+             f"exact p_1 as prior for the analytic cases; {args.threads} thread(s)). `default`: `log_likelihood` at its "
+             "defaults (`time_variable='auto'`). `x / alpha`: the same per-sample solver and clock with the state "
+             "y = x / alpha_t, whose ODE has no linear part (`ScaledState` in the benchmark; the log-density gains "
+             "d (ln alpha(1) - ln alpha(eps)) exactly). `x / alpha, state-only norm`: the same, with the error ratio "
+             "over the state alone. `recipe`: score_sde's scipy RK45 in t on the flattened state (calls = `nfev`). "
+             "Under VE alpha = 1, so `x / alpha` is the default clock with the state x itself (the default divides by "
+             "sqrt(1 + sigma^2)); for the network the default (`log_sigma`) already integrates x / alpha, so its two "
+             "rows are the same solve. Error: mean and max over the points of |log p - reference| (exact log p_eps; "
+             "the network: a tight solve at 1e-9). Wall: median [min, max] over back-to-back pairs with the recipe "
+             f"({args.pairs} per analytic case, {args.pairs_net} for the network; the order alternating). `met`: calls, "
+             "mean and max error at most the recipe's, wall ratio at most 1 (network 0.8).", "",
+             "| case | N | contender | clock | calls | mean err | max err | wall / recipe: median [min, max] | met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, proc, score_fn, x, exact, prior in cases:
+        clock = _resolve_time_variable("auto", proc, score_fn)
+        if exact is None:
+            ref = log_likelihood(score_fn, proc, x, rtol=1e-9, atol=1e-9, batch_size=len(x))
+            exact, prior = ref.log_prob, proc.prior_log_prob
+        fns = {
+            "recipe": partial(_recipe_solve, score_fn, proc, x, prior),
+            "default": partial(scaled_solve, score_fn, proc, x, prior, clock, scaled=False),
+            "x / alpha": partial(scaled_solve, score_fn, proc, x, prior, clock),
+            "x / alpha, state-only norm": partial(scaled_solve, score_fn, proc, x, prior, clock, state_only=True),
+        }
+        res = {k: fn() for k, fn in fns.items()}
+        num = args.pairs_net if "network" in name else args.pairs
+        limit = 0.8 if "network" in name else 1.0
+        base = res["recipe"]
+        be = (base[0] - exact).abs()
+        for kind, (lp, calls) in res.items():
+            e = (lp - exact).abs()
+            if kind == "recipe":
+                wall, met = "-", "-"
+            else:
+                w = _paired_ratios({"recipe": fns["recipe"], "ours": fns[kind]}, num)["wall"]
+                med = statistics.median(w)
+                wall = f"{med:.2f} [{min(w):.2f}, {max(w):.2f}]"
+                ok = calls <= base[1] and e.mean() <= be.mean() and e.max() <= be.max() and med <= limit
+                met = "yes" if ok else "no"
+            lines.append(f"| {name} | {len(x)} | {kind} | {'t' if kind == 'recipe' else clock} | {calls} | "
+                         f"{e.mean():.2e} | {e.max():.1e} | {wall} | {met} |")
+            print(lines[-1], flush=True)
+    out = HERE / "results" / "likelihood_scaled.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
 def _div_loop(score_fn, x, t):
     xg = x.detach().requires_grad_(True)
     s = score_fn(xg, t)
@@ -838,6 +981,8 @@ def main(argv=None) -> int:
                    help="only the calls against the batch size (results/likelihood_calls.md)")
     p.add_argument("--variables", action="store_true",
                    help="only the integration-variable comparison over processes (results/likelihood_variables.md)")
+    p.add_argument("--scaled-state", action="store_true",
+                   help="only the scaled state x / alpha against the default and the recipe (results/likelihood_scaled.md)")
     p.add_argument("--n-net", type=int, default=None, help="points for the network case of the exact part (128)")
     p.add_argument("--pairs", type=int, default=None,
                    help="back-to-back recipe/ours pairs per analytic case at the default tolerance (default 5, quick 1)")
@@ -861,6 +1006,9 @@ def main(argv=None) -> int:
         return 0
     if args.calls_vs_n:
         print(calls_vs_n(args).read_text())
+        return 0
+    if args.scaled_state:
+        print(scaled_state_report(args).read_text())
         return 0
     start = time.time()
     rows = run(args)

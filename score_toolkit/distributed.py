@@ -136,7 +136,9 @@ def sample_to_folder(
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1 or shard_size % batch_size:
         raise ValueError(f"expected shard_size to be a positive multiple of batch_size={batch_size}, found {shard_size!r}")
     options = dict(sampler_options or {})
-    sampler_obj = get_sampler(sampler, **options)  # unknown sampler or option: an error before any output
+    get_sampler(sampler, **options)  # unknown sampler or option: an error before any output
+    # the sampler the pipeline runs for these options: on the model's stored grid when there is one that fits
+    sampler_obj = pipeline.make_sampler(sampler, options, conditional=class_labels is not None or guidance_scale != 1.0)
     sample_shape = tuple(pipeline.sample_shape)
     if image_files and not (len(sample_shape) == 3 and sample_shape[0] in (1, 3)):
         raise ValueError(f"image_files needs image samples (1 or 3 channels, H, W), found samples of shape {sample_shape}")
@@ -164,6 +166,9 @@ def sample_to_folder(
         "shard_size": shard_size,
         "dtype": str(pipeline.unet.dtype),
     }
+    grid = sampler_obj.config.get("grid")
+    if isinstance(grid, str) and grid.endswith(".json"):  # the model's stored grid: its file, and what it holds
+        run["grid"] = {"path": grid, "sha256": hashlib.sha256(Path(grid).read_bytes()).hexdigest()}
     if class_labels is not None or guidance_scale != 1.0:
         from .conditioning import conditional_score
 

@@ -53,7 +53,8 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
     try:
         snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
                                      local_files_only=bool(local_files_only),
-                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md"])
+                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md",
+                                                     "grids/*.json"])
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""

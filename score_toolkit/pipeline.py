@@ -19,14 +19,17 @@ is :mod:`score_toolkit.folders`; its names ``scheduler_spec``, ``shipped_model_p
 ``SHIPPED_MODELS_ENV_VAR`` are also importable from here.
 
 Why one module of this length: it is one class, the diffusers pipeline, with the small helpers of its
-``__call__`` (sampler choice, conditioning routes, fixed network batches, reduced precision, image output);
-the folder reading that used to live here is in :mod:`score_toolkit.folders`.
+``__call__`` (sampler choice with the model's stored grid, conditioning routes, fixed network batches, reduced
+precision, image output); the folder reading that used to live here is in :mod:`score_toolkit.folders`, the model's
+grids in :mod:`score_toolkit.model_grids`.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,8 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 # what the pipeline's __call__ takes besides sampler options (named in errors about unknown options)
 _CALL_ARGS = ("batch_size", "shape", "sampler", "sampler_options", "num_inference_steps", "generator", "output_type",
@@ -84,11 +89,15 @@ class ScorePipelineOutput(BaseOutput):
             to [0, 1] as a list of PIL images (``"pil"``), a float array (B, H, W, C) (``"np"``) or a tensor
             (B, C, H, W) (``"pt"``); ``None`` for other data.
         nfe: the number of network evaluations of the run (for the whole batch).
+        grid: the time grid the sampler ran on: the path of the model's stored grid (``<folder>/grids/...``, see
+            :meth:`ScorePipeline.make_sampler`), a built-in kind (``"fitted"``, ...) or ``"option grid"`` for explicit
+            times; ``None`` for samplers without a fixed grid.
     """
 
     samples: torch.Tensor | np.ndarray
     images: list | np.ndarray | torch.Tensor | None
     nfe: int
+    grid: str | None = None
 
 
 class _NullLabelNetwork:
@@ -286,7 +295,10 @@ class ScorePipeline(DiffusionPipeline):
         sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
         if "operator" in sampler_kwargs:
             operator = observation = mask = None
-        sampler_obj = _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
+        conditional = not (class_labels is None and operator is None and mask is None and observation is None
+                           and guidance_scale == 1.0 and "operator" not in sampler_kwargs)
+        sampler_obj = self.make_sampler(sampler, sampler_options, num_inference_steps, conditional=conditional,
+                                   **sampler_kwargs)
         step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
@@ -326,7 +338,43 @@ class ScorePipeline(DiffusionPipeline):
             samples = samples.float().cpu().numpy() if samples.dtype == torch.bfloat16 else samples.cpu().numpy()
         if not return_dict:
             return (images if images is not None else samples, out.nfe)
-        return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe)
+        return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe, grid=_grid_label(sampler_obj))
+
+    def make_sampler(self, sampler: Any = DEFAULT_SAMPLER, sampler_options: Mapping[str, Any] | None = None,
+                num_inference_steps: int | None = None, *, conditional: bool = False, **options: Any):
+        """The sampler :meth:`__call__` runs for these arguments (a :class:`~score_toolkit.samplers.base.Sampler`).
+
+        **The model's grid.** When ``sampler`` is a name (default :data:`DEFAULT_SAMPLER`), no ``grid`` option is
+        given, the sampling is unconditional (``conditional=False``) and the folder the pipeline was loaded from
+        holds ``grids/<sampler>_<num_steps>.json`` written by ``score-toolkit fit-grid``
+        (:func:`score_toolkit.model_grids.fit_model_grids`), that grid is used: ``sampler.config["grid"]`` is its
+        path, and it is logged at info level. A stored grid fitted for other weights, another process or other
+        sampler options (e.g. ``order``, ``to_zero``) is not used: a :class:`~score_toolkit.model_grids.ModelGridWarning`
+        says why and the sampler keeps its built-in default grid; so do budgets without a stored grid. An
+        explicit ``grid=`` always wins. See docs/fast_samplers.md, "The model's grid".
+        """
+        sampler_obj, given = _make_sampler(sampler, sampler_options, num_inference_steps, options)
+        if not isinstance(sampler, str) or "grid" in given:
+            return sampler_obj
+        from .model_grids import model_grid_for
+
+        folder = getattr(self, "_source_folder", None)
+        if conditional:
+            if folder is not None:
+                logger.info("%s: conditional sampling uses the built-in grid (the model's grids are fitted to the "
+                            "unconditional model)", sampler)
+            return sampler_obj
+        choice = model_grid_for(folder, sampler_obj, self.spec[0])
+        if choice.warning is not None:
+            warnings.warn(choice.warning, _model_grid_warning(), stacklevel=3)
+        if choice.path is None:
+            logger.info("%s: %s; the built-in grid %r is used", sampler, choice.reason, sampler_obj.config.get("grid"))
+            return sampler_obj
+        from .registry import get_sampler
+
+        kept = {k: v for k, v in given.items() if k != "num_steps"}
+        logger.info("%s with %d steps: using %s", sampler, sampler_obj.config["num_steps"], choice.reason)
+        return get_sampler(sampler, grid=os.fspath(choice.path), **kept)
 
     def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
                      mask, noise_std, inverse_method):
@@ -462,6 +510,7 @@ class ScorePipeline(DiffusionPipeline):
         pipe = cls(**load_components(folder, torch_dtype))
         source = _read_json(folder / "model_index.json", "model_index.json").get("_class_name")
         pipe._source_pipeline = source if isinstance(source, str) else None
+        pipe._source_folder = folder  # where the model's own grids are looked up (grids/, see ScorePipeline.make_sampler)
         return pipe
 
 
@@ -495,17 +544,17 @@ def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
     if isinstance(sampler, Sampler):
         if options or num_inference_steps is not None:
             raise ValueError("pass sampler options to the sampler's constructor when giving a Sampler instance")
-        return sampler
+        return sampler, options
     if not isinstance(sampler, str):
         raise TypeError(f"expected sampler to be a registered name or a Sampler, found {type(sampler).__name__}")
     if num_inference_steps is not None:
         if "num_steps" in options:
             raise ValueError("pass num_inference_steps or the sampler option num_steps, not both")
         options["num_steps"] = num_inference_steps
-    elif sampler == DEFAULT_SAMPLER and "num_steps" not in options:
+    elif sampler == DEFAULT_SAMPLER and "num_steps" not in options and not _grid_sets_steps(options.get("grid")):
         options["num_steps"] = DEFAULT_STEPS
     try:
-        return get_sampler(sampler, **options)
+        return get_sampler(sampler, **options), options
     except TypeError as err:
         if "unknown option" not in str(err):
             raise
@@ -513,6 +562,27 @@ def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs)
             raise TypeError(f"sampler {sampler!r} has no num_steps option: num_inference_steps does not apply to "
                             f"it; {err}") from err
         raise TypeError(f"{err} (ScorePipeline's own arguments are {list(_CALL_ARGS)})") from err
+
+
+def _grid_sets_steps(grid) -> bool:
+    """Whether a ``grid`` option fixes the number of steps itself (a saved grid, explicit times), so that the
+    default ``num_steps`` must not be added to it."""
+    from .samplers.grid_store import GRID_KINDS, REFERENCE_GRID
+
+    return grid is not None and not (isinstance(grid, str) and grid in (*GRID_KINDS, REFERENCE_GRID))
+
+
+def _model_grid_warning():
+    from .model_grids import ModelGridWarning
+
+    return ModelGridWarning
+
+
+def _grid_label(sampler) -> str | None:
+    grid = getattr(sampler, "config", {}).get("grid")
+    if grid is None or isinstance(grid, str):
+        return grid
+    return "option grid" if isinstance(grid, (list, tuple, torch.Tensor)) else str(grid)
 
 
 def _has_num_steps(name: str) -> bool:

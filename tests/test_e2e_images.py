@@ -72,7 +72,7 @@ def _launch(cfg_file, *extra, log):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "score_toolkit.cli", "train", "--config", str(cfg_file), "--no-progress", *extra]
+           "-m", "score_toolkit.cli", "train", "--config", str(cfg_file), "--no-progress", "--no-fit-grid", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env)
 

@@ -1,7 +1,7 @@
 """Command line interface: ``score-toolkit <command> [options]``.
 
 One module per command (:mod:`.sample`, :mod:`.train`, :mod:`.likelihood`, :mod:`.evaluate` with ``plot``,
-:mod:`.samplers`, :mod:`.demo`), helpers they share in :mod:`._common`. Each command is two functions:
+:mod:`.samplers`, :mod:`.demo`, :mod:`.fit_grid`), helpers they share in :mod:`._common`. Each command is two functions:
 ``add_<command>_parser(subparsers)`` declares its parser and sets ``func=<command function>``; the command
 function takes the parsed ``argparse.Namespace`` and returns the exit code. To add a command, write both
 and append the first to :data:`COMMANDS`. Commands import what they need inside their function, so
@@ -20,6 +20,7 @@ from ._common import add_common_options, common_options
 from .demo import add_demo_parser as _add_demo
 from .evaluate import add_evaluate_parser as _add_evaluate
 from .evaluate import add_plot_parser as _add_plot
+from .fit_grid import add_fit_grid_parser as _add_fit_grid
 from .likelihood import add_likelihood_parser as _add_likelihood
 from .restore import add_restore_parser as _add_restore
 from .sample import add_sample_parser as _add_sample
@@ -31,7 +32,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: Parser builders, one per command, called in order by :func:`build_parser`.
 COMMANDS: list[Callable[[Any], None]] = [_add_samplers, _add_demo, _add_train, _add_sample, _add_likelihood,
-                                         _add_evaluate, _add_plot, _add_restore]
+                                         _add_evaluate, _add_plot, _add_restore, _add_fit_grid]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_value",
-           "resolve_model", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+           "resolve_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
@@ -99,6 +99,15 @@ DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; on 
 #: the help text of ``--option`` (the same in every command that has it)
 OPTION_HELP = ("a sampler option KEY=VALUE, e.g. --option num_steps=50 --option grid=log_sigma --option denoise=true; "
                "the value is read as JSON, else as YAML, else kept as a string (repeatable)")
+
+
+def add_pilot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The pilot's size options (``fit-grid``; ``train`` has them as ``--grid-pilot``, ``--grid-pilot-steps``)."""
+    p.add_argument(f"--{prefix}pilot" if prefix else "--num-pilot", dest="num_pilot", type=int, default=2048,
+                   metavar="N", help="draws of the pilot (default 2048; smaller is faster and less precise: docs/"
+                   "fast_samplers.md, 'The model's grid')")
+    p.add_argument(f"--{prefix}pilot-steps", dest="pilot_steps", type=int, default=100, metavar="N",
+                   help="steps of the pilot's converged ODE (default 100)")
 
 
 def parse_value(raw: str) -> Any:

@@ -21,6 +21,9 @@ from ._common import OPTION_HELP, parse_options, progress_enabled, resolve_model
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
+#: grid options that do not fix the number of steps (samplers.grid_store.GRID_KINDS and "reference"; not imported:
+#: the command line starts without torch)
+_GRID_KINDS = ("fitted", "uniform", "log_sigma", "karras", "reference")
 #: --dtype choices (torch dtype names)
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -91,8 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         if "num_steps" in options:
             raise ValueError("pass --steps or --option num_steps=..., not both")
         options["num_steps"] = args.steps
-    elif args.sampler == DEFAULT_SAMPLER and "num_steps" not in options:
-        options["num_steps"] = DEFAULT_STEPS
+    elif args.sampler == DEFAULT_SAMPLER and "num_steps" not in options and options.get("grid") in (None, *_GRID_KINDS):
+        options["num_steps"] = DEFAULT_STEPS  # (a saved grid or explicit times bring their own number of steps)
     if args.checkpoint is not None and args.model_option is not None and args.checkpoint != args.model_option:
         raise ValueError(f"pass the model once: CHECKPOINT {args.checkpoint!r} and --model {args.model_option!r} "
                          f"disagree")

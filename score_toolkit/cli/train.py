@@ -12,7 +12,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from ._common import add_common_options, common_options, progress_enabled
+from ._common import add_common_options, add_pilot_options, common_options, parse_options, progress_enabled
 
 __all__ = ["add_train_parser", "cmd_train", "main"]
 
@@ -40,6 +40,13 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    "the default (GPUs when there are)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (same as --set train.progress=false; "
                    "-q also turns it off)")
+    g = p.add_argument_group("the model's grids (fitted after the export, as score-toolkit fit-grid does)")
+    g.add_argument("--no-fit-grid", action="store_true",
+                   help="do not fit the default sampler's grids into the exported folder (fit them later with "
+                   "score-toolkit fit-grid FOLDER)")
+    add_pilot_options(g, prefix="grid-")
+    g.add_argument("--grid-fit-option", dest="grid_fit_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of optimize_grid for these fits, e.g. --grid-fit-option iterations=20 (repeatable)")
     p.set_defaults(func=cmd_train)
 
 
@@ -160,6 +167,38 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         return 1
     if result.export_folder is not None:
         print(f"trained {result.step} steps on {result.num_processes} process(es); exported {result.export_folder}")
+        if result.num_processes == 1 or _is_main_process():  # one process fits (the others are done)
+            return _fit_grids(args, result.export_folder, cfg.export.command, cpu=bool(cfg.train.cpu))
+    return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _fit_grids(args: argparse.Namespace, folder, command: str | None, *, cpu: bool) -> int:
+    """The default sampler's grids of the exported model (score_toolkit.model_grids.fit_model_grids)."""
+    if args.no_fit_grid:
+        return 0
+    import torch
+
+    from ..model_grids import fit_model_grids
+    from ..pipeline import ScorePipeline
+
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    try:
+        fits = fit_model_grids(ScorePipeline.from_pretrained(folder), num_pilot=args.num_pilot,
+                               pilot_steps=args.pilot_steps, device=device,
+                               progress=progress_enabled(args), command=command,
+                               **parse_options(args.grid_fit_options))
+    except (ValueError, TypeError, OSError) as err:
+        print(f"score-toolkit train: error: the model was exported, but fitting its grids failed ({type(err).__name__}: "
+              f"{err}); fit them with score-toolkit fit-grid {folder}", file=sys.stderr)
+        return 1
+    for f in fits:
+        print(f"  {f.path}: the model's {f.sampler} grid for {f.num_steps} steps ({f.status.replace('_', ' ')})")
     return 0
 
 

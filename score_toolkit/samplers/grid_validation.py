@@ -88,6 +88,9 @@ class GridOptimizationResult:
         num_validation: held-out draws behind ``validation``.
         family_validation: with ``family=``, the held-out report of the grid carried over to each process of the
             family (keyed by the process's repr), on that process's own held-out draws.
+        family_losses: the training objective of ``process`` and of each family process (keyed by repr) at the kept
+            grid, on the first round's training draws: what ``loss`` combines (``family_combine``) without hard
+            examples (``tail_rounds=0``).
         seed: the seed of the kept fit's draws; retries: refits made because the report flagged a fit
             (``tail_retries``).
         path, name: where and under which name the grid was saved (``save_as``), else ``None``.
@@ -104,6 +107,7 @@ class GridOptimizationResult:
     fit_seconds: float
     num_validation: int
     family_validation: dict[str, GridValidation] = field(default_factory=dict)
+    family_losses: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     retries: int = 0
     path: Path | None = None
@@ -138,9 +142,12 @@ class GridOptimizationResult:
         return "\n".join(lines)
 
 
-def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed, at_zero=False):
+def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed, at_zero=False,
+              floors=None):
     """The held-out report of every grid (see :class:`GridValidation`); ``at_zero``: the outputs are already clean
-    samples (the sampler ends with ``to_zero`` or ``denoise``), else the ``to_zero`` step is taken to judge them."""
+    samples (the sampler ends with ``to_zero`` or ``denoise``), else the ``to_zero`` step is taken to judge them.
+    ``floors``: a dict that keeps the exact sets and noise floors (they depend on the mixture, the set's size and
+    ``seed`` only) for the next call with the same ones (a family's members, retries)."""
     from .. import metrics as M
 
     def to_zero(x):
@@ -150,12 +157,17 @@ def _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve,
     judged = None
     if mix is not None:
         count = x_val.shape[0]
-        gens = [torch.Generator().manual_seed(seed + 104_729 + k) for k in range(7)]
-        exact, *pairs = (mix.sample(count, generator=g) for g in gens)
-        wsw_floor = sum(M.within_mode_sliced_wasserstein(pairs[2 * k], mix, reference=pairs[2 * k + 1])
-                        for k in range(3)) / 3
-        # E|mean NLL(A) - mean NLL(B)| for two independent exact sets of this size
-        nll_floor = 2.0 * float((-mix.log_prob(exact)).std()) / math.sqrt(math.pi * count)
+        key = (id(mix), count, seed)
+        if floors is None or key not in floors:
+            gens = [torch.Generator().manual_seed(seed + 104_729 + k) for k in range(7)]
+            exact, *pairs = (mix.sample(count, generator=g) for g in gens)
+            wsw_floor = sum(M.within_mode_sliced_wasserstein(pairs[2 * k], mix, reference=pairs[2 * k + 1])
+                            for k in range(3)) / 3
+            # E|mean NLL(A) - mean NLL(B)| for two independent exact sets of this size
+            nll_floor = 2.0 * float((-mix.log_prob(exact)).std()) / math.sqrt(math.pi * count)
+            if floors is not None:
+                floors[key] = (exact, wsw_floor, nll_floor)
+        exact, wsw_floor, nll_floor = floors[key] if floors is not None else (exact, wsw_floor, nll_floor)
         ref_labels = mix.posterior(ref_val.flatten(1).to(mix.dtype)).argmax(1)
         # the NLL gap is taken against the reference outputs from the same draws (paired: the draws' own sampling
         # noise, which would otherwise dominate at this size, cancels)

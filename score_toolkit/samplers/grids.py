@@ -52,7 +52,7 @@ from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
 from .fixed_grid import GRID_KINDS, GridSampler, _parse_grid, resolve_grid, save_grid
 from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers import it from here
-from .grid_store import _file_for, _process_record, transfer_log_snr
+from .grid_store import _check_times, _file_for, _process_record, _read_record, transfer_log_snr
 from .grid_validation import (  # the held-out report; re-exported here
     FAR_OFF_MARGIN,
     TAIL_MARGIN,
@@ -72,6 +72,7 @@ __all__ = [
     "GridTailWarning",
     "GridTailError",
     "FAR_OFF_MARGIN",
+    "FAMILY_COMBINE",
 ]
 
 
@@ -92,8 +93,8 @@ def _reference_score(mixture, data, num_components, score_fn, process, covarianc
     return MixtureScore(mixture, process), mixture
 
 
-def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance, on_bad_tail, tail_weight,
-                     tail_tolerance, rel_tol, nll_weight=1.0):
+def _check_arguments(sampler, process, ints, lr, loss, method, covariance, on_bad_tail, tail_weight,
+                     tail_tolerance, rel_tol, nll_weight=1.0, family_combine="mean"):
     if not isinstance(sampler, GridSampler):
         raise TypeError(
             f"optimize_grid: expected a fixed-grid sampler of score_toolkit.samplers (a GridSampler instance), found "
@@ -106,8 +107,6 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
         )
     if not isinstance(process, Process):
         raise TypeError(f"optimize_grid: expected a score_toolkit Process, found {type(process).__name__}")
-    if init != "best" and init not in GRID_KINDS:
-        raise ValueError(f"optimize_grid: expected init 'best' or one of {GRID_KINDS}, found {init!r}")
     for key, (value, minimum) in ints.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"optimize_grid: expected {key} to be an int >= {minimum}, found {value!r}")
@@ -121,7 +120,8 @@ def _check_arguments(sampler, process, init, ints, lr, loss, method, covariance,
         raise ValueError(f"optimize_grid: nll_weight weighs the term of loss='nll', found loss={loss!r} with "
                          f"nll_weight={nll_weight!r} (pass loss='nll' or leave nll_weight at 1.0)")
     for key, value, allowed in (("loss", loss, ("auto", "mse", "nll")), ("method", method, ("lbfgs", "adam")),
-                                ("covariance", covariance, ("full", "diag")), ("on_bad_tail", on_bad_tail, ("warn", "error"))):
+                                ("covariance", covariance, ("full", "diag")), ("on_bad_tail", on_bad_tail, ("warn", "error")),
+                                ("family_combine", family_combine, FAMILY_COMBINE)):
         if value not in allowed:
             raise ValueError(f"optimize_grid: expected {key} one of {allowed}, found {value!r}")
 
@@ -144,6 +144,52 @@ def _check_family(family, process, mix) -> tuple[Process, ...]:
     for proc in family:  # refused here, with the reason, rather than at the first objective evaluation
         transfer_log_snr(span, proc, 1)
     return tuple(family)
+
+
+#: how ``optimize_grid(family=...)`` combines the processes' objectives (``family_combine``)
+FAMILY_COMBINE = ("mean", "max", "geometric")
+
+
+def _combine(values: torch.Tensor, how: str) -> torch.Tensor:
+    """The family objective from the processes' objectives (a 1-D tensor): their mean, the worst one, or their
+    geometric mean (the mean of logs: every member's relative progress counts alike)."""
+    if how == "max":
+        return values.max()
+    if how == "geometric":
+        return values.clamp_min(1e-300).log().mean().exp()
+    return values.mean()
+
+
+def _init_log_snr(init, process: Process, n: int) -> torch.Tensor | None:
+    """The warm start of ``optimize_grid(init=...)``: its grid carried to ``process`` with ``n`` steps (log-SNR), or
+    None for ``"best"`` and the grid kinds (resolved by the fit)."""
+    if isinstance(init, str) and (init == "best" or init in GRID_KINDS):
+        return None
+    expected = (f"expected init 'best', a grid kind {GRID_KINDS}, a saved grid's name or path, a grid's times under "
+                "the process, or a GridOptimizationResult")
+    if isinstance(init, GridOptimizationResult):
+        lam = init.log_snr
+    elif isinstance(init, (str, os.PathLike)):
+        try:
+            lam = torch.tensor(_read_record(init, None)["log_snr"], dtype=torch.float64)
+        except ValueError as exc:
+            raise ValueError(f"optimize_grid: {expected}: {exc}") from None
+    elif isinstance(init, (torch.Tensor, Sequence)):
+        lam = process.log_snr(_check_times(init, process, label="init (a grid's times)"))
+    else:
+        raise TypeError(f"optimize_grid: {expected}, found {type(init).__name__}")
+    try:  # (another process or step count: the density rule, resampled to n steps)
+        return transfer_log_snr(lam.detach().to(torch.float64), process, num_steps=n)
+    except ValueError as exc:
+        raise ValueError(f"optimize_grid: init: the warm start's grid cannot be carried to {process!r}: {exc}") from None
+
+
+def softmax_logits(log_snr: torch.Tensor) -> torch.Tensor:
+    """The logits ``th`` at which :func:`softmax_times` gives the grid ``log_snr`` (increasing, ``n + 1`` points on
+    the process's span) exactly (the inverse of its floor of 0.1 % of an even share; steps below it are lifted to it)."""
+    n = log_snr.numel() - 1
+    frac = torch.diff(log_snr) / (log_snr[-1] - log_snr[0])
+    return torch.log(((frac - 1e-3 / n) / (1 - 1e-3)).clamp_min(1e-12))
 
 
 class _Stop(Exception):
@@ -200,6 +246,7 @@ def optimize_grid(
     device=None,
     fit_dtype: torch.dtype | None = None,
     transfer_head: int = 0,
+    family_combine: str = "mean",
 ) -> GridOptimizationResult:
     """Choose the ``n + 1`` time points of ``sampler``'s grid (``n = sampler.config["num_steps"]``) that minimise
     its discretisation error on a reference problem, and validate them on held-out draws.
@@ -241,10 +288,16 @@ def optimize_grid(
     Parametrisation and optimiser: the log-SNR span is split by softmax fractions (monotone, ends fixed, every step
     at least 0.1 % of an even share), initialised at ``init`` (a grid kind of ``GRID_KINDS``, or ``"best"``: the kind
     with the smallest training objective, so the result is never worse than every built-in kind on the training
-    draws), and minimised through autograd with L-BFGS (``method="lbfgs"``, strong-Wolfe line search) or Adam
+    draws; or a warm start, below), and minimised through autograd with L-BFGS (``method="lbfgs"``, strong-Wolfe line search) or Adam
     (``method="adam"``, ``lr``, cosine decay); the best iterate is kept. It stops after ``iterations`` objective
     evaluations, or earlier once the best objective has improved by less than ``rel_tol`` (relative) over the last
     ``patience`` evaluations.
+
+    Warm start (``init=`` a grid: a saved grid's name or path, a :class:`GridOptimizationResult`, or a grid's times
+    under ``process``): the fit starts from that grid, carried to ``process`` and resampled to ``n`` steps by the
+    density rule (:func:`transfer_log_snr` with ``num_steps``) when it was made for another process or budget: for
+    instance the previous budget's fit of a ladder, or a saved grid of the nearest budget. The built-in kinds are
+    not tried then. Measured in docs/fast_samplers.md ("Fitting time").
 
     Validation: ``num_validation`` fresh prior draws (seed ``seed + 7919``) and their reference solutions; for the
     optimised grid, the data-free ``"fitted"`` grid (the sampler's own shipped density) and the built-in kinds, :class:`GridValidation` gives the
@@ -261,9 +314,12 @@ def optimize_grid(
     One grid for a family of processes (``family=``, mixtures only): the grid is fitted for ``process`` and for every
     process of ``family`` at once, each of them using it as a saved grid is used under another process (carried over
     by :func:`transfer_log_snr`, a step density over absolute log-SNR; ``process`` should span the widest range): the
-    objective is the mean of each process's objective on its own prior draws and reference solutions (draws
-    ``num_samples`` per process, so the cost grows in proportion). ``result.family_validation`` holds the held-out
-    report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50,
+    objective combines each process's objective on its own prior draws and reference solutions (draws
+    ``num_samples`` per process, so the cost grows in proportion): ``family_combine="mean"`` (default) their mean,
+    ``"max"`` the worst member's (no member is left behind; L-BFGS follows the worst member's gradient), ``"geometric"``
+    their geometric mean (every member's relative improvement counts alike). ``result.family_losses`` has each
+    process's training objective at the kept grid (what ``result.loss`` combines), ``result.family_validation`` the
+    held-out report of the carried grid under each family process. Measured on the 2-D ring (VE sigma_max 10, 40 and 50,
     dpmpp_2m): a grid fitted under sigma_max 50 alone and carried to sigma_max 10 needs twice the NFE of a grid fitted
     there; one fitted for the family with the density rule up to 2x, with ``transfer_head=2`` 1.22x (1.67x counting a
     failure above its first pass) (docs/fast_samplers.md, "Measured", "Transfer").
@@ -290,11 +346,12 @@ def optimize_grid(
     (early stop); ``result.fit_seconds`` has the time (measured in docs/fast_samplers.md, "Fitting time").
     """
     start = time.perf_counter()
-    _check_arguments(sampler, process, init,
+    _check_arguments(sampler, process,
                      {"num_samples": (num_samples, 1), "num_validation": (num_validation, 2), "iterations": (iterations, 0),
                       "reference_steps": (reference_steps, 1), "patience": (patience, 1), "tail_rounds": (tail_rounds, 0),
                       "tail_retries": (tail_retries, 0)},
-                     lr, loss, method, covariance, on_bad_tail, tail_weight, tail_tolerance, rel_tol, nll_weight)
+                     lr, loss, method, covariance, on_bad_tail, tail_weight, tail_tolerance, rel_tol, nll_weight,
+                     family_combine)
     if save_as is not None:
         path = _file_for(save_as, directory)
         if path.exists() and not overwrite:
@@ -371,6 +428,10 @@ def optimize_grid(
         return value
 
     times_of = softmax_times(process, n)
+    warm = _init_log_snr(init, process, n)  # a warm start's grid (None: "best" or a kind)
+    if warm is not None:
+        warm_times = torch.cat([torch.tensor([process.t_max], dtype=torch.float64), process.t_from_log_snr(warm[1:-1]),
+                                torch.tensor([process.t_min], dtype=torch.float64)])
 
     def member_times(ts, proc):
         lam = transfer_log_snr(process.log_snr(ts), proc, head=transfer_head)
@@ -400,28 +461,36 @@ def optimize_grid(
                 refs = reference_of(xs, proc, fn)
             members.append((proc, fn, xs, refs, OffData(refs, mix, scale=c, level=1.0)))
 
-        def family_objective(ts, x_fit, ref_fit, off_fit):
-            value = objective(solve(sampler, x_fit, ts), ref_fit, off_fit)
+        def family_values(ts, x_fit, ref_fit, off_fit):
+            """Each process's objective (``process`` first, then the family's), or None if a member cannot carry it."""
+            values = [objective(solve(sampler, x_fit, ts), ref_fit, off_fit)]
             for proc, fn, xs, refs, off in members:
                 try:
                     member_ts = member_times(ts, proc)
                 except ValueError:  # the anchored head's end moved past this member's start: no usable grid
-                    return value.detach() * math.inf
-                value = value + objective(solve(sampler, xs, member_ts, proc, fn), refs, off)
-            return value / (1 + len(members))
+                    return None
+                values.append(objective(solve(sampler, xs, member_ts, proc, fn), refs, off))
+            return values
 
-        start_kind = init
+        def family_objective(ts, x_fit, ref_fit, off_fit):
+            values = family_values(ts, x_fit, ref_fit, off_fit)
+            if values is None:
+                return torch.tensor(math.inf, dtype=train_dtype)
+            return values[0] if len(values) == 1 else _combine(torch.stack(values), family_combine)
+
+        start_kind = init if warm is None else "warm start"
         if start_kind == "best":  # start from the grid kind with the smallest training objective (the family's)
             with torch.no_grad():
                 losses = {k: float(family_objective(kind_grid(k), x_train, ref_train, off_train)) for k in GRID_KINDS}
             # (with transfer_head, only kinds whose head ends inside every member's range: the rule needs it)
             usable = [k for k in losses if carries(kind_grid(k))] or list(losses)
             start_kind = min(usable, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
-        if not carries(kind_grid(start_kind)):
+        start_grid = kind_grid(start_kind) if warm is None else warm_times
+        if not carries(start_grid):
             raise ValueError(f"optimize_grid: transfer_head={transfer_head}: the {start_kind!r} grid's point "
                              f"{transfer_head} does not lie above every family member's starting log-SNR; use a "
                              "smaller transfer_head or another init")
-        theta = torch.log(torch.diff(process.log_snr(kind_grid(start_kind))).clamp_min(1e-12))
+        theta = softmax_logits(process.log_snr(start_grid))
 
         history: list[float] = []
         best = [math.inf, theta.clone()]
@@ -483,7 +552,10 @@ def optimize_grid(
             if mined:
                 x_fit, ref_fit = torch.cat([x_train, x_mine[far_mine]]), torch.cat([ref_train, ref_mine[far_mine]])
                 run(x_fit, ref_fit, off_train, iterations)
-        return times_of(best[1]).detach(), best[0], history, mined, start_kind
+        with torch.no_grad():  # each process's training objective at the kept grid (on the first round's draws)
+            values = family_values(times_of(best[1]), x_train, ref_train, off_train)
+        losses = {repr(p): float(v) for p, v in zip((process, *family), values)} if values is not None else {}
+        return times_of(best[1]).detach(), best[0], history, mined, start_kind, losses
 
     # the family's held-out draws and reference solutions (also one set for every attempt)
     held_out = []
@@ -493,17 +565,19 @@ def optimize_grid(
             xv = draws(num_validation, seed + 7919, proc)
             held_out.append((proc, fn, xv, solve(reference, xv, proc=proc, fn=fn)))
 
+    floors: dict = {}  # the report's exact sets and noise floors: the same for every member and attempt
+
     def validate(ts):
         with torch.no_grad():
             grids = {"optimized": ts, **{kind: kind_grid(kind) for kind in GRID_KINDS}}
             validation = _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed,
-                                   at_zero)
+                                   at_zero, floors)
             family_validation = {}
             for proc, fn, xv, rv in held_out:  # the carried grid under each family process, on its own held-out draws
                 family_validation[repr(proc)] = _validate(
                     {"optimized": member_times(ts, proc)}, sampler, proc, mix, xv, rv, c, objective,
                     lambda smp, x, g, proc=proc, fn=fn: solve(smp, x, g, proc, fn),
-                    lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed, at_zero)["optimized"]
+                    lambda smp, proc=proc, fn=fn: context(smp, proc, fn), seed, at_zero, floors)["optimized"]
         return validation, family_validation
 
     allowed = int(tail_tolerance * num_validation)
@@ -511,14 +585,15 @@ def optimize_grid(
     for attempt in range(1 + tail_retries):
         # a flagged fit is refitted from other training draws (seed + 1, ...); every fit is judged on the same
         # held-out draws, and the one with the fewest far-off samples is kept (the first of equals)
-        ts, best_loss, history, mined, start_kind = fit(seed + attempt)
+        ts, best_loss, history, mined, start_kind, losses = fit(seed + attempt)
         validation, family_validation = validate(ts)
         candidate = _worst_tail(validation, family_validation)
         if result is None or candidate.far_off < worst.far_off:
             result = GridOptimizationResult(
                 times=ts, log_snr=process.log_snr(ts), loss=best_loss, validation=validation,
                 tail_ok=candidate.far_off <= allowed, history=history, evaluations=len(history), mined=mined,
-                fit_seconds=0.0, num_validation=num_validation, family_validation=family_validation, seed=seed + attempt)
+                fit_seconds=0.0, num_validation=num_validation, family_validation=family_validation, seed=seed + attempt,
+                family_losses=losses)
             worst, kept_init = candidate, start_kind
         result.retries = attempt
         if result.tail_ok:
@@ -538,8 +613,10 @@ def optimize_grid(
                 "tail_ok": result.tail_ok, "num_samples": num_samples, "num_validation": num_validation,
                 "evaluations": result.evaluations, "mined": result.mined,
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
-                "init": kept_init, "seed": result.seed, "retries": result.retries, "sampler_options": options,
+                "init": kept_init if kept_init != "warm start" or not isinstance(init, (str, os.PathLike))
+                else f"warm start: {os.fspath(init)}", "seed": result.seed, "retries": result.retries, "sampler_options": options,
                 "family": [_process_record(p) for p in family], "transfer_head": transfer_head,
+                "family_combine": family_combine, "family_losses": result.family_losses,
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,

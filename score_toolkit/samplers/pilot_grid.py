@@ -37,7 +37,7 @@ from ..processes import Process
 from .fixed_grid import GridSampler
 from .grid_store import load_grid, save_grid
 
-__all__ = ["PilotGrid", "pilot_grid", "pilot_samples"]
+__all__ = ["PilotGrid", "pilot_grid", "pilot_samples", "pilot_settings", "stand_in_mixture"]
 
 #: optimize_grid's options that pilot_grid sets otherwise (measured on the ring at 11-12 NFE: one refit when the
 #: held-out report flags the first fit, and 2048 training draws, keep dpmpp_2m within the criterion)
@@ -104,10 +104,12 @@ def pilot_samples(
     seed: int = 271_828,
     device=None,
     dtype: torch.dtype = torch.float64,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, int, int]:
     """The pilot of :func:`pilot_grid`: ``num_pilot`` prior draws of one-sample ``shape`` taken through the converged
     PF-ODE of ``score_fn`` (DPM-Solver++(3M), ``pilot_steps`` uniform log-SNR steps, then ``to_zero``'s step).
-    Returns (samples (num_pilot, *shape), score evaluations, batched score calls)."""
+    Returns (samples (num_pilot, *shape), score evaluations, batched score calls). ``progress``: a progress bar over
+    the ODE steps of all batches."""
     from .dpm_solver import DPMSolverPP3M
 
     num_pilot = _positive_int("num_pilot", num_pilot, 2)
@@ -116,13 +118,22 @@ def pilot_samples(
     solver = DPMSolverPP3M(num_steps=pilot_steps, grid="log_sigma", to_zero=True)
     gen = torch.Generator(device=device or "cpu").manual_seed(int(seed))
     outs, evaluations, calls = [], 0, 0
-    for start in range(0, num_pilot, batch_size):
-        b = min(batch_size, num_pilot - start)
-        x1 = process.prior_sample((b, *shape), generator=gen, device=device, dtype=dtype)
-        out = solver.sample(score_fn, process, x_init=x1)
-        outs.append(out.samples.detach())
-        evaluations += b * out.nfe
-        calls += out.nfe
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=math.ceil(num_pilot / batch_size) * (pilot_steps + 1), desc="pilot ODE (steps x batches)")
+    try:
+        for start in range(0, num_pilot, batch_size):
+            b = min(batch_size, num_pilot - start)
+            x1 = process.prior_sample((b, *shape), generator=gen, device=device, dtype=dtype)
+            out = solver.sample(score_fn, process, x_init=x1, callback=(lambda info: bar.update()) if bar else None)
+            outs.append(out.samples.detach())
+            evaluations += b * out.nfe
+            calls += out.nfe
+    finally:
+        if bar is not None:
+            bar.close()
     samples = torch.cat(outs)
     if not torch.isfinite(samples).all():
         raise ValueError("pilot_grid: the pilot ODE produced non-finite samples; check the score function and process")
@@ -167,7 +178,7 @@ def pilot_grid(
             defaults: ``FIT_DEFAULTS``, and ``seed=seed``); not
             ``mixture``, ``data``, ``score_fn``, ``shape``, ``save_as``, ``directory`` or ``overwrite``.
     """
-    from .grids import fit_mixture, optimize_grid
+    from .grids import optimize_grid
 
     if not isinstance(sampler, GridSampler) or sampler.properties.stochastic:
         raise TypeError(f"pilot_grid: expected a deterministic fixed-grid sampler (e.g. get_sampler('unipc', "
@@ -187,15 +198,9 @@ def pilot_grid(
     num_components = _positive_int("num_components", num_components, 1)
     num_pilot = _positive_int("num_pilot", num_pilot, 2)
     pilot_steps = _positive_int("pilot_steps", pilot_steps, 2)
-    dim = math.prod(shape)
-    if covariance == "auto":
-        covariance = "full" if num_pilot >= 4 * num_components * dim else "diag"
-    fit_options = {**FIT_DEFAULTS, "seed": int(seed), **fit_options}
-    config = {k: v for k, v in sampler.config.items() if k != "progress"}
-    settings = {"sampler": sampler.name, "sampler_config": _jsonable(config), "process": repr(process),
-                "shape": list(shape), "num_pilot": num_pilot, "pilot_steps": pilot_steps,
-                "num_components": num_components, "covariance": covariance, "seed": int(seed),
-                "fit_options": _jsonable(fit_options)}
+    settings = pilot_settings(sampler, process, shape, num_pilot=num_pilot, pilot_steps=pilot_steps,
+                              num_components=num_components, covariance=covariance, seed=seed, **fit_options)
+    covariance, fit_options = settings["covariance"], {**FIT_DEFAULTS, "seed": int(seed), **fit_options}
     path = None
     if cache is not None:
         path = Path(cache)
@@ -214,10 +219,7 @@ def pilot_grid(
     samples, evaluations, calls = pilot_samples(score_fn, process, shape, num_pilot=num_pilot, pilot_steps=pilot_steps,
                                                 batch_size=batch_size, seed=seed, device=device, dtype=dtype)
     t1 = time.perf_counter()
-    flat = samples.reshape(num_pilot, -1).to("cpu", torch.float64)
-    # EM from a few k-means++ starts, the most likely fit kept (one start can merge two modes into one component)
-    fits = [fit_mixture(flat, num_components, covariance=covariance, seed=int(seed) + k) for k in range(EM_STARTS)]
-    mixture = max(fits, key=lambda m: float(m.log_prob(flat).mean()))
+    mixture = stand_in_mixture(samples, num_components, covariance, seed)
     fit = optimize_grid(sampler, process, mixture=mixture, **fit_options)
     t2 = time.perf_counter()
     result = PilotGrid(fit.times, fit.log_snr, evaluations, calls, t1 - t0, t2 - t1, settings, fit=fit,
@@ -227,6 +229,33 @@ def pilot_grid(
                   info={_INFO_KEY: settings, "score_evaluations": evaluations, "pilot_seconds": round(t1 - t0, 3),
                         "fit_seconds": round(t2 - t1, 3)})
     return result
+
+
+def pilot_settings(sampler: GridSampler, process: Process, shape: Sequence[int], *, num_pilot: int = 2048,
+                   pilot_steps: int = 100, num_components: int = 8, covariance: str = "auto", seed: int = 271_828,
+                   **fit_options: Any) -> dict[str, Any]:
+    """The settings a pilot grid is made with, as :func:`pilot_grid` records them in its cache file (``"auto"``
+    covariance resolved by the pilot's draws per dimension and component; ``fit_options`` with ``FIT_DEFAULTS`` and
+    ``seed``). Two grids made with equal settings from the same score are the same grid."""
+    dim = math.prod(int(s) for s in shape)
+    if covariance == "auto":
+        covariance = "full" if num_pilot >= 4 * num_components * dim else "diag"
+    fit_options = {**FIT_DEFAULTS, "seed": int(seed), **fit_options}
+    config = {k: v for k, v in sampler.config.items() if k != "progress"}
+    return {"sampler": sampler.name, "sampler_config": _jsonable(config), "process": repr(process),
+            "shape": [int(s) for s in shape], "num_pilot": int(num_pilot), "pilot_steps": int(pilot_steps),
+            "num_components": int(num_components), "covariance": covariance, "seed": int(seed),
+            "fit_options": _jsonable(fit_options)}
+
+
+def stand_in_mixture(samples: torch.Tensor, num_components: int, covariance: str, seed: int):
+    """Step 2 of :func:`pilot_grid`: the Gaussian mixture fitted by EM to the pilot's outputs (flattened, float64), the
+    most likely of ``EM_STARTS`` k-means++ starts (one start can merge two modes into one component)."""
+    from .grids import fit_mixture
+
+    flat = samples.reshape(samples.shape[0], -1).to("cpu", torch.float64)
+    fits = [fit_mixture(flat, num_components, covariance=covariance, seed=int(seed) + k) for k in range(EM_STARTS)]
+    return max(fits, key=lambda m: float(m.log_prob(flat).mean()))
 
 
 def _jsonable(obj: Any) -> Any:

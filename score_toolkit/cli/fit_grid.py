@@ -1,0 +1,95 @@
+"""The ``fit-grid`` command: ``score-toolkit fit-grid MODEL_DIR [--sampler unipc] [--steps 24 14] [--device ...]``.
+
+Fits the model's own time grids once (one pilot of the model, then one grid fit per budget) and stores them in
+``MODEL_DIR/grids/<sampler>_<steps>.json``, where :class:`~score_toolkit.pipeline.ScorePipeline` and
+``score-toolkit sample`` find and use them by default (:mod:`score_toolkit.model_grids`; docs/fast_samplers.md,
+"The model's grid").
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+# argparse only at module level (score-toolkit --help stays fast); defaults without importing torch
+from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ._common import (
+    OPTION_HELP,
+    CLIError,
+    add_pilot_options,
+    parse_options,
+    progress_enabled,
+    resolve_model,
+    run_guarded,
+)
+
+__all__ = ["add_fit_grid_parser", "cmd_fit_grid"]
+
+#: the budgets fitted by default (score_toolkit.model_grids.DEFAULT_GRID_STEPS, without importing it)
+DEFAULT_BUDGETS = (DEFAULT_STEPS, 14)
+
+
+def add_fit_grid_parser(subparsers) -> None:
+    """Declare the ``fit-grid`` subcommand on an argparse ``subparsers`` object (for score_toolkit.cli)."""
+    p = subparsers.add_parser(
+        "fit-grid",
+        help="fit a model's own time grids once and store them in its folder (the pipeline's default grid)",
+        description=(
+            "Run one pilot of the model's score (no data: prior draws through its converged ODE), fit the sampler's "
+            "time grid for each budget on a mixture fitted to the pilot, and write MODEL_DIR/grids/<sampler>_<steps>"
+            ".json. ScorePipeline and 'score-toolkit sample' then use it by default for that sampler and budget. "
+            "A budget already fitted with the same settings for the same weights is kept; a file this command did "
+            "not write is never replaced."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="a pipeline folder or a shipped model's name (digits, toy2d, ...)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER,
+                   help=f"a deterministic fixed-grid sampler (default {DEFAULT_SAMPLER}, the pipeline's default)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_BUDGETS), metavar="N",
+                   help=f"the budgets (num_steps; default {' '.join(map(str, DEFAULT_BUDGETS))}: "
+                   f"{DEFAULT_BUDGETS[0] + 1} and {DEFAULT_BUDGETS[1] + 1} NFE with {DEFAULT_SAMPLER})")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help=OPTION_HELP + "; the grid is used only with the same options")
+    add_pilot_options(p)
+    p.add_argument("--batch-size", type=int, default=512, help="pilot draws per network call (default 512)")
+    p.add_argument("--seed", type=int, default=271_828, help="seed of the pilot's draws and of the fits (default 271828)")
+    p.add_argument("--fit-option", dest="fit_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of optimize_grid, e.g. --fit-option iterations=20 (repeatable; default: "
+                   "pilot_grid's settings)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (-q also turns it off)")
+    p.set_defaults(func=cmd_fit_grid)
+
+
+def cmd_fit_grid(args: argparse.Namespace) -> int:
+    return run_guarded("fit-grid", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..model_grids import fit_model_grids
+    from ..pipeline import ScorePipeline
+    from .train import _command_line
+
+    folder = resolve_model(args.model)
+    if not os.path.isdir(folder):
+        raise CLIError(f"expected MODEL_DIR to be a pipeline folder or a shipped model's name, found no folder at "
+                       f"{args.model}")
+    for name in ("num_pilot", "pilot_steps", "batch_size"):
+        if getattr(args, name) < (2 if name != "batch_size" else 1):
+            raise CLIError(f"expected --{name.replace('_', '-')} to be a positive integer (>= 2 for the pilot), found "
+                           f"{getattr(args, name)}")
+    argv: Sequence[str] | None = getattr(args, "cli_argv", None)
+    try:
+        fits = fit_model_grids(ScorePipeline.from_pretrained(folder), sampler=args.sampler, steps=args.steps,
+                               sampler_options=parse_options(args.options), num_pilot=args.num_pilot,
+                               pilot_steps=args.pilot_steps, batch_size=args.batch_size, seed=args.seed,
+                               device=args.device, progress=progress_enabled(args),
+                               command=_command_line(argv, parent=None), **parse_options(args.fit_options))
+    except FileExistsError as err:  # a file the command did not write: left alone
+        raise CLIError(str(err)) from None
+    for f in fits:
+        what = "fitted" if f.status == "fitted" else "up to date (same settings and weights), kept"
+        print(f"{f.path}: {f.sampler} with {f.num_steps} steps, {what}")
+    return 0

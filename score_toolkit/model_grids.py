@@ -1,0 +1,295 @@
+"""A model's own time grids: fitted once by the pilot (:mod:`score_toolkit.samplers.pilot_grid`), stored in the
+model folder, and used by :class:`~score_toolkit.pipeline.ScorePipeline` by default.
+
+A shipped grid cannot know the data's scales; a grid fitted to the model can, but its pilot costs about 200,000
+score evaluations plus minutes of fitting, too much to spend silently at the first ``sample()`` call. So, as
+"Align Your Steps" does for its models, the grid is optimised once per model and kept with the model:
+
+* :func:`fit_model_grids` (``score-toolkit fit-grid MODEL_DIR``; ``score-toolkit train`` at the end of a run) runs
+  ONE pilot of the model's score and fits the grid of each budget on its stand-in mixture, writing
+  ``<folder>/grids/<sampler>_<num_steps>.json`` (saved-grid files, usable as ``grid="<path>"``). Each file records
+  the pilot's settings (as :func:`~score_toolkit.samplers.pilot_grid.pilot_grid` records them, so the file is also
+  a valid ``pilot_grid`` cache), the sampler's options, the process and the sha256 of the weights files.
+* :func:`model_grid_for` is what the pipeline asks before sampling: the stored grid for this sampler, budget and
+  options, or ``None`` with the reason (a :class:`ModelGridWarning` when a stored grid is there but does not fit:
+  other weights, another process, other sampler options).
+
+Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+__all__ = ["GRIDS_DIR", "DEFAULT_GRID_STEPS", "ModelGridWarning", "ModelGridFit", "fit_model_grids",
+           "model_grid_for", "model_grid_path", "weights_sha256"]
+
+logger = logging.getLogger(__name__)
+
+#: the subfolder of a model folder that holds its grids
+GRIDS_DIR = "grids"
+#: the budgets fitted by default: the default sampler's default steps (25 NFE) and 14 steps (15 NFE)
+DEFAULT_GRID_STEPS = (DEFAULT_STEPS, 14)
+#: the key of a grid file's ``info`` that marks it as written by :func:`fit_model_grids` (with the weights' hashes)
+_KEY = "model_grid"
+#: sampler options that do not change the method (left out when a stored grid's options are compared)
+_NOT_METHOD = ("grid", "num_steps", "progress")
+#: the pilot's network batch when none is given
+PILOT_BATCH = 512
+
+
+class ModelGridWarning(UserWarning):
+    """A model folder's stored grid was not used (fitted for other weights, another process or other sampler
+    options): the sampler runs on its built-in default grid."""
+
+
+@dataclass
+class ModelGridFit:
+    """One budget's result of :func:`fit_model_grids`: the file, and whether it was fitted now (``fitted``) or was
+    already there with the same settings and weights (``up_to_date``)."""
+
+    path: Path
+    sampler: str
+    num_steps: int
+    status: str
+    fit_seconds: float = 0.0
+
+
+def model_grid_path(folder: str | os.PathLike, sampler: str, num_steps: int) -> Path:
+    """``<folder>/grids/<sampler>_<num_steps>.json``."""
+    return Path(folder) / GRIDS_DIR / f"{sampler}_{int(num_steps)}.json"
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of the network's weights files (``unet/*.safetensors``), keyed by their path in the folder (a file's
+    hash is computed once per size and modification time in a process)."""
+    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"expected the network's weights as {Path(folder) / 'unet'}/*.safetensors, found none")
+    out = {}
+    for f in files:
+        st = f.stat()
+        key = (os.fspath(f.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            _HASHES[key] = h.hexdigest()
+        out[f"unet/{f.name}"] = _HASHES[key]
+    return out
+
+
+def _method_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    from .samplers.pilot_grid import _jsonable
+
+    return _jsonable({k: v for k, v in config.items() if k not in _NOT_METHOD})
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A grid file's record, or None when it is not one :func:`fit_model_grids` wrote."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    info = record.get("info") if isinstance(record, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get(_KEY), dict) or "pilot_grid" not in info:
+        return None
+    return record
+
+
+def _steps(steps: Any) -> list[int]:
+    values = [steps] if isinstance(steps, int) else list(steps) if isinstance(steps, Sequence) else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"fit_model_grids: expected steps to be positive ints (the samplers' num_steps), found {steps!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"fit_model_grids: expected distinct steps, found {values}")
+    return values
+
+
+def fit_model_grids(
+    pipeline,
+    *,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int | Sequence[int] = DEFAULT_GRID_STEPS,
+    sampler_options: Mapping[str, Any] | None = None,
+    num_pilot: int = 2048,
+    pilot_steps: int = 100,
+    batch_size: int | None = PILOT_BATCH,
+    seed: int = 271_828,
+    device=None,
+    progress: bool = True,
+    command: str | None = None,
+    **fit_options: Any,
+) -> list[ModelGridFit]:
+    """Fit the model's own grid of ``sampler`` for each budget in ``steps`` and store it in the model folder's
+    ``grids/``. ``pipeline``: a :class:`~score_toolkit.pipeline.ScorePipeline` loaded from that folder with
+    ``ScorePipeline.from_pretrained(folder)`` (the grids belong to the weights files there).
+
+    One pilot (``num_pilot`` draws through the model's converged PF-ODE, ``pilot_steps`` steps, network batches of
+    ``batch_size``, private generator seeded with ``seed``) and one stand-in mixture serve every budget; then
+    :func:`~score_toolkit.samplers.grids.optimize_grid` fits each budget (``fit_options``: as for ``pilot_grid``;
+    its defaults otherwise). The pilot runs on ``device`` (default: CPU) in the dtype the pipeline samples in.
+
+    A budget whose file was written by this function with the same settings for the same weights is left as it is
+    (status ``up_to_date``); one written by it with other settings or for other weights is refitted and replaced;
+    a file it did not write is never replaced (``FileExistsError`` before any work). Files are written atomically.
+    ``command``: how it was invoked, recorded in the files. Returns one :class:`ModelGridFit` per budget.
+    """
+    import torch
+
+    from .registry import get_sampler
+    from .samplers.fixed_grid import GridSampler
+    from .samplers.grid_store import save_grid
+    from .samplers.grids import optimize_grid
+    from .samplers.pilot_grid import _INFO_KEY, FIT_DEFAULTS, pilot_samples, pilot_settings, stand_in_mixture
+
+    folder = getattr(pipeline, "_source_folder", None)
+    if not callable(getattr(pipeline, "score_function", None)):
+        raise TypeError(f"fit_model_grids: expected a ScorePipeline, found {type(pipeline).__name__}")
+    if folder is None or not (Path(folder) / "model_index.json").is_file():
+        raise ValueError("fit_model_grids: expected a pipeline loaded from its folder with ScorePipeline.from_pretrained "
+                         f"(the grids are stored there), found one without a folder ({folder})")
+    folder = Path(folder)
+    budgets = _steps(steps)
+    for name, value, low in (("num_pilot", num_pilot, 2), ("pilot_steps", pilot_steps, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"fit_model_grids: expected {name} to be an int >= {low}, found {value!r}")
+    import inspect
+
+    allowed = set(inspect.signature(optimize_grid).parameters) - {"sampler", "process", "mixture", "data", "score_fn",
+                                                                  "shape", "save_as", "directory", "overwrite"}
+    unknown = sorted(set(fit_options) - allowed)
+    if unknown:
+        raise TypeError(f"fit_model_grids: unknown fit option(s) {unknown}; optimize_grid's options here are "
+                        f"{sorted(allowed)}")
+    options = dict(sampler_options or {})
+    taken = sorted(set(options) & set(_NOT_METHOD))
+    if taken:
+        raise ValueError(f"fit_model_grids: {taken} cannot be sampler options here (the budgets are steps=, the grid is "
+                         "what is fitted)")
+    samplers = {n: get_sampler(sampler, num_steps=n, **options) for n in budgets}  # unknown name or option: an error
+    if not isinstance(samplers[budgets[0]], GridSampler) or samplers[budgets[0]].properties.stochastic:
+        raise TypeError(f"fit_model_grids: expected a deterministic fixed-grid sampler (e.g. {DEFAULT_SAMPLER!r}), "
+                        f"found {sampler!r}")
+    for n in budgets:  # a file the tool did not write: refuse before any work
+        path = model_grid_path(folder, sampler, n)
+        if path.exists() and _read(path) is None:
+            raise FileExistsError(f"fit_model_grids: {path} was not written by fit_model_grids; it is left untouched "
+                                  "(move it away to fit this budget)")
+
+    pipe = pipeline
+    device = torch.device(device or "cpu")
+    pipe.to(device)
+    process, shape = pipe.spec[0], tuple(pipe.sample_shape)
+    dtype = torch.float32 if pipe.unet.dtype in (torch.bfloat16, torch.float16) else pipe.unet.dtype
+    hashes = weights_sha256(folder)
+    settings = {n: pilot_settings(s, process, shape, num_pilot=num_pilot, pilot_steps=pilot_steps, seed=seed,
+                                  **fit_options) for n, s in samplers.items()}
+    results: dict[int, ModelGridFit] = {}
+    for n in budgets:
+        path = model_grid_path(folder, sampler, n)
+        record = _read(path) if path.exists() else None
+        if record is not None and record["info"]["pilot_grid"] == settings[n] and \
+                record["info"][_KEY].get("weights_sha256") == hashes:
+            results[n] = ModelGridFit(path, sampler, n, "up_to_date")
+            logger.info("%s: up to date (same settings, same weights)", path)
+    todo = [n for n in budgets if n not in results]
+    if todo:
+        first = settings[todo[0]]
+        say = print if progress else logger.info
+        say(f"fit-grid: pilot of {folder}: {num_pilot} draws x {pilot_steps + 1} score evaluations "
+            f"({process!r}, {dtype}, {device})")
+        t0 = time.perf_counter()
+        score_fn = pipe.score_function()
+        with torch.no_grad():
+            samples, evaluations, calls = pilot_samples(score_fn, process, shape, num_pilot=num_pilot,
+                                                        pilot_steps=pilot_steps, batch_size=batch_size, seed=seed,
+                                                        device=device, dtype=dtype, progress=progress)
+        pilot_seconds = time.perf_counter() - t0
+        say(f"fit-grid: stand-in mixture ({first['num_components']} components, {first['covariance']} covariance)")
+        mixture = stand_in_mixture(samples, first["num_components"], first["covariance"], seed)
+        fit_opts = {**FIT_DEFAULTS, "seed": int(seed), **fit_options}
+        for n in todo:
+            say(f"fit-grid: fitting {sampler} for {n} steps (optimize_grid on the stand-in)")
+            t1 = time.perf_counter()
+            fit = optimize_grid(samplers[n], process, mixture=mixture, **fit_opts)
+            fit_seconds = time.perf_counter() - t1
+            path = model_grid_path(folder, sampler, n)
+            mark = {"weights_sha256": hashes, "sampler_options": _method_options(samplers[n].config),
+                    "pilot_batch_size": batch_size, "pilot_dtype": str(dtype).replace("torch.", ""),
+                    "pilot_device": str(device), "command": command}
+            from . import __version__
+
+            mark["score_toolkit_version"] = __version__
+            save_grid(path, fit.times, process, sampler=sampler, overwrite=True,
+                      info={_INFO_KEY: settings[n], _KEY: mark, "score_evaluations": evaluations,
+                            "score_calls": calls, "pilot_seconds": round(pilot_seconds, 3),
+                            "fit_seconds": round(fit_seconds, 3)})
+            results[n] = ModelGridFit(path, sampler, n, "fitted", fit_seconds)
+            say(f"fit-grid: wrote {path} ({fit_seconds:.0f} s)")
+    return [results[n] for n in budgets]
+
+
+@dataclass
+class ModelGridChoice:
+    """What :func:`model_grid_for` found: ``path`` (the stored grid to use) or ``None``, and why (``reason``);
+    ``warning`` is set when a stored grid is there but does not fit."""
+
+    path: Path | None
+    reason: str
+    warning: str | None = None
+
+
+def model_grid_for(folder: str | os.PathLike | None, sampler, process) -> ModelGridChoice:
+    """The stored grid of ``folder`` for the sampler object ``sampler`` (its name, ``num_steps`` and other options)
+    under ``process``, or why there is none. A stored grid is used only when it was written by
+    :func:`fit_model_grids` for the same weights (sha256 of the weights files), the same process and the same
+    sampler options other than ``num_steps`` (e.g. ``order``, ``to_zero``)."""
+    from .samplers.fixed_grid import GridSampler
+
+    if folder is None:
+        return ModelGridChoice(None, "the pipeline was not loaded from a folder")
+    if not isinstance(sampler, GridSampler):
+        return ModelGridChoice(None, f"{sampler.name} is not a fixed-grid sampler")
+    path = model_grid_path(folder, sampler.name, sampler.config["num_steps"])
+    if not path.is_file():
+        return ModelGridChoice(None, f"no stored grid {path}")
+    record = _read(path)
+    if record is None:
+        return ModelGridChoice(None, f"{path}", f"{path} was not written by fit_model_grids (no weights hash): not "
+                               "used; the built-in default grid is used")
+    mark, settings = record["info"][_KEY], record["info"]["pilot_grid"]
+    try:
+        hashes = weights_sha256(folder)
+    except FileNotFoundError:
+        hashes = None
+    why = None
+    if mark.get("weights_sha256") != hashes:
+        why = "it was fitted for other weights (the sha256 of the weights files differs)"
+    elif settings.get("process") != repr(process):
+        why = f"it was fitted under {settings.get('process')}, this pipeline's process is {process!r}"
+    elif mark.get("sampler_options") != _method_options(sampler.config):
+        ours, theirs = _method_options(sampler.config), mark.get("sampler_options") or {}
+        diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)}
+        why = f"it was fitted for other sampler options (stored, requested: {diff})"
+    if why is not None:
+        opts = "".join(f" --option {k}={json.dumps(v)}" for k, v in _method_options(sampler.config).items()
+                       if k in (mark.get("sampler_options") or {}) and (mark.get("sampler_options") or {})[k] != v)
+        return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: {why}; the built-in default grid is "
+                               f"used (fit one with: score-toolkit fit-grid {folder} --sampler {sampler.name} --steps "
+                               f"{sampler.config['num_steps']}{opts})")
+    return ModelGridChoice(path, f"the model's grid {path}")

@@ -1,0 +1,250 @@
+"""The model's own grids (score_toolkit.model_grids, ``score-toolkit fit-grid``, the pipeline's default grid): a tiny
+2-D model folder and a tiny pilot (64 draws, 10 ODE steps, 3 fit iterations)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from score_toolkit import cli
+from score_toolkit.model_grids import ModelGridWarning, fit_model_grids, model_grid_path, weights_sha256
+from score_toolkit.models import ScoreMLP
+from score_toolkit.pipeline import ScorePipeline
+from score_toolkit.processes import VESDE, VPSDE
+from score_toolkit.registry import get_sampler
+from score_toolkit.schedulers import scheduler_for
+
+TINY = ["--num-pilot", "64", "--pilot-steps", "10", "--fit-option", "iterations=3", "--fit-option", "num_samples=64",
+        "--fit-option", "num_validation=128", "--no-progress"]
+TINY_FIT = {"num_pilot": 64, "pilot_steps": 10, "iterations": 3, "num_samples": 64, "num_validation": 128,
+            "progress": False}
+
+
+def _model(folder, seed=0):
+    torch.manual_seed(seed)
+    pipe = ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
+                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A model folder with its default grids, fitted by the command (once for the module)."""
+    folder = _model(tmp_path_factory.mktemp("mg") / "model")
+    assert cli.main(["fit-grid", str(folder), *TINY]) == 0
+    return folder
+
+
+def _copy(fitted, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(fitted, dst)
+    return dst
+
+
+def _run(pipe, **kw):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=16, generator=torch.Generator().manual_seed(3), **kw)
+
+
+def test_fit_grid_writes_the_default_budgets_with_their_record(fitted):
+    for n in (24, 14):
+        path = model_grid_path(fitted, "unipc", n)
+        record = json.loads(path.read_text())
+        assert record["format"] == "score_toolkit.time_grid" and record["num_steps"] == n and record["sampler"] == "unipc"
+        info = record["info"]
+        assert info["model_grid"]["weights_sha256"] == weights_sha256(fitted)
+        assert info["model_grid"]["sampler_options"]["order"] == 3 and info["model_grid"]["sampler_options"]["to_zero"]
+        assert info["model_grid"]["command"].startswith(f"score-toolkit fit-grid {fitted} --num-pilot 64")
+        assert info["pilot_grid"]["num_pilot"] == 64 and info["pilot_grid"]["pilot_steps"] == 10
+        assert info["pilot_grid"]["process"] == repr(VPSDE())
+        assert info["score_evaluations"] == 64 * 11  # one pilot, shared by both budgets
+    a = json.loads(model_grid_path(fitted, "unipc", 24).read_text())
+    b = json.loads(model_grid_path(fitted, "unipc", 14).read_text())
+    assert a["info"]["pilot_seconds"] == b["info"]["pilot_seconds"]  # the same pilot, recorded in both
+
+
+def test_the_file_is_a_pilot_grid_cache_and_the_same_as_pilot_grid(fitted):
+    """Same pilot settings and seed -> the grid pilot_grid makes; and pilot_grid reads the file as its cache."""
+    from score_toolkit.samplers.grid_store import load_grid
+    from score_toolkit.samplers.pilot_grid import pilot_grid
+
+    pipe = ScorePipeline.from_pretrained(fitted)
+    process, fit = pipe.spec[0], {k: v for k, v in TINY_FIT.items() if k not in ("num_pilot", "pilot_steps", "progress")}
+    sampler = get_sampler("unipc", num_steps=14)
+    path = model_grid_path(fitted, "unipc", 14)
+    fresh = pilot_grid(sampler, pipe.score_function(), process, (2,), num_pilot=64, pilot_steps=10, batch_size=512,
+                       dtype=torch.float32, **fit)
+    assert torch.allclose(fresh.times, load_grid(path, process), rtol=0, atol=1e-9)
+    cached = pilot_grid(sampler, pipe.score_function(), process, (2,), num_pilot=64, pilot_steps=10, cache=path, **fit)
+    assert cached.cached and cached.score_evaluations == 0
+
+
+def test_the_pipeline_uses_the_stored_grid_by_default(fitted, caplog):
+    pipe = ScorePipeline.from_pretrained(fitted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("INFO", logger="score_toolkit.pipeline"):
+            default = _run(pipe)  # the default sampler and steps: unipc, 24
+    path = model_grid_path(fitted, "unipc", 24)
+    assert default.grid == str(path) and default.nfe == 25
+    assert f"using the model's grid {path}" in caplog.text
+    explicit = _run(pipe, grid=str(path))
+    builtin = _run(pipe, num_inference_steps=24, grid="fitted")
+    assert torch.equal(default.samples, explicit.samples)
+    assert (default.samples - builtin.samples).abs().max() > 1e-4  # the stored grid is not the built-in one
+    # num_steps 14 has its own stored grid; 10 has none: the built-in default, no warning
+    assert _run(pipe, num_inference_steps=14).grid == str(model_grid_path(fitted, "unipc", 14))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = _run(pipe, num_inference_steps=10)
+    assert other.grid == "fitted" and torch.equal(other.samples, _run(pipe, num_inference_steps=10, grid="fitted").samples)
+
+
+def test_an_explicit_grid_and_a_sampler_instance_win(fitted):
+    pipe = ScorePipeline.from_pretrained(fitted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _run(pipe, grid="log_sigma")
+        inst = _run(pipe, sampler=get_sampler("unipc", num_steps=24))
+    assert out.grid == "log_sigma" and out.nfe == 25
+    assert inst.grid == "fitted"
+
+
+def test_other_weights_give_a_warning_and_the_default_grid(fitted, tmp_path):
+    folder = _copy(fitted, tmp_path)
+    _model(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors",
+                folder / "unet" / "diffusion_pytorch_model.safetensors")
+    pipe = ScorePipeline.from_pretrained(folder)
+    with pytest.warns(ModelGridWarning, match="fitted for other weights"):
+        out = _run(pipe)
+    assert out.grid == "fitted"
+    assert torch.equal(out.samples, _run(pipe, num_inference_steps=24, grid="fitted").samples)
+
+
+def test_other_sampler_options_or_process_give_a_warning_and_the_default_grid(fitted):
+    pipe = ScorePipeline.from_pretrained(fitted)
+    with pytest.warns(ModelGridWarning, match=r"other sampler options .*'order': \(3, 2\).*--option order=2"):
+        out = _run(pipe, order=2)
+    assert out.grid == "fitted" and torch.equal(out.samples, _run(pipe, order=2, num_inference_steps=24, grid="fitted").samples)
+    with pytest.warns(ModelGridWarning, match="other sampler options .*to_zero"):
+        assert _run(pipe, to_zero=False, denoise=True).grid == "fitted"
+    pipe.scheduler = scheduler_for(VESDE(), "epsilon", "t")
+    with pytest.warns(ModelGridWarning, match="fitted under VPSDE"):
+        assert _run(pipe).grid == "fitted"
+
+
+def test_conditional_and_folderless_pipelines_use_the_builtin_grid(fitted):
+    pipe = ScorePipeline.from_pretrained(fitted)
+    bare = ScorePipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run(bare).grid == "fitted"
+        assert pipe.make_sampler("unipc", conditional=True).config["grid"] == "fitted"
+    assert pipe.make_sampler("unipc").config["grid"] == str(model_grid_path(fitted, "unipc", 24))
+
+
+def test_a_foreign_file_is_never_replaced_nor_used(fitted, tmp_path, capsys):
+    from score_toolkit.samplers.grid_store import save_grid
+
+    folder = _copy(fitted, tmp_path)
+    path = model_grid_path(folder, "unipc", 14)
+    path.unlink()
+    save_grid(path, VPSDE().time_grid(14, "uniform", dtype=torch.float64), VPSDE(), sampler="unipc")
+    before = path.read_bytes()
+    assert cli.main(["fit-grid", str(folder), *TINY]) == 2
+    assert "was not written by fit_model_grids" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    with pytest.warns(ModelGridWarning, match="not written by fit_model_grids"):
+        assert _run(ScorePipeline.from_pretrained(folder), num_inference_steps=14).grid == "fitted"
+
+
+def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp_path):
+    folder = _copy(fitted, tmp_path)
+    path = model_grid_path(folder, "unipc", 24)
+    before = path.read_bytes()
+    fits = fit_model_grids(ScorePipeline.from_pretrained(folder), command="x", **TINY_FIT)
+    assert [f.status for f in fits] == ["up_to_date", "up_to_date"] and path.read_bytes() == before
+    # other settings: its own file, refitted
+    fits = fit_model_grids(ScorePipeline.from_pretrained(folder), steps=[24], seed=5, **TINY_FIT)
+    assert fits[0].status == "fitted" and json.loads(path.read_text())["info"]["pilot_grid"]["seed"] == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "nope"], "unknown sampler"),
+    (["--sampler", "euler_maruyama"], "deterministic fixed-grid sampler"),
+    (["--option", "grid=karras"], "cannot be sampler options"),
+    (["--option", "colour=3"], "unknown option"),
+    (["--steps", "0"], "positive ints"),
+    (["--num-pilot", "1"], "--num-pilot"),
+    (["--fit-option", "iteratons=3"], "unknown fit option(s) ['iteratons']"),
+    (["--fit-option", "save_as=x"], "unknown fit option(s) ['save_as']"),
+])
+def test_bad_inputs_give_clear_errors(fitted, tmp_path, capsys, argv, message):
+    folder = _copy(fitted, tmp_path)
+    before = {p.name: p.read_bytes() for p in (folder / "grids").iterdir()}
+    assert cli.main(["fit-grid", str(folder), *argv, "--no-progress"]) != 0
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (folder / "grids").iterdir()} == before
+    assert cli.main(["fit-grid", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "expected MODEL_DIR" in capsys.readouterr().err
+
+
+def test_sample_command_uses_and_records_the_model_grid(fitted, tmp_path):
+    out = tmp_path / "s"
+    assert cli.main(["sample", str(fitted), "--num-samples", "8", "--batch-size", "8", "--steps", "14",
+                     "--output-dir", str(out), "--cpu", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    run = manifest.get("run", manifest)
+    assert run["grid"]["path"] == str(model_grid_path(fitted, "unipc", 14))
+
+
+def test_train_fits_the_grids_unless_told_not_to(tmp_path):
+    import yaml
+    from helpers import small_run_config
+
+    def config(out):
+        cfg = small_run_config(out, num_samples=256, train_defaults={"steps": 2, "batch_size": 32, "checkpoint_every": 2,
+                                                                     "log_every": 1})
+        cfg["export"] = {"enabled": True, "num_samples": 8, "sampler": "dpmpp_2m", "sampler_options": {"num_steps": 5}}
+        return cfg
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(config(tmp_path / "a")))
+    assert cli.main(["train", "--config", str(tmp_path / "a.yaml"), "--no-fit-grid", "--no-progress"]) == 0
+    export = tmp_path / "a" / "pipeline"
+    assert (export / "model_index.json").is_file() and not (export / "grids").exists()
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(config(tmp_path / "b")))
+    assert cli.main(["train", "--config", str(tmp_path / "b.yaml"), "--grid-pilot", "64", "--grid-pilot-steps", "10",
+                     "--grid-fit-option", "iterations=3", "--grid-fit-option", "num_samples=64",
+                     "--grid-fit-option", "num_validation=128", "--no-progress"]) == 0
+    export = tmp_path / "b" / "pipeline"
+    for n in (24, 14):
+        info = json.loads(model_grid_path(export, "unipc", n).read_text())["info"]
+        assert info["model_grid"]["weights_sha256"] == weights_sha256(export)
+        assert info["model_grid"]["command"].startswith("score-toolkit train --config")
+
+
+@pytest.mark.parametrize("name", ["digits"])
+def test_the_shipped_grids_belong_to_the_shipped_weights(name):
+    """hub_cards/<name>/grids: written by the command its card records, for the weights shipped next to them, and
+    what the pipeline (so score-toolkit sample) runs by default."""
+    from score_toolkit.pipeline import shipped_model_path
+
+    folder = shipped_model_path(name)
+    card = (folder / "README.md").read_text()
+    pipe = ScorePipeline.from_pretrained(folder)
+    for n in (24, 14):
+        path = model_grid_path(folder, "unipc", n)
+        info = json.loads(path.read_text())["info"]
+        assert info["model_grid"]["command"].startswith(f"score-toolkit fit-grid hub_cards/{name}")
+        assert f"`{info['model_grid']['command']}`" in card
+        assert info["model_grid"]["weights_sha256"] == weights_sha256(folder)
+        assert info["pilot_grid"]["num_pilot"] == 2048 and info["pilot_grid"]["pilot_steps"] == 100
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert pipe.make_sampler(num_inference_steps=n).config["grid"] == str(path)
