@@ -199,6 +199,7 @@ def part_transfer(args, rows, log):
         reference = mix.sample(args.n, generator=B._gen(B.REF_SEED + s))
         refs.append((reference, M.mean_nll(reference, mix)))
     variants = [v for v in args.family_variants.split(",") if v]
+    variants += [f"{v} warm" for v in variants] if args.warm else []
     for steps in (args.ladder or TRANSFER_LADDER):
         source = torch.tensor(fits[("fitted for VE", steps)]["log_snr"], dtype=torch.float64)
         for pname in TRANSFER_PROCESSES:
@@ -206,9 +207,10 @@ def part_transfer(args, rows, log):
             grids = {"fitted for this process": fits[(f"fitted for {pname}", steps)]}
             if pname != "VE":
                 grids["fitted for sigma_max 50, carried"] = {"log_snr": source.tolist()}
-            grids.update({v: fits[(v, steps)] for v in variants})
+            grids.update({v: fits[(v, steps)] for v in variants if (v, steps) in fits})  # (no warm fit at the first)
             for kind, rec in grids.items():
-                if args.judge_kinds and kind not in args.judge_kinds.split(","):
+                if (args.judge_kinds and kind not in args.judge_kinds.split(",")) or (
+                        args.judge_steps and steps not in [int(v) for v in args.judge_steps.split(",")]):
                     continue
                 times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0))
                 per_seed = []
@@ -309,8 +311,11 @@ def _baseline_optimiser(rev):
 def part_time(args, rows, log):
     old = _baseline_optimiser(args.baseline_rev)
     cases = [spec.split(":") for spec in args.time_cases.split(",")]
-    for case, name, steps, pname in cases:
+    for case, name, steps, pname, *extra in cases:
         steps = int(steps)
+        # "family": the transfer part's anchored family fit (family sigma_max 10, 40 under sigma_max 50, transfer_head=2)
+        fam = {"family": [PROCESSES["VE10"](), PROCESSES["VE40"]()], "transfer_head": 2} if extra == ["family"] else {}
+        evaluations = {"new": [], "old": []}
         mix = B.CASES[case][1]() if case in B.CASES else anisotropic_mixture(dim=64)
         held = mix.sample(B.HELD_OUT_N, generator=B._gen(B.HELD_OUT_SEED))
         process = PROCESSES[pname]()
@@ -323,11 +328,13 @@ def part_time(args, rows, log):
                     warnings.simplefilter("ignore")
                     out = fn(get_sampler_class(name)(num_steps=steps), process, data=held,
                              num_components=B.GRID_COMPONENTS.get(case, 10), seed=B.OPTIMISER_SEED, loss="nll",
-                             tail_rounds=args.time_tail_rounds)
+                             tail_rounds=args.time_tail_rounds, **fam)
                 reports[which].append(out.validation["optimized"])
+                evaluations[which].append(out.evaluations)
                 times[which].append(time.perf_counter() - t0)
         ratios = [o / n for o, n in zip(times["old"], times["new"])]
-        row = {"part": "time", "case": case, "process": pname, "sampler": name, "steps": steps,
+        row = {"part": "time", "case": case + (" family head=2" if fam else ""), "process": pname, "sampler": name,
+               "steps": steps, "evaluations": evaluations,
                "tail_rounds": args.time_tail_rounds,
                "old_s": [round(t, 1) for t in times["old"]], "new_s": [round(t, 1) for t in times["new"]],
                "speedup": round(sorted(ratios)[len(ratios) // 2], 2),
@@ -439,6 +446,7 @@ def write(args, rows):
                   "larger budget of the ladder / the smallest NFE at which the per-process fit meets it (the harder "
                   "reading of both). Under VE (sigma_max 50) the grid carried from sigma_max 50 is the per-process fit.", "",
                   "| grid | " + " | ".join(TRANSFER_PROCESSES) + " | worst ratio |", "| --- | --- | --- | --- | --- |"]
+        top = max(r["nfe"] for r in tr if r["grid"] == "fitted for this process")  # the ladder's top
         for kind in kinds:
             if kind == "fitted for this process":
                 continue
@@ -447,12 +455,13 @@ def write(args, rows):
                 rs = curve(proc, "fitted for this process" if kind == "fitted for sigma_max 50, carried" and proc == "VE"
                            else kind)
                 one = stable(rs)
+                span = f" (judged {rs[0]['nfe']}-{rs[-1]['nfe']} NFE only)" if rs and rs[-1]["nfe"] < top else ""
                 if one is not None and own[proc] is not None:
                     worst = max(worst, one / own[proc])
-                    cells.append(f"{one} / {own[proc]} = {one / own[proc]:.2f}x")
+                    cells.append(f"{one} / {own[proc]} = {one / own[proc]:.2f}x{span}")
                 else:
                     worst = math.inf
-                    cells.append(f"{one or '-'} / {own[proc] or '-'}")
+                    cells.append(f"{one or '-'} / {own[proc] or '-'}{span}")
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {worst:.2f}x |")
     cal = [r for r in rows if r["part"] == "calib"]
     if cal:
@@ -481,12 +490,14 @@ def write(args, rows):
         lines += ["", f"## Fitting time, previous optimiser ({args.baseline_rev}) vs this one, interleaved in one run", "",
                   "Held-out report: objective, W-SW2 / NLL ratios, far off (both fits on the same held-out draws).", "",
                   "| case | process | sampler, steps | tail_rounds | previous s | this s | speed-up (median ratio) | "
-                  "previous report | this report |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "previous report | this report | evaluations previous / this |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in tm:
+            ev = r.get("evaluations")
+            ev = f"{ev['old']} / {ev['new']}" if ev else "-"
             lines.append(f"| {r['case']} | {r['process']} | {r['sampler']}, {r['steps']} | {r.get('tail_rounds', 1)} | "
                          f"{r['old_s']} | {r['new_s']} | {r['speedup']} | {r.get('old_report', '-')} | "
-                         f"{r.get('new_report', '-')} |")
+                         f"{r.get('new_report', '-')} | {ev} |")
     wm = [r for r in rows if r["part"] == "warm"]
     if wm:
         lines += ["", "## Warm start against a cold one, per budget (one after the other, alternating order)", "",
@@ -528,6 +539,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-cases", default="ring:dpmpp_2m:VE,ring:dpmpp_2m:VP,aniso16:dpmpp_3m:VP",
                     help="case:sampler:process, comma-separated, for the warm part (cold vs warm start per budget)")
     ap.add_argument("--judge-kinds", default=None, help="judge only these grids of the transfer part (comma-separated)")
+    ap.add_argument("--judge-steps", default=None, help="judge the transfer part's grids only at these num_steps")
     ap.add_argument("--fits-tag", default=None, help="the transfer part's cache of fitted grids (<out>/<tag>_fits.jsonl)")
     ap.add_argument("--time-tail-rounds", type=int, default=1, help="tail_rounds of this optimiser in the time part")
     ap.add_argument("--time-cases", default="ring:dpmpp_3m:12:VE,ring:dpmpp_3m:10:VP,aniso16:dpmpp_3m:16:VP,"
