@@ -18,9 +18,9 @@ score evaluations plus minutes of fitting, too much to spend silently at the fir
 * :func:`model_grid_for` is what the pipeline asks before sampling: the stored grid for this sampler, budget and
   options, or ``None`` with the reason (a :class:`ModelGridWarning` when a stored grid is there but does not fit:
   other weights, another process, other sampler options; no warning, only the reason, when the stored grid lost its
-  validation to the built-in grid). A file without a validation record (written before the validation existed)
-  is used as before, and the reason says it is unvalidated; ``score-toolkit fit-grid`` adds the validation
-  without refitting.
+  validation to the built-in grid). A file without a validation record (written before the validation existed),
+  or validated against another built-in grid than the sampler's current one, is used as before, and the reason says
+  it is unvalidated; ``score-toolkit fit-grid`` adds the validation without refitting.
 
 Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)".
 
@@ -410,6 +410,11 @@ def model_grid_for(folder: str | os.PathLike | None, sampler, process) -> ModelG
     if winner not in _WINNERS:
         return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: its validation record is malformed; the "
                                f"built-in default grid is used (re-validate with: score-toolkit fit-grid {folder})")
+    built_in = validation.get("settings", {}).get("built_in_grid") if isinstance(validation, dict) else None
+    if built_in != sampler.config.get("grid"):  # validated against another built-in grid: that decision is stale
+        return ModelGridChoice(path, f"the model's grid {path} (not validated against this sampler's built-in grid "
+                               f"{sampler.config.get('grid')!r}: its validation was against {built_in!r}; "
+                               f"'score-toolkit fit-grid {folder}' re-validates it without refitting)")
     if winner == "built_in":
         return ModelGridChoice(None, f"the model's validation preferred the built-in grid: rms {theirs} vs {mine} "
                                f"(built-in vs {path}, per coordinate, against the model's converged ODE)")

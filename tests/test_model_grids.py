@@ -381,6 +381,22 @@ def test_files_without_validation_are_used_and_get_it_without_refitting(fitted, 
     assert fit_model_grids(pipe, steps=[14], **{**TINY_FIT, "validation_draws": 32})[0].status == "up_to_date"
 
 
+def test_a_validation_against_another_built_in_grid_is_not_trusted(fitted, tmp_path, monkeypatch):
+    """The record of ``fitted`` says the built-in "fitted" grid won; with another built-in default (a later version's)
+    that decision is stale: the stored grid is used as an unvalidated one, and fit-grid re-validates it."""
+    from score_toolkit.model_grids import model_grid_for
+    from score_toolkit.samplers.unipc import UniPC
+
+    folder = _copy(fitted, tmp_path)
+    path = model_grid_path(folder, "unipc", 14)
+    _set_winner(folder, "built_in")
+    assert model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE()).path is None
+    monkeypatch.setitem(UniPC.options, "grid", "log_sigma")
+    choice = model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE())
+    assert choice.path == path and choice.warning is None
+    assert "not validated against this sampler's built-in grid 'log_sigma'" in choice.reason
+
+
 def test_a_malformed_validation_record_gives_a_warning_and_the_default_grid(fitted, tmp_path):
     folder = _copy(fitted, tmp_path)
     _set_winner(folder, "mine")
