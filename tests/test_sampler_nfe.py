@@ -223,3 +223,25 @@ def test_half_precision_states_are_integrated_in_float32(name, opts, dtype):
     # and the samples are on the ring (radius 4): the integration did not degrade
     r = half.samples.float().norm(dim=1)
     assert float((r - 4).abs().median()) < 0.3 and math.isfinite(float(r.max()))
+
+
+@pytest.mark.parametrize("name", list_samplers())
+@pytest.mark.parametrize("kind", ["times", "saved"])
+def test_nfe_and_num_steps_follow_a_grid_that_sets_its_own_steps(name, kind, tmp_path):
+    """A grid given as explicit times or as a saved file fixes the number of steps: the sampler's config, its
+    declared nfe and its progress count follow it with every option left at its default (unipc's
+    ``lower_order_final="auto"`` once hid this: config and nfe kept the default 20 steps)."""
+    from score_toolkit.samplers.fixed_grid import GridSampler
+    from score_toolkit.samplers.grid_store import save_grid
+
+    if not issubclass(get_sampler_class(name), GridSampler):
+        pytest.skip(f"{name} does not run on a fixed grid")
+    process = VPSDE()
+    times = process.time_grid(5, "log_sigma", dtype=torch.float64).tolist()  # 5 steps, not the default 20
+    grid = times if kind == "times" else str(save_grid(tmp_path / "g.json", times, process, sampler=name))
+    sampler = get_sampler(name, grid=grid)
+    assert sampler.config["num_steps"] == 5, (name, sampler.config["num_steps"])
+    assert sampler._num_progress_steps() == 5
+    score = CountingScore(process)
+    out = sampler.sample(score, process, shape=(4, 2), generator=torch.Generator().manual_seed(0))
+    assert out.nfe == score.calls == sampler.nfe, (name, out.nfe, score.calls, sampler.nfe)
