@@ -10,11 +10,22 @@ score evaluations plus minutes of fitting, too much to spend silently at the fir
   ``<folder>/grids/<sampler>_<num_steps>.json`` (saved-grid files, usable as ``grid="<path>"``). Each file records
   the pilot's settings (as :func:`~score_toolkit.samplers.pilot_grid.pilot_grid` records them, so the file is also
   a valid ``pilot_grid`` cache), the sampler's options, the process and the sha256 of the weights files.
+* Each fitted grid is then **validated on the model's own ODE**: a held-out set of prior draws (its own seed) goes
+  through the converged PF-ODE of the network (the pilot's integrator and steps); the sampler runs from the same
+  draws on the fitted grid and on its built-in default grid, and the per-sample errors to the ODE's endpoints
+  (divided by sqrt(dim): rms, median, 99 %) of both are recorded in the file (``info["validation"]``) with the
+  winner (the fitted grid wins only with a strictly smaller rms) and the cost.
 * :func:`model_grid_for` is what the pipeline asks before sampling: the stored grid for this sampler, budget and
   options, or ``None`` with the reason (a :class:`ModelGridWarning` when a stored grid is there but does not fit:
-  other weights, another process, other sampler options).
+  other weights, another process, other sampler options; no warning, only the reason, when the stored grid lost its
+  validation to the built-in grid). A file without a validation record (written before the validation existed),
+  or validated against another built-in grid than the sampler's current one, is used as before, and the reason says
+  it is unvalidated; ``score-toolkit fit-grid`` adds the validation without refitting.
 
 Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)".
+
+Why one module of this length: the fit, the validation and the lookup all read and write the one file record
+defined here; split, they would share its private keys across modules.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +58,11 @@ _KEY = "model_grid"
 _NOT_METHOD = ("grid", "num_steps", "progress")
 #: the pilot's network batch when none is given
 PILOT_BATCH = 512
+#: the held-out draws of the validation and their seed (another seed than the pilot's: draws the fit never saw)
+VALIDATION_DRAWS = 256
+VALIDATION_SEED = 314_159
+#: ``info["validation"]["winner"]`` values
+_WINNERS = ("model_grid", "built_in")
 
 
 class ModelGridWarning(UserWarning):
@@ -55,14 +72,17 @@ class ModelGridWarning(UserWarning):
 
 @dataclass
 class ModelGridFit:
-    """One budget's result of :func:`fit_model_grids`: the file, and whether it was fitted now (``fitted``) or was
-    already there with the same settings and weights (``up_to_date``)."""
+    """One budget's result of :func:`fit_model_grids`: the file, and whether it was fitted now (``fitted``), was
+    already there with the same settings and weights (``up_to_date``), or was kept and only validated now
+    (``validated``: a file written before the validation, or validated with other settings); ``validation``: the
+    file's validation record (``winner``: ``"model_grid"`` or ``"built_in"``, the grid the pipeline uses)."""
 
     path: Path
     sampler: str
     num_steps: int
     status: str
     fit_seconds: float = 0.0
+    validation: dict[str, Any] | None = None
 
 
 def model_grid_path(folder: str | os.PathLike, sampler: str, num_steps: int) -> Path:
@@ -133,6 +153,8 @@ def fit_model_grids(
     device=None,
     progress: bool = True,
     command: str | None = None,
+    validation_draws: int = VALIDATION_DRAWS,
+    validation_seed: int = VALIDATION_SEED,
     **fit_options: Any,
 ) -> list[ModelGridFit]:
     """Fit the model's own grid of ``sampler`` for each budget in ``steps`` and store it in the model folder's
@@ -147,7 +169,14 @@ def fit_model_grids(
     A budget whose file was written by this function with the same settings for the same weights is left as it is
     (status ``up_to_date``); one written by it with other settings or for other weights is refitted and replaced;
     a file it did not write is never replaced (``FileExistsError`` before any work). Files are written atomically.
-    ``command``: how it was invoked, recorded in the files. Returns one :class:`ModelGridFit` per budget.
+    ``command``: how it was invoked, recorded in the files.
+
+    Validation: ``validation_draws`` prior draws from a generator seeded with ``validation_seed`` (must differ from
+    ``seed``) go through the model's converged PF-ODE (the pilot's integrator and ``pilot_steps``); the sampler runs
+    from the same draws on the stored grid (read back from its file, as the pipeline reads it) and on its built-in
+    default grid; the errors, the winner and the cost go into the file's ``info["validation"]``. A file that is up to
+    date but has no validation with these settings is validated without refitting. Returns one
+    :class:`ModelGridFit` per budget.
     """
     import torch
 
@@ -165,9 +194,13 @@ def fit_model_grids(
                          f"(the grids are stored there), found one without a folder ({folder})")
     folder = Path(folder)
     budgets = _steps(steps)
-    for name, value, low in (("num_pilot", num_pilot, 2), ("pilot_steps", pilot_steps, 2), ("seed", seed, 0)):
+    for name, value, low in (("num_pilot", num_pilot, 2), ("pilot_steps", pilot_steps, 2), ("seed", seed, 0),
+                             ("validation_draws", validation_draws, 2), ("validation_seed", validation_seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"fit_model_grids: expected {name} to be an int >= {low}, found {value!r}")
+    if validation_seed == seed:
+        raise ValueError(f"fit_model_grids: expected validation_seed to differ from the pilot's seed (held-out draws), "
+                         f"found both {seed}")
     import inspect
 
     allowed = set(inspect.signature(optimize_grid).parameters) - {"sampler", "process", "mixture", "data", "score_fn",
@@ -205,16 +238,16 @@ def fit_model_grids(
         record = _read(path) if path.exists() else None
         if record is not None and record["info"]["pilot_grid"] == settings[n] and \
                 record["info"][_KEY].get("weights_sha256") == hashes:
-            results[n] = ModelGridFit(path, sampler, n, "up_to_date")
+            results[n] = ModelGridFit(path, sampler, n, "up_to_date", validation=record["info"].get("validation"))
             logger.info("%s: up to date (same settings, same weights)", path)
     todo = [n for n in budgets if n not in results]
+    say = print if progress else logger.info
+    score_fn = pipe.score_function()
     if todo:
         first = settings[todo[0]]
-        say = print if progress else logger.info
         say(f"fit-grid: pilot of {folder}: {num_pilot} draws x {pilot_steps + 1} score evaluations "
             f"({process!r}, {dtype}, {device})")
         t0 = time.perf_counter()
-        score_fn = pipe.score_function()
         with torch.no_grad():
             samples, evaluations, calls = pilot_samples(score_fn, process, shape, num_pilot=num_pilot,
                                                         pilot_steps=pilot_steps, batch_size=batch_size, seed=seed,
@@ -241,7 +274,80 @@ def fit_model_grids(
                             "fit_seconds": round(fit_seconds, 3)})
             results[n] = ModelGridFit(path, sampler, n, "fitted", fit_seconds)
             say(f"fit-grid: wrote {path} ({fit_seconds:.0f} s)")
+    check = {"draws": validation_draws, "seed": validation_seed,
+             "reference": {"sampler": "dpmpp_3m", "num_steps": pilot_steps, "grid": "log_sigma", "to_zero": True}}
+    unchecked = [n for n in budgets if (results[n].validation or {}).get("settings") != {
+        **check, "built_in_grid": samplers[n].config.get("grid")}]
+    if unchecked:
+        _validate(results, unchecked, samplers, options, score_fn, process, shape, check, batch_size, device, dtype, say)
     return [results[n] for n in budgets]
+
+
+def _validate(results, budgets, samplers, options, score_fn, process, shape, check, batch_size, device, dtype, say) -> None:
+    """Validate the stored grids of ``budgets`` on the model's converged ODE (see :func:`fit_model_grids`) and add
+    the record to their files."""
+    import torch
+
+    from ._io import write_json_atomic
+    from .registry import get_sampler
+    from .samplers.dpm_solver import DPMSolverPP3M
+
+    draws, ref_cfg = check["draws"], check["reference"]
+    batch = batch_size or draws
+    gen = torch.Generator(device="cpu").manual_seed(int(check["seed"]))
+    x1 = process.prior_sample((draws, *shape), generator=gen, dtype=dtype).to(device)
+
+    def run(sampler_obj):
+        outs, evaluations = [], 0
+        for start in range(0, draws, batch):
+            out = sampler_obj.sample(score_fn, process, x_init=x1[start:start + batch])
+            outs.append(out.samples.detach().double().reshape(out.samples.shape[0], -1))
+            evaluations += out.samples.shape[0] * out.nfe
+        return torch.cat(outs), evaluations
+
+    say(f"fit-grid: validation: {draws} held-out prior draws (seed {check['seed']}) through the converged ODE "
+        f"({ref_cfg['num_steps']} steps)")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref, ref_evaluations = run(DPMSolverPP3M(num_steps=ref_cfg["num_steps"], grid=ref_cfg["grid"],
+                                                 to_zero=ref_cfg["to_zero"]))
+        if not torch.isfinite(ref).all():
+            raise ValueError("fit_model_grids: the validation's converged ODE produced non-finite samples")
+        ref_seconds = time.perf_counter() - t0
+        dim = ref.shape[1]
+        for n in budgets:
+            fit = results[n]
+            built_in = samplers[n].config.get("grid")
+            t1 = time.perf_counter()
+            stats, evaluations = {}, 0
+            for key, obj in (("model_grid", get_sampler(samplers[n].name, num_steps=n, grid=os.fspath(fit.path),
+                                                         **options)), ("built_in", samplers[n])):
+                out, used = run(obj)
+                evaluations += used
+                d = (out - ref).norm(dim=1) / dim ** 0.5
+                q = torch.quantile(d, torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+                rms = float(d.pow(2).mean().sqrt())
+                stats[key] = {k: v if math.isfinite(v) else None for k, v in (("rms", rms), ("median", q[0]),
+                                                                                ("q99", q[1]))}
+            mine, theirs = stats["model_grid"]["rms"], stats["built_in"]["rms"]
+            winner = "model_grid" if mine is not None and (theirs is None or mine < theirs) else "built_in"
+            record = json.loads(fit.path.read_text())
+            validation = {"settings": {**check, "built_in_grid": built_in}, "model_grid": stats["model_grid"],
+                          "built_in": stats["built_in"], "winner": winner,
+                          "reference_score_evaluations": ref_evaluations, "reference_seconds": round(ref_seconds, 3),
+                          "score_evaluations": evaluations, "seconds": round(time.perf_counter() - t1, 3)}
+            record["info"]["validation"] = validation
+            write_json_atomic(fit.path, record, indent=1)
+            fit.validation = validation
+            if fit.status == "up_to_date":
+                fit.status = "validated"
+            say(f"fit-grid: {fit.path}: rms error to the converged ODE {_fmt(mine)} (this grid) vs {_fmt(theirs)} "
+                f"(built-in {built_in!r}): the pipeline uses "
+                + ("this grid" if winner == "model_grid" else f"the built-in grid {built_in!r}"))
+
+
+def _fmt(value) -> str:
+    return "non-finite" if value is None else f"{value:.4g}"
 
 
 @dataclass
@@ -292,4 +398,24 @@ def model_grid_for(folder: str | os.PathLike | None, sampler, process) -> ModelG
         return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: {why}; the built-in default grid is "
                                f"used (fit one with: score-toolkit fit-grid {folder} --sampler {sampler.name} --steps "
                                f"{sampler.config['num_steps']}{opts})")
-    return ModelGridChoice(path, f"the model's grid {path}")
+    validation = record["info"].get("validation")
+    if validation is None:
+        return ModelGridChoice(path, f"the model's grid {path} (not validated: written before the validation; "
+                               f"'score-toolkit fit-grid {folder}' adds it without refitting)")
+    try:
+        winner = validation["winner"]
+        mine, theirs = _fmt(validation["model_grid"]["rms"]), _fmt(validation["built_in"]["rms"])
+    except (KeyError, TypeError):
+        winner = None
+    if winner not in _WINNERS:
+        return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: its validation record is malformed; the "
+                               f"built-in default grid is used (re-validate with: score-toolkit fit-grid {folder})")
+    built_in = validation.get("settings", {}).get("built_in_grid") if isinstance(validation, dict) else None
+    if built_in != sampler.config.get("grid"):  # validated against another built-in grid: that decision is stale
+        return ModelGridChoice(path, f"the model's grid {path} (not validated against this sampler's built-in grid "
+                               f"{sampler.config.get('grid')!r}: its validation was against {built_in!r}; "
+                               f"'score-toolkit fit-grid {folder}' re-validates it without refitting)")
+    if winner == "built_in":
+        return ModelGridChoice(None, f"the model's validation preferred the built-in grid: rms {theirs} vs {mine} "
+                               f"(built-in vs {path}, per coordinate, against the model's converged ODE)")
+    return ModelGridChoice(path, f"the model's grid {path} (validated: rms {mine} vs {theirs} for the built-in grid)")

@@ -347,8 +347,9 @@ class ScorePipeline(DiffusionPipeline):
         **The model's grid.** When ``sampler`` is a name (default :data:`DEFAULT_SAMPLER`), no ``grid`` option is
         given, the sampling is unconditional (``conditional=False``) and the folder the pipeline was loaded from
         holds ``grids/<sampler>_<num_steps>.json`` written by ``score-toolkit fit-grid``
-        (:func:`score_toolkit.model_grids.fit_model_grids`), that grid is used: ``sampler.config["grid"]`` is its
-        path, and it is logged at info level. A stored grid fitted for other weights, another process or other
+        (:func:`score_toolkit.model_grids.fit_model_grids`), that grid is used if it won its validation against the
+        built-in grid (recorded in the file; else the built-in grid, with an info message): ``sampler.config["grid"]``
+        is its path, and it is logged at info level. A stored grid fitted for other weights, another process or other
         sampler options (e.g. ``order``, ``to_zero``) is not used: a :class:`~score_toolkit.model_grids.ModelGridWarning`
         says why and the sampler keeps its built-in default grid; so do budgets without a stored grid. An
         explicit ``grid=`` always wins. See docs/fast_samplers.md, "The model's grid".

@@ -19,9 +19,9 @@ from score_toolkit.registry import get_sampler
 from score_toolkit.schedulers import scheduler_for
 
 TINY = ["--num-pilot", "64", "--pilot-steps", "10", "--fit-option", "iterations=3", "--fit-option", "num_samples=64",
-        "--fit-option", "num_validation=128", "--no-progress"]
+        "--fit-option", "num_validation=128", "--validation-draws", "64", "--no-progress"]
 TINY_FIT = {"num_pilot": 64, "pilot_steps": 10, "iterations": 3, "num_samples": 64, "num_validation": 128,
-            "progress": False}
+            "validation_draws": 64, "progress": False}
 
 
 def _model(folder, seed=0):
@@ -44,6 +44,25 @@ def _copy(fitted, tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(fitted, dst)
     return dst
+
+
+def _set_winner(folder, winner):
+    """Construct a validation outcome: the files' records say ``winner`` won (the pipeline's decision is tested on
+    it; the validation itself is tested on genuine runs below)."""
+    for n in (24, 14):
+        path = model_grid_path(folder, "unipc", n)
+        record = json.loads(path.read_text())
+        record["info"]["validation"]["winner"] = winner
+        path.write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def used(fitted, tmp_path_factory):
+    """A copy of ``fitted`` whose validation records say the stored grids won."""
+    folder = tmp_path_factory.mktemp("mg_used") / "model"
+    shutil.copytree(fitted, folder)
+    _set_winner(folder, "model_grid")
+    return folder
 
 
 def _run(pipe, **kw):
@@ -74,7 +93,7 @@ def test_the_file_is_a_pilot_grid_cache_and_the_same_as_pilot_grid(fitted):
     from score_toolkit.samplers.pilot_grid import pilot_grid
 
     pipe = ScorePipeline.from_pretrained(fitted)
-    process, fit = pipe.spec[0], {k: v for k, v in TINY_FIT.items() if k not in ("num_pilot", "pilot_steps", "progress")}
+    process, fit = pipe.spec[0], {k: v for k, v in TINY_FIT.items() if k not in ("num_pilot", "pilot_steps", "progress", "validation_draws")}
     sampler = get_sampler("unipc", num_steps=14)
     path = model_grid_path(fitted, "unipc", 14)
     fresh = pilot_grid(sampler, pipe.score_function(), process, (2,), num_pilot=64, pilot_steps=10, batch_size=512,
@@ -84,13 +103,13 @@ def test_the_file_is_a_pilot_grid_cache_and_the_same_as_pilot_grid(fitted):
     assert cached.cached and cached.score_evaluations == 0
 
 
-def test_the_pipeline_uses_the_stored_grid_by_default(fitted, caplog):
-    pipe = ScorePipeline.from_pretrained(fitted)
+def test_the_pipeline_uses_the_stored_grid_by_default(used, caplog):
+    pipe = ScorePipeline.from_pretrained(used)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with caplog.at_level("INFO", logger="score_toolkit.pipeline"):
             default = _run(pipe)  # the default sampler and steps: unipc, 24
-    path = model_grid_path(fitted, "unipc", 24)
+    path = model_grid_path(used, "unipc", 24)
     assert default.grid == str(path) and default.nfe == 25
     assert f"using the model's grid {path}" in caplog.text
     explicit = _run(pipe, grid=str(path))
@@ -98,7 +117,7 @@ def test_the_pipeline_uses_the_stored_grid_by_default(fitted, caplog):
     assert torch.equal(default.samples, explicit.samples)
     assert (default.samples - builtin.samples).abs().max() > 1e-4  # the stored grid is not the built-in one
     # num_steps 14 has its own stored grid; 10 has none: the built-in default, no warning
-    assert _run(pipe, num_inference_steps=14).grid == str(model_grid_path(fitted, "unipc", 14))
+    assert _run(pipe, num_inference_steps=14).grid == str(model_grid_path(used, "unipc", 14))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other = _run(pipe, num_inference_steps=10)
@@ -139,14 +158,14 @@ def test_other_sampler_options_or_process_give_a_warning_and_the_default_grid(fi
         assert _run(pipe).grid == "fitted"
 
 
-def test_conditional_and_folderless_pipelines_use_the_builtin_grid(fitted):
-    pipe = ScorePipeline.from_pretrained(fitted)
+def test_conditional_and_folderless_pipelines_use_the_builtin_grid(used):
+    pipe = ScorePipeline.from_pretrained(used)
     bare = ScorePipeline(unet=pipe.unet, scheduler=pipe.scheduler)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _run(bare).grid == "fitted"
         assert pipe.make_sampler("unipc", conditional=True).config["grid"] == "fitted"
-    assert pipe.make_sampler("unipc").config["grid"] == str(model_grid_path(fitted, "unipc", 24))
+    assert pipe.make_sampler("unipc").config["grid"] == str(model_grid_path(used, "unipc", 24))
 
 
 def test_a_foreign_file_is_never_replaced_nor_used(fitted, tmp_path, capsys):
@@ -184,6 +203,8 @@ def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp
     (["--num-pilot", "1"], "--num-pilot"),
     (["--fit-option", "iteratons=3"], "unknown fit option(s) ['iteratons']"),
     (["--fit-option", "save_as=x"], "unknown fit option(s) ['save_as']"),
+    (["--validation-draws", "0"], "validation_draws to be an int >= 2"),
+    (["--validation-seed", "271828"], "validation_seed to differ"),
 ])
 def test_bad_inputs_give_clear_errors(fitted, tmp_path, capsys, argv, message):
     folder = _copy(fitted, tmp_path)
@@ -195,13 +216,13 @@ def test_bad_inputs_give_clear_errors(fitted, tmp_path, capsys, argv, message):
     assert "expected MODEL_DIR" in capsys.readouterr().err
 
 
-def test_sample_command_uses_and_records_the_model_grid(fitted, tmp_path):
+def test_sample_command_uses_and_records_the_model_grid(used, tmp_path):
     out = tmp_path / "s"
-    assert cli.main(["sample", str(fitted), "--num-samples", "8", "--batch-size", "8", "--steps", "14",
+    assert cli.main(["sample", str(used), "--num-samples", "8", "--batch-size", "8", "--steps", "14",
                      "--output-dir", str(out), "--cpu", "--no-progress"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     run = manifest.get("run", manifest)
-    assert run["grid"]["path"] == str(model_grid_path(fitted, "unipc", 14))
+    assert run["grid"]["path"] == str(model_grid_path(used, "unipc", 14))
 
 
 def test_train_fits_the_grids_unless_told_not_to(tmp_path):
@@ -245,6 +266,153 @@ def test_the_shipped_grids_belong_to_the_shipped_weights(name):
         assert f"`{info['model_grid']['command']}`" in card
         assert info["model_grid"]["weights_sha256"] == weights_sha256(folder)
         assert info["pilot_grid"]["num_pilot"] == 2048 and info["pilot_grid"]["pilot_steps"] == 100
+        v = info["validation"]
+        assert v["settings"]["draws"] == 256 and v["settings"]["reference"]["num_steps"] == 100
+        assert (v["winner"] == "model_grid") == (v["model_grid"]["rms"] < v["built_in"]["rms"])
+        used = str(path) if v["winner"] == "model_grid" else v["settings"]["built_in_grid"]
+        label = f"grids/unipc_{n}.json" if v["winner"] == "model_grid" else f"built-in {used}"
+        assert f"| {n + 1} | `{label}` |" in card  # the card says which grid each budget uses
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert pipe.make_sampler(num_inference_steps=n).config["grid"] == str(path)
+            assert pipe.make_sampler(num_inference_steps=n).config["grid"] == used
+
+
+def _errors(pipe, sampler, x1, ref):
+    out = sampler.sample(pipe.score_function(), pipe.spec[0], x_init=x1).samples.double()
+    d = (out - ref).norm(dim=1) / ref.shape[1] ** 0.5
+    return float(d.pow(2).mean().sqrt()), float(torch.quantile(d, 0.5)), float(torch.quantile(d, 0.99))
+
+
+def test_fit_grid_validates_each_grid_on_the_model_ode(fitted):
+    """The record: the stored grid and the built-in grid run from the held-out draws, against the converged ODE of
+    the network from the same draws; recomputed here independently."""
+    from score_toolkit.samplers.dpm_solver import DPMSolverPP3M
+
+    pipe = ScorePipeline.from_pretrained(fitted)
+    process = pipe.spec[0]
+    x1 = process.prior_sample((64, 2), generator=torch.Generator().manual_seed(314_159), dtype=torch.float32)
+    with torch.no_grad():
+        ref = DPMSolverPP3M(num_steps=10, grid="log_sigma", to_zero=True).sample(
+            pipe.score_function(), process, x_init=x1).samples.double()
+        for n in (24, 14):
+            path = model_grid_path(fitted, "unipc", n)
+            v = json.loads(path.read_text())["info"]["validation"]
+            assert v["settings"] == {"draws": 64, "seed": 314_159, "built_in_grid": "fitted", "reference": {
+                "sampler": "dpmpp_3m", "num_steps": 10, "grid": "log_sigma", "to_zero": True}}
+            for key, grid in (("model_grid", str(path)), ("built_in", "fitted")):
+                rms, median, q99 = _errors(pipe, get_sampler("unipc", num_steps=n, grid=grid), x1, ref)
+                assert v[key]["rms"] == pytest.approx(rms, rel=1e-4)
+                assert v[key]["median"] == pytest.approx(median, rel=1e-4)
+                assert v[key]["q99"] == pytest.approx(q99, rel=1e-4)
+            assert v["winner"] == ("model_grid" if v["model_grid"]["rms"] < v["built_in"]["rms"] else "built_in")
+            assert v["reference_score_evaluations"] == 64 * 11 and v["score_evaluations"] == 2 * 64 * (n + 1)
+            assert v["seconds"] > 0 and v["reference_seconds"] > 0
+
+
+def _bad_grid(folder, n):
+    """Replace the stored grid of ``n`` steps by a time-uniform one (poor under VP), keeping its record but not its
+    validation: what an unvalidated poor fit looks like."""
+    from score_toolkit.samplers.grid_store import save_grid
+
+    path = model_grid_path(folder, "unipc", n)
+    info = json.loads(path.read_text())["info"]
+    del info["validation"]
+    save_grid(path, VPSDE().time_grid(n, "uniform", dtype=torch.float64), VPSDE(), sampler="unipc", overwrite=True,
+              info=info)
+    return path
+
+
+def test_a_grid_that_loses_the_validation_is_not_used(fitted, tmp_path, caplog):
+    folder = _copy(fitted, tmp_path)
+    path = _bad_grid(folder, 14)
+    kept = model_grid_path(folder, "unipc", 24).read_bytes()
+    fits = fit_model_grids(ScorePipeline.from_pretrained(folder), **TINY_FIT)  # only the validation runs for 14
+    assert [f.status for f in fits] == ["up_to_date", "validated"]
+    assert model_grid_path(folder, "unipc", 24).read_bytes() == kept
+    v = fits[1].validation
+    assert v == json.loads(path.read_text())["info"]["validation"]  # the record round-trips
+    assert v["winner"] == "built_in" and v["model_grid"]["rms"] > v["built_in"]["rms"]
+    pipe = ScorePipeline.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tool's own recorded decision: no warning
+        with caplog.at_level("INFO", logger="score_toolkit.pipeline"):
+            out = _run(pipe, num_inference_steps=14)
+    assert out.grid == "fitted" and torch.equal(out.samples, _run(pipe, num_inference_steps=14, grid="fitted").samples)
+    assert "the model's validation preferred the built-in grid: rms" in caplog.text
+
+
+def test_a_grid_that_wins_the_validation_is_used(fitted, tmp_path, monkeypatch):
+    """A poorer built-in grid (time-uniform, patched in as the sampler's default) loses to the model's grid (the
+    sampler's settings changed, so the grid is refitted, then validated against that built-in grid)."""
+    from score_toolkit.samplers.unipc import UniPC
+
+    folder = _copy(fitted, tmp_path)
+    monkeypatch.setitem(UniPC.options, "grid", "uniform")
+    fits = fit_model_grids(ScorePipeline.from_pretrained(folder), steps=[14], **TINY_FIT)
+    v = fits[0].validation
+    assert v["settings"]["built_in_grid"] == "uniform"
+    assert v["winner"] == "model_grid" and v["model_grid"]["rms"] < v["built_in"]["rms"]
+    pipe = ScorePipeline.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run(pipe, num_inference_steps=14).grid == str(fits[0].path)
+
+
+def test_files_without_validation_are_used_and_get_it_without_refitting(fitted, tmp_path, caplog):
+    from score_toolkit.model_grids import model_grid_for
+
+    folder = _copy(fitted, tmp_path)
+    path = model_grid_path(folder, "unipc", 14)
+    record = json.loads(path.read_text())
+    del record["info"]["validation"]
+    path.write_text(json.dumps(record))
+    pipe = ScorePipeline.from_pretrained(folder)
+    choice = model_grid_for(folder, get_sampler("unipc", num_steps=14), pipe.spec[0])
+    assert choice.path == path and choice.warning is None and "not validated" in choice.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run(pipe, num_inference_steps=14).grid == str(path)
+    fits = fit_model_grids(pipe, steps=[14], **TINY_FIT)
+    after = json.loads(path.read_text())
+    assert fits[0].status == "validated" and after["times"] == record["times"]
+    assert after["info"]["validation"]["settings"]["draws"] == 64
+    fits = fit_model_grids(pipe, steps=[14], **{**TINY_FIT, "validation_draws": 32})  # other validation settings
+    assert fits[0].status == "validated" and json.loads(path.read_text())["info"]["validation"]["settings"]["draws"] == 32
+    assert fit_model_grids(pipe, steps=[14], **{**TINY_FIT, "validation_draws": 32})[0].status == "up_to_date"
+
+
+def test_a_validation_against_another_built_in_grid_is_not_trusted(fitted, tmp_path, monkeypatch):
+    """The record of ``fitted`` says the built-in "fitted" grid won; with another built-in default (a later version's)
+    that decision is stale: the stored grid is used as an unvalidated one, and fit-grid re-validates it."""
+    from score_toolkit.model_grids import model_grid_for
+    from score_toolkit.samplers.unipc import UniPC
+
+    folder = _copy(fitted, tmp_path)
+    path = model_grid_path(folder, "unipc", 14)
+    _set_winner(folder, "built_in")
+    assert model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE()).path is None
+    monkeypatch.setitem(UniPC.options, "grid", "log_sigma")
+    choice = model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE())
+    assert choice.path == path and choice.warning is None
+    assert "not validated against this sampler's built-in grid 'log_sigma'" in choice.reason
+
+
+def test_a_malformed_validation_record_gives_a_warning_and_the_default_grid(fitted, tmp_path):
+    folder = _copy(fitted, tmp_path)
+    _set_winner(folder, "mine")
+    with pytest.warns(ModelGridWarning, match="validation record is malformed"):
+        assert _run(ScorePipeline.from_pretrained(folder), num_inference_steps=14).grid == "fitted"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"validation_draws": 1}, "validation_draws to be an int >= 2"),
+    ({"validation_draws": True}, "validation_draws to be an int >= 2"),
+    ({"validation_seed": -1}, "validation_seed to be an int >= 0"),
+    ({"validation_seed": 7, "seed": 7}, "validation_seed to differ from the pilot's seed"),
+])
+def test_bad_validation_options_give_clear_errors(fitted, tmp_path, options, message):
+    folder = _copy(fitted, tmp_path)
+    before = {p.name: p.read_bytes() for p in (folder / "grids").iterdir()}
+    with pytest.raises(ValueError, match=message):
+        fit_model_grids(ScorePipeline.from_pretrained(folder), **{**TINY_FIT, **options})
+    assert {p.name: p.read_bytes() for p in (folder / "grids").iterdir()} == before

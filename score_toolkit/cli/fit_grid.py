@@ -56,6 +56,11 @@ def add_fit_grid_parser(subparsers) -> None:
     p.add_argument("--fit-option", dest="fit_options", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of optimize_grid, e.g. --fit-option iterations=20 (repeatable; default: "
                    "pilot_grid's settings)")
+    p.add_argument("--validation-draws", type=int, default=256, metavar="N",
+                   help="held-out prior draws on which each fitted grid is checked against the built-in grid (through "
+                   "the model's converged ODE); the pipeline uses the winner (default 256)")
+    p.add_argument("--validation-seed", type=int, default=314_159,
+                   help="seed of the validation's draws, other than --seed (default 314159)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (-q also turns it off)")
     p.set_defaults(func=cmd_fit_grid)
@@ -68,7 +73,7 @@ def cmd_fit_grid(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    from ..model_grids import fit_model_grids
+    from ..model_grids import _fmt, fit_model_grids
     from ..pipeline import ScorePipeline
     from .train import _command_line
 
@@ -86,10 +91,15 @@ def _run(args: argparse.Namespace) -> int:
                                sampler_options=parse_options(args.options), num_pilot=args.num_pilot,
                                pilot_steps=args.pilot_steps, batch_size=args.batch_size, seed=args.seed,
                                device=args.device, progress=progress_enabled(args),
-                               command=_command_line(argv, parent=None), **parse_options(args.fit_options))
+                               command=_command_line(argv, parent=None), validation_draws=args.validation_draws,
+                               validation_seed=args.validation_seed, **parse_options(args.fit_options))
     except FileExistsError as err:  # a file the command did not write: left alone
         raise CLIError(str(err)) from None
     for f in fits:
-        what = "fitted" if f.status == "fitted" else "up to date (same settings and weights), kept"
-        print(f"{f.path}: {f.sampler} with {f.num_steps} steps, {what}")
+        what = {"fitted": "fitted", "validated": "kept (same settings and weights), validated now"}.get(
+            f.status, "up to date (same settings and weights), kept")
+        v = f.validation or {}
+        used = "this grid" if v.get("winner") == "model_grid" else f"the built-in grid {v['settings']['built_in_grid']!r}"
+        print(f"{f.path}: {f.sampler} with {f.num_steps} steps, {what}; validation rms error "
+              f"{_fmt(v['model_grid']['rms'])} vs {_fmt(v['built_in']['rms'])} (built-in): the pipeline uses {used}")
     return 0
