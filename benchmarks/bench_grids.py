@@ -131,6 +131,7 @@ def part_ladder(args, rows, log):
 FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "family nll_weight=300": {"nll_weight": 300.0},
                    "family head=2": {"transfer_head": 2}, "family head=3": {"transfer_head": 3},
                    "family max": {"family_combine": "max"},
+                   "family head=1": {"transfer_head": 1},
                    "family head=2 mean": {"transfer_head": 2, "family_combine": "mean"},
                    "family head=2 max": {"transfer_head": 2, "family_combine": "max"},
                    "family head=2 geometric": {"transfer_head": 2, "family_combine": "geometric"}}
@@ -446,7 +447,7 @@ def write(args, rows):
                   "larger budget of the ladder / the smallest NFE at which the per-process fit meets it (the harder "
                   "reading of both). Under VE (sigma_max 50) the grid carried from sigma_max 50 is the per-process fit.", "",
                   "| grid | " + " | ".join(TRANSFER_PROCESSES) + " | worst ratio |", "| --- | --- | --- | --- | --- |"]
-        top = max(r["nfe"] for r in tr if r["grid"] == "fitted for this process")  # the ladder's top
+        top = max((r["nfe"] for r in tr if r["grid"] == "fitted for this process"), default=max(r["nfe"] for r in tr))
         for kind in kinds:
             if kind == "fitted for this process":
                 continue
