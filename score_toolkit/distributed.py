@@ -166,6 +166,8 @@ def sample_to_folder(
         "shard_size": shard_size,
         "dtype": str(pipeline.unet.dtype),
     }
+    if "num_steps" in sampler_obj.config:  # what runs (the pipeline's default steps included), not only what was passed
+        run["num_steps"] = sampler_obj.config["num_steps"]
     grid = sampler_obj.config.get("grid")
     if isinstance(grid, str) and grid.endswith(".json"):  # the model's stored grid: its file, and what it holds
         run["grid"] = {"path": grid, "sha256": hashlib.sha256(Path(grid).read_bytes()).hexdigest()}

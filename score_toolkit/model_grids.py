@@ -164,7 +164,8 @@ def fit_model_grids(
     One pilot (``num_pilot`` draws through the model's converged PF-ODE, ``pilot_steps`` steps, network batches of
     ``batch_size``, private generator seeded with ``seed``) and one stand-in mixture serve every budget; then
     :func:`~score_toolkit.samplers.grids.optimize_grid` fits each budget (``fit_options``: as for ``pilot_grid``;
-    its defaults otherwise). The pilot runs on ``device`` (default: CPU) in the dtype the pipeline samples in.
+    its defaults otherwise). The pilot runs on ``device`` (default: CPU) in the dtype the pipeline samples in; the pipeline is moved there
+    and left there (move it back with ``pipe.to(...)``).
 
     A budget whose file was written by this function with the same settings for the same weights is left as it is
     (status ``up_to_date``); one written by it with other settings or for other weights is refitted and replaced;
@@ -347,7 +348,11 @@ def _validate(results, budgets, samplers, options, score_fn, process, shape, che
 
 
 def _fmt(value) -> str:
-    return "non-finite" if value is None else f"{value:.4g}"
+    if value is None:
+        return "non-finite"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected an rms value (a number or null), found {value!r}")
+    return f"{value:.4g}"
 
 
 @dataclass
@@ -360,11 +365,13 @@ class ModelGridChoice:
     warning: str | None = None
 
 
-def model_grid_for(folder: str | os.PathLike | None, sampler, process) -> ModelGridChoice:
+def model_grid_for(folder: str | os.PathLike | None, sampler, process, shape: Sequence[int] | None = None) -> ModelGridChoice:
     """The stored grid of ``folder`` for the sampler object ``sampler`` (its name, ``num_steps`` and other options)
-    under ``process``, or why there is none. A stored grid is used only when it was written by
-    :func:`fit_model_grids` for the same weights (sha256 of the weights files), the same process and the same
-    sampler options other than ``num_steps`` (e.g. ``order``, ``to_zero``)."""
+    under ``process`` for samples of ``shape`` (one sample's shape; ``None``: not checked), or why there is none. A
+    stored grid is used only when it was written by :func:`fit_model_grids` for the same weights (sha256 of the
+    weights files), the same process, the same sample shape and the same sampler options other than ``num_steps``
+    (e.g. ``order``, ``to_zero``), and won its validation against this sampler's built-in grid. A file that cannot be
+    read as such a record gives a warning, never an error: sampling goes on on the built-in grid."""
     from .samplers.fixed_grid import GridSampler
 
     if folder is None:
@@ -378,43 +385,53 @@ def model_grid_for(folder: str | os.PathLike | None, sampler, process) -> ModelG
     if record is None:
         return ModelGridChoice(None, f"{path}", f"{path} was not written by fit_model_grids (no weights hash): not "
                                "used; the built-in default grid is used")
+    try:
+        return _choose(record, path, folder, sampler, process, shape)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: its record is malformed "
+                               f"({type(exc).__name__}: {exc}); the built-in default grid is used (refit with: "
+                               f"score-toolkit fit-grid {folder} --sampler {sampler.name} --steps "
+                               f"{sampler.config['num_steps']})")
+
+
+def _choose(record, path, folder, sampler, process, shape) -> ModelGridChoice:
     mark, settings = record["info"][_KEY], record["info"]["pilot_grid"]
     try:
         hashes = weights_sha256(folder)
     except FileNotFoundError:
         hashes = None
+    stored_options = mark.get("sampler_options") or {}
     why = None
     if mark.get("weights_sha256") != hashes:
         why = "it was fitted for other weights (the sha256 of the weights files differs)"
     elif settings.get("process") != repr(process):
         why = f"it was fitted under {settings.get('process')}, this pipeline's process is {process!r}"
-    elif mark.get("sampler_options") != _method_options(sampler.config):
-        ours, theirs = _method_options(sampler.config), mark.get("sampler_options") or {}
-        diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)}
+    elif shape is not None and [int(v) for v in settings["shape"]] != [int(v) for v in shape]:
+        why = f"it was fitted for samples of shape {tuple(settings['shape'])}, these are {tuple(shape)}"
+    elif stored_options != _method_options(sampler.config):
+        ours = _method_options(sampler.config)
+        diff = {k: (stored_options.get(k), ours.get(k)) for k in sorted(set(ours) | set(stored_options))
+                if stored_options.get(k) != ours.get(k)}
         why = f"it was fitted for other sampler options (stored, requested: {diff})"
     if why is not None:
-        opts = "".join(f" --option {k}={json.dumps(v)}" for k, v in _method_options(sampler.config).items()
-                       if k in (mark.get("sampler_options") or {}) and (mark.get("sampler_options") or {})[k] != v)
+        # only a refit for these weights is what fit-grid does for this file; other mismatches need another folder
+        hint = (f" (fit one with: score-toolkit fit-grid {folder} --sampler {sampler.name} --steps "
+                f"{sampler.config['num_steps']})") if why.startswith("it was fitted for other weights") else ""
         return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: {why}; the built-in default grid is "
-                               f"used (fit one with: score-toolkit fit-grid {folder} --sampler {sampler.name} --steps "
-                               f"{sampler.config['num_steps']}{opts})")
+                               f"used{hint}")
     validation = record["info"].get("validation")
-    if validation is None:
-        return ModelGridChoice(path, f"the model's grid {path} (not validated: written before the validation; "
-                               f"'score-toolkit fit-grid {folder}' adds it without refitting)")
-    try:
-        winner = validation["winner"]
-        mine, theirs = _fmt(validation["model_grid"]["rms"]), _fmt(validation["built_in"]["rms"])
-    except (KeyError, TypeError):
-        winner = None
+    if validation is None:  # an interrupted fit-grid leaves a fitted but unvalidated file: not used
+        return ModelGridChoice(None, f"the model's grid {path} is not validated; the built-in grid is used "
+                               f"('score-toolkit fit-grid {folder}' validates it without refitting)")
+    winner = validation["winner"]
+    mine, theirs = _fmt(validation["model_grid"]["rms"]), _fmt(validation["built_in"]["rms"])
     if winner not in _WINNERS:
-        return ModelGridChoice(None, f"{path}", f"stored grid {path} not used: its validation record is malformed; the "
-                               f"built-in default grid is used (re-validate with: score-toolkit fit-grid {folder})")
-    built_in = validation.get("settings", {}).get("built_in_grid") if isinstance(validation, dict) else None
+        raise ValueError(f"validation winner {winner!r} is not one of {sorted(_WINNERS)}")
+    built_in = validation["settings"]["built_in_grid"]
     if built_in != sampler.config.get("grid"):  # validated against another built-in grid: that decision is stale
-        return ModelGridChoice(path, f"the model's grid {path} (not validated against this sampler's built-in grid "
-                               f"{sampler.config.get('grid')!r}: its validation was against {built_in!r}; "
-                               f"'score-toolkit fit-grid {folder}' re-validates it without refitting)")
+        return ModelGridChoice(None, f"the model's grid {path} was validated against the built-in grid {built_in!r}, "
+                               f"not this sampler's {sampler.config.get('grid')!r}; the built-in grid is used "
+                               f"('score-toolkit fit-grid {folder}' re-validates it without refitting)")
     if winner == "built_in":
         return ModelGridChoice(None, f"the model's validation preferred the built-in grid: rms {theirs} vs {mine} "
                                f"(built-in vs {path}, per coordinate, against the model's converged ODE)")

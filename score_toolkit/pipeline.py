@@ -297,12 +297,12 @@ class ScorePipeline(DiffusionPipeline):
             operator = observation = mask = None
         conditional = not (class_labels is None and operator is None and mask is None and observation is None
                            and guidance_scale == 1.0 and "operator" not in sampler_kwargs)
+        shape = self._shape(batch_size, shape)
         sampler_obj = self.make_sampler(sampler, sampler_options, num_inference_steps, conditional=conditional,
-                                   **sampler_kwargs)
+                                        sample_shape=shape[1:], **sampler_kwargs)
         step_end = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES} or None, found {output_type!r}")
-        shape = self._shape(batch_size, shape)
         is_image = len(shape) == 4 and shape[1] in (1, 3)
         if output_type is None:
             output_type = "pil" if is_image else "pt"
@@ -341,18 +341,22 @@ class ScorePipeline(DiffusionPipeline):
         return ScorePipelineOutput(samples=samples, images=images, nfe=out.nfe, grid=_grid_label(sampler_obj))
 
     def make_sampler(self, sampler: Any = DEFAULT_SAMPLER, sampler_options: Mapping[str, Any] | None = None,
-                num_inference_steps: int | None = None, *, conditional: bool = False, **options: Any):
+                     num_inference_steps: int | None = None, *, conditional: bool = False,
+                     sample_shape: Sequence[int] | None = None, **options: Any):
         """The sampler :meth:`__call__` runs for these arguments (a :class:`~score_toolkit.samplers.base.Sampler`).
 
         **The model's grid.** When ``sampler`` is a name (default :data:`DEFAULT_SAMPLER`), no ``grid`` option is
         given, the sampling is unconditional (``conditional=False``) and the folder the pipeline was loaded from
         holds ``grids/<sampler>_<num_steps>.json`` written by ``score-toolkit fit-grid``
-        (:func:`score_toolkit.model_grids.fit_model_grids`), that grid is used if it won its validation against the
-        built-in grid (recorded in the file; else the built-in grid, with an info message): ``sampler.config["grid"]``
-        is its path, and it is logged at info level. A stored grid fitted for other weights, another process or other
-        sampler options (e.g. ``order``, ``to_zero``) is not used: a :class:`~score_toolkit.model_grids.ModelGridWarning`
-        says why and the sampler keeps its built-in default grid; so do budgets without a stored grid. An
-        explicit ``grid=`` always wins. See docs/fast_samplers.md, "The model's grid".
+        (:func:`score_toolkit.model_grids.fit_model_grids`), that grid is used if it won its validation against this
+        sampler's built-in grid (recorded in the file; a file without that record, e.g. from an interrupted fit, is
+        not used; so is one that lost: an info message says why): ``sampler.config["grid"]`` is its path, and it is
+        logged at info level. A stored grid fitted for other weights, another process, another sample shape
+        (``sample_shape``, one sample's shape; default the pipeline's) or other sampler options (e.g. ``order``,
+        ``to_zero``), or a file whose record is malformed, is not used: a
+        :class:`~score_toolkit.model_grids.ModelGridWarning` says why and the sampler keeps its built-in default
+        grid; so do budgets without a stored grid. An explicit ``grid=`` always wins. See docs/fast_samplers.md,
+        "The model's grid".
         """
         sampler_obj, given = _make_sampler(sampler, sampler_options, num_inference_steps, options)
         if not isinstance(sampler, str) or "grid" in given:
@@ -365,17 +369,30 @@ class ScorePipeline(DiffusionPipeline):
                 logger.info("%s: conditional sampling uses the built-in grid (the model's grids are fitted to the "
                             "unconditional model)", sampler)
             return sampler_obj
-        choice = model_grid_for(folder, sampler_obj, self.spec[0])
+        if sample_shape is not None:
+            shape = tuple(sample_shape)
+        else:
+            try:
+                shape = tuple(self.sample_shape)
+            except ValueError:  # a network whose config does not tell: the stored grid's shape is not checked
+                shape = None
+        choice = model_grid_for(folder, sampler_obj, self.spec[0], shape)
         if choice.warning is not None:
-            warnings.warn(choice.warning, _model_grid_warning(), stacklevel=3)
+            warnings.warn(choice.warning, _model_grid_warning(), stacklevel=2)
         if choice.path is None:
             logger.info("%s: %s; the built-in grid %r is used", sampler, choice.reason, sampler_obj.config.get("grid"))
             return sampler_obj
         from .registry import get_sampler
 
         kept = {k: v for k, v in given.items() if k != "num_steps"}
+        try:
+            stored = get_sampler(sampler, grid=os.fspath(choice.path), **kept)
+        except (ValueError, TypeError) as exc:  # a damaged grid file: sampling goes on on the built-in grid
+            warnings.warn(f"stored grid {choice.path} not used: {exc}; the built-in default grid is used",
+                          _model_grid_warning(), stacklevel=2)
+            return sampler_obj
         logger.info("%s with %d steps: using %s", sampler, sampler_obj.config["num_steps"], choice.reason)
-        return get_sampler(sampler, grid=os.fspath(choice.path), **kept)
+        return stored
 
     def _conditional(self, score_fn, shape, network_batch_size, class_labels, guidance_scale, operator, observation,
                      mask, noise_std, inverse_method):

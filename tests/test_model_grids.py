@@ -148,8 +148,9 @@ def test_other_weights_give_a_warning_and_the_default_grid(fitted, tmp_path):
 
 def test_other_sampler_options_or_process_give_a_warning_and_the_default_grid(fitted):
     pipe = ScorePipeline.from_pretrained(fitted)
-    with pytest.warns(ModelGridWarning, match=r"other sampler options .*'order': \(3, 2\).*--option order=2"):
+    with pytest.warns(ModelGridWarning, match=r"other sampler options .*'order': \(3, 2\)") as record:
         out = _run(pipe, order=2)
+    assert "fit-grid" not in str(record[0].message)  # refitting would replace the grid of the default options
     assert out.grid == "fitted" and torch.equal(out.samples, _run(pipe, order=2, num_inference_steps=24, grid="fitted").samples)
     with pytest.warns(ModelGridWarning, match="other sampler options .*to_zero"):
         assert _run(pipe, to_zero=False, denoise=True).grid == "fitted"
@@ -358,7 +359,8 @@ def test_a_grid_that_wins_the_validation_is_used(fitted, tmp_path, monkeypatch):
         assert _run(pipe, num_inference_steps=14).grid == str(fits[0].path)
 
 
-def test_files_without_validation_are_used_and_get_it_without_refitting(fitted, tmp_path, caplog):
+def test_files_without_validation_are_not_used_and_get_it_without_refitting(fitted, tmp_path, caplog):
+    """A fitted but unvalidated file (what an interrupted fit-grid leaves) is not used; fit-grid validates it."""
     from score_toolkit.model_grids import model_grid_for
 
     folder = _copy(fitted, tmp_path)
@@ -368,10 +370,10 @@ def test_files_without_validation_are_used_and_get_it_without_refitting(fitted, 
     path.write_text(json.dumps(record))
     pipe = ScorePipeline.from_pretrained(folder)
     choice = model_grid_for(folder, get_sampler("unipc", num_steps=14), pipe.spec[0])
-    assert choice.path == path and choice.warning is None and "not validated" in choice.reason
+    assert choice.path is None and choice.warning is None and "not validated" in choice.reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _run(pipe, num_inference_steps=14).grid == str(path)
+        assert _run(pipe, num_inference_steps=14).grid == "fitted"
     fits = fit_model_grids(pipe, steps=[14], **TINY_FIT)
     after = json.loads(path.read_text())
     assert fits[0].status == "validated" and after["times"] == record["times"]
@@ -381,9 +383,68 @@ def test_files_without_validation_are_used_and_get_it_without_refitting(fitted, 
     assert fit_model_grids(pipe, steps=[14], **{**TINY_FIT, "validation_draws": 32})[0].status == "up_to_date"
 
 
+def test_an_interrupted_fit_leaves_no_grid_in_use(fitted, tmp_path, monkeypatch):
+    """fit-grid stopped after writing its fits but before their validation (Ctrl-C, an error): the pipeline keeps
+    the built-in grid."""
+    import score_toolkit.model_grids as mg
+
+    folder = _copy(fitted, tmp_path)
+    for n in (24, 14):
+        model_grid_path(folder, "unipc", n).unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mg, "_validate", interrupted)
+    pipe = ScorePipeline.from_pretrained(folder)
+    with pytest.raises(KeyboardInterrupt):
+        fit_model_grids(pipe, **TINY_FIT)
+    assert model_grid_path(folder, "unipc", 24).is_file()  # the fit was written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run(ScorePipeline.from_pretrained(folder)).grid == "fitted"
+
+
+def test_another_sample_shape_uses_the_builtin_grid(used):
+    pipe = ScorePipeline.from_pretrained(used)
+    assert _run(pipe).grid == str(model_grid_path(used, "unipc", 24))
+    with pytest.warns(ModelGridWarning, match=r"fitted for samples of shape \(2,\), these are \(3,\)"):
+        assert pipe.make_sampler("unipc", sample_shape=(3,)).config["grid"] == "fitted"
+
+
+def test_an_operator_or_mask_in_the_call_uses_the_builtin_grid(used):
+    pipe = ScorePipeline.from_pretrained(used)
+    mask = torch.tensor([1.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _run(pipe, mask=mask, observation=torch.zeros(16, 2))
+    assert out.grid == "fitted"
+
+
+@pytest.mark.parametrize("edit", ["rms", "pilot_grid", "sampler_options", "settings", "log_snr"])
+def test_a_damaged_record_gives_a_warning_and_the_default_grid(used, tmp_path, edit):
+    folder = _copy(used, tmp_path)
+    path = model_grid_path(folder, "unipc", 24)
+    record = json.loads(path.read_text())
+    info = record["info"]
+    if edit == "rms":
+        info["validation"]["model_grid"]["rms"] = "x"
+    elif edit == "pilot_grid":
+        info["pilot_grid"] = "x"
+    elif edit == "sampler_options":
+        info["model_grid"]["sampler_options"] = [1]
+    elif edit == "settings":
+        info["validation"]["settings"] = "x"
+    else:
+        record["log_snr"] = list(reversed(record["log_snr"]))
+    path.write_text(json.dumps(record))
+    with pytest.warns(ModelGridWarning, match="not used"):
+        assert _run(ScorePipeline.from_pretrained(folder)).grid == "fitted"
+
+
 def test_a_validation_against_another_built_in_grid_is_not_trusted(fitted, tmp_path, monkeypatch):
     """The record of ``fitted`` says the built-in "fitted" grid won; with another built-in default (a later version's)
-    that decision is stale: the stored grid is used as an unvalidated one, and fit-grid re-validates it."""
+    that decision is stale: the stored grid is not used (as an unvalidated one), and fit-grid re-validates it."""
     from score_toolkit.model_grids import model_grid_for
     from score_toolkit.samplers.unipc import UniPC
 
@@ -393,14 +454,19 @@ def test_a_validation_against_another_built_in_grid_is_not_trusted(fitted, tmp_p
     assert model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE()).path is None
     monkeypatch.setitem(UniPC.options, "grid", "log_sigma")
     choice = model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE())
-    assert choice.path == path and choice.warning is None
-    assert "not validated against this sampler's built-in grid 'log_sigma'" in choice.reason
+    assert choice.path is None and choice.warning is None
+    assert "validated against the built-in grid 'fitted', not this sampler's 'log_sigma'" in choice.reason
+    _set_winner(folder, "model_grid")  # even a win against another built-in grid is stale
+    assert model_grid_for(folder, get_sampler("unipc", num_steps=14), VPSDE()).path is None
+    fit_model_grids(ScorePipeline.from_pretrained(folder), steps=[14], **TINY_FIT)  # re-validates (or refits)
+    record = json.loads(path.read_text())
+    assert record["info"]["validation"]["settings"]["built_in_grid"] == "log_sigma"
 
 
 def test_a_malformed_validation_record_gives_a_warning_and_the_default_grid(fitted, tmp_path):
     folder = _copy(fitted, tmp_path)
     _set_winner(folder, "mine")
-    with pytest.warns(ModelGridWarning, match="validation record is malformed"):
+    with pytest.warns(ModelGridWarning, match="record is malformed"):
         assert _run(ScorePipeline.from_pretrained(folder), num_inference_steps=14).grid == "fitted"
 
 

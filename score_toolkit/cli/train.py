@@ -193,7 +193,7 @@ def _fit_grids(args: argparse.Namespace, folder, command: str | None, *, cpu: bo
                                pilot_steps=args.pilot_steps, device=device,
                                progress=progress_enabled(args), command=command,
                                **parse_options(args.grid_fit_options))
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"score-toolkit train: error: the model was exported, but fitting its grids failed ({type(err).__name__}: "
               f"{err}); fit them with score-toolkit fit-grid {folder}", file=sys.stderr)
         return 1
