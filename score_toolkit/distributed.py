@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ._io import sha256_file
 from ._utils import per_sample_generators
 from .sample_folder import (
     IMAGES_DIR,
@@ -170,7 +171,7 @@ def sample_to_folder(
         run["num_steps"] = sampler_obj.config["num_steps"]
     grid = sampler_obj.config.get("grid")
     if isinstance(grid, str) and grid.endswith(".json"):  # the model's stored grid: its file, and what it holds
-        run["grid"] = {"path": grid, "sha256": hashlib.sha256(Path(grid).read_bytes()).hexdigest()}
+        run["grid"] = {"path": grid, "sha256": sha256_file(grid)}
     if class_labels is not None or guidance_scale != 1.0:
         from .conditioning import conditional_score
 

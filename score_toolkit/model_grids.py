@@ -17,10 +17,11 @@ score evaluations plus minutes of fitting, too much to spend silently at the fir
   winner (the fitted grid wins only with a strictly smaller rms) and the cost.
 * :func:`model_grid_for` is what the pipeline asks before sampling: the stored grid for this sampler, budget and
   options, or ``None`` with the reason (a :class:`ModelGridWarning` when a stored grid is there but does not fit:
-  other weights, another process, other sampler options; no warning, only the reason, when the stored grid lost its
-  validation to the built-in grid). A file without a validation record (written before the validation existed),
-  or validated against another built-in grid than the sampler's current one, is used as before, and the reason says
-  it is unvalidated; ``score-toolkit fit-grid`` adds the validation without refitting.
+  other weights, another process, another sample shape, other sampler options, a damaged record; no warning, only
+  the reason, when the stored grid lost its validation to the built-in grid). A file without a validation record
+  (e.g. from a fit-grid run stopped before its validation), or validated against another built-in grid than the
+  sampler's current one, is not used either, and the reason says it is unvalidated; ``score-toolkit fit-grid``
+  adds the validation without refitting.
 
 Measured: docs/fast_samplers.md, "The model's grid (the pipeline's default)".
 
@@ -30,7 +31,6 @@ defined here; split, they would share its private keys across modules.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ._io import sha256_file
 
 __all__ = ["GRIDS_DIR", "DEFAULT_GRID_STEPS", "ModelGridWarning", "ModelGridFit", "fit_model_grids",
            "model_grid_for", "model_grid_path", "weights_sha256"]
@@ -66,8 +67,8 @@ _WINNERS = ("model_grid", "built_in")
 
 
 class ModelGridWarning(UserWarning):
-    """A model folder's stored grid was not used (fitted for other weights, another process or other sampler
-    options): the sampler runs on its built-in default grid."""
+    """A model folder's stored grid was not used (fitted for other weights, another process, another sample shape
+    or other sampler options, or its file is damaged): the sampler runs on its built-in default grid."""
 
 
 @dataclass
@@ -104,11 +105,7 @@ def weights_sha256(folder: str | os.PathLike) -> dict[str, str]:
         st = f.stat()
         key = (os.fspath(f.resolve()), st.st_size, st.st_mtime_ns)
         if key not in _HASHES:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            _HASHES[key] = h.hexdigest()
+            _HASHES[key] = sha256_file(f)
         out[f"unet/{f.name}"] = _HASHES[key]
     return out
 
@@ -185,7 +182,14 @@ def fit_model_grids(
     from .samplers.fixed_grid import GridSampler
     from .samplers.grid_store import save_grid
     from .samplers.grids import optimize_grid
-    from .samplers.pilot_grid import _INFO_KEY, FIT_DEFAULTS, pilot_samples, pilot_settings, stand_in_mixture
+    from .samplers.pilot_grid import (
+        _INFO_KEY,
+        FIT_DEFAULTS,
+        pilot_samples,
+        pilot_settings,
+        pilot_solver,
+        stand_in_mixture,
+    )
 
     folder = getattr(pipeline, "_source_folder", None)
     if not callable(getattr(pipeline, "score_function", None)):
@@ -275,25 +279,28 @@ def fit_model_grids(
                             "fit_seconds": round(fit_seconds, 3)})
             results[n] = ModelGridFit(path, sampler, n, "fitted", fit_seconds)
             say(f"fit-grid: wrote {path} ({fit_seconds:.0f} s)")
+    reference = pilot_solver(pilot_steps)
     check = {"draws": validation_draws, "seed": validation_seed,
-             "reference": {"sampler": "dpmpp_3m", "num_steps": pilot_steps, "grid": "log_sigma", "to_zero": True}}
+             "reference": {"sampler": reference.name, **{k: reference.config[k] for k in ("num_steps", "grid",
+                                                                                         "to_zero")}}}
     unchecked = [n for n in budgets if (results[n].validation or {}).get("settings") != {
         **check, "built_in_grid": samplers[n].config.get("grid")}]
     if unchecked:
-        _validate(results, unchecked, samplers, options, score_fn, process, shape, check, batch_size, device, dtype, say)
+        _validate(results, unchecked, samplers, options, score_fn, process, shape, check, reference, batch_size, device,
+                  dtype, say)
     return [results[n] for n in budgets]
 
 
-def _validate(results, budgets, samplers, options, score_fn, process, shape, check, batch_size, device, dtype, say) -> None:
-    """Validate the stored grids of ``budgets`` on the model's converged ODE (see :func:`fit_model_grids`) and add
-    the record to their files."""
+def _validate(results, budgets, samplers, options, score_fn, process, shape, check, reference, batch_size, device, dtype,
+              say) -> None:
+    """Validate the stored grids of ``budgets`` on the model's converged ODE (``reference``, the pilot's integrator;
+    see :func:`fit_model_grids`) and add the record to their files."""
     import torch
 
     from ._io import write_json_atomic
     from .registry import get_sampler
-    from .samplers.dpm_solver import DPMSolverPP3M
 
-    draws, ref_cfg = check["draws"], check["reference"]
+    draws = check["draws"]
     batch = batch_size or draws
     gen = torch.Generator(device="cpu").manual_seed(int(check["seed"]))
     x1 = process.prior_sample((draws, *shape), generator=gen, dtype=dtype).to(device)
@@ -307,11 +314,10 @@ def _validate(results, budgets, samplers, options, score_fn, process, shape, che
         return torch.cat(outs), evaluations
 
     say(f"fit-grid: validation: {draws} held-out prior draws (seed {check['seed']}) through the converged ODE "
-        f"({ref_cfg['num_steps']} steps)")
+        f"({reference.config['num_steps']} steps)")
     t0 = time.perf_counter()
     with torch.no_grad():
-        ref, ref_evaluations = run(DPMSolverPP3M(num_steps=ref_cfg["num_steps"], grid=ref_cfg["grid"],
-                                                 to_zero=ref_cfg["to_zero"]))
+        ref, ref_evaluations = run(reference)
         if not torch.isfinite(ref).all():
             raise ValueError("fit_model_grids: the validation's converged ODE produced non-finite samples")
         ref_seconds = time.perf_counter() - t0

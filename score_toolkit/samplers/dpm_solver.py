@@ -123,12 +123,15 @@ def _denoise(x, s, sigma2, inv_alpha):
 class _DPMSolverBase(GridSampler):
     """Shared validation."""
 
+    #: values of ``lower_order_final`` besides a bool that a sampler accepts (UniPC: ``"auto"``)
+    lower_order_final_values: ClassVar[tuple[str, ...]] = ()
+
     def _validate_options(self, cfg: dict[str, Any]) -> None:
         super()._validate_options(cfg)
-        if "lower_order_final" in cfg and not isinstance(cfg["lower_order_final"], bool):
-            raise TypeError(
-                f"sampler {self.name!r}: expected option lower_order_final to be a bool, found {cfg['lower_order_final']!r}"
-            )
+        lof = cfg.get("lower_order_final", False)
+        if not isinstance(lof, bool) and not (isinstance(lof, str) and lof in self.lower_order_final_values):
+            expected = " or ".join(("a bool", *map(repr, self.lower_order_final_values)))
+            raise TypeError(f"sampler {self.name!r}: expected option lower_order_final to be {expected}, found {lof!r}")
 
 
 class _Multistep(_DPMSolverBase):

@@ -52,7 +52,7 @@ from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
 from .fixed_grid import GRID_KINDS, GridSampler, _parse_grid, resolve_grid, save_grid
 from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers import it from here
-from .grid_store import _check_times, _file_for, _process_record, _read_record, transfer_log_snr
+from .grid_store import _check_times, _file_for, _process_record, _read_record, _times_from_log_snr, transfer_log_snr
 from .grid_validation import (  # the held-out report; re-exported here
     FAR_OFF_MARGIN,
     TAIL_MARGIN,
@@ -430,8 +430,7 @@ def optimize_grid(
     times_of = softmax_times(process, n)
     warm = _init_log_snr(init, process, n)  # a warm start's grid (None: "best" or a kind)
     if warm is not None:
-        warm_times = torch.cat([torch.tensor([process.t_max], dtype=torch.float64), process.t_from_log_snr(warm[1:-1]),
-                                torch.tensor([process.t_min], dtype=torch.float64)])
+        warm_times = _times_from_log_snr(warm, process, "optimize_grid: init")
 
     def member_times(ts, proc):
         lam = transfer_log_snr(process.log_snr(ts), proc, head=transfer_head)

@@ -93,6 +93,14 @@ def _positive_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def pilot_solver(pilot_steps: int):
+    """The pilot's converged PF-ODE integrator: DPM-Solver++(3M) on ``pilot_steps`` uniform log-SNR steps, then
+    ``to_zero``'s step (also the reference of :func:`score_toolkit.model_grids.fit_model_grids`' validation)."""
+    from .dpm_solver import DPMSolverPP3M
+
+    return DPMSolverPP3M(num_steps=pilot_steps, grid="log_sigma", to_zero=True)
+
+
 def pilot_samples(
     score_fn,
     process: Process,
@@ -110,12 +118,10 @@ def pilot_samples(
     PF-ODE of ``score_fn`` (DPM-Solver++(3M), ``pilot_steps`` uniform log-SNR steps, then ``to_zero``'s step).
     Returns (samples (num_pilot, *shape), score evaluations, batched score calls). ``progress``: a progress bar over
     the ODE steps of all batches."""
-    from .dpm_solver import DPMSolverPP3M
-
     num_pilot = _positive_int("num_pilot", num_pilot, 2)
     pilot_steps = _positive_int("pilot_steps", pilot_steps, 2)
     batch_size = num_pilot if batch_size is None else _positive_int("batch_size", batch_size, 1)
-    solver = DPMSolverPP3M(num_steps=pilot_steps, grid="log_sigma", to_zero=True)
+    solver = pilot_solver(pilot_steps)
     gen = torch.Generator(device=device or "cpu").manual_seed(int(seed))
     outs, evaluations, calls = [], 0, 0
     bar = None

@@ -122,18 +122,10 @@ class UniPC(_DPMSolverBase):
     options: ClassVar[dict[str, Any]] = {"num_steps": 20, "order": 3, "grid": "fitted", "rho": 7.0,
                                          "lower_order_final": "auto", "to_zero": True, "variant": "bh2"}
     fitted_order = 4
+    lower_order_final_values = ("auto",)
 
     def _validate_options(self, cfg: dict[str, Any]) -> None:
-        lof = cfg.get("lower_order_final")
-        if lof is not None and not isinstance(lof, bool) and lof != "auto":
-            raise TypeError(f"sampler {self.name!r}: expected option lower_order_final to be a bool or 'auto', "
-                            f"found {lof!r}")
-        # the base's check wants a bool; what it settles (num_steps and grid from a saved grid or explicit times)
-        # must reach this sampler's own config
-        checked = {**cfg, "lower_order_final": False} if lof == "auto" else cfg
-        super()._validate_options(checked)
-        if checked is not cfg:
-            cfg.update({k: v for k, v in checked.items() if k != "lower_order_final"})
+        super()._validate_options(cfg)
         if cfg["order"] not in (1, 2, 3) or isinstance(cfg["order"], bool):
             raise ValueError(f"sampler {self.name!r}: expected option order in (1, 2, 3), found {cfg['order']!r}")
         if cfg["variant"] not in ("bh1", "bh2"):
