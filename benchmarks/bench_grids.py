@@ -150,7 +150,12 @@ FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "
                    # the absolute rule (clip / extend): fitted under sigma_max 10 for the family 40, 50 (each member
                    # sees every point, plus its one extension step), or under sigma_max 50 for 10, 40 (clipped)
                    "absolute family from 10": {"transfer": "absolute", "_process": "VE10", "_family": ("VE40", "VE")},
-                   "absolute family from 50": {"transfer": "absolute"}}
+                   "absolute family from 50": {"transfer": "absolute"},
+                   # (tried after the first: the worst member's objective; a warm start from sigma_max 10's own fit)
+                   "absolute family from 10 max": {"transfer": "absolute", "family_combine": "max", "_process": "VE10",
+                                                   "_family": ("VE40", "VE")},
+                   "absolute family from 10 warm": {"transfer": "absolute", "_process": "VE10", "_family": ("VE40", "VE"),
+                                                    "_init_from": "fitted for VE10"}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
 #: grids of the transfer part carried by the absolute rule (absolute_log_snr: clip / extend): label -> (the cached
 #: fit it takes, the rule's extend)
@@ -191,6 +196,11 @@ def _transfer_fits(args, mix, case, name, log):
         for label, pname, kw in todo:
             if (label, steps) in fits:
                 continue
+            if FAMILY_VARIANTS.get(label, {}).get("_init_from"):  # a warm start from a fit of this budget
+                src, process = fits[(FAMILY_VARIANTS[label]["_init_from"], steps)], PROCESSES[pname]()
+                start = process.t_from_log_snr(torch.tensor(src["log_snr"], dtype=torch.float64))
+                start[0], start[-1] = process.t_max, process.t_min
+                kw = {**kw, "init": start}
             res, flagged = fit(name, steps, PROCESSES[pname](), case, mix, **kw)
             v = res.validation["optimized"]
             r = {"grid": label, "steps": steps, "process": pname, "log_snr": res.log_snr.tolist(),

@@ -342,7 +342,9 @@ def optimize_grid(
     member runs on the grid's points inside its own range, its own ends added, and a member starting below the grid
     gets one extension step; so the step count follows from the process). Fit it under the narrowest member as
     ``process`` and the wider ones as ``family``: every member then sees all of the grid's points (its assignment of
-    points to members cannot change during the fit). Measured in docs/fast_samplers.md ("The absolute rule").
+    points to members cannot change during the fit). Measured on the ring (sigma_max 10, 40, 50): 1.44x the per-process
+    fits' NFE counting failures above a first pass, 1.11x at first pass (docs/fast_samplers.md, "The absolute rule,
+    measured").
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
