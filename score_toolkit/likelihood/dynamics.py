@@ -138,7 +138,7 @@ class _AugmentedDynamics:
         if times[0].dtype != state.dtype:  # the first call tells the state's dtype (float64 until then)
             self._dtype = state.dtype
             t, c, a, b = (v.to(state.dtype) for v in times[:4])
-            times = (t, c, a, b, b * c, a * self.dim)
+            times = (t, c, a, b, b * c.reshape(b.shape), a * self.dim)
         return self._evaluate(state, *times, rows)
 
     def callback_step(self, tau0, y0, dt) -> None:
