@@ -585,32 +585,21 @@ def calls_vs_n(args) -> Path:
              "| case | N | recipe calls | ours calls | ours attempts: median / p99 / most | rejected (hardest) | "
              "mean err recipe / ours | max err recipe / ours |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    original = stepper.solve_dopri5
-    stats: dict = {}
-
-    def recording(*a, **kw):
-        y, st = original(*a, **kw)
-        stats.update(st)
-        return y, st
-
-    stepper.solve_dopri5 = recording
-    try:
-        for name, proc, score_fn, x_all, exact_all, prior in exact_cases(max(sizes), 1)[:4]:
-            for n in sizes:
-                x, exact = x_all[:n], exact_all[:n]
-                z, delta, nfe = score_sde_exact_log_likelihood(score_fn, proc, x)
-                er = (prior(z) + delta - exact).abs()
-                res = log_likelihood(score_fn, proc, x, prior_log_prob=prior, batch_size=n)
-                eo = (res.log_prob - exact).abs()
-                att = (stats["accepted"] + stats["rejected"]).double()
-                hard = int(att.argmax())
-                lines.append(
-                    f"| {name} | {n} | {nfe} | {res.nfe} | {att.median():.0f} / {att.quantile(0.99):.0f} / "
-                    f"{att.max():.0f} | {int(stats['rejected'][hard])} | {er.mean():.2e} / {eo.mean():.2e} | "
-                    f"{er.max():.1e} / {eo.max():.1e} |")
-                print(lines[-1], flush=True)
-    finally:
-        stepper.solve_dopri5 = original
+    for name, proc, score_fn, x_all, exact_all, prior in exact_cases(max(sizes), 1)[:4]:
+        for n in sizes:
+            x, exact = x_all[:n], exact_all[:n]
+            z, delta, nfe = score_sde_exact_log_likelihood(score_fn, proc, x)
+            er = (prior(z) + delta - exact).abs()
+            res, stats = _recorded(stepper, partial(log_likelihood, score_fn, proc, x, prior_log_prob=prior,
+                                                    batch_size=n))
+            eo = (res.log_prob - exact).abs()
+            att = (stats["accepted"] + stats["rejected"]).double()
+            hard = int(att.argmax())
+            lines.append(
+                f"| {name} | {n} | {nfe} | {res.nfe} | {att.median():.0f} / {att.quantile(0.99):.0f} / "
+                f"{att.max():.0f} | {int(stats['rejected'][hard])} | {er.mean():.2e} / {eo.mean():.2e} | "
+                f"{er.max():.1e} / {eo.max():.1e} |")
+            print(lines[-1], flush=True)
     out = HERE / "results" / "likelihood_calls.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -806,6 +795,7 @@ def overhead_report(args) -> Path:
     from _at_commit import package_at
 
     import score_toolkit.likelihood.stepper as new_stepper
+    from score_toolkit.likelihood.options import _resolve_time_variable
 
     torch.set_num_threads(args.threads)
     old = package_at(args.old_commit, "likelihood")
@@ -819,7 +809,8 @@ def overhead_report(args) -> Path:
         if net:  # no closed form: a tight solve (as in the exact part)
             exact = log_likelihood(score_fn, proc, x, rtol=1e-9, atol=1e-9, batch_size=n).log_prob
             prior = proc.prior_log_prob
-        kw = {"prior_log_prob": prior, "batch_size": n}
+        # the variable log_likelihood picks for this score (the counting and timing wrappers are not ScoreAdapters)
+        kw = {"prior_log_prob": prior, "batch_size": n, "time_variable": _resolve_time_variable("auto", proc, score_fn)}
         solve = {
             "recipe": partial(_recipe_on, proc=proc, x=x),
             "new": partial(_ours_on, log_likelihood, proc=proc, x=x, kw=kw),

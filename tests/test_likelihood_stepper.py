@@ -244,25 +244,22 @@ def test_the_times_hook_changes_nothing_but_what_the_calls_receive():
 
 @pytest.mark.parametrize("proc, calls, accepted, rejected", [(VPSDE(0.1, 20.0), 116, 518, 37),
                                                              (VESDE(0.01, 50.0), 116, 498, 35)], ids=["VP", "VE"])
-def test_calls_and_steps_on_a_fixed_case(proc, calls, accepted, rejected):
+def test_calls_and_steps_on_a_fixed_case(proc, calls, accepted, rejected, monkeypatch):
     """The calls and the accepted and rejected steps over the 40 points, as recorded with the stepper before its
     bookkeeping was cut (commit 70f080a): the bookkeeping changes no decision."""
     import score_toolkit.likelihood.stepper as stepper
 
     m = ring_mixture()
     x = m.sample(40, generator=torch.Generator().manual_seed(1))
-    original, stats = stepper.solve_dopri5, {}
+    stats, solve = {}, stepper.solve_dopri5
 
     def recording(*a, **kw):
-        y, st = original(*a, **kw)
+        y, st = solve(*a, **kw)
         stats.update(st)
         return y, st
 
-    stepper.solve_dopri5 = recording
-    try:
-        res = log_likelihood(m.score_fn(proc), proc, x)
-    finally:
-        stepper.solve_dopri5 = original
+    monkeypatch.setattr(stepper, "solve_dopri5", recording)
+    res = log_likelihood(m.score_fn(proc), proc, x)
     assert res.nfe == calls == 2 + 6 * stats["attempts"]
     assert int(stats["accepted"].sum()) == accepted and int(stats["rejected"].sum()) == rejected
 
