@@ -30,7 +30,7 @@ dequantization, Hutchinson with 4 probes; the digits model trains on all 1797, s
     python benchmarks/bench_likelihood.py --variables    # the integration variables over processes (~2 min)
     python benchmarks/bench_likelihood.py --calls-vs-n   # calls against the batch size (~5 min)
     python benchmarks/bench_likelihood.py --scaled-state # the state x / alpha against the default (~10 min)
-    python benchmarks/bench_likelihood.py --overhead     # the per-sample stepper before / after its overhead cut (~15 min)
+    python benchmarks/bench_likelihood.py --overhead     # the per-sample stepper before / after its overhead cut (~5 min)
 """
 
 from __future__ import annotations
