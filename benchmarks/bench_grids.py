@@ -13,7 +13,10 @@ saved-grid route: ``transfer_log_snr``), against grids fitted under each process
 of the process's marginal at t = 1 (under sigma_max 10 the prior N(0, 100) is not the ring's p_1, which no grid fixes).
 The family grids (``--family-variants``, see FAMILY_VARIANTS): one grid fitted for sigma_max 50, 10 and 40 at once
 (``optimize_grid(family=[sigma_max 10, 40])`` under sigma_max 50; ``head=2``: the anchored rule, ``transfer_head=2``),
-carried over by its rule. The fits are cached in ``<out>/<tag>_fits.jsonl`` (a rerun judges them again without
+carried over by its rule. The absolute rule (``absolute_log_snr``, clip / extend; the step count follows from the
+process): "absolute family from 10" is fitted under sigma_max 10 for the family 40, 50 (``transfer="absolute"``),
+"absolute family from 50" under 50 for 10, 40; ``--absolute-variants`` carries cached per-process fits by it with no new
+fit (ABSOLUTE_VARIANTS); ``--transfer-processes`` adds members held out of every fit (VE20, VE55). The fits are cached in ``<out>/<tag>_fits.jsonl`` (a rerun judges them again without
 refitting). Judged by bench_defaults' protocol: ``--seeds`` draw seeds, each its own exact p_1 draws and exact
 reference set; pass = the seed-means of both ratios <= 1.5; the signed mean-NLL gap of every seed beside it.
 The ladder takes ``--loss nll`` and ``--tail-retries`` (optimize_grid's options).
@@ -28,6 +31,10 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts ladder --cases ring --tag grids_ring
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --ladder 6,7,8,9,10,11,12,14,17 \
         --family-variants "family,family head=2" --tag grids_transfer --floor-seeds 20    # (+ "family head=3", merged)
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 8 --floor-seeds 20 \
+        --ladder 6,7,8,9,10,11,12,14,17 --transfer-processes VE10,VE40,VE,VE20,VE55 \
+        --family-variants "absolute family from 10" --judge-kinds "fitted for this process,absolute family from 10" \
+        --tag grids_transfer4                                        # the absolute rule (quick looks: grids_transfer4_*)
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
@@ -55,11 +62,14 @@ from score_toolkit.analytic import anisotropic_mixture  # noqa: E402
 from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
 from score_toolkit.samplers._grid_reference import OffData  # noqa: E402
+from score_toolkit.samplers.grid_store import absolute_log_snr  # noqa: E402
 from score_toolkit.samplers.grids import FAR_OFF_MARGIN, GridTailWarning, optimize_grid, transfer_log_snr  # noqa: E402
 
 LADDERS = {"ring": (6, 8, 10, 12, 14, 19, 24), "aniso16": (12, 16, 20, 25, 30, 39)}
 PROCESSES = {"VE": lambda: VESDE(0.01, 50.0), "VP": lambda: VPSDE(0.1, 20.0),
-             "VE10": lambda: VESDE(0.01, 10.0), "VE40": lambda: VESDE(0.01, 40.0)}
+             "VE10": lambda: VESDE(0.01, 10.0), "VE40": lambda: VESDE(0.01, 40.0),
+             # members held out of the family fits (judged only): inside the family's range, and beyond its widest
+             "VE20": lambda: VESDE(0.01, 20.0), "VE55": lambda: VESDE(0.01, 55.0)}
 TRANSFER_LADDER = (6, 7, 8, 9, 10, 11, 12, 14, 19)
 
 
@@ -90,8 +100,10 @@ def exact_p1(mix, process, n, seed):
         n, mix.dim, generator=B._gen(seed + 1), dtype=torch.float64)
 
 
-def carried(log_snr, process, head=0):
-    times = process.t_from_log_snr(transfer_log_snr(log_snr, process, head=head))
+def carried(log_snr, process, head=0, rule="density", extend="one"):
+    lam = (absolute_log_snr(log_snr, process, extend=extend) if rule == "absolute"
+           else transfer_log_snr(log_snr, process, head=head))
+    times = process.t_from_log_snr(lam)
     times[0], times[-1] = process.t_max, process.t_min
     return times
 
@@ -134,8 +146,18 @@ FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "
                    "family head=1": {"transfer_head": 1},
                    "family head=2 mean": {"transfer_head": 2, "family_combine": "mean"},
                    "family head=2 max": {"transfer_head": 2, "family_combine": "max"},
-                   "family head=2 geometric": {"transfer_head": 2, "family_combine": "geometric"}}
+                   "family head=2 geometric": {"transfer_head": 2, "family_combine": "geometric"},
+                   # the absolute rule (clip / extend): fitted under sigma_max 10 for the family 40, 50 (each member
+                   # sees every point, plus its one extension step), or under sigma_max 50 for 10, 40 (clipped)
+                   "absolute family from 10": {"transfer": "absolute", "_process": "VE10", "_family": ("VE40", "VE")},
+                   "absolute family from 50": {"transfer": "absolute"}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
+#: grids of the transfer part carried by the absolute rule (absolute_log_snr: clip / extend): label -> (the cached
+#: fit it takes, the rule's extend)
+ABSOLUTE_VARIANTS = {"sigma_max 50 fit absolute": ("fitted for VE", "one"),
+                     "sigma_max 40 fit absolute": ("fitted for VE40", "one"),
+                     "sigma_max 10 fit absolute": ("fitted for VE10", "one"),
+                     "sigma_max 10 fit absolute first": ("fitted for VE10", "first")}
 
 
 def _transfer_fits(args, mix, case, name, log):
@@ -151,26 +173,28 @@ def _transfer_fits(args, mix, case, name, log):
     variants = {k: v for k, v in FAMILY_VARIANTS.items() if k in args.family_variants.split(",")}
     ladder = args.ladder or TRANSFER_LADDER
     for i, steps in enumerate(ladder):
-        todo = [(f"fitted for {p}", p, {}) for p in TRANSFER_PROCESSES] + [
-            (label, "VE", {"family": [PROCESSES["VE10"](), PROCESSES["VE40"]()], **kw}) for label, kw in variants.items()]
+        todo = [(f"fitted for {p}", p, {}) for p in args.transfer_processes] + [
+            (label, kw.get("_process", "VE"),
+             {"family": [PROCESSES[p]() for p in kw.get("_family", ("VE10", "VE40"))],
+              **{k: v for k, v in kw.items() if not k.startswith("_")}}) for label, kw in variants.items()]
         if args.warm and i:  # "<variant> warm": started from the variant's cold fit of the previous budget; the cold
             # and the warm fit of a budget run one after the other, in alternating order (their times are a ratio)
             warm = []
-            for label, pname, kw in todo[len(TRANSFER_PROCESSES):]:
+            for label, pname, kw in todo[len(args.transfer_processes):]:
                 prev = fits[(label, ladder[i - 1])]
                 process = PROCESSES[pname]()
                 start = process.t_from_log_snr(torch.tensor(prev["log_snr"], dtype=torch.float64))
                 start[0], start[-1] = process.t_max, process.t_min
                 warm.append((f"{label} warm", pname, {**kw, "init": start}))
-            pairs = [(c, w) if i % 2 else (w, c) for c, w in zip(todo[len(TRANSFER_PROCESSES):], warm)]
-            todo = todo[:len(TRANSFER_PROCESSES)] + [x for pair in pairs for x in pair]
+            pairs = [(c, w) if i % 2 else (w, c) for c, w in zip(todo[len(args.transfer_processes):], warm)]
+            todo = todo[:len(args.transfer_processes)] + [x for pair in pairs for x in pair]
         for label, pname, kw in todo:
             if (label, steps) in fits:
                 continue
             res, flagged = fit(name, steps, PROCESSES[pname](), case, mix, **kw)
             v = res.validation["optimized"]
             r = {"grid": label, "steps": steps, "process": pname, "log_snr": res.log_snr.tolist(),
-                 "head": kw.get("transfer_head", 0),
+                 "head": kw.get("transfer_head", 0), "rule": kw.get("transfer", "density"),
                  "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "flagged": flagged,
                  "loss": res.loss, "family_losses": res.family_losses,
                  # the held-out report: objective, W-SW2 / NLL ratios and far off, under sigma_max 50 and each member
@@ -203,17 +227,22 @@ def part_transfer(args, rows, log):
     variants += [f"{v} warm" for v in variants] if args.warm else []
     for steps in (args.ladder or TRANSFER_LADDER):
         source = torch.tensor(fits[("fitted for VE", steps)]["log_snr"], dtype=torch.float64)
-        for pname in TRANSFER_PROCESSES:
+        for pname in args.transfer_processes:
             process = PROCESSES[pname]()
             grids = {"fitted for this process": fits[(f"fitted for {pname}", steps)]}
             if pname != "VE":
                 grids["fitted for sigma_max 50, carried"] = {"log_snr": source.tolist()}
             grids.update({v: fits[(v, steps)] for v in variants if (v, steps) in fits})  # (no warm fit at the first)
+            for label in [v for v in args.absolute_variants.split(",") if v]:
+                src, extend = ABSOLUTE_VARIANTS[label]
+                if (src, steps) in fits:
+                    grids[label] = {**fits[(src, steps)], "head": 0, "rule": "absolute", "extend": extend}
             for kind, rec in grids.items():
                 if (args.judge_kinds and kind not in args.judge_kinds.split(",")) or (
                         args.judge_steps and steps not in [int(v) for v in args.judge_steps.split(",")]):
                     continue
-                times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0))
+                times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0),
+                                rec.get("rule", "density"), rec.get("extend", "one"))
                 per_seed = []
                 for s in range(args.seeds):
                     nfe, w, nl = judge(name, times.tolist(), process, mix, args, {"wsw": {"mean": fl["wsw"]},
@@ -419,14 +448,17 @@ def write(args, rows):
         lines += ["", "## One fitted grid for VE sigma_max 10, 40, 50 (dpmpp_2m, ring, starts from the exact p_1)", "",
                   "Grids (all fitted on the held-out batch only): fitted under each process; fitted under sigma_max 50 and "
                   "carried over (transfer_log_snr); fitted for the family (optimize_grid(family=[sigma_max 10, 40]) under "
-                  f"sigma_max 50, options in the label) and carried over. Judged by {seeds} draw seeds (each its own exact "
+                  "sigma_max 50, options in the label) and carried over; 'absolute': carried by the absolute rule "
+                  "(absolute_log_snr; 'absolute family from 10': fitted under sigma_max 10 for the family 40, 50). "
+                  f"Judged by {seeds} draw seeds (each its own exact "
                   "p_1 draws and exact reference set, N each; the NLL floor from the per-point spread): the ratios are "
                   "seed-means, `*` both <= 1.5. Last column: the signed mean-NLL gap / floor, seed-mean (each seed): "
                   "a bias shows as the same sign at every seed.", "",
                   "| process | grid | smallest NFE meeting it | every larger budget too | NFE: wsw / nll | NFE: mean signed NLL gap (per seed) |",
                   "| --- | --- | --- | --- | --- | --- |"]
         kinds = list(dict.fromkeys(r["grid"] for r in tr))
-        for proc in ("VE10", "VE40", "VE"):
+        procs = list(dict.fromkeys(r["process"] for r in tr))
+        for proc in procs:
             for kind in kinds:
                 rs = sorted((r for r in tr if r["process"] == proc and r["grid"] == kind), key=lambda r: r["nfe"])
                 if rs:
@@ -442,17 +474,17 @@ def write(args, rows):
             return ok[0] if ok else None
 
         own = {p: next((r["nfe"] for r in curve(p, "fitted for this process") if r["meets"]), None)
-               for p in TRANSFER_PROCESSES}
+               for p in procs}
         lines += ["", "One grid against the per-process fits: the smallest NFE from which the one grid meets it at every "
                   "larger budget of the ladder / the smallest NFE at which the per-process fit meets it (the harder "
                   "reading of both). Under VE (sigma_max 50) the grid carried from sigma_max 50 is the per-process fit.", "",
-                  "| grid | " + " | ".join(TRANSFER_PROCESSES) + " | worst ratio |", "| --- | --- | --- | --- | --- |"]
+                  "| grid | " + " | ".join(procs) + " | worst ratio |", "| --- " * (len(procs) + 2) + "|"]
         top = max((r["nfe"] for r in tr if r["grid"] == "fitted for this process"), default=max(r["nfe"] for r in tr))
         for kind in kinds:
             if kind == "fitted for this process":
                 continue
             cells, worst = [], 0.0
-            for proc in TRANSFER_PROCESSES:
+            for proc in procs:
                 rs = curve(proc, "fitted for this process" if kind == "fitted for sigma_max 50, carried" and proc == "VE"
                            else kind)
                 one = stable(rs)
@@ -535,6 +567,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--seeds", type=int, default=8, help="draw seeds of the transfer part's judging (bench_defaults' protocol)")
     ap.add_argument("--family-variants", default="family", help="the family fits of the transfer part (FAMILY_VARIANTS)")
+    ap.add_argument("--transfer-processes", default=",".join(TRANSFER_PROCESSES),
+                    help="transfer part: the processes fitted for and judged (PROCESSES keys)")
+    ap.add_argument("--absolute-variants", default="",
+                    help="transfer part: cached fits carried by the absolute rule (ABSOLUTE_VARIANTS, comma-separated)")
     ap.add_argument("--warm", action="store_true",
                     help="transfer part: also fit each family variant warm-started from its previous budget's fit")
     ap.add_argument("--warm-cases", default="ring:dpmpp_2m:VE,ring:dpmpp_2m:VP,aniso16:dpmpp_3m:VP",
@@ -555,6 +591,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.cases, args.samplers = args.cases.split(","), args.samplers.split(",")
     args.ladder = [int(v) for v in args.ladder.split(",")] if args.ladder else None
+    args.transfer_processes = args.transfer_processes.split(",")
     torch.set_num_threads(1)
     rows: list[dict] = []
     if args.merge:

@@ -21,6 +21,7 @@ from ..processes import Process
 from ._reference_table import REFERENCE_GRIDS, reference_log_snr
 from .base import Sampler, SamplingContext, check_float, check_int
 from .grid_store import (  # the store of named grids and the log-SNR transfer; re-exported here
+    ABSOLUTE_MERGE,
     GRID_DIR_ENV_VAR,
     GRID_KINDS,
     MAX_TRANSFER_EXTENSION,
@@ -28,6 +29,7 @@ from .grid_store import (  # the store of named grids and the log-SNR transfer; 
     _check_times,
     _read_record,
     _times_from_log_snr,
+    absolute_log_snr,
     default_grid_dir,
     delete_grid,
     list_grids,
@@ -50,7 +52,9 @@ __all__ = [
     "delete_grid",
     "resolve_grid",
     "transfer_log_snr",
+    "absolute_log_snr",
     "MAX_TRANSFER_EXTENSION",
+    "ABSOLUTE_MERGE",
 ]
 
 
@@ -158,6 +162,7 @@ class _GridSpec:
     made_for: dict | None = field(default=None, compare=False)
     sampler: str | None = None  # whose shipped reference grid (grid="reference")
     head: int = 0  # a saved grid's transfer head (transfer_log_snr)
+    rule: str = "density"  # a saved grid's transfer rule: "density" (transfer_log_snr) or "absolute" (absolute_log_snr)
 
     @property
     def num_steps(self) -> int | None:
@@ -183,7 +188,7 @@ def _parse_grid(grid, sampler: str) -> _GridSpec:
             raise ValueError(f"sampler {sampler!r}: option grid: {exc}") from None
         lam = torch.tensor(record["log_snr"], dtype=torch.float64)
         return _GridSpec(log_snr=lam, label=f"grid {record['name']!r} ({record['_path']})", made_for=record.get("process"),
-                         head=record["_head"])
+                         head=record["_head"], rule=record["_rule"])
     if isinstance(grid, os.PathLike):
         return _parse_grid(os.fspath(grid), sampler)
     if isinstance(grid, (torch.Tensor, list, tuple)):
@@ -218,7 +223,7 @@ def resolve_grid(spec: _GridSpec, process: Process, num_steps: int, rho: float, 
     if spec.kind is not None:
         return process.time_grid(num_steps, spec.kind, rho=rho, dtype=torch.float64)
     if spec.log_snr is not None:
-        return _times_from_log_snr(spec.log_snr, process, spec.label, spec.made_for, spec.head)
+        return _times_from_log_snr(spec.log_snr, process, spec.label, spec.made_for, spec.head, spec.rule)
     return _check_times(spec.times, process, label=spec.label)
 
 
@@ -270,8 +275,15 @@ class GridSampler(Sampler):
 
     @property
     def nfe(self) -> int:
-        """Score evaluations of one run: ``num_steps * nfe_per_step``, plus one for ``to_zero`` or ``denoise``."""
+        """Score evaluations of one run: ``num_steps * nfe_per_step``, plus one for ``to_zero`` or ``denoise``.
+        (A saved grid with the absolute transfer rule runs another number of steps under another process than the
+        one it was made for: :meth:`nfe_under` counts them.)"""
         return self.config["num_steps"] * self.nfe_per_step + self._final_steps_nfe()
+
+    def nfe_under(self, process: Process) -> int:
+        """Score evaluations of one run under ``process``: :attr:`nfe`, except for a saved grid carried by the
+        absolute rule (:func:`absolute_log_snr`), whose step count follows from the process."""
+        return (self.time_grid(process).numel() - 1) * self.nfe_per_step + self._final_steps_nfe()
 
     def time_grid(self, process: Process) -> torch.Tensor:
         """The float64 times ``t_0 = 1 > ... > t_n = t_min`` this sampler runs on under ``process``."""
@@ -294,7 +306,10 @@ class GridSampler(Sampler):
         return value
 
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        return self._run_grid(ctx, x, self.time_grid(ctx.process))
+        ts = self.time_grid(ctx.process)
+        if ctx._bar is not None:  # (the absolute rule: the steps under this process)
+            ctx._bar.total = ts.numel() - 1
+        return self._run_grid(ctx, x, ts)
 
     def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """One run on the grid ``ts`` with this sampler's own end (``to_zero``): what ``sample`` runs, and what

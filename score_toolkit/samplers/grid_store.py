@@ -1,12 +1,13 @@
 """The store of named time grids (:func:`save_grid`, :func:`load_grid`, :func:`list_grids`, :func:`delete_grid`;
-JSON files in :func:`default_grid_dir`) and the carrying of a saved grid to another process as a step density over
-log-SNR (:func:`transfer_log_snr`). The samplers read grids through :mod:`score_toolkit.samplers.fixed_grid`,
-which re-exports every public name here.
+JSON files in :func:`default_grid_dir`) and the carrying of a saved grid to another process: as a step density over
+log-SNR (:func:`transfer_log_snr`) or as absolute log-SNR points (:func:`absolute_log_snr`). The samplers read
+grids through :mod:`score_toolkit.samplers.fixed_grid`, which re-exports every public name here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,9 @@ _VERSION = 2  # 2: adds "transfer"; version-1 files (log-SNR points and their pr
 #: the version of a file whose grid is carried with a mapped head (transfer rule "log_snr_anchored"): a reader that
 #: does not know the rule refuses it instead of carrying it by the density rule
 _VERSION_ANCHORED = 3
+#: the version of a file whose grid is carried by the absolute rule ("log_snr_absolute", :func:`absolute_log_snr`): a
+#: reader that does not know the rule refuses it
+_VERSION_ABSOLUTE = 4
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: relative tolerance when matching a saved grid's log-SNR ends to a process
 _LOG_SNR_TOL = 1e-6
@@ -81,6 +85,7 @@ def save_grid(
     directory: str | os.PathLike | None = None,
     overwrite: bool = False,
     transfer_head: int = 0,
+    transfer: str = "density",
 ) -> Path:
     """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
 
@@ -90,26 +95,40 @@ def save_grid(
     (JSON-serialisable). Returns the file's path. An existing grid is replaced
     only with ``overwrite=True``. ``transfer_head=k`` records that the grid is carried to other processes with its
     first ``k`` steps mapped per process (:func:`transfer_log_snr`'s ``head``; what ``optimize_grid(family=...,
-    transfer_head=k)`` fitted it for)."""
+    transfer_head=k)`` fitted it for). ``transfer="absolute"`` records that it is carried by the absolute rule
+    instead (:func:`absolute_log_snr`: its points kept in absolute log-SNR, the step count following from the
+    process; what ``optimize_grid(family=..., transfer="absolute")`` fitted it for)."""
     if not isinstance(process, Process):
         raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
     ts = _check_times(times, process, label="times")
     if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < ts.numel() - 1:
         raise ValueError(f"expected transfer_head to be an int with 0 <= transfer_head < {ts.numel() - 1} (the grid's "
                          f"steps), found {transfer_head!r}")
+    if transfer not in ("density", "absolute"):
+        raise ValueError(f"expected transfer 'density' or 'absolute', found {transfer!r}")
+    if transfer == "absolute" and transfer_head:
+        raise ValueError(f"transfer_head={transfer_head} belongs to the density rule's anchored head; the absolute rule "
+                         "has none (pass transfer_head=0)")
     path = _file_for(name, directory)
     if path.exists() and not overwrite:
         raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
+    if transfer == "absolute":
+        rule, version = ({"rule": "log_snr_absolute", "extend": "one", "merge": ABSOLUTE_MERGE,
+                          "max_extension": MAX_TRANSFER_EXTENSION}, _VERSION_ABSOLUTE)
+    elif transfer_head:
+        rule, version = ({"rule": "log_snr_anchored", "head": transfer_head, "max_extension": MAX_TRANSFER_EXTENSION},
+                         _VERSION_ANCHORED)
+    else:
+        rule, version = {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION}, _VERSION
     record = {
         "format": _FORMAT,
-        "version": _VERSION_ANCHORED if transfer_head else _VERSION,
+        "version": version,
         "name": path.stem,
         "num_steps": ts.numel() - 1,
         "log_snr": process.log_snr(ts).tolist(),
         # what another process needs to use the grid (transfer_log_snr): the points in absolute log-SNR, read as
         # a step density; the range they were fitted over bounds how far it may be carried
-        "transfer": ({"rule": "log_snr_anchored", "head": transfer_head, "max_extension": MAX_TRANSFER_EXTENSION}
-                     if transfer_head else {"rule": "log_snr_density", "max_extension": MAX_TRANSFER_EXTENSION}),
+        "transfer": rule,
         "times": ts.tolist(),
         "process": _process_record(process),
         "sampler": sampler,
@@ -136,12 +155,17 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
         raise ValueError(f"cannot read grid file {path}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
         raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
-    if record.get("version", 1) not in (1, 2, _VERSION_ANCHORED):
+    if record.get("version", 1) not in (1, 2, _VERSION_ANCHORED, _VERSION_ABSOLUTE):
         raise ValueError(f"{path}: time-grid file version {record.get('version')!r} is newer than this score_toolkit "
-                         f"reads (1 to {_VERSION_ANCHORED}); upgrade score_toolkit")
+                         f"reads (1 to {_VERSION_ABSOLUTE}); upgrade score_toolkit")
     rule = record.get("transfer", {"rule": "log_snr_density"})
-    if not isinstance(rule, dict) or rule.get("rule") not in ("log_snr_density", "log_snr_anchored"):
-        raise ValueError(f"{path}: unknown transfer rule {rule!r} (expected 'log_snr_density' or 'log_snr_anchored')")
+    if not isinstance(rule, dict) or rule.get("rule") not in TRANSFER_RULES:
+        raise ValueError(f"{path}: unknown transfer rule {rule!r} (expected one of {TRANSFER_RULES})")
+    if rule["rule"] == "log_snr_absolute" and (rule.get("extend", "one") != "one" or
+                                               rule.get("merge", ABSOLUTE_MERGE) != ABSOLUTE_MERGE):
+        raise ValueError(f"{path}: the absolute rule's settings {rule!r} are not this score_toolkit's (extend 'one', "
+                         f"merge {ABSOLUTE_MERGE}); upgrade score_toolkit")
+    record["_rule"] = "absolute" if rule["rule"] == "log_snr_absolute" else "density"
     head = rule.get("head", 0) if rule["rule"] == "log_snr_anchored" else 0
     if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < len(record["log_snr"]) - 1:
         raise ValueError(f"{path}: expected the transfer rule's head to be an int in [0, steps), found {head!r}")
@@ -163,15 +187,17 @@ def load_grid(
 ) -> torch.Tensor:
     """A saved grid as float64 times for ``process`` (or, without a process, its log-SNR values).
 
-    Under a process spanning another log-SNR range than the one the grid was made for, the grid is carried over as a
-    step density over log-SNR (:func:`transfer_log_snr`). Raises ``ValueError`` if the grid does not exist or cannot
+    Under a process spanning another log-SNR range than the one the grid was made for, the grid is carried over by
+    the rule its file records: as a step density over log-SNR (:func:`transfer_log_snr`, the default; with its
+    anchored head if any), or as absolute log-SNR points (:func:`absolute_log_snr`: then the step count follows from
+    the process). Raises ``ValueError`` if the grid does not exist or cannot
     be carried over (the message says why)."""
     record = _read_record(name_or_path, directory)
     lam = torch.tensor(record["log_snr"], dtype=torch.float64)
     if process is None:
         return lam
     return _times_from_log_snr(lam, process, f"grid {record['name']!r} ({record['_path']})", record.get("process"),
-                               record["_head"])
+                               record["_head"], record["_rule"])
 
 
 def list_grids(directory: str | os.PathLike | None = None) -> list[str]:
@@ -220,6 +246,18 @@ def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
 MAX_TRANSFER_EXTENSION = 0.25
 
 
+def _check_reach(lo: float, hi: float, a: float, b: float, process: Process, why: str) -> None:
+    """Refuse a process whose log-SNR range ``[a, b]`` reaches beyond the grid's ``[lo, hi]`` by more than
+    ``MAX_TRANSFER_EXTENSION`` of the grid's span at either end."""
+    reach = max(lo - a, b - hi)
+    if reach > MAX_TRANSFER_EXTENSION * (hi - lo):
+        raise ValueError(
+            f"the grid spans log-SNR [{lo:.4g}, {hi:.4g}] and cannot be carried over to {process!r}, which spans "
+            f"[{a:.4g}, {b:.4g}]: that reaches {reach:.3g} beyond the grid, more than {MAX_TRANSFER_EXTENSION:g} of its "
+            f"span, {why}; fit a grid for this process (optimize_grid) or use a built-in kind"
+        )
+
+
 def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, num_steps: int | None = None, *,
                      head: int = 0) -> torch.Tensor:
     """Carry a grid (increasing log-SNR points ``lambda_0 < ... < lambda_n``) to another process of the same
@@ -252,14 +290,7 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
     a, b = float(ends[0]), float(ends[1])
     lo, hi = float(lam[0].detach()), float(lam[-1].detach())  # (lam may carry a gradient: optimize_grid's family)
-    span = hi - lo
-    reach = max(lo - a, b - hi)
-    if reach > MAX_TRANSFER_EXTENSION * span:
-        raise ValueError(
-            f"the grid spans log-SNR [{lo:.4g}, {hi:.4g}] and cannot be carried over to {process!r}, which spans "
-            f"[{a:.4g}, {b:.4g}]: that reaches {reach:.3g} beyond the grid, more than {MAX_TRANSFER_EXTENSION:g} of its "
-            "span, where its step density is unknown; fit a grid for this process (optimize_grid) or use a built-in kind"
-        )
+    _check_reach(lo, hi, a, b, process, "where its step density is unknown")
     if n == n_src and abs(a - lo) <= _LOG_SNR_TOL * max(1.0, abs(lo)) and abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)):
         return lam.clone()
     if head:
@@ -273,6 +304,59 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
         out[0], out[-1] = a, b
         return out
     return _density_transfer(lam, a, b, n)
+
+
+#: the absolute rule's merge: a grid point within this fraction of the grid's step beside it from a process's end is
+#: dropped (the end takes its place) instead of leaving a tiny step
+ABSOLUTE_MERGE = 0.1
+#: the transfer rules a saved grid may record (its file's ``"transfer"`` entry): the step density (default), the
+#: anchored head (``head``), and the absolute points (:func:`absolute_log_snr`)
+TRANSFER_RULES = ("log_snr_density", "log_snr_anchored", "log_snr_absolute")
+
+
+def absolute_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, *, extend: str = "one") -> torch.Tensor:
+    """Carry a grid to another process as a set of points in absolute log-SNR (the "absolute" rule, "clip /
+    extend"): the process runs on the grid's points that lie strictly inside its own range ``(lambda(1),
+    lambda(t_min))``, with its own ends added. So a process starting inside the grid's range drops the grid's points
+    below its start (the step nearest its start is shortened, not squeezed) and runs fewer steps; a process starting
+    below the grid's first point gets one extension step from its start to that point (``extend="one"``) or as few
+    equal steps as keep each no longer than the grid's first step (``extend="first"``); the low-noise end likewise.
+    The step count follows from the process (what ``num_steps`` and ``nfe`` of a sampler then report). On the grid's
+    own range this returns the grid itself. Differentiable in ``log_snr`` (its points inside the range keep their
+    gradient; which points are inside is decided on their values).
+
+    Raises ``ValueError`` when the process's range reaches beyond the grid's by more than ``MAX_TRANSFER_EXTENSION``
+    of the grid's span at either end, or holds none of the grid's inner points (the grid says nothing there)."""
+    lam = torch.as_tensor(log_snr, dtype=torch.float64).flatten()
+    if lam.numel() < 2 or not bool((torch.diff(lam) > 0).all()):
+        raise ValueError(f"expected >= 2 increasing log-SNR points, found {lam.tolist()}")
+    if extend not in ("one", "first"):
+        raise ValueError(f"expected extend 'one' or 'first', found {extend!r}")
+    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    a, b = float(ends[0]), float(ends[1])
+    v = lam.detach()
+    lo, hi = float(v[0]), float(v[-1])
+    _check_reach(lo, hi, a, b, process, "where no step of it was fitted")
+    tol_a, tol_b = _LOG_SNR_TOL * max(1.0, abs(a)), _LOG_SNR_TOL * max(1.0, abs(b))
+    if abs(a - lo) <= tol_a and abs(b - hi) <= tol_b:
+        return lam.clone()
+    # a grid point closer to the process's end than ABSOLUTE_MERGE of the grid's step beside it gives way to the end
+    # (no step of a few percent of the grid's own: it would cost a score evaluation for nothing)
+    h = torch.diff(v)
+    below, above = torch.cat([h[:1], h]), torch.cat([h, h[-1:]])
+    inside = (v > a + ABSOLUTE_MERGE * below) & (v < b - ABSOLUTE_MERGE * above)
+    if not bool(inside.any()):
+        raise ValueError(f"the grid's points {v.tolist()} all lie outside {process!r}'s log-SNR range "
+                         f"[{a:.4g}, {b:.4g}]: the absolute rule has no point of the grid to use there")
+    inner = lam[inside]
+
+    def extension(start: float, end: float, step: float) -> torch.Tensor:  # the points strictly between
+        k = 1 if extend == "one" else max(1, math.ceil((end - start) / step - 1e-9))
+        return torch.linspace(start, end, k + 1, dtype=torch.float64)[1:-1]
+
+    head = extension(a, lo, float(h[0])) if bool(inside[0]) else lam.new_zeros(0)
+    tail = extension(hi, b, float(h[-1])) if bool(inside[-1]) else lam.new_zeros(0)
+    return torch.cat([lam.new_tensor([a]), head, inner, tail, lam.new_tensor([b])])
 
 
 def _density_transfer(lam: torch.Tensor, a: float, b: float, n: int) -> torch.Tensor:
@@ -293,15 +377,17 @@ def _density_transfer(lam: torch.Tensor, a: float, b: float, n: int) -> torch.Te
     return out
 
 
-def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None, head: int = 0) -> torch.Tensor:
+def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_for=None, head: int = 0,
+                        rule: str = "density") -> torch.Tensor:
     """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
-    carried over by :func:`transfer_log_snr` (with the grid's ``head``; or refused with the reason)."""
+    carried over by :func:`transfer_log_snr` (with the grid's ``head``) or, ``rule="absolute"``, by
+    :func:`absolute_log_snr` (or refused with the reason)."""
     ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
     lo, hi = float(lam[0]), float(lam[-1])
     if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
         where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
         try:
-            lam = transfer_log_snr(lam, process, head=head)
+            lam = absolute_log_snr(lam, process) if rule == "absolute" else transfer_log_snr(lam, process, head=head)
         except ValueError as exc:
             raise ValueError(f"{label}{where}: {exc}") from None
     ts = process.t_from_log_snr(lam.to(torch.float64))

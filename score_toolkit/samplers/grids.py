@@ -52,7 +52,15 @@ from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
 from .fixed_grid import GRID_KINDS, GridSampler, _parse_grid, resolve_grid, save_grid
 from .fixed_grid import check_to_zero as check_to_zero  # re-exported: samplers import it from here
-from .grid_store import _check_times, _file_for, _process_record, _read_record, _times_from_log_snr, transfer_log_snr
+from .grid_store import (
+    _check_times,
+    _file_for,
+    _process_record,
+    _read_record,
+    _times_from_log_snr,
+    absolute_log_snr,
+    transfer_log_snr,
+)
 from .grid_validation import (  # the held-out report; re-exported here
     FAR_OFF_MARGIN,
     TAIL_MARGIN,
@@ -131,7 +139,7 @@ def _worst_tail(validation, family_validation) -> GridValidation:
     return max([validation["optimized"], *family_validation.values()], key=lambda v: v.far_off)
 
 
-def _check_family(family, process, mix) -> tuple[Process, ...]:
+def _check_family(family, process, mix, transfer="density") -> tuple[Process, ...]:
     if isinstance(family, Process) or not isinstance(family, (list, tuple)):
         raise TypeError(f"optimize_grid: expected family to be a list or tuple of Processes, found {family!r}")
     for proc in family:
@@ -142,7 +150,10 @@ def _check_family(family, process, mix) -> tuple[Process, ...]:
                          "tied to one process")
     span = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
     for proc in family:  # refused here, with the reason, rather than at the first objective evaluation
-        transfer_log_snr(span, proc, 1)
+        if transfer == "absolute":  # (a grid of the process's span with one inner point: the reach is what matters)
+            absolute_log_snr(torch.cat([span[:1], span.mean().reshape(1), span[1:]]), proc)
+        else:
+            transfer_log_snr(span, proc, 1)
     return tuple(family)
 
 
@@ -247,6 +258,7 @@ def optimize_grid(
     fit_dtype: torch.dtype | None = None,
     transfer_head: int = 0,
     family_combine: str = "mean",
+    transfer: str = "density",
 ) -> GridOptimizationResult:
     """Choose the ``n + 1`` time points of ``sampler``'s grid (``n = sampler.config["num_steps"]``) that minimise
     its discretisation error on a reference problem, and validate them on held-out draws.
@@ -326,6 +338,11 @@ def optimize_grid(
     ``transfer_head=k`` (``0 <= k < n``; 0, the density rule, by default) fits the grid for the anchored rule instead
     (:func:`transfer_log_snr` with ``head=k``: its first ``k`` steps are mapped onto each process's own start, the
     points from the ``k``-th on keep their log-SNR); a saved grid records the rule, so it is carried the same way.
+    ``transfer="absolute"`` fits it for the absolute rule instead (:func:`absolute_log_snr`, "clip / extend": each
+    member runs on the grid's points inside its own range, its own ends added, and a member starting below the grid
+    gets one extension step; so the step count follows from the process). Fit it under the narrowest member as
+    ``process`` and the wider ones as ``family``: every member then sees all of the grid's points (its assignment of
+    points to members cannot change during the fit). Measured in docs/fast_samplers.md ("The absolute rule").
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
@@ -357,7 +374,12 @@ def optimize_grid(
         if path.exists() and not overwrite:
             raise FileExistsError(f"grid {os.fspath(save_as)!r} already exists at {path}; pass overwrite=True to replace it")
     score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
-    family = _check_family(family, process, mix)
+    if transfer not in ("density", "absolute"):
+        raise ValueError(f"optimize_grid: expected transfer 'density' or 'absolute', found {transfer!r}")
+    if transfer == "absolute" and transfer_head:
+        raise ValueError(f"optimize_grid: transfer_head={transfer_head} is the density rule's anchored head; "
+                         "transfer='absolute' has none (leave transfer_head at 0)")
+    family = _check_family(family, process, mix, transfer)
     n = int(sampler.config["num_steps"])
     if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < n:
         raise ValueError(f"optimize_grid: expected transfer_head to be an int with 0 <= transfer_head < num_steps = {n}, "
@@ -433,7 +455,8 @@ def optimize_grid(
         warm_times = _times_from_log_snr(warm, process, "optimize_grid: init")
 
     def member_times(ts, proc):
-        lam = transfer_log_snr(process.log_snr(ts), proc, head=transfer_head)
+        lam = (absolute_log_snr(process.log_snr(ts), proc) if transfer == "absolute"
+               else transfer_log_snr(process.log_snr(ts), proc, head=transfer_head))
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
 
@@ -614,11 +637,11 @@ def optimize_grid(
                 "fit_seconds": result.fit_seconds, "loss_kind": loss, "tail_weight": tail_weight, "method": method,
                 "init": kept_init if kept_init != "warm start" or not isinstance(init, (str, os.PathLike))
                 else f"warm start: {os.fspath(init)}", "seed": result.seed, "retries": result.retries, "sampler_options": options,
-                "family": [_process_record(p) for p in family], "transfer_head": transfer_head,
+                "family": [_process_record(p) for p in family], "transfer_head": transfer_head, "transfer": transfer,
                 "family_combine": family_combine, "family_losses": result.family_losses,
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,
-                                overwrite=overwrite, transfer_head=transfer_head)
+                                overwrite=overwrite, transfer_head=transfer_head, transfer=transfer)
         result.name = result.path.stem
     return result
