@@ -30,6 +30,7 @@ dequantization, Hutchinson with 4 probes; the digits model trains on all 1797, s
     python benchmarks/bench_likelihood.py --variables    # the integration variables over processes (~2 min)
     python benchmarks/bench_likelihood.py --calls-vs-n   # calls against the batch size (~5 min)
     python benchmarks/bench_likelihood.py --scaled-state # the state x / alpha against the default (~10 min)
+    python benchmarks/bench_likelihood.py --overhead     # the per-sample stepper before / after its overhead cut (~5 min)
 """
 
 from __future__ import annotations
@@ -255,19 +256,21 @@ class _Timed:
         return out
 
 
-def _wall_profile(score_fn, proc, x, prior_fn, variable) -> dict:
-    """One solve each of the recipe and of ours at the default tolerance: seconds in the score's forward passes, in
-    the backward passes of the divergence, and in the rest (the solver)."""
+def _wall_profile(score_fn, proc, x, prior_fn, variable, solvers: dict | None = None) -> dict:
+    """One solve each of the recipe and of ours at the default tolerance (or of each of ``solvers``, kind ->
+    ``solve(score_fn)``): seconds in the score's forward passes, in the backward passes of the divergence, and in the
+    rest (the solver)."""
+    if solvers is None:
+        solvers = {"recipe": lambda sf: score_sde_exact_log_likelihood(sf, proc, x),
+                   "ours": lambda sf: log_likelihood(sf, proc, x, prior_log_prob=prior_fn, batch_size=len(x),
+                                                     time_variable=variable)}
     out = {}
-    for kind in ("recipe", "ours"):
+    for kind, solve in solvers.items():
         timed = _Timed(score_fn)
         torch.autograd.grad = timed.grad
         try:
             t0 = time.perf_counter()
-            if kind == "recipe":
-                score_sde_exact_log_likelihood(timed, proc, x)
-            else:
-                log_likelihood(timed, proc, x, prior_log_prob=prior_fn, batch_size=len(x), time_variable=variable)
+            solve(timed)
             total = time.perf_counter() - t0
         finally:
             torch.autograd.grad = timed._grad
@@ -582,32 +585,21 @@ def calls_vs_n(args) -> Path:
              "| case | N | recipe calls | ours calls | ours attempts: median / p99 / most | rejected (hardest) | "
              "mean err recipe / ours | max err recipe / ours |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    original = stepper.solve_dopri5
-    stats: dict = {}
-
-    def recording(*a, **kw):
-        y, st = original(*a, **kw)
-        stats.update(st)
-        return y, st
-
-    stepper.solve_dopri5 = recording
-    try:
-        for name, proc, score_fn, x_all, exact_all, prior in exact_cases(max(sizes), 1)[:4]:
-            for n in sizes:
-                x, exact = x_all[:n], exact_all[:n]
-                z, delta, nfe = score_sde_exact_log_likelihood(score_fn, proc, x)
-                er = (prior(z) + delta - exact).abs()
-                res = log_likelihood(score_fn, proc, x, prior_log_prob=prior, batch_size=n)
-                eo = (res.log_prob - exact).abs()
-                att = (stats["accepted"] + stats["rejected"]).double()
-                hard = int(att.argmax())
-                lines.append(
-                    f"| {name} | {n} | {nfe} | {res.nfe} | {att.median():.0f} / {att.quantile(0.99):.0f} / "
-                    f"{att.max():.0f} | {int(stats['rejected'][hard])} | {er.mean():.2e} / {eo.mean():.2e} | "
-                    f"{er.max():.1e} / {eo.max():.1e} |")
-                print(lines[-1], flush=True)
-    finally:
-        stepper.solve_dopri5 = original
+    for name, proc, score_fn, x_all, exact_all, prior in exact_cases(max(sizes), 1)[:4]:
+        for n in sizes:
+            x, exact = x_all[:n], exact_all[:n]
+            z, delta, nfe = score_sde_exact_log_likelihood(score_fn, proc, x)
+            er = (prior(z) + delta - exact).abs()
+            res, stats = _recorded(stepper, partial(log_likelihood, score_fn, proc, x, prior_log_prob=prior,
+                                                    batch_size=n))
+            eo = (res.log_prob - exact).abs()
+            att = (stats["accepted"] + stats["rejected"]).double()
+            hard = int(att.argmax())
+            lines.append(
+                f"| {name} | {n} | {nfe} | {res.nfe} | {att.median():.0f} / {att.quantile(0.99):.0f} / "
+                f"{att.max():.0f} | {int(stats['rejected'][hard])} | {er.mean():.2e} / {eo.mean():.2e} | "
+                f"{er.max():.1e} / {eo.max():.1e} |")
+            print(lines[-1], flush=True)
     out = HERE / "results" / "likelihood_calls.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -685,6 +677,19 @@ def _recipe_solve(score_fn, process, x, prior_fn):
     return prior_fn(z) + delta, nfe
 
 
+def more_draws(n: int, vp) -> list[tuple]:
+    """Ring VP and 16-D VP on other draws of ``n`` points (the recipe's calls depend on the batch), as rows of
+    :func:`exact_cases`: the ring on the first n of a draw of 2n (seed 0) and on draws with seeds 1 and 2, the 16-D
+    mixture on draws with seeds 1 and 2."""
+    ring, mixture = ring_mixture(), anisotropic_mixture(16)
+    draws = [("ring 2-D", ring, f"first {n} of a draw of {2 * n}, seed 0",
+              ring.sample(2 * n, generator=torch.Generator().manual_seed(0))[:n])]
+    draws += [(mname, mix, f"seed {seed}", mix.sample(n, generator=torch.Generator().manual_seed(seed)))
+              for mname, mix in (("ring 2-D", ring), ("mixture 16-D", mixture)) for seed in (1, 2)]
+    return [(f"{mname}, VP, exact score, draw: {label}", vp, mix.score_fn(vp), x, mix.log_prob(x, vp.t_min, vp),
+             partial(mix.log_prob, t=1.0, process=vp)) for mname, mix, label, x in draws]
+
+
 def scaled_state_report(args) -> Path:
     """The scaled state x / alpha (:class:`ScaledState`) against the default and the recipe on every row of the exact
     part (ring and 16-D mixture under VP and VE, the ScoreMLP under VP), ring VP and 16-D VP on more draws, rtol = atol = 1e-5,
@@ -693,18 +698,8 @@ def scaled_state_report(args) -> Path:
 
     torch.set_num_threads(args.threads)
     cases = exact_cases(args.n_exact, args.n_net)
-    ring = ring_mixture()
-    vp = cases[0][1]
     n = args.n_exact
-    # ring VP and 16-D VP on other draws of the same size (the recipe's calls depend on the batch)
-    mixture = anisotropic_mixture(16)
-    draws = [("ring 2-D", ring, f"first {n} of a draw of {2 * n}, seed 0",
-              ring.sample(2 * n, generator=torch.Generator().manual_seed(0))[:n])]
-    draws += [(mname, mix, f"seed {seed}", mix.sample(n, generator=torch.Generator().manual_seed(seed)))
-              for mname, mix in (("ring 2-D", ring), ("mixture 16-D", mixture)) for seed in (1, 2)]
-    for mname, mix, label, x in draws:
-        cases.append((f"{mname}, VP, exact score, draw: {label}", vp, mix.score_fn(vp), x, mix.log_prob(x, vp.t_min, vp),
-                      partial(mix.log_prob, t=1.0, process=vp)))
+    cases += more_draws(n, cases[0][1])
     lines = ["# Likelihood: the scaled state x / alpha (the drift's linear part integrated exactly)", "",
              f"Generated by `python benchmarks/bench_likelihood.py --scaled-state` (N = {n}, network N = "
              f"{args.n_net}; exact divergence, eps = 1e-5, float64, rtol = atol = 1e-5, one solve for the batch, the "
@@ -751,6 +746,155 @@ def scaled_state_report(args) -> Path:
                          f"{e.mean():.2e} | {e.max():.1e} | {wall} | {met} |")
             print(lines[-1], flush=True)
     out = HERE / "results" / "likelihood_scaled.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+#: the library before the per-sample stepper's bookkeeping per call was cut: the "old stepper" of --overhead
+PREVIOUS_STEPPER_COMMIT = "70f080a8d8a4731c3f466e83e38109f53d42c23c"
+
+
+def _recorded(stepper_module, solve):
+    """``solve()`` with the statistics of the per-sample stepper of ``stepper_module`` recorded: (result, stats)."""
+    original, stats = stepper_module.solve_dopri5, {}
+
+    def recording(*a, **kw):
+        y, st = original(*a, **kw)
+        stats.update(st)
+        return y, st
+
+    stepper_module.solve_dopri5 = recording
+    try:
+        return solve(), stats
+    finally:
+        stepper_module.solve_dopri5 = original
+
+
+def _recipe_on(score_fn, *, proc, x):
+    return score_sde_exact_log_likelihood(score_fn, proc, x)
+
+
+def _ours_on(log_likelihood_fn, score_fn, *, proc, x, kw):
+    return log_likelihood_fn(score_fn, proc, x, **kw)
+
+
+def _range(values) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def overhead_report(args) -> Path:
+    """The per-sample stepper against its previous version (the library at :data:`PREVIOUS_STEPPER_COMMIT`, read from
+    git) and the recipe on every row of the exact part and on the other draws of :func:`more_draws`: the same numbers
+    (log p bit for bit, calls, accepted and rejected steps per sample), calls, evaluations per sample, errors, wall
+    ratios from rounds of three back-to-back solves, and where the wall time goes. Writes
+    ``results/likelihood_overhead.md``."""
+    import importlib
+
+    from _at_commit import package_at
+
+    import score_toolkit.likelihood.stepper as new_stepper
+    from score_toolkit.likelihood.options import _resolve_time_variable
+
+    torch.set_num_threads(args.threads)
+    old = package_at(args.old_commit, "likelihood")
+    old_stepper = importlib.import_module(old.__name__ + ".stepper")
+    cases = exact_cases(args.n_exact, args.n_net)
+    cases += more_draws(args.n_exact, cases[0][1])
+    start = time.time()
+    target, versus, where = [], [], []
+    for name, proc, score_fn, x, exact, prior in cases:
+        n, net = len(x), exact is None
+        if net:  # no closed form: a tight solve (as in the exact part)
+            exact = log_likelihood(score_fn, proc, x, rtol=1e-9, atol=1e-9, batch_size=n).log_prob
+            prior = proc.prior_log_prob
+        # the variable log_likelihood picks for this score (the counting and timing wrappers are not ScoreAdapters)
+        kw = {"prior_log_prob": prior, "batch_size": n, "time_variable": _resolve_time_variable("auto", proc, score_fn)}
+        solve = {
+            "recipe": partial(_recipe_on, proc=proc, x=x),
+            "new": partial(_ours_on, log_likelihood, proc=proc, x=x, kw=kw),
+            "old": partial(_ours_on, old.log_likelihood, proc=proc, x=x, kw=kw),
+        }
+        # the numbers, each solve once with the score evaluations counted
+        counted = {k: _Counted(score_fn) for k in solve}
+        z, delta, calls_r = solve["recipe"](counted["recipe"])
+        lp_r = prior(z) + delta
+        res_new, st_new = _recorded(new_stepper, partial(solve["new"], counted["new"]))
+        res_old, st_old = _recorded(old_stepper, partial(solve["old"], counted["old"]))
+        same = (torch.equal(res_new.log_prob, res_old.log_prob) and res_new.nfe == res_old.nfe
+                and torch.equal(st_new["accepted"], st_old["accepted"])
+                and torch.equal(st_new["rejected"], st_old["rejected"]))
+        diff = float((res_new.log_prob - res_old.log_prob).abs().max())
+        # rounds of three back-to-back solves, the order reversed every other round: ours sits next to both
+        rounds = args.pairs_net if net else 3 * args.pairs if x.shape[1] == 2 else args.pairs
+        wall = {k: [] for k in solve}
+        cpu = {k: [] for k in solve}
+        for i in range(rounds):
+            for kind in (("recipe", "new", "old") if i % 2 == 0 else ("old", "new", "recipe")):
+                t0, c0 = time.perf_counter(), time.process_time()
+                solve[kind](score_fn)
+                wall[kind].append(time.perf_counter() - t0)
+                cpu[kind].append(time.process_time() - c0)
+        ratio = {(a, b): [u / v for u, v in zip(wall[a], wall[b])] for a, b in
+                 (("new", "recipe"), ("old", "recipe"), ("new", "old"))}
+        cpu_ratio = [u / v for u, v in zip(cpu["new"], cpu["recipe"])]
+        profile = _wall_profile(score_fn, proc, x, prior, None, solvers=solve)
+        err_r, err_n = (lp_r - exact).abs(), (res_new.log_prob - exact).abs()
+        ev_r, ev_n = counted["recipe"].rows / n, counted["new"].rows / n
+        limit = 0.8 if net else 1.0
+        errors_ok = err_n.mean() <= err_r.mean() and err_n.max() <= err_r.max()
+        met = errors_ok and statistics.median(ratio["new", "recipe"]) <= limit
+        target.append(
+            f"| {name} | {n} | {res_new.nfe} / {calls_r} | {ev_n:.0f} / {ev_r:.0f} | {err_n.mean():.2e} / "
+            f"{err_r.mean():.2e} | {err_n.max():.1e} / {err_r.max():.1e} | {_range(ratio['new', 'recipe'])} of "
+            f"{rounds} (<= {limit:g}) | {statistics.median(cpu_ratio):.2f} | {'yes' if met else 'no'} | "
+            f"{'yes' if res_new.nfe <= calls_r else 'no'} | {'yes' if ev_n <= ev_r else 'no'} |")
+        versus.append(
+            f"| {name} | {'yes' if same else f'no (max diff {diff:.1e})'} | {res_new.nfe} | "
+            f"{int(st_new['attempts'])} | {int(st_new['rejected'].sum())} | {_range(ratio['new', 'old'])} | "
+            f"{_range(ratio['old', 'recipe'])} | {_range(ratio['new', 'recipe'])} |")
+        calls = {"recipe": calls_r, "new": res_new.nfe, "old": res_old.nfe}
+        per_call = [" / ".join(f"{1e3 * v / calls[k]:.2f}" for v in profile[k]) for k in ("recipe", "old", "new")]
+        rest = " / ".join(f"{profile[k][2]:.3f}" for k in ("recipe", "old", "new"))
+        where.append(f"| {name} | {' | '.join(per_call)} | {rest} |")
+        print(target[-1], versus[-1], where[-1], sep="\n", flush=True)
+    lines = [
+        "# Likelihood: the per-sample stepper's bookkeeping, before and after", "",
+        f"Generated by `python benchmarks/bench_likelihood.py --overhead` (commit {git_commit()}; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); load "
+        f"average {os.getloadavg()[0]:.1f} at the end; {time.time() - start:.0f} s in all). The exact-divergence "
+        f"cases of `likelihood.md` (eps = 1e-5, float64, rtol = atol = 1e-5, one solve for the batch, N = "
+        f"{args.n_exact}, network N = {args.n_net}; the exact p_1 as prior for the analytic cases) and the other draws "
+        "of ring VP and 16-D VP. `recipe`: score_sde's scipy RK45 in t with the exact divergence (calls = `nfev`). "
+        "`new`: `log_likelihood` at its defaults. `old`: the same call on the library at commit "
+        f"{args.old_commit[:7]} (its `score_toolkit/likelihood/` read from git and imported next to the new one: "
+        "`benchmarks/_at_commit.py`), before the per-call bookkeeping of the per-sample stepper was cut. "
+        "Error: mean and max over the points of |log p - reference| (the exact log p_eps; the network: a tight "
+        "solve at 1e-9). Wall ratios: rounds of three solves one right after the other (recipe, new, old; the next "
+        "round old, new, recipe), so the new solve always runs next to both others; median [min, max] over the "
+        "rounds of the per-round ratio.", "",
+        "## The target: error, calls and wall time against the recipe", "",
+        "`met`: mean and max error at most the recipe's and the median wall ratio at most 1 (network: 0.8). The calls "
+        "(the target's NFE read as batched calls) and the evaluations per sample are given with their own verdicts.", "",
+        "| case | N | calls new / recipe | evals / sample new / recipe | mean err new / recipe | max err new / recipe "
+        "| wall new / recipe | CPU new / recipe | met (errors, wall) | calls <= recipe's | evals / sample <= recipe's |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *target, "",
+        "## The new stepper against the old one", "",
+        "`same numbers`: log p bit for bit, the same calls, and the same accepted and rejected steps for every "
+        "sample. `attempts`: the most of any sample (calls = 2 + 6 x attempts); `rejected`: over all samples.", "",
+        "| case | same numbers | calls | attempts | rejected | wall new / old | wall old / recipe | wall new / recipe |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |", *versus, "",
+        "## Where the wall time goes", "",
+        "One solve of each (the same run): milliseconds per call in the score's forward passes, in the backward "
+        "passes of the exact divergence (`torch.autograd.grad`, timed) and in the rest (the solver's own "
+        "bookkeeping: scipy's stepping and the numpy round trips for the recipe; the per-sample stepper, the time "
+        "variable's coefficients and the checks for ours), and the rest in seconds per solve.", "",
+        "| case | recipe: forward / backward / rest, ms per call | old | new | rest s: recipe / old / new |",
+        "| --- | --- | --- | --- | --- |",
+        *where, "",
+    ]
+    out = HERE / "results" / "likelihood_overhead.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out)
@@ -983,6 +1127,11 @@ def main(argv=None) -> int:
                    help="only the integration-variable comparison over processes (results/likelihood_variables.md)")
     p.add_argument("--scaled-state", action="store_true",
                    help="only the scaled state x / alpha against the default and the recipe (results/likelihood_scaled.md)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the per-sample stepper against its previous version and the recipe, on every row and "
+                        "the other draws (results/likelihood_overhead.md)")
+    p.add_argument("--old-commit", default=PREVIOUS_STEPPER_COMMIT,
+                   help="--overhead: the commit whose score_toolkit/likelihood is the old stepper")
     p.add_argument("--n-net", type=int, default=None, help="points for the network case of the exact part (128)")
     p.add_argument("--pairs", type=int, default=None,
                    help="back-to-back recipe/ours pairs per analytic case at the default tolerance (default 5, quick 1)")
@@ -1009,6 +1158,9 @@ def main(argv=None) -> int:
         return 0
     if args.scaled_state:
         print(scaled_state_report(args).read_text())
+        return 0
+    if args.overhead:
+        print(overhead_report(args).read_text())
         return 0
     start = time.time()
     rows = run(args)

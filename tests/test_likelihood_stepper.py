@@ -183,3 +183,117 @@ def test_the_log_density_is_held_in_64_dimensions(proc):
         res = log_likelihood(m.score_fn(proc), proc, x, prior_log_prob=prior, rtol=tol, atol=tol)
         errs.append(float((res.log_prob - exact).abs().max()))
     assert errs[0] < 0.5 and errs[1] < 0.1 and errs[1] < errs[0] / 2, errs
+
+
+# ---------------------------------------------------------------------------------------- the stepper's bookkeeping
+def _decaying(lam):
+    """dy/dtau = lam y per row, recording what each call received."""
+    seen = []
+
+    def func(tau, y, rows):
+        seen.append((tau, rows))
+        rates = lam if rows is None else lam[rows]
+        return rates[:, None] * y
+
+    return func, seen
+
+
+def test_the_rows_passed_are_those_still_integrating_one_tensor_until_some_finish():
+    # the right-hand side may cache what depends on the rows (the Hutchinson probes) by the identity of ``rows``
+    lam = -torch.linspace(0.5, 8.0, 9, dtype=torch.float64)
+    func, seen = _decaying(lam)
+    _, stats = _solve(func, torch.ones(9, 2, dtype=torch.float64))
+    attempts = stats["accepted"] + stats["rejected"]  # a row's attempts: it leaves after its last one
+    previous = None
+    for call, (_, rows) in enumerate(seen[2:]):  # after the two calls of the first step
+        attempt = call // 6 + 1
+        still = (attempts >= attempt).nonzero().squeeze(1)
+        if rows is None:
+            assert len(still) == 9
+        else:
+            assert torch.equal(rows, still), (attempt, rows, still)
+            if previous is not None and len(previous) == len(rows):
+                assert rows is previous  # the same tensor until some rows finish
+        previous = rows
+    assert seen[-1][1] is not None and len(seen[-1][1]) < 9  # the slow rows finished first
+
+
+def test_the_times_hook_changes_nothing_but_what_the_calls_receive():
+    lam = -torch.linspace(0.5, 8.0, 9, dtype=torch.float64)
+    func, seen = _decaying(lam)
+    plain, plain_stats = _solve(func, torch.ones(9, 2, dtype=torch.float64))
+    plain_taus = [tau for tau, _ in seen]
+    batches = []
+
+    def times(taus):
+        batches.append(taus.shape[0])
+        return [("stage", row) for row in taus]  # what the calls get: anything indexable per time
+
+    def func_times(stage_time, y, rows):
+        tag, tau = stage_time
+        assert tag == "stage"
+        return func(tau, y, rows)
+
+    seen.clear()
+    hooked, hooked_stats = _solve(func_times, torch.ones(9, 2, dtype=torch.float64), times=times)
+    assert torch.equal(plain, hooked)
+    assert all(torch.equal(a, b) for a, b in zip(plain_taus, (tau for tau, _ in seen)))
+    assert torch.equal(plain_stats["accepted"], hooked_stats["accepted"])
+    assert batches[:2] == [1, 1] and set(batches[2:]) == {6}  # the first step's two calls, then one per attempt
+
+
+@pytest.mark.parametrize("proc, calls, accepted, rejected", [(VPSDE(0.1, 20.0), 116, 518, 37),
+                                                             (VESDE(0.01, 50.0), 116, 498, 35)], ids=["VP", "VE"])
+def test_calls_and_steps_on_a_fixed_case(proc, calls, accepted, rejected, monkeypatch):
+    """The calls and the accepted and rejected steps over the 40 points, as recorded with the stepper before its
+    bookkeeping was cut (commit 70f080a): the bookkeeping changes no decision."""
+    import score_toolkit.likelihood.stepper as stepper
+
+    m = ring_mixture()
+    x = m.sample(40, generator=torch.Generator().manual_seed(1))
+    stats, solve = {}, stepper.solve_dopri5
+
+    def recording(*a, **kw):
+        y, st = solve(*a, **kw)
+        stats.update(st)
+        return y, st
+
+    monkeypatch.setattr(stepper, "solve_dopri5", recording)
+    res = log_likelihood(m.score_fn(proc), proc, x)
+    assert res.nfe == calls == 2 + 6 * stats["attempts"]
+    assert int(stats["accepted"].sum()) == accepted and int(stats["rejected"].sum()) == rejected
+
+
+@pytest.mark.parametrize("kind", ["vp_t", "log_sigma", "t"])
+def test_the_reverse_direction_is_the_right_hand_side_negated_exactly(kind):
+    from score_toolkit.likelihood.dynamics import _AugmentedDynamics
+    from score_toolkit.likelihood.ode import _Reversed
+
+    proc = VESDE(0.01, 50.0)
+    m = ring_mixture()
+    var = _TimeVariable(kind, proc, proc.t_min, proc.t_max)
+    dyn = _AugmentedDynamics(m.score_fn(proc), proc, (5, 2), "exact", None, var, None)
+    state = torch.cat([m.sample(5, generator=torch.Generator().manual_seed(0)), torch.zeros(5, 1,
+                                                                                            dtype=torch.float64)], 1)
+    taus = var.lo + (var.hi - var.lo) * torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    forward = [dyn.rows_call(times, state, None) for times in dyn.rows_times(taus)]
+    backward = [_Reversed(dyn).rows_call(times, state, None) for times in _Reversed(dyn).rows_times(-taus)]
+    for f, b in zip(forward, backward):
+        assert torch.equal(b, -f)
+
+
+def test_float32_and_image_shaped_data_through_the_per_sample_default():
+    proc = VPSDE(0.1, 20.0)
+    m = anisotropic_mixture(4)
+    x = m.sample(12, generator=torch.Generator().manual_seed(0))
+
+    def image_score(x4, t):
+        return m.score_fn(proc)(x4.reshape(len(x4), 4), t).reshape(x4.shape)
+
+    double = log_likelihood(m.score_fn(proc), proc, x)
+    flat = log_likelihood(m.score_fn(proc), proc, x.float())
+    image = log_likelihood(image_score, proc, x.float().reshape(12, 1, 2, 2))
+    assert flat.log_prob.dtype == image.log_prob.dtype == torch.float32
+    torch.testing.assert_close(image.log_prob, flat.log_prob, rtol=0, atol=0)
+    # the same solve in float64: float32 rounding only (measured 1.5e-6, the same 98 calls)
+    assert float((flat.log_prob.double() - double.log_prob).abs().max()) < 2e-5

@@ -33,7 +33,9 @@ class _AugmentedDynamics:
         self.nfe = 0
         self.steps = 0
         self.t = variable.t_lo
-        self._basis = None
+        self._identity = (None, None)  # the one-hot rows of the exact divergence (see _basis)
+        self._rows, self._probes_rows = None, probes  # the probes of the rows last evaluated
+        self._dtype = torch.float64  # the state's (for rows_times; set by the first call)
         self._vjp_state: dict = {}
 
     def _divergence(self, s: torch.Tensor, xg: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -44,43 +46,66 @@ class _AugmentedDynamics:
             )
         batch = xg.shape[0]
         if self.divergence == "hutchinson":
-            probes = self.probes if rows is None else self.probes[:, rows]
+            if rows is not self._rows:  # the stepper passes the same rows tensor until some rows finish
+                self._rows = rows
+                self._probes_rows = self.probes if rows is None else self.probes[:, rows]
+            probes = self._probes_rows
             vjp = _batched_vjp(s, xg, probes, self._vjp_state)  # (K, b, ...)
             return (vjp * probes).flatten(2).sum(2).transpose(0, 1)  # (b, K)
         d = self.dim
-        if self._basis is None or self._basis.dtype != s.dtype or self._basis.device != s.device:
-            self._basis = torch.eye(d, dtype=s.dtype, device=s.device)
-        total = torch.zeros(batch, dtype=s.dtype, device=s.device)
         chunk = max(1, min(d, _MAX_BATCHED_VJP_ELEMENTS // max(1, batch * d)))
+        loop = s.device.type == "cpu" or not self._vjp_state.get("vmap", True)
+        total = None
         for lo in range(0, d, chunk):
-            e = self._basis[lo : lo + chunk]  # (c, D)
-            grads = e[:, None, :].expand(e.shape[0], batch, d).reshape(e.shape[0], batch, *self.shape[1:])
-            rows_j = _batched_vjp(s, xg, grads, self._vjp_state).flatten(2)  # (c, b, D): rows of the Jacobian
-            idx = torch.arange(lo, lo + e.shape[0], device=s.device)
-            total = total + rows_j[torch.arange(e.shape[0], device=s.device), :, idx].sum(0)
+            hi = min(d, lo + chunk)
+            if loop:  # one backward pass per coordinate, keeping its diagonal entry
+                diag = [torch.autograd.grad(s, xg, e, retain_graph=True)[0].reshape(batch, d)[:, j]
+                        for j, e in zip(range(lo, hi), self._basis(lo, hi, batch, s))]
+                part = diag[0] if len(diag) == 1 else diag[0] + diag[1] if len(diag) == 2 else torch.stack(diag).sum(0)
+            else:
+                rows_j = _batched_vjp(s, xg, self._basis(lo, hi, batch, s), self._vjp_state).flatten(2)  # (c, b, D)
+                c = torch.arange(hi - lo, device=s.device)
+                part = rows_j[c, :, c + lo].sum(0)
+            total = part if total is None else total + part
         return total[:, None]
 
-    def _evaluate(self, state: torch.Tensor, t_vec: torch.Tensor, c, a, b, rows, t_report: float) -> torch.Tensor:
-        """dy/dtau and d(int div)/dtau of the rows ``state`` (b, D + C) at times ``t_vec`` (b,); ``c, a, b`` are
-        numbers or (b, 1) tensors."""
+    def _basis(self, lo: int, hi: int, batch: int, s: torch.Tensor) -> torch.Tensor:
+        """Rows ``lo:hi`` of the identity on the data's coordinates, each repeated for the ``batch`` rows:
+        (hi - lo, batch, ...), shaped like the score. The whole identity (one chunk) is built once and sliced as the
+        batch shrinks (the slice kept until the batch changes); the chunks of a larger one are built per call."""
+        shape = (hi - lo, batch, *self.shape[1:])
+        if hi - lo < self.dim:
+            e = torch.eye(self.dim, dtype=s.dtype, device=s.device)[lo:hi]
+            return e[:, None, :].expand(hi - lo, batch, self.dim).reshape(shape)
+        full, sliced = self._identity
+        if full is None or full.shape[1] < batch or full.dtype != s.dtype or full.device != s.device:
+            e = torch.eye(self.dim, dtype=s.dtype, device=s.device)
+            full, sliced = e[:, None, :].expand(self.dim, batch, self.dim).reshape(shape), None
+        if sliced is None or sliced.shape[1] != batch:
+            sliced = full[:, :batch]
+            self._identity = (full, sliced)
+        return sliced
+
+    def _evaluate(self, state: torch.Tensor, t_vec: torch.Tensor, c, a, b, bc, ad, rows) -> torch.Tensor:
+        """dy/dtau and d(int div)/dtau of the rows ``state`` (b, D + C) at times ``t_vec`` (b,), with ``x = c y``,
+        ``dy/dtau = a y + b s`` and ``d(int div)/dtau = ad + bc div_x s`` (``ad = a d``, ``bc = b c``): numbers, or
+        ``c`` of the data's rank and the others (b, 1) columns."""
         batch = state.shape[0]
-        y = state[:, : self.dim].reshape(batch, *self.shape[1:])
-        cy = c if not isinstance(c, torch.Tensor) else c.reshape(batch, *([1] * (y.ndim - 1)))
+        y = state[:, : self.dim]
+        flat = len(self.shape) == 2
         with torch.enable_grad():
-            xg = (cy * y).detach().requires_grad_(True)
+            xg = (c * (y if flat else y.reshape(batch, *self.shape[1:]))).detach().requires_grad_(True)
             s = self.score_fn(xg, t_vec)
             _check_score_output(s, xg)
             div_s = self._divergence(s, xg, rows)
         self.nfe += 1
-        s2 = s.detach().reshape(batch, self.dim)
-        dy = a * state[:, : self.dim] + b * s2
-        ddiv = a * self.dim + (b * c) * div_s.detach()
-        out = torch.cat([dy, ddiv.to(dy.dtype)], 1)
+        dy = a * y + b * (s if flat else s.reshape(batch, self.dim)).detach()
+        out = torch.cat([dy, (ad + bc * div_s.detach()).to(dy.dtype)], 1)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).any(1).sum())
             raise NonFiniteError(
-                f"log_likelihood: the score or its divergence became NaN or infinite at t = {t_report:.6g} (step "
-                f"{self.steps}, evaluation {self.nfe}) in {bad} of {batch} samples; check the score function "
+                f"log_likelihood: the score or its divergence became NaN or infinite at t = {float(t_vec.min()):.6g} "
+                f"(step {self.steps}, evaluation {self.nfe}) in {bad} of {batch} samples; check the score function "
                 f"and that the data lie where the model is defined"
             )
         return out
@@ -89,15 +114,32 @@ class _AugmentedDynamics:
         """torchdiffeq's right-hand side: one tau for the whole batch."""
         t, c, a, b = self.variable.coefficients(float(tau))
         t_vec = torch.full((self.batch,), t, dtype=state.dtype, device=state.device)
-        return self._evaluate(state, t_vec, c, a, b, None, t)
+        return self._evaluate(state, t_vec, c, a, b, b * c, a * self.dim, None)
 
-    def rows_call(self, tau: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """The per-sample stepper's right-hand side: ``tau`` (b,), one per row of ``state``."""
-        # the process's coefficients in float64 on the CPU (as the scalar path), then on the state's device
-        t, c, a, b = self.variable.coefficients_rows(tau.detach().cpu())
-        dt, dev = state.dtype, state.device
-        return self._evaluate(state, t.to(dev, dt), c.to(dev, dt)[:, None], a.to(dev, dt)[:, None],
-                              b.to(dev, dt)[:, None], rows, float(t.min()))
+    def rows_times(self, taus: torch.Tensor, sign: float = 1.0) -> list[tuple]:
+        """What the per-sample stepper's calls need from their times (the ``times`` of
+        :func:`~score_toolkit.likelihood.stepper.solve_dopri5`), for the m rows of ``taus`` (m, b) at once: per row
+        ``(t, c, a, b, b c, a d)`` in the state's dtype on ``taus``' device, ``t`` (b,), ``c`` of the data's rank,
+        the others (b, 1) columns. ``sign = -1``: for the right-hand side negated (``a``, ``b``, ``b c`` and ``a d``
+        negated, which gives the same numbers as negating the result)."""
+        m = taus.shape[0]
+        # the process's coefficients in float64 on the CPU (as the scalar path), then in the state's dtype and device
+        coef = torch.stack(self.variable.coefficients_rows(taus.detach().reshape(-1).cpu()))
+        t, c, a, b = coef.to(taus.device, self._dtype).reshape(4, m, -1).unbind(0)
+        bc, ad = b * c, a * self.dim
+        if sign < 0:
+            a, b, bc, ad = -a, -b, -bc, -ad
+        col = (m, -1, *[1] * (len(self.shape) - 1))
+        return list(zip(t, c.reshape(col), a[..., None], b[..., None], bc[..., None], ad[..., None]))
+
+    def rows_call(self, times: tuple, state: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The per-sample stepper's right-hand side at one of :meth:`rows_times`' rows (one time per row of
+        ``state``)."""
+        if times[0].dtype != state.dtype:  # the first call tells the state's dtype (float64 until then)
+            self._dtype = state.dtype
+            t, c, a, b = (v.to(state.dtype) for v in times[:4])
+            times = (t, c, a, b, b * c.reshape(b.shape), a * self.dim)
+        return self._evaluate(state, *times, rows)
 
     def callback_step(self, tau0, y0, dt) -> None:
         self.steps += 1

@@ -45,8 +45,11 @@ class _Reversed:
     def __call__(self, u: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return -self.dynamics(-u, state)
 
-    def rows_call(self, u: torch.Tensor, state: torch.Tensor, rows) -> torch.Tensor:
-        return -self.dynamics.rows_call(-u, state, rows)
+    def rows_times(self, us: torch.Tensor) -> list[tuple]:
+        return self.dynamics.rows_times(-us, sign=-1.0)
+
+    def rows_call(self, times: tuple, state: torch.Tensor, rows) -> torch.Tensor:
+        return self.dynamics.rows_call(times, state, rows)
 
     def callback_step(self, u0, y0, dt) -> None:
         self.dynamics.callback_step(-u0, y0, dt)
@@ -69,22 +72,25 @@ def _integrate(func: _AugmentedDynamics, y0: torch.Tensor, tau0: float, tau1: fl
         us = (sign * grid).to(y0.device)
         return torchdiffeq.odeint(rhs, y0, us[[0, -1]], method=method,
                                   options={"grid_constructor": lambda f, y, t: us.to(t)})[-1]
+    reached = [torch.tensor([lo])]  # the per-sample stepper's u of the rows still integrating (read on failure)
     try:
         if method == "dopri5_per_sample":
             from .stepper import solve_dopri5
 
-            def on_attempt(attempt: int, u: float) -> None:
+            def on_attempt(attempt: int, u: torch.Tensor) -> None:
                 func.steps = attempt - 1
-                func.t = variable.coefficients(sign * u)[0]
+                reached[0] = u
 
             y1, _ = solve_dopri5(rhs.rows_call, y0, lo, hi, rtol=rtol, atol=atol, ratio=_two_part_rms(func.dim),
-                                 max_num_steps=max_num_steps, on_attempt=on_attempt)
+                                 max_num_steps=max_num_steps, on_attempt=on_attempt, times=rhs.rows_times)
             return y1
         span = torch.tensor([lo, hi], dtype=torch.float64, device=y0.device)
         options = {"max_num_steps": max_num_steps, "step_t": span[1:].clone(), "norm": norm}
         return torchdiffeq.odeint(rhs, y0, span, rtol=rtol, atol=atol, method=method, options=options)[-1]
     except (SolverError, AssertionError) as err:  # the stepper words its failures as torchdiffeq does, which
         # checks with assert (absent under python -O); other errors (the step limit of callback_step) pass as raised
+        if method == "dopri5_per_sample":
+            func.t = variable.coefficients(sign * float(reached[0].min()))[0]
         raise_odeint_failure(err, who=who, t=func.t, steps=func.steps,
                              too_many=_too_many_steps(max_num_steps, func.t, t_end), error=SolverError)
 

@@ -17,6 +17,12 @@ controller never does after an accepted step (it then rejects more steps) -- nev
 rejection; a rejected step is retried with ``h max(0.2, 0.9 err^(-1/5))``. The first step is Hairer's estimate
 (one extra evaluation), per sample. With ``shared=True`` all samples share one step, accepted when the largest
 error ratio is below 1 (the classic batch solve, for comparison and tests).
+
+Bookkeeping (what a call costs besides the right-hand side; docs/likelihood.md, "Speed"): the rows still integrating
+are kept contiguous and are gathered anew only when some rows finish (not at every step); an attempt's stage times
+are computed together, and ``times`` lets the caller turn them into what its right-hand side needs once per attempt
+rather than once per call. Every number is computed by the same operations on the same rows as a step-by-step
+gather would, so the results do not depend on this bookkeeping.
 """
 
 from __future__ import annotations
@@ -34,12 +40,12 @@ _SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
 _EXPONENT = -1 / 5  # -1 / (order of the error estimate + 1)
 
 
-def _combine(weights, ks, h: torch.Tensor) -> torch.Tensor:
+def _combine(weights, ks, h_col: torch.Tensor) -> torch.Tensor:
     out = None
     for w, k in zip(weights, ks):
         if w != 0.0:
             out = w * k if out is None else out.add(k, alpha=w)
-    return out * h[:, None]
+    return out * h_col
 
 
 def solve_dopri5(
@@ -53,14 +59,19 @@ def solve_dopri5(
     ratio: Callable[[torch.Tensor], torch.Tensor],
     max_num_steps: int,
     shared: bool = False,
-    on_attempt: Callable[[int, float], None] | None = None,
+    on_attempt: Callable[[int, torch.Tensor], None] | None = None,
+    times: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Integrate ``dy/dtau = func(tau, y, rows)`` from ``lo`` to ``hi`` for every row of ``y0`` (B, n).
 
     ``func`` gets ``tau`` (b,) (float64), the b rows still integrating and their indices ``rows`` into the batch
-    (``None`` for the whole batch) and returns dy/dtau (b, n). ``ratio`` maps the scaled error (b, n) to one error
-    ratio per row (accepted when < 1). ``max_num_steps``: attempts (accepted or rejected) allowed per row; more raise
-    :class:`SolverError`. ``on_attempt(attempt, tau)`` is told the smallest tau still integrating before each attempt.
+    (``None`` for the whole batch; the same tensor object from one call to the next until some rows finish) and
+    returns dy/dtau (b, n). ``times``: if given, ``func`` gets ``times(taus)[i]`` in place of ``taus[i]``, where
+    ``taus`` (m, b) holds the m values of tau at which ``func`` is called next (the 6 stages of an attempt; 1 in the
+    first step's calls). ``ratio`` maps the scaled error (b, n) to one error ratio per row (accepted when < 1).
+    ``max_num_steps``: attempts (accepted or rejected) allowed per row; more raise :class:`SolverError`.
+    ``on_attempt(attempt, tau)`` is told, before each attempt, its number and the tau (b,) of the rows still
+    integrating.
 
     Returns y at ``hi`` (B, n) and statistics: ``nfe`` (calls of ``func``), ``attempts`` (the most of any row),
     ``accepted`` and ``rejected`` (per row, (B,) tensors).
@@ -69,9 +80,10 @@ def solve_dopri5(
     b = y0.shape[0]
     dev = y0.device
     span = hi - lo
+    prepare = (lambda taus: taus) if times is None else times
     tau = torch.full((b,), lo, dtype=torch.float64, device=dev)
     y = y0
-    f = func(tau, y, None)
+    f = func(prepare(tau[None])[0], y, None)
     nfe = 1
 
     def row_ratio(e: torch.Tensor) -> torch.Tensor:
@@ -83,69 +95,70 @@ def solve_dopri5(
     d0, d1 = row_ratio(y / scale).double(), row_ratio(f / scale).double()
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
     h0 = h0.clamp(max=span)
-    f1 = func(tau + h0, y + h0.to(y.dtype)[:, None] * f, None)
+    f1 = func(prepare((tau + h0)[None])[0], y + h0.to(y.dtype)[:, None] * f, None)
     nfe += 1
     d2 = row_ratio((f1 - f) / scale).double() / h0
     dm = torch.maximum(d1, d2)
     h1 = torch.where(dm <= 1e-15, (h0 * 1e-3).clamp_min(1e-6), (0.01 / dm.clamp_min(1e-300)) ** (1 / 5))
     h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, span))
 
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    # the stage fractions c_2 .. c_6 as a column, so that an attempt's stage times are one product and one sum
+    fractions = torch.tensor(tab.c[1:-1], dtype=torch.float64, device=dev)[:, None]
+    stages = len(tab.c) - 1  # calls per attempt (FSAL: the last one starts the next step)
+    tiny = 1e-14 * max(1.0, abs(hi), abs(lo))
+    y_out = torch.empty_like(y0)
+    accepted_out = torch.zeros(b, dtype=torch.long, device=dev)
+    rejected_out = torch.zeros(b, dtype=torch.long, device=dev)
+    # the rows still integrating, contiguous: y, f, tau, h, after_reject, rejected (theirs), and their indices rows
+    rows = None
     after_reject = torch.zeros(b, dtype=torch.bool, device=dev)
-    accepted = torch.zeros(b, dtype=torch.long, device=dev)
     rejected = torch.zeros(b, dtype=torch.long, device=dev)
     attempts = 0
-    while not bool(done.all()):
-        rows = None if not bool(done.any()) else (~done).nonzero().squeeze(1)
-        if rows is None:
-            ya, fa, ta, ha, rej = y, f, tau, h, after_reject
-        else:
-            ya, fa, ta, ha, rej = y[rows], f[rows], tau[rows], h[rows], after_reject[rows]
+    while y.shape[0] > 0:
         attempts += 1
         if on_attempt is not None:
-            on_attempt(attempts, float(ta.min()))
+            on_attempt(attempts, tau)
         if attempts > max_num_steps:
             raise SolverError(f"max_num_steps exceeded (max_num_steps={max_num_steps})")
-        left = hi - ta
-        last = ha >= left
-        ha = torch.where(last, left, ha)
-        if bool((ha <= 1e-14 * max(1.0, abs(hi), abs(lo))).any()):
-            raise SolverError(f"underflow in dt at tau = {float(ta.min()):.6g}")
-        hy = ha.to(y.dtype)
-        ks = [fa]
-        for stage in range(1, len(tab.c) - 1):
-            ys = ya + _combine(tab.a[stage], ks, hy)
-            ks.append(func(ta + tab.c[stage] * ha, ys, rows))
-        y_new = ya + _combine(tab.a[-1], ks, hy)  # the propagated fifth-order solution (FSAL: its f is the last stage)
-        t_new = torch.where(last, torch.full_like(ta, hi), ta + ha)
-        ks.append(func(t_new, y_new, rows))
-        nfe += len(tab.c) - 1
-        err = _combine(tab.e, ks, hy)
-        scale = atol + torch.maximum(ya.abs(), y_new.abs()) * rtol
+        left = hi - tau
+        last = h >= left
+        ha = torch.where(last, left, h)
+        if bool((ha <= tiny).any()):
+            raise SolverError(f"underflow in dt at tau = {float(tau.min()):.6g}")
+        h_col = ha.to(y.dtype)[:, None]
+        t_new = torch.where(last, hi, tau + ha)
+        at = prepare(torch.cat([tau + fractions * ha, t_new[None]]))
+        ks = [f]
+        for stage in range(1, stages):
+            ks.append(func(at[stage - 1], y + _combine(tab.a[stage], ks, h_col), rows))
+        y_new = y + _combine(tab.a[-1], ks, h_col)  # the propagated fifth-order solution (FSAL: its f is the last stage)
+        ks.append(func(at[stages - 1], y_new, rows))
+        nfe += stages
+        err = _combine(tab.e, ks, h_col)
+        scale = atol + torch.maximum(y.abs(), y_new.abs()) * rtol
         r = row_ratio(err / scale).double()
         ok = r < 1
-        rc = r.clamp_min(1e-300)
-        grow = (_SAFETY * rc ** _EXPONENT).clamp(max=_MAX_FACTOR)
-        grow = torch.where(r == 0, torch.full_like(r, _MAX_FACTOR), grow)
-        grow = torch.where(rej, grow.clamp(max=1.0), grow)
-        shrink = (_SAFETY * rc ** _EXPONENT).clamp(min=_MIN_FACTOR)
-        h_next = ha * torch.where(ok, grow, shrink)
+        factor = _SAFETY * r.clamp_min(1e-300) ** _EXPONENT
+        grow = torch.where(r == 0, _MAX_FACTOR, factor.clamp(max=_MAX_FACTOR))
+        grow = torch.where(after_reject, grow.clamp(max=1.0), grow)
+        h = ha * torch.where(ok, grow, factor.clamp(min=_MIN_FACTOR))
         okc = ok[:, None]
-        y_upd = torch.where(okc, y_new, ya)
-        f_upd = torch.where(okc, ks[-1], fa)
-        t_upd = torch.where(ok, t_new, ta)
-        d_upd = ok & last
-        if rows is None:
-            y, f, tau, h, after_reject = y_upd, f_upd, t_upd, h_next, ~ok
-            done = d_upd
-            accepted += ok.long()
-            rejected += (~ok).long()
-        else:
-            y, f = y.index_copy(0, rows, y_upd), f.index_copy(0, rows, f_upd)
-            tau, h = tau.index_copy(0, rows, t_upd), h.index_copy(0, rows, h_next)
-            after_reject = after_reject.index_copy(0, rows, ~ok)
-            done = done.index_copy(0, rows, d_upd)
-            accepted.index_add_(0, rows, ok.long())
-            rejected.index_add_(0, rows, (~ok).long())
-    stats = {"nfe": nfe, "attempts": attempts, "accepted": accepted, "rejected": rejected}
-    return y, stats
+        y = torch.where(okc, y_new, y)
+        f = torch.where(okc, ks[-1], f)
+        tau = torch.where(ok, t_new, tau)
+        after_reject = ~ok
+        rejected += after_reject
+        finished = ok & last
+        if not bool(finished.any()):
+            continue
+        # write the finished rows out and keep the others contiguous
+        fin = finished.nonzero().squeeze(1)
+        into = fin if rows is None else rows[fin]
+        y_out.index_copy_(0, into, y[fin])
+        rejected_out.index_copy_(0, into, rejected[fin])
+        accepted_out.index_copy_(0, into, attempts - rejected[fin])
+        keep = (~finished).nonzero().squeeze(1)
+        rows = keep if rows is None else rows[keep]
+        y, f, tau, h, after_reject, rejected = (v[keep] for v in (y, f, tau, h, after_reject, rejected))
+    stats = {"nfe": nfe, "attempts": attempts, "accepted": accepted_out, "rejected": rejected_out}
+    return y_out, stats
