@@ -297,3 +297,13 @@ def test_float32_and_image_shaped_data_through_the_per_sample_default():
     torch.testing.assert_close(image.log_prob, flat.log_prob, rtol=0, atol=0)
     # the same solve in float64: float32 rounding only (measured 1.5e-6, the same 98 calls)
     assert float((flat.log_prob.double() - double.log_prob).abs().max()) < 2e-5
+
+
+def test_a_right_hand_side_that_promotes_the_state_keeps_the_promoted_dtype():
+    # a float64 score of a float32 state makes the state float64 after the first step, as before the bookkeeping cut
+    lam = -torch.linspace(0.5, 8.0, 5, dtype=torch.float64)
+    func, _ = _decaying(lam)
+    y1, stats = _solve(func, torch.ones(5, 2, dtype=torch.float32))
+    assert y1.dtype == torch.float64 and stats["accepted"].shape == (5,)
+    exact = torch.exp(lam)[:, None].expand(5, 2)
+    assert float((y1 - exact).abs().max()) < 1e-4

@@ -106,7 +106,7 @@ def solve_dopri5(
     fractions = torch.tensor(tab.c[1:-1], dtype=torch.float64, device=dev)[:, None]
     stages = len(tab.c) - 1  # calls per attempt (FSAL: the last one starts the next step)
     tiny = 1e-14 * max(1.0, abs(hi), abs(lo))
-    y_out = torch.empty_like(y0)
+    y_out = None  # the rows' results, in the state's dtype after the first step (a score may promote it)
     accepted_out = torch.zeros(b, dtype=torch.long, device=dev)
     rejected_out = torch.zeros(b, dtype=torch.long, device=dev)
     # the rows still integrating, contiguous: y, f, tau, h, after_reject, rejected (theirs), and their indices rows
@@ -154,6 +154,8 @@ def solve_dopri5(
         # write the finished rows out and keep the others contiguous
         fin = finished.nonzero().squeeze(1)
         into = fin if rows is None else rows[fin]
+        if y_out is None:
+            y_out = y.new_empty((b, y.shape[1]))
         y_out.index_copy_(0, into, y[fin])
         rejected_out.index_copy_(0, into, rejected[fin])
         accepted_out.index_copy_(0, into, attempts - rejected[fin])
@@ -161,4 +163,4 @@ def solve_dopri5(
         rows = keep if rows is None else rows[keep]
         y, f, tau, h, after_reject, rejected = (v[keep] for v in (y, f, tau, h, after_reject, rejected))
     stats = {"nfe": nfe, "attempts": attempts, "accepted": accepted_out, "rejected": rejected_out}
-    return y_out, stats
+    return (y if y_out is None else y_out), stats
