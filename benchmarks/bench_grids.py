@@ -35,6 +35,10 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
         --ladder 6,7,8,9,10,11,12,14,17 --transfer-processes VE10,VE40,VE,VE20,VE55 \
         --family-variants "absolute family from 10" --judge-kinds "fitted for this process,absolute family from 10" \
         --tag grids_transfer4                                        # the absolute rule (quick looks: grids_transfer4_*)
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 8 --judge-seed-offset 100 \
+        --floor-seeds 20 --ladder 6,7,8,9,10,11,12,14,17 --transfer-processes VE10,VE40,VE \
+        --family-variants "absolute family from 10 warm" --judge-kinds "fitted for this process,absolute family from 10 warm" \
+        --fits-tag grids_transfer4 --tag grids_transfer4_rep       # the same grids judged again on seeds 100-107
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
@@ -230,7 +234,8 @@ def part_transfer(args, rows, log):
     fl = D.floors_of(mix, case, args.n, args.floor_seeds)
     log(f"[floors] {fl}")
     refs = []
-    for s in range(args.seeds):
+    seeds = range(args.judge_seed_offset, args.judge_seed_offset + args.seeds)
+    for s in seeds:
         reference = mix.sample(args.n, generator=B._gen(B.REF_SEED + s))
         refs.append((reference, M.mean_nll(reference, mix)))
     variants = [v for v in args.family_variants.split(",") if v]
@@ -254,9 +259,9 @@ def part_transfer(args, rows, log):
                 times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0),
                                 rec.get("rule", "density"), rec.get("extend", "one"))
                 per_seed = []
-                for s in range(args.seeds):
+                for i, s in enumerate(seeds):
                     nfe, w, nl = judge(name, times.tolist(), process, mix, args, {"wsw": {"mean": fl["wsw"]},
-                                       "nll": {"mean": fl["nll"]}}, *refs[s],
+                                       "nll": {"mean": fl["nll"]}}, *refs[i],
                                        x_init=exact_p1(mix, process, args.n, 1 + 2 * s), signed=True)
                     per_seed.append((w, nl))
                 wm = sum(w for w, _ in per_seed) / len(per_seed)
@@ -264,6 +269,7 @@ def part_transfer(args, rows, log):
                 row = {"part": "transfer", "case": case, "process": pname, "sampler": name, "grid": kind,
                        "steps": steps, "nfe": nfe, "wsw_ratio": round(wm, 3), "nll_ratio": round(nm, 3),
                        "meets": wm <= B.CRITERION and nm <= B.CRITERION, "seeds": args.seeds,
+                       "judge_seed_offset": args.judge_seed_offset,
                        "signed_nll_ratios": [round(v, 2) for _, v in per_seed],
                        "fit_s": rec.get("fit_s"), "flagged": rec.get("flagged", False)}
                 rows.append(row)
@@ -576,6 +582,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-trials", type=int, default=2000, help="exact set pairs per case of the calib part")
     ap.add_argument("--calib-size", type=int, default=4096, help="set size of the calib part (the report's)")
     ap.add_argument("--seeds", type=int, default=8, help="draw seeds of the transfer part's judging (bench_defaults' protocol)")
+    ap.add_argument("--judge-seed-offset", type=int, default=0,
+                    help="the transfer part judges with draw seeds offset..offset+seeds-1 (a replication on seeds "
+                         "no earlier choice saw)")
     ap.add_argument("--family-variants", default="family", help="the family fits of the transfer part (FAMILY_VARIANTS)")
     ap.add_argument("--transfer-processes", default=",".join(TRANSFER_PROCESSES),
                     help="transfer part: the processes fitted for and judged (PROCESSES keys)")
