@@ -148,6 +148,7 @@ def test_nfe_counts_the_steps_the_absolute_rule_gives_each_process(name, tmp_pat
         assert smp.time_grid(process).numel() == steps + 1
         out = smp.sample(counting, process, shape=(4, 2), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         assert out.nfe == len(calls) == smp.nfe_under(process)
+        assert out.info["num_steps"] == steps  # the steps run under this process, not the saved grid's
         if sigma_max == 10.0:
             assert smp.nfe == out.nfe
 
@@ -181,3 +182,9 @@ def test_family_fit_through_the_absolute_rule(tmp_path):
         optimize_grid(DPMSolverPP2M(num_steps=6), main, transfer="clip", **kw)
     with pytest.raises(ValueError, match="cannot be carried over"):
         optimize_grid(DPMSolverPP2M(num_steps=6), main, family=[VESDE(0.01, 1e4)], transfer="absolute", **kw)
+    # a narrower member holding none of a 3-point stand-in's inner points is still a valid member (the reach decides)
+    narrow = VESDE(0.5, 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GridTailWarning)
+        res = optimize_grid(DPMSolverPP2M(num_steps=6), main, family=[narrow], transfer="absolute", init=start, **kw)
+    assert set(res.family_losses) == {repr(main), repr(narrow)}

@@ -307,3 +307,34 @@ def test_a_right_hand_side_that_promotes_the_state_keeps_the_promoted_dtype():
     assert y1.dtype == torch.float64 and stats["accepted"].shape == (5,)
     exact = torch.exp(lam)[:, None].expand(5, 2)
     assert float((y1 - exact).abs().max()) < 1e-4
+
+
+def test_a_score_that_promotes_the_state_gets_float64_coefficients_and_divergence():
+    # a float64 score of a float32 state: the calls after the promotion see the float64 coefficients (not float32
+    # ones widened), and the exact divergence comes back in the score's dtype
+    from score_toolkit.likelihood.dynamics import _AugmentedDynamics
+
+    proc = VPSDE(0.1, 20.0)
+    base = ring_mixture().score_fn(proc)
+
+    def score64(x, t):
+        return base(x.double(), t.double())
+
+    var = _TimeVariable("vp_t", proc, proc.t_min, proc.t_max)
+    taus = torch.tensor([[0.3, 0.55], [0.71, 0.9]], dtype=torch.float64)
+    wide = _AugmentedDynamics(score64, proc, (2, 2), "exact", None, var, None)
+    expected = wide.rows_times(taus)  # float64 throughout
+    dyn = _AugmentedDynamics(score64, proc, (2, 2), "exact", None, var, None)
+    seen = []
+    real = dyn._evaluate
+    dyn._evaluate = lambda state, *args: seen.append(args[:6]) or real(state, *args)
+    state32 = torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.3, 0.0]], dtype=torch.float32)
+    dyn.rows_call(dyn.rows_times(taus)[0], state32, None)  # the first call: float32
+    out = dyn.rows_call(dyn.rows_times(taus)[1], state32.double(), None)  # promoted: float64
+    assert all(v.dtype == torch.float32 for v in seen[0][:4])
+    for got, want in zip(seen[1], expected[1][:6]):
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert out.dtype == torch.float64
+    xg = torch.tensor([[0.5, -1.0]], dtype=torch.float32, requires_grad=True)
+    div = dyn._divergence(score64(xg, torch.full((1,), 0.3, dtype=torch.float64)), xg, None)
+    assert div.dtype == torch.float64

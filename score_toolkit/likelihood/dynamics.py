@@ -66,7 +66,8 @@ class _AugmentedDynamics:
                 rows_j = _batched_vjp(s, xg, self._basis(lo, hi, batch, s), self._vjp_state).flatten(2)  # (c, b, D)
                 c = torch.arange(hi - lo, device=s.device)
                 part = rows_j[c, :, c + lo].sum(0)
-            total = part if total is None else total + part
+            # the chunks are summed in the score's dtype (a score that promotes the state: wider than the chunk's)
+            total = part.to(s.dtype) if total is None else total + part
         return total[:, None]
 
     def _basis(self, lo: int, hi: int, batch: int, s: torch.Tensor) -> torch.Tensor:
@@ -120,12 +121,19 @@ class _AugmentedDynamics:
         """What the per-sample stepper's calls need from their times (the ``times`` of
         :func:`~score_toolkit.likelihood.stepper.solve_dopri5`), for the m rows of ``taus`` (m, b) at once: per row
         ``(t, c, a, b, b c, a d)`` in the state's dtype on ``taus``' device, ``t`` (b,), ``c`` of the data's rank,
-        the others (b, 1) columns. ``sign = -1``: for the right-hand side negated (``a``, ``b``, ``b c`` and ``a d``
-        negated, which gives the same numbers as negating the result)."""
+        the others (b, 1) columns, then the row's float64 coefficients (for a call whose state has another dtype).
+        ``sign = -1``: for the right-hand side negated (``a``, ``b``, ``b c`` and ``a d`` negated, which gives the
+        same numbers as negating the result)."""
         m = taus.shape[0]
         # the process's coefficients in float64 on the CPU (as the scalar path), then in the state's dtype and device
-        coef = torch.stack(self.variable.coefficients_rows(taus.detach().reshape(-1).cpu()))
-        t, c, a, b = coef.to(taus.device, self._dtype).reshape(4, m, -1).unbind(0)
+        coef = torch.stack(self.variable.coefficients_rows(taus.detach().reshape(-1).cpu())).reshape(4, m, -1)
+        rows = self._rows_of(coef, sign, taus.device)
+        return [(*row, (coef[:, i], sign)) for i, row in enumerate(rows)]
+
+    def _rows_of(self, coef: torch.Tensor, sign: float, device) -> list[tuple]:
+        """``(t, c, a, b, b c, a d)`` per row of the float64 coefficients ``coef`` (4, m, b), in ``self._dtype``."""
+        m = coef.shape[1]
+        t, c, a, b = coef.to(device, self._dtype).unbind(0)
         bc, ad = b * c, a * self.dim
         if sign < 0:
             a, b, bc, ad = -a, -b, -bc, -ad
@@ -135,11 +143,11 @@ class _AugmentedDynamics:
     def rows_call(self, times: tuple, state: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """The per-sample stepper's right-hand side at one of :meth:`rows_times`' rows (one time per row of
         ``state``)."""
-        if times[0].dtype != state.dtype:  # the first call tells the state's dtype (float64 until then)
-            self._dtype = state.dtype
-            t, c, a, b = (v.to(state.dtype) for v in times[:4])
-            times = (t, c, a, b, b * c.reshape(b.shape), a * self.dim)
-        return self._evaluate(state, *times, rows)
+        if times[0].dtype != state.dtype:  # the state's dtype changed (the first call, or a score that promotes it):
+            self._dtype = state.dtype      # the coefficients again from float64, as every later attempt's
+            coef, sign = times[6]
+            times = self._rows_of(coef[:, None], sign, state.device)[0]
+        return self._evaluate(state, *times[:6], rows)
 
     def callback_step(self, tau0, y0, dt) -> None:
         self.steps += 1
