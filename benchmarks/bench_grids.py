@@ -39,6 +39,11 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
         --floor-seeds 20 --ladder 6,7,8,9,10,11,12,14,17 --transfer-processes VE10,VE40,VE \
         --family-variants "absolute family from 10 warm" --judge-kinds "fitted for this process,absolute family from 10 warm" \
         --fits-tag grids_transfer4 --tag grids_transfer4_rep       # the same grids judged again on seeds 100-107
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 8 --floor-seeds 20 \
+        --ladder 6,7,8,9,10,11,12,14,17 --transfer-processes VE10,VE20,VE40,VE,VE15,VE30 \
+        --family-variants "absolute family from 10 warm +20" \
+        --judge-kinds "fitted for this process,absolute family from 10 warm +20" \
+        --fits-tag grids_transfer4c --tag grids_transfer4c      # sigma_max 20 a member too (fits cache: a copy of 4's)
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
@@ -73,7 +78,8 @@ LADDERS = {"ring": (6, 8, 10, 12, 14, 19, 24), "aniso16": (12, 16, 20, 25, 30, 3
 PROCESSES = {"VE": lambda: VESDE(0.01, 50.0), "VP": lambda: VPSDE(0.1, 20.0),
              "VE10": lambda: VESDE(0.01, 10.0), "VE40": lambda: VESDE(0.01, 40.0),
              # members held out of the family fits (judged only): inside the family's range, and beyond its widest
-             "VE20": lambda: VESDE(0.01, 20.0), "VE55": lambda: VESDE(0.01, 55.0)}
+             "VE20": lambda: VESDE(0.01, 20.0), "VE55": lambda: VESDE(0.01, 55.0),
+             "VE15": lambda: VESDE(0.01, 15.0), "VE30": lambda: VESDE(0.01, 30.0)}
 TRANSFER_LADDER = (6, 7, 8, 9, 10, 11, 12, 14, 19)
 
 
@@ -159,7 +165,10 @@ FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "
                    "absolute family from 10 max": {"transfer": "absolute", "family_combine": "max", "_process": "VE10",
                                                    "_family": ("VE40", "VE")},
                    "absolute family from 10 warm": {"transfer": "absolute", "_process": "VE10", "_family": ("VE40", "VE"),
-                                                    "_init_from": "fitted for VE10"}}
+                                                    "_init_from": "fitted for VE10"},
+                   # (tried after the held-out sigma_max 20 did not transfer: sigma_max 20 made a member too)
+                   "absolute family from 10 warm +20": {"transfer": "absolute", "_process": "VE10",
+                                                        "_family": ("VE20", "VE40", "VE"), "_init_from": "fitted for VE10"}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
 #: grids of the transfer part carried by the absolute rule (absolute_log_snr: clip / extend): label -> (the cached
 #: fit it takes, the rule's extend)
