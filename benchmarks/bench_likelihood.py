@@ -52,6 +52,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import git_commit  # noqa: E402
 
+from score_toolkit._io import write_text_atomic  # noqa: E402
 from score_toolkit._utils import per_sample_generators  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
 from score_toolkit.likelihood import log_likelihood  # noqa: E402
@@ -504,11 +505,7 @@ def variables_report(args) -> Path:
         e = (res.log_prob - ref.log_prob).abs()
         lines.append(f"| ScoreMLP 16-D network (against a tight solve) | {len(x)} | {proc!r} | {tv} | {res.nfe} | "
                      f"{counted.rows / len(x):.0f} | {e.mean():.2e} | {e.max():.1e} | {wall:.2f} |")
-    out = HERE / "results" / "likelihood_variables.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(HERE / "results" / "likelihood_variables.md", "\n".join(lines) + "\n")
 
 
 def nfe_sources(args) -> Path:
@@ -558,11 +555,7 @@ def nfe_sources(args) -> Path:
                 times[key].append(1e3 * (time.perf_counter() - t0))
         lo, co = statistics.median(times["loop"]), statistics.median(times["copies"])
         lines.append(f"| {name} | {d} | {lo:.1f} | {co:.1f} | {co / lo:.2f} |")
-    out = HERE / "results" / "likelihood_nfe_sources.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(HERE / "results" / "likelihood_nfe_sources.md", "\n".join(lines) + "\n")
 
 
 def calls_vs_n(args) -> Path:
@@ -600,11 +593,7 @@ def calls_vs_n(args) -> Path:
                 f"{att.max():.0f} | {int(stats['rejected'][hard])} | {er.mean():.2e} / {eo.mean():.2e} | "
                 f"{er.max():.1e} / {eo.max():.1e} |")
             print(lines[-1], flush=True)
-    out = HERE / "results" / "likelihood_calls.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(HERE / "results" / "likelihood_calls.md", "\n".join(lines) + "\n")
 
 
 class ScaledState:
@@ -745,11 +734,7 @@ def scaled_state_report(args) -> Path:
             lines.append(f"| {name} | {len(x)} | {kind} | {'t' if kind == 'recipe' else clock} | {calls} | "
                          f"{e.mean():.2e} | {e.max():.1e} | {wall} | {met} |")
             print(lines[-1], flush=True)
-    out = HERE / "results" / "likelihood_scaled.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(HERE / "results" / "likelihood_scaled.md", "\n".join(lines) + "\n")
 
 
 #: the library before the per-sample stepper's bookkeeping per call was cut: the "old stepper" of --overhead
@@ -894,11 +879,7 @@ def overhead_report(args) -> Path:
         "| --- | --- | --- | --- | --- |",
         *where, "",
     ]
-    out = HERE / "results" / "likelihood_overhead.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(HERE / "results" / "likelihood_overhead.md", "\n".join(lines) + "\n")
 
 
 def _div_loop(score_fn, x, t):

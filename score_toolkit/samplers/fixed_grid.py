@@ -27,6 +27,7 @@ from .grid_store import (  # the store of named grids and the log-SNR transfer; 
     MAX_TRANSFER_EXTENSION,
     REFERENCE_GRID,
     _check_times,
+    _log_snr_ends,
     _read_record,
     _times_from_log_snr,
     absolute_log_snr,
@@ -137,8 +138,7 @@ def fitted_log_snr(process: Process, num_steps: int, order: int = 2) -> torch.Te
     if order not in _FITTED:
         raise ValueError(f"fitted_log_snr: expected order in {sorted(_FITTED)}, found {order!r}")
     n = int(num_steps)
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    a, b = float(ends[0]), float(ends[1])
+    a, b = _log_snr_ends(process)
     m = 4097
     lam = torch.linspace(a, b, m, dtype=torch.float64)
     dens = _fitted_density(lam, order)

@@ -246,6 +246,11 @@ def _check_times(times, process: Process, *, label: str) -> torch.Tensor:
 MAX_TRANSFER_EXTENSION = 0.25
 
 
+def _log_snr_ends(process: Process) -> tuple[float, float]:
+    """The process's log-SNR range ``(lambda(1), lambda(t_min))`` as floats (computed in float64)."""
+    return tuple(process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist())
+
+
 def _check_reach(lo: float, hi: float, a: float, b: float, process: Process, why: str) -> None:
     """Refuse a process whose log-SNR range ``[a, b]`` reaches beyond the grid's ``[lo, hi]`` by more than
     ``MAX_TRANSFER_EXTENSION`` of the grid's span at either end."""
@@ -287,8 +292,7 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
         raise ValueError(f"expected head to be an int with 0 <= head < the grid's {n_src} steps, found {head!r}")
     if head and n != n_src:
         raise ValueError(f"head={head} maps the grid's own steps: expected num_steps None or {n_src}, found {num_steps!r}")
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    a, b = float(ends[0]), float(ends[1])
+    a, b = _log_snr_ends(process)
     lo, hi = float(lam[0].detach()), float(lam[-1].detach())  # (lam may carry a gradient: optimize_grid's family)
     _check_reach(lo, hi, a, b, process, "where its step density is unknown")
     if n == n_src and abs(a - lo) <= _LOG_SNR_TOL * max(1.0, abs(lo)) and abs(b - hi) <= _LOG_SNR_TOL * max(1.0, abs(hi)):
@@ -332,8 +336,7 @@ def absolute_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
         raise ValueError(f"expected >= 2 increasing log-SNR points, found {lam.tolist()}")
     if extend not in ("one", "first"):
         raise ValueError(f"expected extend 'one' or 'first', found {extend!r}")
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    a, b = float(ends[0]), float(ends[1])
+    a, b = _log_snr_ends(process)
     v = lam.detach()
     lo, hi = float(v[0]), float(v[-1])
     _check_reach(lo, hi, a, b, process, "where no step of it was fitted")
@@ -382,7 +385,7 @@ def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_fo
     """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
     carried over by :func:`transfer_log_snr` (with the grid's ``head``) or, ``rule="absolute"``, by
     :func:`absolute_log_snr` (or refused with the reason)."""
-    ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)).tolist()
+    ends = _log_snr_ends(process)
     lo, hi = float(lam[0]), float(lam[-1])
     if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
         where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""

@@ -56,6 +56,7 @@ from .grid_store import (
     _check_reach,
     _check_times,
     _file_for,
+    _log_snr_ends,
     _process_record,
     _read_record,
     _times_from_log_snr,
@@ -149,14 +150,12 @@ def _check_family(family, process, mix, transfer="density") -> tuple[Process, ..
     if family and mix is None:
         raise ValueError("optimize_grid: family= needs a mixture reference problem (mixture= or data=): a score_fn is "
                          "tied to one process")
-    span = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+    span = _log_snr_ends(process)
     for proc in family:  # refused here, with the reason, rather than at the first objective evaluation
         if transfer == "absolute":  # the reach (which inner points a member holds is decided by the fit's points)
-            ends = proc.log_snr(torch.tensor([proc.t_max, proc.t_min], dtype=torch.float64))
-            _check_reach(float(span[0]), float(span[1]), float(ends[0]), float(ends[1]), proc,
-                         "where no step of it was fitted")
+            _check_reach(*span, *_log_snr_ends(proc), proc, "where no step of it was fitted")
         else:
-            transfer_log_snr(span, proc, 1)
+            transfer_log_snr(torch.tensor(span, dtype=torch.float64), proc, 1)
     return tuple(family)
 
 
@@ -214,7 +213,7 @@ def softmax_times(process: Process, n: int):
     """The grid parametrisation of the fits: ``th`` (n logits) -> float64 times ``1 > ... > t_min`` whose log-SNR steps
     split the process's span by ``softmax(th)`` (monotone, ends fixed, differentiable; every step keeps at least 0.1 %
     of an even share, so the multistep interpolation has distinct nodes). ``th = 0`` is the uniform log-SNR grid."""
-    lam0, lam1 = (float(v) for v in process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
+    lam0, lam1 = _log_snr_ends(process)
     t_ends = (torch.tensor([process.t_max], dtype=torch.float64), torch.tensor([process.t_min], dtype=torch.float64))
 
     def times_of(th: torch.Tensor) -> torch.Tensor:
