@@ -6,7 +6,7 @@ score (a 2-D ring of 8 Gaussians; a 16-D anisotropic mixture of 10 components wi
 ``VESDE(0.01, 50)`` and ``VPSDE(0.1, 20)``, at a few NFE budgets each. Each run is scored against an exact
 reference set of the same size N with the metrics of :mod:`score_toolkit.metrics`, and every metric is put
 next to its noise floor: the same metric between two independent exact sample sets of size N, averaged
-over ``--floor-seeds`` pairs. A run "meets the criterion" (issue 7) when its within-mode sliced W2 and its
+over ``--floor-seeds`` pairs. A run "meets the criterion" when its within-mode sliced W2 and its
 mean-NLL gap are both within 1.5x of their floors; the summary gives, per sampler and case, the smallest
 NFE that meets it.
 
@@ -67,8 +67,8 @@ from score_toolkit.processes import TIME_GRIDS, VESDE, VPSDE, Process  # noqa: E
 from score_toolkit.registry import get_sampler, get_sampler_class, list_samplers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CRITERION = 1.5  # issue 7: within 1.5x of the noise floor in within-mode SW2 and in mean NLL
-ISSUE7_TARGETS = {"ring": 15, "aniso16": 40}  # NFE the fast samplers must reach the criterion at
+CRITERION = 1.5  # within 1.5x of the noise floor in within-mode SW2 and in mean NLL
+FAST_TARGETS = {"ring": 15, "aniso16": 40}  # NFE the fast samplers must reach the criterion at
 SW_SEED = 7  # projections of the plain sliced W2 (the within-mode one seeds its own, per component)
 REF_SEED = 999_999  # the exact reference set the samplers are scored against
 FLOOR_SEED = 100_000  # floor pair k uses seeds FLOOR_SEED + 2k and FLOOR_SEED + 2k + 1
@@ -175,7 +175,7 @@ def _adaptive_sde_sweep(name: str, cls, case: str) -> list[Variant]:
     return [Variant("eps_abs default", [{"eps_rel": e} for e in (0.2, 0.1, 0.05, 0.02, 0.01)])]
 
 
-# ---------------------------------------------------------------- optimised grids (issue 7)
+# ---------------------------------------------------------------- optimised grids
 # The grid optimiser never sees the evaluation mixture: it fits a mixture by EM to a held-out batch of exact
 # samples (seed HELD_OUT_SEED, not a reference, floor or sampling seed) and draws its own prior samples (seed
 # OPTIMISER_SEED, not the sampling seed: with the same seed its 1024 prior draws would be the first rows of the
@@ -217,7 +217,7 @@ def resolve_optimised_grid(name: str, num_steps: int, process_name: str, process
 
 
 def _optimised_grid_sweep(name: str, cls, case: str) -> list[Variant]:
-    """The generic curves, plus one on grids optimised per NFE budget, ending with ``to_zero`` (issue 7)."""
+    """The generic curves, plus one on grids optimised per NFE budget, ending with ``to_zero``."""
     out = generic_sweep(name, cls, case)
     if "to_zero" in cls.options:
         out.append(Variant("optimised grid, to_zero=True",
@@ -694,7 +694,7 @@ SPEED_OPTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "annealed_langevin": lambda nfe: {"num_levels": 10, "steps_per_level": max(1, nfe // 10)},
     "pf_ode": lambda nfe: {"rtol": 1e-3, "atol": 1e-3},
 }
-TARGETS = {"euler_maruyama": 1.3}  # every other comparison: 1.1 (issue 3; issue 7 for the fast samplers)
+TARGETS = {"euler_maruyama": 1.3}  # every other comparison: 1.1
 
 
 def torchsde_default(score_fn, process, x, g, cfg):
@@ -1015,7 +1015,7 @@ def _markdown_accuracy(args, rows, floors, summary, plots) -> list[str]:
         "weights, `MWE`), sliced W2 (`SW2`). Each `/floor` column is the ratio to the noise floor: the same metric "
         f"between two independent exact sets of N samples, averaged over {args.floor_seeds} pairs (for the NLL: "
         "`|mean_nll(A) - mean_nll(B)|`; for the MWE: the MWE of an exact set). An exact sampler scores about 1x on "
-        f"each. `ok` = within {CRITERION}x of the floor in both W-SW2 and mean NLL (the criterion of issue 7). "
+        f"each. `ok` = within {CRITERION}x of the floor in both W-SW2 and mean NLL (the fast samplers' criterion). "
         "`wall s` is the sampling time only (shared machine: indicative).")
     L.append("")
     L.append("### Noise floors (mean +- std over the pairs)")
@@ -1030,8 +1030,8 @@ def _markdown_accuracy(args, rows, floors, summary, plots) -> list[str]:
     L.append("")
     L.append("Each cell: the smallest NFE tried that meets the criterion, and in brackets the NFE from which "
              "every larger NFE tried meets it too when that differs; `-` = not met up to the largest NFE tried "
-             f"(given). Issue 7's targets for the fast samplers: <= {ISSUE7_TARGETS['ring']} NFE on the ring, "
-             f"<= {ISSUE7_TARGETS['aniso16']} on the 16-D mixture.")
+             f"(given). The targets for the fast samplers: <= {FAST_TARGETS['ring']} NFE on the ring, "
+             f"<= {FAST_TARGETS['aniso16']} on the 16-D mixture.")
     L.append("")
     combos = [(c, p) for c in args.cases for p in args.processes]
     L.append("| sampler | variant | " + " | ".join(f"{c} {p}" for c, p in combos) + " |")

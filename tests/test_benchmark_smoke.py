@@ -51,7 +51,7 @@ def test_quick_run_writes_well_formed_tables(bench, tmp_path):
     # predictor_corrector shows both signal-to-noise scalings (constant by default, and shrinking with the grid)
     pc_variants = {r["variant"] for r in acc if r["sampler"] == "predictor_corrector"}
     assert "defaults" in pc_variants and any("snr_scaling=grid" in v for v in pc_variants), pc_variants
-    # dpmpp_2m and dpmpp_3m also run on grids optimised for each budget (issue 7), ending with to_zero
+    # dpmpp_2m and dpmpp_3m also run on grids optimised for each budget, ending with to_zero
     for name in ("dpmpp_2m", "dpmpp_3m"):
         opt = [r for r in acc if r["sampler"] == name and r["variant"] == "optimised grid, to_zero=True"]
         assert {r["process"] for r in opt} == {"VE", "VP"}, name
