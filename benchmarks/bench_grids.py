@@ -16,7 +16,9 @@ The family grids (``--family-variants``, see FAMILY_VARIANTS): one grid fitted f
 carried over by its rule. The absolute rule (``absolute_log_snr``, clip / extend; the step count follows from the
 process): "absolute family from 10" is fitted under sigma_max 10 for the family 40, 50 (``transfer="absolute"``),
 "absolute family from 50" under 50 for 10, 40; ``--absolute-variants`` carries cached per-process fits by it with no new
-fit (ABSOLUTE_VARIANTS); ``--transfer-processes`` adds members held out of every fit (VE20, VE55). The fits are cached in ``<out>/<tag>_fits.jsonl`` (a rerun judges them again without
+fit (ABSOLUTE_VARIANTS); ``--transfer-processes`` adds members held out of every fit (VE20, VE55). The interpolated
+rule (``_grid_family``): "interpolated family" fits two normalised grids for the extremes sigma_max 50 and 10 with the
+members 20 and 40 (``transfer="interpolated"``), "interpolated family warm" starts them from the extremes' own fits. The fits are cached in ``<out>/<tag>_fits.jsonl`` (a rerun judges them again without
 refitting). Judged by bench_defaults' protocol: ``--seeds`` draw seeds, each its own exact p_1 draws and exact
 reference set; pass = the seed-means of both ratios <= 1.5; the signed mean-NLL gap of every seed beside it.
 The ladder takes ``--loss nll`` and ``--tail-retries`` (optimize_grid's options).
@@ -44,6 +46,16 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
         --family-variants "absolute family from 10 warm +20" \
         --judge-kinds "fitted for this process,absolute family from 10 warm +20" \
         --fits-tag grids_transfer4c --tag grids_transfer4c      # sigma_max 20 a member too (fits cache: a copy of 4's)
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 2 --n 2000 --floor-seeds 20 \
+        --ladder 6,7,8,9,10,11,13 --transfer-processes VE10,VE20,VE40,VE,VE15,VE30 \
+        --family-variants "interpolated family warm,interpolated family" \
+        --judge-kinds "fitted for this process,interpolated family warm,interpolated family" \
+        --fits-tag grids_transfer5 --tag grids_transfer5_look   # the interpolated rule: every fit, a quick look
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 8 --floor-seeds 20 \
+        --ladder 6,7,8,9,10,11,13 --transfer-processes VE10,VE20,VE40,VE,VE15,VE30 \
+        --family-variants "interpolated family,interpolated family warm" \
+        --judge-kinds "fitted for this process,interpolated family,interpolated family warm" \
+        --fits-tag grids_transfer5 --tag grids_transfer5 --note "..."   # the same fits judged (the note: the criterion)
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
@@ -70,6 +82,7 @@ from score_toolkit import metrics as M  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture  # noqa: E402
 from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
+from score_toolkit.samplers._grid_family import FamilyGrid  # noqa: E402
 from score_toolkit.samplers._grid_reference import OffData  # noqa: E402
 from score_toolkit.samplers.grid_store import absolute_log_snr  # noqa: E402
 from score_toolkit.samplers.grids import FAR_OFF_MARGIN, GridTailWarning, optimize_grid, transfer_log_snr  # noqa: E402
@@ -110,7 +123,20 @@ def exact_p1(mix, process, n, seed):
         n, mix.dim, generator=B._gen(seed + 1), dtype=torch.float64)
 
 
-def carried(log_snr, process, head=0, rule="density", extend="one"):
+def _times_of(rec):
+    """A cached fit's grid as times under the process it was fitted for."""
+    process = PROCESSES[rec["process"]]()
+    times = process.t_from_log_snr(torch.tensor(rec["log_snr"], dtype=torch.float64))
+    times[0], times[-1] = process.t_max, process.t_min
+    return times
+
+
+def carried(log_snr, process, head=0, rule="density", extend="one", family_grid=None):
+    if rule == "interpolated":
+        lam = FamilyGrid.from_record(family_grid, "cached fit").log_snr(process)
+        times = process.t_from_log_snr(lam)
+        times[0], times[-1] = process.t_max, process.t_min
+        return times
     lam = (absolute_log_snr(log_snr, process, extend=extend) if rule == "absolute"
            else transfer_log_snr(log_snr, process, head=head))
     times = process.t_from_log_snr(lam)
@@ -168,7 +194,13 @@ FAMILY_VARIANTS = {"family": {}, "family nll_weight=30": {"nll_weight": 30.0}, "
                                                     "_init_from": "fitted for VE10"},
                    # (tried after the held-out sigma_max 20 did not transfer: sigma_max 20 made a member too)
                    "absolute family from 10 warm +20": {"transfer": "absolute", "_process": "VE10",
-                                                        "_family": ("VE20", "VE40", "VE"), "_init_from": "fitted for VE10"}}
+                                                        "_family": ("VE20", "VE40", "VE"), "_init_from": "fitted for VE10"},
+                   # the interpolated rule (_grid_family): two normalised grids for the extremes sigma_max 50 and 10,
+                   # blended by where a member starts; members 10, 20, 40, 50; warm-started from the extremes' own fits
+                   "interpolated family": {"transfer": "interpolated", "_process": "VE10", "_family": ("VE20", "VE40", "VE")},
+                   "interpolated family warm": {"transfer": "interpolated", "_process": "VE10",
+                                                "_family": ("VE20", "VE40", "VE"),
+                                                "_init_pair": ("fitted for VE", "fitted for VE10")}}
 TRANSFER_PROCESSES = ("VE10", "VE40", "VE")
 #: grids of the transfer part carried by the absolute rule (absolute_log_snr: clip / extend): label -> (the cached
 #: fit it takes, the rule's extend)
@@ -214,12 +246,15 @@ def _transfer_fits(args, mix, case, name, log):
                 start = process.t_from_log_snr(torch.tensor(src["log_snr"], dtype=torch.float64))
                 start[0], start[-1] = process.t_max, process.t_min
                 kw = {**kw, "init": start}
+            if FAMILY_VARIANTS.get(label, {}).get("_init_pair"):  # one warm start per extreme (lowest start first)
+                kw = {**kw, "init": tuple(_times_of(fits[(src, steps)]) for src in FAMILY_VARIANTS[label]["_init_pair"])}
             res, flagged = fit(name, steps, PROCESSES[pname](), case, mix, **kw)
             v = res.validation["optimized"]
             r = {"grid": label, "steps": steps, "process": pname, "log_snr": res.log_snr.tolist(),
                  "head": kw.get("transfer_head", 0), "rule": kw.get("transfer", "density"),
                  "fit_s": round(res.fit_seconds, 1), "evaluations": res.evaluations, "flagged": flagged,
                  "loss": res.loss, "family_losses": res.family_losses,
+                 "family_grid": res.family_grid.record() if res.family_grid is not None else None,
                  # the held-out report: objective, W-SW2 / NLL ratios and far off, under sigma_max 50 and each member
                  "report": {pname: [v.objective, v.wsw_ratio, v.nll_ratio, v.far_off],
                             **{k: [m.objective, m.wsw_ratio, m.nll_ratio, m.far_off]
@@ -266,7 +301,7 @@ def part_transfer(args, rows, log):
                         args.judge_steps and steps not in [int(v) for v in args.judge_steps.split(",")]):
                     continue
                 times = carried(torch.tensor(rec["log_snr"], dtype=torch.float64), process, rec.get("head", 0),
-                                rec.get("rule", "density"), rec.get("extend", "one"))
+                                rec.get("rule", "density"), rec.get("extend", "one"), rec.get("family_grid"))
                 per_seed = []
                 for i, s in enumerate(seeds):
                     nfe, w, nl = judge(name, times.tolist(), process, mix, args, {"wsw": {"mean": fl["wsw"]},
@@ -521,6 +556,37 @@ def write(args, rows):
                     worst = math.inf
                     cells.append(f"{one or '-'} / {own[proc] or '-'}{span}")
             lines.append(f"| {kind} | " + " | ".join(cells) + f" | {worst:.2f}x |")
+        lines += ["", "First pass: the smallest NFE at which the one grid meets it / the smallest at which the per-process "
+                  "fit meets it.", "", "| grid | " + " | ".join(procs) + " | worst ratio |", "| --- " * (len(procs) + 2) + "|"]
+        for kind in kinds:
+            if kind in ("fitted for this process", "fitted for sigma_max 50, carried"):
+                continue
+            cells, worst = [], 0.0
+            for proc in procs:
+                one = next((r["nfe"] for r in curve(proc, kind) if r["meets"]), None)
+                if one is not None and own[proc] is not None:
+                    worst = max(worst, one / own[proc])
+                    cells.append(f"{one} / {own[proc]} = {one / own[proc]:.2f}x")
+                else:
+                    worst = math.inf
+                    cells.append(f"{one or '-'} / {own[proc] or '-'}")
+            lines.append(f"| {kind} | " + " | ".join(cells) + f" | {worst:.2f}x |")
+        fits = {}
+        for r in tr:  # (fit seconds of the cached fits: a run that fitted them all measures them on one machine state)
+            label = f"fitted for {r['process']}" if r["grid"] == "fitted for this process" else r["grid"]
+            if r.get("fit_s") is not None:
+                fits[(label, r["nfe"])] = r["fit_s"]
+        fam = [k for k in kinds if k not in ("fitted for this process", "fitted for sigma_max 50, carried")]
+        members = [p for p in procs if p in ("VE10", "VE20", "VE40", "VE")]
+        lines += ["", "Fitting time (s) per budget (NFE under sigma_max 10): each family grid against the per-process fits "
+                  f"of the members ({', '.join(members)}: their sum) and of every judged process.", "",
+                  "| NFE | " + " | ".join(fam) + " | members' own fits, sum | " + " | ".join(procs) + " |",
+                  "| --- " * (len(fam) + len(procs) + 2) + "|"]
+        for nfe in sorted({r["nfe"] for r in tr if r["process"] == "VE10"}):
+            own_s = [fits.get((f"fitted for {p}", nfe)) for p in procs]
+            msum = sum(v for p, v in zip(procs, own_s) if p in members and v is not None)
+            lines.append(f"| {nfe} | " + " | ".join(str(fits.get((k, nfe), "-")) for k in fam) + f" | {msum:.1f} | "
+                         + " | ".join(str(v if v is not None else "-") for v in own_s) + " |")
     cal = [r for r in rows if r["part"] == "calib"]
     if cal:
         lines += ["", "## The tail flag's false-alarm rate on exact sample sets", "",

@@ -123,7 +123,7 @@ def test_saved_absolute_grid_round_trip_and_old_files_unchanged(tmp_path):
         load_grid(tmp_path / "other.json", target)
     with pytest.raises(ValueError, match="the absolute rule has none"):
         save_grid("x", times, src, directory=tmp_path, transfer="absolute", transfer_head=2)
-    with pytest.raises(ValueError, match="expected transfer 'density' or 'absolute', found 'clip'"):
+    with pytest.raises(ValueError, match="expected transfer 'density', 'absolute' or 'interpolated', found 'clip'"):
         save_grid("x", times, src, directory=tmp_path, transfer="clip")
 
 
@@ -178,7 +178,7 @@ def test_family_fit_through_the_absolute_rule(tmp_path):
     torch.testing.assert_close(load_grid(res.path, member), carried, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="transfer='absolute' has none"):
         optimize_grid(DPMSolverPP2M(num_steps=6), main, family=[member], transfer="absolute", transfer_head=2, **kw)
-    with pytest.raises(ValueError, match="expected transfer 'density' or 'absolute', found 'clip'"):
+    with pytest.raises(ValueError, match="expected transfer 'density', 'absolute' or 'interpolated', found 'clip'"):
         optimize_grid(DPMSolverPP2M(num_steps=6), main, transfer="clip", **kw)
     with pytest.raises(ValueError, match="cannot be carried over"):
         optimize_grid(DPMSolverPP2M(num_steps=6), main, family=[VESDE(0.01, 1e4)], transfer="absolute", **kw)

@@ -1,6 +1,7 @@
 """The store of named time grids (:func:`save_grid`, :func:`load_grid`, :func:`list_grids`, :func:`delete_grid`;
 JSON files in :func:`default_grid_dir`) and the carrying of a saved grid to another process: as a step density over
-log-SNR (:func:`transfer_log_snr`) or as absolute log-SNR points (:func:`absolute_log_snr`). The samplers read
+log-SNR (:func:`transfer_log_snr`), as absolute log-SNR points (:func:`absolute_log_snr`) or, for a grid fitted for a
+family, interpolated between the family's extremes (:mod:`score_toolkit.samplers._grid_family`). The samplers read
 grids through :mod:`score_toolkit.samplers.fixed_grid`, which re-exports every public name here.
 """
 
@@ -18,16 +19,14 @@ import torch
 
 from .._io import write_json_atomic
 from ..processes import TIME_GRIDS, Process
+from ._grid_family import INTERPOLATED_RULE, FamilyGrid, check_transfer_option
 
 GRID_DIR_ENV_VAR = "SCORE_TOOLKIT_GRID_DIR"
 _FORMAT = "score_toolkit.time_grid"
 _VERSION = 2  # 2: adds "transfer"; version-1 files (log-SNR points and their process) are read the same way
-#: the version of a file whose grid is carried with a mapped head (transfer rule "log_snr_anchored"): a reader that
-#: does not know the rule refuses it instead of carrying it by the density rule
-_VERSION_ANCHORED = 3
-#: the version of a file whose grid is carried by the absolute rule ("log_snr_absolute", :func:`absolute_log_snr`): a
-#: reader that does not know the rule refuses it
-_VERSION_ABSOLUTE = 4
+#: the versions of files whose grid is carried by a rule older readers do not know (they refuse the file instead of
+#: carrying it by the density rule): 3 the anchored head, 4 the absolute rule, 5 the interpolated rule
+_VERSION_ANCHORED, _VERSION_ABSOLUTE, _VERSION_INTERPOLATED = 3, 4, 5
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: relative tolerance when matching a saved grid's log-SNR ends to a process
 _LOG_SNR_TOL = 1e-6
@@ -86,6 +85,7 @@ def save_grid(
     overwrite: bool = False,
     transfer_head: int = 0,
     transfer: str = "density",
+    family_grid: FamilyGrid | None = None,
 ) -> Path:
     """Save a time grid (decreasing times from ``t = 1`` to ``process.t_min``) under ``name`` as JSON.
 
@@ -97,22 +97,19 @@ def save_grid(
     first ``k`` steps mapped per process (:func:`transfer_log_snr`'s ``head``; what ``optimize_grid(family=...,
     transfer_head=k)`` fitted it for). ``transfer="absolute"`` records that it is carried by the absolute rule
     instead (:func:`absolute_log_snr`: its points kept in absolute log-SNR, the step count following from the
-    process; what ``optimize_grid(family=..., transfer="absolute")`` fitted it for)."""
+    process; what ``optimize_grid(family=..., transfer="absolute")`` fitted it for). ``transfer="interpolated"`` with
+    ``family_grid`` (a :class:`~score_toolkit.samplers._grid_family.FamilyGrid`, what ``optimize_grid(family=...,
+    transfer="interpolated")`` fitted; ``times`` its own under ``process``) records the interpolated rule."""
     if not isinstance(process, Process):
         raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
     ts = _check_times(times, process, label="times")
-    if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < ts.numel() - 1:
-        raise ValueError(f"expected transfer_head to be an int with 0 <= transfer_head < {ts.numel() - 1} (the grid's "
-                         f"steps), found {transfer_head!r}")
-    if transfer not in ("density", "absolute"):
-        raise ValueError(f"expected transfer 'density' or 'absolute', found {transfer!r}")
-    if transfer == "absolute" and transfer_head:
-        raise ValueError(f"transfer_head={transfer_head} belongs to the density rule's anchored head; the absolute rule "
-                         "has none (pass transfer_head=0)")
+    check_transfer_option(transfer, transfer_head, family_grid, process, process.log_snr(ts))
     path = _file_for(name, directory)
     if path.exists() and not overwrite:
         raise FileExistsError(f"grid {os.fspath(name)!r} already exists at {path}; pass overwrite=True to replace it")
-    if transfer == "absolute":
+    if transfer == "interpolated":
+        rule, version = family_grid.record(), _VERSION_INTERPOLATED
+    elif transfer == "absolute":
         rule, version = ({"rule": "log_snr_absolute", "extend": "one", "merge": ABSOLUTE_MERGE,
                           "max_extension": MAX_TRANSFER_EXTENSION}, _VERSION_ABSOLUTE)
     elif transfer_head:
@@ -126,9 +123,7 @@ def save_grid(
         "name": path.stem,
         "num_steps": ts.numel() - 1,
         "log_snr": process.log_snr(ts).tolist(),
-        # what another process needs to use the grid (transfer_log_snr): the points in absolute log-SNR, read as
-        # a step density; the range they were fitted over bounds how far it may be carried
-        "transfer": rule,
+        "transfer": rule,  # how another process of the family uses the grid
         "times": ts.tolist(),
         "process": _process_record(process),
         "sampler": sampler,
@@ -155,9 +150,9 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
         raise ValueError(f"cannot read grid file {path}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != _FORMAT or "log_snr" not in record:
         raise ValueError(f"{path} is not a score_toolkit time-grid file (expected format {_FORMAT!r})")
-    if record.get("version", 1) not in (1, 2, _VERSION_ANCHORED, _VERSION_ABSOLUTE):
+    if record.get("version", 1) not in (1, 2, _VERSION_ANCHORED, _VERSION_ABSOLUTE, _VERSION_INTERPOLATED):
         raise ValueError(f"{path}: time-grid file version {record.get('version')!r} is newer than this score_toolkit "
-                         f"reads (1 to {_VERSION_ABSOLUTE}); upgrade score_toolkit")
+                         f"reads (1 to {_VERSION_INTERPOLATED}); upgrade score_toolkit")
     rule = record.get("transfer", {"rule": "log_snr_density"})
     if not isinstance(rule, dict) or rule.get("rule") not in TRANSFER_RULES:
         raise ValueError(f"{path}: unknown transfer rule {rule!r} (expected one of {TRANSFER_RULES})")
@@ -165,7 +160,8 @@ def _read_record(name_or_path, directory) -> dict[str, Any]:
                                                rule.get("merge", ABSOLUTE_MERGE) != ABSOLUTE_MERGE):
         raise ValueError(f"{path}: the absolute rule's settings {rule!r} are not this score_toolkit's (extend 'one', "
                          f"merge {ABSOLUTE_MERGE}); upgrade score_toolkit")
-    record["_rule"] = "absolute" if rule["rule"] == "log_snr_absolute" else "density"
+    record["_rule"] = ("absolute" if rule["rule"] == "log_snr_absolute" else FamilyGrid.from_record(rule, str(path))
+                       if rule["rule"] == INTERPOLATED_RULE else "density")
     head = rule.get("head", 0) if rule["rule"] == "log_snr_anchored" else 0
     if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < len(record["log_snr"]) - 1:
         raise ValueError(f"{path}: expected the transfer rule's head to be an int in [0, steps), found {head!r}")
@@ -315,7 +311,7 @@ def transfer_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, 
 ABSOLUTE_MERGE = 0.1
 #: the transfer rules a saved grid may record (its file's ``"transfer"`` entry): the step density (default), the
 #: anchored head (``head``), and the absolute points (:func:`absolute_log_snr`)
-TRANSFER_RULES = ("log_snr_density", "log_snr_anchored", "log_snr_absolute")
+TRANSFER_RULES = ("log_snr_density", "log_snr_anchored", "log_snr_absolute", INTERPOLATED_RULE)
 
 
 def absolute_log_snr(log_snr: Sequence[float] | torch.Tensor, process: Process, *, extend: str = "one") -> torch.Tensor:
@@ -384,10 +380,11 @@ def _times_from_log_snr(lam: torch.Tensor, process: Process, label: str, made_fo
                         rule: str = "density") -> torch.Tensor:
     """Times of a saved (log-SNR) grid under ``process``: as saved when the process spans the grid's range, else
     carried over by :func:`transfer_log_snr` (with the grid's ``head``) or, ``rule="absolute"``, by
-    :func:`absolute_log_snr` (or refused with the reason)."""
-    ends = _log_snr_ends(process)
-    lo, hi = float(lam[0]), float(lam[-1])
-    if abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
+    :func:`absolute_log_snr`; a :class:`FamilyGrid` ``rule`` gives them under every process (or refused with the reason)."""
+    ends, lo, hi = _log_snr_ends(process), float(lam[0]), float(lam[-1])
+    if isinstance(rule, FamilyGrid):
+        lam = rule.log_snr(process, label)
+    elif abs(lo - ends[0]) > _LOG_SNR_TOL * max(1.0, abs(ends[0])) or abs(hi - ends[1]) > _LOG_SNR_TOL * max(1.0, abs(ends[1])):
         where = f" (made for {made_for['class']}({made_for['config']}))" if isinstance(made_for, dict) else ""
         try:
             lam = absolute_log_snr(lam, process) if rule == "absolute" else transfer_log_snr(lam, process, head=head)

@@ -94,6 +94,9 @@ class GridOptimizationResult:
         seed: the seed of the kept fit's draws; retries: refits made because the report flagged a fit
             (``tail_retries``).
         path, name: where and under which name the grid was saved (``save_as``), else ``None``.
+        family_grid: with ``transfer="interpolated"``, the fitted
+            :class:`~score_toolkit.samplers._grid_family.FamilyGrid` (``family_grid.log_snr(p)``: the grid under a
+            member ``p``), else ``None``.
     """
 
     times: torch.Tensor
@@ -112,6 +115,7 @@ class GridOptimizationResult:
     retries: int = 0
     path: Path | None = None
     name: str | None = None
+    family_grid: object | None = None
 
     @property
     def median_error(self) -> dict[str, float]:

@@ -47,6 +47,7 @@ import torch
 
 from ..processes import Process
 from . import fixed_grid as _fixed
+from ._grid_family import FamilyGrid, family_extremes, interpolated_log_snr
 from ._grid_reference import MixtureScore, OffData, fit_mixture
 from .base import SamplingContext
 from .fixed_grid import *  # noqa: F403  (every public name of fixed_grid is re-exported here)
@@ -150,6 +151,14 @@ def _check_family(family, process, mix, transfer="density") -> tuple[Process, ..
     if family and mix is None:
         raise ValueError("optimize_grid: family= needs a mixture reference problem (mixture= or data=): a score_fn is "
                          "tied to one process")
+    if transfer == "interpolated":
+        if not family:
+            raise ValueError("optimize_grid: transfer='interpolated' fits a grid for a family: pass family=[...]")
+        try:
+            family_extremes((process, *family))
+        except ValueError as exc:
+            raise ValueError(f"optimize_grid: {exc}") from None
+        return tuple(family)
     span = _log_snr_ends(process)
     for proc in family:  # refused here, with the reason, rather than at the first objective evaluation
         if transfer == "absolute":  # the reach (which inner points a member holds is decided by the fit's points)
@@ -203,6 +212,23 @@ def softmax_logits(log_snr: torch.Tensor) -> torch.Tensor:
     n = log_snr.numel() - 1
     frac = torch.diff(log_snr) / (log_snr[-1] - log_snr[0])
     return torch.log(((frac - 1e-3 / n) / (1 - 1e-3)).clamp_min(1e-12))
+
+
+def _normalised(log_snr: torch.Tensor) -> torch.Tensor:
+    """A grid's log-SNR points as fractions ``0 = u_0 < ... < u_n = 1`` of its span."""
+    return (log_snr - log_snr[0]) / (log_snr[-1] - log_snr[0])
+
+
+def _pair_of_logits(n: int):
+    """The interpolated rule's parametrisation: ``th`` (2 n logits) -> two normalised grids (shape ``(2, n + 1)``),
+    each split by ``softmax`` step fractions as :func:`softmax_times` splits a process's span."""
+
+    def pair_of(th: torch.Tensor) -> torch.Tensor:
+        frac = torch.softmax(th.view(2, n), 1) * (1 - 1e-3) + 1e-3 / n
+        inner = torch.cumsum(frac, 1)[:, :-1]
+        return torch.cat([inner.new_zeros(2, 1), inner, inner.new_ones(2, 1)], 1)
+
+    return pair_of
 
 
 class _Stop(Exception):
@@ -349,6 +375,13 @@ def optimize_grid(
     member's own fit (``init=``): within 1.2x of the per-process fits' NFE at first pass (1.11x, and 1.00x judged
     again on other seeds), 1.44x counting failures above a first pass; cold-started, 1.22x at first pass
     (docs/fast_samplers.md, "The absolute rule, measured").
+    ``transfer="interpolated"`` fits two normalised grids instead, one for each extreme of the family (``process``
+    and ``family`` together: the member starting at the lowest log-SNR and the one starting at the highest); a member
+    starting in between runs on their blend, weighted by where its start lies between the extremes'
+    (:mod:`~score_toolkit.samplers._grid_family`); every member keeps the step count, and a process starting outside
+    the extremes' range, or of another kind or low-noise end, is refused. ``result.family_grid`` holds the pair (a
+    saved grid records it, file version 5). ``init`` may then be a pair of grids, one per extreme (lowest start
+    first; e.g. their own fits), or one grid for both. Measured in docs/fast_samplers.md ("The interpolated rule").
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
@@ -380,11 +413,11 @@ def optimize_grid(
         if path.exists() and not overwrite:
             raise FileExistsError(f"grid {os.fspath(save_as)!r} already exists at {path}; pass overwrite=True to replace it")
     score, mix = _reference_score(mixture, data, num_components, score_fn, process, covariance)
-    if transfer not in ("density", "absolute"):
-        raise ValueError(f"optimize_grid: expected transfer 'density' or 'absolute', found {transfer!r}")
-    if transfer == "absolute" and transfer_head:
+    if transfer not in ("density", "absolute", "interpolated"):
+        raise ValueError(f"optimize_grid: expected transfer 'density', 'absolute' or 'interpolated', found {transfer!r}")
+    if transfer != "density" and transfer_head:
         raise ValueError(f"optimize_grid: transfer_head={transfer_head} is the density rule's anchored head; "
-                         "transfer='absolute' has none (leave transfer_head at 0)")
+                         f"transfer={transfer!r} has none (leave transfer_head at 0)")
     family = _check_family(family, process, mix, transfer)
     n = int(sampler.config["num_steps"])
     if not isinstance(transfer_head, int) or isinstance(transfer_head, bool) or not 0 <= transfer_head < n:
@@ -436,8 +469,8 @@ def optimize_grid(
     def reference_of(x, proc=process, fn=score):  # a training reference solution, solved in ref_dtype
         return solve(reference, x.to(ref_dtype), proc=proc, fn=fn).to(x.dtype)
 
-    def kind_grid(kind):  # (the data-free "fitted" grid with the sampler's own density, as it runs)
-        return resolve_grid(_parse_grid(kind, sampler.name), process, n, 7.0, sampler.fitted_order)
+    def kind_grid(kind, proc=process):  # (the data-free "fitted" grid with the sampler's own density, as it runs)
+        return resolve_grid(_parse_grid(kind, sampler.name), proc, n, 7.0, sampler.fitted_order)
 
     # c: one feature's spread within a mode (far above the errors of a usable grid, far below the distance between
     # modes); without a mixture it is read off the validation's reference outputs (the same for every attempt)
@@ -455,16 +488,36 @@ def optimize_grid(
             value = value + nll_weight * ((weight.detach() * dnll).sum() / weight.detach().sum()) ** 2
         return value
 
-    times_of = softmax_times(process, n)
-    warm = _init_log_snr(init, process, n)  # a warm start's grid (None: "best" or a kind)
+    interp = transfer == "interpolated"  # the fit's grid is then the pair of normalised grids (_grid_family)
+    if interp:
+        fam_starts, fam_end, _ = family_extremes((process, *family))
+        extremes = [min((process, *family), key=lambda p, i=i: (1 - 2 * i) * _log_snr_ends(p)[0]) for i in (0, 1)]
+        times_of = _pair_of_logits(n)
+    else:
+        times_of = softmax_times(process, n)
+    if interp and isinstance(init, tuple) and len(init) == 2 and not isinstance(init[0], (int, float)):
+        warm = [_init_log_snr(g, p, n) for g, p in zip(init, extremes)]  # one warm start per extreme
+    else:
+        warm = _init_log_snr(init, process, n)  # a warm start's grid (None: "best" or a kind)
+        warm = None if warm is None else [warm, warm] if interp else warm
     if warm is not None:
-        warm_times = _times_from_log_snr(warm, process, "optimize_grid: init")
+        warm_times = (torch.stack([_normalised(v) for v in warm]) if interp
+                      else _times_from_log_snr(warm, process, "optimize_grid: init"))
 
     def member_times(ts, proc):
-        lam = (absolute_log_snr(process.log_snr(ts), proc) if transfer == "absolute"
+        lam = (interpolated_log_snr(ts, fam_starts, fam_end, proc) if interp
+               else absolute_log_snr(process.log_snr(ts), proc) if transfer == "absolute"
                else transfer_log_snr(process.log_snr(ts), proc, head=transfer_head))
         out = proc.t_from_log_snr(lam)
         return torch.cat([out.new_tensor([proc.t_max]), out[1:-1], out.new_tensor([proc.t_min])])
+
+    def own(ts):  # the fit's grid under ``process``
+        return member_times(ts, process) if interp else ts
+
+    def start_of(kind):  # a grid kind as the fit's starting grid (interpolated: the kind under each extreme)
+        if not interp:
+            return kind_grid(kind)
+        return torch.stack([_normalised(p.log_snr(kind_grid(kind, p))) for p in extremes])
 
     def carries(ts):  # can every family member carry this grid (the anchored rule's head must end inside its range)
         if not transfer_head:
@@ -491,7 +544,7 @@ def optimize_grid(
 
         def family_values(ts, x_fit, ref_fit, off_fit):
             """Each process's objective (``process`` first, then the family's), or None if a member cannot carry it."""
-            values = [objective(solve(sampler, x_fit, ts), ref_fit, off_fit)]
+            values = [objective(solve(sampler, x_fit, own(ts)), ref_fit, off_fit)]
             for proc, fn, xs, refs, off in members:
                 try:
                     member_ts = member_times(ts, proc)
@@ -509,16 +562,17 @@ def optimize_grid(
         start_kind = init if warm is None else "warm start"
         if start_kind == "best":  # start from the grid kind with the smallest training objective (the family's)
             with torch.no_grad():
-                losses = {k: float(family_objective(kind_grid(k), x_train, ref_train, off_train)) for k in GRID_KINDS}
+                losses = {k: float(family_objective(start_of(k), x_train, ref_train, off_train)) for k in GRID_KINDS}
             # (with transfer_head, only kinds whose head ends inside every member's range: the rule needs it)
-            usable = [k for k in losses if carries(kind_grid(k))] or list(losses)
+            usable = [k for k in losses if carries(start_of(k))] or list(losses)
             start_kind = min(usable, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
-        start_grid = kind_grid(start_kind) if warm is None else warm_times
+        start_grid = start_of(start_kind) if warm is None else warm_times
         if not carries(start_grid):
             raise ValueError(f"optimize_grid: transfer_head={transfer_head}: the {start_kind!r} grid's point "
                              f"{transfer_head} does not lie above every family member's starting log-SNR; use a "
                              "smaller transfer_head or another init")
-        theta = softmax_logits(process.log_snr(start_grid))
+        theta = (torch.cat([softmax_logits(g) for g in start_grid]) if interp
+                 else softmax_logits(process.log_snr(start_grid)))
 
         history: list[float] = []
         best = [math.inf, theta.clone()]
@@ -575,7 +629,7 @@ def optimize_grid(
             with torch.no_grad():
                 x_mine = draws(num_validation, fit_seed + 2 * 7919, as_dtype=train_dtype)
                 ref_mine = reference_of(x_mine)
-                far_mine = OffData(ref_mine, mix, scale=c, level=1.0)(solve(sampler, x_mine, times_of(best[1]))) > 0
+                far_mine = OffData(ref_mine, mix, scale=c, level=1.0)(solve(sampler, x_mine, own(times_of(best[1])))) > 0
             mined = int(far_mine.sum())
             if mined:
                 x_fit, ref_fit = torch.cat([x_train, x_mine[far_mine]]), torch.cat([ref_train, ref_mine[far_mine]])
@@ -597,7 +651,7 @@ def optimize_grid(
 
     def validate(ts):
         with torch.no_grad():
-            grids = {"optimized": ts, **{kind: kind_grid(kind) for kind in GRID_KINDS}}
+            grids = {"optimized": own(ts), **{kind: kind_grid(kind) for kind in GRID_KINDS}}
             validation = _validate(grids, sampler, process, mix, x_val, ref_val, c, objective, solve, context, seed,
                                    at_zero, floors)
             family_validation = {}
@@ -618,10 +672,10 @@ def optimize_grid(
         candidate = _worst_tail(validation, family_validation)
         if result is None or candidate.far_off < worst.far_off:
             result = GridOptimizationResult(
-                times=ts, log_snr=process.log_snr(ts), loss=best_loss, validation=validation,
+                times=own(ts), log_snr=process.log_snr(own(ts)), loss=best_loss, validation=validation,
                 tail_ok=candidate.far_off <= allowed, history=history, evaluations=len(history), mined=mined,
                 fit_seconds=0.0, num_validation=num_validation, family_validation=family_validation, seed=seed + attempt,
-                family_losses=losses)
+                family_losses=losses, family_grid=FamilyGrid.of(ts, (process, *family)) if interp else None)
             worst, kept_init = candidate, start_kind
         result.retries = attempt
         if result.tail_ok:
@@ -648,6 +702,7 @@ def optimize_grid(
                 "family_validation": {k: asdict(v) for k, v in result.family_validation.items()},
                 "reference": "mixture" if mix is not None else "score_fn"}
         result.path = save_grid(save_as, result.times, process, sampler=sampler.name, info=info, directory=directory,
-                                overwrite=overwrite, transfer_head=transfer_head, transfer=transfer)
+                                overwrite=overwrite, transfer_head=transfer_head, transfer=transfer,
+                                family_grid=result.family_grid)
         result.name = result.path.stem
     return result
