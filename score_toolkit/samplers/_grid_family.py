@@ -14,7 +14,7 @@ combination of increasing grids is increasing), and the step count is the same f
 starting outside ``[s_0, s_1]`` is refused (the rule does not extrapolate), and so is one of another kind or with
 another end (another family). Fitted by ``optimize_grid(family=[...], transfer="interpolated")``; saved in a
 version-5 grid file (:func:`score_toolkit.samplers.grid_store.save_grid`). Measured in docs/fast_samplers.md ("The
-interpolated rule").
+interpolated rule, measured").
 """
 
 from __future__ import annotations

@@ -381,7 +381,8 @@ def optimize_grid(
     (:mod:`~score_toolkit.samplers._grid_family`); every member keeps the step count, and a process starting outside
     the extremes' range, or of another kind or low-noise end, is refused. ``result.family_grid`` holds the pair (a
     saved grid records it, file version 5). ``init`` may then be a pair of grids, one per extreme (lowest start
-    first; e.g. their own fits), or one grid for both. Measured in docs/fast_samplers.md ("The interpolated rule").
+    first; e.g. their own fits), or one grid for both. Measured in docs/fast_samplers.md ("The interpolated rule,
+    measured").
 
     Retries (``tail_retries=k``, off by default): when the held-out report flags the grid, it is refitted from other
     training draws (``seed + 1``, up to ``k`` times); every fit is scored on the same held-out draws (seed
