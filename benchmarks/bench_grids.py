@@ -56,6 +56,10 @@ interleaved in one process, the same arguments (``loss="nll"``, ``tail_rounds=1`
         --family-variants "interpolated family,interpolated family warm" \
         --judge-kinds "fitted for this process,interpolated family,interpolated family warm" \
         --fits-tag grids_transfer5 --tag grids_transfer5 --note "..."   # the same fits judged (the note: the criterion)
+    OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts transfer --seeds 8 --judge-seed-offset 100 \
+        --floor-seeds 20 --ladder 6,7,8,9,10,11,13 --transfer-processes VE10,VE40,VE,VE20,VE15 \
+        --family-variants "interpolated family" --judge-kinds "fitted for this process,interpolated family" \
+        --fits-tag grids_transfer5 --tag grids_transfer5_rep --note "..."   # judged again on seeds 100-107
     OMP_NUM_THREADS=1 python benchmarks/bench_grids.py --parts reference --cases ring,aniso16 --tag grids_reference
     python benchmarks/bench_grids.py --merge grids_ring,grids_aniso16,... --tag grids     # the result file
 """
