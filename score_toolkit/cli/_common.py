@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "run_guarded", "add_common_options", "common_options", "progress_enabled", "parse_value",
+__all__ = ["CLIError", "run_guarded", "usage_checks", "check_count", "check_seed", "add_common_options", "common_options", "progress_enabled", "parse_value",
            "resolve_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
@@ -78,6 +78,32 @@ def common_options(args: argparse.Namespace) -> Iterator[None]:
 
 class CLIError(ValueError):
     """A usage error reported as ``error: ...`` with exit code 2."""
+
+
+@contextlib.contextmanager
+def usage_checks() -> Iterator[None]:
+    """The checks of a command's inputs, before any work: a ValueError, TypeError, KeyError or OSError raised
+    inside (a bad option value refused by the library's own check, a missing or damaged model folder or data file)
+    becomes a :class:`CLIError`, a usage error with exit code 2. Work (sampling, solving, training) stays
+    outside, where an error is a failure (exit code 1)."""
+    try:
+        yield
+    except CLIError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise CLIError(str(err) if isinstance(err, (ValueError, CLIError)) and str(err) else
+                       f"{type(err).__name__}: {err}") from err
+
+
+def check_count(name: str, value: int | None, minimum: int = 1) -> None:
+    """``--name N`` must be an integer >= ``minimum`` (None: not given, the default applies)."""
+    if value is not None and value < minimum:
+        raise CLIError(f"expected {name} to be an integer >= {minimum}, found {value}")
+
+
+def check_seed(value: int | None, name: str = "--seed") -> None:
+    """Seeds are non-negative integers (torch.Generator.manual_seed's range) in every command."""
+    check_count(name, value, minimum=0)
 
 
 def run_guarded(command: str, fn, args: argparse.Namespace) -> int:
@@ -236,7 +262,8 @@ def load_data(name: str | None, path: str | None, *, num_samples: int | None, mo
     if name is None and path is None:
         if model["mixture"] is None:
             raise CLIError("pass --data NAME (e.g. digits) or --data-file PATH (.npy or .safetensors)")
-        n = num_samples or 256
+        check_count("--num-samples", num_samples)
+        n = 256 if num_samples is None else num_samples
         return model["mixture"].sample(n, generator=torch.Generator().manual_seed(seed)).to(dtype), \
             f"{n} exact draws of the analytic model (seed {seed})"
     from ..data import load_dataset
@@ -244,6 +271,7 @@ def load_data(name: str | None, path: str | None, *, num_samples: int | None, mo
     ds = load_dataset("vectors", path=path) if path is not None else load_dataset(name)
     x = ds.data
     if num_samples is not None:
+        check_count("--num-samples", num_samples)
         if num_samples > len(x):
             raise CLIError(f"--num-samples {num_samples} exceeds the {len(x)} samples of the data")
         x = x[:num_samples]

@@ -25,7 +25,10 @@ from ._common import (
     load_data,
     load_score_model,
     progress_enabled,
+    check_count,
+    check_seed,
     run_guarded,
+    usage_checks,
     write_json,
 )
 
@@ -65,7 +68,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--rtol", type=float, default=None, help="relative tolerance of adaptive methods (default 1e-5)")
     s.add_argument("--atol", type=float, default=None, help="absolute tolerance of adaptive methods (default 1e-5)")
     s.add_argument("--num-steps", type=int, default=None, help="fixed-grid methods only")
-    s.add_argument("--grid", default="uniform", help="fixed-grid kind: uniform, log_sigma, karras")
+    s.add_argument("--grid", default=None, help="fixed-grid methods only: the grid's kind, uniform (default), log_sigma, "
+                   "karras")
     s.add_argument("--max-num-steps", type=int, default=None,
                    help="adaptive methods: give up (an error) after this many steps (default 10000)")
     s.add_argument("--no-per-sample-norm", action="store_true", help="torchdiffeq methods (--method dopri5, ...): one RMS error norm over the whole batch")
@@ -109,11 +113,26 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     return run_guarded("likelihood", _run, args)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The options alone, before loading anything (exit code 2)."""
+    from ..likelihood.options import _resolve_options
+
+    for name in ("num_samples", "num_dequant", "num_probes", "batch_size", "max_num_steps", "levels", "bits"):
+        check_count(f"--{name.replace('_', '-')}", getattr(args, name), minimum=2 if name == "levels" else 1)
+    check_seed(args.seed)
+    if args.per_sample and not args.output:
+        raise CLIError("--per-sample adds per-sample values to the --output file: pass --output FILE")
+    with usage_checks():
+        _resolve_options(args.divergence, args.num_probes, args.probe, args.method, args.rtol, args.atol,
+                         args.num_steps, args.grid, args.max_num_steps)
+
+
 def _run(args: argparse.Namespace) -> int:
     import math
 
     from ..likelihood import dequantized_bits_per_dim, log_likelihood, to_levels
 
+    _check_args(args)
     if args.update_card:
         if args.levels is None and args.bits is None:
             raise CLIError("--update-card writes bits/dim: pass --levels or --bits")
@@ -126,9 +145,10 @@ def _run(args: argparse.Namespace) -> int:
     accelerator = _accelerator(device_name == "cpu")
     device = accelerator.device if accelerator is not None else _device(device_name)
     dtype = _dtype(args.dtype, args.model)
-    model = load_score_model(args.model, args.process, device=device, dtype=dtype)
-    x, data_desc = load_data(args.data, args.data_file, num_samples=args.num_samples, model=model, seed=args.seed,
-                             dtype=dtype)
+    with usage_checks():  # a missing or damaged model folder, an unknown data set: exit code 2
+        model = load_score_model(args.model, args.process, device=device, dtype=dtype)
+        x, data_desc = load_data(args.data, args.data_file, num_samples=args.num_samples, model=model, seed=args.seed,
+                                 dtype=dtype)
     x = x.to(device)
     options = dict(divergence=args.divergence, num_probes=args.num_probes, probe=args.probe, method=args.method,
                    rtol=args.rtol, atol=args.atol, num_steps=args.num_steps, grid=args.grid,

@@ -146,7 +146,7 @@ def log_likelihood(
     rtol: float | None = None,
     atol: float | None = None,
     num_steps: int | None = None,
-    grid: str = "uniform",
+    grid: str | None = None,
     max_num_steps: int | None = None,
     per_sample_norm: bool = True,
     time_variable: str = "auto",
@@ -179,7 +179,8 @@ def log_likelihood(
             batch: adaptive ``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, or fixed-grid ``euler``,
             ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (then ``num_steps`` is required).
         rtol, atol: adaptive tolerances (default 1e-5 each).
-        num_steps, grid: fixed-grid methods: steps and kind of the grid (:meth:`Process.time_grid`).
+        num_steps, grid: fixed-grid methods only: steps and kind of the grid (:meth:`Process.time_grid`; default
+            ``"uniform"``); an error with an adaptive method.
         max_num_steps: adaptive step budget per solve (default 10000); exceeding it raises :class:`SolverError`
             (also under ``python -O``, where torchdiffeq's own ``assert`` vanishes).
         per_sample_norm: torchdiffeq's adaptive methods: error norm = max over samples of each sample's RMS (of x
@@ -224,7 +225,7 @@ def log_likelihood(
     if not isinstance(process, Process):
         raise TypeError(f"log_likelihood: expected a score_toolkit Process, found {type(process).__name__}")
     x = _check_data(x, score_fn, sample_shape, data_range)
-    num_probes, probe, rtol, atol, max_num_steps = _resolve_options(
+    num_probes, probe, rtol, atol, grid, max_num_steps = _resolve_options(
         divergence, num_probes, probe, method, rtol, atol, num_steps, grid, max_num_steps)
     if not isinstance(per_sample_norm, bool):
         raise TypeError(f"log_likelihood: expected per_sample_norm to be a bool, found {per_sample_norm!r}")

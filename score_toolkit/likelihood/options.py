@@ -133,8 +133,10 @@ def _resolve_options(divergence, num_probes, probe, method, rtol, atol, num_step
     if method not in METHODS:
         raise ValueError(f"log_likelihood: expected method in {tuple(METHODS)}, found {method!r}")
     if METHODS[method]:
-        if num_steps is not None:
-            raise ValueError(f"log_likelihood: num_steps applies to fixed-grid methods "
+        given = [k for k, v in (("num_steps", num_steps), ("grid", grid)) if v is not None]
+        if given:
+            raise ValueError(f"log_likelihood: {' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to "
+                             f"fixed-grid methods "
                              f"{tuple(m for m, a in METHODS.items() if not a)}, found method={method!r}")
         rtol = DEFAULT_RTOL if rtol is None else rtol
         atol = DEFAULT_ATOL if atol is None else atol
@@ -152,6 +154,7 @@ def _resolve_options(divergence, num_probes, probe, method, rtol, atol, num_step
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"log_likelihood: fixed-grid method {method!r} needs num_steps, an int >= 1; "
                              f"found {num_steps!r}")
+        grid = "uniform" if grid is None else grid
         if grid not in TIME_GRIDS:
             raise ValueError(f"log_likelihood: expected grid in {TIME_GRIDS}, found {grid!r}")
-    return num_probes, probe, rtol, atol, max_num_steps
+    return num_probes, probe, rtol, atol, grid, max_num_steps

@@ -1,0 +1,79 @@
+"""The commands' input checks: bad values, conflicting options and files the command did not write are refused
+with a one-line error and exit code 2 before any work (docs/cli.md, "Exit codes")."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from score_toolkit.cli import main
+from score_toolkit.pipeline import shipped_model_path
+
+RING = ["likelihood", "--model", "analytic:ring", "--process", "VP", "-q"]
+
+
+def _error(capsys, argv) -> str:
+    """Run a command that must be refused: exit code 2, one ``error:`` line, nothing on stdout."""
+    assert main(argv) == 2, argv
+    out, err = capsys.readouterr()
+    assert out == "" and "error:" in err and "Traceback" not in err, (out, err)
+    return err
+
+
+@pytest.fixture
+def damaged_model(tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(shipped_model_path("toy2d"), folder)
+    (folder / "unet" / "config.json").write_text("{")
+    return str(folder)
+
+
+# ------------------------------------------------------------------------------------------- likelihood
+@pytest.mark.parametrize("n", ["-5", "0"])
+def test_likelihood_refuses_a_count_below_one(capsys, n):
+    assert "expected --num-samples to be an integer >= 1, found " + n in _error(capsys, [*RING, "--num-samples", n])
+
+
+def test_load_data_refuses_a_slice_of_the_data():
+    from score_toolkit.cli._common import CLIError, load_data
+
+    for n in (-5, 0):
+        with pytest.raises(CLIError, match="--num-samples"):
+            load_data("ring", None, num_samples=n, model={"mixture": None}, seed=0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("extra, found", [
+    (["--grid", "foo"], "grid only applies to fixed-grid methods"),
+    (["--grid", "karras", "--method", "dopri5"], "grid only applies to fixed-grid methods"),
+    (["--method", "rk4", "--num-steps", "4", "--grid", "foo"], "expected grid in"),
+    (["--method", "dopri"], "expected method in"),
+    (["--rtol", "-1"], "expected rtol > 0"),
+    (["--data", "rings"], "unknown dataset 'rings'"),
+    (["--batch-size", "0"], "expected --batch-size to be an integer >= 1"),
+    (["--per-sample"], "pass --output FILE"),
+    (["--seed", "-3"], "expected --seed to be an integer >= 0"),
+])
+def test_likelihood_bad_values_are_usage_errors(capsys, extra, found):
+    assert found in _error(capsys, [*RING, "--num-samples", "4", *extra])
+
+
+def test_log_likelihood_refuses_a_grid_with_an_adaptive_method():
+    from score_toolkit.analytic import ring_mixture
+    from score_toolkit.likelihood import log_likelihood
+    from score_toolkit.processes import VPSDE
+
+    process, mixture = VPSDE(0.1, 20.0), ring_mixture()
+    x = mixture.sample(2, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.raises(ValueError, match="grid only applies to fixed-grid methods"):
+        log_likelihood(mixture.score_fn(process), process, x, method="dopri5", grid="karras")
+    fixed = [log_likelihood(mixture.score_fn(process), process, x, method="euler", num_steps=4, **kw).log_prob
+             for kw in ({}, {"grid": "uniform"})]
+    assert torch.equal(fixed[0], fixed[1])  # the fixed-grid default is still the uniform grid
+
+
+def test_likelihood_damaged_model_is_exit_code_2_as_in_sample(capsys, damaged_model):
+    for argv in (["likelihood", "--model", damaged_model, "--data", "ring", "--num-samples", "4"],
+                 ["sample", damaged_model, "--output-dir", "unused"]):
+        assert "corrupt the network config" in _error(capsys, argv)
