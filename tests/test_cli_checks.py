@@ -77,3 +77,49 @@ def test_likelihood_damaged_model_is_exit_code_2_as_in_sample(capsys, damaged_mo
     for argv in (["likelihood", "--model", damaged_model, "--data", "ring", "--num-samples", "4"],
                  ["sample", damaged_model, "--output-dir", "unused"]):
         assert "corrupt the network config" in _error(capsys, argv)
+
+
+# ------------------------------------------------------------------------------------------- every command
+@pytest.mark.parametrize("argv, found", [
+    (["sample", "--threads", "-1", "--output-dir", "unused"], "expected --threads to be an integer >= 0, found -1"),
+    (["demo", "--sampler", "foo", "--steps", "1"], "unknown sampler 'foo'"),
+    (["demo", "--seed", "-3", "--steps", "1"], "expected --seed to be an integer >= 0, found -3"),
+    (["sample", "--model", "digits_class_conditional", "--class-label", "3", "--guidance-scale", "nan",
+      "--output-dir", "unused"], "expected --guidance-scale to be a finite number, found nan"),
+    (["likelihood", "--model", "analytic:ring", "--process", "VP", "--rtol", "inf"], "--rtol to be a finite number"),
+    (["evaluate", "--model", "analytic:ring", "--process", "VP", "--num-samples", "0"],
+     "expected --num-samples to be an integer >= 2, found 0"),
+    (["evaluate", "--model", "analytic:ring", "--process", "VP", "--option", "foo=1"], "unknown option(s) 'foo'"),
+    (["fit-grid", "toy2d", "--steps", "0"], "expected --steps to be an integer >= 1, found 0"),
+    (["plot", "error-vs-nfe", "--csv", "nope.csv", "--output", "unused.png"], "nope.csv"),
+])
+def test_bad_values_are_usage_errors_in_every_command(capsys, tmp_path, monkeypatch, argv, found):
+    monkeypatch.chdir(tmp_path)
+    assert found in _error(capsys, argv)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_a_bad_thread_variable_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("SCORE_TOOLKIT_NUM_THREADS", "abc")
+    assert "expected SCORE_TOOLKIT_NUM_THREADS to be an integer >= 0, found 'abc'" in _error(capsys, ["samplers"])
+
+
+def test_evaluate_pictures_must_be_a_folder_and_reference_of_the_model_shape(capsys, tmp_path):
+    import numpy as np
+
+    (tmp_path / "d.txt").write_text("mine")
+    np.save(tmp_path / "wrong.npy", np.zeros((10, 3)))
+    ring = ["evaluate", "--model", "analytic:ring", "--process", "VP", "--num-samples", "4"]
+    assert "found the file" in _error(capsys, [*ring, "--pictures", str(tmp_path / "d.txt")])
+    assert "expected --reference samples of the model's shape (2,), found (3,)" in _error(
+        capsys, [*ring, "--reference", str(tmp_path / "wrong.npy")])
+    assert (tmp_path / "d.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "fit-grid", "restore"])
+def test_a_damaged_model_is_exit_code_2_in_every_command(capsys, tmp_path, damaged_model, command):
+    argv = {"evaluate": ["evaluate", "--model", damaged_model, "--reference", "ring"],
+            "fit-grid": ["fit-grid", damaged_model],
+            "restore": ["restore", "unused.png", "--checkpoint", damaged_model, "--task", "inpaint",
+                        "--mask-kind", "right_half", "--output-dir", str(tmp_path / "out")]}[command]
+    assert "corrupt the network config" in _error(capsys, argv)

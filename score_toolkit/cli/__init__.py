@@ -61,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    name = " ".join(filter(None, (args.command, getattr(args, "plot_kind", None))))
+    problem = _bad_common_values(args)
+    if problem is not None:
+        print(f"score-toolkit {name}: error: {problem}", file=sys.stderr)
+        return 2
     ok = False
     try:
         with common_options(args):
@@ -69,6 +74,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     finally:
         _close_process_group(synchronize=ok)
+
+
+def _bad_common_values(args: argparse.Namespace) -> str | None:
+    """What every command refuses before any work: a non-finite float option (``nan``, ``inf``) and a thread count
+    (``--threads`` or ``$SCORE_TOOLKIT_NUM_THREADS``) that is not an integer >= 0."""
+    import math
+
+    from ..threads import policy_threads
+
+    for key, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"expected --{key.replace('_', '-')} to be a finite number, found {value}"
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 0:
+        return f"expected --threads to be an integer >= 0, found {threads}"
+    try:
+        policy_threads(threads)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _close_process_group(synchronize: bool) -> None:

@@ -91,8 +91,8 @@ def usage_checks() -> Iterator[None]:
     except CLIError:
         raise
     except (ValueError, TypeError, KeyError, OSError) as err:
-        raise CLIError(str(err) if isinstance(err, (ValueError, CLIError)) and str(err) else
-                       f"{type(err).__name__}: {err}") from err
+        raise CLIError(f"{type(err).__name__}: {err}" if isinstance(err, KeyError) or not str(err) else str(err)) \
+            from err
 
 
 def check_count(name: str, value: int | None, minimum: int = 1) -> None:

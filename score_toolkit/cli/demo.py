@@ -35,6 +35,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num_samples < 1:
         print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
         return 2
+    if args.seed < 0:
+        print(f"score-toolkit demo: error: expected --seed to be an integer >= 0, found {args.seed}", file=sys.stderr)
+        return 2
+    from ..registry import get_sampler
+
+    try:
+        get_sampler(args.sampler)  # an unknown sampler: before training
+    except (ValueError, KeyError) as err:
+        print(f"score-toolkit demo: error: {err}", file=sys.stderr)
+        return 2
     try:
         run_demo(args.output, steps=args.steps, num_samples=args.num_samples, sampler=args.sampler, seed=args.seed,
                  log=print, progress=progress_enabled(args))

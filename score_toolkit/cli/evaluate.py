@@ -27,11 +27,14 @@ from ._common import (
     DTYPE_HELP,
     OPTION_HELP,
     CLIError,
+    check_count,
+    check_seed,
     load_data,
     load_score_model,
     parse_options,
     progress_enabled,
     run_guarded,
+    usage_checks,
     write_json,
 )
 
@@ -103,14 +106,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..registry import get_sampler
     from ._common import _device, _dtype
 
+    check_count("--num-samples", args.num_samples, minimum=2)
+    check_seed(args.seed)
     if args.update_card:
         _check_card(args.update_card)
     if args.pictures:
+        import os
+
         from ..plotting import require_matplotlib
 
+        if os.path.exists(args.pictures) and not os.path.isdir(args.pictures):
+            raise CLIError(f"expected --pictures to name a folder, found the file {args.pictures}")
         require_matplotlib("evaluate --pictures draws with matplotlib")  # before the sampling
-    device, dtype = _device(args.device), _dtype(args.dtype, args.model)
-    model = load_score_model(args.model, args.process, device=device, dtype=dtype)
+    with usage_checks():  # a missing or damaged model folder, an unknown sampler or option: exit code 2
+        device, dtype = _device(args.device), _dtype(args.dtype, args.model)
+        model = load_score_model(args.model, args.process, device=device, dtype=dtype)
+        get_sampler(args.sampler, **parse_options(args.option))
     shape = tuple(model["sample_shape"])
     kind = args.kind if args.kind != "auto" else ("digits" if shape == (1, 8, 8) else "vectors")
     if kind == "digits" and shape != (1, 8, 8):
@@ -119,9 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CLIError("--reference applies to vector data (the digits are judged against the real digits)")
     if args.class_label is not None or args.guidance_scale != 1.0:
         return _evaluate_classes(args, model, kind, device, dtype)
-    n = args.num_samples or (900 if kind == "digits" else 1000)
-    if n < 2:
-        raise CLIError(f"expected --num-samples >= 2, found {n}")
+    n = args.num_samples if args.num_samples is not None else (900 if kind == "digits" else 1000)
     options = parse_options(args.option)
     sampler = get_sampler(args.sampler, **{"progress": progress_enabled(args), **options})
     reference = None
@@ -130,8 +139,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             import os
 
             is_file = os.path.splitext(args.reference)[1] in (".npy", ".safetensors")
-            reference, _ = load_data(None if is_file else args.reference, args.reference if is_file else None,
-                                     num_samples=None, model=model, seed=args.seed, dtype=torch.float64)
+            with usage_checks():
+                reference, _ = load_data(None if is_file else args.reference, args.reference if is_file else None,
+                                         num_samples=None, model=model, seed=args.seed, dtype=torch.float64)
+            if tuple(reference.shape[1:]) != shape:
+                raise CLIError(f"expected --reference samples of the model's shape {shape}, found "
+                               f"{tuple(reference.shape[1:])} ({args.reference})")
         elif model["mixture"] is None:
             raise CLIError("vector models need --reference (a dataset name or a file) to be judged against")
     gens = per_sample_generators(args.seed, range(n), device=device)
@@ -357,7 +370,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 2
     try:
         img = P.error_vs_nfe_chart(args.csv, args.metric, log_y=not args.linear_y)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError) as err:  # a missing or unreadable CSV, a missing column: a usage error
+        print(f"score-toolkit plot: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
         print(f"score-toolkit plot: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {P.save_png(img, args.output)}")

@@ -20,7 +20,10 @@ from ._common import (
     parse_options,
     progress_enabled,
     resolve_model,
+    check_count,
+    check_seed,
     run_guarded,
+    usage_checks,
 )
 
 __all__ = ["add_fit_grid_parser", "cmd_fit_grid"]
@@ -85,14 +88,22 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, name) < (2 if name != "batch_size" else 1):
             raise CLIError(f"expected --{name.replace('_', '-')} to be a positive integer (>= 2 for the pilot), found "
                            f"{getattr(args, name)}")
+    for n in args.steps:
+        check_count("--steps", n)
+    check_count("--validation-draws", args.validation_draws)
+    check_seed(args.seed)
+    check_seed(args.validation_seed, "--validation-seed")
     argv: Sequence[str] | None = getattr(args, "cli_argv", None)
+    with usage_checks():  # a damaged model folder, a malformed option: exit code 2
+        sampler_options, fit_options = parse_options(args.options), parse_options(args.fit_options)
+        pipe = ScorePipeline.from_pretrained(folder)
     try:
-        fits = fit_model_grids(ScorePipeline.from_pretrained(folder), sampler=args.sampler, steps=args.steps,
-                               sampler_options=parse_options(args.options), num_pilot=args.num_pilot,
+        fits = fit_model_grids(pipe, sampler=args.sampler, steps=args.steps,
+                               sampler_options=sampler_options, num_pilot=args.num_pilot,
                                pilot_steps=args.pilot_steps, batch_size=args.batch_size, seed=args.seed,
                                device=args.device, progress=progress_enabled(args),
                                command=_command_line(argv, parent=None), validation_draws=args.validation_draws,
-                               validation_seed=args.validation_seed, **parse_options(args.fit_options))
+                               validation_seed=args.validation_seed, **fit_options)
     except FileExistsError as err:  # a file the command did not write: left alone
         raise CLIError(str(err)) from None
     for f in fits:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import OPTION_HELP, CLIError, parse_options, run_guarded
+from ._common import OPTION_HELP, CLIError, check_seed, parse_options, run_guarded, usage_checks
 
 __all__ = ["add_restore_parser", "cmd_restore", "TASKS", "MASK_KINDS", "METHODS"]
 
@@ -106,8 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError("expected --num-samples and --steps >= 1")
     if args.noise_std < 0:
         raise CLIError(f"expected --noise-std >= 0, found {args.noise_std}")
+    check_seed(args.seed)
     checkpoint = args.checkpoint or str(shipped_model_path("digits"))
-    pipe = ScorePipeline.from_pretrained(checkpoint)
+    with usage_checks():  # a missing or damaged model folder: exit code 2
+        pipe = ScorePipeline.from_pretrained(checkpoint)
     shape = tuple(pipe.sample_shape)
     if len(shape) != 3:
         raise CLIError(f"restore needs an image model, found samples of shape {shape}")
