@@ -54,6 +54,28 @@ __all__ = ["export_pipeline", "load_pipeline_components", "PipelineComponents", 
 
 #: the only kinds of files an exported folder contains (no pickles)
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
+#: what an export folder holds: the files and folders :func:`export_pipeline` writes, and ``grids/`` (the model's
+#: fitted grids, :mod:`score_toolkit.model_grids`). ``overwrite=True`` replaces a folder holding nothing else.
+EXPORT_FILES = ("model_index.json", "README.md", "sample.png")
+EXPORT_DIRS = ("scheduler", "unet", "grids")
+
+
+def foreign_export_files(folder) -> list[str]:
+    """The files of an existing ``folder`` that no export writes (relative paths, sorted): an export with
+    ``overwrite=True`` refuses such a folder rather than delete them."""
+    folder = Path(folder)
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if p.is_dir() and not p.is_symlink() and len(rel) == 1 and rel[0] in EXPORT_DIRS:
+            continue
+        if not p.is_symlink() and p.is_file() and ((len(rel) == 1 and rel[0] in EXPORT_FILES) or
+                                                   (len(rel) == 2 and rel[0] in EXPORT_DIRS)):
+            continue
+        if p.is_dir() and not p.is_symlink() and any(q.is_file() or q.is_symlink() for q in p.rglob("*")):
+            continue  # a folder is reported through its files
+        found.append("/".join(rel) + ("/" if p.is_dir() and not p.is_symlink() else ""))
+    return found
 
 
 class PipelineComponents(NamedTuple):
@@ -99,6 +121,12 @@ def export_pipeline(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists: pass overwrite=True to replace it")
+    if folder.is_dir():
+        foreign = foreign_export_files(folder)
+        if foreign:
+            raise FileExistsError(f"{folder} holds files an export does not write ({', '.join(foreign[:5])}"
+                                  f"{', ...' if len(foreign) > 5 else ''}): overwrite=True replaces an earlier export "
+                                  f"only; move them away or choose another folder")
     scheduler = scheduler_for(process, prediction_type, time_input)
     info = dict(card_info or {})
     folder.parent.mkdir(parents=True, exist_ok=True)

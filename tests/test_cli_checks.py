@@ -123,3 +123,37 @@ def test_a_damaged_model_is_exit_code_2_in_every_command(capsys, tmp_path, damag
             "restore": ["restore", "unused.png", "--checkpoint", damaged_model, "--task", "inpaint",
                         "--mask-kind", "right_half", "--output-dir", str(tmp_path / "out")]}[command]
     assert "corrupt the network config" in _error(capsys, argv)
+
+
+# ------------------------------------------------------------------------------------------- files the tool did not write
+def test_train_export_overwrite_never_deletes_foreign_files(capsys, tmp_path):
+    folder = tmp_path / "exp1"
+    shutil.copytree(shipped_model_path("toy2d"), folder)
+    (folder / "NOTES.txt").write_text("mine")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "x.txt").write_text("mine too")
+    config = shipped_model_path("toy2d").parent / "configs" / "toy2d.yaml"
+    err = _error(capsys, ["train", "--config", str(config), "--set", "train.steps=2", "--set", f"export.folder={folder}",
+                          "--set", "export.overwrite=true", "--output-dir", str(tmp_path / "run")])
+    assert "holds files an export does not write (NOTES.txt, extra/x.txt)" in err
+    assert (folder / "NOTES.txt").read_text() == "mine" and (folder / "extra" / "x.txt").read_text() == "mine too"
+
+
+def test_export_pipeline_overwrites_an_earlier_export_only(tmp_path):
+    from score_toolkit import hub
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.processes import VPSDE
+
+    model = ScoreMLP(2, hidden_dim=8, num_layers=1)
+    folder = hub.export_pipeline(model, VPSDE(), "epsilon", "t", tmp_path / "out")
+    (folder / "grids").mkdir()
+    (folder / "grids" / "unipc_9.json").write_text("{}")  # fit-grid's files belong to the export folder
+    assert hub.foreign_export_files(folder) == []
+    hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder, overwrite=True)
+    (folder / "unet" / "notes.txt").write_text("a file of the unet folder is the export's")
+    (folder / "data.npy").write_text("mine")
+    (folder / "empty").mkdir()
+    assert hub.foreign_export_files(folder) == ["data.npy", "empty/"]
+    with pytest.raises(FileExistsError, match=r"holds files an export does not write \(data.npy, empty/\)"):
+        hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder, overwrite=True)
+    assert (folder / "data.npy").read_text() == "mine"

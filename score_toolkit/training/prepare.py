@@ -110,6 +110,15 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
         _check_export_not_overlapping(folder, run_dir)
         if folder.exists() and not cfg.export.overwrite:
             raise ConfigError(f"export folder {folder} already exists: remove it or set export.overwrite = true")
+        if folder.is_dir():
+            from ..hub import foreign_export_files
+
+            foreign = foreign_export_files(folder)
+            if foreign:
+                raise ConfigError(f"export folder {folder} holds files an export does not write "
+                                  f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
+                                  f"export.overwrite replaces an earlier export only; move them away or choose "
+                                  f"another export.folder")
         _check_export_folder(folder)
     return comps, run_dir, ckpt
 
