@@ -157,3 +157,57 @@ def test_export_pipeline_overwrites_an_earlier_export_only(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds files an export does not write \(data.npy, empty/\)"):
         hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder, overwrite=True)
     assert (folder / "data.npy").read_text() == "mine"
+
+
+@pytest.fixture
+def digit_png(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "dig.png"
+    Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8")).save(path)
+    return str(path)
+
+
+def test_restore_refuses_foreign_files_and_replaces_its_own_with_overwrite(capsys, tmp_path, digit_png):
+    out = tmp_path / "rsx"
+    out.mkdir()
+    (out / "restored.png").write_text("mine")
+    argv = ["restore", digit_png, "--task", "inpaint", "--mask-kind", "right_half", "--steps", "3", "--num-samples", "1",
+            "--output-dir", str(out), "-q"]
+    assert "holds files restore did not write (restored.png)" in _error(capsys, argv)
+    assert (out / "restored.png").read_text() == "mine"
+    (out / "NOTES.txt").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 0
+    assert "1 restoration (" in capsys.readouterr().out
+    assert main(argv) == 0  # its own run with the same settings: replaced
+    capsys.readouterr()
+    assert "another restore run" in _error(capsys, [*argv[:-3], "--seed", "1", *argv[-3:]])
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.txt", "manifest.json", "restored.png",
+                                                      "restored.safetensors"]
+
+
+@pytest.mark.parametrize("extra, found", [
+    (["--method", "repaint", "--sampler", "dpmpp_2m"], "--sampler applies to pigdm, dps and replacement"),
+    (["--factor", "4"], "--factor applies to --task super_resolution, found --task inpaint"),
+    (["--blur-std", "3"], "--blur-std applies to --task deblur, found --task inpaint"),
+    (["--steps", "5", "--option", "num_steps=7"], "pass --steps or --option num_steps=..., not both"),
+])
+def test_restore_refuses_options_that_do_not_apply(capsys, tmp_path, digit_png, extra, found):
+    argv = ["restore", digit_png, "--task", "inpaint", "--mask-kind", "right_half", "--output-dir", str(tmp_path / "o")]
+    assert found in _error(capsys, [*argv, *extra])
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_pictures_refuse_files_already_there(capsys, tmp_path):
+    pic = tmp_path / "pic"
+    pic.mkdir()
+    (pic / "samples.png").write_text("mine")
+    argv = ["evaluate", "--model", "analytic:ring", "--process", "VP", "--num-samples", "4", "--sampler",
+            "euler_maruyama", "--option", "num_steps=2", "--pictures", str(pic), "-q"]
+    assert "already holds samples.png" in _error(capsys, argv)
+    assert (pic / "samples.png").read_text() == "mine"
+    assert "pass --pictures" in _error(capsys, [*argv[:-3], "--overwrite"])
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert (pic / "samples.png").read_bytes().startswith(b"\x89PNG")

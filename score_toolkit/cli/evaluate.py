@@ -40,6 +40,9 @@ from ._common import (
 
 __all__ = ["add_evaluate_parser", "add_plot_parser", "cmd_evaluate", "cmd_plot"]
 
+#: the files ``--pictures DIR`` writes (score_field.png for 2-D models only)
+PICTURES = ("samples.png", "trajectories.png", "score_field.png")
+
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
@@ -71,6 +74,8 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", default=None, help="write the report as a Markdown table")
     p.add_argument("--pictures", default=None, metavar="DIR", help="write samples.png, trajectories.png and (2-D) "
                                                                     "score_field.png there")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {', '.join(PICTURES)} already in the --pictures folder (nothing else is touched)")
     p.add_argument("--update-card", default=None, metavar="FOLDER",
                    help="write the measurements into FOLDER/README.md, the model card (usually the --model folder): "
                         "its model-index and results table, through huggingface_hub's ModelCard; a metric already "
@@ -117,6 +122,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         if os.path.exists(args.pictures) and not os.path.isdir(args.pictures):
             raise CLIError(f"expected --pictures to name a folder, found the file {args.pictures}")
+        found = [name for name in PICTURES if os.path.lexists(os.path.join(args.pictures, name))]
+        if found and not args.overwrite:
+            raise CLIError(f"the --pictures folder {args.pictures} already holds {', '.join(found)}: choose another "
+                           f"folder or pass --overwrite to replace {', '.join(PICTURES)} (nothing else)")
+    elif args.overwrite:
+        raise CLIError("--overwrite applies to the files of --pictures DIR: pass --pictures")
         require_matplotlib("evaluate --pictures draws with matplotlib")  # before the sampling
     with usage_checks():  # a missing or damaged model folder, an unknown sampler or option: exit code 2
         device, dtype = _device(args.device), _dtype(args.dtype, args.model)
