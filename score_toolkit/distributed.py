@@ -185,7 +185,7 @@ def sample_to_folder(
     # the main process checks the folder and reads what is done; every process learns the outcome
     created = is_main and not out.exists()
     try:
-        plan = _on_main(accelerator, prepare_folder, out, run, num_shards, overwrite)
+        plan = _on_main(accelerator, prepare_folder, out, run, num_shards, overwrite, image_files)
     except BaseException:
         if created:  # e.g. the folder was made but cannot be written: leave nothing behind
             remove_if_nothing_kept(out, created)

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,21 @@ def _steps(steps: Any) -> list[int]:
     return values
 
 
+def check_fit_options(fit_options: Mapping[str, Any]) -> None:
+    """The names of :func:`fit_model_grids`' ``fit_options`` (a TypeError for one that optimize_grid does not take
+    here), checkable before any work (``score-toolkit train --grid-fit-option``)."""
+    import inspect
+
+    from .samplers.grids import optimize_grid
+
+    allowed = set(inspect.signature(optimize_grid).parameters) - {"sampler", "process", "mixture", "data", "score_fn",
+                                                                  "shape", "save_as", "directory", "overwrite"}
+    unknown = sorted(set(fit_options) - allowed)
+    if unknown:
+        raise TypeError(f"fit_model_grids: unknown fit option(s) {unknown}; optimize_grid's options here are "
+                        f"{sorted(allowed)}")
+
+
 def fit_model_grids(
     pipeline,
     *,
@@ -206,14 +222,7 @@ def fit_model_grids(
     if validation_seed == seed:
         raise ValueError(f"fit_model_grids: expected validation_seed to differ from the pilot's seed (held-out draws), "
                          f"found both {seed}")
-    import inspect
-
-    allowed = set(inspect.signature(optimize_grid).parameters) - {"sampler", "process", "mixture", "data", "score_fn",
-                                                                  "shape", "save_as", "directory", "overwrite"}
-    unknown = sorted(set(fit_options) - allowed)
-    if unknown:
-        raise TypeError(f"fit_model_grids: unknown fit option(s) {unknown}; optimize_grid's options here are "
-                        f"{sorted(allowed)}")
+    check_fit_options(fit_options)
     options = dict(sampler_options or {})
     taken = sorted(set(options) & set(_NOT_METHOD))
     if taken:
@@ -246,7 +255,7 @@ def fit_model_grids(
             results[n] = ModelGridFit(path, sampler, n, "up_to_date", validation=record["info"].get("validation"))
             logger.info("%s: up to date (same settings, same weights)", path)
     todo = [n for n in budgets if n not in results]
-    say = print if progress else logger.info
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else logger.info  # messages go to stderr
     score_fn = pipe.score_function()
     if todo:
         first = settings[todo[0]]

@@ -135,7 +135,8 @@ def _clear(out: Path) -> None:
                    + [MANIFEST_NAME], prune=(SHARD_DIR, IMAGES_DIR))
 
 
-def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool) -> dict[str, Any]:
+def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool,
+                   image_files: bool = False) -> dict[str, Any]:
     _check_writable(out)
     manifest = _read_manifest(out) if not overwrite else None
     if overwrite:
@@ -152,6 +153,8 @@ def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: b
             f"the folder {out} holds another sampling run ({'; '.join(diff) or 'different settings'}); "
             f"choose another folder or pass overwrite=True (--overwrite) to replace it"
         )
+    if image_files:
+        _check_image_files(out, manifest)
     if manifest is None:
         manifest = {"format": _FORMAT, "version": 1, "run": run, "shards": {}, "complete": False}
         _write_json(out / MANIFEST_NAME, manifest)
@@ -207,12 +210,9 @@ def to_uint8_images(samples: torch.Tensor):
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any]) -> None:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
+def _check_image_files(out: Path, manifest: Mapping[str, Any] | None) -> None:
+    """``images/`` and ``samples.npz`` may hold only what ``manifest`` records (checked before the sampling and again
+    before writing): a file this run did not write is never replaced."""
     ours = set(_image_file_names(manifest))
     folder = out / IMAGES_DIR
     if folder.exists():
@@ -222,6 +222,16 @@ def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any
                                   f"or choose another folder")
     if (out / NPZ_NAME).exists() and NPZ_NAME not in ours:
         raise FileExistsError(f"{out / NPZ_NAME} exists and was not written by this run: move it away")
+
+
+def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any]) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _check_image_files(out, manifest)
+    folder = out / IMAGES_DIR
     arrays = to_uint8_images(samples)
     folder.mkdir(exist_ok=True)
     for i, arr in enumerate(arrays):

@@ -211,3 +211,48 @@ def test_evaluate_pictures_refuse_files_already_there(capsys, tmp_path):
     assert main([*argv, "--overwrite"]) == 0
     capsys.readouterr()
     assert (pic / "samples.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sample_checks_foreign_image_files_before_sampling(capsys, tmp_path, monkeypatch):
+    import score_toolkit.distributed as D
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the folder")
+
+    monkeypatch.setattr(D, "write_shard", no_sampling)
+    for foreign in ("samples.npz", "images/keep.png"):
+        out = tmp_path / foreign.replace("/", "_")
+        (out / "images").mkdir(parents=True)
+        (out / foreign).write_text("mine")
+        err = _error(capsys, ["sample", "--num-samples", "2", "--steps", "2", "--image-files", "--output-dir", str(out),
+                              "--cpu", "-q"])
+        assert "did not write" in err or "was not written by this run" in err
+        assert (out / foreign).read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------- train
+TOY2D = str(shipped_model_path("toy2d").parent / "configs" / "toy2d.yaml")
+
+
+@pytest.mark.parametrize("extra, found", [
+    (["--grid-fit-option", "foo=1", "--dry-run"], "unknown fit option(s) ['foo']"),
+    (["--set", "seed=3", "--seed", "4"], "pass --seed or --set seed=..., not both"),
+    (["--set", "output_dir=a", "--output-dir", "b"], "pass --output-dir or --set output_dir=..., not both"),
+    (["--no-fit-grid", "--grid-pilot", "10"], "--grid-pilot applies to the grid fit that --no-fit-grid turns off"),
+    (["--seed", "-1"], "expected --seed to be an integer >= 0"),
+])
+def test_train_option_conflicts_and_fit_options_are_checked_up_front(capsys, tmp_path, monkeypatch, extra, found):
+    monkeypatch.chdir(tmp_path)
+    assert found in _error(capsys, ["train", "--config", TOY2D, *extra])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_dry_run_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config exports to hub_cards/toy2d, relative
+    assert main(["train", "--config", TOY2D, "--dry-run", "--output-dir", str(tmp_path / "tr1"), "-q"]) == 0
+    assert "ok:" in capsys.readouterr().out
+    assert not (tmp_path / "tr1").exists()
+
+
+def test_quiet_and_verbose_together_are_refused(capsys):
+    assert "pass -q (fewer messages) or -v (more), not both" in _error(capsys, ["samplers", "-q", "-v"])

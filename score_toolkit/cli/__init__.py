@@ -87,6 +87,8 @@ def _bad_common_values(args: argparse.Namespace) -> str | None:
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             return f"expected --{key.replace('_', '-')} to be a finite number, found {value}"
+    if getattr(args, "quiet", 0) and getattr(args, "verbose", 0):
+        return "pass -q (fewer messages) or -v (more), not both"
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 0:
         return f"expected --threads to be an integer >= 0, found {threads}"

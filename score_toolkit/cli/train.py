@@ -47,7 +47,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_pilot_options(g, prefix="grid-")
     g.add_argument("--grid-fit-option", dest="grid_fit_options", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of optimize_grid for these fits, e.g. --grid-fit-option iterations=20 (repeatable)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, num_pilot=None, pilot_steps=None)  # None: not given (fit_model_grids' defaults)
 
 
 def add_train_parser(subparsers) -> None:
@@ -132,6 +132,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
 
     from ..training import ConfigError, RunConfig, apply_overrides, prepare_run, train
 
+    problem = _check_args(args)
+    if problem is not None:
+        print(f"score-toolkit train: error: {problem}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
@@ -152,7 +156,12 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             raw["export"]["command"] = _command_line(argv, getattr(args, "prog_name", "score-toolkit"))
             cfg = RunConfig.from_dict(apply_overrides(raw, []))
         if args.dry_run:
-            comps, run_dir, ckpt = prepare_run(cfg, resume=args.resume)
+            made = cfg.output_dir is not None and not os.path.lexists(cfg.output_dir)
+            try:
+                comps, run_dir, ckpt = prepare_run(cfg, resume=args.resume)
+            finally:  # a dry run leaves no folder behind
+                if made and os.path.isdir(cfg.output_dir) and not os.listdir(cfg.output_dir):
+                    os.rmdir(cfg.output_dir)
             print(json.dumps(cfg.to_dict(), indent=2))
             n_params = sum(p.numel() for p in comps.model.parameters())
             print(f"ok: {comps.dataset.description}; {cfg.model.name} with {n_params:,} parameters; "
@@ -172,6 +181,32 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     return 0
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options alone (before reading the config): an option given twice (as its own flag and
+    as --set), grid options with --no-fit-grid, bad grid-fit options."""
+    keys = {item.partition("=")[0].strip() for item in args.overrides}
+    for flag, key, value in (("--seed", "seed", args.seed), ("--output-dir", "output_dir", args.output_dir),
+                             ("--device cpu", "train.cpu", args.device == "cpu" or None)):
+        if value is not None and key in keys:
+            return f"pass {flag} or --set {key}=..., not both"
+    if args.seed is not None and args.seed < 0:
+        return f"expected --seed to be an integer >= 0, found {args.seed}"
+    given = [name for name, v in (("--grid-pilot", args.num_pilot), ("--grid-pilot-steps", args.pilot_steps),
+                                  ("--grid-fit-option", args.grid_fit_options or None)) if v is not None]
+    if args.no_fit_grid and given:
+        return f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the grid fit that --no-fit-grid turns off"
+    for name, v in (("--grid-pilot", args.num_pilot), ("--grid-pilot-steps", args.pilot_steps)):
+        if v is not None and v < 2:
+            return f"expected {name} to be an integer >= 2, found {v}"
+    from ..model_grids import check_fit_options
+
+    try:
+        check_fit_options(parse_options(args.grid_fit_options))
+    except (ValueError, TypeError) as err:
+        return f"--grid-fit-option: {err}"
+    return None
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -189,10 +224,9 @@ def _fit_grids(args: argparse.Namespace, folder, command: str | None, *, cpu: bo
 
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     try:
-        fits = fit_model_grids(ScorePipeline.from_pretrained(folder), num_pilot=args.num_pilot,
-                               pilot_steps=args.pilot_steps, device=device,
-                               progress=progress_enabled(args), command=command,
-                               **parse_options(args.grid_fit_options))
+        pilot = {k: getattr(args, k) for k in ("num_pilot", "pilot_steps") if getattr(args, k) is not None}
+        fits = fit_model_grids(ScorePipeline.from_pretrained(folder), device=device, progress=progress_enabled(args),
+                               command=command, **pilot, **parse_options(args.grid_fit_options))
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"score-toolkit train: error: the model was exported, but fitting its grids failed ({type(err).__name__}: "
               f"{err}); fit them with score-toolkit fit-grid {folder}", file=sys.stderr)
