@@ -200,11 +200,11 @@ def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp
     (["--sampler", "euler_maruyama"], "deterministic fixed-grid sampler"),
     (["--option", "grid=karras"], "cannot be sampler options"),
     (["--option", "colour=3"], "unknown option"),
-    (["--steps", "0"], "positive ints"),
+    (["--steps", "0"], "expected --steps to be an integer >= 1, found 0"),
     (["--num-pilot", "1"], "--num-pilot"),
     (["--fit-option", "iteratons=3"], "unknown fit option(s) ['iteratons']"),
     (["--fit-option", "save_as=x"], "unknown fit option(s) ['save_as']"),
-    (["--validation-draws", "0"], "validation_draws to be an int >= 2"),
+    (["--validation-draws", "0"], "expected --validation-draws to be an integer >= 2, found 0"),
     (["--validation-seed", "271828"], "validation_seed to differ"),
 ])
 def test_bad_inputs_give_clear_errors(fitted, tmp_path, capsys, argv, message):

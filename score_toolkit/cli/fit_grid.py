@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
                            f"{getattr(args, name)}")
     for n in args.steps:
         check_count("--steps", n)
-    check_count("--validation-draws", args.validation_draws)
+    check_count("--validation-draws", args.validation_draws, minimum=2)
     check_seed(args.seed)
     check_seed(args.validation_seed, "--validation-seed")
     argv: Sequence[str] | None = getattr(args, "cli_argv", None)
