@@ -208,7 +208,7 @@ def test_evaluate_command_writes_report_and_pictures(tmp_path, capsys):
 def test_evaluate_command_errors(capsys):
     assert cli_main(["evaluate", "--model", "analytic:ring"]) == 2
     assert "--process" in capsys.readouterr().err
-    assert cli_main(["evaluate", "--model", "analytic:ring", "--process", "VP", "--option", "bogus=1"]) == 1
+    assert cli_main(["evaluate", "--model", "analytic:ring", "--process", "VP", "--option", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
 
 
@@ -265,7 +265,7 @@ def test_plot_command(tmp_path, capsys):
     out = tmp_path / "nfe.png"
     assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--output", str(out)]) == 0
     assert out.is_file()
-    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--metric", "x", "--output", str(out)]) == 1
+    assert cli_main(["plot", "error-vs-nfe", "--csv", str(csv_path), "--metric", "x", "--output", str(out)]) == 2
     assert "metric column 'x'" in capsys.readouterr().err
 
 
