@@ -17,11 +17,11 @@ from ._common import (
     OPTION_HELP,
     CLIError,
     add_pilot_options,
+    check_count,
+    check_seed,
     parse_options,
     progress_enabled,
     resolve_model,
-    check_count,
-    check_seed,
     run_guarded,
     usage_checks,
 )
