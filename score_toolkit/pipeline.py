@@ -508,7 +508,7 @@ class ScorePipeline(DiffusionPipeline):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
@@ -521,8 +521,13 @@ class ScorePipeline(DiffusionPipeline):
         safetensors are read and no code named by the folder is imported: the network class must be a
         diffusers model or score_toolkit's own, the scheduler a diffusers scheduler or score_toolkit's. The
         network is loaded with :func:`score_toolkit.models.load_model` (a missing, unexpected or mis-shaped
-        weight, or a corrupt weight file, is an error) and returned in ``eval()`` mode.
+        weight, or a corrupt weight file, is an error) and returned in ``eval()`` mode. ``torch_dtype`` is a
+        floating-point ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``, ...); anything else is a
+        ``TypeError``.
         """
+        from .models.base import resolve_torch_dtype
+
+        torch_dtype = resolve_torch_dtype(torch_dtype)
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                  local_files_only=local_files_only, token=token)
         pipe = cls(**load_components(folder, torch_dtype))

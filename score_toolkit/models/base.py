@@ -177,6 +177,23 @@ def _check_config(cls, config: dict[str, Any], where: str) -> None:
         )
 
 
+def resolve_torch_dtype(value, name: str = "torch_dtype"):
+    """``value`` as a floating-point ``torch.dtype``: a ``torch.dtype``, or a name torch knows ("bfloat16",
+    "float16", "half", "torch.float32", ...); ``None`` stays ``None``. Anything else is a ``TypeError`` (diffusers
+    only warns about a string and loads float32)."""
+    import torch
+
+    if value is None:
+        return None
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.strip().removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"{name}: expected a floating-point torch.dtype or its name (e.g. torch.bfloat16, "
+                        f"'bfloat16', 'float16', 'float32'), found {value!r}")
+    return dtype
+
+
 def strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
     """Load ``cls`` (any diffusers ``ModelMixin`` subclass) from a folder or Hub repository, strictly.
 
@@ -189,7 +206,8 @@ def strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
     * ``config.json`` must name ``cls`` (``_class_name``) and hold no keys that ``cls.__init__`` does not take.
 
     Accepts diffusers' Hub arguments (``subfolder``, ``variant``, ``revision``, ``cache_dir``,
-    ``local_files_only``, ``token``, ...), ``torch_dtype`` and ``output_loading_info`` (then returns
+    ``local_files_only``, ``token``, ...), ``torch_dtype`` (a floating-point ``torch.dtype`` or its name, such as
+    ``"bfloat16"``) and ``output_loading_info`` (then returns
     ``(model, info)`` as diffusers does). The memory-saving options that ``DiffusionPipeline`` always passes are
     accepted at their defaults (``device_map=None`` ...); ``low_cpu_mem_usage`` is accepted for that reason but
     loading always materialises every weight (``low_cpu_mem_usage=False``), so that nothing stays on ``meta``.
@@ -210,6 +228,9 @@ def strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
     if kwargs.pop("use_flashpack", False):
         raise ValueError("strict loading reads safetensors only: use_flashpack=True is not supported")
     kwargs.pop("low_cpu_mem_usage", None)
+    for key in ("torch_dtype", "dtype"):
+        if key in kwargs:
+            kwargs[key] = resolve_torch_dtype(kwargs[key], key)
     for key in _PIPELINE_ONLY_NONE:
         if kwargs.pop(key, None) is not None:
             raise ValueError(f"strict loading does not support {key}= (load the model, then move it with .to())")
