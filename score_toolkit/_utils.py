@@ -32,6 +32,33 @@ def check_tensor(x, name: str = "x", *, min_rank: int = 1) -> torch.Tensor:
     return x
 
 
+def resolve_torch_dtype(value, name: str = "torch_dtype"):
+    """``value`` as a floating-point ``torch.dtype``: a ``torch.dtype``, or a name torch knows ("bfloat16",
+    "float16", "half", "torch.float32", ...); ``None`` stays ``None``. Anything else is a ``TypeError`` (diffusers
+    only warns about a string and loads float32)."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value.strip().removeprefix("torch."), None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point torch.dtype or its name (e.g. torch.bfloat16, "
+                        f"'bfloat16', 'float16', 'float32'), found {value!r}")
+    return dtype
+
+
+def resolve_device(value, name: str = "device") -> torch.device | None:
+    """``value`` (a ``torch.device``, a string such as "cpu" or "cuda:0", or ``None``) as a device this machine
+    has, else a ``ValueError`` (torch itself fails with an ``AssertionError`` when CUDA is missing)."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: expected a device available on this machine (e.g. 'cpu'"
+                         f"{', cuda' if torch.cuda.is_available() else ''}), found {value!r} ({err})") from err
+    return device
+
+
 def as_time(t, batch: int, *, like: torch.Tensor, name: str = "t") -> torch.Tensor:
     """Turn ``t`` (float, 0-d tensor or (batch,) tensor) into a float tensor of shape (batch,)
     on ``like``'s device and dtype."""

@@ -525,7 +525,7 @@ class ScorePipeline(DiffusionPipeline):
         floating-point ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``, ...); anything else is a
         ``TypeError``.
         """
-        from .models.base import resolve_torch_dtype
+        from ._utils import resolve_torch_dtype
 
         torch_dtype = resolve_torch_dtype(torch_dtype)
         folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,

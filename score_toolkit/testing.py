@@ -423,6 +423,10 @@ class SamplerConformance:
             sampler.sample(None, process, shape=(3, 2))
         with pytest.raises(ValueError):
             sampler.sample(score_fn, process, shape=(3, 2), generator=per_sample_generators(0, range(2)))
+        with pytest.raises(TypeError, match="expected a floating-point torch.dtype"):
+            sampler.sample(score_fn, process, shape=(3, 2), dtype=torch.int32)
+        with pytest.raises(ValueError, match="expected a device available on this machine"):
+            sampler.sample(score_fn, process, shape=(3, 2), device="no_such_device")
 
     # ------------------------------------------------------------------ outputs
     def test_output_shape_and_nfe(self):

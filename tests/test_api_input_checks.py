@@ -43,3 +43,38 @@ def test_other_torch_dtypes_are_refused(saved_folder, bad):
         ScorePipeline.from_pretrained(saved_folder, torch_dtype=bad)
     with pytest.raises(TypeError, match=r"torch_dtype: expected a floating-point torch.dtype .*found"):
         load_model(None, saved_folder, subfolder="unet", torch_dtype=bad)
+
+
+# ------------------------------------------------------------------------------------ Sampler.sample
+@pytest.fixture(scope="module")
+def gaussian_case():
+    from score_toolkit.registry import get_sampler
+
+    process = VPSDE()
+    return get_sampler("euler_maruyama", num_steps=2, progress=False), (lambda x, t: -x), process
+
+
+def test_sampler_refuses_non_floating_dtypes(gaussian_case):
+    sampler, score_fn, process = gaussian_case
+    for bad in (torch.int32, "int64", "bogus"):
+        with pytest.raises(TypeError, match=r"sampler 'euler_maruyama': dtype: expected a floating-point torch.dtype "
+                                            r"or its name .*found"):
+            sampler.sample(score_fn, process, shape=(4, 2), dtype=bad)
+    assert sampler.sample(score_fn, process, shape=(4, 2), dtype="float64").samples.dtype == torch.float64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_sampler_refuses_a_missing_device(gaussian_case):
+    sampler, score_fn, process = gaussian_case
+    for bad in ("cuda", "cuda:1", "no_such_device"):
+        with pytest.raises(ValueError, match=rf"device: expected a device available on this machine .*found '{bad}'"):
+            sampler.sample(score_fn, process, shape=(4, 2), device=bad)
+    assert sampler.sample(score_fn, process, shape=(4, 2), device="cpu").samples.device.type == "cpu"
+
+
+def test_sampler_dtype_and_device_must_agree_with_x_init(gaussian_case):
+    sampler, score_fn, process = gaussian_case
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="dtype torch.float64 disagrees with x_init's torch.float32"):
+        sampler.sample(score_fn, process, x, dtype=torch.float64)
+    assert sampler.sample(score_fn, process, x, dtype=torch.float32, device="cpu").samples.shape == (4, 2)

@@ -15,6 +15,8 @@ from typing import Any
 
 from diffusers import ModelMixin
 
+from .._utils import resolve_torch_dtype
+
 __all__ = ["CheckpointError", "CheckpointDtypeWarning", "StrictLoadingMixin", "strict_from_pretrained"]
 
 _SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -175,23 +177,6 @@ def _check_config(cls, config: dict[str, Any], where: str) -> None:
             f"unknown config keys {unknown} in {where}/config.json for {cls.__name__} "
             f"(expected a subset of {sorted(allowed)})"
         )
-
-
-def resolve_torch_dtype(value, name: str = "torch_dtype"):
-    """``value`` as a floating-point ``torch.dtype``: a ``torch.dtype``, or a name torch knows ("bfloat16",
-    "float16", "half", "torch.float32", ...); ``None`` stays ``None``. Anything else is a ``TypeError`` (diffusers
-    only warns about a string and loads float32)."""
-    import torch
-
-    if value is None:
-        return None
-    dtype = value
-    if isinstance(value, str):
-        dtype = getattr(torch, value.strip().removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"{name}: expected a floating-point torch.dtype or its name (e.g. torch.bfloat16, "
-                        f"'bfloat16', 'float16', 'float32'), found {value!r}")
-    return dtype
 
 
 def strict_from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

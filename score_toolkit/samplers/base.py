@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._utils import GeneratorLike, as_time, check_generator, check_tensor
+from .._utils import GeneratorLike, as_time, check_generator, check_tensor, resolve_device, resolve_torch_dtype
 from ..processes import Process
 from ..threads import cpu_threads
 
@@ -295,7 +295,9 @@ class Sampler:
                 then does not depend on the batch it is drawn in).
             callback: called after every step with a dict (step, t, x, nfe).
             return_trajectory: also return the states after every step.
-            device, dtype: of the initial state drawn from ``shape`` (default: torch's defaults).
+            device, dtype: of the initial state drawn from ``shape`` (default: torch's defaults); ``dtype`` is a
+                floating-point ``torch.dtype`` or its name, ``device`` one this machine has; with ``x_init`` they
+                must agree with it.
         """
         if not callable(score_fn):
             raise TypeError(f"sampler {self.name!r}: expected score_fn to be callable, found {type(score_fn).__name__}")
@@ -303,6 +305,8 @@ class Sampler:
             raise TypeError(f"sampler {self.name!r}: expected a score_toolkit Process, found {type(process).__name__}")
         self._check_process(process)
         check_generator(generator)
+        dtype = resolve_torch_dtype(dtype, f"sampler {self.name!r}: dtype")
+        device = resolve_device(device, f"sampler {self.name!r}: device")
         if x_init is None:
             if shape is None:
                 raise ValueError(f"sampler {self.name!r}: pass x_init or shape")
@@ -314,6 +318,12 @@ class Sampler:
             if shape is not None and tuple(shape) != tuple(x_init.shape):
                 raise ValueError(f"sampler {self.name!r}: shape {tuple(shape)} disagrees with x_init {tuple(x_init.shape)}")
             x = check_tensor(x_init, "x_init").clone()
+            if dtype is not None and dtype != x.dtype:
+                raise ValueError(f"sampler {self.name!r}: dtype {dtype} disagrees with x_init's {x.dtype} (dtype and "
+                                 f"device apply to a state drawn from shape; convert x_init instead)")
+            if device is not None and (device.type != x.device.type or device.index not in (None, x.device.index)):
+                raise ValueError(f"sampler {self.name!r}: device {device} disagrees with x_init's {x.device} (dtype "
+                                 f"and device apply to a state drawn from shape; move x_init instead)")
             if x.shape[0] == 0 or x[0].numel() == 0:
                 raise ValueError(f"sampler {self.name!r}: expected x_init with at least one sample (B >= 1) of at least "
                                  f"one value, found shape {tuple(x.shape)}")
