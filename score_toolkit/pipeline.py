@@ -460,10 +460,26 @@ class ScorePipeline(DiffusionPipeline):
                 raise ValueError(f"expected shape to be positive ints (batch, ...), found {shape}")
             if batch_size not in (1, shape[0]):
                 raise ValueError(f"batch_size={batch_size} disagrees with shape={shape}; pass one of them")
+            self._check_sample_shape(shape)
             return shape
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"expected batch_size to be a positive int, found {batch_size!r}")
         return (batch_size, *self.sample_shape)
+
+    def _check_sample_shape(self, shape: tuple[int, ...]) -> None:
+        """``shape`` (batch first) against the network: the same dim for a vector network, the same channels for an
+        image network (its height and width may differ from ``sample_size``); unchecked when the config does not
+        tell."""
+        try:
+            own = self.sample_shape
+        except ValueError:
+            return
+        image = "sample_size" in self.unet.config
+        fits = (len(shape) == 4 and shape[1] == own[0]) if image else tuple(shape[1:]) == own
+        if not fits:
+            expected = f"(batch, {own[0]}, H, W)" if image else f"(batch, {', '.join(map(str, own))})"
+            raise ValueError(f"expected shape={expected} for this {type(self.unet).__name__} (one sample is {own}; "
+                             f"shape includes the batch dimension), found shape={shape}")
 
     # ------------------------------------------------------------------ saving
     def diffusers_pipeline_name(self) -> str:

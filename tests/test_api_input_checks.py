@@ -78,3 +78,25 @@ def test_sampler_dtype_and_device_must_agree_with_x_init(gaussian_case):
     with pytest.raises(ValueError, match="dtype torch.float64 disagrees with x_init's torch.float32"):
         sampler.sample(score_fn, process, x, dtype=torch.float64)
     assert sampler.sample(score_fn, process, x, dtype=torch.float32, device="cpu").samples.shape == (4, 2)
+
+
+# ------------------------------------------------------------------------------------ ScorePipeline shape
+def test_pipeline_checks_the_shape_against_the_network():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    from diffusers import DDPMScheduler
+
+    images = ScorePipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2))
+    run = dict(sampler="ancestral", num_steps=1, output_type="pt")
+    for bad in [(2, 3, 8, 8), (2, 8, 8), (1, 1, 8, 8, 1)]:
+        with pytest.raises(ValueError, match=r"expected shape=\(batch, 1, H, W\) for this UNet2DModel \(one sample is "
+                                             r"\(1, 8, 8\); shape includes the batch dimension\), found shape="):
+            images(shape=bad, **run)
+    assert images(batch_size=2, shape=(2, 1, 16, 16), **run).samples.shape == (2, 1, 16, 16)  # another image size
+    vectors = vector_pipeline()
+    with pytest.raises(ValueError, match=r"expected shape=\(batch, 2\) for this ScoreMLP .*found shape=\(3, 4\)"):
+        vectors(shape=(3, 4), **run)
+    with pytest.raises(ValueError, match=r"found shape=\(3, 2, 1\)"):
+        vectors(shape=(3, 2, 1), **run)
