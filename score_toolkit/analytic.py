@@ -14,6 +14,7 @@ and the score adapters are a few lines over :class:`GaussianMixture` each.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -49,6 +50,11 @@ class GaussianMixture:
         if means.ndim != 2:
             raise ValueError(f"expected means of shape (K, d), found {tuple(means.shape)}")
         k, d = means.shape
+        if k == 0 or d == 0:
+            raise ValueError(f"expected means of shape (K, d) with K >= 1 components in d >= 1 dims, found "
+                             f"{tuple(means.shape)}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("expected finite means, found NaN or infinite values")
         if covs is None:
             covs = torch.ones(k, d, dtype=dtype)
         covs = torch.as_tensor(covs, dtype=dtype)
@@ -103,6 +109,13 @@ class GaussianMixture:
 
     def sample(self, n: int, *, generator: GeneratorLike = None, return_labels: bool = False):
         """Exact samples (n, d) (and their component labels)."""
+        try:
+            count = -1 if isinstance(n, bool) else operator.index(n)
+        except TypeError:
+            count = -1
+        if count < 0:
+            raise ValueError(f"expected n to be an int >= 0 (number of samples), found {n!r}")
+        n = count
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
                 raise ValueError(f"expected one generator per sample ({n}), found {len(generator)}")
@@ -403,6 +416,11 @@ def gaussian(mean, cov=None, *, dtype=torch.float64) -> GaussianMixture:
 
 def ring_mixture(num_modes: int = 8, radius: float = 4.0, std: float = 0.2, *, dtype=torch.float64) -> GaussianMixture:
     """The 2-D ring of ``num_modes`` equal-weight isotropic Gaussians (radius 4, std 0.2 by default)."""
+    if isinstance(num_modes, bool) or not isinstance(num_modes, int) or num_modes < 1:
+        raise ValueError(f"ring_mixture: expected num_modes to be a positive int, found {num_modes!r}")
+    if not (math.isfinite(radius) and math.isfinite(std) and std > 0):
+        raise ValueError(f"ring_mixture: expected a finite radius and a finite std > 0, found radius={radius!r}, "
+                         f"std={std!r}")
     ang = torch.arange(num_modes, dtype=dtype) * (2 * math.pi / num_modes)
     means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     return GaussianMixture(means, torch.full((num_modes,), std**2, dtype=dtype), None, dtype=dtype)

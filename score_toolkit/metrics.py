@@ -33,9 +33,24 @@ __all__ = [
 ]
 
 
+def _check_samples(x, name: str) -> torch.Tensor:
+    """A sample set (n, ...): a floating-point tensor with at least one sample of at least one value, all finite
+    (a NaN or an infinity would make every metric NaN or infinite without saying where it came from)."""
+    check_tensor(x, name, min_rank=2)
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"expected {name} to hold at least one sample of at least one value, found shape "
+                         f"{tuple(x.shape)}")
+    finite = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[:, 0]
+        raise ValueError(f"expected finite {name}, found {bad.numel()} of {x.shape[0]} samples with NaN or infinite "
+                         f"values (first: sample {int(bad[0])})")
+    return x
+
+
 def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    check_tensor(x, "x", min_rank=2)
-    check_tensor(y, "y", min_rank=2)
+    _check_samples(x, "x")
+    _check_samples(y, "y")
     xf, yf = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
     if xf.shape[1] != yf.shape[1]:
         raise ValueError(f"expected x and y with the same number of features, found {xf.shape[1]} and {yf.shape[1]}")
@@ -116,7 +131,7 @@ def _labels(samples: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
 def mode_weight_error(samples: torch.Tensor, mixture: GaussianMixture) -> float:
     """Total-variation distance between the mixture weights and the fraction of samples whose most
     likely component (posterior argmax under the clean mixture) is each component."""
-    check_tensor(samples, "samples", min_rank=2)
+    _check_samples(samples, "samples")
     labels = _labels(samples, mixture)
     freq = torch.bincount(labels.cpu(), minlength=mixture.num_components).to(torch.float64) / samples.shape[0]
     return float(0.5 * (freq - mixture.weights.cpu()).abs().sum())
@@ -133,7 +148,9 @@ def within_mode_sliced_wasserstein(
     """Weight-averaged sliced W2 between the samples assigned to each component and reference samples
     assigned to the same component (exact draws from the mixture, ``len(samples)`` of them, unless
     ``reference`` is given). Insensitive to mode weights; sensitive to the shape of each mode."""
-    check_tensor(samples, "samples", min_rank=2)
+    _check_samples(samples, "samples")
+    if reference is not None:
+        _check_samples(reference, "reference")
     xs = samples.reshape(samples.shape[0], -1).to(mixture.dtype)
     if reference is None:
         g = torch.Generator().manual_seed(12345) if generator is None else generator
@@ -156,7 +173,7 @@ def within_mode_sliced_wasserstein(
 
 def mean_nll(samples: torch.Tensor, mixture: GaussianMixture) -> float:
     """Mean negative log-likelihood (nats) of ``samples`` under the clean mixture."""
-    check_tensor(samples, "samples", min_rank=2)
+    _check_samples(samples, "samples")
     return float(-mixture.log_prob(samples.reshape(samples.shape[0], -1).to(mixture.dtype)).mean())
 
 
@@ -170,6 +187,8 @@ def noise_floor(
     """``metric`` between two independent exact sample sets of size ``n`` (the metric is called as
     ``metric(samples, reference)`` must take two sample sets; wrap one-sample metrics, e.g.
     ``lambda s, r: mode_weight_error(s, mixture)``): the best a sampler can do with ``n`` samples."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"noise_floor: expected n to be a positive int (samples per set), found {n!r}")
     a = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1))
     b = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 2))
     return metric(a, b)

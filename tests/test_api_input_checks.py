@@ -100,3 +100,53 @@ def test_pipeline_checks_the_shape_against_the_network():
         vectors(shape=(3, 4), **run)
     with pytest.raises(ValueError, match=r"found shape=\(3, 2, 1\)"):
         vectors(shape=(3, 2, 1), **run)
+
+
+# ------------------------------------------------------------------------------------ metrics and mixtures
+def test_mixture_and_noise_floor_sizes():
+    from score_toolkit.analytic import GaussianMixture, ring_mixture
+    from score_toolkit.metrics import noise_floor
+
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"ring_mixture: expected num_modes to be a positive int, found {bad!r}"):
+            ring_mixture(num_modes=bad)
+    with pytest.raises(ValueError, match="expected a finite radius and a finite std > 0"):
+        ring_mixture(std=0.0)
+    with pytest.raises(ValueError, match=r"K >= 1 components in d >= 1 dims, found \(0, 2\)"):
+        GaussianMixture(torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="expected finite means"):
+        GaussianMixture(torch.tensor([[0.0, float("nan")]]))
+    ring = ring_mixture()
+    for bad in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=rf"noise_floor: expected n to be a positive int .*found {bad!r}"):
+            noise_floor(ring, bad)
+    with pytest.raises(ValueError, match=r"expected n to be an int >= 0 \(number of samples\), found -1"):
+        ring.sample(-1)
+    assert ring.sample(torch.tensor(3)).shape == (3, 2) and noise_floor(ring, 1) >= 0
+
+
+def test_metrics_refuse_empty_and_non_finite_samples():
+    from score_toolkit.analytic import ring_mixture
+    from score_toolkit.metrics import (energy_distance, mean_nll, mmd, mode_weight_error, sliced_wasserstein,
+                                       within_mode_sliced_wasserstein)
+
+    ring = ring_mixture()
+    good = ring.sample(20, generator=torch.Generator().manual_seed(0))
+    bad = good.clone()
+    bad[3, 1] = float("nan")
+    bad[7, 0] = float("inf")
+    pair_metrics = (sliced_wasserstein, energy_distance, mmd)
+    for metric in pair_metrics:
+        with pytest.raises(ValueError, match=r"expected finite x, found 2 of 20 samples with NaN or infinite values "
+                                             r"\(first: sample 3\)"):
+            metric(bad, good)
+        with pytest.raises(ValueError, match="expected finite y"):
+            metric(good, bad)
+        with pytest.raises(ValueError, match=r"at least one sample of at least one value, found shape \(0, 2\)"):
+            metric(good[:0], good)
+    for metric in (mode_weight_error, within_mode_sliced_wasserstein, mean_nll):
+        with pytest.raises(ValueError, match="expected finite samples"):
+            metric(bad, ring)
+    with pytest.raises(ValueError, match="expected finite reference"):
+        within_mode_sliced_wasserstein(good, ring, reference=bad)
+    assert sliced_wasserstein(good, good) == 0.0
