@@ -150,3 +150,39 @@ def test_metrics_refuse_empty_and_non_finite_samples():
     with pytest.raises(ValueError, match="expected finite reference"):
         within_mode_sliced_wasserstein(good, ring, reference=bad)
     assert sliced_wasserstein(good, good) == 0.0
+
+
+# ------------------------------------------------------------------------------------ diffusers schedulers
+def _scheduler(name):
+    import score_toolkit.diffusers_schedulers as ds
+
+    sched = getattr(ds, name)(num_train_timesteps=100, beta_end=0.2)
+    sched.set_timesteps(5)
+    return sched
+
+
+SCHEDULERS = ["ScoreDPMSolverScheduler", "ScoreAncestralScheduler", "ScoreEulerMaruyamaScheduler"]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedulers_refuse_non_finite_model_outputs(name):
+    from score_toolkit.samplers.base import NonFiniteError
+
+    sched = _scheduler(name)
+    x, out = torch.randn(3, 2), torch.randn(3, 2)
+    out[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=rf"{name}.step: model_output holds NaN or infinite values in 1 of 3 "
+                                             rf"samples at timestep"):
+        sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    out[1, 0] = 0.0  # the refused step left the schedule where it was
+    assert torch.isfinite(sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+                          .prev_sample).all()
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedulers_refuse_a_generator_list_of_another_length(name):
+    sched = _scheduler(name)
+    x, out = torch.randn(3, 2), torch.randn(3, 2)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with pytest.raises(ValueError, match=r"expected one generator per sample \(3\), found a list of 2"):
+        sched.step(out, sched.timesteps[0], x, generator=gens)

@@ -17,8 +17,9 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .._config import config_keys, init_keys, strict_config
-from .._utils import randn
+from .._utils import check_generator, randn
 from ..scheduler_configs import _DDPM_STYLE
+from ..samplers.base import NonFiniteError, all_finite
 from ..scores import ScoreAdapter, prediction_to_score
 from .config import ALL_FIELDS, SHARED_ARGS_DOC, resolve_scheduler_spec
 from .forward import ForwardProcessMixin
@@ -35,6 +36,10 @@ class ScoreSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+
+def _non_finite_rows(x: torch.Tensor) -> int:
+    return int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
 
 
 def _scalar(value) -> float:
@@ -299,7 +304,9 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
         ``model_output`` is the network's prediction at (``sample``, ``timestep``) in the config's prediction
         type (with ``variance_type`` ``learned``/``learned_range``, the first half of its channels);
         ``generator`` (one, or a list with one per sample) draws the step's noise. Half-precision inputs are
-        computed in float32 and returned in the sample's dtype.
+        computed in float32 and returned in the sample's dtype. A list of generators must hold one per sample, for
+        every scheduler (also those that draw no noise). A NaN or infinite ``model_output``, or a step that makes the
+        sample NaN or infinite, is a :class:`~score_toolkit.samplers.base.NonFiniteError`, as in the samplers.
         Returns :class:`ScoreSchedulerOutput` (or ``(prev_sample,)``).
 
         ``DDIMPipeline`` also passes ``eta`` and ``use_clipped_model_output``: accepted only at values this
@@ -319,6 +326,12 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
                 f"(a {self.prediction_type} prediction; for learned-variance outputs set variance_type='learned'), "
                 f"found {found}"
             )
+        # the same rules for every scheduler, whether or not this one draws noise
+        check_generator(generator, sample.shape[0])
+        if not all_finite(model_output):
+            raise NonFiniteError(f"{type(self).__name__}.step: model_output holds NaN or infinite values in "
+                                 f"{_non_finite_rows(model_output)} of {sample.shape[0]} samples at timestep "
+                                 f"{_scalar(timestep):.6g}; check the network (sampling stops here as the samplers do)")
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
@@ -356,6 +369,10 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
                 prev = denoised
             else:
                 prev, denoised = self._update(i, x, score, generator)
+        if not all_finite(prev):
+            raise NonFiniteError(f"{type(self).__name__}.step: the sample became NaN or infinite at timestep "
+                                 f"{_scalar(timestep):.6g} (step {i + 1} of {n}) in {_non_finite_rows(prev)} of "
+                                 f"{sample.shape[0]} samples; check the input sample and the schedule")
         self._step_index = i + 1
         prev, denoised = prev.to(out_dtype), denoised.to(out_dtype)
         if not return_dict:
