@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 TIME_GRIDS = ("uniform", "log_sigma", "karras")
+#: how far outside [0, t_max] a time may lie (rounding of grid ends) before the public methods refuse it
+_T_TOL = 1e-6
 
 
 def _as_t(t, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,17 +91,30 @@ class Process(ConfigMixin):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- derived quantities
+    def _time(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` as a float tensor, checked to lie in the process's time range [0, t_max] (``t_min`` is where
+        samplers stop; ``to_zero`` and ``denoise`` evaluate at 0). One min/max reduction: the public methods
+        below check, the subclass interface (:meth:`log_alpha`, :meth:`sigma`, ...) does not."""
+        t = _as_t(t, like)
+        if t.numel():
+            lo, hi = torch.aminmax(t.detach())
+            lo, hi = float(lo), float(hi)
+            if not (-_T_TOL <= lo and hi <= self.t_max + _T_TOL):  # also False for NaN
+                raise ValueError(f"{type(self).__name__}: expected t in [0, {self.t_max:g}], found values in "
+                                 f"[{lo:g}, {hi:g}]")
+        return t
+
     def alpha(self, t) -> torch.Tensor:
-        return torch.exp(self.log_alpha(_as_t(t)))
+        return torch.exp(self.log_alpha(self._time(t)))
 
     def marginal(self, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha(t), sigma(t)) of ``x_t = alpha x_0 + sigma z``."""
-        t = _as_t(t)
-        return self.alpha(t), self.sigma(t)
+        """(alpha(t), sigma(t)) of ``x_t = alpha x_0 + sigma z``; ``t`` in [0, t_max], else a ``ValueError``."""
+        t = self._time(t)
+        return torch.exp(self.log_alpha(t)), self.sigma(t)
 
     def diffusion(self, t) -> torch.Tensor:
         """g(t)."""
-        return self.diffusion_squared(_as_t(t)).clamp_min(0).sqrt()
+        return self.diffusion_squared(self._time(t)).clamp_min(0).sqrt()
 
     def sde(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Drift ``f(t) x`` (shape of ``x``) and diffusion ``g(t)`` of the forward SDE at the state ``x``.
@@ -110,17 +125,18 @@ class Process(ConfigMixin):
         """
         from ._utils import append_dims
 
-        t = _as_t(t, x)
+        t = self._time(t, x)
         batch = x.shape[0] if x.ndim else 0
         if x.ndim == 0 or t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
             raise ValueError(f"sde: expected x of shape (B, ...) and t a scalar or of shape (B,), "
                              f"found x {tuple(x.shape)} and t {tuple(t.shape)}")
         t = t.expand(batch)
-        return append_dims(self.drift_coef(t), x.ndim) * x, append_dims(self.diffusion(t), x.ndim)
+        g = self.diffusion_squared(t).clamp_min(0).sqrt()
+        return append_dims(self.drift_coef(t), x.ndim) * x, append_dims(g, x.ndim)
 
     def log_snr(self, t) -> torch.Tensor:
         """lambda(t) = ln(alpha / sigma), decreasing in t."""
-        t = _as_t(t)
+        t = self._time(t)
         return self.log_alpha(t) - torch.log(self.sigma(t))
 
     def noise_to_signal(self, t) -> torch.Tensor:
@@ -139,8 +155,7 @@ class Process(ConfigMixin):
         """x_t = alpha(t) x_0 + sigma(t) noise, with ``t`` of shape (B,)."""
         from ._utils import append_dims
 
-        t = _as_t(t, x0)
-        a, s = self.marginal(t)
+        a, s = self.marginal(_as_t(t, x0))
         return append_dims(a, x0.ndim) * x0 + append_dims(s, x0.ndim) * noise
 
     # ----------------------------------------------------------------- prior

@@ -186,3 +186,24 @@ def test_schedulers_refuse_a_generator_list_of_another_length(name):
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with pytest.raises(ValueError, match=r"expected one generator per sample \(3\), found a list of 2"):
         sched.step(out, sched.timesteps[0], x, generator=gens)
+
+
+# ------------------------------------------------------------------------------------ process times
+@pytest.mark.parametrize("make", ["VPSDE", "VESDE", "SubVPSDE", "DiscreteVP"])
+def test_process_methods_refuse_times_outside_the_range(make):
+    import score_toolkit.processes as P
+
+    process = getattr(P, make)()
+    x = torch.zeros(2, 3)
+    calls = [lambda t: process.marginal(t), lambda t: process.alpha(t), lambda t: process.log_snr(t),
+             lambda t: process.diffusion(t), lambda t: process.noise_to_signal(t), lambda t: process.sde(x, t),
+             lambda t: process.perturb(x, t, x)]
+    for bad in (torch.tensor([-0.5, 0.5]), 2.0, torch.tensor([0.5, float("nan")]), 1.0 + 1e-4):
+        for call in calls:
+            with pytest.raises(ValueError, match=rf"{make}: expected t in \[0, 1\], found values in"):
+                call(bad)
+    for good in (0.0, 1.0, 1.0 + 1e-9, torch.tensor([0.0, 0.3]), -1e-9):  # the ends, with rounding
+        for call in calls:
+            call(good)
+    alpha, sigma = process.marginal(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(alpha, torch.exp(process.log_alpha(torch.tensor([0.0, 1.0], dtype=torch.float64))))
