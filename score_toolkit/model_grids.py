@@ -398,8 +398,12 @@ def model_grid_for(folder: str | os.PathLike | None, sampler, process, shape: Se
         return ModelGridChoice(None, f"no stored grid {path}")
     record = _read(path)
     if record is None:
-        return ModelGridChoice(None, f"{path}", f"{path} was not written by fit_model_grids (no weights hash): not "
-                               "used; the built-in default grid is used")
+        try:
+            json.loads(path.read_text())
+            why = "was not written by fit_model_grids (no weights hash)"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = f"is not valid JSON ({type(exc).__name__}: {exc})"
+        return ModelGridChoice(None, f"{path}", f"{path} {why}: not used; the built-in default grid is used")
     try:
         return _choose(record, path, folder, sampler, process, shape)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -182,6 +182,9 @@ def test_a_foreign_file_is_never_replaced_nor_used(fitted, tmp_path, capsys):
     assert path.read_bytes() == before
     with pytest.warns(ModelGridWarning, match="not written by fit_model_grids"):
         assert _run(ScorePipeline.from_pretrained(folder), num_inference_steps=14).grid == "fitted"
+    path.write_text("{not json")
+    with pytest.warns(ModelGridWarning, match=r"unipc_14.json is not valid JSON \(JSONDecodeError: "):
+        assert _run(ScorePipeline.from_pretrained(folder), num_inference_steps=14).grid == "fitted"
 
 
 def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp_path):
