@@ -57,7 +57,7 @@ def gaussian_case():
 def test_sampler_refuses_non_floating_dtypes(gaussian_case):
     sampler, score_fn, process = gaussian_case
     for bad in (torch.int32, "int64", "bogus"):
-        with pytest.raises(TypeError, match=r"sampler 'euler_maruyama': dtype: expected a floating-point torch.dtype "
+        with pytest.raises(TypeError, match=r"euler_maruyama: dtype: expected a floating-point torch.dtype "
                                             r"or its name .*found"):
             sampler.sample(score_fn, process, shape=(4, 2), dtype=bad)
     assert sampler.sample(score_fn, process, shape=(4, 2), dtype="float64").samples.dtype == torch.float64
@@ -75,7 +75,7 @@ def test_sampler_refuses_a_missing_device(gaussian_case):
 def test_sampler_dtype_and_device_must_agree_with_x_init(gaussian_case):
     sampler, score_fn, process = gaussian_case
     x = torch.zeros(4, 2)
-    with pytest.raises(ValueError, match="dtype torch.float64 disagrees with x_init's torch.float32"):
+    with pytest.raises(ValueError, match=r"dtype torch.float64 / device None disagree with x_init.s torch.float32 / cpu"):
         sampler.sample(score_fn, process, x, dtype=torch.float64)
     assert sampler.sample(score_fn, process, x, dtype=torch.float32, device="cpu").samples.shape == (4, 2)
 
@@ -127,8 +127,14 @@ def test_mixture_and_noise_floor_sizes():
 
 def test_metrics_refuse_empty_and_non_finite_samples():
     from score_toolkit.analytic import ring_mixture
-    from score_toolkit.metrics import (energy_distance, mean_nll, mmd, mode_weight_error, sliced_wasserstein,
-                                       within_mode_sliced_wasserstein)
+    from score_toolkit.metrics import (
+        energy_distance,
+        mean_nll,
+        mmd,
+        mode_weight_error,
+        sliced_wasserstein,
+        within_mode_sliced_wasserstein,
+    )
 
     ring = ring_mixture()
     good = ring.sample(20, generator=torch.Generator().manual_seed(0))

@@ -18,8 +18,8 @@ from diffusers.utils import BaseOutput
 
 from .._config import config_keys, init_keys, strict_config
 from .._utils import check_generator, randn
-from ..scheduler_configs import _DDPM_STYLE
 from ..samplers.base import NonFiniteError, all_finite
+from ..scheduler_configs import _DDPM_STYLE
 from ..scores import ScoreAdapter, prediction_to_score
 from .config import ALL_FIELDS, SHARED_ARGS_DOC, resolve_scheduler_spec
 from .forward import ForwardProcessMixin

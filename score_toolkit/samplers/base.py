@@ -291,13 +291,10 @@ class Sampler:
             process: the forward process the score belongs to.
             x_init: the initial state (B, ...), or ``None`` to draw it from the prior with ``shape``.
             shape: (B, ...) when ``x_init`` is not given.
-            generator: a ``torch.Generator`` or a list of one per sample (per-sample noise: a sample
-                then does not depend on the batch it is drawn in).
+            generator: a ``torch.Generator`` or a list of one per sample (per-sample noise: batch-independent).
             callback: called after every step with a dict (step, t, x, nfe).
             return_trajectory: also return the states after every step.
-            device, dtype: of the initial state drawn from ``shape`` (default: torch's defaults); ``dtype`` is a
-                floating-point ``torch.dtype`` or its name, ``device`` one this machine has; with ``x_init`` they
-                must agree with it.
+            device, dtype: of the state drawn from ``shape`` (floating dtype or its name); agree with ``x_init``.
         """
         if not callable(score_fn):
             raise TypeError(f"sampler {self.name!r}: expected score_fn to be callable, found {type(score_fn).__name__}")
@@ -305,8 +302,7 @@ class Sampler:
             raise TypeError(f"sampler {self.name!r}: expected a score_toolkit Process, found {type(process).__name__}")
         self._check_process(process)
         check_generator(generator)
-        dtype = resolve_torch_dtype(dtype, f"sampler {self.name!r}: dtype")
-        device = resolve_device(device, f"sampler {self.name!r}: device")
+        dtype, device = resolve_torch_dtype(dtype, f"{self.name}: dtype"), resolve_device(device, f"{self.name}: device")
         if x_init is None:
             if shape is None:
                 raise ValueError(f"sampler {self.name!r}: pass x_init or shape")
@@ -318,12 +314,10 @@ class Sampler:
             if shape is not None and tuple(shape) != tuple(x_init.shape):
                 raise ValueError(f"sampler {self.name!r}: shape {tuple(shape)} disagrees with x_init {tuple(x_init.shape)}")
             x = check_tensor(x_init, "x_init").clone()
-            if dtype is not None and dtype != x.dtype:
-                raise ValueError(f"sampler {self.name!r}: dtype {dtype} disagrees with x_init's {x.dtype} (dtype and "
-                                 f"device apply to a state drawn from shape; convert x_init instead)")
-            if device is not None and (device.type != x.device.type or device.index not in (None, x.device.index)):
-                raise ValueError(f"sampler {self.name!r}: device {device} disagrees with x_init's {x.device} (dtype "
-                                 f"and device apply to a state drawn from shape; move x_init instead)")
+            same_device = device is None or (device.type == x.device.type and device.index in (None, x.device.index))
+            if dtype not in (None, x.dtype) or not same_device:
+                raise ValueError(f"sampler {self.name!r}: dtype {dtype} / device {device} disagree with x_init's "
+                                 f"{x.dtype} / {x.device} (they apply to a state drawn from shape; convert x_init)")
             if x.shape[0] == 0 or x[0].numel() == 0:
                 raise ValueError(f"sampler {self.name!r}: expected x_init with at least one sample (B >= 1) of at least "
                                  f"one value, found shape {tuple(x.shape)}")
