@@ -94,9 +94,11 @@ class Process(ConfigMixin):
     def _time(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` as a float tensor, checked to lie in the process's time range [0, t_max] (``t_min`` is where
         samplers stop; ``to_zero`` and ``denoise`` evaluate at 0). One min/max reduction: the public methods
-        below check, the subclass interface (:meth:`log_alpha`, :meth:`sigma`, ...) does not."""
+        below check, the subclass interface (:meth:`log_alpha`, :meth:`sigma`, ...) does not. Times on an
+        accelerator are not checked: reading the reduction would synchronise the device at every network call of
+        a score adapter."""
         t = _as_t(t, like)
-        if t.numel():
+        if t.numel() and t.device.type == "cpu":
             lo, hi = torch.aminmax(t.detach())
             lo, hi = float(lo), float(hi)
             if not (-_T_TOL <= lo and hi <= self.t_max + _T_TOL):  # also False for NaN
