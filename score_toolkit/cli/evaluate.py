@@ -126,13 +126,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         if found and not args.overwrite:
             raise CLIError(f"the --pictures folder {args.pictures} already holds {', '.join(found)}: choose another "
                            f"folder or pass --overwrite to replace {', '.join(PICTURES)} (nothing else)")
+        require_matplotlib("evaluate --pictures draws with matplotlib")  # before the sampling
     elif args.overwrite:
         raise CLIError("--overwrite applies to the files of --pictures DIR: pass --pictures")
-        require_matplotlib("evaluate --pictures draws with matplotlib")  # before the sampling
     with usage_checks():  # a missing or damaged model folder, an unknown sampler or option: exit code 2
         device, dtype = _device(args.device), _dtype(args.dtype, args.model)
         model = load_score_model(args.model, args.process, device=device, dtype=dtype)
-        get_sampler(args.sampler, **parse_options(args.option))
+        options = parse_options(args.option)
+        get_sampler(args.sampler, **options)
     shape = tuple(model["sample_shape"])
     kind = args.kind if args.kind != "auto" else ("digits" if shape == (1, 8, 8) else "vectors")
     if kind == "digits" and shape != (1, 8, 8):
@@ -142,7 +143,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.class_label is not None or args.guidance_scale != 1.0:
         return _evaluate_classes(args, model, kind, device, dtype)
     n = args.num_samples if args.num_samples is not None else (900 if kind == "digits" else 1000)
-    options = parse_options(args.option)
     sampler = get_sampler(args.sampler, **{"progress": progress_enabled(args), **options})
     reference = None
     if kind == "vectors":

@@ -492,7 +492,12 @@ def optimize_grid(
     interp = transfer == "interpolated"  # the fit's grid is then the pair of normalised grids (_grid_family)
     if interp:
         fam_starts, fam_end, _ = family_extremes((process, *family))
-        extremes = [min((process, *family), key=lambda p, i=i: (1 - 2 * i) * _log_snr_ends(p)[0]) for i in (0, 1)]
+
+        def start_log_snr(p):
+            return _log_snr_ends(p)[0]
+
+        members = (process, *family)
+        extremes = [min(members, key=start_log_snr), max(members, key=start_log_snr)]  # the lowest start first
         times_of = _pair_of_logits(n)
     else:
         times_of = softmax_times(process, n)
