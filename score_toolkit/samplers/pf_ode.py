@@ -3,7 +3,8 @@
     dx/dt = f(t) x - g(t)^2 s(x, t) / 2,    from t = 1 down to t_min,
 
 integrated with ``torchdiffeq.odeint``: adaptively (Dormand-Prince RK45, ``dopri5``, by default, as
-score_sde's ODE sampler does with scipy's RK45 at rtol = atol = 1e-5) or on a fixed grid.
+score_sde's ODE sampler does with scipy's RK45 at rtol = atol = 1e-5) or on a fixed grid (``euler`` runs
+its own loop, the same chain at a fraction of torchdiffeq's per-step cost).
 
 Deterministic given the initial state: the generator only draws the initial state from the prior.
 """
@@ -116,12 +117,13 @@ def _too_many_steps(name: str, max_num_steps: int, t: float) -> str:
 
 
 class ProbabilityFlowODESampler(Sampler):
-    """Probability-flow ODE with torchdiffeq.
+    """Probability-flow ODE with torchdiffeq (and a plain loop for fixed-grid Euler).
 
     Options:
         method (str, ``"dopri5"``): adaptive ``dopri5`` (RK45, order 5), ``dopri8``, ``bosh3`` (order 3),
-            ``adaptive_heun`` (order 2); fixed-grid ``euler`` (1), ``midpoint`` (2), ``heun2`` (2), ``heun3``
-            (3), ``rk4`` (4; the 3/8 rule, 4 score evaluations per step).
+            ``adaptive_heun`` (order 2); fixed-grid ``euler`` (1; a plain loop, see :func:`_euler`),
+            ``midpoint`` (2), ``heun2`` (2), ``heun3`` (3), ``rk4`` (4; the 3/8 rule, 4 score evaluations per
+            step).
         num_steps (int, 100): fixed-grid methods: steps of the grid. Adaptive methods: intervals of the grid
             of output times at which the trajectory is recorded when ``return_trajectory=True`` (dense
             output: extra output times cost no score evaluation).
@@ -247,6 +249,8 @@ class ProbabilityFlowODESampler(Sampler):
         process = ctx.process
         grid = process.time_grid(cfg["num_steps"], cfg["grid"], dtype=torch.float64, device=x.device)
         ends = grid[[0, -1]]
+        if method == "euler":
+            return _euler(ctx, x, grid.tolist())
         if not spec.adaptive:
             func = _ProbabilityFlow(ctx, None, record_steps=True)
             options = {"grid_constructor": lambda f, y0, t: grid.to(t)}
@@ -273,3 +277,20 @@ class ProbabilityFlowODESampler(Sampler):
             ctx.record(ys[i], tl[i], step=i)
         return ys[-1]
 
+
+def _euler(ctx: SamplingContext, x: torch.Tensor, times: list[float]) -> torch.Tensor:
+    """Fixed-grid Euler on the probability-flow ODE, ``x <- x + (t_1 - t_0) (f x - g^2 s / 2)``, in a plain loop
+    rather than torchdiffeq's (whose per-step work, time reversal, output interpolation bookkeeping and step
+    hooks, cost more than the step itself at small batch): one fused pass per step for VE (``f = 0``), two
+    otherwise, and ``ctx.record``'s finiteness check after every step, as on every fixed grid. The same chain as
+    torchdiffeq's ``euler`` up to float rounding (tested)."""
+    t = torch.tensor(times, dtype=torch.float64)
+    f = ctx.process.drift_coef(t).tolist()
+    g2 = ctx.process.diffusion_squared(t).clamp_min(0).tolist()
+    for i in range(len(times) - 1):
+        dt = times[i + 1] - times[i]
+        s = ctx.score(x, times[i])
+        # x + dt (f x - g^2 s / 2) = (1 + dt f) x - (dt g^2 / 2) s
+        x = torch.add(x if f[i] == 0.0 else x * (1.0 + dt * f[i]), s, alpha=-0.5 * g2[i] * dt)
+        ctx.record(x, times[i + 1], step=i + 1)
+    return x
