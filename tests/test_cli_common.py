@@ -153,6 +153,20 @@ def test_quiet_and_verbose_demo(tmp_path, capsys, monkeypatch):
     assert logging.getLogger("score_toolkit").handlers == []  # the command removed its handler again
 
 
+def test_quiet_restore_shows_no_progress_bar(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8")).save(tmp_path / "dig.png")
+    argv = ["restore", str(tmp_path / "dig.png"), "--task", "inpaint", "--mask-kind", "right_half", "--steps", "3",
+            "--num-samples", "1", "--output-dir", str(tmp_path / "r"), "--overwrite"]
+    assert main([*argv, "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert "1 restoration (" in quiet.out and "|" not in quiet.err, quiet.err  # the result, no bar
+    assert main(argv) == 0
+    assert "3/3" in capsys.readouterr().err  # without -q: the sampler's steps
+
+
 # ------------------------------------------------------------------------------------------- shipped models
 def test_shipped_models_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import OPTION_HELP, CLIError, check_seed, parse_options, run_guarded, usage_checks
+from ._common import OPTION_HELP, CLIError, check_seed, parse_options, progress_enabled, run_guarded, usage_checks
 
 __all__ = ["add_restore_parser", "cmd_restore", "TASKS", "MASK_KINDS", "METHODS"]
 
@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_output_dir(outdir, settings, args.overwrite)
     with usage_checks():  # a missing or damaged model folder: exit code 2
         pipe = ScorePipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=not progress_enabled(args))  # the sampler's steps; none with -q
     shape = tuple(pipe.sample_shape)
     if len(shape) != 3:
         raise CLIError(f"restore needs an image model, found samples of shape {shape}")
