@@ -382,6 +382,34 @@ def test_progress_bar_follows_set_progress_bar_config():
     assert quiet.getvalue() == ""
 
 
+@pytest.mark.parametrize("kw, steps", [
+    ({}, 25),  # the default: unipc, 24 steps and its to_zero step
+    ({"sampler": "dpmpp_2m", "num_inference_steps": 5, "to_zero": False}, 5),
+    ({"sampler": "heun", "num_inference_steps": 3, "to_zero": True}, 4),  # two evaluations a step, one bar step
+    ({"sampler": "euler_maruyama", "num_inference_steps": 4, "denoise": True}, 5),
+    ({"sampler": "unipc", "num_inference_steps": 4, "denoise": True}, 5),  # denoise in place of the default to_zero
+    ({"sampler": "adaptive_ode", "rtol": 1e-2, "atol": 1e-2}, None),  # chooses its steps: no total
+])
+def test_progress_bar_total_is_the_steps_run(monkeypatch, kw, steps):
+    import io
+
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    bars = []
+
+    class RecordingBar(pipeline_utils.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(pipeline_utils, "tqdm", RecordingBar)
+    seen = []
+    vector_pipeline()(batch_size=2, callback=seen.append, generator=torch.Generator().manual_seed(0), **kw)
+    (bar,) = bars
+    assert bar.n == len(seen) and (steps is None or len(seen) == steps), (bar.n, len(seen))
+    assert bar.total == steps
+
+
 def test_unknown_options_are_blamed_on_themselves():
     pipe = vector_pipeline()
     pipe.set_progress_bar_config(disable=True)

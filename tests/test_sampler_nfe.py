@@ -117,6 +117,41 @@ def test_nfe_equals_counted_calls_for_every_option_combination(name):
     assert ran >= 1
 
 
+@pytest.mark.parametrize("name", list_samplers())
+def test_progress_bar_total_is_the_steps_run_for_every_option_combination(name, monkeypatch):
+    """The tqdm bar of ``progress=True`` counts every recorded step, final ``to_zero`` / ``denoise`` steps included,
+    and its total is that count, known up front for every run on a fixed grid (adaptive runs, which choose their
+    steps, may leave it open)."""
+    import io
+
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    process = VPSDE()
+    ran = 0
+    for opts in option_combinations(name):
+        sampler = _build(name, {**opts, "progress": True})
+        if sampler is None:
+            continue
+        steps = []
+        sampler.sample(CountingScore(process), process, shape=(6, 2), generator=torch.Generator().manual_seed(0),
+                       callback=steps.append)
+        (bar,) = bars
+        bars.clear()
+        assert bar.n == len(steps) > 0, (name, opts, bar.n, len(steps))
+        assert bar.total in (None, len(steps)), (name, opts, bar.total, len(steps))
+        assert bar.total is not None or sampler.properties.adaptive, (name, opts)
+        ran += 1
+    assert ran >= 1
+
+
 @pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "adaptive_heun"])
 @pytest.mark.parametrize("to_zero", [False, True])
 def test_pf_ode_adaptive_evaluations_per_step_are_counted(method, to_zero):

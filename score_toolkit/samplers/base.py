@@ -210,10 +210,9 @@ class Sampler:
     """Base class of all samplers (built-in and plugins).
 
     Class attributes to set in a subclass: ``name``, ``description`` (one line), ``properties``
-    (:class:`SamplerProperties`) and ``options`` (a dict of option name -> default). Options common
-    to every sampler and handled here: ``denoise`` (final Tweedie step, bool) and ``progress`` (tqdm
-    bar, bool). Subclasses implement ``_run(ctx, x)`` and return the final state; they may override
-    ``_validate_options`` and ``_check_process``.
+    (:class:`SamplerProperties`) and ``options`` (a dict of option name -> default). Options common to every sampler
+    and handled here: ``denoise`` (final Tweedie step, bool) and ``progress`` (tqdm bar, bool). Subclasses implement
+    ``_run(ctx, x)`` and return the final state; they may override ``_validate_options`` and ``_check_process``.
     """
 
     name: ClassVar[str] = ""
@@ -255,9 +254,12 @@ class Sampler:
     def _check_process(self, process: Process) -> None:
         """Raise ValueError if this sampler cannot handle ``process``."""
 
-    def _num_progress_steps(self) -> int | None:
+    def _num_progress_steps(self) -> int | None:  # steps _run's main loop records (not the final ones); None: not fixed
         n = self.config.get("num_steps")
         return int(n) if isinstance(n, int) else None
+
+    def _progress_total(self) -> int | None:  # the progress bar's total: every recorded step, final steps included
+        return None if (n := self._num_progress_steps()) is None else n + self._final_steps_nfe()
 
     def _final_time(self, process: Process) -> float:
         return process.t_min
@@ -322,17 +324,15 @@ class Sampler:
                 raise ValueError(f"sampler {self.name!r}: expected x_init with at least one sample (B >= 1) of at least "
                                  f"one value, found shape {tuple(x.shape)}")
         if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
-            raise ValueError(
-                f"sampler {self.name!r}: expected one generator per sample ({x.shape[0]}), found {len(generator)}"
-            )
+            raise ValueError(f"sampler {self.name!r}: expected one generator per sample ({x.shape[0]}), "
+                             f"found {len(generator)}")
         # the output has the input's dtype; half precision is integrated in float32 (the score sees float32
         # states), since float16 cannot carry the small per-step updates (nor torchdiffeq's times)
         out_dtype = x.dtype
         if x.dtype in _HALF:
             x = x.float()
-        max_nfe = self.config.get("max_nfe")
         ctx = SamplingContext(self, score_fn, process, generator, callback, return_trajectory,
-                              bool(self.config["progress"]), self._num_progress_steps(), max_nfe=max_nfe)
+                              bool(self.config["progress"]), self._progress_total(), max_nfe=self.config.get("max_nfe"))
         try:
             if ctx.trajectory is not None:
                 ctx.trajectory.append(x.detach().clone())

@@ -221,7 +221,7 @@ class ImportanceODESampler(Sampler):
             self.properties = props
 
     def _num_progress_steps(self) -> int | None:
-        return None
+        return 1  # one recorded step whatever the method: the draw among the particles at t_min
 
     @property
     def nfe(self) -> int | None:
