@@ -35,12 +35,16 @@ def scheduler_spec(scheduler) -> tuple[Process, str, str]:
 
 
 def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
+    """An existing folder; else the shipped model of that name (:func:`_shipped_folder`); else a Hub repository."""
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
         return path
     text = os.fspath(name_or_path)
+    shipped = _shipped_folder(text)
+    if shipped is not None:
+        return shipped
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -48,7 +52,9 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
     try:
         validate_repo_id(text)
     except HFValidationError:
-        raise FileNotFoundError(f"expected a pipeline folder at {path}, found nothing there") from None
+        raise FileNotFoundError(f"expected a pipeline folder, the name of a shipped model or a Hub repository id, found "
+                                f"{text!r}: no folder {path.absolute()}, no shipped model of that name ({_shipped_names(text)}), "
+                                "and not a valid Hub repository id") from None
 
     try:
         snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
@@ -59,8 +65,9 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""
         raise FileNotFoundError(
-            f"expected a pipeline folder or a Hub repository at {text!r}: there is no such folder, and the Hub "
-            f"repository could not be loaded{hint}: {err}"
+            f"expected a pipeline folder, the name of a shipped model or a Hub repository at {text!r}: there is no "
+            f"such folder, no shipped model of that name ({_shipped_names(text)}), and the Hub repository could not "
+            f"be loaded{hint}: {err}"
         ) from err
     return Path(snapshot)
 
@@ -164,11 +171,40 @@ def load_components(folder: Path, torch_dtype=None) -> dict[str, Any]:
     return {"unet": model, "scheduler": scheduler}
 
 
+def _shipped_base() -> Path:
+    env = os.environ.get(SHIPPED_MODELS_ENV_VAR)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "hub_cards"
+
+
+def _shipped_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The shipped model that ``name_or_path`` names, from any directory: ``digits`` or ``hub_cards/digits`` gives
+    :func:`shipped_model_path` ``("digits")`` when that model is there; anything else gives ``None``. (Callers look
+    for an existing folder of that name first: a user's own folder wins.)"""
+    parts = Path(os.fspath(name_or_path)).parts
+    if not parts or (len(parts) > 1 and parts[-2] != "hub_cards") or parts[-1] in (".", ".."):
+        return None
+    try:
+        return shipped_model_path(parts[-1])
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def _shipped_names(name: str) -> str:
+    """The shipped models, for an error about ``name``: their names, where they are, the closest one."""
+    import difflib
+
+    base = _shipped_base()
+    names = sorted(p.name for p in base.iterdir() if (p / "model_index.json").is_file()) if base.is_dir() else []
+    close = difflib.get_close_matches(Path(name).name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"the shipped models in {base}: {', '.join(names) or 'none'}{hint}"
+
+
 def shipped_model_path(name: str = "digits") -> Path:
     """The folder of a model shipped with score_toolkit (``hub_cards/<name>`` of the repository, found next to
     the package; or under ``$SCORE_TOOLKIT_HUB_CARDS``). A ``FileNotFoundError`` says how to get it."""
     env = os.environ.get(SHIPPED_MODELS_ENV_VAR)
-    base = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "hub_cards"
+    base = _shipped_base()
     folder = base / name
     if not (folder / "model_index.json").is_file():
         where = f"${SHIPPED_MODELS_ENV_VAR}={env}" if env else "the repository's hub_cards/ folder next to the package"

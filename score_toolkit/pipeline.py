@@ -8,7 +8,7 @@ time input are read: ``DDPMScheduler``/``DDIMScheduler`` and the other DDPM-tabl
 :mod:`score_toolkit.diffusers_schedulers`). The scheduler is only read, never stepped: the sampler does
 the stepping::
 
-    pipe = ScorePipeline.from_pretrained("hub_cards/digits")          # or a DDPMPipeline folder, a Hub id
+    pipe = ScorePipeline.from_pretrained("digits")      # a shipped model by name; or a DDPMPipeline folder, a Hub id
     out = pipe(batch_size=16, sampler="dpmpp_2m", num_inference_steps=25,
                generator=torch.Generator().manual_seed(0))
     out.images[0].save("digit.png"); print(out.nfe)
@@ -530,7 +530,10 @@ class ScorePipeline(DiffusionPipeline):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
     ) -> ScorePipeline:
-        """Load a pipeline folder (or a Hub repository, from the local cache when ``HF_HUB_OFFLINE=1``) strictly.
+        """Load a pipeline folder strictly: a path; else the name of a shipped model (``"digits"``, ``"toy2d"``,
+        ``"hub_cards/digits"``, from any directory: a folder of that name in the current directory wins, as in
+        the commands); else a Hub repository (from the local cache when ``HF_HUB_OFFLINE=1``). When none is found,
+        the ``FileNotFoundError`` lists the shipped models.
 
         Reads ``model_index.json`` (any pipeline class: ScorePipeline, DDPMPipeline, DDIMPipeline,
         ScoreSdeVePipeline, score_toolkit exports) with its ``unet`` and ``scheduler`` components. Only JSON and

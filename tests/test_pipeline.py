@@ -324,6 +324,41 @@ def test_shipped_model_path(tmp_path, monkeypatch):
         assert shipped_model_path("digits") == repo_default / "hub_cards" / "digits"
 
 
+def test_from_pretrained_finds_shipped_models_by_name_as_the_commands_do(tmp_path, monkeypatch):
+    from score_toolkit.cli._common import resolve_model
+
+    monkeypatch.setenv(SHIPPED_MODELS_ENV_VAR, str(tmp_path / "shipped"))
+    vector_pipeline().save_pretrained(tmp_path / "shipped" / "tiny")
+    image_pipeline().save_pretrained(tmp_path / "shipped" / "other")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name in ("tiny", "hub_cards/tiny"):  # from any directory, as score-toolkit sample finds it
+        assert ScorePipeline.from_pretrained(name).sample_shape == (2,)
+        assert resolve_model(name) == str(tmp_path / "shipped" / "tiny")
+    image_pipeline().save_pretrained(tmp_path / "elsewhere" / "tiny")  # a folder of the user's own of that name wins
+    assert ScorePipeline.from_pretrained("tiny").sample_shape == (1, 8, 8) and resolve_model("tiny") == "tiny"
+    # nothing of that name, and not a Hub id either: the error lists the shipped models
+    with pytest.raises(FileNotFoundError, match=r"expected a pipeline folder, the name of a shipped model or a Hub "
+                       r"repository id, found 'no such name': .*the shipped models in .*shipped: other, tiny\), and not "
+                       r"a valid Hub repository id"):
+        ScorePipeline.from_pretrained("no such name")
+    # a Hub id that is not in the cache (offline): the error lists them too, with the closest one
+    with pytest.raises(FileNotFoundError, match=r"at 'tinny': .*shipped: other, tiny; did you mean 'tiny'\?\), and "
+                       r"the Hub repository could not be loaded"):
+        ScorePipeline.from_pretrained("tinny", local_files_only=True, cache_dir=tmp_path / "cache")
+
+
+def test_from_pretrained_loads_the_shipped_digits_model_by_name(tmp_path, monkeypatch):
+    monkeypatch.delenv(SHIPPED_MODELS_ENV_VAR, raising=False)
+    try:
+        folder = shipped_model_path("digits")
+    except FileNotFoundError:
+        pytest.skip("an installed copy without the repository's hub_cards/")
+    monkeypatch.chdir(tmp_path)
+    pipe = ScorePipeline.from_pretrained("digits")
+    assert pipe.sample_shape == (1, 8, 8) and pipe.unet.config == ScorePipeline.from_pretrained(folder).unet.config
+
+
 # ------------------------------------------------------------------------------------ diffusers' call conventions
 def test_default_sampler_is_the_command_line_default():
     from score_toolkit import pipeline

@@ -174,22 +174,15 @@ def parse_yaml_option(text: str) -> tuple[str, Any]:
 def resolve_model(spec: str) -> str:
     """A model argument: an existing folder as it is; else the name of a shipped model (``digits``, ``toy2d``) or
     ``hub_cards/<name>`` written from another directory than the repository root, resolved with
-    :func:`score_toolkit.pipeline.shipped_model_path` (so it works from any directory); else unchanged (a Hub
-    repository id, an ``analytic:`` model, or a missing folder that the caller reports)."""
-    from pathlib import Path
-
+    :func:`score_toolkit.pipeline.shipped_model_path` (so it works from any directory; the rule of
+    ``ScorePipeline.from_pretrained``); else unchanged (a Hub repository id, an ``analytic:`` model, or a missing
+    folder that the caller reports)."""
     if spec.startswith("analytic:") or os.path.isdir(spec):
         return spec
-    parts = Path(spec).parts
-    name = parts[-1] if parts and (len(parts) == 1 or parts[-2] == "hub_cards") else None
-    if name is None:
-        return spec
-    from ..pipeline import shipped_model_path
+    from ..folders import _shipped_folder  # the rule of ScorePipeline.from_pretrained
 
-    try:
-        return str(shipped_model_path(name))
-    except (FileNotFoundError, ValueError):
-        return spec
+    shipped = _shipped_folder(spec)
+    return spec if shipped is None else str(shipped)
 
 
 def _analytic(name: str):

@@ -33,7 +33,8 @@ def add_restore_parser(subparsers) -> None:
         description=__doc__.split("\n\n", 2)[2].replace("``", ""),  # plain text in a terminal
     )
     p.add_argument("image", help="the observation (or, with --degrade, the clean image to degrade first)")
-    p.add_argument("--checkpoint", default=None, help="pipeline folder (default: the shipped digits model)")
+    p.add_argument("--checkpoint", default=None,
+                   help="pipeline folder or a shipped model's name (default: the shipped digits model)")
     p.add_argument("--task", choices=TASKS, required=True, help="the degradation to undo")
     p.add_argument("--mask", default=None, help="inpaint: mask image of the model's size, white = observed")
     p.add_argument("--mask-kind", choices=MASK_KINDS, default=None, help="inpaint: a built-in mask instead of --mask")
