@@ -178,3 +178,18 @@ def flat_dim(x: torch.Tensor) -> int:
     for s in x.shape[1:]:
         n *= s
     return n
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this: the first frame outside
+    score_toolkit (decorators' contextlib frames skipped too), so that the warning names the line of the code that
+    called the library, whichever public entry point it went through."""
+    import contextlib
+    import os
+    import sys
+
+    package, skipped = os.path.dirname(__file__) + os.sep, contextlib.__file__
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == skipped):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -69,7 +69,8 @@ _WINNERS = ("model_grid", "built_in")
 
 class ModelGridWarning(UserWarning):
     """A model folder's stored grid was not used (fitted for other weights, another process, another sample shape
-    or other sampler options, or its file is damaged): the sampler runs on its built-in default grid."""
+    or other sampler options, or its file is damaged): the sampler runs on its built-in default grid. It names the
+    caller's line outside score_toolkit, whichever entry point chose the grid."""
 
 
 @dataclass

@@ -45,7 +45,7 @@ from diffusers.utils import BaseOutput
 from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
 from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ._utils import GeneratorLike
+from ._utils import GeneratorLike, caller_stacklevel
 from .folders import (
     SHIPPED_MODELS_ENV_VAR,
     _read_json,
@@ -378,7 +378,7 @@ class ScorePipeline(DiffusionPipeline):
                 shape = None
         choice = model_grid_for(folder, sampler_obj, self.spec[0], shape)
         if choice.warning is not None:
-            warnings.warn(choice.warning, _model_grid_warning(), stacklevel=2)
+            warnings.warn(choice.warning, _model_grid_warning(), stacklevel=caller_stacklevel())
         if choice.path is None:
             logger.info("%s: %s; the built-in grid %r is used", sampler, choice.reason, sampler_obj.config.get("grid"))
             return sampler_obj
@@ -389,7 +389,7 @@ class ScorePipeline(DiffusionPipeline):
             stored = get_sampler(sampler, grid=os.fspath(choice.path), **kept)
         except (ValueError, TypeError) as exc:  # a damaged grid file: sampling goes on on the built-in grid
             warnings.warn(f"stored grid {choice.path} not used: {exc}; the built-in default grid is used",
-                          _model_grid_warning(), stacklevel=2)
+                          _model_grid_warning(), stacklevel=caller_stacklevel())
             return sampler_obj
         logger.info("%s with %d steps: using %s", sampler, sampler_obj.config["num_steps"], choice.reason)
         return stored

@@ -146,6 +146,39 @@ def test_other_weights_give_a_warning_and_the_default_grid(fitted, tmp_path):
     assert torch.equal(out.samples, _run(pipe, num_inference_steps=24, grid="fitted").samples)
 
 
+def test_the_warning_points_at_the_callers_line(fitted, tmp_path):
+    """Whichever public entry point chooses the grid (the pipeline's call, make_sampler, sample_to_folder), the
+    warning names the line of the code that called it, not a line inside score_toolkit."""
+    from accelerate import Accelerator
+
+    from score_toolkit.distributed import sample_to_folder
+
+    folder = _copy(fitted, tmp_path)
+    _model(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors",
+                folder / "unet" / "diffusion_pytorch_model.safetensors")
+    pipe = ScorePipeline.from_pretrained(folder)
+    calls = {"call": lambda: _run(pipe), "make_sampler": lambda: pipe.make_sampler(),
+             "sample_to_folder": lambda: sample_to_folder(pipe, tmp_path / "s", 4, sampler="unipc",
+                                                          sampler_options={"num_steps": 24}, batch_size=4,
+                                                          progress=False, accelerator=Accelerator(cpu=True))}
+    where = {}
+    for what, call in calls.items():
+        with pytest.warns(ModelGridWarning, match="fitted for other weights") as record:
+            call()
+        where[what] = [w.filename for w in record if w.category is ModelGridWarning]
+    assert where == {what: [__file__] for what in calls}
+    folder = shutil.copytree(fitted, tmp_path / "damaged")  # the other warning: a stored grid that cannot be loaded
+    _set_winner(folder, "model_grid")
+    path = model_grid_path(folder, "unipc", 24)
+    record = json.loads(path.read_text())
+    record["log_snr"] = list(reversed(record["log_snr"]))
+    path.write_text(json.dumps(record))
+    with pytest.warns(ModelGridWarning, match=f"stored grid {path} not used: ") as record:
+        _run(ScorePipeline.from_pretrained(folder))
+    assert [w.filename for w in record if w.category is ModelGridWarning] == [__file__]
+
+
 def test_other_sampler_options_or_process_give_a_warning_and_the_default_grid(fitted):
     pipe = ScorePipeline.from_pretrained(fitted)
     with pytest.warns(ModelGridWarning, match=r"other sampler options .*'order': \(3, 2\)") as record:
