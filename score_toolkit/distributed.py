@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ._defaults import DEFAULT_SAMPLER
 from ._io import sha256_file
 from ._utils import per_sample_generators
 from .sample_folder import (
@@ -88,7 +89,7 @@ def sample_to_folder(
     output_dir: str | os.PathLike,
     num_samples: int,
     *,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     sampler_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -107,7 +108,8 @@ def sample_to_folder(
 
     Args:
         pipeline: a :class:`~score_toolkit.pipeline.ScorePipeline` (moved to the accelerator's device).
-        sampler, sampler_options: a registered sampler name and its options (validated before anything runs).
+        sampler, sampler_options: a registered sampler name and its options (validated before anything runs); by
+            default ``ScorePipeline``'s (``DEFAULT_SAMPLER`` with ``DEFAULT_STEPS`` steps unless options set them).
         seed: base seed; sample ``i`` is seeded by ``(seed, i)``.
         batch_size: samples drawn together (memory); ``network_batch_size``: rows per network call (None: the
             whole batch; then the output may differ in the last bits between batch sizes).

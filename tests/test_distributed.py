@@ -63,6 +63,19 @@ def test_writes_samples_picture_and_manifest(tmp_path, image_folder, accelerator
     assert result.num_samples == 6 and result.shards_written == 1 and result.nfe_per_batch == [4, 4]
 
 
+def test_default_sampler_is_the_pipelines(tmp_path, accelerator):
+    """With no sampler given, a folder run samples as ``ScorePipeline`` does by default (its sampler and steps)."""
+    pipe = vector_pipeline()
+    sample_to_folder(pipe, tmp_path / "out", 3, batch_size=3, accelerator=accelerator, seed=2, network_batch_size=3,
+                     progress=False)
+    run = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["run"]
+    default = pipe.make_sampler(DEFAULT_SAMPLER)
+    assert run["sampler"] == DEFAULT_SAMPLER and run["num_steps"] == default.config["num_steps"]
+    direct = pipe(batch_size=3, generator=per_sample_generators(2, range(3)), output_type="pt",
+                  network_batch_size=3).samples
+    torch.testing.assert_close(load_samples(tmp_path / "out"), direct, rtol=0, atol=0)
+
+
 def test_same_samples_for_any_batch_size(tmp_path, image_folder, accelerator):
     pipe = ScorePipeline.from_pretrained(image_folder)
     runs = []
