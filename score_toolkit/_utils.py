@@ -7,6 +7,8 @@ from typing import Union
 
 import torch
 
+from ._warnings import caller_stacklevel  # noqa: F401  (re-exported: the warning sites import it from either)
+
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
@@ -179,17 +181,3 @@ def flat_dim(x: torch.Tensor) -> int:
         n *= s
     return n
 
-
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this: the first frame outside
-    score_toolkit (decorators' contextlib frames skipped too), so that the warning names the line of the code that
-    called the library, whichever public entry point it went through."""
-    import contextlib
-    import os
-    import sys
-
-    package, skipped = os.path.dirname(__file__) + os.sep, contextlib.__file__
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == skipped):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._warnings import caller_stacklevel
+
 if TYPE_CHECKING:  # imported lazily at run time: listing must not import torch
     from .samplers.base import Sampler
 
@@ -190,7 +192,7 @@ class SamplerRegistry:
                     + f"; using the one from {_describe_origin(cands[0].origin)} (the built-in score-toolkit "
                     "distribution wins, then the alphabetically first distribution name)",
                     SamplerPluginWarning,
-                    stacklevel=4,
+                    stacklevel=caller_stacklevel(),
                 )
         self._scan_cache = scan
         return scan
@@ -351,7 +353,7 @@ class SamplerRegistry:
                 if loaded.error is not None:
                     if strict:
                         raise loaded.error
-                    warnings.warn(str(loaded.error), SamplerPluginWarning, stacklevel=3)
+                    warnings.warn(str(loaded.error), SamplerPluginWarning, stacklevel=caller_stacklevel())
                     record["status"] = str(loaded.error)
                     records.append(record)
                     continue

@@ -257,8 +257,9 @@ def test_hf_streamed_parquet_with_large_row_groups_warns_naming_the_file(tmp_pat
     _hf_images(12).to_parquet(str(split), batch_size=3)
     monkeypatch.setattr(hf_datasets, "ROW_GROUP_WARN_BYTES", 100)  # each 8x8 image is ~200 bytes of PNG
     cache = str(tmp_path / "cache")
-    with pytest.warns(hf_datasets.StreamingMemoryWarning, match=r"whole\.parquet: the whole file is one row group.*row_group_size"):
+    with pytest.warns(hf_datasets.StreamingMemoryWarning, match=r"whole\.parquet: the whole file is one row group.*row_group_size") as rec:
         load_dataset("hf", path=str(whole), streaming=True, cache_dir=cache)
+    assert {w.filename for w in rec if issubclass(w.category, hf_datasets.StreamingMemoryWarning)} == {__file__}
     with pytest.warns(hf_datasets.StreamingMemoryWarning, match=r"split\.parquet: row group \d of 4"):
         load_dataset("hf", path="parquet", data_files=str(tmp_path / "split.*"), streaming=True, cache_dir=cache)
     monkeypatch.setattr(hf_datasets, "ROW_GROUP_WARN_BYTES", 10 ** 6)

@@ -75,8 +75,9 @@ def test_tail_flag_fires_on_a_bad_grid_and_not_on_a_good_one(tmp_path):
     """A planted bad grid (6 Karras steps of 2M on the ring) throws held-out samples far off the data: the report
     shows it, the optimiser warns (GridTailWarning, tail_ok False) or refuses (GridTailError, nothing saved). A good
     one (40 log-SNR steps) is not flagged."""
-    with pytest.warns(GridTailWarning, match="far off the data"):
+    with pytest.warns(GridTailWarning, match="far off the data") as rec:
         bad = _planted(6, "karras")
+    assert {w.filename for w in rec if issubclass(w.category, GridTailWarning)} == {__file__}  # the caller's line
     v = bad.validation["optimized"]
     assert not bad.tail_ok and v.far_off > 0 and v.max_error > 1.0 and v.meets is False
     assert "tail: BAD" in str(bad) and all(k in str(bad) for k in ("optimized", "karras", "log_sigma", "fitted"))

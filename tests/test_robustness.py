@@ -225,8 +225,9 @@ def test_other_float_weights_are_converted_with_a_named_warning(tmp_path, dtype,
     model = ScoreMLP(2, hidden_dim=8, num_layers=1)
     model.save_pretrained(folder)
     _rewrite_weights(folder, lambda k, v: v.to(dtype))
-    with pytest.warns(CheckpointDtypeWarning, match=f"stored as {name}.*loaded as float32"):
+    with pytest.warns(CheckpointDtypeWarning, match=f"stored as {name}.*loaded as float32") as rec:
         loaded = load_model(ScoreMLP, folder)
+    assert {w.filename for w in rec if issubclass(w.category, CheckpointDtypeWarning)} == {__file__}  # the caller
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointDtypeWarning)

@@ -358,6 +358,27 @@ def test_settings_not_applied_are_warned_about_by_name(cls, key, value):
     assert quiet == []
 
 
+@pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
+def test_setting_warnings_name_the_callers_line(cls):
+    """A warned setting names the line that made the scheduler, through ``from_config`` (diffusers' wrapper) or the
+    constructor, not a line inside score_toolkit or diffusers."""
+    import warnings
+
+    # a setting each scheduler warns about, through the constructor and through from_config
+    key, value = ("algorithm_type", "sde-dpmsolver++") if cls is ds.ScoreDPMSolverScheduler else \
+        ("variance_type", "learned_range")
+    made = [lambda: cls.from_config(dict(BASE, thresholding=True)), lambda: cls(**BASE, **{key: value}),
+            lambda: cls.from_config(dict(BASE, **{key: value}))]
+    if cls is not ds.ScoreDPMSolverScheduler:
+        made.append(lambda: cls.from_config(dict(BASE, solver_order=3)))
+    for make in made:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            make()
+        where = {w.filename for w in rec if issubclass(w.category, ds.SchedulerConfigWarning)}
+        assert where == {__file__}, where
+
+
 @pytest.mark.parametrize("key, value", [("solver_order", 3), ("euler_at_final", True), ("solver_type", "bogus"),
                                         ("algorithm_type", "sde-dpmsolver++"), ("lambda_min_clipped", -5.1)])
 def test_multistep_settings_are_warned_about_by_the_single_step_schedulers(key, value):

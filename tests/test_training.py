@@ -172,8 +172,9 @@ def test_resume_errors(tmp_path):
 
 
 def test_fp16_on_cpu_warns_and_trains_in_float32(tmp_path):
-    with pytest.warns(UserWarning, match="fp16' has no effect on CPU"):
+    with pytest.warns(UserWarning, match="fp16' has no effect on CPU") as rec:
         result = train(small_config(tmp_path / "run", train={"steps": 2, "mixed_precision": "fp16"}))
+    assert {w.filename for w in rec if "fp16" in str(w.message)} == {__file__}  # names the caller's line
     assert result.step == 2
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._warnings import caller_stacklevel
 from ._options import bool_option, num_workers_option, positive_int
 from .image_sets import ImageDataset
 from .streaming import StreamingImageDataset
@@ -104,7 +105,7 @@ def check_row_groups(files, limit: int | None = None, where: str = "dataset 'hf'
                 f"row group at a time, so memory grows with it. Rewrite the file with smaller row groups (e.g. "
                 f"pyarrow.parquet.write_table(table, path, row_group_size={max(1, rows * limit // (4 * sizes[big]))}) "
                 f"or datasets' Dataset.to_parquet(path, batch_size=...)); see docs/training.md",
-                StreamingMemoryWarning, stacklevel=3)
+                StreamingMemoryWarning, stacklevel=caller_stacklevel())
 
 
 def load_hf_dataset(path=None, *, dataset=None, split: str = "train", data_dir=None, data_files=None,

@@ -42,8 +42,7 @@ class ScoreAncestralScheduler(ScoreSchedulerBase):
             )
         if variance not in ("posterior", "forward"):
             raise ValueError(f"scheduler config field 'variance': expected 'posterior' or 'forward', found {variance!r}")
-        warn_learned_variance("ScoreAncestralScheduler", variance_type, f"the {variance} variance is used; ",
-                              stacklevel=5)
+        warn_learned_variance("ScoreAncestralScheduler", variance_type, f"the {variance} variance is used; ")
         self._variance = variance
         self.register_to_config(variance=variance)
         self._setup(spec_of(config), knobs_of(config))

@@ -59,8 +59,7 @@ class ScoreDPMSolverScheduler(ScoreSchedulerBase):
                 raise ValueError(
                     f"scheduler config field 'algorithm_type': expected 'dpmsolver++', found {algorithm_type!r}")
             warn_knob("ScoreDPMSolverScheduler", "algorithm_type", algorithm_type,
-                      "another DPM-Solver variant (this scheduler runs dpmsolver++, the data-prediction ODE solver)",
-                      stacklevel=5)
+                      "another DPM-Solver variant (this scheduler runs dpmsolver++, the data-prediction ODE solver)")
         if not isinstance(lambda_min_clipped, (int, float)) or isinstance(lambda_min_clipped, bool):
             raise TypeError(f"scheduler config field 'lambda_min_clipped': expected a number, found {lambda_min_clipped!r}")
         self._setup(spec_of(config), knobs_of(config))

@@ -23,7 +23,7 @@ class ScoreEulerMaruyamaScheduler(ScoreSchedulerBase):
 
     @config_init()
     def __init__(self, **config):
-        warn_learned_variance("ScoreEulerMaruyamaScheduler", config["variance_type"], stacklevel=5)
+        warn_learned_variance("ScoreEulerMaruyamaScheduler", config["variance_type"])
         self._setup(spec_of(config), knobs_of(config))
 
     def _on_set_timesteps(self, grid):

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from .._warnings import caller_stacklevel
 from ..processes import TIME_GRIDS, Process
 
 
@@ -77,23 +78,23 @@ _SPACINGS = ("linspace", "leading", "trailing")
 _FINAL_TYPES = ("sigma_min", "zero")
 
 
-def warn_knob(cls_name: str, name: str, value: Any, what: str, extra: str = "", stacklevel: int = 4) -> None:
+def warn_knob(cls_name: str, name: str, value: Any, what: str, extra: str = "") -> None:
     """A :class:`SchedulerConfigWarning`: the setting ``name=value`` is not applied (``what`` it is)."""
     warnings.warn(
         f"{cls_name}: scheduler config setting {name}={value!r}{extra} is not applied ({what} is not part of this "
         f"scheduler's update); the setting is kept in the config",
         SchedulerConfigWarning,
-        stacklevel=stacklevel,
+        stacklevel=caller_stacklevel("diffusers"),
     )
 
 
-def warn_learned_variance(cls_name: str, variance_type: str | None, used: str = "", stacklevel: int = 4) -> None:
+def warn_learned_variance(cls_name: str, variance_type: str | None, used: str = "") -> None:
     """A :class:`SchedulerConfigWarning` for a learned-variance model output (its variance is dropped)."""
     if variance_type in ("learned", "learned_range"):
         warnings.warn(
             f"{cls_name}: scheduler config setting variance_type={variance_type!r}: the model's learned variance is "
             f"not applied ({used}the output's first half of channels is the prediction)", SchedulerConfigWarning,
-            stacklevel=stacklevel)
+            stacklevel=caller_stacklevel("diffusers"))
 
 
 def warn_not_applied(name: str, cfg: Mapping[str, Any], maps_multistep: bool) -> None:

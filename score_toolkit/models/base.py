@@ -15,7 +15,7 @@ from typing import Any
 
 from diffusers import ModelMixin
 
-from .._utils import resolve_torch_dtype
+from .._utils import caller_stacklevel, resolve_torch_dtype
 
 __all__ = ["CheckpointError", "CheckpointDtypeWarning", "StrictLoadingMixin", "strict_from_pretrained"]
 
@@ -150,7 +150,7 @@ def _check_against_weights(cls, config: dict[str, Any], folder: str, variant: st
         target_name = str(torch_dtype or torch.get_default_dtype()).removeprefix("torch.")
         what = "; ".join(f"{len(keys)} tensor(s) stored as {dt} (e.g. {keys[0]})" for dt, keys in converted.items())
         warnings.warn(f"{folder}: {what} are loaded as {target_name}; pass torch_dtype= to load them in "
-                      f"another dtype", CheckpointDtypeWarning, stacklevel=4)
+                      f"another dtype", CheckpointDtypeWarning, stacklevel=caller_stacklevel())
 
 
 def _init_keys(cls) -> set[str] | None:

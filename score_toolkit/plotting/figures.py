@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .._io import atomic_write
+from .._warnings import caller_stacklevel
 
 #: dots per inch of every figure made here: sizes are given in pixels
 DPI = 100
@@ -55,7 +56,7 @@ def figure_grid_or_warn(ncols: int, missing: str):
     try:
         return figure_grid(ncols)
     except ImportError as err:
-        warnings.warn(f"{missing}: {err}", stacklevel=3)
+        warnings.warn(f"{missing}: {err}", stacklevel=caller_stacklevel())
         return None
 
 

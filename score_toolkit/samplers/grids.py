@@ -45,6 +45,7 @@ from dataclasses import asdict
 
 import torch
 
+from .._warnings import caller_stacklevel
 from ..processes import Process
 from . import fixed_grid as _fixed
 from ._grid_family import FamilyGrid, family_extremes, interpolated_log_snr
@@ -694,7 +695,7 @@ def optimize_grid(
                    "another budget usually fixes it. The report:\n" + str(result))
         if on_bad_tail == "error":
             raise GridTailError(message)
-        warnings.warn(message, GridTailWarning, stacklevel=2)
+        warnings.warn(message, GridTailWarning, stacklevel=caller_stacklevel())
     if save_as is not None:
         options = {k: v for k, v in sampler.config.items() if isinstance(v, (int, float, str, bool))}
         info = {"loss": result.loss, "validation": {k: asdict(v) for k, v in result.validation.items()},

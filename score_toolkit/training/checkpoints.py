@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._io import fsync_dir, relative_inside, sha256_file, write_json_atomic
+from .._warnings import caller_stacklevel
 from .ema import EMA
 
 __all__ = ["CHECKPOINT_DIR", "MANIFEST", "save_checkpoint", "verify_checkpoint", "latest_checkpoint", "list_checkpoints",
@@ -142,7 +143,8 @@ def latest_checkpoint(run_dir, *, warn: bool = True) -> Path | None:
         if ok:
             return folder
         if warn:
-            warnings.warn(f"checkpoint {folder} is unusable ({reason}); falling back to an older one", stacklevel=2)
+            warnings.warn(f"checkpoint {folder} is unusable ({reason}); falling back to an older one",
+                          stacklevel=caller_stacklevel())
     return None
 
 

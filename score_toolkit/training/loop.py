@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._warnings import caller_stacklevel
 from ..threads import cpu_threads
 from .checkpoints import (
     _write_json_atomic,
@@ -58,7 +59,7 @@ def _resolve_mixed_precision(requested: str | None, use_cpu: bool) -> str | None
         warnings.warn(
             f"{where} = 'fp16' has no effect on CPU (Accelerate silently trains in float32 there): "
             "training in float32; use 'bf16' for mixed precision on CPU",
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         return "no"
     return requested
