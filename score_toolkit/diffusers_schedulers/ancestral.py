@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import randn
-from ..samplers.ancestral import forward_transitions
+from ..samplers.ancestral import _posterior_step, forward_transitions
 from .base import ScoreSchedulerBase
 from .config import ANCESTRAL_FIELDS, config_init, knobs_of, spec_of
 from .knobs import warn_learned_variance
@@ -60,12 +60,11 @@ class ScoreAncestralScheduler(ScoreSchedulerBase):
         return alpha_s * denoised + noise, denoised
 
     def _update(self, i, x, score, generator):
-        # the ancestral sampler's step (score_toolkit.samplers.ancestral), operation for operation
+        # the ancestral sampler's step (score_toolkit.samplers.ancestral), the same function
         co = self._coefs[i]
         if co is None:  # a zero-length last step (the grid's last time is already t_min)
             return x, self._tweedie(i, x, score)
         _, s_t, _, s_s, a_ts, var_ts = co
-        mean = (x + var_ts * score) / a_ts
         var = var_ts * s_s**2 / s_t**2 if self._variance == "posterior" else var_ts
-        noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return mean + var**0.5 * noise, self._tweedie(i, x, score)
+        draw = lambda v: randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)  # noqa: E731
+        return _posterior_step(x, score, a_ts, var_ts, var**0.5, draw), self._tweedie(i, x, score)

@@ -20,6 +20,8 @@ small ``alpha_t``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..processes import TIME_GRIDS, Process
@@ -77,7 +79,9 @@ class AncestralSampler(Sampler):
               = sigma_{t|s}^2                          (variance="forward",   Ho et al.'s sigma^2 = beta)
 
     (Ho et al. 2020, Algorithm 2 and eqs. 6-7; Song et al. 2021, Appendix F for VE). Noise is added on every
-    step including the last (to ``t_min``); pass ``denoise=True`` for a final Tweedie step at ``t_min``.
+    step including the last (to ``t_min``); pass ``denoise=True`` for a final Tweedie step at ``t_min``. A step is
+    two fused passes over the state (:func:`_posterior_step`); the grid and the step coefficients are computed once
+    per process and kept for the next run.
 
     Options:
         num_steps (1000): number of steps (= NFE, plus one with ``denoise``).
@@ -106,15 +110,38 @@ class AncestralSampler(Sampler):
         """Score evaluations of one run: ``num_steps`` (+1 with ``denoise``)."""
         return self.config["num_steps"] + self._final_steps_nfe()
 
-    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
-        process = ctx.process
+    def _steps(self, process: Process) -> tuple[list[float], list[tuple[float, float, float]]]:
+        """The grid and each step's ``(alpha_{t|s}, sigma_{t|s}^2, std)`` as Python floats, computed once per process
+        object and options (processes are immutable) and kept for the next run."""
+        key = (process, self.config["num_steps"], self.config["grid"], self.config["variance"])
+        cached = self.__dict__.get("_setup")
+        if cached is not None and cached[0][0] is process and cached[0][1:] == key[1:]:
+            return cached[1]
         ts = process.time_grid(self.config["num_steps"], self.config["grid"]).tolist()
         posterior = self.config["variance"] == "posterior"
-        coefs = forward_transitions(process, ts)  # once, not per step
-        for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-            _, s_t, _, s_s, a_ts, var_ts = coefs[i]
-            mean = (x + var_ts * ctx.score(x, t_cur)) / a_ts
+        steps = []
+        for _, s_t, _, s_s, a_ts, var_ts in forward_transitions(process, ts):
             var = var_ts * s_s**2 / s_t**2 if posterior else var_ts
-            x = mean + var**0.5 * ctx.randn_like(x)
-            ctx.record(x, t_next, step=i + 1)
+            steps.append((a_ts, var_ts, var**0.5))
+        self._setup = (key, (ts, steps))
+        return ts, steps
+
+    def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
+        ts, steps = self._steps(ctx.process)
+        for i, (a_ts, var_ts, std) in enumerate(steps):
+            x = _posterior_step(x, ctx.score(x, ts[i]), a_ts, var_ts, std, ctx.randn_like)
+            ctx.record(x, ts[i + 1], step=i + 1)
         return x
+
+
+def _posterior_step(x: torch.Tensor, score: torch.Tensor, a_ts: float, var_ts: float, std: float,
+                   draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One ancestral step ``(x + sigma_{t|s}^2 score) / alpha_{t|s} + std z`` with ``z = draw(x)`` (drawn after the
+    score, as every caller evaluates it first). Two fused passes over the state, ``x + var_ts score`` and
+    ``+ std z`` (``torch.add(..., alpha=)``, one rounding each), and a division only where ``alpha_{t|s} != 1``
+    (VE never divides). Shared by :class:`AncestralSampler` and its diffusers scheduler, which thereby agree bit
+    for bit."""
+    mean = torch.add(x, score, alpha=var_ts)
+    if a_ts != 1.0:
+        mean.div_(a_ts)
+    return mean.add_(draw(x), alpha=std)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import _utils
 from .._utils import GeneratorLike, as_time, check_generator, check_tensor, resolve_device, resolve_torch_dtype
 from ..processes import Process
 from ..threads import cpu_threads
@@ -98,7 +99,7 @@ def all_finite(x: torch.Tensor) -> bool:
     the sum NaN or inf): one reduction, where ``isfinite(x).all()`` makes three passes and a bool tensor; the exact
     check runs only when the sum is not finite (a NaN/inf entry, or a sum that overflows although every entry is
     finite)."""
-    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(float((x.detach() if x.requires_grad else x).sum())) or bool(torch.isfinite(x).all())
 
 
 class SamplingContext:
@@ -170,9 +171,7 @@ class SamplingContext:
         return s
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        from .._utils import randn
-
-        return randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return _utils.randn_like(x, self.generator)
 
     def rand(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         from .._utils import rand

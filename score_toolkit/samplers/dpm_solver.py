@@ -322,15 +322,14 @@ class _Singlestep(_DPMSolverBase):
     def _integrate(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         n = ts.numel() - 1
         eta = self._eta()
-        co = singlestep_coefficients(ctx.process, ts, self.fractions, eta)
         grad = ts.requires_grad
-        conv = (lambda v: v) if grad else (lambda v: v.tolist())
-        sigma2 = [conv(v) for v in co["sigma2"]]
-        inv_alpha = [conv(v) for v in co["inv_alpha"]]
-        a = [conv(v) for v in co["a"]]
-        w = [conv(v) for v in co["w"]]
-        stage_t = [conv(v) for v in co["stage_t"]]
-        noise = [[conv(v) for v in terms] for terms in co["noise"]] if eta > 0 else None
+        if grad:
+            co = singlestep_coefficients(ctx.process, ts, self.fractions, eta)
+        else:  # as Python floats, computed once per process and grid and kept for the next run (as _Multistep does)
+            co = self._per_process(ctx.process, "coefficients", (ts.tolist(), self.fractions, eta),
+                                   lambda: _nested_floats(singlestep_coefficients(ctx.process, ts, self.fractions, eta)))
+        sigma2, inv_alpha, a, w, stage_t = co["sigma2"], co["inv_alpha"], co["a"], co["w"], co["stage_t"]
+        noise = co["noise"] if eta > 0 else None
         t_score = ts if grad else ts.tolist()
         t_rec = ts.detach().tolist()
         num_targets = len(self.fractions) + 1
@@ -348,6 +347,15 @@ class _Singlestep(_DPMSolverBase):
             x = u
             ctx.record(x, t_rec[i + 1], step=i + 1)
         return x
+
+
+def _nested_floats(value):
+    """The tensors in nested dicts and lists as Python floats (lists of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _nested_floats(v) for k, v in value.items()}
+    return [_nested_floats(v) for v in value]
 
 
 class DPMSolverPP2S(_Singlestep):
