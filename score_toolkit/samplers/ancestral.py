@@ -135,7 +135,7 @@ class AncestralSampler(Sampler):
 
 
 def _posterior_step(x: torch.Tensor, score: torch.Tensor, a_ts: float, var_ts: float, std: float,
-                   draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """One ancestral step ``(x + sigma_{t|s}^2 score) / alpha_{t|s} + std z`` with ``z = draw(x)`` (drawn after the
     score, as every caller evaluates it first). Two fused passes over the state, ``x + var_ts score`` and
     ``+ std z`` (``torch.add(..., alpha=)``, one rounding each), and a division only where ``alpha_{t|s} != 1``
