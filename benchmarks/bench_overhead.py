@@ -387,6 +387,7 @@ def main(argv=None) -> int:
         "seconds per repeat (at least)": args.min_run, "clock": "thread CPU time" if args.clock == "cpu" else "wall", "torch threads": 1, "torch": torch.__version__,
         "python": platform.python_version(), "commit": git_commit(), "tdtype N": args.tdtype_n,
         "load average (start/end)": f"{load0:.1f}/{os.getloadavg()[0]:.1f}", "duration": f"{time.time() - start:.0f} s",
+        "command": "`" + " ".join(["python", "benchmarks/bench_overhead.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
     }
     write_results(rows, trows, Path(args.out), settings)
     return 0

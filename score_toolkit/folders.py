@@ -177,11 +177,16 @@ def _shipped_base() -> Path:
 
 
 def _shipped_folder(name_or_path: str | os.PathLike) -> Path | None:
-    """The shipped model that ``name_or_path`` names, from any directory: ``digits`` or ``hub_cards/digits`` gives
-    :func:`shipped_model_path` ``("digits")`` when that model is there; anything else gives ``None``. (Callers look
-    for an existing folder of that name first: a user's own folder wins.)"""
-    parts = Path(os.fspath(name_or_path)).parts
-    if not parts or (len(parts) > 1 and parts[-2] != "hub_cards") or parts[-1] in (".", ".."):
+    """The shipped model that ``name_or_path`` names, from any directory: exactly ``digits`` or ``hub_cards/digits``
+    (as written, relative) gives :func:`shipped_model_path` ``("digits")`` when that model is there; anything else,
+    ``./digits`` or a longer path ending in ``hub_cards/digits`` included, gives ``None``: a path the user wrote out is
+    never swapped for the shipped model. (Callers look for an existing folder of that name first: a user's own
+    folder wins.)"""
+    text = os.fspath(name_or_path).replace(os.sep, "/")
+    parts = text.split("/")
+    if len(parts) == 2 and parts[0] == "hub_cards":
+        parts = parts[1:]
+    if len(parts) != 1 or parts[0] in ("", ".", "..", "~"):
         return None
     try:
         return shipped_model_path(parts[-1])
@@ -195,7 +200,8 @@ def _shipped_names(name: str) -> str:
 
     base = _shipped_base()
     names = sorted(p.name for p in base.iterdir() if (p / "model_index.json").is_file()) if base.is_dir() else []
-    close = difflib.get_close_matches(Path(name).name, names, n=1)
+    bare = "/" not in name.replace(os.sep, "/")  # a Hub id or a path ending in a shipped name gets no suggestion
+    close = difflib.get_close_matches(name, names, n=1) if bare else []
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"the shipped models in {base}: {', '.join(names) or 'none'}{hint}"
 

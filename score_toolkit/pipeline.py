@@ -320,7 +320,7 @@ class ScorePipeline(DiffusionPipeline):
         dtype = torch.float32 if self.unet.dtype in _REDUCED else self.unet.dtype
         score_fn = self._conditional(score_fn, shape, network_batch_size, class_labels, guidance_scale, operator,
                                      observation, mask, noise_std, inverse_method)
-        total = sampler_obj._progress_total()  # None for adaptive samplers: a bar that counts steps
+        total = sampler_obj._progress_total(self.spec[0])  # None for adaptive samplers: a bar that counts steps
         with (self.progress_bar(total=total) if total else self.progress_bar(iterable=itertools.count())) as bar:
 
             def on_step(info: dict[str, Any]) -> None:

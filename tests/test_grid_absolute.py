@@ -128,14 +128,27 @@ def test_saved_absolute_grid_round_trip_and_old_files_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "dpmpp_3s", "dpmpp_sde", "heun", "unipc"])
-def test_nfe_counts_the_steps_the_absolute_rule_gives_each_process(name, tmp_path):
+def test_nfe_counts_the_steps_the_absolute_rule_gives_each_process(name, tmp_path, monkeypatch):
     """A grid saved under sigma_max 10 with the absolute rule runs 6 steps there, 7 under sigma_max 40 and 5 under
-    sigma_max 4: the reported nfe and nfe_under equal the counted score calls."""
+    sigma_max 4: the reported nfe and nfe_under equal the counted score calls, and the progress bar's total (the
+    sampler's own and the one a pipeline sets up front) equals the steps recorded, the final one included."""
+    import io
+
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     src = VESDE(0.01, 10.0)
     times = src.t_from_log_snr(_hand_grid())
     times[0], times[-1] = src.t_max, src.t_min
     path = save_grid("abs", times, src, directory=tmp_path, transfer="absolute")
-    smp = get_sampler(name, grid=str(path), to_zero=True)
+    smp = get_sampler(name, grid=str(path), to_zero=True, progress=True)
     for sigma_max, steps in ((10.0, 6), (40.0, 7), (4.0, 5)):
         process = VESDE(0.01, sigma_max)
         score = ring_mixture().score_fn(process)
@@ -146,8 +159,13 @@ def test_nfe_counts_the_steps_the_absolute_rule_gives_each_process(name, tmp_pat
             return score(x, t)
 
         assert smp.time_grid(process).numel() == steps + 1
-        out = smp.sample(counting, process, shape=(4, 2), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        recorded = []
+        out = smp.sample(counting, process, shape=(4, 2), dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                         callback=recorded.append)
         assert out.nfe == len(calls) == smp.nfe_under(process)
+        (bar,) = bars
+        bars.clear()
+        assert bar.n == bar.total == len(recorded) == smp._progress_total(process), (bar.n, bar.total, len(recorded))
         assert out.info["num_steps"] == steps  # the steps run under this process, not the saved grid's
         if sigma_max == 10.0:
             assert smp.nfe == out.nfe

@@ -346,6 +346,14 @@ def test_from_pretrained_finds_shipped_models_by_name_as_the_commands_do(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"at 'tinny': .*shipped: other, tiny; did you mean 'tiny'\?\), and "
                        r"the Hub repository could not be loaded"):
         ScorePipeline.from_pretrained("tinny", local_files_only=True, cache_dir=tmp_path / "cache")
+    # a path written out is never swapped for the shipped model: only "tiny" and "hub_cards/tiny" name it
+    (tmp_path / "third").mkdir()
+    monkeypatch.chdir(tmp_path / "third")
+    for path in ("./tiny", "/nonexistent/hub_cards/tiny", "../hub_cards/tiny", "x/hub_cards/tiny", "someuser/tiny"):
+        with pytest.raises(FileNotFoundError) as err:
+            ScorePipeline.from_pretrained(path, local_files_only=True, cache_dir=tmp_path / "cache")
+        assert "did you mean" not in str(err.value), path  # no suggestion for a path or a Hub id
+        assert resolve_model(path) == path
 
 
 def test_from_pretrained_loads_the_shipped_digits_model_by_name(tmp_path, monkeypatch):

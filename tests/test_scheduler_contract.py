@@ -7,6 +7,7 @@ mid-schedule (img2img strengths 0.3 / 0.6 / 0.9), checked against the exact mome
 from __future__ import annotations
 
 import inspect
+import json
 import math
 
 import pytest
@@ -359,7 +360,7 @@ def test_settings_not_applied_are_warned_about_by_name(cls, key, value):
 
 
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
-def test_setting_warnings_name_the_callers_line(cls):
+def test_setting_warnings_name_the_callers_line(cls, tmp_path):
     """A warned setting names the line that made the scheduler, through ``from_config`` (diffusers' wrapper) or the
     constructor, not a line inside score_toolkit or diffusers."""
     import warnings
@@ -369,6 +370,10 @@ def test_setting_warnings_name_the_callers_line(cls):
         ("variance_type", "learned_range")
     made = [lambda: cls.from_config(dict(BASE, thresholding=True)), lambda: cls(**BASE, **{key: value}),
             lambda: cls.from_config(dict(BASE, **{key: value}))]
+    cls.from_config(dict(BASE)).save_config(tmp_path)  # a folder whose config has the setting: from_pretrained
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, key: value}))
+    made.append(lambda: cls.from_pretrained(tmp_path))  # through diffusers' and huggingface_hub's wrappers
     if cls is not ds.ScoreDPMSolverScheduler:
         made.append(lambda: cls.from_config(dict(BASE, solver_order=3)))
     for make in made:

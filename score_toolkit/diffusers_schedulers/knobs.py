@@ -84,7 +84,7 @@ def warn_knob(cls_name: str, name: str, value: Any, what: str, extra: str = "") 
         f"{cls_name}: scheduler config setting {name}={value!r}{extra} is not applied ({what} is not part of this "
         f"scheduler's update); the setting is kept in the config",
         SchedulerConfigWarning,
-        stacklevel=caller_stacklevel("diffusers"),
+        stacklevel=caller_stacklevel("diffusers", "huggingface_hub"),
     )
 
 
@@ -94,7 +94,7 @@ def warn_learned_variance(cls_name: str, variance_type: str | None, used: str = 
         warnings.warn(
             f"{cls_name}: scheduler config setting variance_type={variance_type!r}: the model's learned variance is "
             f"not applied ({used}the output's first half of channels is the prediction)", SchedulerConfigWarning,
-            stacklevel=caller_stacklevel("diffusers"))
+            stacklevel=caller_stacklevel("diffusers", "huggingface_hub"))
 
 
 def warn_not_applied(name: str, cfg: Mapping[str, Any], maps_multistep: bool) -> None:

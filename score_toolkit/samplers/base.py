@@ -257,7 +257,7 @@ class Sampler:
         n = self.config.get("num_steps")
         return int(n) if isinstance(n, int) else None
 
-    def _progress_total(self) -> int | None:  # the progress bar's total: every recorded step, final steps included
+    def _progress_total(self, process=None) -> int | None:  # the bar's total: every recorded step, final ones included
         return None if (n := self._num_progress_steps()) is None else n + self._final_steps_nfe()
 
     def _final_time(self, process: Process) -> float:

@@ -305,12 +305,19 @@ class GridSampler(Sampler):
         cache[slot] = (process, key, value)
         return value
 
+    def _progress_total(self, process: Process | None = None) -> int | None:
+        """Steps recorded in a run (final steps included); under ``process``, those of the grid it runs there
+        (a grid carried by the absolute rule runs another number of steps than ``num_steps``)."""
+        if process is None:
+            return super()._progress_total()
+        return self.time_grid(process).numel() - 1 + self._final_steps_nfe()
+
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         ts = self.time_grid(ctx.process)
         if ts.numel() - 1 != self.config["num_steps"]:  # a grid carried by the absolute rule: its steps here
             ctx.info["num_steps"] = ts.numel() - 1
             if ctx._bar is not None:
-                ctx._bar.total = ts.numel() - 1
+                ctx._bar.total = ts.numel() - 1 + self._final_steps_nfe()
         return self._run_grid(ctx, x, ts)
 
     def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
