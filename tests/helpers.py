@@ -109,3 +109,22 @@ def projection_problem():
     a = torch.tensor([[0.6, -0.8]], dtype=torch.float64)
     y, sy = torch.tensor([0.7], dtype=torch.float64), 0.5
     return mix, a, y, sy, mix.condition(a, y, sy)
+
+
+def recording_bars(monkeypatch, module=None, name: str = "tqdm") -> list:
+    """Replace ``module.name`` (default: ``tqdm.auto.tqdm``, the samplers' bar) by a tqdm that writes nowhere and
+    appends itself to the returned list, so a test can read each bar's ``total`` and ``n``."""
+    import io
+
+    if module is None:
+        import tqdm.auto as module
+    bars = []
+    base = getattr(module, name)
+
+    class RecordingBar(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(module, name, RecordingBar)
+    return bars

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import recording_bars
 
 from score_toolkit.analytic import ring_mixture
 from score_toolkit.processes import VESDE
@@ -132,18 +133,7 @@ def test_nfe_counts_the_steps_the_absolute_rule_gives_each_process(name, tmp_pat
     """A grid saved under sigma_max 10 with the absolute rule runs 6 steps there, 7 under sigma_max 40 and 5 under
     sigma_max 4: the reported nfe and nfe_under equal the counted score calls, and the progress bar's total (the
     sampler's own and the one a pipeline sets up front) equals the steps recorded, the final one included."""
-    import io
-
-    import tqdm.auto
-
-    bars = []
-
-    class RecordingBar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
-            bars.append(self)
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    bars = recording_bars(monkeypatch)
     src = VESDE(0.01, 10.0)
     times = src.t_from_log_snr(_hand_grid())
     times[0], times[-1] = src.t_max, src.t_min

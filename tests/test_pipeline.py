@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import ConfigMixin, DDPMPipeline, DDPMScheduler, ModelMixin, ScoreSdeVeScheduler, UNet2DModel
 from diffusers.configuration_utils import register_to_config
+from helpers import recording_bars
 from PIL import Image
 
 from score_toolkit._utils import per_sample_generators
@@ -434,18 +435,9 @@ def test_progress_bar_follows_set_progress_bar_config():
     ({"sampler": "adaptive_ode", "rtol": 1e-2, "atol": 1e-2}, None),  # chooses its steps: no total
 ])
 def test_progress_bar_total_is_the_steps_run(monkeypatch, kw, steps):
-    import io
-
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 
-    bars = []
-
-    class RecordingBar(pipeline_utils.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
-            bars.append(self)
-
-    monkeypatch.setattr(pipeline_utils, "tqdm", RecordingBar)
+    bars = recording_bars(monkeypatch, pipeline_utils)
     seen = []
     vector_pipeline()(batch_size=2, callback=seen.append, generator=torch.Generator().manual_seed(0), **kw)
     (bar,) = bars

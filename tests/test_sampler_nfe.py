@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import recording_bars
 
 from score_toolkit.analytic import ring_mixture
 from score_toolkit.processes import VESDE, VPSDE
@@ -122,18 +123,7 @@ def test_progress_bar_total_is_the_steps_run_for_every_option_combination(name, 
     """The tqdm bar of ``progress=True`` counts every recorded step, final ``to_zero`` / ``denoise`` steps included,
     and its total is that count, known up front for every run on a fixed grid (adaptive runs, which choose their
     steps, may leave it open)."""
-    import io
-
-    import tqdm.auto
-
-    bars = []
-
-    class RecordingBar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
-            bars.append(self)
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    bars = recording_bars(monkeypatch)
     process = VPSDE()
     ran = 0
     for opts in option_combinations(name):
