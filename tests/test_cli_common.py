@@ -167,6 +167,35 @@ def test_quiet_restore_shows_no_progress_bar(tmp_path, capsys):
     assert "3/3" in capsys.readouterr().err  # without -q: the sampler's steps
 
 
+def test_warnings_of_the_command_name_the_command(tmp_path, capsys, monkeypatch):
+    """Run as the command (argv from the shell), a library warning is printed as the command's (the first frame
+    outside the library would be the console script's ``sys.exit(main())``); called with an argv list from Python,
+    it stays a Python warning that callers can record."""
+    import warnings
+
+    from score_toolkit.models import CheckpointDtypeWarning, ScoreMLP
+    from score_toolkit.pipeline import ScorePipeline
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import scheduler_for
+
+    unet = ScoreMLP(2, hidden_dim=8, num_layers=1).to(torch.float64)  # float64 weights load as float32, with a warning
+    ScorePipeline(unet=unet, scheduler=scheduler_for(VPSDE(), "epsilon", "t")).save_pretrained(tmp_path / "m")
+    argv = ["sample", str(tmp_path / "m"), "--num-samples", "2", "--steps", "2", "--output-dir", str(tmp_path / "o"),
+            "-q"]
+    monkeypatch.setattr("sys.argv", ["score-toolkit", *argv])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main() == 0
+    err = capsys.readouterr().err
+    assert "score-toolkit sample: warning: " in err and "(CheckpointDtypeWarning)" in err, err
+    assert not [w for w in seen if issubclass(w.category, CheckpointDtypeWarning)]  # printed, not passed on
+    monkeypatch.setattr("sys.argv", ["score-toolkit", *argv, "-q", "--overwrite"])  # -qq: errors only
+    assert main() == 0
+    assert "warning" not in capsys.readouterr().err.lower()
+    with pytest.warns(CheckpointDtypeWarning):
+        assert main([*argv, "--overwrite"]) == 0
+
+
 # ------------------------------------------------------------------------------------------- shipped models
 def test_shipped_models_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

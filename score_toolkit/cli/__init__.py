@@ -11,7 +11,9 @@ and append the first to :data:`COMMANDS`. Commands import what they need inside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,13 +69,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"score-toolkit {name}: error: {problem}", file=sys.stderr)
         return 2
     ok = False
-    try:
-        with common_options(args):
-            code = int(args.func(args) or 0)
-        ok = True
-        return code
-    finally:
-        _close_process_group(synchronize=ok)
+    # run as the command (argv from the shell): a warning names the command, not the console script's line that
+    # called main(); called from Python, warnings keep Python's format (callers may record them)
+    with warnings.catch_warnings() if argv is None else contextlib.nullcontext():
+        if argv is None:
+            warnings.showwarning = _command_warning(name, shown=getattr(args, "quiet", 0) < 2)
+        try:
+            with common_options(args):
+                code = int(args.func(args) or 0)
+            ok = True
+            return code
+        finally:
+            _close_process_group(synchronize=ok)
+
+
+def _command_warning(name: str, shown: bool):
+    """A ``warnings.showwarning`` for the command line: ``score-toolkit NAME: warning: MESSAGE (Category)``, or
+    nothing under ``-qq`` (errors only)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if shown:
+            print(f"score-toolkit {name}: warning: {message} ({category.__name__})",
+                  file=sys.stderr if file is None else file)
+
+    return show
 
 
 def _bad_common_values(args: argparse.Namespace) -> str | None:
