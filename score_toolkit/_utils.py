@@ -7,8 +7,6 @@ from typing import Union
 
 import torch
 
-from ._warnings import caller_stacklevel  # noqa: F401  (re-exported: the warning sites import it from either)
-
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
@@ -189,4 +187,3 @@ def flat_dim(x: torch.Tensor) -> int:
     for s in x.shape[1:]:
         n *= s
     return n
-

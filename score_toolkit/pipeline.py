@@ -45,7 +45,8 @@ from diffusers.utils import BaseOutput
 from . import diffusers_schedulers as _diffusers_schedulers  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
 from ._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ._utils import GeneratorLike, caller_stacklevel
+from ._utils import GeneratorLike
+from ._warnings import caller_stacklevel
 from .folders import (
     SHIPPED_MODELS_ENV_VAR,
     _read_json,

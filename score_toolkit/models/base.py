@@ -15,7 +15,8 @@ from typing import Any
 
 from diffusers import ModelMixin
 
-from .._utils import caller_stacklevel, resolve_torch_dtype
+from .._utils import resolve_torch_dtype
+from .._warnings import caller_stacklevel
 
 __all__ = ["CheckpointError", "CheckpointDtypeWarning", "StrictLoadingMixin", "strict_from_pretrained"]
 

@@ -331,7 +331,7 @@ class Sampler:
         if x.dtype in _HALF:
             x = x.float()
         ctx = SamplingContext(self, score_fn, process, generator, callback, return_trajectory,
-                              bool(self.config["progress"]), self._progress_total(), max_nfe=self.config.get("max_nfe"))
+                              bool(self.config["progress"]), self._progress_total(process), max_nfe=self.config.get("max_nfe"))
         try:
             if ctx.trajectory is not None:
                 ctx.trajectory.append(x.detach().clone())

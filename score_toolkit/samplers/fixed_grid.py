@@ -315,9 +315,7 @@ class GridSampler(Sampler):
     def _run(self, ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
         ts = self.time_grid(ctx.process)
         if ts.numel() - 1 != self.config["num_steps"]:  # a grid carried by the absolute rule: its steps here
-            ctx.info["num_steps"] = ts.numel() - 1
-            if ctx._bar is not None:
-                ctx._bar.total = ts.numel() - 1 + self._final_steps_nfe()
+            ctx.info["num_steps"] = ts.numel() - 1  # (the progress bar's total came from _progress_total(process))
         return self._run_grid(ctx, x, ts)
 
     def _run_grid(self, ctx: SamplingContext, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
