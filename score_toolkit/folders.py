@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from diffusers import SchedulerMixin
 
+from ._warnings import caller_stacklevel
 from .processes import Process
 
 __all__ = ["load_components", "scheduler_spec", "shipped_model_path", "SHIPPED_MODELS_ENV_VAR"]
@@ -35,16 +37,17 @@ def scheduler_spec(scheduler) -> tuple[Process, str, str]:
 
 
 def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
-    """An existing folder; else the shipped model of that name (:func:`_shipped_folder`); else a Hub repository."""
-    path = Path(os.fspath(name_or_path)).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
-        return path
+    """An existing folder; else the shipped model of that name (:func:`_shipped_folder`); else a Hub repository.
+    An empty name is an error (it is not the current directory); ``revision`` with a local folder or a shipped
+    model, which have no revisions, is a warning."""
+    local = _local_folder(name_or_path)
+    if local is not None:
+        if revision is not None:
+            warnings.warn(f"revision={revision!r} selects a version of a Hub repository; {local} is a local folder, "
+                          "loaded as it is", UserWarning, stacklevel=caller_stacklevel())
+        return local
     text = os.fspath(name_or_path)
-    shipped = _shipped_folder(text)
-    if shipped is not None:
-        return shipped
+    path = Path(text).expanduser()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -70,6 +73,25 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
             f"be loaded{hint}: {err}"
         ) from err
     return Path(snapshot)
+
+
+def _local_folder(name_or_path) -> Path | None:
+    """An existing folder of that path, else the shipped model of that name (:func:`_shipped_folder`), else ``None``;
+    an empty name or an existing file is an error."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"expected a pipeline folder (a path or a name), found {type(name_or_path).__name__}")
+    text = os.fspath(name_or_path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise ValueError(f"expected a pipeline folder, the name of a shipped model or a Hub repository id, found "
+                         f"the empty name {text!r}")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"expected a pipeline folder, found the file {path}")
+        return path
+    return _shipped_folder(text)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -208,15 +208,18 @@ def load_pipeline_components(folder) -> PipelineComponents:
     (:func:`score_toolkit.models.load_model`: safetensors only; a missing, unexpected or mis-shaped weight,
     or a corrupt file, is an error) and returned in ``eval()`` mode; the scheduler names the process
     (:func:`~score_toolkit.folders.scheduler_spec`). Also reads plain diffusers DDPM folders
-    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders. The same loader as
+    (``DDPMScheduler`` + ``UNet2DModel``) and score-SDE VE folders. ``folder`` is a path, or the name of a shipped
+    model (``"digits"``, ``"hub_cards/digits"``) from any directory, as for ``ScorePipeline.from_pretrained``. The same loader as
     :meth:`ScorePipeline.from_pretrained <score_toolkit.pipeline.ScorePipeline.from_pretrained>`
     (:func:`score_toolkit.folders.load_components`)."""
-    from .folders import load_components, scheduler_spec
+    from .folders import _local_folder, _shipped_names, load_components, scheduler_spec
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"expected a pipeline folder at {folder}, found nothing there")
-    components = load_components(folder)
+    found = _local_folder(folder)
+    if found is None:
+        raise FileNotFoundError(f"expected a pipeline folder or the name of a shipped model, found {os.fspath(folder)!r}: "
+                                f"no folder {Path(os.fspath(folder)).expanduser().absolute()}, no shipped model of that name "
+                                f"({_shipped_names(os.fspath(folder))})")
+    components = load_components(found)
     model = components["unet"]
     process, prediction_type, time_input = scheduler_spec(components["scheduler"])
     return PipelineComponents(model, process, prediction_type, time_input)

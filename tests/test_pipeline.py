@@ -357,6 +357,33 @@ def test_from_pretrained_finds_shipped_models_by_name_as_the_commands_do(tmp_pat
         assert resolve_model(path) == path
 
 
+def test_from_pretrained_refuses_an_empty_name_and_warns_of_a_revision_it_cannot_apply(tmp_path, monkeypatch):
+    from score_toolkit.hub import load_pipeline_components
+
+    monkeypatch.setenv(SHIPPED_MODELS_ENV_VAR, str(tmp_path / "shipped"))
+    vector_pipeline().save_pretrained(tmp_path / "shipped" / "tiny")
+    vector_pipeline().save_pretrained(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")  # the current directory is itself a pipeline folder: "" must not load it
+    for name in ("", "  "):
+        with pytest.raises(ValueError, match=r"expected a pipeline folder, .* found the empty name"):
+            ScorePipeline.from_pretrained(name)
+        with pytest.raises(ValueError, match=r"found the empty name"):
+            load_pipeline_components(name)
+    with pytest.raises(TypeError, match=r"expected a pipeline folder \(a path or a name\), found int"):
+        ScorePipeline.from_pretrained(3)
+    # a local folder and a shipped model have no revisions: the option is not dropped silently
+    for name in (str(tmp_path / "here"), "tiny"):
+        with pytest.warns(UserWarning, match=r"revision='v1' selects a version of a Hub repository; .* is a local "
+                          r"folder, loaded as it is") as record:
+            assert ScorePipeline.from_pretrained(name, revision="v1").sample_shape == (2,)
+        assert record[0].filename == __file__  # the warning names the caller's line
+    # the components loader finds shipped models by name from any directory, as from_pretrained does
+    assert load_pipeline_components("tiny").model.config == ScorePipeline.from_pretrained("tiny").unet.config
+    with pytest.raises(FileNotFoundError, match=r"found 'tinny': no folder .*no shipped model of that name \(the "
+                       r"shipped models in .*: tiny; did you mean 'tiny'\?\)"):
+        load_pipeline_components("tinny")
+
+
 def test_from_pretrained_loads_the_shipped_digits_model_by_name(tmp_path, monkeypatch):
     monkeypatch.delenv(SHIPPED_MODELS_ENV_VAR, raising=False)
     try:
