@@ -19,7 +19,7 @@ def test_demo_cli_writes_png(tmp_path, capsys):
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "x.png"), "--steps", "0"]) == 2
-    assert "positive" in capsys.readouterr().err
+    assert "expected --steps to be an integer >= 1, found 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown"):
         run_demo(tmp_path / "y.png", steps=5, num_samples=10, sampler="no_such_sampler", log=lambda *_: None)
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     args.cli_argv = None if argv is None else list(argv)  # the arguments when called from Python (for records)
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -79,8 +79,54 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = int(args.func(args) or 0)
             ok = True
             return code
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+            resume = " (score-toolkit train --resume continues from its latest complete checkpoint)" \
+                if args.command == "train" else ""
+            print(f"score-toolkit {name}: interrupted{resume}", file=sys.stderr)
+            return 130
         finally:
             _close_process_group(synchronize=ok)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with the errors of a newcomer's first typos said in the command's own terms: an
+    unknown command or option names the closest ones (``--output_dir``: did you mean ``--output-dir``?), and an
+    unknown option is reported by the command's parser (its usage line), not by the top-level one."""
+    import difflib
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        close = difflib.get_close_matches(argv[0], list(commands), n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        parser.error(f"unknown command {argv[0]!r}{hint} (the commands: {', '.join(commands)})")
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        leaf = commands[args.command] if getattr(args, "command", None) in commands else parser
+        nested = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested and getattr(args, "plot_kind", None) in nested[0].choices:
+            leaf = nested[0].choices[args.plot_kind]
+        hints = _option_hints(leaf, extras)
+        leaf.error(f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+                   + (f" ({'; '.join(hints)})" if hints else "") + f"; see {leaf.prog} --help")
+    return args
+
+
+def _option_hints(parser: argparse.ArgumentParser, extras: list[str]) -> list[str]:
+    """'--output_dir: did you mean --output-dir?' for each unknown option close to one of ``parser``'s (an underscore
+    read as a dash, else the closest spellings)."""
+    import difflib
+
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    hints = []
+    for item in extras:
+        if not item.startswith("--"):
+            continue
+        name = item.split("=", 1)[0]
+        dashed = name.replace("_", "-")
+        close = [dashed] if dashed in known else difflib.get_close_matches(dashed, known, n=2, cutoff=0.75)
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return hints
 
 
 def _command_warning(name: str, shown: bool):

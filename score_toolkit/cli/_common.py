@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "run_guarded", "usage_checks", "check_count", "check_seed", "add_common_options", "common_options", "progress_enabled", "parse_value",
-           "resolve_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+           "resolve_model", "missing_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
@@ -185,6 +185,14 @@ def resolve_model(spec: str) -> str:
     return spec if shipped is None else str(shipped)
 
 
+def missing_model(spec: str) -> str:
+    """What to say about a model argument that names nothing: the shipped models, where they are and the closest
+    name (``digit``: did you mean 'digits'?)."""
+    from ..folders import _shipped_names
+
+    return _shipped_names(spec)
+
+
 def _analytic(name: str):
     from ..analytic import anisotropic_mixture, gaussian, ring_mixture
 
@@ -225,8 +233,8 @@ def load_score_model(spec: str, process_name: str | None, *, device, dtype) -> d
 
     spec = resolve_model(spec)
     if not os.path.isdir(spec):
-        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name (digits, digits_class_conditional, toy2d) or "
-                       f"analytic:<name>, found no folder at {spec}")
+        raise CLIError(f"expected --model to be a pipeline folder, a shipped model's name or analytic:<name>, found no "
+                       f"folder at {spec} ({missing_model(spec)})")
     model, process, prediction_type, time_input = load_pipeline_components(spec)
     if next(model.parameters()).dtype != dtype:
         model = model.to(dtype=dtype)
@@ -271,12 +279,23 @@ def load_data(name: str | None, path: str | None, *, num_samples: int | None, mo
     return x.to(dtype), f"{len(x)} samples of {ds.description}" + (" (the first ones)" if num_samples else "")
 
 
-def _device(name: str | None):
+def _device(name: str | None, option: str = "--device"):
+    """The device of ``--device NAME`` (default: cuda if there is one, else cpu); a :class:`CLIError` for a name torch
+    does not know or a CUDA device this machine does not have (before any work, not a traceback from the first
+    tensor moved there)."""
     import torch
 
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"expected {option} cpu, cuda, cuda:1, ..., found {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise CLIError(f"{option} {name}: no such CUDA device on this machine (found {count} CUDA device(s))")
+    return device
 
 
 def _dtype(name: str | None, model_spec: str):

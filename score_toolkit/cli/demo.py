@@ -32,9 +32,10 @@ def add_demo_parser(subparsers) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    if args.steps < 1 or args.num_samples < 1:
-        print("score-toolkit demo: error: --steps and --num-samples must be positive", file=sys.stderr)
-        return 2
+    for option, value in (("--steps", args.steps), ("--num-samples", args.num_samples)):
+        if value < 1:
+            print(f"score-toolkit demo: error: expected {option} to be an integer >= 1, found {value}", file=sys.stderr)
+            return 2
     if args.seed < 0:
         print(f"score-toolkit demo: error: expected --seed to be an integer >= 0, found {args.seed}", file=sys.stderr)
         return 2

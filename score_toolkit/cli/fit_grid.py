@@ -16,9 +16,11 @@ from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ._common import (
     OPTION_HELP,
     CLIError,
+    _device,
     add_pilot_options,
     check_count,
     check_seed,
+    missing_model,
     parse_options,
     progress_enabled,
     resolve_model,
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     folder = resolve_model(args.model)
     if not os.path.isdir(folder):
         raise CLIError(f"expected MODEL_DIR to be a pipeline folder or a shipped model's name, found no folder at "
-                       f"{args.model}")
+                       f"{args.model} ({missing_model(args.model)})")
     for name in ("num_pilot", "pilot_steps", "batch_size"):
         if getattr(args, name) < (2 if name != "batch_size" else 1):
             raise CLIError(f"expected --{name.replace('_', '-')} to be a positive integer (>= 2 for the pilot), found "
@@ -94,8 +96,9 @@ def _run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_seed(args.validation_seed, "--validation-seed")
     argv: Sequence[str] | None = getattr(args, "cli_argv", None)
-    with usage_checks():  # a damaged model folder, a malformed option: exit code 2
+    with usage_checks():  # a damaged model folder, a malformed option, an unknown sampler or device: exit code 2
         sampler_options, fit_options = parse_options(args.options), parse_options(args.fit_options)
+        _check_sampler_and_device(args.sampler, sampler_options, fit_options, args.device)
         pipe = ScorePipeline.from_pretrained(folder)
     try:
         fits = fit_model_grids(pipe, sampler=args.sampler, steps=args.steps,
@@ -114,3 +117,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{f.path}: {f.sampler} with {f.num_steps} steps, {what}; validation rms error "
               f"{_fmt(v['model_grid']['rms'])} vs {_fmt(v['built_in']['rms'])} (built-in): the pipeline uses {used}")
     return 0
+
+
+def _check_sampler_and_device(name: str, sampler_options: dict, fit_options: dict, device: str | None) -> None:
+    """The sampler, its options, the fit options and the device, before the model is loaded: what
+    :func:`~score_toolkit.model_grids.fit_model_grids` would refuse, refused as a usage error (exit code 2)."""
+    from ..model_grids import _NOT_METHOD, check_fit_options
+    from ..registry import get_sampler
+    from ..samplers.fixed_grid import GridSampler
+
+    taken = sorted(set(sampler_options) & set(_NOT_METHOD))
+    if taken:
+        raise CLIError(f"--option {', '.join(taken)}: not an option here (the budgets are --steps; the grid is what is "
+                       "fitted)")
+    sampler = get_sampler(name, **sampler_options)  # an unknown sampler or option: the registry's message
+    if not isinstance(sampler, GridSampler) or sampler.properties.stochastic:
+        raise CLIError(f"expected --sampler to be a deterministic fixed-grid sampler (e.g. {DEFAULT_SAMPLER!r}), "
+                       f"found {name!r}")
+    check_fit_options(fit_options)
+    if device is not None:
+        _device(device)  # a name torch does not know, a CUDA device this machine does not have
