@@ -37,7 +37,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"torch CPU threads (default: ${ENV_VAR} if set, else {DEFAULT_THREADS}; 0: torch's own "
                    "choice, one per core). More threads rarely help the small networks of this project and slow "
-                   "everything down on a busy machine; use processes instead (see score_toolkit/threads.py)")
+                   "everything down on a busy machine; use processes instead (docs/cli.md, 'Threads')")
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
