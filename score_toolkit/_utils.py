@@ -32,6 +32,26 @@ def check_tensor(x, name: str = "x", *, min_rank: int = 1) -> torch.Tensor:
     return x
 
 
+def check_finite(x: torch.Tensor, name: str, owner: str = "") -> torch.Tensor:
+    """Raise a ValueError naming ``name`` (and ``owner``, the function or class it was given to) when ``x`` holds NaN
+    or infinite values: once per call at a public boundary, never per step."""
+    if not bool(torch.isfinite(x).all()):
+        rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(-1, 1)
+        bad = (~torch.isfinite(rows)).any(1)
+        where = (f"in {int(bad.sum())} of {rows.shape[0]} samples (first: sample {int(bad.nonzero()[0, 0])})"
+                 if x.ndim > 1 else f"in {int(bad.sum())} of {rows.shape[0]} values")
+        raise ValueError(f"{owner + ': ' if owner else ''}expected finite {name}, found NaN or infinite values {where}")
+    return x
+
+
+def check_state(x: torch.Tensor, name: str, owner: str) -> torch.Tensor:
+    """A sampler's initial state: (B, d, ...) with B >= 1 samples of at least one value, all finite."""
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].numel() == 0:
+        raise ValueError(f"{owner}: expected {name} with at least one sample (B >= 1) of at least one value, of shape "
+                         f"(B, d, ...) (scalars are (B, 1)), found shape {tuple(x.shape)}")
+    return check_finite(x, name, owner)
+
+
 def resolve_torch_dtype(value, name: str = "torch_dtype"):
     """``value`` as a floating-point ``torch.dtype``: a ``torch.dtype``, or a name torch knows ("bfloat16",
     "float16", "half", "torch.float32", ...); ``None`` stays ``None``. Anything else is a ``TypeError`` (diffusers

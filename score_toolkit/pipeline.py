@@ -293,7 +293,10 @@ class ScorePipeline(DiffusionPipeline):
                 or ``mask`` for inpainting) with ``inverse_method`` (``pigdm``, ``dps``, ``replacement``). Samplers
                 that take an operator themselves (``repaint``, ``imputation``) receive it as their options instead.
         """
+        if callback is not None and not callable(callback):
+            raise TypeError(f"expected callback to be callable or None, found {type(callback).__name__}")
         sampler_kwargs = _route_operator(sampler, sampler_kwargs, operator, observation, mask)
+        _check_observation_settings(sampler, sampler_kwargs, operator, mask, noise_std, inverse_method)
         if "operator" in sampler_kwargs:
             operator = observation = mask = None
         conditional = not (class_labels is None and operator is None and mask is None and observation is None
@@ -573,6 +576,27 @@ def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
         raise ValueError("pass either mask (inpainting) or operator, not both")
     op = Mask(torch.as_tensor(mask)) if mask is not None else operator
     return {**sampler_kwargs, "operator": op, "observation": observation}
+
+
+def _check_observation_settings(sampler, sampler_kwargs, operator, mask, noise_std, inverse_method) -> None:
+    """``noise_std`` and ``inverse_method`` apply to an observation handled by a score transform: an error (not
+    ignored) without an observation, or when the sampler takes the operator itself (``repaint``, ``imputation``:
+    a noise-free observation, no inverse method)."""
+    from .conditioning import INVERSE_METHODS
+
+    if inverse_method not in INVERSE_METHODS:
+        raise ValueError(f"expected inverse_method in {sorted(INVERSE_METHODS)}, found {inverse_method!r}")
+    changed = {k: v for k, v, default in (("noise_std", noise_std, 0.0), ("inverse_method", inverse_method, "pigdm"))
+               if v != default}
+    if not changed:
+        return
+    if "operator" in sampler_kwargs:
+        name = sampler if isinstance(sampler, str) else sampler.name
+        raise ValueError(f"sampler {name!r} takes the operator and a noise-free observation itself: noise_std and "
+                         f"inverse_method do not apply to it, found {changed}")
+    if operator is None and mask is None:
+        raise ValueError(f"noise_std and inverse_method describe an observation (operator= or mask=, with "
+                         f"observation=); found {changed} without one")
 
 
 def _make_sampler(sampler, sampler_options, num_inference_steps, sampler_kwargs):

@@ -48,6 +48,16 @@ def _as_t(t, like: torch.Tensor | None = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=dtype, device=device)
 
 
+def _steps(n, name: str = "num_train_timesteps") -> int:
+    """A number of training steps N >= 2 (an integral float such as 1000.0 is that int): the network's index input is
+    ``t (N - 1)``, so N = 1 feeds it 0 at every time."""
+    n = n.item() if isinstance(n, torch.Tensor) and n.ndim == 0 else n
+    number = not isinstance(n, (bool, torch.Tensor)) and (isinstance(n, (int, float)) or hasattr(n, "__index__"))
+    if not number or not (math.isfinite(n) and n == int(n) and n >= 2):
+        raise ValueError(f"expected {name} to be an int >= 2 (the network's time index is t * (N - 1)), found {n!r}")
+    return int(n)
+
+
 class Process(ConfigMixin):
     """Base class of the forward processes. Subclasses implement :meth:`log_alpha`, :meth:`sigma`,
     :meth:`drift_coef`, :meth:`diffusion_squared` and :meth:`_t_from_log_snr`."""
@@ -62,6 +72,7 @@ class Process(ConfigMixin):
         # strict like a network config: a typo (beta_mx) is an error, and a value present in the config is used
         # even when ``_use_default_values`` lists it (see score_toolkit._config)
         config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), f"the {cls.__name__} process config")
+        strict_config(kwargs, init_keys(cls), f"the keyword arguments of {cls.__name__}.from_config")
         return super().extract_init_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------- subclass interface
@@ -154,10 +165,17 @@ class Process(ConfigMixin):
         return self.t_from_log_snr(-torch.log(_as_t(s)))
 
     def perturb(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha(t) x_0 + sigma(t) noise, with ``t`` of shape (B,)."""
-        from ._utils import append_dims
+        """x_t = alpha(t) x_0 + sigma(t) noise, with ``t`` a scalar or of shape (B,) and ``noise`` shaped like ``x_0``
+        (anything that would broadcast into another shape is a ``ValueError``)."""
+        from ._utils import append_dims, check_tensor
 
-        a, s = self.marginal(_as_t(t, x0))
+        x0, t = check_tensor(x0, "x0"), _as_t(t, x0)
+        if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape or t.ndim > 1 or (
+                t.ndim == 1 and t.shape[0] not in (1, x0.shape[0])):
+            found = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"perturb: expected noise of x0's shape {tuple(x0.shape)} and t a scalar or of shape "
+                             f"({x0.shape[0]},), found noise {found} and t {tuple(t.shape)}")
+        a, s = self.marginal(t)
         return append_dims(a, x0.ndim) * x0 + append_dims(s, x0.ndim) * noise
 
     # ----------------------------------------------------------------- prior
@@ -257,6 +275,7 @@ class VESDE(Process):
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5, num_train_timesteps: int = 1000):
         smin = check_positive(sigma_min, "sigma_min")
         smax = check_positive(sigma_max, "sigma_max")
+        _steps(num_train_timesteps)
         if not smax > smin:
             raise ValueError(f"expected sigma_max > sigma_min, found sigma_min={smin:g}, sigma_max={smax:g}")
         if not 0.0 <= float(t_min) < 1.0:
@@ -303,7 +322,8 @@ class _VPFamily(Process):
         c = self.config
         return (float(c.beta_max) - float(c.beta_min)) / 4.0, float(c.beta_min) / 2.0
 
-    def _check_betas(self, beta_min, beta_max, t_min):
+    def _check_betas(self, beta_min, beta_max, t_min, num_train_timesteps):
+        _steps(num_train_timesteps)
         bmin = check_positive(beta_min, "beta_min")
         bmax = check_positive(beta_max, "beta_max")
         if bmax < bmin:
@@ -336,7 +356,7 @@ class VPSDE(_VPFamily):
 
     @register_to_config
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, num_train_timesteps: int = 1000):
-        self._check_betas(beta_min, beta_max, t_min)
+        self._check_betas(beta_min, beta_max, t_min, num_train_timesteps)
 
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
@@ -362,7 +382,7 @@ class SubVPSDE(_VPFamily):
 
     @register_to_config
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, num_train_timesteps: int = 1000):
-        self._check_betas(beta_min, beta_max, t_min)
+        self._check_betas(beta_min, beta_max, t_min, num_train_timesteps)
 
     def sigma(self, t):
         return -torch.expm1(2 * self.log_alpha(t))
@@ -400,6 +420,7 @@ class DiscreteVP(Process):
         beta_end: float = 0.02,
         alphas_cumprod: list[float] | None = None,
     ):
+        num_train_timesteps = _steps(num_train_timesteps)
         if alphas_cumprod is not None:
             table = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
             if table.ndim != 1 or table.numel() < 2:
@@ -578,7 +599,7 @@ def process_from_scheduler_config(config, *, continuous: bool = False) -> Proces
             sigma_min=float(cfg.get("sigma_min", 0.01)),
             sigma_max=float(cfg.get("sigma_max", 1348.0)),
             t_min=eps,
-            num_train_timesteps=int(cfg.get("num_train_timesteps", 2000)),
+            num_train_timesteps=_steps(cfg.get("num_train_timesteps", 2000), "scheduler config field num_train_timesteps"),
         )
     if "beta_schedule" in cfg or "beta_start" in cfg or "trained_betas" in cfg:
         if cfg.get("rescale_betas_zero_snr", False):
@@ -588,7 +609,7 @@ def process_from_scheduler_config(config, *, continuous: bool = False) -> Proces
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
             table = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg}, rescale_betas_zero_snr=True).alphas_cumprod
             return DiscreteVP.from_alphas_cumprod(table.to(torch.float64))
-        n = int(cfg.get("num_train_timesteps", 1000))
+        n = _steps(cfg.get("num_train_timesteps", 1000), "scheduler config field num_train_timesteps")
         schedule = cfg.get("beta_schedule", "linear")
         start = float(cfg.get("beta_start", 1e-4))
         end = float(cfg.get("beta_end", 0.02))

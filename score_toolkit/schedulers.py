@@ -74,6 +74,7 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
     def extract_init_dict(cls, config_dict, **kwargs):
         # strict like a network config (score_toolkit._config): typos are errors, present values are used
         config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), "the ScoreSDEScheduler config")
+        strict_config(kwargs, init_keys(cls), "the keyword arguments of ScoreSDEScheduler.from_config")
         return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -78,6 +80,50 @@ def test_sampler_dtype_and_device_must_agree_with_x_init(gaussian_case):
     with pytest.raises(ValueError, match=r"dtype torch.float64 / device None disagree with x_init.s torch.float32 / cpu"):
         sampler.sample(score_fn, process, x, dtype=torch.float64)
     assert sampler.sample(score_fn, process, x, dtype=torch.float32, device="cpu").samples.shape == (4, 2)
+
+
+@pytest.mark.parametrize("bad, found", [(float("nan"), "1 of 4 samples (first: sample 2)"),
+                                        (float("-inf"), "1 of 4 samples (first: sample 2)")])
+def test_sampler_refuses_a_non_finite_x_init(gaussian_case, bad, found):
+    """A NaN / inf start was reported only after the first step, as a state 'became' non-finite (blaming the step
+    size or the score function)."""
+    sampler, score_fn, process = gaussian_case
+    x = torch.zeros(4, 2)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"euler_maruyama.: expected finite x_init, found NaN or infinite values in "
+                                         rf"{re.escape(found)}"):
+        sampler.sample(score_fn, process, x)
+
+
+@pytest.mark.parametrize("name", ["euler_maruyama", "adaptive_ode"])
+def test_sampler_refuses_states_without_a_data_dimension(name):
+    """A (B,) state ran as B scalars in most samplers and was an IndexError in the adaptive ones."""
+    from score_toolkit.registry import get_sampler
+
+    sampler, process = get_sampler(name, progress=False), VPSDE()
+    with pytest.raises(ValueError, match=r"expected x_init with at least one sample .* of shape \(B, d, \.\.\.\) .*found shape \(3,\)"):
+        sampler.sample(lambda x, t: -x, process, torch.zeros(3))
+    for bad in [(3,), 3, (3, 2.0), (3, True)]:
+        with pytest.raises(ValueError, match=r"expected shape to be positive ints \(B, d, \.\.\.\)"):
+            sampler.sample(lambda x, t: -x, process, shape=bad)
+
+
+def test_sampler_checks_callback_and_return_trajectory_before_sampling(gaussian_case):
+    """A non-callable callback failed after the first step's work; a truthy string return_trajectory was taken as
+    True."""
+    sampler, _, process = gaussian_case
+    calls = []
+
+    def score_fn(x, t):
+        calls.append(1)
+        return -x
+
+    for kw in (dict(callback=3), dict(return_trajectory="no"), dict(return_trajectory=1)):
+        with pytest.raises(TypeError, match=r"expected a callable \(or None\) callback and a bool return_trajectory"):
+            sampler.sample(score_fn, process, shape=(2, 2), **kw)
+    assert calls == []
+    assert sampler.sample(score_fn, process, shape=(2, 2), callback=lambda info: None,
+                          return_trajectory=True).trajectory is not None
 
 
 # ------------------------------------------------------------------------------------ ScorePipeline shape
@@ -194,6 +240,20 @@ def test_schedulers_refuse_a_generator_list_of_another_length(name):
         sched.step(out, sched.timesteps[0], x, generator=gens)
 
 
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_from_config_refuses_unknown_keyword_arguments(name):
+    """from_config(config, solver_ordr=3) built the scheduler without the setting (diffusers drops unknown keyword
+    arguments silently); a typo in the config itself was already an error."""
+    import score_toolkit.diffusers_schedulers as ds
+    from diffusers import DDPMScheduler
+
+    cls = getattr(ds, name)
+    with pytest.raises(ValueError, match=rf"unknown key\(s\) 'beta_ed' \(did you mean 'beta_end'\?\) in the keyword "
+                                         rf"arguments of {name}.from_config"):
+        cls.from_config(DDPMScheduler().config, beta_ed=0.03)
+    assert cls.from_config(DDPMScheduler().config, beta_end=0.03).config.beta_end == 0.03
+
+
 # ------------------------------------------------------------------------------------ process times
 @pytest.mark.parametrize("make", ["VPSDE", "VESDE", "SubVPSDE", "DiscreteVP"])
 def test_process_methods_refuse_times_outside_the_range(make):
@@ -213,3 +273,152 @@ def test_process_methods_refuse_times_outside_the_range(make):
             call(good)
     alpha, sigma = process.marginal(torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert torch.equal(alpha, torch.exp(process.log_alpha(torch.tensor([0.0, 1.0], dtype=torch.float64))))
+
+
+@pytest.mark.parametrize("make", ["VPSDE", "VESDE", "SubVPSDE", "DiscreteVP"])
+def test_processes_refuse_a_number_of_training_steps_that_is_not_an_int_of_at_least_two(make):
+    """num_train_timesteps=1.5 was kept and read as int(1.5) = 1, so the network's index input t * (N - 1) was 0 at
+    every time; 0 gave negative indices (VP, VE) or an IndexError (DiscreteVP)."""
+    import score_toolkit.processes as P
+
+    for bad in (0, 1, 1.5, -3, True, "1000", float("nan")):
+        with pytest.raises(ValueError, match=rf"expected num_train_timesteps to be an int >= 2 .*found {re.escape(repr(bad))}"):
+            getattr(P, make)(num_train_timesteps=bad)
+    assert getattr(P, make)(num_train_timesteps=1000.0).num_train_timesteps == 1000  # an integral float is that int
+
+
+def test_scheduler_configs_refuse_a_bad_number_of_training_steps():
+    import score_toolkit.diffusers_schedulers as ds
+    from score_toolkit.processes import process_from_scheduler_config
+
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=rf"scheduler config field num_train_timesteps to be an int >= 2 .*found {bad}"):
+            ds.ScoreDPMSolverScheduler(num_train_timesteps=bad)
+        with pytest.raises(ValueError, match="scheduler config field num_train_timesteps"):
+            process_from_scheduler_config({"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 50.0,
+                                           "num_train_timesteps": bad})
+
+
+@pytest.mark.parametrize("make", ["VPSDE", "DiscreteVP"])
+def test_perturb_and_add_noise_refuse_what_would_broadcast(make):
+    """noise of shape (B, 1) or (1, d), or times for another batch, broadcast silently into x_t (as in diffusers'
+    own add_noise); integer samples came back truncated to integers."""
+    import score_toolkit.processes as P
+    from score_toolkit.diffusers_schedulers import ScoreAncestralScheduler
+
+    process = getattr(P, make)()
+    x0, noise, t = torch.randn(3, 2), torch.randn(3, 2), torch.full((3,), 0.5)
+    for bad_noise, bad_t in [(noise[:, :1], t), (noise[:1], t), (noise, t[:2]), (noise[:1], torch.full((1,), 0.5))]:
+        with pytest.raises(ValueError, match=r"perturb: expected noise of x0's shape \(3, 2\) and t a scalar or of "
+                                             r"shape \(3,\), found noise"):
+            process.perturb(x0, bad_t, bad_noise)
+    with pytest.raises(ValueError, match=r"of shape \(1,\), found noise \(1, 2\) and t \(3,\)"):
+        process.perturb(x0[:1], t, noise[:1])  # one sample, three times: it became three samples
+    expected = process.marginal(t)[0][:, None] * x0 + process.marginal(t)[1][:, None] * noise
+    assert torch.allclose(process.perturb(x0, t, noise), expected)
+    sched = ScoreAncestralScheduler()
+    with pytest.raises(ValueError, match=r"add_noise: expected noise of the shape of original_samples \(3, 2\), "
+                                         r"found \(3, 1\)"):
+        sched.add_noise(x0, noise[:, :1], torch.tensor([10]))
+    with pytest.raises(ValueError, match=r"get_velocity: expected noise of the shape of sample \(3, 2\), found \(1, 2\)"):
+        sched.get_velocity(x0, noise[:1], torch.tensor([10]))
+    with pytest.raises(TypeError, match="expected original_samples to be a floating-point tensor, found dtype torch.int64"):
+        sched.add_noise(torch.ones(3, 2, dtype=torch.long), noise, torch.tensor([10]))
+
+
+# ------------------------------------------------------------------------------------ conditioning
+def _ring_problem():
+    from score_toolkit.analytic import ring_mixture
+    from score_toolkit.conditioning import Mask
+
+    process = VPSDE()
+    return ring_mixture().score_fn(process), process, Mask(torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("method", ["DPS", "PiGDM", "Replacement"])
+def test_inverse_methods_refuse_non_finite_observations_and_noise(method):
+    """A NaN observation made every conditional score NaN (reported by the sampler after its first step, blaming the
+    score function); noise_std = inf was accepted and the observation ignored."""
+    import score_toolkit.conditioning as C
+
+    score_fn, process, mask = _ring_problem()
+    y = torch.zeros(3, 2)
+    y[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{method}: expected finite observation, found NaN or infinite values in 1 "
+                                         r"of 3 samples \(first: sample 1\)"):
+        getattr(C, method)(score_fn, process, mask, y, 0.1)
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match=rf"expected a finite noise_std >= 0, found {bad}"):
+            getattr(C, method)(score_fn, process, mask, torch.zeros(3, 2), bad)
+    out = getattr(C, method)(score_fn, process, mask, torch.zeros(3, 2), 0.1)(torch.randn(3, 2), 0.5)
+    assert torch.isfinite(out).all()
+
+
+def test_guidance_scales_and_pigdm_variance_must_be_finite():
+    from score_toolkit.conditioning import ClassifierFreeGuidance, ClassifierGuidance, MatrixOperator, PiGDM
+
+    score_fn, process, mask = _ring_problem()
+    for bad in (float("nan"), float("inf"), "2", None):
+        with pytest.raises(ValueError, match=rf"ClassifierFreeGuidance: expected guidance_scale to be a finite number, "
+                                             rf"found {re.escape(repr(bad))}"):
+            ClassifierFreeGuidance(lambda x, t, labels: -x, 0, bad, null_label=3)
+        with pytest.raises(ValueError, match=r"ClassifierGuidance: expected scale to be a finite number"):
+            ClassifierGuidance(score_fn, lambda x, t: x, 0, scale=bad)
+    assert ClassifierFreeGuidance(lambda x, t, labels: -x, 0, -0.5, null_label=3).guidance_scale == -0.5
+    with pytest.raises(ValueError, match=r"expected a finite data_variance > 0, found inf"):
+        PiGDM(score_fn, process, mask, torch.zeros(2), 0.1, data_variance=float("inf"))
+    with pytest.raises(ValueError, match=r"MatrixOperator: expected finite matrix entries, found NaN or infinite values "
+                                         r"in 1 of 4 values"):
+        MatrixOperator(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_conditional_score_refuses_observation_settings_without_an_observation():
+    from score_toolkit.conditioning import conditional_score
+
+    score_fn, process, mask = _ring_problem()
+    for kw in (dict(noise_std=0.5), dict(inverse_options={"scale": 2.0})):
+        with pytest.raises(ValueError, match=r"noise_std and inverse_options describe an observation .*without one"):
+            conditional_score(score_fn, process, **kw)
+    assert conditional_score(score_fn, process) is score_fn
+
+
+def test_pipeline_refuses_ignored_observation_settings_and_bad_callbacks():
+    """noise_std and inverse_method were ignored without an observation, and with the samplers that take the
+    operator themselves (repaint, imputation: a noise-free observation); a bad inverse_method was ignored without an
+    observation; a non-callable callback failed after the first step."""
+    pipe = vector_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(sampler="euler_maruyama", num_inference_steps=2)
+    for kw in (dict(noise_std=0.5), dict(inverse_method="dps")):
+        with pytest.raises(ValueError, match=r"noise_std and inverse_method describe an observation .*found "
+                                             r"\{'(noise_std|inverse_method)'.*without one"):
+            pipe(2, **run, **kw)
+    with pytest.raises(ValueError, match=r"expected inverse_method in \['dps', 'pigdm', 'replacement'\], found 'bogus'"):
+        pipe(2, inverse_method="bogus", **run)
+    observed = dict(mask=torch.tensor([1.0, 0.0]), observation=torch.zeros(2))
+    for name in ("repaint", "imputation"):
+        for kw in (dict(noise_std=0.5), dict(inverse_method="dps")):
+            with pytest.raises(ValueError, match=rf"sampler '{name}' takes the operator and a noise-free observation "
+                                                 r"itself: noise_std and inverse_method do not apply"):
+                pipe(2, sampler=name, num_inference_steps=2, **observed, **kw)
+        assert pipe(2, sampler=name, num_inference_steps=2, **observed).samples.shape == (2, 2)
+        bad = torch.tensor([0.0, float("nan")])
+        with pytest.raises(ValueError, match=rf"sampler '{name}': expected finite observation"):
+            pipe(2, sampler=name, num_inference_steps=2, mask=observed["mask"], observation=bad)
+    assert pipe(2, noise_std=0.5, **observed, **run).samples.shape == (2, 2)
+    with pytest.raises(TypeError, match="expected callback to be callable or None, found int"):
+        pipe(2, callback=3, **run)
+
+
+def test_process_and_score_sde_scheduler_from_config_refuse_unknown_keyword_arguments():
+    from score_toolkit.schedulers import scheduler_for
+
+    process = VPSDE()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'beta_mx' \(did you mean 'beta_max'\?\) in the keyword "
+                                         r"arguments of VPSDE.from_config"):
+        VPSDE.from_config(process.config, beta_mx=10.0)
+    assert VPSDE.from_config(process.config, beta_max=10.0).config.beta_max == 10.0
+    sched = scheduler_for(process, "epsilon", "t")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'predicton_type' .*ScoreSDEScheduler.from_config"):
+        type(sched).from_config(sched.config, predicton_type="sample")
+    assert type(sched).from_config(sched.config, prediction_type="sample").config.prediction_type == "sample"

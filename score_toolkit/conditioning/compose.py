@@ -38,7 +38,8 @@ def conditional_score(
     ``observation`` for inpainting), with the inverse-problem method ``inverse_method`` (``pigdm``, ``dps``,
     ``replacement``; options such as ``scale`` or ``data_variance`` in ``inverse_options``). With nothing to condition
     on, ``score_fn`` is returned unchanged. Bad combinations are errors: ``guidance_scale`` without ``class_labels``,
-    both ``mask`` and ``operator``, an operator without an observation or the reverse."""
+    both ``mask`` and ``operator``, an operator without an observation or the reverse, ``noise_std`` or
+    ``inverse_options`` without an observation."""
     guidance_scale = float(guidance_scale)
     if class_labels is None and guidance_scale != 1.0:
         raise ValueError("guidance_scale needs class_labels (the classes to generate)")
@@ -52,6 +53,9 @@ def conditional_score(
         raise TypeError(f"expected operator to be a score_toolkit.conditioning LinearOperator, found {type(operator).__name__}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"expected inverse_method in {sorted(INVERSE_METHODS)}, found {inverse_method!r}")
+    if operator is None and (noise_std != 0 or inverse_options):
+        raise ValueError(f"noise_std and inverse_options describe an observation (operator= or mask=, with "
+                         f"observation=); found noise_std={noise_std!r}, inverse_options={inverse_options!r} without one")
     out = score_fn
     if class_labels is not None:
         if model is None:

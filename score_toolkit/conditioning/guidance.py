@@ -14,6 +14,7 @@ signature ``score_fn(x, t)`` (so every sampler, built-in or plugin, samples cond
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,17 @@ def check_labels(labels, batch: int | None, num_classes: int | None, *, device=N
             bad = sorted(set(labels[~ok].tolist()))
             raise ValueError(f"class label(s) {bad} outside the model's classes 0..{num_classes - 1}")
     return labels.to(device=device, dtype=torch.long) if device is not None else labels.long()
+
+
+def _finite(value, name: str, owner: str) -> float:
+    """A guidance scale: a finite real number (negative values are allowed: they push away from the class)."""
+    try:
+        v = float(value) if not isinstance(value, (bool, str)) else math.nan
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v):
+        raise ValueError(f"{owner}: expected {name} to be a finite number, found {value!r}")
+    return v
 
 
 def drop_labels(labels: torch.Tensor, null_label: int, p: float, generator=None) -> torch.Tensor:
@@ -81,7 +93,7 @@ class ClassifierGuidance:
     def __init__(self, score_fn: Callable, classifier: Callable, labels, scale: float = 1.0):
         if not callable(score_fn) or not callable(classifier):
             raise TypeError("expected callable score_fn and classifier")
-        self.score_fn, self.classifier, self.scale = score_fn, classifier, float(scale)
+        self.score_fn, self.classifier, self.scale = score_fn, classifier, _finite(scale, "scale", "ClassifierGuidance")
         self.labels = check_labels(labels, None, getattr(classifier, "num_classes", None))
         self._base_energy = energy_or_none(score_fn)
         if self._base_energy is not None:
@@ -148,7 +160,8 @@ class ClassifierFreeGuidance:
         if null is None:
             raise ValueError("pass null_label (the label of the unconditional prediction): the score function does "
                              "not declare one")
-        self.fn, self.null_label, self.guidance_scale = conditional_score_fn, int(null), float(guidance_scale)
+        self.fn, self.null_label = conditional_score_fn, int(null)
+        self.guidance_scale = _finite(guidance_scale, "guidance_scale", "ClassifierFreeGuidance")
         self.labels = check_labels(labels, None, getattr(conditional_score_fn, "num_classes", None))
         if energy_or_none(conditional_score_fn) is not None:
             self.energy = self._energy

@@ -38,12 +38,13 @@ importance weights, which makes every one of these methods asymptotically exact 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from .._utils import append_dims, as_time, check_tensor
+from .._utils import append_dims, as_time, check_finite, check_tensor
 from ..processes import Process
 from .operators import LinearOperator
 
@@ -76,10 +77,10 @@ class InverseProblemScore:
             raise TypeError(f"expected a score_toolkit Process, found {type(process).__name__}")
         if not isinstance(operator, LinearOperator):
             raise TypeError(f"expected a LinearOperator (score_toolkit.conditioning.operators), found {type(operator).__name__}")
-        check_tensor(observation, "observation", min_rank=1)
+        check_finite(check_tensor(observation, "observation", min_rank=1), "observation", type(self).__name__)
         noise_std = float(noise_std)
-        if not noise_std >= 0:
-            raise ValueError(f"expected noise_std >= 0, found {noise_std!r}")
+        if not 0 <= noise_std < math.inf:
+            raise ValueError(f"expected a finite noise_std >= 0, found {noise_std!r}")
         self.score_fn, self.process, self.operator = score_fn, process, operator
         self.observation, self.noise_std = observation, noise_std
 
@@ -215,8 +216,8 @@ class PiGDM(InverseProblemScore):
     def __init__(self, score_fn, process, operator, observation, noise_std: float = 0.0, *, scale: float = 1.0,
                  data_variance: float = 1.0):
         super().__init__(score_fn, process, operator, observation, noise_std)
-        if not float(data_variance) > 0:
-            raise ValueError(f"expected data_variance > 0, found {data_variance!r}")
+        if not 0 < float(data_variance) < math.inf:
+            raise ValueError(f"expected a finite data_variance > 0, found {data_variance!r}")
         self.scale, self.data_variance = _check_scale(scale), float(data_variance)
 
     def _twist(self, x, t, y):

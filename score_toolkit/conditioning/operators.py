@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .._utils import check_tensor
+from .._utils import check_finite, check_tensor
 
 __all__ = [
     "LinearOperator",
@@ -378,6 +378,7 @@ class MatrixOperator(LinearOperator):
         a = torch.as_tensor(matrix)
         if a.ndim != 2 or not a.is_floating_point():
             raise ValueError(f"expected a floating-point (m, n) matrix, found shape {tuple(a.shape)} and dtype {a.dtype}")
+        check_finite(a.reshape(-1), "matrix entries", "MatrixOperator")
         self.A = a
         u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
         self._u, self._s, self._vh = u, s, vh
@@ -468,3 +469,4 @@ def check_operator_options(sampler: str, operator, observation) -> None:
         if not isinstance(observation, torch.Tensor) or not observation.is_floating_point():
             raise TypeError(f"sampler {sampler!r}: expected option observation to be a floating-point tensor, found "
                             f"{type(observation).__name__}")
+        check_finite(observation, "observation", f"sampler {sampler!r}")

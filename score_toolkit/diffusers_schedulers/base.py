@@ -85,8 +85,10 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
         config_dict = dict(config_dict)
         defaulted = set(config_dict.get("_use_default_values", None) or [])
         # Unknown keys (typos) are errors, as in network configs (score_toolkit._config); _use_default_values goes.
-        config_dict = strict_config(config_dict, score_scheduler_config_keys(cls) | set(kwargs),
-                                    f"the {cls.__name__} config")
+        allowed = score_scheduler_config_keys(cls)
+        config_dict = strict_config(config_dict, allowed | set(kwargs), f"the {cls.__name__} config")
+        # and so are keyword arguments of from_config that no config holds (diffusers' schedulers drop them silently)
+        strict_config(kwargs, allowed, f"the keyword arguments of {cls.__name__}.from_config")
         # diffusers semantics for the sampling settings: those the source left at its defaults (in memory:
         # diffusers never writes that list to a file) take ours. The fields that describe the model are kept
         # whatever their origin (a default ScoreSdeVeScheduler's sigma range, a default DDPMScheduler's table

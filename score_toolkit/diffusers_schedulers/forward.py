@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import append_dims
+from .._utils import append_dims, check_tensor
 from ..processes import DiscreteVP
 
 
@@ -72,7 +72,7 @@ class ForwardProcessMixin:
         """The forward marginal ``x_t = alpha(t) x_0 + sigma(t) noise`` at network inputs ``timesteps`` (a number,
         or one per sample: e.g. training indices of a DDPM table), for samples of any rank. A timestep of the
         current schedule uses its exact grid time."""
-        x0 = original_samples
+        x0 = _checked(original_samples, noise, "original_samples", "add_noise")
         t = self._times_of(timesteps, x0.shape[0])
         work = torch.float64 if x0.device.type == "cpu" else torch.float32
         out = self.process.perturb(x0.to(work), t.to(x0.device, work), noise.to(work))
@@ -81,6 +81,7 @@ class ForwardProcessMixin:
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target ``v = alpha(t) noise - sigma(t) x_0`` (``sample`` is the clean ``x_0``, as in
         diffusers' training scripts) at network inputs ``timesteps``."""
+        _checked(sample, noise, "sample", "get_velocity")
         t = self._times_of(timesteps, sample.shape[0])
         work = torch.float64 if sample.device.type == "cpu" else torch.float32
         alpha, sigma = self.process.marginal(t.to(sample.device, work))
@@ -112,3 +113,13 @@ class ForwardProcessMixin:
             t = 0.5 * (lo + hi)
         self.process.check_t(t, name="the time of timesteps", tol=1e-6)
         return self.process.clamp_t(t)
+
+
+def _checked(x: torch.Tensor, noise: torch.Tensor, name: str, method: str) -> torch.Tensor:
+    """``x`` a floating tensor (B, ...) and ``noise`` of its shape (diffusers' schedulers broadcast a mismatch and
+    truncate integer samples silently)."""
+    check_tensor(x, name)
+    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+        found = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"{method}: expected noise of the shape of {name} {tuple(x.shape)}, found {found}")
+    return x

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import _utils
-from .._utils import GeneratorLike, as_time, check_generator, check_tensor, resolve_device, resolve_torch_dtype
+from .._utils import GeneratorLike, as_time, check_generator, check_state, check_tensor, resolve_device, resolve_torch_dtype
 from ..processes import Process
 from ..threads import cpu_threads
 
@@ -299,6 +299,9 @@ class Sampler:
         """
         if not callable(score_fn):
             raise TypeError(f"sampler {self.name!r}: expected score_fn to be callable, found {type(score_fn).__name__}")
+        if (callback is not None and not callable(callback)) or not isinstance(return_trajectory, bool):
+            raise TypeError(f"sampler {self.name!r}: expected a callable (or None) callback and a bool return_trajectory, "
+                            f"found callback={callback!r}, return_trajectory={return_trajectory!r}")
         if not isinstance(process, Process):
             raise TypeError(f"sampler {self.name!r}: expected a score_toolkit Process, found {type(process).__name__}")
         self._check_process(process)
@@ -307,9 +310,10 @@ class Sampler:
         if x_init is None:
             if shape is None:
                 raise ValueError(f"sampler {self.name!r}: pass x_init or shape")
-            shape = tuple(shape)
-            if len(shape) < 1 or any((not isinstance(s, int)) or s < 1 for s in shape):
-                raise ValueError(f"sampler {self.name!r}: expected shape to be positive ints (B, ...), found {shape}")
+            shape = tuple(shape) if isinstance(shape, Sequence) else shape
+            if not isinstance(shape, tuple) or len(shape) < 2 or any(type(s) is not int or s < 1 for s in shape):
+                raise ValueError(f"sampler {self.name!r}: expected shape to be positive ints (B, d, ...): a batch of "
+                                 f"samples of at least one dimension (scalars are (B, 1)), found {shape!r}")
             x = self.initial_state(process, shape, generator=generator, device=device, dtype=dtype)
         else:
             if shape is not None and tuple(shape) != tuple(x_init.shape):
@@ -319,12 +323,8 @@ class Sampler:
             if dtype not in (None, x.dtype) or not same_device:
                 raise ValueError(f"sampler {self.name!r}: dtype {dtype} / device {device} disagree with x_init's "
                                  f"{x.dtype} / {x.device} (they apply to a state drawn from shape; convert x_init)")
-            if x.shape[0] == 0 or x[0].numel() == 0:
-                raise ValueError(f"sampler {self.name!r}: expected x_init with at least one sample (B >= 1) of at least "
-                                 f"one value, found shape {tuple(x.shape)}")
-        if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
-            raise ValueError(f"sampler {self.name!r}: expected one generator per sample ({x.shape[0]}), "
-                             f"found {len(generator)}")
+            check_state(x, "x_init", f"sampler {self.name!r}")
+        check_generator(generator, x.shape[0])  # a list: one generator per sample
         # the output has the input's dtype; half precision is integrated in float32 (the score sees float32
         # states), since float16 cannot carry the small per-step updates (nor torchdiffeq's times)
         out_dtype = x.dtype
