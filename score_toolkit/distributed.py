@@ -131,6 +131,12 @@ def sample_to_folder(
                              ("max_grid", max_grid, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"expected {name} to be an int >= {low}, found {value!r}")
+    for name, value in (("overwrite", overwrite), ("progress", progress), ("image_files", image_files)):
+        if not isinstance(value, bool):  # overwrite="no" would replace another run's files
+            raise TypeError(f"expected {name} to be a bool, found {value!r}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"expected checkpoint to be a name or path (str) or None, found {type(checkpoint).__name__}")
+    checkpoint = os.fspath(checkpoint) if checkpoint is not None else None  # recorded in the JSON manifest
     if network_batch_size is not None and (not isinstance(network_batch_size, int) or isinstance(network_batch_size, bool)
                                            or network_batch_size < 1):
         raise ValueError(f"expected network_batch_size to be a positive int or None, found {network_batch_size!r}")

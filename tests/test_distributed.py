@@ -153,6 +153,11 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, accelerator):
         ({"sampler_options": {"num_step": 3}}, TypeError, "did you mean 'num_steps'"),
         ({"shard_size": 3}, ValueError, "multiple of batch_size"),
         ({"seed": -1}, ValueError, "seed"),
+        # a truthy string was taken as True: overwrite="no" replaced another run's files
+        ({"overwrite": "no"}, TypeError, "expected overwrite to be a bool, found 'no'"),
+        ({"progress": "no"}, TypeError, "expected progress to be a bool, found 'no'"),
+        ({"image_files": 1}, TypeError, "expected image_files to be a bool, found 1"),
+        ({"checkpoint": 3}, TypeError, r"expected checkpoint to be a name or path \(str\) or None, found int"),
     ]
     for change, error, match in bad:
         with pytest.raises(error, match=match):
