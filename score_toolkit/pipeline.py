@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -314,6 +315,8 @@ class ScorePipeline(DiffusionPipeline):
             raise ValueError(
                 f"output_type='pil' needs image-shaped samples (B, 1 or 3, H, W), found shape {shape}; use 'pt' or 'np'"
             )
+        if is_image:
+            _value_range(value_range)  # before sampling, not after
         score_fn = self.score_function(network_batch_size)
         if sampler_obj.properties.needs_energy and score_fn.prediction_type != "energy":
             raise ValueError(
@@ -662,10 +665,18 @@ def _has_num_steps(name: str) -> bool:
     return "num_steps" in {**cls.common_options, **cls.options}
 
 
+def _value_range(value_range) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"expected value_range (low, high): two finite numbers with high > low, found {value_range!r}")
+    return lo, hi
+
+
 def _to_images(samples: torch.Tensor, output_type: str, value_range) -> Any:
-    lo, hi = (float(v) for v in value_range)
-    if not hi > lo:
-        raise ValueError(f"expected value_range (low, high) with high > low, found {value_range!r}")
+    lo, hi = _value_range(value_range)
     images = ((samples.float() - lo) / (hi - lo)).clamp(0, 1)
     if output_type == "pt":
         return images

@@ -148,6 +148,26 @@ def test_pipeline_checks_the_shape_against_the_network():
         vectors(shape=(3, 2, 1), **run)
 
 
+def test_pipeline_checks_value_range_before_sampling():
+    """A bad value_range for images was an error only after the whole sampling run."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    from diffusers import DDPMScheduler
+
+    calls = []
+    unet.register_forward_hook(lambda *args: calls.append(1))
+    images = ScorePipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2))
+    images.set_progress_bar_config(disable=True)
+    for bad in [(1.0, -1.0), (0.0, float("inf")), ("a", 1), (1.0,)]:
+        with pytest.raises(ValueError, match=r"expected value_range \(low, high\): two finite numbers with high > low"):
+            images(batch_size=1, sampler="ancestral", num_steps=2, output_type="pt", value_range=bad)
+    assert calls == []
+    out = images(batch_size=1, sampler="ancestral", num_steps=2, output_type="pt", value_range=(0, 1))
+    assert calls and out.images.shape == (1, 1, 8, 8)
+
+
 # ------------------------------------------------------------------------------------ metrics and mixtures
 def test_mixture_and_noise_floor_sizes():
     from score_toolkit.analytic import GaussianMixture, ring_mixture
