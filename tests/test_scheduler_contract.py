@@ -395,6 +395,14 @@ def test_multistep_settings_are_warned_about_by_the_single_step_schedulers(key, 
 def test_dpm_settings_are_mapped_or_warned():
     _, msgs = _warned(ds.ScoreDPMSolverScheduler, algorithm_type="sde-dpmsolver++")
     assert any("algorithm_type='sde-dpmsolver++'" in m for m in msgs)
+    # lambda_min_clipped clips timestep_spacing's indices: on another grid it was ignored without a word
+    for grid in ({}, {"use_karras_sigmas": True}, {"timestep_spacing": "linspace", "use_lu_lambdas": True}):
+        _, msgs = _warned(ds.ScoreDPMSolverScheduler, lambda_min_clipped=-2.0, **grid)
+        assert any("lambda_min_clipped=-2.0 on a grid not built from timestep_spacing" in m for m in msgs), (grid, msgs)
+    assert _warned(ds.ScoreDPMSolverScheduler, lambda_min_clipped=-2.0, timestep_spacing="linspace")[1] == []
+    assert _warned(ds.ScoreDPMSolverScheduler, lambda_min_clipped=-math.inf)[1] == []
+    with pytest.raises(TypeError, match="'lambda_min_clipped': expected a number, found nan"):
+        ds.ScoreDPMSolverScheduler(lambda_min_clipped=math.nan)
     for value in ("deis", "data_prediction"):
         assert _warned(ds.ScoreDPMSolverScheduler, algorithm_type=value)[1] == []
     # euler_at_final: the last step is first order; lower_order_final off: full order to the end

@@ -60,8 +60,15 @@ class ScoreDPMSolverScheduler(ScoreSchedulerBase):
                     f"scheduler config field 'algorithm_type': expected 'dpmsolver++', found {algorithm_type!r}")
             warn_knob("ScoreDPMSolverScheduler", "algorithm_type", algorithm_type,
                       "another DPM-Solver variant (this scheduler runs dpmsolver++, the data-prediction ODE solver)")
-        if not isinstance(lambda_min_clipped, (int, float)) or isinstance(lambda_min_clipped, bool):
+        if not isinstance(lambda_min_clipped, (int, float)) or isinstance(lambda_min_clipped, bool) or (
+                lambda_min_clipped != lambda_min_clipped):
             raise TypeError(f"scheduler config field 'lambda_min_clipped': expected a number, found {lambda_min_clipped!r}")
+        sigma_grid = config["use_karras_sigmas"] or config["use_exponential_sigmas"] or config["use_lu_lambdas"]
+        if lambda_min_clipped > -math.inf and (config["timestep_spacing"] is None or sigma_grid):
+            warn_knob("ScoreDPMSolverScheduler", "lambda_min_clipped", lambda_min_clipped,
+                      "the clipping of timestep_spacing's table indices",
+                      extra=" on a grid not built from timestep_spacing (timestep_spacing None, or use_karras_sigmas / "
+                            "use_exponential_sigmas / use_lu_lambdas: diffusers ignores it there too)")
         self._setup(spec_of(config), knobs_of(config))
         self._outputs: list[torch.Tensor] = []
         self._lower_order_nums = 0
