@@ -15,6 +15,7 @@ implementation must agree on and which are read side by side with FORMULAS.md.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,13 @@ def _steps(n, name: str = "num_train_timesteps") -> int:
     if not number or not (math.isfinite(n) and n == int(n) and n >= 2):
         raise ValueError(f"expected {name} to be an int >= 2 (the network's time index is t * (N - 1)), found {n!r}")
     return int(n)
+
+
+def _numbers(**values) -> None:
+    """Real numbers (the config stores them as given: a string "0.01" or a tensor would be saved as such)."""
+    for name, v in values.items():
+        if isinstance(v, (bool, str)) or not isinstance(v, numbers.Real):
+            raise TypeError(f"expected {name} to be a real number, found {type(v).__name__} {v!r}")
 
 
 class Process(ConfigMixin):
@@ -273,6 +281,7 @@ class VESDE(Process):
 
     @register_to_config
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5, num_train_timesteps: int = 1000):
+        _numbers(sigma_min=sigma_min, sigma_max=sigma_max, t_min=t_min)
         smin = check_positive(sigma_min, "sigma_min")
         smax = check_positive(sigma_max, "sigma_max")
         _steps(num_train_timesteps)
@@ -324,6 +333,7 @@ class _VPFamily(Process):
 
     def _check_betas(self, beta_min, beta_max, t_min, num_train_timesteps):
         _steps(num_train_timesteps)
+        _numbers(beta_min=beta_min, beta_max=beta_max, t_min=t_min)
         bmin = check_positive(beta_min, "beta_min")
         bmax = check_positive(beta_max, "beta_max")
         if bmax < bmin:

@@ -442,3 +442,19 @@ def test_process_and_score_sde_scheduler_from_config_refuse_unknown_keyword_argu
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'predicton_type' .*ScoreSDEScheduler.from_config"):
         type(sched).from_config(sched.config, predicton_type="sample")
     assert type(sched).from_config(sched.config, prediction_type="sample").config.prediction_type == "sample"
+
+
+@pytest.mark.parametrize("make, key", [("VESDE", "sigma_min"), ("VESDE", "t_min"), ("VPSDE", "beta_max"),
+                                       ("SubVPSDE", "beta_min"), ("VPSDE", "t_min")])
+def test_process_parameters_must_be_numbers(make, key):
+    """VESDE(sigma_min="0.01") passed the range check (float("0.01")) and kept the string in its config, which was
+    saved as a string; a 0-d tensor would not save at all."""
+    import score_toolkit.processes as P
+
+    import numpy as np
+
+    good = {"sigma_min": 0.02, "t_min": 0.01, "beta_max": 30.0, "beta_min": 0.2}[key]
+    for bad in (str(good), torch.tensor(good)):
+        with pytest.raises(TypeError, match=rf"expected {key} to be a real number, found (str|Tensor)"):
+            getattr(P, make)(**{key: bad})
+    assert float(getattr(P, make)(**{key: np.float64(good)}).config[key]) == good
