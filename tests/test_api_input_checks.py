@@ -264,8 +264,9 @@ def test_schedulers_refuse_a_generator_list_of_another_length(name):
 def test_scheduler_from_config_refuses_unknown_keyword_arguments(name):
     """from_config(config, solver_ordr=3) built the scheduler without the setting (diffusers drops unknown keyword
     arguments silently); a typo in the config itself was already an error."""
-    import score_toolkit.diffusers_schedulers as ds
     from diffusers import DDPMScheduler
+
+    import score_toolkit.diffusers_schedulers as ds
 
     cls = getattr(ds, name)
     with pytest.raises(ValueError, match=rf"unknown key\(s\) 'beta_ed' \(did you mean 'beta_end'\?\) in the keyword "
@@ -449,9 +450,9 @@ def test_process_and_score_sde_scheduler_from_config_refuse_unknown_keyword_argu
 def test_process_parameters_must_be_numbers(make, key):
     """VESDE(sigma_min="0.01") passed the range check (float("0.01")) and kept the string in its config, which was
     saved as a string; a 0-d tensor would not save at all."""
-    import score_toolkit.processes as P
-
     import numpy as np
+
+    import score_toolkit.processes as P
 
     good = {"sigma_min": 0.02, "t_min": 0.01, "beta_max": 30.0, "beta_min": 0.2}[key]
     for bad in (str(good), torch.tensor(good)):

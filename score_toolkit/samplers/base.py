@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import _utils
-from .._utils import GeneratorLike, as_time, check_generator, check_state, check_tensor, resolve_device, resolve_torch_dtype
+from .._utils import GeneratorLike, as_time, check_generator, check_tensor, resolve_device, resolve_torch_dtype
 from ..processes import Process
 from ..threads import cpu_threads
 
@@ -323,7 +323,7 @@ class Sampler:
             if dtype not in (None, x.dtype) or not same_device:
                 raise ValueError(f"sampler {self.name!r}: dtype {dtype} / device {device} disagree with x_init's "
                                  f"{x.dtype} / {x.device} (they apply to a state drawn from shape; convert x_init)")
-            check_state(x, "x_init", f"sampler {self.name!r}")
+            _utils.check_state(x, "x_init", f"sampler {self.name!r}")
         check_generator(generator, x.shape[0])  # a list: one generator per sample
         # the output has the input's dtype; half precision is integrated in float32 (the score sees float32
         # states), since float16 cannot carry the small per-step updates (nor torchdiffeq's times)
