@@ -150,11 +150,13 @@ class _ReducedPrecisionNetwork:
     def __init__(self, model: Callable, dtype: torch.dtype):
         self.model = model
         self.dtype = dtype
+        self.config = getattr(model, "config", None)  # read by the label-conditional wrappers (num_class_embeds)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs):
+        # kwargs: the network's other inputs (class_labels, integer: passed as they are)
         from .scores import _model_output
 
-        return _model_output(self.model(x.to(self.dtype), t)).float()
+        return _model_output(self.model(x.to(self.dtype), t, **kwargs)).float()
 
 
 _REDUCED = (torch.bfloat16, torch.float16)
@@ -409,8 +411,10 @@ class ScorePipeline(DiffusionPipeline):
 
         process, prediction_type, time_input = self.spec
         model = self.unet
+        if self.unet.dtype in _REDUCED:  # float32 states, as for the unconditional score (score_function)
+            model = _ReducedPrecisionNetwork(model, self.unet.dtype)
         if network_batch_size is not None:
-            model = _FixedBatchNetwork(self.unet, network_batch_size)
+            model = _FixedBatchNetwork(model, network_batch_size)
             model.config = self.unet.config
         if observation is not None and not isinstance(observation, torch.Tensor):
             observation = torch.as_tensor(observation)
