@@ -41,3 +41,52 @@ def test_bfloat16_label_conditional_network_samples_like_float32(conditioning):
     # bfloat16 has 8 bits of mantissa: close to the float32 run, not equal
     assert not torch.equal(out, ref)
     torch.testing.assert_close(out, ref, atol=0.1 * float(ref.abs().max()), rtol=0)
+
+
+def _mps_time_rule(monkeypatch):
+    """The rule of devices without float64 (MPS), on the CPU: the samplers' times on the state's device in float32."""
+    import score_toolkit.samplers.adaptive as adaptive
+    import score_toolkit.samplers.base as base
+    import score_toolkit.samplers.pf_ode as pf_ode
+
+    rule = lambda x: torch.float32  # noqa: E731
+    for module in (base, adaptive, pf_ode):
+        monkeypatch.setattr(module, "time_dtype", rule)
+
+
+@pytest.mark.parametrize("name, options", [("adaptive_ode", {}), ("adaptive_sde", {}), ("pf_ode", {}),
+                                           ("pf_ode", {"method": "rk4", "num_steps": 20})])
+def test_samplers_keep_no_float64_time_on_a_device_without_it(monkeypatch, name, options):
+    # the per-sample times and steps of the adaptive samplers, the Brownian memory of adaptive_sde and pf_ode's
+    # torchdiffeq times were float64 tensors on the state's device whatever the device (MPS: an error); under the
+    # MPS rule they are float32, and the samples stay accurate
+    import torchdiffeq
+
+    import score_toolkit.samplers.adaptive as adaptive
+    import score_toolkit.samplers.base as base
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.registry import get_sampler
+    from score_toolkit.testing import check_accuracy, conformance_mixture
+
+    _mps_time_rule(monkeypatch)
+    seen = set()
+    score = base.SamplingContext.score
+
+    def recording_score(self, x, t):  # the times the sampler holds, before the context converts them
+        seen.add(t.dtype if isinstance(t, torch.Tensor) else float)
+        return score(self, x, t)
+
+    odeint = torchdiffeq.odeint
+    monkeypatch.setattr(base.SamplingContext, "score", recording_score)
+    monkeypatch.setattr(torchdiffeq, "odeint", lambda f, y, t, **kw: (seen.add(t.dtype), odeint(f, y, t, **kw))[1])
+    memory = adaptive._BrownianMemory.__init__
+
+    def recording_memory(self, ctx, like):
+        memory(self, ctx, like)
+        seen.add(self.dt.dtype)
+
+    monkeypatch.setattr(adaptive._BrownianMemory, "__init__", recording_memory)
+    process = VPSDE()
+    mixture = conformance_mixture()
+    check_accuracy(get_sampler(name, **options), mixture.score_fn(process), process, mixture, num_samples=1000)
+    assert seen and torch.float64 not in seen, seen

@@ -42,6 +42,7 @@ from .base import (
     check_float,
     check_int,
     check_max_nfe,
+    time_dtype,
 )
 from .grids import check_to_zero, step_to_zero
 
@@ -61,6 +62,9 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).pow(2).mean(1).sqrt()
 
 
+_EPS64 = torch.finfo(torch.float64).eps
+
+
 class _BrownianMemory:
     """Per-sample Brownian increments with rejection sampling with memory (Rackauckas & Nie 2017, "Adaptive
     methods for stochastic differential equations via natural embeddings and rejection sampling with memory",
@@ -77,7 +81,7 @@ class _BrownianMemory:
         self.ctx = ctx
         b = like.shape[0]
         self.shape = like.shape[1:]
-        self.dt = torch.zeros(b, 4, dtype=torch.float64, device=like.device)
+        self.dt = torch.zeros(b, 4, dtype=time_dtype(like), device=like.device)  # float32 on MPS (no float64)
         self.dw = torch.zeros(b, 4, *self.shape, dtype=like.dtype, device=like.device)
         self.depth = torch.zeros(b, dtype=torch.long, device=like.device)
 
@@ -89,7 +93,9 @@ class _BrownianMemory:
         nd = len(self.shape) + 1
         out = self.dw.new_zeros((idx.numel(), *self.shape))
         need = h.clone()
-        tiny = 1e-13 * need.abs().clamp_min(1e-300)
+        # what is left of a step after subtracting its pieces is round-off below this (1e-13 relative in float64,
+        # as many float32 epsilons in float32)
+        tiny = (1e-13 * torch.finfo(need.dtype).eps / _EPS64) * need.abs().clamp_min(1e-300)
         while True:
             pos = torch.nonzero((need > tiny) & (self.depth[idx] > 0)).flatten()
             if pos.numel() == 0:
@@ -221,7 +227,7 @@ class AdaptiveSDESampler(_AdaptiveBase):
         process = ctx.process
         b, nd = x.shape[0], x.ndim
         t_min = process.t_min
-        tdt = torch.float64
+        tdt = time_dtype(x)  # per-sample times and steps on the state's device: float32 on MPS (no float64)
         t = torch.full((b,), process.t_max, dtype=tdt, device=x.device)
         h = torch.full((b,), min(cfg["h_init"], process.t_max - t_min), dtype=tdt, device=x.device)
         x_prev = x.clone()
@@ -364,11 +370,11 @@ class AdaptiveODESampler(_AdaptiveBase):
         tab = TABLEAUS[cfg["method"]]
         process = ctx.process
         b, nd = x.shape[0], x.ndim
-        tdt = torch.float64
-        ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=tdt))
+        tdt = time_dtype(x)  # per-sample times and steps on the state's device: float32 on MPS (no float64)
+        ends = process.log_snr(torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
         lam_start, lam_end = float(ends[0]), float(ends[1])
         span = lam_end - lam_start
-        alpha0 = float(process.marginal(torch.tensor(process.t_max, dtype=tdt))[0])
+        alpha0 = float(process.marginal(torch.tensor(process.t_max, dtype=torch.float64))[0])
         lam = torch.full((b,), lam_start, dtype=tdt, device=x.device)
         h = torch.full((b,), min(cfg["h_init"], span), dtype=tdt, device=x.device)
         xt = x / alpha0

@@ -28,6 +28,7 @@ from .base import (
     check_choice,
     check_float,
     check_int,
+    time_dtype,
 )
 from .grids import check_to_zero, step_to_zero
 
@@ -247,10 +248,12 @@ class ProbabilityFlowODESampler(Sampler):
         method = cfg["method"]
         spec = METHODS[method]
         process = ctx.process
-        grid = process.time_grid(cfg["num_steps"], cfg["grid"], dtype=torch.float64, device=x.device)
-        ends = grid[[0, -1]]
+        grid = process.time_grid(cfg["num_steps"], cfg["grid"], dtype=torch.float64)  # on the CPU: MPS has no float64
         if method == "euler":
             return _euler(ctx, x, grid.tolist())
+        times_cpu = grid
+        grid = grid.to(device=x.device, dtype=time_dtype(x))  # torchdiffeq's times, on the state's device
+        ends = grid[[0, -1]]
         if not spec.adaptive:
             func = _ProbabilityFlow(ctx, None, record_steps=True)
             options = {"grid_constructor": lambda f, y0, t: grid.to(t)}
@@ -265,6 +268,7 @@ class ProbabilityFlowODESampler(Sampler):
         if self._setting(cfg, "per_sample_norm"):
             options["norm"] = per_sample_rms_norm
         times = grid if ctx.trajectory is not None else ends
+        times_cpu = times_cpu if ctx.trajectory is not None else times_cpu[[0, -1]]
         try:
             ys = torchdiffeq.odeint(func, x, times, rtol=self._setting(cfg, "rtol"), atol=self._setting(cfg, "atol"),
                                     method=method, options=options)
@@ -272,7 +276,7 @@ class ProbabilityFlowODESampler(Sampler):
             raise_odeint_failure(e, who=f"sampler {self.name!r}", t=func.t, steps=func.steps,
                                  too_many=_too_many_steps(self.name, max_num_steps, func.t))
         ctx.info = {"steps_attempted": func.steps}
-        tl = times.tolist()
+        tl = times_cpu.tolist()
         for i in range(1, len(tl)):
             ctx.record(ys[i], tl[i], step=i)
         return ys[-1]
