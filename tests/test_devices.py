@@ -90,3 +90,25 @@ def test_samplers_keep_no_float64_time_on_a_device_without_it(monkeypatch, name,
     mixture = conformance_mixture()
     check_accuracy(get_sampler(name, **options), mixture.score_fn(process), process, mixture, num_samples=1000)
     assert seen and torch.float64 not in seen, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_log_likelihood_refuses_half_precision_data(dtype):
+    # bfloat16 data was integrated in bfloat16 (a log-density far less accurate than in float32),
+    # float16 data failed with "expected t in [0, 1], found values in [nan, nan]"
+    from score_toolkit.likelihood import log_likelihood
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.testing import conformance_mixture
+
+    process, mixture = VPSDE(), conformance_mixture(torch.float32)
+    x = torch.tensor([[-2.0, -1.0], [2.0, 0.5]])
+    with pytest.raises(TypeError, match=rf"expected x in float32 or float64, found {dtype}.*x.float\(\)"):
+        log_likelihood(mixture.score_fn(process), process, x.to(dtype))
+
+
+def test_log_likelihood_refuses_an_mps_device():
+    from score_toolkit.likelihood.options import _check_device
+
+    _check_device(torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected x on a CPU or CUDA device.*MPS has no float64.*found mps"):
+        _check_device(torch.device("mps"))

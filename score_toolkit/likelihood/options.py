@@ -77,6 +77,12 @@ def _expected_sample_shape(score_fn) -> tuple[int, ...] | int | None:
 
 def _check_data(x, score_fn, sample_shape, data_range) -> torch.Tensor:
     check_tensor(x, "x", min_rank=2)
+    if x.dtype not in (torch.float32, torch.float64):
+        # a half state ran (bfloat16: ten times the error of float32) or failed with NaN times (float16)
+        raise TypeError(f"log_likelihood: expected x in float32 or float64, found {x.dtype}: the log-density sums "
+                        "hundreds of steps of divergence estimates, which half precision cannot carry; pass x.float() "
+                        "(a reduced-precision network: see docs/likelihood.md, Precision)")
+    _check_device(x.device)
     if x.shape[0] == 0:
         raise ValueError("log_likelihood: expected at least one sample, found an empty batch")
     expected = tuple(sample_shape) if sample_shape is not None else _expected_sample_shape(score_fn)
@@ -100,6 +106,12 @@ def _check_data(x, score_fn, sample_shape, data_range) -> torch.Tensor:
             raise ValueError(f"log_likelihood: expected data in the model's range [{lo:g}, {hi:g}], found values in "
                              f"[{mn:g}, {mx:g}]")
     return x
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "mps":  # the solvers' times and the log-density components are float64 tensors on x's device
+        raise ValueError(f"log_likelihood: expected x on a CPU or CUDA device (the solvers keep float64 times and "
+                         f"log-densities on x's device, and MPS has no float64), found {device}; pass x.cpu()")
 
 
 def _check_score_fn(score_fn) -> None:
