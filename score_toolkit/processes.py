@@ -199,7 +199,8 @@ class Process(ConfigMixin):
     # ----------------------------------------------------------------- time
     def check_t(self, t: torch.Tensor, *, name: str = "t", tol: float = 1e-6) -> None:
         """Raise a ValueError if some ``t`` lies outside [t_min, 1]."""
-        lo, hi = float(t.min()), float(t.max())
+        lo, hi = torch.aminmax(t)  # one reduction for both ends
+        lo, hi = float(lo), float(hi)
         if not (lo >= self.t_min - tol and hi <= self.t_max + tol) or lo != lo or hi != hi:
             raise ValueError(
                 f"expected {name} in [{self.t_min:g}, {self.t_max:g}] for {type(self).__name__}, "

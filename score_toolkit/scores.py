@@ -137,7 +137,7 @@ class ScoreAdapter:
         if self.check_inputs:
             check_tensor(x, "x")
         t = as_time(t, x.shape[0], like=x)
-        if self.check_inputs:
+        if self.check_inputs and t.device.type == "cpu":  # on an accelerator, reading the check would wait for it
             self.process.check_t(t)
         return t
 

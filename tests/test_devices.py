@@ -112,3 +112,39 @@ def test_log_likelihood_refuses_an_mps_device():
     _check_device(torch.device("cpu"))
     with pytest.raises(ValueError, match="expected x on a CPU or CUDA device.*MPS has no float64.*found mps"):
         _check_device(torch.device("mps"))
+
+
+@pytest.mark.parametrize("time_embedding", ["log", "linear"])
+def test_checked_network_score_never_reads_the_device(time_embedding):
+    # on an accelerator, the input checks of ScoreAdapter (the range of t) and of the MLPs (t finite, t > 0) read
+    # their reductions back at every score evaluation (four waits for the device); the meta device, which holds no
+    # values, fails on any such read
+    from score_toolkit.models.mlp import ScoreMLP
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.scores import ScoreAdapter
+
+    net = ScoreMLP(dim=2, hidden_dim=8, num_layers=1, embedding_dim=4, time_embedding=time_embedding).eval()
+    score = ScoreAdapter(net.to("meta"), VPSDE(), "epsilon", "t")
+    with torch.no_grad():
+        out = score(torch.empty(5, 2, device="meta"), torch.full((5,), 0.5, device="meta"))
+    assert out.shape == (5, 2) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("bad, message", [(float("nan"), "expected finite t"), (float("inf"), "expected finite t"),
+                                          (-float("inf"), "expected finite t"), (0.0, r"expected t > 0 .* found min 0"),
+                                          (-0.5, r"expected t > 0 .* found min -0.5")])
+def test_mlp_time_checks(bad, message):
+    from score_toolkit.models.mlp import ScoreMLP
+
+    for embedding in ("log", "linear"):
+        net = ScoreMLP(dim=2, hidden_dim=8, num_layers=1, embedding_dim=4, time_embedding=embedding)
+        t = torch.tensor([0.5, bad, 0.25])
+        if embedding == "linear" and "finite" not in message:
+            assert net(torch.zeros(3, 2), t).shape == (3, 2)  # the linear embedding takes t <= 0
+            continue
+        with pytest.raises(ValueError, match=message):
+            net(torch.zeros(3, 2), t)
+    from score_toolkit.processes import VPSDE
+
+    with pytest.raises(ValueError, match=r"expected t in \[0.001, 1\] for VPSDE, found values in \[nan, nan\]"):
+        VPSDE().check_t(torch.tensor([0.5, float("nan")]))
