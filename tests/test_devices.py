@@ -148,3 +148,23 @@ def test_mlp_time_checks(bad, message):
 
     with pytest.raises(ValueError, match=r"expected t in \[0.001, 1\] for VPSDE, found values in \[nan, nan\]"):
         VPSDE().check_t(torch.tensor([0.5, float("nan")]))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_bf16_training_returns_the_network_without_autocast(tmp_path, ema_decay):
+    # after bf16 mixed-precision training, the model returned (and sampled by the export for its model card) still ran
+    # its forward pass under Accelerate's bfloat16 autocast, unlike the float32 network the export loads as
+    from helpers import small_run_config
+
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.training import train
+
+    cfg = small_run_config(tmp_path / "run", num_samples=200, train_defaults={
+        "steps": 2, "batch_size": 16, "mixed_precision": "bf16", "ema_decay": ema_decay})
+    model = train(cfg).model
+    plain = ScoreMLP(**{k: v for k, v in model.config.items() if not k.startswith("_")})
+    plain.load_state_dict(model.state_dict())
+    x, t = torch.randn(8, 2), torch.linspace(0.1, 1.0, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), plain.eval()(x, t))

@@ -347,7 +347,9 @@ def train(
     if bar is not None:
         bar.close()
 
-    final_model = base_model
+    # the trained network without the mixed-precision forward (autocast) Accelerate wrapped it in: the export's
+    # samples and the model returned run in the weights' float32, as the exported network loads
+    final_model = base_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if ema is not None and cfg.export.use_ema:
         import copy
 
