@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._utils import check_tensor
+from ._utils import check_tensor, randn
 from .analytic import GaussianMixture
 
 __all__ = [
@@ -55,6 +55,8 @@ def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if xf.shape[1] != yf.shape[1]:
         raise ValueError(f"expected x and y with the same number of features, found {xf.shape[1]} and {yf.shape[1]}")
     dtype = torch.promote_types(xf.dtype, yf.dtype)
+    if dtype in (torch.float16, torch.bfloat16):  # sums over samples and sorted differences need float32
+        dtype = torch.float32
     return xf.to(dtype), yf.to(dtype).to(xf.device)
 
 
@@ -83,7 +85,7 @@ def sliced_wasserstein(
     d = xf.shape[1]
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    theta = torch.randn(d, num_projections, generator=generator, dtype=xf.dtype).to(xf.device)
+    theta = randn((d, num_projections), generator=generator, device=xf.device, dtype=xf.dtype)  # on the generator's device
     theta = theta / theta.norm(dim=0, keepdim=True)
     px, _ = torch.sort(xf @ theta, dim=0)
     py, _ = torch.sort(yf @ theta, dim=0)

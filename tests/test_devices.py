@@ -168,3 +168,23 @@ def test_bf16_training_returns_the_network_without_autocast(tmp_path, ema_decay)
     x, t = torch.randn(8, 2), torch.linspace(0.1, 1.0, 8)
     with torch.no_grad():
         assert torch.equal(model(x, t), plain.eval()(x, t))
+
+
+@pytest.mark.parametrize("metric", ["sliced_wasserstein", "energy_distance", "mmd"])
+def test_sample_metrics_of_half_precision_samples_are_computed_in_float32(metric):
+    # bfloat16 samples were compared in bfloat16 (sums over thousands of pairs and sorted differences in 8 bits of
+    # mantissa); now as their float32 values. The random projections still come from the generator's device.
+    from score_toolkit import metrics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, generator=g).to(torch.bfloat16)
+    y = (torch.randn(500, 3, generator=g) * 1.1 + 0.1).to(torch.bfloat16)
+    fn = getattr(metrics, metric)
+    assert fn(x, y) == fn(x.float(), y.float())
+    if metric == "sliced_wasserstein":  # the same projections as drawn on the CPU with torch.randn
+        theta = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+        theta = theta / theta.norm(dim=0, keepdim=True)
+        px, _ = torch.sort(x.float() @ theta, dim=0)
+        py, _ = torch.sort(y.float() @ theta, dim=0)
+        expected = float((metrics._quantiles(px, 600) - metrics._quantiles(py, 600)).pow(2).mean().sqrt())
+        assert fn(x, y, num_projections=16, generator=torch.Generator().manual_seed(5)) == expected
