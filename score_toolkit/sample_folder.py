@@ -16,10 +16,13 @@ A re-run with the same settings skips the complete shards (:func:`prepare_folder
 there they are merged into ``samples.safetensors`` and removed (:func:`finish`). A run with other settings in
 the same folder is refused unless ``overwrite=True``.
 
-Nothing the run did not write is ever deleted or replaced: only the files recorded in its manifest (the
-shards, ``samples.safetensors``, ``samples.png``, the manifest) are removed, with or without ``overwrite``;
-``shards/`` is removed only when it is then empty, and a file already at a shard's path that the manifest
-does not record is an error. Shard paths read from a manifest must be the names written here
+Nothing the run did not write is ever deleted or replaced: only the files recorded in a manifest of this
+module (the shards, ``samples.safetensors``, ``samples.png``, the image files, the manifest) are removed, with
+or without ``overwrite``; ``shards/`` is removed only when it is then empty. A file already at a shard's path
+that the manifest does not record, ``samples.safetensors`` or ``samples.png`` without a manifest, and a
+``manifest.json`` that is not this module's (or is unreadable) are errors, also with ``overwrite``. A shard and
+the image files are recorded in the manifest before they are written, so that a run killed while writing them
+finds them recorded as its own (and writes them again) when it is re-run. Shard paths read from a manifest must be the names written here
 (``shards/shard-NNNNN.safetensors``); anything else (``../x``, an absolute path) is a corrupt manifest.
 """
 
@@ -48,7 +51,9 @@ _FORMAT = "score_toolkit.sample_run"
 
 
 def load_samples(folder_or_file: str | os.PathLike) -> torch.Tensor:
-    """The samples written by :func:`sample_to_folder` (a folder or its ``samples.safetensors``)."""
+    """The samples written by :func:`sample_to_folder` (a folder or its ``samples.safetensors``). A file that is not
+    a readable safetensors file holding a tensor ``samples`` is a ``ValueError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(folder_or_file)
@@ -56,7 +61,13 @@ def load_samples(folder_or_file: str | os.PathLike) -> torch.Tensor:
         path = path / SAMPLES_NAME
     if not path.is_file():
         raise FileNotFoundError(f"expected the samples file {path}, found nothing there")
-    return load_file(str(path))["samples"]
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"corrupt or truncated samples file {path} (expected a safetensors file): {err}") from err
+    if "samples" not in tensors:
+        raise ValueError(f"expected a tensor 'samples' in {path}, found {sorted(tensors) or 'no tensors'}")
+    return tensors["samples"]
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -70,9 +81,12 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt run manifest {path}: {err}; pass overwrite=True (--overwrite) to start the run again") from err
+        raise ValueError(f"unreadable run manifest {path} (expected JSON; this module writes it atomically, so it may "
+                         f"not be ours): {err}; it is not replaced, also not with overwrite: move it away or choose "
+                         f"another folder") from err
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a score_toolkit sample-run manifest (expected format {_FORMAT!r})")
+        raise ValueError(f"{path} is not a score_toolkit sample-run manifest (expected format {_FORMAT!r}); it is not "
+                         f"replaced, also not with overwrite: move it away or choose another folder")
     return manifest
 
 
@@ -111,7 +125,8 @@ def _recorded_shards(manifest: Mapping[str, Any], path: Path) -> dict[int, dict[
 
 
 def _image_file_names(manifest: Mapping[str, Any] | None) -> list[str]:
-    """The per-sample PNGs and the .npz an earlier run recorded (names this module writes, nothing else)."""
+    """The per-sample PNGs and the .npz an earlier run recorded, or is writing (names this module writes, nothing
+    else)."""
     rec = (manifest or {}).get("image_files")
     if not isinstance(rec, Mapping) or not isinstance(rec.get("count"), int) or rec["count"] < 0:
         return []
@@ -122,17 +137,27 @@ def _png_name(i: int) -> str:
     return f"{IMAGES_DIR}/{i:06d}.png"
 
 
+def _refuse_unrecorded_outputs(out: Path) -> None:
+    """``samples.safetensors`` / ``samples.png`` without a run manifest were not written by this module."""
+    for name in (SAMPLES_NAME, PICTURE_NAME):
+        if (out / name).exists():
+            raise FileExistsError(f"{out / name} exists without a run manifest: it was not written by sample_to_folder "
+                                  f"and is not replaced, also not with overwrite; move it away or choose another folder")
+
+
 def _clear(out: Path) -> None:
     """Remove what an earlier run recorded in its manifest (shards, merged samples, picture, image files,
-    manifest), nothing else."""
-    names = [SAMPLES_NAME, PICTURE_NAME]
+    manifest), nothing else. A manifest that is not ours and outputs without a manifest are errors."""
+    manifest = _read_manifest(out)
+    if manifest is None:
+        _refuse_unrecorded_outputs(out)
+        return
     try:
-        manifest = _read_manifest(out)
-        recorded = _recorded_shards(manifest, out / MANIFEST_NAME) if manifest is not None else {}
-    except ValueError:  # not ours or unreadable: the shards it names are not known to be ours
-        manifest, recorded = None, {}
-    remove_written(out, [rec["file"] for rec in recorded.values()] + names + _image_file_names(manifest)
-                   + [MANIFEST_NAME], prune=(SHARD_DIR, IMAGES_DIR))
+        recorded = _recorded_shards(manifest, out / MANIFEST_NAME)
+    except ValueError:  # our manifest, edited: the shards it names are not known to be ours
+        recorded = {}
+    remove_written(out, [rec["file"] for rec in recorded.values()] + [SAMPLES_NAME, PICTURE_NAME]
+                   + _image_file_names(manifest) + [MANIFEST_NAME], prune=(SHARD_DIR, IMAGES_DIR))
 
 
 def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool,
@@ -142,10 +167,7 @@ def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: b
     if overwrite:
         _clear(out)
     elif manifest is None:
-        for name in (SAMPLES_NAME, PICTURE_NAME):
-            if (out / name).exists():
-                raise FileExistsError(f"{out / name} exists without a run manifest; pass overwrite=True (--overwrite) "
-                                      f"to replace it")
+        _refuse_unrecorded_outputs(out)
     if manifest is not None and manifest.get("run") != run:
         old = manifest.get("run") or {}
         diff = [f"{k}: {old.get(k)!r} -> {run[k]!r}" for k in run if old.get(k) != run[k]]
@@ -162,7 +184,7 @@ def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: b
         samples = out / SAMPLES_NAME
         if samples.is_file() and sha256_file(samples) == manifest.get("samples_sha256"):
             return {"done": list(range(num_shards)), "complete": True}
-        manifest.update(complete=False, shards={})  # the merged file is gone or changed: sample again
+        manifest.update(complete=False)  # the merged file is gone or changed: sample again (shards still there count)
         _write_json(out / MANIFEST_NAME, manifest)
     done = []
     for s, rec in _recorded_shards(manifest, out / MANIFEST_NAME).items():
@@ -191,12 +213,22 @@ def write_shard(out: Path, s: int, blocks: list[tuple[int, int]], gathered, num_
     (out / SHARD_DIR).mkdir(exist_ok=True)
     name = _shard_name(s)
     path = out / name
-    atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
-                                              metadata={"start": str(start), "stop": str(stop)}))
+    manifest = _read_manifest(out)
+    # recorded (without a checksum: not complete) before it is written, so that a kill after the write and before
+    # the record below leaves a file the re-run knows as its own
+    manifest["shards"][str(s)] = {"file": name, "start": start, "stop": stop, "sha256": None}
+    _write_json(out / MANIFEST_NAME, manifest)
+    try:
+        atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp,
+                                                  metadata={"start": str(start), "stop": str(stop)}))
+    except BaseException:
+        if not path.exists():  # nothing was written (atomic_write removed its temporary file): no record either
+            del manifest["shards"][str(s)]
+            _write_json(out / MANIFEST_NAME, manifest)
+        raise
     ranks: dict[str, int] = {}
     for _, x, _, r in parts:
         ranks[str(r)] = ranks.get(str(r), 0) + int(x.shape[0])
-    manifest = _read_manifest(out)
     manifest["shards"][str(s)] = {"file": name, "start": start, "stop": stop, "sha256": sha256_file(path),
                                   "num_processes": num_processes, "samples_per_rank": ranks,
                                   "nfe_per_batch": [int(p[2]) for p in parts]}
@@ -233,11 +265,17 @@ def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any
     _check_image_files(out, manifest)
     folder = out / IMAGES_DIR
     arrays = to_uint8_images(samples)
+    old = _image_file_names(manifest)
+    # recorded before they are written (the larger of the old and new counts: all of those names are ours), so that
+    # a run killed midway finds them as its own when it is re-run
+    old_count = (manifest.get("image_files") or {}).get("count", 0) if old else 0
+    manifest["image_files"] = {"count": max(old_count, len(arrays)), "folder": IMAGES_DIR, "npz": NPZ_NAME,
+                               "complete": False}
+    _write_json(out / MANIFEST_NAME, manifest)
     folder.mkdir(exist_ok=True)
     for i, arr in enumerate(arrays):
         img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
         atomic_write(out / _png_name(i), lambda tmp, img=img: img.save(tmp, format="PNG"))
-    old = _image_file_names(manifest)
     stale = [n for n in old if n.startswith(f"{IMAGES_DIR}/") and int(n[len(IMAGES_DIR) + 1:-4]) >= len(arrays)]
     remove_written(out, stale)
 
@@ -247,7 +285,7 @@ def _write_image_files(out: Path, samples: torch.Tensor, manifest: dict[str, Any
         Path(tmp).write_bytes(buf.getvalue())
 
     atomic_write(out / NPZ_NAME, save_npz)
-    manifest["image_files"] = {"count": len(arrays), "folder": IMAGES_DIR, "npz": NPZ_NAME}
+    manifest["image_files"] = {"count": len(arrays), "folder": IMAGES_DIR, "npz": NPZ_NAME, "complete": True}
     _write_json(out / MANIFEST_NAME, manifest)
 
 
@@ -264,13 +302,15 @@ def finish(out: Path, num_shards: int, max_grid: int, image_files: bool = False)
         atomic_write(samples_path, lambda tmp: save_file({"samples": samples}, tmp, metadata=meta))
         manifest.update(complete=True, samples_sha256=sha256_file(samples_path))
         _write_json(out / MANIFEST_NAME, manifest)
-        remove_written(out, [recorded[s]["file"] for s in range(num_shards)], prune=(SHARD_DIR,))
-        # the shard files are gone: keep what the records say about the run, but no path to a deleted file
+    else:
+        samples = load_file(str(samples_path))["samples"]
+    if manifest["shards"]:  # merged (now, or by a run killed before it removed them): the shard files go
+        recorded = _recorded_shards(manifest, out / MANIFEST_NAME)
+        remove_written(out, [rec["file"] for rec in recorded.values()], prune=(SHARD_DIR,))
+        # keep what the records say about the run, but no path to a deleted file
         manifest["merged_shards"] = {k: {f: v for f, v in rec.items() if f != "file"} for k, rec in manifest["shards"].items()}
         manifest["shards"] = {}
         _write_json(out / MANIFEST_NAME, manifest)
-    else:
-        samples = load_file(str(samples_path))["samples"]
     picture = _write_picture(out / PICTURE_NAME, samples, max_grid)
     if image_files:
         _write_image_files(out, samples, _read_manifest(out))
@@ -308,8 +348,13 @@ def remove_if_nothing_kept(out: Path, created: bool) -> None:
         manifest = _read_manifest(out)
     except (ValueError, OSError):
         return
-    if manifest is not None and (manifest.get("shards") or manifest.get("complete")):
+    try:
+        recorded = _recorded_shards(manifest, out / MANIFEST_NAME) if manifest is not None else {}
+    except ValueError:
         return
-    remove_written(out, [MANIFEST_NAME], prune=(SHARD_DIR,))
+    if manifest is not None and (manifest.get("complete") or any(rec.get("sha256") for rec in recorded.values())):
+        return
+    # no complete shard (records of shards being written at most): their files, if any, and the manifest go
+    remove_written(out, [rec["file"] for rec in recorded.values()] + [MANIFEST_NAME], prune=(SHARD_DIR,))
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
