@@ -295,3 +295,56 @@ def test_a_list_shaped_checkpoint_manifest_is_an_unusable_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="step_0000008 is unusable"):
         resumed = train(small_config(run), resume=True)
     assert resumed.resumed_from.name == "step_0000004"
+
+
+# ------------------------------------------------------------------------ what is already in the run folder
+def test_a_new_run_over_a_run_killed_before_its_first_checkpoint_starts_its_records_afresh(tmp_path):
+    """The run folder of a run stopped before its first checkpoint holds config.json, metrics.jsonl and
+    commands.txt, and nothing to resume: running the command again gives the records of one uninterrupted run
+    (they were appended to: every logged step twice, both commands on the model card)."""
+    run = tmp_path / "run"
+
+    def crash(info):
+        if info["step"] == 4:
+            raise KeyboardInterrupt  # after the log of step 3, before the checkpoint of step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(run, export={"command": "first try"}), callbacks=[crash])
+    assert _metrics(run) and not list_checkpoints(run)
+    with pytest.warns(UserWarning, match="records of an earlier run that has no checkpoint .*this new run replaces"):
+        train(small_config(run, export={"command": "second try"}))
+    straight = train(small_config(tmp_path / "straight"))
+    assert _metrics(run) == _metrics(straight.run_dir)
+    assert (run / "commands.txt").read_text() == "second try\n"
+
+
+@pytest.mark.parametrize("name, content", [("metrics.jsonl", '{"step": 1, "my": "own log"}\n'),
+                                           ("commands.txt", "my notes\n"),
+                                           ("config.json", '{"learning_rate": 0.1}')])
+def test_run_record_names_that_no_run_wrote_are_refused_not_replaced(tmp_path, name, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text(content)
+    with pytest.raises(ConfigError, match=f"holds {name}, files a training run writes, but no run config.json"):
+        train(small_config(run))
+    assert (run / name).read_text() == content and sorted(p.name for p in run.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_checkpoint_names_that_are_not_the_writers_folders_are_never_used_or_moved(tmp_path, kind):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "MANIFEST.json").write_text("{}")
+    entry = run / "checkpoints" / "step_0000004"
+    if kind == "link":
+        entry.symlink_to(archive, target_is_directory=True)
+    else:
+        entry.write_text("the user's file")
+    assert list_checkpoints(run) == []
+    with pytest.raises(ConfigError, match="step_0000004 under the checkpoint writer's names, but not as folders"):
+        train(small_config(run))
+    assert entry.is_symlink() == (kind == "link") and sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["step_0000004"]
+    assert sorted(p.name for p in archive.iterdir()) == ["MANIFEST.json"]

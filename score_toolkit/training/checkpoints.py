@@ -43,13 +43,15 @@ def _checkpoint_name(step: int) -> str:
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every checkpoint folder in ``run_dir/checkpoints`` (complete or not), oldest
-    first. Temporary folders of interrupted writes are not listed."""
+    first. Temporary folders of interrupted writes are not listed, nor symbolic links (the writer makes real
+    folders; a link is the user's, and is never loaded, pruned or moved)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(_CKPT_PREFIX) and p.name[len(_CKPT_PREFIX):].isdigit():
+        if (p.is_dir() and not p.is_symlink() and p.name.startswith(_CKPT_PREFIX)
+                and p.name[len(_CKPT_PREFIX):].isdigit()):
             out.append((int(p.name[len(_CKPT_PREFIX):]), p))
     return sorted(out)
 

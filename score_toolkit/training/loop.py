@@ -106,6 +106,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
+def _truncate_commands(path: Path) -> None:
+    from .._io import write_text_atomic
+
+    write_text_atomic(path, "")
+
+
 @cpu_threads()
 def train(
     config: RunConfig | Mapping[str, Any],
@@ -217,9 +223,11 @@ def train(
                 raise ConfigError(f"cannot resume with train.ema_decay set: {ckpt} has no ema.safetensors")
             ema.load_state_dict(load_file(str(ema_file)), state["ema_updates"])
     if accelerator.is_main_process:
-        if ckpt is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+        # a new run (start 0) starts the records afresh: prepare_run let only an earlier run's without checkpoints be
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if ckpt is None and (run_dir / "commands.txt").exists():
+            _truncate_commands(run_dir / "commands.txt")
         if cfg.export.command:
             with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
                 f.write(cfg.export.command + "\n")

@@ -1,18 +1,22 @@
 """Validating a run before any work: :func:`prepare_run` checks the config, builds the components, and checks
 the output folder (writable; with ``resume`` a complete checkpoint and a compatible saved config, without it
-no checkpoint) and the export folder (writable, not inside the run's checkpoints).
+no checkpoint, and no run records other than those of an earlier run that saved no checkpoint) and the export
+folder (writable, not inside the run's checkpoints).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .._io import probe_writable
+from .._warnings import caller_stacklevel
 from .checkpoints import (
+    _CKPT_PREFIX,
     CHECKPOINT_DIR,
     latest_checkpoint,
     list_checkpoints,
@@ -55,6 +59,49 @@ def _check_resume_compatible(saved: Mapping, current: Mapping) -> None:
             "(only train.steps, checkpoint_every, keep_checkpoints, log_every, progress, log_with and export.* may "
             "change):\n  " + "\n  ".join(diffs)
         )
+
+
+#: the files a run writes at the top of its folder (besides checkpoints/, logs/ and the export)
+RUN_RECORDS = ("config.json", "metrics.jsonl", "commands.txt")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON
+        return False
+    return isinstance(saved, dict) and {"output_dir", "data", "model", "train"} <= set(saved)
+
+
+def _check_new_run_records(run_dir: Path) -> None:
+    """A new run (no checkpoint in ``run_dir``) starts ``metrics.jsonl`` and ``commands.txt`` afresh and writes
+    ``config.json``: allowed over the records of an earlier run (its ``config.json`` is a run config) that saved no
+    checkpoint (killed before its first one, or its checkpoints removed), with a warning; files of those names
+    next to no run config are not a run's and are an error (they would be appended to or replaced)."""
+    present = [name for name in RUN_RECORDS if os.path.lexists(run_dir / name)]
+    if not present:
+        return
+    if _is_run_config(run_dir / "config.json"):
+        warnings.warn(f"output_dir {run_dir} holds the records of an earlier run that has no checkpoint "
+                      f"({', '.join(present)}): this new run replaces them", stacklevel=caller_stacklevel())
+        return
+    raise ConfigError(
+        f"output_dir {run_dir} holds {', '.join(present)}, files a training run writes, but no run config.json (they "
+        f"were not written by a run): move them away or choose another output_dir"
+    )
+
+
+def _check_checkpoint_names(run_dir: Path) -> None:
+    """A symbolic link or a file under a checkpoint's name (``checkpoints/step_XXXXXXX``) is not the writer's: it is
+    never loaded or pruned, and the run is refused rather than move it away when it saves that step."""
+    root = run_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if p.name.startswith(_CKPT_PREFIX)
+                     and p.name[len(_CKPT_PREFIX):].isdigit() and (p.is_symlink() or not p.is_dir()))
+    if foreign:
+        raise ConfigError(f"{root} holds {', '.join(foreign)} under the checkpoint writer's names, but not as folders it "
+                          f"wrote (a symbolic link or a file): move them away or choose another output_dir")
 
 
 def _check_output_dir(run_dir: Path) -> None:
@@ -101,7 +148,10 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
             f"output_dir {run_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
             f"another output_dir"
         )
+    else:
+        _check_new_run_records(run_dir)
     _check_output_dir(run_dir)
+    _check_checkpoint_names(run_dir)
     remove_stale_temporaries(run_dir)
     comps = build_components(cfg)
     _check_export_config(cfg.export)
