@@ -58,19 +58,40 @@ ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
 #: fitted grids, :mod:`score_toolkit.model_grids`). ``overwrite=True`` replaces a folder holding nothing else.
 EXPORT_FILES = ("model_index.json", "README.md", "sample.png")
 EXPORT_DIRS = ("scheduler", "unet", "grids")
+#: the files an export writes in its subfolders (diffusers' names; weights possibly sharded)
+_EXPORT_MEMBERS = {
+    "unet": re.compile(r"config\.json|diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors"
+                       r"|diffusion_pytorch_model\.safetensors\.index\.json"),
+    "scheduler": re.compile(r"scheduler_config\.json"),
+}
+
+
+def _written_by_export(path: Path, rel: tuple[str, ...]) -> bool:
+    """Whether the regular file ``path`` (``rel`` inside the folder) is one an export or ``fit_model_grids`` writes."""
+    if len(rel) == 1:
+        return rel[0] in EXPORT_FILES
+    if len(rel) == 2 and rel[0] in _EXPORT_MEMBERS:
+        return _EXPORT_MEMBERS[rel[0]].fullmatch(rel[1]) is not None
+    if len(rel) == 2 and rel[0] == "grids":
+        from .model_grids import _read as fitted_grid_record
+
+        return path.suffix == ".json" and fitted_grid_record(path) is not None
+    return False
 
 
 def foreign_export_files(folder) -> list[str]:
     """The files of an existing ``folder`` that no export writes (relative paths, sorted): an export with
-    ``overwrite=True`` refuses such a folder rather than delete them."""
+    ``overwrite=True`` refuses such a folder rather than delete them. Those an export writes are named exactly
+    (``unet/config.json``, its weights, ``scheduler/scheduler_config.json``, ``model_index.json``, ``README.md``,
+    ``sample.png``) and the grids in ``grids/`` are the ones ``fit_model_grids`` wrote; anything else (a note in
+    ``unet/``, a grid saved by hand) is foreign."""
     folder = Path(folder)
     found = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).parts
         if p.is_dir() and not p.is_symlink() and len(rel) == 1 and rel[0] in EXPORT_DIRS:
             continue
-        if not p.is_symlink() and p.is_file() and ((len(rel) == 1 and rel[0] in EXPORT_FILES) or
-                                                   (len(rel) == 2 and rel[0] in EXPORT_DIRS)):
+        if not p.is_symlink() and p.is_file() and _written_by_export(p, rel):
             continue
         if p.is_dir() and not p.is_symlink() and any(q.is_file() or q.is_symlink() for q in p.rglob("*")):
             continue  # a folder is reported through its files

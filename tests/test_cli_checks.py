@@ -3,6 +3,7 @@ with a one-line error and exit code 2 before any work (docs/cli.md, "Exit codes"
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -147,16 +148,23 @@ def test_export_pipeline_overwrites_an_earlier_export_only(tmp_path):
     model = ScoreMLP(2, hidden_dim=8, num_layers=1)
     folder = hub.export_pipeline(model, VPSDE(), "epsilon", "t", tmp_path / "out")
     (folder / "grids").mkdir()
-    (folder / "grids" / "unipc_9.json").write_text("{}")  # fit-grid's files belong to the export folder
+    fitted = {"log_snr": [1.0, -1.0], "info": {"model_grid": {"weights_sha256": {}}, "pilot_grid": {}}}
+    (folder / "grids" / "unipc_9.json").write_text(json.dumps(fitted))  # fit-grid's files belong to the export folder
     assert hub.foreign_export_files(folder) == []
     hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder, overwrite=True)
-    (folder / "unet" / "notes.txt").write_text("a file of the unet folder is the export's")
+    assert not (folder / "grids").exists()
+    # files the export does not write, also inside its own subfolders, are never deleted
+    (folder / "grids").mkdir()
+    (folder / "grids" / "by_hand.json").write_text("{}")
+    (folder / "unet" / "notes.txt").write_text("mine")
+    (folder / "scheduler" / "scheduler_config.json.orig").write_text("mine")
     (folder / "data.npy").write_text("mine")
     (folder / "empty").mkdir()
-    assert hub.foreign_export_files(folder) == ["data.npy", "empty/"]
-    with pytest.raises(FileExistsError, match=r"holds files an export does not write \(data.npy, empty/\)"):
+    foreign = ["data.npy", "empty/", "grids/by_hand.json", "scheduler/scheduler_config.json.orig", "unet/notes.txt"]
+    assert hub.foreign_export_files(folder) == foreign
+    with pytest.raises(FileExistsError, match=r"holds files an export does not write \(data.npy, empty/, grids/by_hand"):
         hub.export_pipeline(model, VPSDE(), "epsilon", "t", folder, overwrite=True)
-    assert (folder / "data.npy").read_text() == "mine"
+    assert all((folder / name).exists() for name in foreign) and (folder / "unet" / "notes.txt").read_text() == "mine"
 
 
 @pytest.fixture
