@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode"]
+__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode",
+           "replace_files"]
 
 
 def default_file_mode() -> int:
@@ -73,6 +74,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mkdir:
         raise
     fsync_dir(folder)
     return path
+
+
+def replace_files(source: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Move every file of the folder ``source`` (written completely, e.g. by a library's ``save_pretrained``) to the
+    same relative path in ``target``: each is fsynced, given the permissions of a plain ``open``, and renamed over its
+    target in one step, so that an interruption leaves every file of ``target`` whole (the old one or the new one).
+    Other files of ``target`` are left as they are. ``source`` must be on the same file system (a sibling folder).
+    Returns the target paths."""
+    source, target = Path(source), Path(target)
+    moved, folders = [], set()
+    mode = default_file_mode()
+    for p in sorted(source.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            continue
+        dest = target / p.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(p, mode)
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(p, dest)
+        moved.append(dest)
+        folders.add(dest.parent)
+    for folder in sorted(folders):
+        fsync_dir(folder)
+    return moved
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

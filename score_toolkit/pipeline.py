@@ -518,16 +518,36 @@ class ScorePipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, with ``model_index.json`` naming :meth:`diffusers_pipeline_name`: a
         folder that plain diffusers could load and run stays so (``ScorePipeline.from_pretrained`` loads any of
-        them)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        name = self.diffusers_pipeline_name()
-        if name != type(self).__name__:
-            from ._io import write_json_atomic
+        them). Crash-safe: diffusers writes into a temporary sibling folder (``.NAME.tmp-PID``, removed by the next
+        save or export once its process is gone), then each file is renamed over its target
+        (:func:`score_toolkit._io.replace_files`), so an interrupted save never leaves a half-written file in place
+        of an earlier one."""
+        import shutil
 
-            index_file = Path(save_directory) / "model_index.json"
-            index = _read_json(index_file, "model_index.json")
-            index["_class_name"] = name
-            write_json_atomic(index_file, index, indent=2, sort_keys=True)
+        from ._io import replace_files, write_json_atomic
+        from .hub import _remove_stale_export_temporaries
+
+        target = Path(os.path.abspath(os.fspath(save_directory)))
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"expected a folder to save the pipeline in, found the file {target}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_export_temporaries(target)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", target.name)  # diffusers names the repository after the folder
+        try:
+            super().save_pretrained(str(tmp), *args, **kwargs)
+            name = self.diffusers_pipeline_name()
+            if name != type(self).__name__:
+                index_file = tmp / "model_index.json"
+                index = _read_json(index_file, "model_index.json")
+                index["_class_name"] = name
+                write_json_atomic(index_file, index, indent=2, sort_keys=True)
+            target.mkdir(exist_ok=True)
+            replace_files(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
     @classmethod

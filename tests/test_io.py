@@ -56,3 +56,46 @@ def test_probe_writable_leaves_nothing_and_reports_a_missing_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OSError):
         probe_writable(tmp_path / "missing")
+
+
+def test_an_interrupted_pipeline_save_keeps_every_earlier_file_whole(tmp_path, monkeypatch):
+    """diffusers' save_pretrained writes the weights in place: a save stopped midway over an earlier one left a
+    half-written weight file that no longer loaded."""
+    import safetensors.torch
+    import torch
+
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.pipeline import ScorePipeline
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import scheduler_for
+
+    def pipeline(seed):
+        torch.manual_seed(seed)
+        return ScorePipeline(unet=ScoreMLP(2, hidden_dim=8, num_layers=1), scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
+
+    folder = tmp_path / "model"
+    first = pipeline(0)
+    first.save_pretrained(folder)
+    (folder / "notes.txt").write_text("kept")
+    original = safetensors.torch.save_file
+
+    def half_then_stop(tensors, filename, metadata=None):
+        original(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt("stopped while writing the weights")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(1).save_pretrained(folder)
+    monkeypatch.undo()
+    loaded = ScorePipeline.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), first.unet.state_dict().values()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+    second = pipeline(1)
+    second.save_pretrained(folder)
+    loaded = ScorePipeline.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), second.unet.state_dict().values()))
+    assert (folder / "notes.txt").read_text() == "kept"  # a save replaces its own files, nothing else
+    assert stat.S_IMODE(os.stat(folder / "unet" / "config.json").st_mode) == default_file_mode()
