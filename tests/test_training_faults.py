@@ -348,3 +348,11 @@ def test_checkpoint_names_that_are_not_the_writers_folders_are_never_used_or_mov
     assert entry.is_symlink() == (kind == "link") and sorted(p.name for p in (run / "checkpoints").iterdir()) == \
         ["step_0000004"]
     assert sorted(p.name for p in archive.iterdir()) == ["MANIFEST.json"]
+
+
+def test_a_resume_after_a_cut_commands_line_records_its_command_on_its_own_line(tmp_path):
+    run = tmp_path / "run"
+    train(small_config(run, train={"steps": 4}, export={"command": "first"}))
+    (run / "commands.txt").write_text("first\nscore-toolkit tr")  # a kill while the line was appended
+    train(small_config(run, train={"steps": 8}, export={"command": "second"}), resume=True)
+    assert (run / "commands.txt").read_text() == "first\nscore-toolkit tr\nsecond\n"

@@ -106,10 +106,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
-def _truncate_commands(path: Path) -> None:
+def _record_command(path: Path, command: str | None, *, resumed: bool) -> None:
+    """Add ``command`` to ``commands.txt`` (rewritten atomically; a new run starts it afresh)."""
     from .._io import write_text_atomic
 
-    write_text_atomic(path, "")
+    old = path.read_text(encoding="utf-8") if resumed and path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    if command or path.exists():
+        write_text_atomic(path, old + (command + "\n" if command else ""))
 
 
 @cpu_threads()
@@ -226,11 +231,7 @@ def train(
         # a new run (start 0) starts the records afresh: prepare_run let only an earlier run's without checkpoints be
         _truncate_metrics(run_dir / "metrics.jsonl", start)
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        if ckpt is None and (run_dir / "commands.txt").exists():
-            _truncate_commands(run_dir / "commands.txt")
-        if cfg.export.command:
-            with open(run_dir / "commands.txt", "a", encoding="utf-8") as f:
-                f.write(cfg.export.command + "\n")
+        _record_command(run_dir / "commands.txt", cfg.export.command, resumed=ckpt is not None)
     if tc.log_with:
         # trackers accept scalars only
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
