@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,40 @@ def test_a_resume_after_a_cut_commands_line_records_its_command_on_its_own_line(
     (run / "commands.txt").write_text("first\nscore-toolkit tr")  # a kill while the line was appended
     train(small_config(run, train={"steps": 8}, export={"command": "second"}), resume=True)
     assert (run / "commands.txt").read_text() == "first\nscore-toolkit tr\nsecond\n"
+
+
+def _edit_checkpoint_state(folder: Path, **changes) -> None:
+    """Change trainer_state.json of a checkpoint and its manifest entry (as a run with those values wrote it)."""
+    from score_toolkit._io import sha256_file
+
+    state_file = folder / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), **changes}, indent=2, sort_keys=True))
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["trainer_state.json"] = {"size": state_file.stat().st_size, "sha256": sha256_file(state_file)}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_a_resume_on_another_number_of_processes_warns_unless_the_noise_is_per_sample(tmp_path):
+    for per_sample in (False, True):
+        run = tmp_path / f"run{per_sample}"
+        train(small_config(run, train={"steps": 4, "per_sample_noise": per_sample}))
+        _edit_checkpoint_state(run / "checkpoints" / "step_0000004", num_processes=2)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train(small_config(run, train={"steps": 8, "per_sample_noise": per_sample}), resume=True)
+        said = [str(w.message) for w in seen if "resuming a run of 2 process(es) on 1" in str(w.message)]
+        assert len(said) == (0 if per_sample else 1), said
+        assert per_sample or "from step 5 on the noise differs" in said[0]
+
+
+def test_a_resume_that_changes_the_learning_rate_schedule_warns(tmp_path):
+    """train.steps may change on resume; a decaying schedule then spans the new length and its rate jumps."""
+    for schedule, warned in (("cosine", True), ("constant_with_warmup", False)):
+        run = tmp_path / schedule
+        train(small_config(run, train={"steps": 8, "lr_scheduler": schedule, "warmup_steps": 2}))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train(small_config(run, train={"steps": 12, "lr_scheduler": schedule, "warmup_steps": 2}), resume=True)
+        said = [str(w.message) for w in seen if "learning-rate schedule changed" in str(w.message)]
+        assert len(said) == int(warned), said
+        assert not warned or "step 9 trains at" in said[0]

@@ -106,6 +106,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
+def _warn_if_rate_changed(saved, now, start: int, tc) -> None:
+    """Warn when the learning rate of the next step differs from the one the run saved (a resume with another
+    ``train.steps`` stretches a decaying schedule, which then jumps)."""
+    if not (isinstance(saved, list) and saved and all(isinstance(v, (int, float)) for v in saved)):
+        return
+    if any(not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in zip(saved, now)):
+        warnings.warn(f"the learning-rate schedule changed since the checkpoint (train.lr_scheduler "
+                      f"{tc.lr_scheduler!r} over train.steps = {tc.steps}): step {start + 1} trains at {now[0]:.6g} where "
+                      f"the run would have used {saved[0]:.6g}", stacklevel=caller_stacklevel())
+
+
 def _record_command(path: Path, command: str | None, *, resumed: bool) -> None:
     """Add ``command`` to ``commands.txt`` (rewritten atomically; a new run starts it afresh)."""
     from .._io import write_text_atomic
@@ -206,6 +217,11 @@ def train(
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         start = int(state["step"])
+        saved_world = state.get("num_processes")
+        if isinstance(saved_world, int) and saved_world != world and not tc.per_sample_noise:
+            warnings.warn(f"resuming a run of {saved_world} process(es) on {world}: from step {start + 1} on the noise "
+                          f"differs from the uninterrupted run's (it is drawn per process; train.per_sample_noise makes "
+                          f"it independent of the number of processes)", stacklevel=caller_stacklevel())
         window = state.get("log_window") or {}
         window_sums, window_count = window.get("loss_sums"), int(window.get("count", 0))
         if state.get("lr_scheduler") is not None:
@@ -215,6 +231,7 @@ def train(
             with warnings.catch_warnings():  # torch warns about a scheduler step before any optimizer step
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
                 lr_scheduler.step()
+            _warn_if_rate_changed(state["lr_scheduler"].get("lr"), lr_scheduler.get_last_lr(), start, tc)
         else:  # a checkpoint written before schedules were saved: the schedule is a function of the step
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
