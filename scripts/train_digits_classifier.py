@@ -83,7 +83,13 @@ def main(argv=None) -> int:
     acc_tr = float((labels_tr == y_tr).double().mean())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    import tempfile
+
+    from score_toolkit._io import replace_files
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        replace_files(tmp, out)  # each file replaced whole: an interrupted run leaves the shipped classifier loadable
     floor = digits_floor(model)
     n_params = sum(p.numel() for p in model.parameters())
     size_kb = (out / "diffusion_pytorch_model.safetensors").stat().st_size / 1024
