@@ -527,6 +527,9 @@ class ScorePipeline(DiffusionPipeline):
         from ._io import replace_files, write_json_atomic
         from .hub import _remove_stale_export_temporaries
 
+        if kwargs.get("safe_serialization", True) is not True:
+            raise ValueError(f"expected safe_serialization=True (weights are saved and loaded as safetensors only; "
+                             f"from_pretrained refuses pickled weights), found {kwargs['safe_serialization']!r}")
         target = Path(os.path.abspath(os.fspath(save_directory)))
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(f"expected a folder to save the pipeline in, found the file {target}")

@@ -99,3 +99,6 @@ def test_an_interrupted_pipeline_save_keeps_every_earlier_file_whole(tmp_path, m
     assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), second.unet.state_dict().values()))
     assert (folder / "notes.txt").read_text() == "kept"  # a save replaces its own files, nothing else
     assert stat.S_IMODE(os.stat(folder / "unet" / "config.json").st_mode) == default_file_mode()
+    with pytest.raises(ValueError, match="expected safe_serialization=True .*found False"):  # a folder it cannot load
+        second.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
