@@ -160,9 +160,21 @@ def _clear(out: Path) -> None:
                    + _image_file_names(manifest) + [MANIFEST_NAME], prune=(SHARD_DIR, IMAGES_DIR))
 
 
+def _check_subfolders(out: Path, image_files: bool) -> None:
+    """``shards/`` (and ``images/`` when written) are written as real folders inside ``out`` (a manifest never names a
+    path leading out of it): a symbolic link or a file in their place is refused before any work."""
+    for name in (SHARD_DIR, IMAGES_DIR) if image_files else (SHARD_DIR,):
+        p = out / name
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            kind = "a symbolic link" if p.is_symlink() else "a file"
+            raise FileExistsError(f"{p} is {kind}: sample_to_folder writes {name}/ as a folder inside {out} (the files "
+                                  f"it records never lead out of it); move it away or choose another folder")
+
+
 def prepare_folder(out: Path, run: dict[str, Any], num_shards: int, overwrite: bool,
                    image_files: bool = False) -> dict[str, Any]:
     _check_writable(out)
+    _check_subfolders(out, image_files)
     manifest = _read_manifest(out) if not overwrite else None
     if overwrite:
         _clear(out)

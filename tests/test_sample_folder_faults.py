@@ -162,3 +162,27 @@ def test_a_damaged_samples_file_is_a_clear_error(tmp_path, accelerator):
     save_file({"x": torch.zeros(2)}, str(out / SAMPLES_NAME))
     with pytest.raises(ValueError, match=r"expected a tensor 'samples' in .*, found \['x'\]"):
         load_samples(out)
+
+
+@pytest.mark.parametrize("name, kind", [("shards", "link"), ("images", "link"), ("shards", "file")])
+def test_a_link_or_a_file_in_place_of_a_subfolder_is_refused_before_any_work(tmp_path, accelerator, name, kind,
+                                                                            monkeypatch):
+    """A shards/ link to a scratch disk made the run sample everything, then fail at the merge (the manifest's
+    shard paths led out of the folder), and every re-run again."""
+    pipe, image_files = vector_pipeline(), name == "images"
+    if image_files:
+        ScorePipeline(unet=tiny_unet(1), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
+        pipe = ScorePipeline.from_pretrained(tmp_path / "m")
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+    if kind == "link":
+        (out / name).symlink_to(scratch, target_is_directory=True)
+    else:
+        (out / name).write_text("the user's file")
+    calls = []
+    monkeypatch.setattr(ScorePipeline, "__call__", lambda self, *a, **k: calls.append(1))
+    with pytest.raises(FileExistsError, match=f"{name} is a {'symbolic link' if kind == 'link' else 'file'}"):
+        sample_to_folder(pipe, out, 8, batch_size=4, shard_size=4, accelerator=accelerator, image_files=image_files,
+                         **SETTINGS)
+    assert calls == [] and sorted(p.name for p in out.iterdir()) == [name] and list(scratch.iterdir()) == []
