@@ -394,3 +394,28 @@ def test_a_resume_that_changes_the_learning_rate_schedule_warns(tmp_path):
         said = [str(w.message) for w in seen if "learning-rate schedule changed" in str(w.message)]
         assert len(said) == int(warned), said
         assert not warned or "step 9 trains at" in said[0]
+
+
+def test_a_second_run_in_a_folder_being_trained_in_is_refused_before_it_touches_anything(tmp_path):
+    """A second run (e.g. a resubmitted job) used to resume from the first one's checkpoints while it still ran: it
+    removed the first run's checkpoint being written (stale temporaries), and failed on a checkpoint the first one
+    pruned (tried by hand: FileNotFoundError on checkpoints/step_0001400)."""
+    import socket
+
+    run = tmp_path / "run"
+    seen = []
+    train(small_config(run, train={"steps": 4}), callbacks=[lambda info: seen.append(
+        json.loads((run / ".training.json").read_text()))])
+    assert seen[0] == {"pid": os.getpid(), "host": socket.gethostname()} and not (run / ".training.json").exists()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for a run in progress
+    try:
+        (run / ".training.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        (run / "checkpoints" / ".tmp-step_0000006").mkdir()  # its checkpoint being written
+        with pytest.raises(ConfigError, match=f"is being trained in by process {other.pid} on this machine"):
+            train(small_config(run, train={"steps": 8}), resume=True)
+        assert (run / "checkpoints" / ".tmp-step_0000006").is_dir()
+    finally:
+        other.kill()
+        other.wait()
+    resumed = train(small_config(run, train={"steps": 8}), resume=True)  # its process is gone: a stale record
+    assert resumed.step == 8 and not (run / ".training.json").exists()

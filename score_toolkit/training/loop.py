@@ -29,7 +29,7 @@ from .data_stream import _mix
 from .ema import EMA
 from .export import _export_run
 from .network_checks import _label_table, _labelled_score, check_compile
-from .prepare import _flatten, prepare_run
+from .prepare import _flatten, claim_run, prepare_run, release_run
 
 __all__ = ["train", "TrainResult"]
 
@@ -174,6 +174,8 @@ def train(
             f"allows one per process: run this training in a new process (e.g. the score-toolkit command): {err}"
         ) from err
     # the run records the precision it trained in (the config's, or Accelerate's setting)
+    if accelerator.is_main_process:
+        claim_run(run_dir)  # another run in this folder is refused (prepare_run) until this one ends
     tc = dataclasses.replace(tc, mixed_precision=accelerator.mixed_precision)
     cfg = dataclasses.replace(cfg, train=tc)
     comps.config = cfg
@@ -393,6 +395,8 @@ def train(
             export_folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
     if tc.log_with:
         accelerator.end_training()
+    if accelerator.is_main_process:
+        release_run(run_dir)
     return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
                        resumed_from=ckpt, num_processes=world)
 

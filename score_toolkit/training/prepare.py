@@ -91,6 +91,45 @@ def _check_new_run_records(run_dir: Path) -> None:
     )
 
 
+#: the file that names the process training in a run folder (written by the main process while it trains)
+RUN_LOCK = ".training.json"
+
+
+def _other_run(run_dir: Path) -> str | None:
+    """The process, on this machine, that is training in ``run_dir`` now (from its :data:`RUN_LOCK`), or None: the
+    lock of a process that is gone (killed), of this process, or of another machine (not checkable) is no run."""
+    import socket
+
+    try:
+        lock = json.loads((run_dir / RUN_LOCK).read_text(encoding="utf-8"))
+        pid, host = int(lock["pid"]), str(lock["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if host != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # alive, another user's
+    return f"process {pid}"
+
+
+def claim_run(run_dir: Path) -> None:
+    """Record this (main) process as the one training in ``run_dir``; :func:`release_run` removes the record."""
+    import socket
+
+    from .._io import write_json_atomic
+
+    write_json_atomic(run_dir / RUN_LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+def release_run(run_dir: Path) -> None:
+    if _other_run(run_dir) is None:
+        (run_dir / RUN_LOCK).unlink(missing_ok=True)
+
+
 def _check_checkpoint_names(run_dir: Path) -> None:
     """A symbolic link or a file under a checkpoint's name (``checkpoints/step_XXXXXXX``) is not the writer's: it is
     never loaded or pruned, and the run is refused rather than move it away when it saves that step."""
@@ -128,6 +167,10 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
         raise ConfigError(f"seed: expected an int in [0, 2**32 - 1] = [0, 4294967295], found {cfg.seed!r}")
     _check_train_config(cfg.train)
     run_dir = Path(cfg.output_dir)
+    other = _other_run(run_dir)
+    if other is not None:  # checked first: nothing of a running run (its checkpoint being written) is touched
+        raise ConfigError(f"output_dir {run_dir} is being trained in by {other} on this machine ({run_dir / RUN_LOCK}): "
+                          f"wait for it to end or stop it, or choose another output_dir")
     ckpt = None
     if resume:
         if not run_dir.is_dir():
