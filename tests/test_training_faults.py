@@ -419,3 +419,14 @@ def test_a_second_run_in_a_folder_being_trained_in_is_refused_before_it_touches_
         other.wait()
     resumed = train(small_config(run, train={"steps": 8}), resume=True)  # its process is gone: a stale record
     assert resumed.step == 8 and not (run / ".training.json").exists()
+
+
+def test_a_resume_whose_run_config_is_gone_says_it_cannot_check_the_config(tmp_path):
+    run = tmp_path / "run"
+    train(small_config(run, train={"steps": 4}))
+    (run / "config.json").unlink()
+    with pytest.warns(UserWarning, match="config.json is missing or not a run config: the config cannot be checked"):
+        train(small_config(run, train={"steps": 8}), resume=True)
+    (run / "config.json").write_text("not JSON")  # was a JSONDecodeError
+    with pytest.warns(UserWarning, match="config.json is missing or not a run config"):
+        train(small_config(run, train={"steps": 12}), resume=True)

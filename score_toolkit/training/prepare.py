@@ -181,8 +181,11 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
         if ckpt is None:
             raise ConfigError(f"cannot resume: no checkpoint in {run_dir / CHECKPOINT_DIR} passes verification")
         saved = run_dir / "config.json"
-        if saved.is_file():
+        if _is_run_config(saved):
             _check_resume_compatible(json.loads(saved.read_text(encoding="utf-8")), cfg.to_dict())
+        else:
+            warnings.warn(f"{saved} is missing or not a run config: the config cannot be checked against the run's "
+                          f"(a changed network, data or objective would go unnoticed)", stacklevel=caller_stacklevel())
         step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"]
         if step > cfg.train.steps:
             raise ConfigError(f"cannot resume: the checkpoint is at step {step}, past train.steps = {cfg.train.steps}")
