@@ -19,6 +19,18 @@ def tiny_unet(channels: int = 1):
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
 
 
+def vector_pipeline():
+    """A seeded 2-D ``ScorePipeline`` (a one-layer ``ScoreMLP`` of width 16 in eval mode, VP, epsilon, time ``t``)."""
+    from score_toolkit.models import ScoreMLP
+    from score_toolkit.pipeline import ScorePipeline
+    from score_toolkit.processes import VPSDE
+    from score_toolkit.schedulers import scheduler_for
+
+    torch.manual_seed(0)
+    return ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
+                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
+
+
 def small_run_config(out, *, num_samples: int, train_defaults: dict, **sections) -> dict:
     """A training run config of a small ScoreMLP on the ring (VP, continuous DSM, no export), with the training
     settings ``train_defaults``; each of ``sections`` updates the section of that name (a dict) or replaces it."""

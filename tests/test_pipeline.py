@@ -12,13 +12,13 @@ import pytest
 import torch
 from diffusers import ConfigMixin, DDPMPipeline, DDPMScheduler, ModelMixin, ScoreSdeVeScheduler, UNet2DModel
 from diffusers.configuration_utils import register_to_config
-from helpers import recording_bars
+from helpers import recording_bars, vector_pipeline
 from PIL import Image
 
 from score_toolkit._utils import per_sample_generators
 from score_toolkit.analytic import gaussian
 from score_toolkit.hub import export_pipeline
-from score_toolkit.models import CheckpointError, EnergyMLP, ScoreMLP
+from score_toolkit.models import CheckpointError, EnergyMLP
 from score_toolkit.pipeline import SHIPPED_MODELS_ENV_VAR, ScorePipeline, ScorePipelineOutput, shipped_model_path
 from score_toolkit.processes import VESDE, VPSDE, DiscreteVP
 from score_toolkit.registry import get_sampler
@@ -67,12 +67,6 @@ def tiny_unet():
 
 def image_pipeline():
     return ScorePipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_end=0.2))
-
-
-def vector_pipeline():
-    torch.manual_seed(0)
-    return ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
-                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
 
 
 GENS = lambda n, seed=0: [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]  # noqa: E731

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import fail_shard
+from helpers import fail_shard, vector_pipeline
 from safetensors.torch import load_file, save_file
 
 from score_toolkit import distributed, hub
@@ -23,7 +23,7 @@ from score_toolkit.models import CheckpointDtypeWarning, CheckpointError, ScoreM
 from score_toolkit.pipeline import ScorePipeline
 from score_toolkit.processes import VPSDE, process_from_config
 from score_toolkit.registry import get_sampler
-from score_toolkit.schedulers import read_scheduler_config, scheduler_for
+from score_toolkit.schedulers import read_scheduler_config
 
 SETTINGS = dict(sampler="euler_maruyama", sampler_options={"num_steps": 2}, seed=3, network_batch_size=4, progress=False)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -32,12 +32,6 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def accelerator():
     return Accelerator(cpu=True)
-
-
-def vector_pipeline():
-    torch.manual_seed(0)
-    return ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
-                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
 
 
 def exported(tmp_path, name="m"):

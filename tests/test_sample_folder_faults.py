@@ -12,15 +12,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from helpers import tiny_unet
+from helpers import tiny_unet, vector_pipeline
 from PIL import Image
 
 from score_toolkit import distributed, sample_folder
 from score_toolkit.distributed import MANIFEST_NAME, SAMPLES_NAME, load_samples, sample_to_folder
-from score_toolkit.models import ScoreMLP
 from score_toolkit.pipeline import ScorePipeline
-from score_toolkit.processes import VPSDE
-from score_toolkit.schedulers import scheduler_for
 
 SETTINGS = dict(sampler="euler_maruyama", sampler_options={"num_steps": 2}, seed=3, network_batch_size=4, progress=False)
 
@@ -32,12 +29,6 @@ class _Killed(BaseException):
 @pytest.fixture(scope="module")
 def accelerator():
     return Accelerator(cpu=True)
-
-
-def vector_pipeline():
-    torch.manual_seed(0)
-    return ScorePipeline(unet=ScoreMLP(2, hidden_dim=16, num_layers=1).eval(),
-                         scheduler=scheduler_for(VPSDE(), "epsilon", "t"))
 
 
 def test_a_stop_after_a_shard_file_and_before_its_record_needs_no_cleanup(tmp_path, accelerator, monkeypatch):
