@@ -371,7 +371,10 @@ class ScorePipeline(DiffusionPipeline):
         if not isinstance(sampler, str) or "grid" in given:
             return sampler_obj
         from .model_grids import model_grid_for
+        from .samplers.fixed_grid import GridSampler
 
+        if not isinstance(sampler_obj, GridSampler):  # no time grid to choose (Langevin, adaptive solvers, ...)
+            return sampler_obj
         folder = getattr(self, "_source_folder", None)
         if conditional:
             if folder is not None:

@@ -100,3 +100,24 @@ def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch, tmp_path):
     out, err = capsys.readouterr()
     assert code == 130 and "score-toolkit train: interrupted" in err and "--resume" in err, (code, out, err)
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["sample", "toy2d", "--sampler", "pf_ode", "--steps", "7"], "--steps"),
+    (["sample", "toy2d", "--sampler", "pf_ode", "--option", "num_steps=7"], "--option num_steps"),
+    (["evaluate", "--model", "toy2d", "--sampler", "pf_ode", "--option", "num_steps=7"], "--option num_steps"),
+])
+def test_a_step_count_an_adaptive_sampler_would_ignore_is_refused(capsys, tmp_path, argv, flag):
+    out = tmp_path / "out"
+    err = _error(capsys, [*argv, "--num-samples", "4", *(["--output-dir", str(out)] if argv[0] == "sample" else [])])
+    assert f"{flag} has no effect on sampler 'pf_ode' with method 'dopri5'" in err and "method=rk4" in err, err
+    assert not out.exists()
+
+
+def test_a_fixed_grid_method_takes_the_step_count_and_says_nothing_of_grids(capsys, tmp_path, caplog):
+    caplog.set_level("INFO")
+    argv = ["sample", "toy2d", "--sampler", "pf_ode", "--option", "method=rk4", "--steps", "3", "--num-samples", "4",
+            "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    assert "pf_ode (method=rk4, num_steps=3)" in capsys.readouterr().out
+    assert "fixed-grid" not in caplog.text and "built-in grid" not in caplog.text, caplog.text

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "run_guarded", "usage_checks", "check_count", "check_seed", "add_common_options", "common_options", "progress_enabled", "parse_value",
-           "resolve_model", "missing_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "parse_yaml_option", "write_json", "load_score_model",
+           "resolve_model", "missing_model", "add_pilot_options", "OPTION_HELP", "DTYPE_HELP", "DEVICE_HELP", "parse_options", "checked_sampler", "parse_yaml_option", "write_json", "load_score_model",
            "load_data", "ANALYTIC_MODELS", "ANALYTIC_PROCESSES"]
 
 #: ``--model analytic:<name>``: exact scores of the analytic test bed (no network)
@@ -164,6 +164,23 @@ def parse_options(items: list[str]) -> dict[str, Any]:
             raise CLIError(f"sampler option {key!r} given twice")
         out[key] = parse_value(raw)
     return out
+
+
+def checked_sampler(name: str, options: dict[str, Any], *, steps_flag: str = "--option num_steps"):
+    """The sampler ``name`` with ``options`` (the registry's errors for an unknown sampler or option), refusing a
+    step count that would do nothing: a command writes the final samples only, and an adaptive sampler's
+    ``num_steps`` (``pf_ode`` with an adaptive method) only sets the output times of a returned trajectory.
+    ``steps_flag`` names the flag that gave it, for the message."""
+    from ..registry import get_sampler
+
+    sampler = get_sampler(name, **options)
+    if "num_steps" in options and sampler.properties.adaptive:
+        method = sampler.config.get("method")
+        how = f" with method {method!r}" if method is not None else ""
+        raise CLIError(f"{steps_flag} has no effect on sampler {name!r}{how}: it is adaptive and takes as many steps "
+                       f"as its tolerances need (--option rtol=... atol=...); drop {steps_flag}, or choose a "
+                       f"fixed-grid method (e.g. --option method=rk4) to set the number of steps")
+    return sampler
 
 
 def parse_yaml_option(text: str) -> tuple[str, Any]:

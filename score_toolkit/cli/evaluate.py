@@ -29,6 +29,7 @@ from ._common import (
     CLIError,
     check_count,
     check_seed,
+    checked_sampler,
     load_data,
     load_score_model,
     parse_options,
@@ -133,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         device, dtype = _device(args.device), _dtype(args.dtype, args.model)
         model = load_score_model(args.model, args.process, device=device, dtype=dtype)
         options = parse_options(args.option)
-        get_sampler(args.sampler, **options)
+        checked_sampler(args.sampler, options)
     shape = tuple(model["sample_shape"])
     kind = args.kind if args.kind != "auto" else ("digits" if shape == (1, 8, 8) else "vectors")
     if kind == "digits" and shape != (1, 8, 8):

@@ -17,7 +17,7 @@ from typing import Any
 
 # the default sampler and steps are ScorePipeline's (one definition: score_toolkit.pipeline.DEFAULT_SAMPLER)
 from .._defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ._common import OPTION_HELP, parse_options, progress_enabled, resolve_model
+from ._common import OPTION_HELP, checked_sampler, parse_options, progress_enabled, resolve_model
 
 __all__ = ["add_sample_parser", "cmd_sample", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "parse_options"]
 
@@ -106,9 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--cpu contradicts --device {args.device}")
     use_cpu = args.cpu or args.device == "cpu"
 
-    from ..registry import get_sampler
-
-    get_sampler(args.sampler, **options)  # unknown sampler or option: fail before loading anything
+    # unknown sampler or option, or a step count an adaptive sampler would ignore: fail before loading anything
+    checked_sampler(args.sampler, options, steps_flag="--steps" if args.steps is not None else "--option num_steps")
 
     from accelerate import Accelerator
 
