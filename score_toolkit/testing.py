@@ -53,7 +53,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:  # the suite is pytest test classes
+    raise ImportError("score_toolkit.testing is a pytest suite: install pytest (pip install pytest) to run it") from exc
 import torch
 
 from . import registry as _registry

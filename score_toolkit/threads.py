@@ -3,7 +3,7 @@
 torch starts with one thread per core. For the networks of this project (MLPs on 2-D points, small UNets
 on 8x8 images) more threads only add synchronisation, and on a machine whose cores are busy with other
 work each extra thread waits for a core at every operation: ``benchmarks/results/threads.md`` measured
-the README's 30-second example and ``score-toolkit demo`` many times slower with 2 threads than with 1
+the README's first example and ``score-toolkit demo`` many times slower with 2 threads than with 1
 on 2 busy cores. Hence one rule, applied by every ``score-toolkit`` command and by
 :meth:`Sampler.sample <score_toolkit.samplers.base.Sampler.sample>`, ``ScorePipeline.__call__``,
 :func:`score_toolkit.training.train`, :func:`score_toolkit.likelihood.log_likelihood` and

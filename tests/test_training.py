@@ -209,6 +209,13 @@ def test_same_seed_same_model(tmp_path):
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
+def test_a_single_process_logs_plain_messages(tmp_path, caplog):
+    caplog.set_level("INFO", logger="score_toolkit.training.loop")
+    train(small_config(tmp_path / "a", train={"steps": 2, "checkpoint_every": 2, "log_every": 2}))
+    started = [r.getMessage() for r in caplog.records if "steps from step" in r.getMessage()]
+    assert started and started[0].startswith("training 2 steps from step 0 on 1 process(es)"), started
+
+
 def test_ema_matches_its_definition():
     net = torch.nn.Linear(3, 2)
     ema = training.EMA(net, 0.9)

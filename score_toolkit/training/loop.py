@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -32,6 +33,18 @@ from .network_checks import _label_table, _labelled_score, check_compile
 from .prepare import _flatten, claim_run, prepare_run, release_run
 
 __all__ = ["train", "TrainResult"]
+
+
+class _MainProcessLog(logging.LoggerAdapter):
+    """This module's logger on the main process only, messages unchanged (accelerate's adapter would prefix
+    ``[RANK 0]`` even to a single process's messages)."""
+
+    def __init__(self, is_main_process: bool):
+        super().__init__(logging.getLogger(__name__), {})
+        self._main = is_main_process
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self._main and super().isEnabledFor(level)
 
 
 @dataclass
@@ -282,9 +295,7 @@ def train(
                              f"network's class-label table has {label_table} rows: classes 0..{label_table - 2} and the "
                              f"null label (set model.options num_class_embeds to {data_classes + 1})")
 
-    from accelerate.logging import get_logger
-
-    logger = get_logger(__name__)  # multi-process: logs on the main process only
+    logger = _MainProcessLog(accelerator.is_main_process)
     logger.info("training %s steps from step %d on %d process(es); run folder %s", tc.steps, start, world, run_dir)
     history: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
