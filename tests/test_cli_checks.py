@@ -200,6 +200,7 @@ def test_restore_refuses_foreign_files_and_replaces_its_own_with_overwrite(capsy
     (["--factor", "4"], "--factor applies to --task super_resolution, found --task inpaint"),
     (["--blur-std", "3"], "--blur-std applies to --task deblur, found --task inpaint"),
     (["--steps", "5", "--option", "num_steps=7"], "pass --steps or --option num_steps=..., not both"),
+    (["--method", "imputation", "--noise-std", "0.1"], "--method imputation takes the observation as noise-free"),
 ])
 def test_restore_refuses_options_that_do_not_apply(capsys, tmp_path, digit_png, extra, found):
     argv = ["restore", digit_png, "--task", "inpaint", "--mask-kind", "right_half", "--output-dir", str(tmp_path / "o")]

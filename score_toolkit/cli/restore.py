@@ -126,6 +126,10 @@ def _check_args(args: argparse.Namespace) -> dict:
         raise CLIError(f"expected --factor >= 1, found {args.factor}")
     if args.blur_std is not None and args.blur_std <= 0:
         raise CLIError(f"expected --blur-std > 0, found {args.blur_std}")
+    if args.method in ("repaint", "imputation") and args.noise_std > 0 and not args.degrade:
+        raise CLIError(f"--method {args.method} takes the observation as noise-free: --noise-std applies to pigdm, dps "
+                       f"and replacement, or with --degrade (the noise added to the degraded image), found "
+                       f"--noise-std {args.noise_std:g}")
     if args.method in ("repaint", "imputation") and args.sampler is not None:
         raise CLIError(f"--method {args.method} is a sampler itself: --sampler applies to pigdm, dps and replacement, "
                        f"found --sampler {args.sampler}")
@@ -164,6 +168,7 @@ def _check_output_dir(outdir: Path, settings: dict, overwrite: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from .._utils import per_sample_generators, sample_seed
     from ..conditioning import Downsample, GaussianBlur, Greyscale, Mask
     from ..pipeline import ScorePipeline, shipped_model_path
     from ..plotting import image_grid, save_png
@@ -203,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         clean = _read_image(args.image, c)
         if tuple(clean.shape) != shape:
             raise CLIError(f"--degrade: expected an image of the model's size {shape}, found {tuple(clean.shape)}")
-        g = torch.Generator().manual_seed(args.seed + 10**6)
+        g = torch.Generator().manual_seed(sample_seed(args.seed, 0, stream=1))  # not any restoration's stream
         y = operator(clean[None])[0]
         y = y + args.noise_std * torch.randn(y.shape, generator=g) * (operator(torch.ones(1, *shape))[0] != 0 if mask else 1)
     else:
@@ -215,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
             y = operator(y[None])[0]
     y = y.to(pipe.unet.dtype)
     options = settings["sampler_options"]
-    gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in range(args.num_samples)]
+    gens = per_sample_generators(args.seed, range(args.num_samples))  # sample i: (seed, i), as in sample
     kw = {"operator": operator, "observation": y}
     if args.method in ("repaint", "imputation"):
         out = pipe(args.num_samples, sampler=args.method, sampler_options=options, generator=gens, output_type="pt",
