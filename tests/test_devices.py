@@ -188,3 +188,51 @@ def test_sample_metrics_of_half_precision_samples_are_computed_in_float32(metric
         py, _ = torch.sort(y.float() @ theta, dim=0)
         expected = float((metrics._quantiles(px, 600) - metrics._quantiles(py, 600)).pow(2).mean().sqrt())
         assert fn(x, y, num_projections=16, generator=torch.Generator().manual_seed(5)) == expected
+
+
+@pytest.mark.parametrize("time_embedding", ["log", "linear"])
+def test_a_half_precision_mlp_embeds_the_time_as_float32_does(time_embedding):
+    # a bfloat16 ScoreMLP gets float32 times (as the pipeline passes them) and keeps float32 Fourier frequencies: its
+    # time features equal the float32 network's, and its output differs by the rounding of its weights only (with
+    # fourier_scale 16 the phases reach 300 rad, which bfloat16 rounds to 2 rad)
+    from score_toolkit.models import ScoreMLP
+
+    torch.manual_seed(0)
+    net = ScoreMLP(2, hidden_dim=64, num_layers=2, fourier_scale=16.0, time_embedding=time_embedding).eval()
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    assert half.time_embed.W.dtype == torch.float32 and torch.equal(half.time_embed.W, net.time_embed.W)
+    assert half.output.weight.dtype == torch.bfloat16
+    x, t = torch.randn(2048, 2), torch.rand(2048) * 0.99 + 0.01
+    with torch.no_grad():
+        assert torch.equal(half.time_embed(t), net.time_embed(t))
+        ref, out = net(x, t), half(x.bfloat16(), t)
+        # the same network with only its weights rounded to bfloat16, run in float32: the error bfloat16 must cost
+        rounded = copy.deepcopy(net)
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+        floor = float((rounded(x, t) - ref).norm() / ref.norm())
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).norm() / ref.norm()) < 3 * floor + 4e-3, floor
+
+
+def test_a_half_precision_mlp_saves_and_loads_its_frequencies_in_float32(tmp_path):
+    import warnings
+
+    from safetensors import safe_open
+
+    from score_toolkit.models import ScoreMLP
+
+    torch.manual_seed(0)
+    net = ScoreMLP(2, hidden_dim=16, num_layers=1, fourier_scale=16.0).eval()
+    net.save_pretrained(tmp_path / "f32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the conversion asked for: no CheckpointDtypeWarning
+        half = ScoreMLP.from_pretrained(tmp_path / "f32", torch_dtype=torch.bfloat16)
+    assert half.output.weight.dtype == torch.bfloat16 and torch.equal(half.time_embed.W, net.time_embed.W)
+    half.save_pretrained(tmp_path / "bf16")
+    with safe_open(str(tmp_path / "bf16" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice("time_embed.W").get_dtype() == "F32" and f.get_slice("output.weight").get_dtype() == "BF16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ScoreMLP.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
+    assert again.output.weight.dtype == torch.bfloat16 and torch.equal(again.time_embed.W, net.time_embed.W)

@@ -65,7 +65,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard file, a multiple of --batch-size (default: about 4096)")
     p.add_argument("--output-dir", default="samples", help="output folder (default ./samples)")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="the network's dtype (loaded with torch_dtype; default float32). bfloat16/float16 evaluate the "
                    "network in that precision while the sampler keeps float32 states")
     p.add_argument("--image-files", action="store_true",
@@ -121,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device cuda: no CUDA device is available (found {accelerator.device})")
     import torch
 
-    pipe = ScorePipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    # no --dtype: float32, and a checkpoint stored in another type says so (CheckpointDtypeWarning)
+    torch_dtype = None if args.dtype is None else getattr(torch, DTYPES[args.dtype])
+    pipe = ScorePipeline.from_pretrained(checkpoint, torch_dtype=torch_dtype)
     start = time.perf_counter()
     result = sample_to_folder(
         pipe, args.output_dir, args.num_samples, sampler=args.sampler, sampler_options=options, seed=args.seed,

@@ -116,11 +116,16 @@ def _check_against_weights(cls, config: dict[str, Any], folder: str, variant: st
     import torch
 
     header = _header(_weight_files(folder, variant))
-    try:
+    default_dtype = torch.get_default_dtype()
+    try:  # built as loading builds it: in torch_dtype, except what the network keeps in float32
+        if torch_dtype is not None:
+            torch.set_default_dtype(torch_dtype)
         with torch.device("meta"):
             skeleton = cls.from_config(config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}/config.json does not describe a valid {cls.__name__}: {err}") from err
+    finally:
+        torch.set_default_dtype(default_dtype)
     expected = {k: v for k, v in skeleton.state_dict().items()}
     problems = []
     missing = sorted(set(expected) - set(header))
@@ -141,14 +146,16 @@ def _check_against_weights(cls, config: dict[str, Any], folder: str, variant: st
                         f"holds floating-point tensors")
     if problems:
         raise CheckpointError(f"the checkpoint in {folder} does not match {cls.__name__}: " + "; ".join(problems))
+    if torch_dtype is not None:  # the conversion asked for (tensors the network keeps in their own dtype, such as
+        return  # the float32 Fourier frequencies of a half-precision MLP, are loaded in that dtype)
     converted = {}
     for k, v in expected.items():
-        target = torch_dtype if (torch_dtype is not None and v.is_floating_point()) else v.dtype
+        target = v.dtype
         stored = _FLOAT_DTYPES.get(header[k][1])
         if v.is_floating_point() and stored is not None and stored != str(target).removeprefix("torch."):
             converted.setdefault(stored, []).append(k)
     if converted:
-        target_name = str(torch_dtype or torch.get_default_dtype()).removeprefix("torch.")
+        target_name = str(torch.get_default_dtype()).removeprefix("torch.")
         what = "; ".join(f"{len(keys)} tensor(s) stored as {dt} (e.g. {keys[0]})" for dt, keys in converted.items())
         warnings.warn(f"{folder}: {what} are loaded as {target_name}; pass torch_dtype= to load them in "
                       f"another dtype", CheckpointDtypeWarning, stacklevel=caller_stacklevel())

@@ -33,14 +33,27 @@ def _check_int(value, name: str, minimum: int) -> int:
 class GaussianFourierEmbedding(nn.Module):
     """Random Fourier features of a scalar (Song et al. 2021, "Score-based generative modeling through SDEs",
     Appendix H / ``GaussianFourierProjection``): ``[sin(2 pi W c), cos(2 pi W c)]`` with ``W ~ N(0, scale^2)``
-    drawn once and frozen. ``W`` is a persistent buffer, so it is saved with the weights and follows ``.to()``."""
+    drawn once and frozen. ``W`` is a persistent buffer, so it is saved with the weights and follows ``.to()`` to
+    another device, but it stays float32 when the network goes to half precision, and the phases ``2 pi W c`` are
+    computed in float32 (float64 for a float64 ``c``): in bfloat16 a phase near 100 rad is rounded to a whole
+    radian, so the features of a half-precision network would barely depend on the time. The features come out
+    in ``c``'s precision; the caller casts them to the network's dtype."""
 
     def __init__(self, embedding_dim: int, scale: float):
         super().__init__()
-        self.register_buffer("W", torch.randn(embedding_dim // 2) * scale)
+        dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)  # also when built in half precision
+        self.register_buffer("W", torch.randn(embedding_dim // 2, dtype=dtype) * scale)
+
+    def _apply(self, fn, recurse=True):
+        exact = self.W
+        super()._apply(fn, recurse)
+        if self.W.dtype in (torch.float16, torch.bfloat16) and exact.dtype not in (torch.float16, torch.bfloat16):
+            self.W = exact.to(device=self.W.device, dtype=torch.float32)  # moved, not rounded
+        return self
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        proj = c[:, None] * self.W[None, :] * (2 * math.pi)
+        dtype = torch.promote_types(c.dtype, torch.float32)
+        proj = c.to(dtype)[:, None] * self.W.to(dtype)[None, :] * (2 * math.pi)
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
 
@@ -70,6 +83,10 @@ _TRUNK_FIELDS = {
 
 class _MLPTrunk(nn.Module):
     """Shared body: input projection, conditioning embedding, residual blocks, output head."""
+
+    # diffusers assigns the loaded tensors in place of the network's when the first one's dtype matches (here the
+    # float32 Fourier frequencies), which would load a half-precision network as float32: copy them instead
+    _supports_param_buffer_assignment = False
 
     def _build(self, dim, hidden_dim, num_layers, embedding_dim, fourier_scale, time_embedding, activation, out_dim,
                num_classes=None):
@@ -121,7 +138,8 @@ class _MLPTrunk(nn.Module):
             )
         if isinstance(t, torch.Tensor) and t.is_complex():
             raise TypeError(f"{name} expected a real t, found dtype {t.dtype}")
-        t = as_time(t, x.shape[0], like=x)
+        # the time stays float32 for a half-precision network (bfloat16 holds t = 0.999 only to within 0.004)
+        t = as_time(t, x.shape[0], like=x if x.dtype == torch.float64 else x.new_empty(0, dtype=torch.float32))
         if t.device.type != "cpu":  # reading a check of t would make the host wait for the device at every call
             return x.reshape(x.shape[0], dim), t
         lo, hi = torch.aminmax(t)  # one reduction for both checks (NaN makes both NaN)
@@ -134,7 +152,7 @@ class _MLPTrunk(nn.Module):
 
     def _features(self, x_flat: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         c = torch.log(t) if self.config.time_embedding == "log" else t
-        emb = self.time_mlp(self.time_embed(c))
+        emb = self.time_mlp(self.time_embed(c).to(x_flat.dtype))
         num_classes = getattr(self.config, "num_classes", None)
         if class_labels is not None and num_classes is None:
             raise ValueError(f"{type(self).__name__} was built without class labels (num_classes=None): it cannot take "
