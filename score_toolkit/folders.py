@@ -36,6 +36,11 @@ def scheduler_spec(scheduler) -> tuple[Process, str, str]:
     return read_scheduler_config(scheduler)
 
 
+#: what is downloaded of a Hub repository: what loading reads (configs, safetensors weights, the model card, stored
+#: grids), never pickle weights (``.bin``, ``.ckpt``), which are not loaded
+HUB_FILES = ("model_index.json", "README.md", "unet/*.json", "unet/*.safetensors", "scheduler/*.json", "grids/*.json")
+
+
 def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, token) -> Path:
     """An existing folder; else the shipped model of that name (:func:`_shipped_folder`); else a Hub repository.
     An empty name is an error (it is not the current directory); ``revision`` with a local folder or a shipped
@@ -62,8 +67,7 @@ def _resolve_folder(name_or_path, *, revision, cache_dir, local_files_only, toke
     try:
         snapshot = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
                                      local_files_only=bool(local_files_only),
-                                     allow_patterns=["model_index.json", "unet/*", "scheduler/*", "README.md",
-                                                     "grids/*.json"])
+                                     allow_patterns=list(HUB_FILES))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         hint = " (HF_HUB_OFFLINE is set: only repositories already in the local Hub cache load)" if offline else ""

@@ -231,6 +231,27 @@ def test_loads_from_the_hub_cache_offline(tmp_path, monkeypatch):
         ScorePipeline.from_pretrained("someone/not-cached", cache_dir=tmp_path / "cache")
 
 
+def test_a_hub_download_fetches_what_loading_reads_and_no_pickle(tmp_path, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+
+    vector_pipeline().save_pretrained(tmp_path / "p")
+    asked = {}
+
+    def snapshot_download(repo_id, **kwargs):  # stands for the Hub: the patterns asked for, the files it would send
+        asked.update(kwargs)
+        return str(tmp_path / "p")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ScorePipeline.from_pretrained("someone/tiny-score")
+    wanted = lambda name: any(fnmatch.fnmatch(name, pat) for pat in asked["allow_patterns"])  # noqa: E731
+    saved = [f.relative_to(tmp_path / "p").as_posix() for f in (tmp_path / "p").rglob("*") if f.is_file()]
+    assert saved and all(wanted(name) for name in saved), saved
+    for pickle in ("unet/diffusion_pytorch_model.bin", "unet/model.ckpt", "scheduler/extra.pkl", "unet/pipe.py"):
+        assert not wanted(pickle), pickle
+
+
 # ------------------------------------------------------------------------------------ bad folders
 def _saved(tmp_path):
     folder = tmp_path / "p"
