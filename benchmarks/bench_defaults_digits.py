@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from score_toolkit import evaluation as E
+from score_toolkit._io import write_text_atomic
 from score_toolkit._utils import per_sample_generators
 from score_toolkit.cli._common import load_score_model
 from score_toolkit.registry import get_sampler
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
 def write(args, rows) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     conv = rows[0]["frechet_distance"]
     labels = [run[0] for run in RUNS]
     nfes = sorted({r["nfe"] for r in rows[1:]})
@@ -102,7 +103,7 @@ def write(args, rows) -> None:
             cells.append(f"{r[0]['frechet_distance']:.3f} ({r[0]['frechet_distance'] / conv:.2f})" if r else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Converged ODE: {conv:.3f} at {rows[0]['nfe']} NFE."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

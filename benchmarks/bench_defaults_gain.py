@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from score_toolkit._io import write_text_atomic
 from score_toolkit.analytic import anisotropic_mixture
 from score_toolkit.processes import VESDE, VPSDE
 from score_toolkit.registry import get_sampler
@@ -83,7 +84,7 @@ def main() -> int:
                 lines.append(f"| {pname} | {label} | {nfe} | " + " | ".join(f"{v:+.4f}" for v in shown.tolist())
                              + f" | {total:+.3f} |")
     out = Path(__file__).resolve().parent / "results" / "defaults_gain.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -83,6 +83,7 @@ sys.path.insert(0, str(HERE))
 import bench_samplers as B  # noqa: E402
 
 from score_toolkit import metrics as M  # noqa: E402
+from score_toolkit._io import write_text_atomic  # noqa: E402
 from score_toolkit.analytic import anisotropic_mixture  # noqa: E402
 from score_toolkit.processes import VESDE, VPSDE  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class  # noqa: E402
@@ -483,7 +484,7 @@ def _summary(rs) -> str:
 def write(args, rows):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic((out / f"{args.tag}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     lines = [f"# Grid optimiser: criterion ladders, transfer, fitting time (N = {args.n}, {args.floor_seeds} floor pairs, "
              "exact scores, float64)", "", args.note, ""]
     ladder = [r for r in rows if r["part"] == "ladder"]
@@ -640,7 +641,7 @@ def write(args, rows):
             lines.append(f"| {r['case']} | {r['process']} | {r['sampler']} | {r['nfe']} | {c['fit_s']} ({c['evaluations']}) | "
                          + (f"{w['fit_s']} ({w['evaluations']}) | {r['time_ratio']} | {c['report']} | {w['report']} | "
                             f"{c['judged']} | {w['judged']} |" if w else f"- | - | {c['report']} | - | {c['judged']} | - |"))
-    (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic((out / f"{args.tag}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

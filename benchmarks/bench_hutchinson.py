@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import git_commit  # noqa: E402
 
+from score_toolkit._io import write_text_atomic
 from score_toolkit._utils import per_sample_generators
 from score_toolkit.analytic import GaussianMixture, anisotropic_mixture, ring_mixture
 from score_toolkit.likelihood import bits_per_dim, dequantize, dequantized_bits_per_dim, log_likelihood
@@ -155,8 +156,8 @@ def main(argv=None) -> int:
                   duration_s=time.perf_counter() - start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hutchinson.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "hutchinson.md").write_text(_md(result))
+    write_text_atomic((out / "hutchinson.json"), json.dumps(result, indent=1) + "\n")
+    write_text_atomic((out / "hutchinson.md"), _md(result))
     print(_md(result))
     return 0
 

@@ -293,6 +293,7 @@ def write_parquet(path: Path, n: int, chunk: int = 5000) -> None:
 
 _MEMORY_CHILD = r"""
 import json, resource, sys
+from score_toolkit._io import write_text_atomic
 from score_toolkit.training import train
 cfg = json.loads(sys.argv[1])
 train(cfg)
@@ -466,8 +467,10 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        from score_toolkit._io import write_text_atomic
+
+        write_text_atomic(out, text + "\n")
+        write_text_atomic(out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     return 0
 
 

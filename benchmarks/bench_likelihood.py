@@ -1066,7 +1066,7 @@ def write_report(rows, args, seconds: float, extra: list[str]) -> Path:
     lines += ["", NOTES, "", *extra]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     return out
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import SIGMA_MAX, SIGMA_MIN, Mixture, _clock, run_once  # noqa: E402
 
 from score_toolkit import get_sampler  # noqa: E402
+from score_toolkit._io import write_text_atomic
 from score_toolkit.processes import VESDE  # noqa: E402
 from score_toolkit.samplers.dpm_solver import multistep_orders  # noqa: E402
 from score_toolkit.samplers.unipc import unipc_coefficients  # noqa: E402
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                 lines.append(line)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead_unipc.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic((out / "overhead_unipc.md"), "\n".join(lines) + "\n")
     return 0
 
 

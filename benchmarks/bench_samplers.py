@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import git_commit  # noqa: E402
 
 from score_toolkit import metrics as M  # noqa: E402
+from score_toolkit._io import write_text_atomic
 from score_toolkit.analytic import anisotropic_mixture, ring_mixture  # noqa: E402
 from score_toolkit.processes import TIME_GRIDS, VESDE, VPSDE, Process  # noqa: E402
 from score_toolkit.registry import get_sampler, get_sampler_class, list_samplers  # noqa: E402
@@ -1002,7 +1003,7 @@ def write_markdown(path: Path, args, meta: dict, acc_rows, floors, summary, spee
         L += _markdown_accuracy(args, acc_rows, floors, summary, plots)
     if speed_rows:
         L += _markdown_speed(args, speed_rows)
-    path.write_text("\n".join(L) + "\n")
+    write_text_atomic(path, "\n".join(L) + "\n")
 
 
 def _markdown_accuracy(args, rows, floors, summary, plots) -> list[str]:

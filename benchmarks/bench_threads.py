@@ -123,7 +123,9 @@ def write_results(rows: list[dict], args) -> None:
             ratio = f"{statistics.median(sec) / statistics.median(base):.2f}" if base else "-"
             lines.append(f"| {name} | {arm} | {len(sec)} | {statistics.median(sec):.1f} | {min(sec):.1f} | "
                          f"{max(sec):.1f} | {ratio} | {min(loads):.1f}-{max(loads):.1f} |")
-    (RESULTS / "threads.md").write_text("\n".join(lines) + "\n")
+    from score_toolkit._io import write_text_atomic
+
+    write_text_atomic(RESULTS / "threads.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

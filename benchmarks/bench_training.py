@@ -35,6 +35,7 @@ from _provenance import git_commit  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from score_toolkit._io import write_text_atomic
 from score_toolkit.data import load_dataset  # noqa: E402
 from score_toolkit.models import ScoreMLP  # noqa: E402
 from score_toolkit.processes import VPSDE  # noqa: E402
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_text_atomic(out, text)
     return 0
 
 
