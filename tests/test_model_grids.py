@@ -234,7 +234,7 @@ def test_refitting_keeps_an_up_to_date_grid_and_replaces_a_stale_one(fitted, tmp
 @pytest.mark.parametrize("argv, message", [
     (["--sampler", "nope"], "unknown sampler"),
     (["--sampler", "euler_maruyama"], "deterministic fixed-grid sampler"),
-    (["--option", "grid=karras"], "cannot be sampler options"),
+    (["--option", "grid=karras"], "--option grid: not an option here"),
     (["--option", "colour=3"], "unknown option"),
     (["--steps", "0"], "expected --steps to be an integer >= 1, found 0"),
     (["--num-pilot", "1"], "--num-pilot"),
