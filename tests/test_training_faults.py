@@ -421,6 +421,48 @@ def test_a_second_run_in_a_folder_being_trained_in_is_refused_before_it_touches_
     assert resumed.step == 8 and not (run / ".training.json").exists()
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_that_stops_in_a_process_that_goes_on_frees_its_folder(tmp_path, stop):
+    """Ctrl-C in a notebook, or an error: the interpreter lives on, and its run record must not block the folder."""
+    run = tmp_path / "run"
+
+    def interrupt(info):
+        if info["step"] == 3:  # after the checkpoint of step 2
+            raise stop("stopped at step 3")
+
+    with pytest.raises(stop):
+        train(small_config(run, train={"steps": 8, "checkpoint_every": 2}), callbacks=[interrupt])
+    assert not (run / ".training.json").exists()
+    resume = [sys.executable, "-c", "import sys, json; from score_toolkit.training import train; "
+              "r = train(json.loads(sys.argv[1]), resume=True); print(r.step)",
+              json.dumps(small_config(run, train={"steps": 4, "checkpoint_every": 2}))]
+    done = subprocess.run(resume, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "4", done.stderr[-2000:]
+
+
+def test_a_run_started_after_the_checks_is_refused_when_the_folder_is_claimed(tmp_path, monkeypatch):
+    """Two jobs started together both pass prepare_run's check; the second to claim the folder is refused."""
+    import socket
+
+    run = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the job that claimed first
+    prepare = training.loop.prepare_run
+
+    def prepare_then_the_other_job_claims(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        (run / ".training.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        return out
+
+    monkeypatch.setattr(training.loop, "prepare_run", prepare_then_the_other_job_claims)
+    try:
+        with pytest.raises(ConfigError, match=f"being trained in by process {other.pid}.*delete .training.json"):
+            train(small_config(run, train={"steps": 2}))
+        assert json.loads((run / ".training.json").read_text())["pid"] == other.pid  # its record is left alone
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_resume_whose_run_config_is_gone_says_it_cannot_check_the_config(tmp_path):
     run = tmp_path / "run"
     train(small_config(run, train={"steps": 4}))

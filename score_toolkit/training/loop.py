@@ -97,14 +97,8 @@ def train(
     after every optimizer step with ``{"step", "loss", "model", "accelerator"}`` (``loss`` is this
     process's last micro-batch loss as a tensor); an exception raised there stops the run like a crash
     (nothing more is written)."""
-    import dataclasses
-
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-
-    from ..data import training_batches
-    from ..scores import ScoreAdapter
+    from accelerate.utils import ProjectConfiguration
 
     comps, run_dir, ckpt = prepare_run(config, resume=resume)
     cfg, tc = comps.config, comps.config.train
@@ -131,6 +125,23 @@ def train(
     # the run records the precision it trained in (the config's, or Accelerate's setting)
     if accelerator.is_main_process:
         claim_run(run_dir)  # another run in this folder is refused (prepare_run) until this one ends
+    try:
+        return _train_claimed(comps, cfg, tc, run_dir, ckpt, accelerator, callbacks)
+    finally:  # however the run ends (an error, Ctrl-C in a notebook), the folder is free again
+        if accelerator.is_main_process:
+            release_run(run_dir)
+
+
+def _train_claimed(comps, cfg, tc, run_dir: Path, ckpt, accelerator, callbacks) -> TrainResult:
+    """The run, once the main process holds the folder's run record (:func:`train` releases it)."""
+    import dataclasses
+
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from ..data import training_batches
+    from ..scores import ScoreAdapter
+
     tc = dataclasses.replace(tc, mixed_precision=accelerator.mixed_precision)
     cfg = dataclasses.replace(cfg, train=tc)
     comps.config = cfg
@@ -348,8 +359,6 @@ def train(
             export_folder = Path(cfg.export.folder) if cfg.export.folder else run_dir / "pipeline"
     if tc.log_with:
         accelerator.end_training()
-    if accelerator.is_main_process:
-        release_run(run_dir)
     return TrainResult(run_dir, step if tc.steps > start else start, history, export_folder, final_model, cfg,
                        resumed_from=ckpt, num_processes=world)
 

@@ -117,12 +117,21 @@ def _other_run(run_dir: Path) -> str | None:
 
 
 def claim_run(run_dir: Path) -> None:
-    """Record this (main) process as the one training in ``run_dir``; :func:`release_run` removes the record."""
+    """Record this (main) process as the one training in ``run_dir``; :func:`release_run` removes the record. Checked
+    again here (a run that started since :func:`prepare_run` checked, e.g. a job submitted twice, is refused)."""
     import socket
 
     from .._io import write_json_atomic
 
+    other = _other_run(run_dir)
+    if other is not None:
+        raise ConfigError(_busy(run_dir, other))
     write_json_atomic(run_dir / RUN_LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+def _busy(run_dir: Path, other: str) -> str:
+    return (f"output_dir {run_dir} is being trained in by {other} on this machine ({run_dir / RUN_LOCK}): wait for it "
+            f"to end or stop it, or choose another output_dir (if that process is not training, delete {RUN_LOCK})")
 
 
 def release_run(run_dir: Path) -> None:
@@ -169,8 +178,7 @@ def prepare_run(config: RunConfig | Mapping[str, Any], *, resume: bool = False) 
     run_dir = Path(cfg.output_dir)
     other = _other_run(run_dir)
     if other is not None:  # checked first: nothing of a running run (its checkpoint being written) is touched
-        raise ConfigError(f"output_dir {run_dir} is being trained in by {other} on this machine ({run_dir / RUN_LOCK}): "
-                          f"wait for it to end or stop it, or choose another output_dir")
+        raise ConfigError(_busy(run_dir, other))
     ckpt = None
     if resume:
         if not run_dir.is_dir():
