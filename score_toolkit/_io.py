@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode",
+__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "on_own_file_system", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode",
            "replace_files"]
 
 
@@ -76,16 +76,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mkdir:
     return path
 
 
+def on_own_file_system(folder: str | os.PathLike) -> bool:
+    """Whether the existing folder ``folder`` is on another file system than its parent (a mount point, such as a
+    container's volume): a temporary sibling could not then be renamed into it."""
+    folder = Path(folder)
+    return folder.is_dir() and os.stat(folder).st_dev != os.stat(folder.parent).st_dev
+
+
 def replace_files(source: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
     """Move every file of the folder ``source`` (written completely, e.g. by a library's ``save_pretrained``) to the
     same relative path in ``target``: each is fsynced, given the permissions of a plain ``open``, and renamed over its
     target in one step, so that an interruption leaves every file of ``target`` whole (the old one or the new one).
-    Other files of ``target`` are left as they are. ``source`` must be on the same file system (a sibling folder).
-    Returns the target paths."""
+    Other files of ``target`` are left as they are. Files in subfolders go first and the top-level ones (e.g. a
+    pipeline's ``model_index.json``) last. ``source`` must be on the same file system. Returns the target paths."""
     source, target = Path(source), Path(target)
     moved, folders = [], set()
     mode = default_file_mode()
-    for p in sorted(source.rglob("*")):
+    for p in sorted(source.rglob("*"), key=lambda q: (-len(q.relative_to(source).parts), q)):
         if p.is_symlink() or not p.is_file():
             continue
         dest = target / p.relative_to(source)

@@ -140,6 +140,7 @@ def export_pipeline(
     if not isinstance(model, ModelMixin):
         raise TypeError(f"expected a diffusers ModelMixin (ScoreMLP, EnergyMLP, UNet2DModel, ...), found {type(model).__name__}")
     folder = Path(folder)
+    _remove_stale_export_temporaries(folder)  # first: an export killed between its renames is restored
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists: pass overwrite=True to replace it")
     if folder.is_dir():
@@ -151,7 +152,6 @@ def export_pipeline(
     scheduler = scheduler_for(process, prediction_type, time_input)
     info = dict(card_info or {})
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_export_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -195,19 +195,24 @@ def export_pipeline(
 
 
 def _remove_stale_export_temporaries(folder: Path) -> None:
-    """Remove the temporary folders an export of ``folder`` killed midway left (``.NAME.tmp-PID`` and
-    ``.NAME.old-PID``, the names only this function's writer uses) whose process no longer runs."""
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-(\d+)")
-    if not folder.parent.is_dir():
-        return
-    for p in folder.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m is None or not p.is_dir() or p.is_symlink():
-            continue
-        pid = int(m.group(2))
-        if pid != os.getpid() and _process_exists(pid):
-            continue  # another export of the same folder is running
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove the temporary folders an export or a ``save_pretrained`` of ``folder`` killed midway left
+    (``.NAME.tmp-PID`` and ``.NAME.old-PID`` beside it, ``.save.tmp-PID`` inside it: names only these writers use)
+    whose process no longer runs. An export killed between its two renames left the earlier export as
+    ``.NAME.old-PID`` and no ``folder``: it is renamed back, not removed (it is the only copy)."""
+    beside = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-(\d+)")
+    inside = re.compile(r"\.save\.tmp-(\d+)")
+    found = []
+    if folder.parent.is_dir():
+        found += [(p, m.group(1), int(m.group(2))) for p in folder.parent.iterdir() if (m := beside.fullmatch(p.name))]
+    if folder.is_dir() and not folder.is_symlink():
+        found += [(p, "tmp", int(m.group(1))) for p in folder.iterdir() if (m := inside.fullmatch(p.name))]
+    for p, kind, pid in sorted(found, key=lambda f: f[1] != "old"):  # a restored folder first
+        if not p.is_dir() or p.is_symlink() or (pid != os.getpid() and _process_exists(pid)):
+            continue  # another export or save of the same folder is running
+        if kind == "old" and not os.path.lexists(folder):
+            os.rename(p, folder)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _process_exists(pid: int) -> bool:

@@ -518,32 +518,40 @@ class ScorePipeline(DiffusionPipeline):
             return source if source in ("DDPMPipeline", "DDIMPipeline") else "DDPMPipeline"
         return type(self).__name__
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None, push_to_hub: bool = False,
+                        **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, with ``model_index.json`` naming :meth:`diffusers_pipeline_name`: a
         folder that plain diffusers could load and run stays so (``ScorePipeline.from_pretrained`` loads any of
-        them). Crash-safe: diffusers writes into a temporary sibling folder (``.NAME.tmp-PID``, removed by the next
-        save or export once its process is gone), then each file is renamed over its target
-        (:func:`score_toolkit._io.replace_files`), so an interrupted save never leaves a half-written file in place
-        of an earlier one."""
+        them). diffusers writes into a temporary folder (``.NAME.tmp-PID`` beside the folder, or ``.save.tmp-PID``
+        inside it when the folder is a mount point; removed by the next save or export once its process is gone),
+        then each file is renamed over its target (:func:`score_toolkit._io.replace_files`), ``model_index.json``
+        last: an interrupted save never leaves a half-written file, though it can leave some files new and some old
+        (save again). Weight files of an earlier save of the same variant that this one did not write (the shards
+        and index of a sharded save replaced by one file, or the reverse) are removed, so the folder loads the new
+        weights; other files are left as they are."""
         import shutil
 
-        from ._io import replace_files, write_json_atomic
+        from ._io import on_own_file_system, replace_files, write_json_atomic
         from .hub import _remove_stale_export_temporaries
 
-        if kwargs.get("safe_serialization", True) is not True:
+        if safe_serialization is not True:
             raise ValueError(f"expected safe_serialization=True (weights are saved and loaded as safetensors only; "
-                             f"from_pretrained refuses pickled weights), found {kwargs['safe_serialization']!r}")
+                             f"from_pretrained refuses pickled weights), found {safe_serialization!r}")
         target = Path(os.path.abspath(os.fspath(save_directory)))
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(f"expected a folder to save the pipeline in, found the file {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_export_temporaries(target)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        mount_point = on_own_file_system(target)
+        # the temporary folder on the folder's own file system, so that the renames cannot cross file systems
+        tmp = target / f".save.tmp-{os.getpid()}" if mount_point else target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        if kwargs.get("push_to_hub"):
+        if push_to_hub:
             kwargs.setdefault("repo_id", target.name)  # diffusers names the repository after the folder
         try:
-            super().save_pretrained(str(tmp), *args, **kwargs)
+            super().save_pretrained(str(tmp), safe_serialization=True, variant=variant, max_shard_size=max_shard_size,
+                                    push_to_hub=push_to_hub, **kwargs)
             name = self.diffusers_pipeline_name()
             if name != type(self).__name__:
                 index_file = tmp / "model_index.json"
@@ -551,7 +559,8 @@ class ScorePipeline(DiffusionPipeline):
                 index["_class_name"] = name
                 write_json_atomic(index_file, index, indent=2, sort_keys=True)
             target.mkdir(exist_ok=True)
-            replace_files(tmp, target)
+            written = replace_files(tmp, target)
+            _remove_replaced_weights(target, written, variant)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -609,6 +618,23 @@ def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
         raise ValueError("pass either mask (inpainting) or operator, not both")
     op = Mask(torch.as_tensor(mask)) if mask is not None else operator
     return {**sampler_kwargs, "operator": op, "observation": observation}
+
+
+def _remove_replaced_weights(target: Path, written: list[Path], variant: str | None) -> None:
+    """Remove from the component folders a save wrote into the weight files of the same variant that this save did
+    not write (diffusers' names: ``diffusion_pytorch_model[.VARIANT][-0000K-of-0000N].safetensors`` and
+    ``diffusion_pytorch_model.safetensors.index[.VARIANT].json``): left there, a sharded save's index made the
+    folder load the earlier weights."""
+    import re
+
+    tag = re.escape(f".{variant}") if variant else ""
+    pattern = re.compile(rf"diffusion_pytorch_model{tag}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                         rf"|diffusion_pytorch_model\.safetensors\.index{tag}\.json")
+    kept = set(written)
+    for folder in {p.parent for p in written if p.parent != target}:
+        for p in folder.iterdir():
+            if p not in kept and pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink()
 
 
 def _check_observation_settings(sampler, sampler_kwargs, operator, mask, noise_std, inverse_method) -> None:
