@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["init_keys", "config_keys", "strict_config", "init_from_fields", "REQUIRED"]
+__all__ = ["init_keys", "config_keys", "strict_config", "without_loading_kwargs", "init_from_fields", "REQUIRED"]
 
 #: the default of a field that has none (a required argument)
 REQUIRED = inspect.Parameter.empty
@@ -60,6 +60,18 @@ def strict_config(config: Mapping[str, Any], allowed: Iterable[str], where: str)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"unknown key(s) {', '.join(hints)} in {where}; expected a subset of {sorted(allowed)}")
     return cfg
+
+
+#: keyword arguments that diffusers' loaders pass on to ``from_config`` and that configure the loading, not the
+#: object (``SchedulerMixin.from_pretrained`` forwards what ``load_config`` did not use, e.g. ``torch_dtype``)
+LOADING_KWARGS = frozenset({"torch_dtype", "use_safetensors", "low_cpu_mem_usage", "device_map", "variant",
+                            "disable_mmap", "dduf_entries", "provider", "sess_options", "use_flashpack"})
+
+
+def without_loading_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of a ``from_config`` call without diffusers' loading arguments (:data:`LOADING_KWARGS`), which
+    diffusers' own schedulers ignore too; what is left is checked strictly."""
+    return {k: v for k, v in kwargs.items() if k not in LOADING_KWARGS}
 
 
 def init_from_fields(fields: Mapping[str, tuple[Any, str]]) -> Callable:

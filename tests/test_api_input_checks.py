@@ -275,6 +275,25 @@ def test_scheduler_from_config_refuses_unknown_keyword_arguments(name):
     assert cls.from_config(DDPMScheduler().config, beta_end=0.03).config.beta_end == 0.03
 
 
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_from_pretrained_takes_diffusers_loading_arguments(name, tmp_path):
+    """diffusers passes what load_config did not use (torch_dtype, use_safetensors) on to from_config, where the
+    strict check refused them; DDPMScheduler.from_pretrained takes them."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    import score_toolkit.diffusers_schedulers as ds
+
+    cls = getattr(ds, name)
+    cls.from_config(DDPMScheduler().config).save_pretrained(tmp_path / "scheduler")
+    for loading in ({"torch_dtype": torch.float16}, {"use_safetensors": True}):
+        DDPMScheduler.from_pretrained(tmp_path, subfolder="scheduler", **loading)  # what diffusers accepts
+        assert cls.from_pretrained(tmp_path, subfolder="scheduler", **loading).config == cls.from_pretrained(
+            tmp_path, subfolder="scheduler").config
+    with pytest.raises(ValueError, match=r"'beta_ed' \(did you mean 'beta_end'\?\)"):  # the others stay strict
+        cls.from_pretrained(tmp_path, subfolder="scheduler", beta_ed=0.03)
+
+
 # ------------------------------------------------------------------------------------ process times
 @pytest.mark.parametrize("make", ["VPSDE", "VESDE", "SubVPSDE", "DiscreteVP"])
 def test_process_methods_refuse_times_outside_the_range(make):
@@ -443,6 +462,11 @@ def test_process_and_score_sde_scheduler_from_config_refuse_unknown_keyword_argu
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'predicton_type' .*ScoreSDEScheduler.from_config"):
         type(sched).from_config(sched.config, predicton_type="sample")
     assert type(sched).from_config(sched.config, prediction_type="sample").config.prediction_type == "sample"
+    import torch
+
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(VPSDE.from_config(process.config, torch_dtype=torch.float16).config) == public(process.config)
+    assert public(type(sched).from_config(sched.config, use_safetensors=True).config) == public(sched.config)
 
 
 @pytest.mark.parametrize("make, key", [("VESDE", "sigma_min"), ("VESDE", "t_min"), ("VPSDE", "beta_max"),

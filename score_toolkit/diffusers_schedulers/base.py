@@ -16,7 +16,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .._config import config_keys, init_keys, strict_config
+from .._config import config_keys, init_keys, strict_config, without_loading_kwargs
 from .._utils import check_generator, randn
 from ..samplers.base import NonFiniteError, all_finite
 from ..scheduler_configs import _DDPM_STYLE
@@ -82,6 +82,7 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ config reading
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
+        kwargs = without_loading_kwargs(kwargs)  # torch_dtype=... from from_pretrained: not config
         config_dict = dict(config_dict)
         defaulted = set(config_dict.get("_use_default_values", None) or [])
         # Unknown keys (typos) are errors, as in network configs (score_toolkit._config); _use_default_values goes.
