@@ -38,9 +38,16 @@ def test_bfloat16_label_conditional_network_samples_like_float32(conditioning):
     ref = full(3, generator=torch.Generator().manual_seed(0), **kwargs).samples
     out = half(3, generator=torch.Generator().manual_seed(0), **kwargs).samples
     assert out.dtype == torch.float32
-    # bfloat16 has 8 bits of mantissa: close to the float32 run, not equal
+    # bfloat16 has 8 bits of mantissa: close to the float32 run, not equal; as close as the float32 network with its
+    # weights rounded to bfloat16 gets, within a small factor (the activations are rounded too)
+    rounded_unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in rounded_unet.parameters():
+            p.copy_(p.bfloat16().float())
+    rounded = ScorePipeline(rounded_unet, DDPMScheduler(num_train_timesteps=100, clip_sample=False))
+    floor = float((rounded(3, generator=torch.Generator().manual_seed(0), **kwargs).samples - ref).abs().max())
     assert not torch.equal(out, ref)
-    torch.testing.assert_close(out, ref, atol=0.1 * float(ref.abs().max()), rtol=0)
+    assert 0 < floor and float((out - ref).abs().max()) < 4 * floor + 1e-3 * float(ref.abs().max()), floor
 
 
 def _mps_time_rule(monkeypatch):
