@@ -243,3 +243,17 @@ def test_a_half_precision_mlp_saves_and_loads_its_frequencies_in_float32(tmp_pat
         warnings.simplefilter("error")
         again = ScoreMLP.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
     assert again.output.weight.dtype == torch.bfloat16 and torch.equal(again.time_embed.W, net.time_embed.W)
+
+
+def test_label_dropout_draws_no_float64_on_a_device_without_it(monkeypatch):
+    # training a label-conditional network on MPS drew float64 uniforms there (MPS has no float64)
+    import score_toolkit._utils as utils
+    from score_toolkit.conditioning.guidance import drop_labels
+
+    labels = torch.arange(6) % 3
+    drawn = []
+    rand = utils.rand
+    monkeypatch.setattr(utils, "rand", lambda *a, **k: drawn.append(k["dtype"]) or rand(*a, **k))
+    assert torch.equal(drop_labels(labels, 3, 0.0), labels) and drawn == [torch.float64]  # the CPU: float64
+    _mps_time_rule(monkeypatch)
+    assert torch.equal(drop_labels(labels, 3, 1.0), torch.full_like(labels, 3)) and drawn[-1] == torch.float32

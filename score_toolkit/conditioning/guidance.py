@@ -64,11 +64,13 @@ def drop_labels(labels: torch.Tensor, null_label: int, p: float, generator=None)
     """Label dropout for classifier-free guidance training (Ho & Salimans 2022): each label is replaced by
     ``null_label`` with probability ``p`` (uniforms from ``generator``), so one network learns the conditional and the
     unconditional score."""
-    from .._utils import rand
+    from .. import _utils
+    from ..samplers.base import time_dtype
 
     if not 0 <= float(p) <= 1:
         raise ValueError(f"expected a dropout probability in [0, 1], found {p!r}")
-    u = rand((labels.shape[0],), generator=generator, device=labels.device, dtype=torch.float64)
+    # float64 uniforms, float32 on devices without float64 (MPS), as the samplers' times
+    u = _utils.rand((labels.shape[0],), generator=generator, device=labels.device, dtype=time_dtype(labels))
     return torch.where(u < float(p), torch.full_like(labels, int(null_label)), labels)
 
 
