@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["init_keys", "config_keys", "strict_config", "without_loading_kwargs", "init_from_fields", "REQUIRED"]
+__all__ = ["init_keys", "config_keys", "strict_config", "strict_from_config", "init_from_fields", "REQUIRED"]
 
 #: the default of a field that has none (a required argument)
 REQUIRED = inspect.Parameter.empty
@@ -68,10 +68,17 @@ LOADING_KWARGS = frozenset({"torch_dtype", "use_safetensors", "low_cpu_mem_usage
                             "disable_mmap", "dduf_entries", "provider", "sess_options", "use_flashpack"})
 
 
-def without_loading_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``kwargs`` of a ``from_config`` call without diffusers' loading arguments (:data:`LOADING_KWARGS`), which
-    diffusers' own schedulers ignore too; what is left is checked strictly."""
-    return {k: v for k, v in kwargs.items() if k not in LOADING_KWARGS}
+def strict_from_config(config: Mapping[str, Any], kwargs: Mapping[str, Any], allowed: Iterable[str], name: str, *,
+                       kind: str = "config") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``config`` and keyword arguments of ``name.from_config`` (``extract_init_dict``'s), checked strictly: an
+    unknown key in either is a ``ValueError`` with a did-you-mean (diffusers drops unknown keyword arguments
+    silently); diffusers' loading arguments (:data:`LOADING_KWARGS`, which ``from_pretrained`` passes on and
+    diffusers' own classes ignore) are dropped. The messages name "the ``name`` ``kind``". Returns both without
+    ``_use_default_values``."""
+    allowed = set(allowed)
+    kwargs = {k: v for k, v in kwargs.items() if k not in LOADING_KWARGS}
+    config = strict_config(config, allowed | set(kwargs), f"the {name} {kind}")
+    return config, strict_config(kwargs, allowed, f"the keyword arguments of {name}.from_config")
 
 
 def init_from_fields(fields: Mapping[str, tuple[Any, str]]) -> Callable:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "on_own_file_system", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode",
+__all__ = ["relative_inside", "remove_written", "probe_writable", "atomic_write", "process_exists", "on_own_file_system", "write_json_atomic", "write_text_atomic", "fsync_dir", "sha256_file", "default_file_mode",
            "replace_files"]
 
 
@@ -74,6 +74,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mkdir:
         raise
     fsync_dir(folder)
     return path
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process of id ``pid`` runs on this machine (one of another user counts: it cannot be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def on_own_file_system(folder: str | os.PathLike) -> bool:

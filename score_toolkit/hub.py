@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._io import default_file_mode
+from ._io import default_file_mode, process_exists
 from .model_cards import (  # noqa: F401  (RESULTS_BEGIN/RESULTS_END: the card markers, read through hub)
     MODEL_MEASUREMENTS,
     RESULTS_BEGIN,
@@ -58,10 +58,20 @@ ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
 #: fitted grids, :mod:`score_toolkit.model_grids`). ``overwrite=True`` replaces a folder holding nothing else.
 EXPORT_FILES = ("model_index.json", "README.md", "sample.png")
 EXPORT_DIRS = ("scheduler", "unet", "grids")
+
+
+def weight_file_pattern(variant: str | None = None) -> re.Pattern:
+    """diffusers' names of a model's safetensors weights of ``variant``: one file
+    (``diffusion_pytorch_model[.VARIANT].safetensors``), shards (``...[.VARIANT]-0000K-of-0000N.safetensors``) and
+    their index (``diffusion_pytorch_model.safetensors.index[.VARIANT].json``)."""
+    tag = re.escape(f".{variant}") if variant else ""
+    return re.compile(rf"diffusion_pytorch_model{tag}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                      rf"|diffusion_pytorch_model\.safetensors\.index{tag}\.json")
+
+
 #: the files an export writes in its subfolders (diffusers' names; weights possibly sharded)
 _EXPORT_MEMBERS = {
-    "unet": re.compile(r"config\.json|diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors"
-                       r"|diffusion_pytorch_model\.safetensors\.index\.json"),
+    "unet": re.compile(rf"config\.json|{weight_file_pattern().pattern}"),
     "scheduler": re.compile(r"scheduler_config\.json"),
 }
 
@@ -207,22 +217,12 @@ def _remove_stale_export_temporaries(folder: Path) -> None:
     if folder.is_dir() and not folder.is_symlink():
         found += [(p, "tmp", int(m.group(1))) for p in folder.iterdir() if (m := inside.fullmatch(p.name))]
     for p, kind, pid in sorted(found, key=lambda f: f[1] != "old"):  # a restored folder first
-        if not p.is_dir() or p.is_symlink() or (pid != os.getpid() and _process_exists(pid)):
+        if not p.is_dir() or p.is_symlink() or (pid != os.getpid() and process_exists(pid)):
             continue  # another export or save of the same folder is running
         if kind == "old" and not os.path.lexists(folder):
             os.rename(p, folder)
         else:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------- load

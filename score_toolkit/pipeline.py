@@ -621,15 +621,12 @@ def _route_operator(sampler, sampler_kwargs, operator, observation, mask):
 
 
 def _remove_replaced_weights(target: Path, written: list[Path], variant: str | None) -> None:
-    """Remove from the component folders a save wrote into the weight files of the same variant that this save did
-    not write (diffusers' names: ``diffusion_pytorch_model[.VARIANT][-0000K-of-0000N].safetensors`` and
-    ``diffusion_pytorch_model.safetensors.index[.VARIANT].json``): left there, a sharded save's index made the
-    folder load the earlier weights."""
-    import re
+    """Remove from the component folders a save wrote into the weight files of the same variant
+    (:func:`~score_toolkit.hub.weight_file_pattern`) that this save did not write: left there, a sharded save's index
+    made the folder load the earlier weights."""
+    from .hub import weight_file_pattern
 
-    tag = re.escape(f".{variant}") if variant else ""
-    pattern = re.compile(rf"diffusion_pytorch_model{tag}(-\d{{5}}-of-\d{{5}})?\.safetensors"
-                         rf"|diffusion_pytorch_model\.safetensors\.index{tag}\.json")
+    pattern = weight_file_pattern(variant)
     kept = set(written)
     for folder in {p.parent for p in written if p.parent != target}:
         for p in folder.iterdir():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ._config import init_keys, strict_config, without_loading_kwargs
+from ._config import init_keys, strict_from_config
 from ._utils import GeneratorLike, check_positive, randn
 
 __all__ = [
@@ -77,11 +77,10 @@ class Process(ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        kwargs = without_loading_kwargs(kwargs)  # torch_dtype=... from from_pretrained: not config
         # strict like a network config: a typo (beta_mx) is an error, and a value present in the config is used
         # even when ``_use_default_values`` lists it (see score_toolkit._config)
-        config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), f"the {cls.__name__} process config")
-        strict_config(kwargs, init_keys(cls), f"the keyword arguments of {cls.__name__}.from_config")
+        config_dict, kwargs = strict_from_config(config_dict, kwargs, init_keys(cls), cls.__name__,
+                                                 kind="process config")
         return super().extract_init_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------- subclass interface

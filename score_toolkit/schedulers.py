@@ -29,7 +29,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._config import init_keys, strict_config, without_loading_kwargs
+from ._config import init_keys, strict_from_config
 from .processes import VESDE, DiscreteVP, Process, process_from_config
 from .scheduler_configs import _DDPM_PREDICTIONS, read_scheduler_config, scheduler_config_keys
 from .scores import PREDICTION_TYPES, TIME_INPUTS
@@ -72,10 +72,8 @@ class ScoreSDEScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        kwargs = without_loading_kwargs(kwargs)  # torch_dtype=... from from_pretrained: not config
         # strict like a network config (score_toolkit._config): typos are errors, present values are used
-        config_dict = strict_config(config_dict, init_keys(cls) | set(kwargs), "the ScoreSDEScheduler config")
-        strict_config(kwargs, init_keys(cls), "the keyword arguments of ScoreSDEScheduler.from_config")
+        config_dict, kwargs = strict_from_config(config_dict, kwargs, init_keys(cls), "ScoreSDEScheduler")
         return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config

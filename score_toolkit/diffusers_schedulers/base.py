@@ -16,7 +16,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .._config import config_keys, init_keys, strict_config, without_loading_kwargs
+from .._config import config_keys, init_keys, strict_from_config
 from .._utils import check_generator, randn
 from ..samplers.base import NonFiniteError, all_finite
 from ..scheduler_configs import _DDPM_STYLE
@@ -82,14 +82,10 @@ class ScoreSchedulerBase(ForwardProcessMixin, SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ config reading
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        kwargs = without_loading_kwargs(kwargs)  # torch_dtype=... from from_pretrained: not config
-        config_dict = dict(config_dict)
-        defaulted = set(config_dict.get("_use_default_values", None) or [])
-        # Unknown keys (typos) are errors, as in network configs (score_toolkit._config); _use_default_values goes.
-        allowed = score_scheduler_config_keys(cls)
-        config_dict = strict_config(config_dict, allowed | set(kwargs), f"the {cls.__name__} config")
-        # and so are keyword arguments of from_config that no config holds (diffusers' schedulers drop them silently)
-        strict_config(kwargs, allowed, f"the keyword arguments of {cls.__name__}.from_config")
+        defaulted = set(dict(config_dict).get("_use_default_values", None) or [])
+        # Unknown keys (typos) are errors, in the config and in the keyword arguments, as in network configs
+        # (score_toolkit._config); _use_default_values goes.
+        config_dict, kwargs = strict_from_config(config_dict, kwargs, score_scheduler_config_keys(cls), cls.__name__)
         # diffusers semantics for the sampling settings: those the source left at its defaults (in memory:
         # diffusers never writes that list to a file) take ours. The fields that describe the model are kept
         # whatever their origin (a default ScoreSdeVeScheduler's sigma range, a default DDPMScheduler's table

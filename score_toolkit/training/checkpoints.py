@@ -41,6 +41,12 @@ def _checkpoint_name(step: int) -> str:
     return f"{_CKPT_PREFIX}{step:07d}"
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder's name (``step_0001400`` -> 1400), or None for any other name."""
+    digits = name[len(_CKPT_PREFIX):]
+    return int(digits) if name.startswith(_CKPT_PREFIX) and digits.isdigit() else None
+
+
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every checkpoint folder in ``run_dir/checkpoints`` (complete or not), oldest
     first. Temporary folders of interrupted writes are not listed, nor symbolic links (the writer makes real
@@ -50,9 +56,9 @@ def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
         return []
     out = []
     for p in root.iterdir():
-        if (p.is_dir() and not p.is_symlink() and p.name.startswith(_CKPT_PREFIX)
-                and p.name[len(_CKPT_PREFIX):].isdigit()):
-            out.append((int(p.name[len(_CKPT_PREFIX):]), p))
+        step = checkpoint_step(p.name)
+        if step is not None and p.is_dir() and not p.is_symlink():
+            out.append((step, p))
     return sorted(out)
 
 

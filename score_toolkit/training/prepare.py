@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._io import probe_writable
+from .._io import probe_writable, process_exists
 from .._warnings import caller_stacklevel
 from .checkpoints import (
-    _CKPT_PREFIX,
     CHECKPOINT_DIR,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     remove_stale_temporaries,
@@ -105,14 +105,8 @@ def _other_run(run_dir: Path) -> str | None:
         pid, host = int(lock["pid"]), str(lock["host"])
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if host != socket.gethostname() or pid == os.getpid():
+    if host != socket.gethostname() or pid == os.getpid() or not process_exists(pid):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except OSError:
-        pass  # alive, another user's
     return f"process {pid}"
 
 
@@ -145,8 +139,8 @@ def _check_checkpoint_names(run_dir: Path) -> None:
     root = run_dir / CHECKPOINT_DIR
     if not root.is_dir():
         return
-    foreign = sorted(p.name for p in root.iterdir() if p.name.startswith(_CKPT_PREFIX)
-                     and p.name[len(_CKPT_PREFIX):].isdigit() and (p.is_symlink() or not p.is_dir()))
+    foreign = sorted(p.name for p in root.iterdir()
+                     if checkpoint_step(p.name) is not None and (p.is_symlink() or not p.is_dir()))
     if foreign:
         raise ConfigError(f"{root} holds {', '.join(foreign)} under the checkpoint writer's names, but not as folders it "
                           f"wrote (a symbolic link or a file): move them away or choose another output_dir")
